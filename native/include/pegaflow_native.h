@@ -1,0 +1,103 @@
+/*
+ * pegaflow_native: memory and copies for PegaEngine. Nothing else.
+ *
+ * Three objects:
+ *   pf_pool    the engine's host pool (cudaHostAlloc in the CUDA build; an
+ *              mmap region with best-effort hugepages, mlock and NUMA binding
+ *              in the CPU build).
+ *   pf_region  a producer's KV memory opened by the engine (shared-memory
+ *              file in the CPU build, CUDA IPC handle in the CUDA build).
+ *              Every access is bounds-checked against its size.
+ *   pf_copier  batched asynchronous copies between regions and the pool on
+ *              native copy threads (CPU) or per-device streams (CUDA).
+ *
+ * Completion is reported by writing one pf_completion record (16 bytes, so a
+ * single pipe write is atomic) to the notify fd given to pf_copier_create.
+ * The Go side reads that fd through its poller, so no OS thread blocks per
+ * copy.
+ *
+ * All functions return PF_OK (0) or a negative PF_E* code; none aborts on bad
+ * input. Pointers and lengths are validated at this boundary.
+ */
+#ifndef PEGAFLOW_NATIVE_H
+#define PEGAFLOW_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PF_OK 0
+#define PF_EINVAL (-1)   /* bad argument: null pointer, zero size, ... */
+#define PF_ERANGE (-2)   /* an offset/length falls outside a region or pool */
+#define PF_ENOMEM (-3)   /* allocation failed */
+#define PF_EIO (-4)      /* open/mmap/IPC failure; see errno or CUDA error */
+#define PF_ENOTSUP (-5)  /* not available in this build (e.g. IPC on CPU) */
+#define PF_ECLOSED (-6)  /* object is closing */
+#define PF_ECOPY (-7)    /* a copy failed at run time */
+
+/* Copy directions. */
+#define PF_DIR_REGION_TO_POOL 0 /* save */
+#define PF_DIR_POOL_TO_REGION 1 /* load */
+
+typedef struct pf_pool pf_pool;
+typedef struct pf_region pf_region;
+typedef struct pf_copier pf_copier;
+
+typedef struct pf_copy_op {
+  uint64_t region_offset;
+  uint64_t pool_offset;
+  uint64_t len;
+} pf_copy_op;
+
+/* Written to the notify fd when a submitted batch finishes. */
+typedef struct pf_completion {
+  uint64_t token;  /* the token given to pf_copier_submit */
+  int64_t status;  /* PF_OK or a PF_E* code */
+} pf_completion;
+
+/* "cpu" or "cuda". */
+const char *pf_backend(void);
+/* Static message for a PF_E* code. */
+const char *pf_strerror(int code);
+
+/* Flags for pf_pool_create. */
+#define PF_POOL_HUGEPAGES 1u /* best effort */
+#define PF_POOL_MLOCK 2u     /* best effort */
+
+/* numa_node < 0: no binding. device < 0: no CUDA device (CPU build ignores). */
+int pf_pool_create(uint64_t size, int numa_node, int device, uint32_t flags, pf_pool **out);
+uint64_t pf_pool_size(const pf_pool *pool);
+/* Host address of the pool; valid until pf_pool_destroy. */
+void *pf_pool_base(pf_pool *pool);
+/* Fails with PF_ECLOSED while copies that use the pool are in flight. */
+int pf_pool_destroy(pf_pool *pool);
+
+/* Maps `size` bytes of a shared-memory file. Fails with PF_ERANGE when the
+ * file is smaller than size. */
+int pf_region_open_shm(const char *path, uint64_t size, pf_region **out);
+/* Opens a CUDA IPC handle (cudaIpcMemHandle_t bytes) on `device`. */
+int pf_region_open_cuda_ipc(const uint8_t *handle, uint64_t handle_len, int device, uint64_t size,
+                            pf_region **out);
+uint64_t pf_region_size(const pf_region *region);
+/* Marks the region closed; the mapping is released when the last in-flight
+ * copy that uses it completes. Later submits fail with PF_ECLOSED. */
+int pf_region_close(pf_region *region);
+
+/* threads: CPU copy threads (CPU build) or streams per direction (CUDA). */
+int pf_copier_create(int threads, int notify_fd, pf_copier **out);
+/* Validates every op against the region and pool sizes before any byte
+ * moves; on error nothing is copied and no completion is written. On PF_OK
+ * exactly one completion with `token` is written later. */
+int pf_copier_submit(pf_copier *copier, pf_region *region, pf_pool *pool, int direction,
+                     const pf_copy_op *ops, uint64_t n_ops, uint64_t token);
+/* Waits for in-flight batches, then frees the copier. */
+int pf_copier_destroy(pf_copier *copier);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PEGAFLOW_NATIVE_H */
