@@ -1,0 +1,75 @@
+# PegaFlow build. `make test` is what CI runs; `make demo` is the main job.
+# Component fragments in mk/*.mk append to TEST_EXTRA, BENCH_TARGETS and
+# define their own targets.
+SHELL := /bin/bash
+GO ?= go
+PYTHON ?= python3
+BUILD_DIR ?= build
+BIN_DIR ?= bin
+CUDA ?= 0
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+
+ifeq ($(CUDA),1)
+GO_TAGS := cuda
+NATIVE_LIB := $(BUILD_DIR)/native-cuda/libpegaflow_native.a
+NATIVE_CMAKE_FLAGS := -DPEGAFLOW_CUDA=ON
+NATIVE_BUILD := $(BUILD_DIR)/native-cuda
+else
+GO_TAGS :=
+NATIVE_LIB := $(BUILD_DIR)/native/libpegaflow_native.a
+NATIVE_CMAKE_FLAGS := -DPEGAFLOW_CUDA=OFF
+NATIVE_BUILD := $(BUILD_DIR)/native
+endif
+
+GO_BUILD_FLAGS := -tags '$(GO_TAGS)' -ldflags '-X main.version=$(VERSION)'
+TEST_EXTRA :=
+BENCH_TARGETS :=
+PROTO_EXTRA :=
+
+.PHONY: all build native test test-go test-fuzz bench run lint proto proto-go clean
+all: build
+
+native: $(NATIVE_LIB)
+$(NATIVE_LIB): CMakeLists.txt $(wildcard native/src/*.c native/src/*.h native/src/*.cu native/include/*.h)
+	cmake -S . -B $(NATIVE_BUILD) -DCMAKE_BUILD_TYPE=Release $(NATIVE_CMAKE_FLAGS) >/dev/null
+	cmake --build $(NATIVE_BUILD) -j >/dev/null
+
+build: native
+	$(GO) build $(GO_BUILD_FLAGS) -o $(BIN_DIR)/pegaflow ./cmd/pegaflow
+
+-include mk/*.mk
+
+test: build test-go test-fuzz $(TEST_EXTRA)
+
+test-go: native
+	$(GO) vet -tags '$(GO_TAGS)' ./...
+	$(GO) test -race -count=1 -tags '$(GO_TAGS)' ./...
+
+# Short fuzz runs of request validation (a regression net, not a campaign).
+FUZZ_TIME ?= 10s
+test-fuzz: native
+	$(GO) test -run '^$$' -fuzz '^FuzzValidateRegister$$' -fuzztime $(FUZZ_TIME) ./engine/
+	$(GO) test -run '^$$' -fuzz '^FuzzValidateBlocks$$' -fuzztime $(FUZZ_TIME) ./engine/
+
+bench: build $(BENCH_TARGETS)
+
+run: build
+	$(BIN_DIR)/pegaflow serve
+
+lint: native
+	$(GO) vet -tags '$(GO_TAGS)' ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
+
+# Regenerates the committed API code from the .proto (Go here; fragments add
+# the Python stubs through PROTO_EXTRA).
+proto: proto-go $(PROTO_EXTRA)
+proto-go:
+	$(PYTHON) -m grpc_tools.protoc -I engine/api/proto \
+	  --plugin=protoc-gen-go=$$($(GO) env GOPATH)/bin/protoc-gen-go \
+	  --plugin=protoc-gen-go-grpc=$$($(GO) env GOPATH)/bin/protoc-gen-go-grpc \
+	  --go_out=. --go_opt=module=github.com/pegaflow/pegaflow \
+	  --go-grpc_out=. --go-grpc_opt=module=github.com/pegaflow/pegaflow \
+	  engine/api/proto/pegaflow/v1/engine.proto
+
+clean:
+	rm -rf $(BUILD_DIR) $(BIN_DIR)
