@@ -36,6 +36,10 @@ func Dial(ctx context.Context, socketPath, clientName string) (*Client, error) {
 			return d.DialContext(ctx, "unix", socketPath)
 		}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)),
+		grpc.WithInitialWindowSize(4<<20),
+		grpc.WithInitialConnWindowSize(8<<20),
+		grpc.WithReadBufferSize(256<<10),
+		grpc.WithWriteBufferSize(256<<10),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("engine client %s: %w", socketPath, err)

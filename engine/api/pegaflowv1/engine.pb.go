@@ -1242,9 +1242,14 @@ type QueryRequest struct {
 	// transfer_id set, for the transfer to become ready). 0 = answer now.
 	WaitMs uint32 `protobuf:"varint,4,opt,name=wait_ms,json=waitMs,proto3" json:"wait_ms,omitempty"`
 	// Pin the hit blocks under a lease until loaded by every rank or the TTL.
-	Lease         bool   `protobuf:"varint,5,opt,name=lease,proto3" json:"lease,omitempty"`
-	LeaseTtlMs    uint32 `protobuf:"varint,6,opt,name=lease_ttl_ms,json=leaseTtlMs,proto3" json:"lease_ttl_ms,omitempty"`
-	TransferId    string `protobuf:"bytes,7,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
+	Lease      bool   `protobuf:"varint,5,opt,name=lease,proto3" json:"lease,omitempty"`
+	LeaseTtlMs uint32 `protobuf:"varint,6,opt,name=lease_ttl_ms,json=leaseTtlMs,proto3" json:"lease_ttl_ms,omitempty"`
+	TransferId string `protobuf:"bytes,7,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
+	// Alternative to `hashes` for large queries: the hashes concatenated,
+	// each hash_len bytes. One field instead of one per hash makes a
+	// 1000-hash query several times cheaper to encode and decode.
+	PackedHashes  []byte `protobuf:"bytes,8,opt,name=packed_hashes,json=packedHashes,proto3" json:"packed_hashes,omitempty"`
+	HashLen       uint32 `protobuf:"varint,9,opt,name=hash_len,json=hashLen,proto3" json:"hash_len,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1326,6 +1331,20 @@ func (x *QueryRequest) GetTransferId() string {
 		return x.TransferId
 	}
 	return ""
+}
+
+func (x *QueryRequest) GetPackedHashes() []byte {
+	if x != nil {
+		return x.PackedHashes
+	}
+	return nil
+}
+
+func (x *QueryRequest) GetHashLen() uint32 {
+	if x != nil {
+		return x.HashLen
+	}
+	return 0
 }
 
 type QueryResponse struct {
@@ -1887,7 +1906,7 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\vtransfer_id\x18\x06 \x01(\tR\n" +
 	"transferId\"@\n" +
 	"\fLoadResponse\x120\n" +
-	"\x06status\x18\x01 \x03(\x0e2\x18.pegaflow.v1.BlockStatusR\x06status\"\xda\x01\n" +
+	"\x06status\x18\x01 \x03(\x0e2\x18.pegaflow.v1.BlockStatusR\x06status\"\x9a\x02\n" +
 	"\fQueryRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12!\n" +
@@ -1898,7 +1917,9 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\flease_ttl_ms\x18\x06 \x01(\rR\n" +
 	"leaseTtlMs\x12\x1f\n" +
 	"\vtransfer_id\x18\a \x01(\tR\n" +
-	"transferId\"f\n" +
+	"transferId\x12#\n" +
+	"\rpacked_hashes\x18\b \x01(\fR\fpackedHashes\x12\x19\n" +
+	"\bhash_len\x18\t \x01(\rR\ahashLen\"f\n" +
 	"\rQueryResponse\x12\x17\n" +
 	"\anum_hit\x18\x01 \x01(\rR\x06numHit\x12\x19\n" +
 	"\blease_id\x18\x02 \x01(\tR\aleaseId\x12!\n" +

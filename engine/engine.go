@@ -1,0 +1,323 @@
+// Package engine is PegaEngine: a KV block store in pinned host memory,
+// indexed by vLLM block hashes and shared by the vLLM instances of a host.
+//
+// Invariants:
+//   - The index is exact: a block is found iff it is resident.
+//   - A block is visible to Query and Load only once every TP rank of its
+//     namespace saved it (sealed). Partially saved blocks are never served.
+//   - Pinned blocks (in-flight saves/loads, leases, pending transfers) are
+//     never evicted; a save that finds nothing evictable fails cleanly.
+//   - Every byte range a copy touches was bounds-checked against its region
+//     at registration (block ids are checked per call).
+//
+// The API layer (engine/server) maps the error kinds in errors.go to status
+// codes; all methods are safe for concurrent use.
+package engine
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/native"
+)
+
+// Config sets up an Engine. Zero durations take the defaults below.
+type Config struct {
+	PoolSize    uint64
+	NUMANode    int // -1: no binding
+	Device      int // CUDA device for the pool, -1: none
+	PoolFlags   native.PoolFlags
+	CopyThreads int
+	// LeaseTTL bounds how long a Query lease pins blocks.
+	LeaseTTL time.Duration
+	// TransferTTL bounds how long a transfer waits for its saves and then
+	// pins its blocks for the decode side.
+	TransferTTL time.Duration
+	// PartialTTL frees blocks that some ranks saved but others never did.
+	PartialTTL time.Duration
+	// MaxQueryWait caps the wait a Query may ask for.
+	MaxQueryWait time.Duration
+	// CallbackTimeout bounds each POST to a transfer's ready_url.
+	CallbackTimeout time.Duration
+	Version         string
+}
+
+// Defaults for Config.
+const (
+	DefaultLeaseTTL        = 30 * time.Second
+	DefaultTransferTTL     = 120 * time.Second
+	DefaultPartialTTL      = 60 * time.Second
+	DefaultMaxQueryWait    = 30 * time.Second
+	DefaultCallbackTimeout = 5 * time.Second
+)
+
+func (c *Config) setDefaults() {
+	if c.CopyThreads <= 0 {
+		c.CopyThreads = 2
+	}
+	if c.LeaseTTL <= 0 {
+		c.LeaseTTL = DefaultLeaseTTL
+	}
+	if c.TransferTTL <= 0 {
+		c.TransferTTL = DefaultTransferTTL
+	}
+	if c.PartialTTL <= 0 {
+		c.PartialTTL = DefaultPartialTTL
+	}
+	if c.MaxQueryWait <= 0 {
+		c.MaxQueryWait = DefaultMaxQueryWait
+	}
+	if c.CallbackTimeout <= 0 {
+		c.CallbackTimeout = DefaultCallbackTimeout
+	}
+	if c.Version == "" {
+		c.Version = "dev"
+	}
+}
+
+// Engine is the block store. Create with New, stop with Close.
+type Engine struct {
+	cfg    Config
+	log    *slog.Logger
+	pool   *native.Pool
+	copier *native.Copier
+	http   *http.Client
+	m      *metrics
+
+	mu         sync.Mutex
+	closed     bool
+	alloc      *allocator
+	policy     *evictionPolicy
+	namespaces map[string]*namespace
+	sessions   map[string]*session
+	instances  map[instanceKey]*instance
+	numBlocks  int
+	partial    map[*block]struct{} // unsealed blocks, for the partial reaper
+	leases     map[string]*lease
+	transfers  map[string]*transfer
+	// changed is closed and replaced whenever a block seals or a save
+	// fails, waking Query calls that wait for in-flight saves.
+	changed chan struct{}
+	stats   counters
+
+	stop     chan struct{}
+	bg       sync.WaitGroup
+	closeErr error
+}
+
+// New allocates the pool and starts the engine's housekeeping.
+func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, error) {
+	cfg.setDefaults()
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.PoolSize < allocAlign {
+		return nil, fmt.Errorf("%w: pool size %d too small", ErrInvalid, cfg.PoolSize)
+	}
+	pool, err := native.NewPool(cfg.PoolSize, cfg.NUMANode, cfg.Device, cfg.PoolFlags)
+	if err != nil {
+		return nil, fmt.Errorf("allocate pool of %d bytes: %w", cfg.PoolSize, err)
+	}
+	copier, err := native.NewCopier(cfg.CopyThreads)
+	if err != nil {
+		_ = pool.Close()
+		return nil, fmt.Errorf("start copier: %w", err)
+	}
+	policy, err := newEvictionPolicy(pool.Size(), ghostEntriesFor(pool.Size()))
+	if err != nil {
+		_ = copier.Close()
+		_ = pool.Close()
+		return nil, fmt.Errorf("eviction policy: %w", err)
+	}
+	e := &Engine{
+		cfg:        cfg,
+		log:        log,
+		pool:       pool,
+		copier:     copier,
+		http:       &http.Client{Timeout: cfg.CallbackTimeout},
+		alloc:      newAllocator(pool.Size()),
+		policy:     policy,
+		namespaces: map[string]*namespace{},
+		sessions:   map[string]*session{},
+		instances:  map[instanceKey]*instance{},
+		partial:    map[*block]struct{}{},
+		leases:     map[string]*lease{},
+		transfers:  map[string]*transfer{},
+		changed:    make(chan struct{}),
+		stop:       make(chan struct{}),
+	}
+	if reg != nil {
+		m, err := newMetrics(e, reg)
+		if err != nil {
+			e.Close()
+			return nil, err
+		}
+		e.m = m
+	}
+	e.bg.Add(1)
+	go e.housekeeping()
+	log.Info("engine started", "backend", native.Backend(), "pool_bytes", pool.Size(), "copy_threads", cfg.CopyThreads)
+	return e, nil
+}
+
+// ghostEntriesFor sizes the ghost set at roughly the number of 16 KiB blocks
+// the pool holds, bounded so the sketch stays small.
+func ghostEntriesFor(poolSize uint64) int64 {
+	n := int64(poolSize / (16 << 10))
+	return min(max(n, 1024), 1<<20)
+}
+
+// Backend is "cpu" or "cuda".
+func (e *Engine) Backend() string { return native.Backend() }
+
+// Version is the build version given in Config.
+func (e *Engine) Version() string { return e.cfg.Version }
+
+// Close stops the engine: waiters wake with ErrClosed, regions close after
+// their in-flight copies, and the pool is freed.
+func (e *Engine) Close() error {
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		return e.closeErr
+	}
+	e.closed = true
+	close(e.stop)
+	for _, t := range e.transfers {
+		t.settle(e, transferFailed, "engine closed")
+	}
+	for _, inst := range e.instances {
+		inst.close()
+	}
+	clear(e.instances)
+	e.broadcastLocked()
+	e.mu.Unlock()
+	e.bg.Wait()
+	e.policy.close()
+	// The copier waits for in-flight batches before the pool goes away.
+	err := e.copier.Close()
+	if perr := e.pool.Close(); err == nil {
+		err = perr
+	}
+	e.closeErr = err
+	return err
+}
+
+func (e *Engine) checkOpen() error {
+	if e.closed {
+		return ErrClosed
+	}
+	return nil
+}
+
+// broadcastLocked wakes every waiter on e.changed. Caller holds e.mu.
+func (e *Engine) broadcastLocked() {
+	close(e.changed)
+	e.changed = make(chan struct{})
+}
+
+func newID(prefix string) string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return prefix + hex.EncodeToString(b[:])
+}
+
+// housekeeping expires leases, transfers and partial blocks.
+func (e *Engine) housekeeping() {
+	defer e.bg.Done()
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-e.stop:
+			return
+		case now := <-tick.C:
+			e.expire(now)
+		}
+	}
+}
+
+func (e *Engine) expire(now time.Time) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for id, l := range e.leases {
+		if now.After(l.expires) {
+			e.releaseLeaseLocked(id, l)
+		}
+	}
+	for id, t := range e.transfers {
+		if now.After(t.expires) {
+			if t.state == transferPending {
+				t.settle(e, transferFailed, "timed out waiting for saves")
+			}
+			t.release(e)
+			delete(e.transfers, id)
+		}
+	}
+	for b := range e.partial {
+		if b.saving == 0 && now.Sub(b.created) > e.cfg.PartialTTL {
+			e.failBlockLocked(b, "partially saved block expired")
+		}
+	}
+}
+
+// Health reports whether the engine serves requests.
+func (e *Engine) Health() *pb.HealthResponse {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	status := "ok"
+	if e.closed {
+		status = "closed"
+	}
+	return &pb.HealthResponse{Status: status, Backend: native.Backend(), Version: e.cfg.Version}
+}
+
+// counters are monotonic totals, guarded by e.mu.
+type counters struct {
+	hits, misses, saves, loads, evictions, saveFailures uint64
+	bytesSaved, bytesLoaded                             uint64
+	transfersReady, transfersFailed                     uint64
+}
+
+// Stats is a snapshot of the engine's gauges and counters.
+func (e *Engine) Stats() *pb.StatsResponse {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var pinned, inflight uint64
+	for _, ns := range e.namespaces {
+		for _, b := range ns.blocks {
+			if b.pins > 0 {
+				pinned++
+			}
+			if b.saving != 0 || b.loading > 0 {
+				inflight++
+			}
+		}
+	}
+	return &pb.StatsResponse{
+		PoolCapacityBytes: e.pool.Size(),
+		PoolUsedBytes:     e.alloc.used,
+		ResidentBlocks:    uint64(e.numBlocks),
+		PinnedBlocks:      pinned,
+		InflightBlocks:    inflight,
+		Hits:              e.stats.hits,
+		Misses:            e.stats.misses,
+		Saves:             e.stats.saves,
+		Loads:             e.stats.loads,
+		Evictions:         e.stats.evictions,
+		SaveFailures:      e.stats.saveFailures,
+		Namespaces:        uint64(len(e.namespaces)),
+		Instances:         uint64(len(e.instances)),
+		Sessions:          uint64(len(e.sessions)),
+		BytesSaved:        e.stats.bytesSaved,
+		BytesLoaded:       e.stats.bytesLoaded,
+	}
+}

@@ -1,0 +1,94 @@
+package engine
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics exports the engine to Prometheus. Gauges and counters that the
+// engine already keeps are read at scrape time; histograms are observed on
+// the request path. A nil *metrics ignores observations.
+type metrics struct {
+	saveDuration, loadDuration prometheus.Histogram
+	saveBytes, loadBytes       prometheus.Histogram
+	transfers                  *prometheus.CounterVec
+}
+
+func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
+	const ns = "pegaflow_engine"
+	m := &metrics{
+		saveDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "save_duration_seconds",
+			Help: "Duration of Save calls, copies included.", Buckets: prometheus.ExponentialBuckets(50e-6, 2, 18)}),
+		loadDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "load_duration_seconds",
+			Help: "Duration of Load calls, copies included.", Buckets: prometheus.ExponentialBuckets(50e-6, 2, 18)}),
+		saveBytes: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "save_bytes",
+			Help: "Bytes copied into the pool per Save call.", Buckets: prometheus.ExponentialBuckets(4096, 4, 12)}),
+		loadBytes: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "load_bytes",
+			Help: "Bytes copied out of the pool per Load call.", Buckets: prometheus.ExponentialBuckets(4096, 4, 12)}),
+		transfers: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "transfers_total",
+			Help: "P/D transfers settled, by outcome."}, []string{"status"}),
+	}
+	locked := func(f func() float64) func() float64 {
+		return func() float64 {
+			e.mu.Lock()
+			defer e.mu.Unlock()
+			return f()
+		}
+	}
+	gauge := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Name: name, Help: help}, locked(f))
+	}
+	counter := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: ns, Name: name, Help: help}, locked(f))
+	}
+	collectors := []prometheus.Collector{
+		m.saveDuration, m.loadDuration, m.saveBytes, m.loadBytes, m.transfers,
+		gauge("pool_capacity_bytes", "Pool capacity.", func() float64 { return float64(e.pool.Size()) }),
+		gauge("pool_used_bytes", "Pool bytes held by blocks.", func() float64 { return float64(e.alloc.used) }),
+		gauge("resident_blocks", "Blocks in the pool, sealed or being saved.", func() float64 { return float64(e.numBlocks) }),
+		gauge("evictable_blocks", "Sealed, unpinned blocks.", func() float64 { return float64(e.policy.probation.len + e.policy.main.len) }),
+		gauge("leases", "Open query leases.", func() float64 { return float64(len(e.leases)) }),
+		gauge("transfers", "Tracked P/D transfers.", func() float64 { return float64(len(e.transfers)) }),
+		gauge("sessions", "Attached clients.", func() float64 { return float64(len(e.sessions)) }),
+		gauge("instances", "Registered instance ranks.", func() float64 { return float64(len(e.instances)) }),
+		gauge("namespaces", "Namespaces.", func() float64 { return float64(len(e.namespaces)) }),
+		counter("hits_total", "Query hashes found sealed (prefix).", func() float64 { return float64(e.stats.hits) }),
+		counter("misses_total", "Query hashes not in the sealed prefix.", func() float64 { return float64(e.stats.misses) }),
+		counter("saves_total", "Block shares saved (one per rank).", func() float64 { return float64(e.stats.saves) }),
+		counter("loads_total", "Block shares loaded (one per rank).", func() float64 { return float64(e.stats.loads) }),
+		counter("saved_bytes_total", "Bytes copied into the pool.", func() float64 { return float64(e.stats.bytesSaved) }),
+		counter("loaded_bytes_total", "Bytes copied out of the pool.", func() float64 { return float64(e.stats.bytesLoaded) }),
+		counter("evictions_total", "Blocks evicted for space.", func() float64 { return float64(e.stats.evictions) }),
+		counter("save_failures_total", "Block saves that could not be stored.", func() float64 { return float64(e.stats.saveFailures) }),
+	}
+	for _, c := range collectors {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+func (m *metrics) observeSave(d time.Duration, bytes uint64) {
+	if m == nil {
+		return
+	}
+	m.saveDuration.Observe(d.Seconds())
+	m.saveBytes.Observe(float64(bytes))
+}
+
+func (m *metrics) observeLoad(d time.Duration, bytes uint64) {
+	if m == nil {
+		return
+	}
+	m.loadDuration.Observe(d.Seconds())
+	m.loadBytes.Observe(float64(bytes))
+}
+
+func (m *metrics) observeTransfer(s transferState) {
+	if m == nil {
+		return
+	}
+	m.transfers.WithLabelValues(s.String()).Inc()
+}

@@ -1,0 +1,166 @@
+package engine
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"fmt"
+	"slices"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+)
+
+// namespace groups the blocks that are compatible with each other.
+type namespace struct {
+	id   string
+	idx  uint32 // dense index, part of block keys
+	desc *pb.Namespace
+	// allRanks has one bit per TP rank: a block is sealed when its saved
+	// mask equals it.
+	allRanks    uint64
+	fingerprint []byte
+	// Fixed by the first registration; later ones must match.
+	shape     [][]uint64
+	rankBytes uint64
+	// segOffset[layer][segment] is the segment's offset inside a rank's
+	// share of a block slot.
+	segOffset [][]uint64
+	// blocks is the exact index of this namespace, keyed by hash bytes.
+	blocks map[string]*block
+}
+
+func (ns *namespace) blockBytes() uint64 { return ns.rankBytes * uint64(ns.desc.TpSize) }
+
+// namespaceID derives the id from every compatibility field except the
+// hash-seed fingerprint, which is checked separately so that a mismatch is
+// reported instead of silently creating a disjoint namespace.
+func namespaceID(ns *pb.Namespace) string {
+	h := sha256.New()
+	str := func(s string) {
+		_ = binary.Write(h, binary.LittleEndian, uint32(len(s)))
+		h.Write([]byte(s))
+	}
+	num := func(n uint32) { _ = binary.Write(h, binary.LittleEndian, n) }
+	str("pegaflow-ns-v1")
+	str(ns.Model)
+	str(ns.ModelRevision)
+	str(ns.Dtype)
+	str(ns.KvLayout)
+	num(ns.BlockSize)
+	num(ns.TpSize)
+	num(ns.NumLayers)
+	num(ns.NumKvHeads)
+	num(ns.HeadSize)
+	str(ns.HashAlgo)
+	keys := make([]string, 0, len(ns.Extra))
+	for k := range ns.Extra {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		str(k)
+		str(ns.Extra[k])
+	}
+	return "ns-" + hex.EncodeToString(h.Sum(nil)[:16])
+}
+
+// openNamespaceLocked finds or creates the namespace for desc and checks its
+// hash-seed fingerprint. Caller holds e.mu and validated desc.
+func (e *Engine) openNamespaceLocked(desc *pb.Namespace) (*namespace, error) {
+	id := namespaceID(desc)
+	ns, ok := e.namespaces[id]
+	if !ok {
+		ns = &namespace{
+			id:          id,
+			idx:         uint32(len(e.namespaces)),
+			desc:        cloneNamespace(desc),
+			allRanks:    rankMask(desc.TpSize),
+			fingerprint: bytes.Clone(desc.HashSeedFingerprint),
+			blocks:      map[string]*block{},
+		}
+		e.namespaces[id] = ns
+		e.log.Info("namespace created", "namespace", id, "model", desc.Model, "tp", desc.TpSize, "block_size", desc.BlockSize)
+		return ns, nil
+	}
+	if len(desc.HashSeedFingerprint) > 0 {
+		if len(ns.fingerprint) == 0 {
+			ns.fingerprint = bytes.Clone(desc.HashSeedFingerprint)
+		} else if !bytes.Equal(ns.fingerprint, desc.HashSeedFingerprint) {
+			return nil, fmt.Errorf("%w: hash seed mismatch in namespace %s (model %s): fingerprint %x, namespace has %x; "+
+				"P and D must share PYTHONHASHSEED and hash algorithm", ErrPrecondition, id, desc.Model,
+				desc.HashSeedFingerprint, ns.fingerprint)
+		}
+	}
+	return ns, nil
+}
+
+func cloneNamespace(ns *pb.Namespace) *pb.Namespace {
+	c := &pb.Namespace{
+		Model: ns.Model, ModelRevision: ns.ModelRevision, Dtype: ns.Dtype, KvLayout: ns.KvLayout,
+		BlockSize: ns.BlockSize, TpSize: ns.TpSize, NumLayers: ns.NumLayers, NumKvHeads: ns.NumKvHeads,
+		HeadSize: ns.HeadSize, HashAlgo: ns.HashAlgo, HashSeedFingerprint: bytes.Clone(ns.HashSeedFingerprint),
+	}
+	if len(ns.Extra) > 0 {
+		c.Extra = make(map[string]string, len(ns.Extra))
+		for k, v := range ns.Extra {
+			c.Extra[k] = v
+		}
+	}
+	return c
+}
+
+func rankMask(tp uint32) uint64 {
+	if tp >= 64 {
+		return ^uint64(0)
+	}
+	return 1<<tp - 1
+}
+
+// adoptShape fixes the namespace's block shape on first registration and
+// checks later registrations against it.
+func (ns *namespace) adoptShape(shape [][]uint64, rankBytes uint64) error {
+	if ns.shape == nil {
+		ns.shape = shape
+		ns.rankBytes = rankBytes
+		ns.segOffset = make([][]uint64, len(shape))
+		var off uint64
+		for l, segs := range shape {
+			for _, n := range segs {
+				ns.segOffset[l] = append(ns.segOffset[l], off)
+				off += n
+			}
+		}
+		return nil
+	}
+	if len(shape) != len(ns.shape) {
+		return fmt.Errorf("%w: layout mismatch in namespace %s: %d layers, namespace has %d", ErrPrecondition, ns.id, len(shape), len(ns.shape))
+	}
+	for l := range shape {
+		if !slices.Equal(shape[l], ns.shape[l]) {
+			return fmt.Errorf("%w: layout mismatch in namespace %s: layer %d segments %v bytes, namespace has %v",
+				ErrPrecondition, ns.id, l, shape[l], ns.shape[l])
+		}
+	}
+	return nil
+}
+
+// OpenNamespace resolves a namespace descriptor to its id, creating it.
+func (e *Engine) OpenNamespace(sessionID string, desc *pb.Namespace) (string, error) {
+	if err := validateNamespace(desc); err != nil {
+		return "", err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.checkOpen(); err != nil {
+		return "", err
+	}
+	if _, err := e.sessionLocked(sessionID); err != nil {
+		return "", err
+	}
+	ns, err := e.openNamespaceLocked(desc)
+	if err != nil {
+		return "", err
+	}
+	return ns.id, nil
+}

@@ -1,0 +1,196 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/native"
+)
+
+// session is one connected client (a vLLM scheduler or worker process). It
+// lives as long as the client's Attach stream.
+type session struct {
+	id        string
+	name      string
+	instances map[instanceKey]*instance
+	leases    map[string]*lease
+}
+
+type instanceKey struct {
+	id   string
+	rank uint32
+}
+
+// instance is one registered TP rank of a vLLM instance.
+type instance struct {
+	key     instanceKey
+	session *session
+	ns      *namespace
+	layout  *rankLayout
+	regions []*native.Region
+}
+
+func (inst *instance) close() {
+	for _, r := range inst.regions {
+		// Safe with copies in flight: the native layer unmaps after them.
+		_ = r.Close()
+	}
+}
+
+// OpenSession starts a session and returns its id.
+func (e *Engine) OpenSession(name string) (string, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.checkOpen(); err != nil {
+		return "", err
+	}
+	s := &session{id: newID("s-"), name: name, instances: map[instanceKey]*instance{}, leases: map[string]*lease{}}
+	e.sessions[s.id] = s
+	e.log.Debug("session opened", "session", s.id, "client", name)
+	return s.id, nil
+}
+
+// CloseSession ends a session: its instances are unregistered and its
+// leases released. Sealed blocks stay, so a restarted client hits them.
+// Saves and loads still copying finish first (they hold their own pins).
+func (e *Engine) CloseSession(id string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	s, ok := e.sessions[id]
+	if !ok {
+		return
+	}
+	delete(e.sessions, id)
+	for key, inst := range s.instances {
+		if e.instances[key] == inst {
+			delete(e.instances, key)
+		}
+		inst.close()
+	}
+	for lid, l := range s.leases {
+		e.releaseLeaseLocked(lid, l)
+	}
+	e.log.Info("session closed", "session", id, "client", s.name, "instances", len(s.instances))
+}
+
+func (e *Engine) sessionLocked(id string) (*session, error) {
+	s, ok := e.sessions[id]
+	if !ok {
+		return nil, fmt.Errorf("%w: session %q (attach first)", ErrNotFound, id)
+	}
+	return s, nil
+}
+
+func (e *Engine) instanceLocked(sessionID, instanceID string, rank uint32) (*instance, error) {
+	if err := e.checkOpen(); err != nil {
+		return nil, err
+	}
+	s, err := e.sessionLocked(sessionID)
+	if err != nil {
+		return nil, err
+	}
+	inst, ok := s.instances[instanceKey{instanceID, rank}]
+	if !ok {
+		return nil, fmt.Errorf("%w: instance %q rank %d is not registered by this session", ErrNotFound, instanceID, rank)
+	}
+	return inst, nil
+}
+
+// Register registers one rank's KV memory. A registration of the same
+// (instance, rank) replaces the previous one, e.g. after a vLLM restart.
+func (e *Engine) Register(req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+	layout, err := validateRegister(req, e.pool.Size())
+	if err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	if err := e.checkOpen(); err != nil {
+		e.mu.Unlock()
+		return nil, err
+	}
+	if _, err := e.sessionLocked(req.SessionId); err != nil {
+		e.mu.Unlock()
+		return nil, err
+	}
+	// Namespace checks first, so a mismatch fails before opening memory.
+	ns, err := e.openNamespaceLocked(req.Namespace)
+	if err == nil && ns.shape != nil {
+		err = ns.adoptShape(layout.blockShape(), layout.rankBytes)
+	}
+	e.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+
+	regions, err := openRegions(layout.regions)
+	if err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	s, err := e.sessionLocked(req.SessionId)
+	if err == nil {
+		err = e.checkOpen()
+	}
+	if err == nil {
+		err = ns.adoptShape(layout.blockShape(), layout.rankBytes)
+	}
+	if err != nil {
+		for _, r := range regions {
+			_ = r.Close()
+		}
+		return nil, err
+	}
+	key := instanceKey{req.InstanceId, req.Rank}
+	if old, ok := e.instances[key]; ok {
+		delete(old.session.instances, key)
+		old.close()
+		e.log.Info("instance re-registered", "instance", req.InstanceId, "rank", req.Rank)
+	}
+	inst := &instance{key: key, session: s, ns: ns, layout: layout, regions: regions}
+	e.instances[key] = inst
+	s.instances[key] = inst
+	e.log.Info("instance registered", "instance", req.InstanceId, "rank", req.Rank, "namespace", ns.id,
+		"blocks", layout.numBlocks, "layers", len(layout.layers), "rank_block_bytes", layout.rankBytes)
+	return &pb.RegisterResponse{NamespaceId: ns.id, BytesPerBlock: layout.rankBytes}, nil
+}
+
+func openRegions(specs []regionSpec) ([]*native.Region, error) {
+	regions := make([]*native.Region, 0, len(specs))
+	for i, spec := range specs {
+		var r *native.Region
+		var err error
+		if spec.ipcHandle != nil {
+			r, err = native.OpenCUDAIPCRegion(spec.ipcHandle, -1, spec.size)
+		} else {
+			r, err = native.OpenShmRegion(spec.shmPath, spec.size)
+		}
+		if err != nil {
+			for _, opened := range regions {
+				_ = opened.Close()
+			}
+			kind := ErrInvalid
+			if errors.Is(err, native.ErrNotSupported) {
+				kind = ErrPrecondition
+			}
+			return nil, fmt.Errorf("%w: region %d: %w", kind, i, err)
+		}
+		regions = append(regions, r)
+	}
+	return regions, nil
+}
+
+// Unregister drops one rank's registration.
+func (e *Engine) Unregister(req *pb.UnregisterRequest) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	inst, err := e.instanceLocked(req.SessionId, req.InstanceId, req.Rank)
+	if err != nil {
+		return err
+	}
+	delete(e.instances, inst.key)
+	delete(inst.session.instances, inst.key)
+	inst.close()
+	return nil
+}

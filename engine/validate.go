@@ -1,0 +1,206 @@
+package engine
+
+import (
+	"fmt"
+	"math/bits"
+	"path/filepath"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+)
+
+// Limits on requests. They bound the memory and time one call can take.
+const (
+	MinHashLen      = 8
+	MaxHashLen      = 64
+	MaxTPSize       = 64 // rank sets are uint64 bitmasks
+	MaxLayers       = 4096
+	MaxSegments     = 16
+	MaxRegions      = 4096
+	MaxIDLen        = 256
+	MaxBlocksPerReq = 1 << 20
+	MaxQueryHashes  = 1 << 20
+	// MaxRankBlockBytes caps one rank's share of a block (all layers).
+	MaxRankBlockBytes = 1 << 30
+)
+
+type segmentSpec struct {
+	offset, stride, length uint64
+}
+
+type layerSpec struct {
+	name     string
+	region   int
+	segments []segmentSpec
+}
+
+type regionSpec struct {
+	shmPath    string
+	ipcHandle  []byte
+	size       uint64
+	deviceUUID string
+}
+
+// rankLayout is a validated RegisterRequest: every block id below numBlocks
+// maps to byte ranges that lie inside its region.
+type rankLayout struct {
+	numBlocks uint32
+	regions   []regionSpec
+	layers    []layerSpec
+	rankBytes uint64
+}
+
+// blockShape lists segment lengths per layer: what must agree across the
+// ranks and instances of a namespace.
+func (l *rankLayout) blockShape() [][]uint64 {
+	shape := make([][]uint64, len(l.layers))
+	for i, layer := range l.layers {
+		for _, s := range layer.segments {
+			shape[i] = append(shape[i], s.length)
+		}
+	}
+	return shape
+}
+
+func invalid(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrInvalid, fmt.Sprintf(format, args...))
+}
+
+func validateID(what, id string) error {
+	if id == "" {
+		return invalid("%s is empty", what)
+	}
+	if len(id) > MaxIDLen {
+		return invalid("%s is longer than %d bytes", what, MaxIDLen)
+	}
+	return nil
+}
+
+func validateNamespace(ns *pb.Namespace) error {
+	switch {
+	case ns == nil:
+		return invalid("namespace is missing")
+	case ns.Model == "":
+		return invalid("namespace.model is empty")
+	case ns.BlockSize == 0:
+		return invalid("namespace.block_size is 0")
+	case ns.TpSize == 0 || ns.TpSize > MaxTPSize:
+		return invalid("namespace.tp_size %d not in 1..%d", ns.TpSize, MaxTPSize)
+	case len(ns.HashSeedFingerprint) > MaxHashLen:
+		return invalid("namespace.hash_seed_fingerprint longer than %d bytes", MaxHashLen)
+	}
+	return nil
+}
+
+// validateRegister checks a registration without touching any state. The
+// pool size bounds a block's size.
+func validateRegister(req *pb.RegisterRequest, poolSize uint64) (*rankLayout, error) {
+	if err := validateID("instance_id", req.GetInstanceId()); err != nil {
+		return nil, err
+	}
+	ns := req.GetNamespace()
+	if err := validateNamespace(ns); err != nil {
+		return nil, err
+	}
+	if req.Rank >= ns.TpSize {
+		return nil, invalid("rank %d out of range for tp_size %d", req.Rank, ns.TpSize)
+	}
+	if req.NumBlocks == 0 {
+		return nil, invalid("num_blocks is 0")
+	}
+	if n := len(req.Regions); n == 0 || n > MaxRegions {
+		return nil, invalid("%d regions, want 1..%d", n, MaxRegions)
+	}
+	if n := len(req.Layers); n == 0 || n > MaxLayers {
+		return nil, invalid("%d layers, want 1..%d", n, MaxLayers)
+	}
+	if ns.NumLayers != 0 && int(ns.NumLayers) != len(req.Layers) {
+		return nil, invalid("namespace.num_layers is %d but %d layers given", ns.NumLayers, len(req.Layers))
+	}
+	layout := &rankLayout{numBlocks: req.NumBlocks}
+	for i, r := range req.Regions {
+		spec := regionSpec{size: r.GetSize(), deviceUUID: r.GetDeviceUuid()}
+		switch src := r.GetSource().(type) {
+		case *pb.MemoryRegion_ShmPath:
+			if !filepath.IsAbs(src.ShmPath) || len(src.ShmPath) > 4096 {
+				return nil, invalid("region %d: shm_path %q must be an absolute path", i, src.ShmPath)
+			}
+			spec.shmPath = filepath.Clean(src.ShmPath)
+		case *pb.MemoryRegion_CudaIpcHandle:
+			if len(src.CudaIpcHandle) == 0 || len(src.CudaIpcHandle) > 128 {
+				return nil, invalid("region %d: cuda_ipc_handle has %d bytes", i, len(src.CudaIpcHandle))
+			}
+			spec.ipcHandle = src.CudaIpcHandle
+		default:
+			return nil, invalid("region %d: no shm_path or cuda_ipc_handle", i)
+		}
+		if spec.size == 0 {
+			return nil, invalid("region %d: size is 0", i)
+		}
+		layout.regions = append(layout.regions, spec)
+	}
+	last := uint64(req.NumBlocks - 1)
+	var total uint64
+	for li, l := range req.Layers {
+		if int(l.RegionIndex) >= len(layout.regions) {
+			return nil, invalid("layer %d (%s): region_index %d out of range", li, l.Name, l.RegionIndex)
+		}
+		if n := len(l.Segments); n == 0 || n > MaxSegments {
+			return nil, invalid("layer %d (%s): %d segments, want 1..%d", li, l.Name, n, MaxSegments)
+		}
+		regionSize := layout.regions[l.RegionIndex].size
+		spec := layerSpec{name: l.Name, region: int(l.RegionIndex)}
+		for si, s := range l.Segments {
+			if s.Length == 0 {
+				return nil, invalid("layer %d segment %d: length is 0", li, si)
+			}
+			if req.NumBlocks > 1 && s.Stride < s.Length {
+				return nil, invalid("layer %d segment %d: stride %d < length %d makes blocks overlap", li, si, s.Stride, s.Length)
+			}
+			// end = offset + last*stride + length, checked for overflow.
+			hi, span := bits.Mul64(last, s.Stride)
+			end, c1 := bits.Add64(span, s.Offset, 0)
+			end, c2 := bits.Add64(end, s.Length, 0)
+			if hi != 0 || c1 != 0 || c2 != 0 || end > regionSize {
+				return nil, invalid("layer %d segment %d: blocks 0..%d reach past region %d (size %d)", li, si, last, l.RegionIndex, regionSize)
+			}
+			var carry uint64
+			total, carry = bits.Add64(total, s.Length, 0)
+			if carry != 0 || total > MaxRankBlockBytes {
+				return nil, invalid("bytes per block per rank exceed %d", MaxRankBlockBytes)
+			}
+			spec.segments = append(spec.segments, segmentSpec{s.Offset, s.Stride, s.Length})
+		}
+		layout.layers = append(layout.layers, spec)
+	}
+	layout.rankBytes = total
+	if hi, blockBytes := bits.Mul64(total, uint64(ns.TpSize)); hi != 0 || blockBytes > poolSize {
+		return nil, invalid("a block (%d bytes x %d ranks) does not fit the pool (%d bytes)", total, ns.TpSize, poolSize)
+	}
+	return layout, nil
+}
+
+// validateBlocks checks block refs against an instance's block count.
+func validateBlocks(blocks []*pb.BlockRef, numBlocks uint32) error {
+	if len(blocks) > MaxBlocksPerReq {
+		return invalid("%d blocks in one request, max %d", len(blocks), MaxBlocksPerReq)
+	}
+	for i, b := range blocks {
+		if b == nil {
+			return invalid("block %d is null", i)
+		}
+		if b.BlockId >= numBlocks {
+			return invalid("block %d: block_id %d out of range (instance has %d blocks)", i, b.BlockId, numBlocks)
+		}
+		if err := validateHash(i, b.Hash); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func validateHash(i int, h []byte) error {
+	if len(h) < MinHashLen || len(h) > MaxHashLen {
+		return invalid("hash %d has %d bytes, want %d..%d", i, len(h), MinHashLen, MaxHashLen)
+	}
+	return nil
+}
