@@ -1,0 +1,100 @@
+package sim
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/engine/client"
+)
+
+// errNoEngine is returned while the sim holds no engine session.
+var errNoEngine = errors.New("not connected to the KV engine")
+
+// engineLink keeps one engine session with the KV cache registered, and
+// re-dials and re-registers when the session ends (engine restart), as a
+// vLLM worker's connector would on restart.
+type engineLink struct {
+	socket     string
+	instanceID string
+	ns         *pb.Namespace
+	kv         *kvCache
+	log        *slog.Logger
+
+	mu   sync.Mutex
+	c    *client.Client
+	nsID string
+}
+
+func (e *engineLink) get() (*client.Client, string, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.c == nil {
+		return nil, "", errNoEngine
+	}
+	return e.c, e.nsID, nil
+}
+
+func (e *engineLink) connected() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.c != nil
+}
+
+// run connects, registers, and reconnects until ctx ends; it then
+// unregisters and closes the session.
+func (e *engineLink) run(ctx context.Context) {
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		c, nsID, err := e.connect(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				e.log.Warn("engine connection failed; retrying", "socket", e.socket, "in", backoff, "err", err)
+			}
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+			}
+			backoff = min(2*backoff, 5*time.Second)
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		e.mu.Lock()
+		e.c, e.nsID = c, nsID
+		e.mu.Unlock()
+		e.log.Info("registered with the KV engine", "socket", e.socket, "session", c.SessionID(), "namespace", nsID, "instance", e.instanceID)
+		select {
+		case <-c.Ended():
+			e.log.Warn("engine session ended; reconnecting", "socket", e.socket)
+		case <-ctx.Done():
+			uctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			if err := c.Unregister(uctx, &pb.UnregisterRequest{InstanceId: e.instanceID, Rank: 0}); err != nil {
+				e.log.Debug("unregister", "err", err)
+			}
+			cancel()
+		}
+		e.mu.Lock()
+		e.c, e.nsID = nil, ""
+		e.mu.Unlock()
+		c.Close()
+	}
+}
+
+func (e *engineLink) connect(ctx context.Context) (*client.Client, string, error) {
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	c, err := client.Dial(dctx, e.socket, "pegaflow-sim "+e.instanceID)
+	if err != nil {
+		return nil, "", err
+	}
+	resp, err := c.Register(dctx, e.kv.registerRequest(e.instanceID, e.ns))
+	if err != nil {
+		c.Close()
+		return nil, "", fmt.Errorf("register: %w", err)
+	}
+	return c, resp.NamespaceId, nil
+}

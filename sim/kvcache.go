@@ -1,0 +1,184 @@
+package sim
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+)
+
+// Geometry is the shape of the sim's KV cache: vLLM's FlashAttention layout,
+// one tensor (2, num_blocks, block_size, num_kv_heads, head_size) of 2-byte
+// elements per layer. A block's K and V halves are two segments.
+type Geometry struct {
+	NumLayers  int
+	NumBlocks  int
+	BlockSize  int
+	NumKVHeads int
+	HeadSize   int
+}
+
+const elemBytes = 2 // bfloat16
+
+func (g Geometry) tokenBytes() int   { return g.NumKVHeads * g.HeadSize * elemBytes }
+func (g Geometry) segmentBytes() int { return g.BlockSize * g.tokenBytes() }
+func (g Geometry) layerBytes() int   { return 2 * g.NumBlocks * g.segmentBytes() }
+
+// BlockBytes is one block's size over all layers and both halves.
+func (g Geometry) BlockBytes() int { return g.NumLayers * 2 * g.segmentBytes() }
+
+func (g Geometry) validate() error {
+	switch {
+	case g.NumLayers < 1 || g.NumBlocks < 1 || g.BlockSize < 1 || g.NumKVHeads < 1 || g.HeadSize < 1:
+		return fmt.Errorf("KV geometry %+v: every dimension must be at least 1", g)
+	case g.HeadSize%4 != 0:
+		return fmt.Errorf("head size %d: want a multiple of 4", g.HeadSize)
+	case uint64(g.layerBytes()) > 1<<40:
+		return fmt.Errorf("KV geometry %+v: a layer over 1TiB", g)
+	}
+	return nil
+}
+
+// kvCache is the sim's "GPU memory": one shared-memory file per layer that
+// the engine maps to copy blocks in and out.
+type kvCache struct {
+	geo   Geometry
+	paths []string
+	mem   [][]byte
+}
+
+func newKVCache(dir, prefix string, geo Geometry) (*kvCache, error) {
+	c := &kvCache{geo: geo}
+	size := geo.layerBytes()
+	for l := 0; l < geo.NumLayers; l++ {
+		path := filepath.Join(dir, fmt.Sprintf("%s-L%d", prefix, l))
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			c.close()
+			return nil, fmt.Errorf("KV cache: %w", err)
+		}
+		c.paths = append(c.paths, path)
+		err = f.Truncate(int64(size))
+		var mem []byte
+		if err == nil {
+			mem, err = syscall.Mmap(int(f.Fd()), 0, size, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
+		}
+		f.Close()
+		if err != nil {
+			c.close()
+			return nil, fmt.Errorf("KV cache %s: %w", path, err)
+		}
+		c.mem = append(c.mem, mem)
+	}
+	return c, nil
+}
+
+func (c *kvCache) close() {
+	for _, m := range c.mem {
+		_ = syscall.Munmap(m)
+	}
+	for _, p := range c.paths {
+		_ = os.Remove(p)
+	}
+	c.mem, c.paths = nil, nil
+}
+
+// slot is the bytes of one token of block b in layer l, half h (0 K, 1 V).
+func (c *kvCache) slot(l, h, b, j int) []byte {
+	seg := c.geo.segmentBytes()
+	tb := c.geo.tokenBytes()
+	off := h*c.geo.NumBlocks*seg + b*seg + j*tb
+	return c.mem[l][off : off+tb]
+}
+
+// registerRequest describes the cache to the engine as TP rank 0 with split
+// K/V segments.
+func (c *kvCache) registerRequest(instanceID string, ns *pb.Namespace) *pb.RegisterRequest {
+	seg := uint64(c.geo.segmentBytes())
+	req := &pb.RegisterRequest{InstanceId: instanceID, Rank: 0, Namespace: ns, NumBlocks: uint32(c.geo.NumBlocks)}
+	for l, p := range c.paths {
+		req.Regions = append(req.Regions, &pb.MemoryRegion{Source: &pb.MemoryRegion_ShmPath{ShmPath: p}, Size: uint64(c.geo.layerBytes())})
+		req.Layers = append(req.Layers, &pb.LayerLayout{
+			Name:        fmt.Sprintf("model.layers.%d.self_attn.attn", l),
+			RegionIndex: uint32(l),
+			Segments: []*pb.Segment{
+				{Offset: 0, Stride: seg, Length: seg},
+				{Offset: uint64(c.geo.NumBlocks) * seg, Stride: seg, Length: seg},
+			},
+		})
+	}
+	return req
+}
+
+// The KV of a token is a function of its position and a hash of the token
+// prefix ending at it, as a model's would be: equal prefixes give equal
+// bytes, any differing earlier token changes every later token's bytes.
+
+// prefixStart is the prefix hash before the first token, derived from the
+// hash seed so instances with different seeds disagree on bytes too.
+func prefixStart(noneHash []byte) uint64 { return binary.LittleEndian.Uint64(noneHash) }
+
+// prefixNext extends the prefix hash by the token at position pos.
+func prefixNext(h uint64, tok uint32, pos int) uint64 {
+	return mix64(h ^ (uint64(tok) | uint64(pos)<<32))
+}
+
+// fillToken writes the token's KV bytes (layer l, half h) into dst.
+func fillToken(dst []byte, prefix uint64, pos, l, h int) {
+	x := mix64(prefix ^ uint64(l)<<48 ^ uint64(h)<<56 ^ uint64(pos))
+	for i := 0; i+8 <= len(dst); i += 8 {
+		x += 0x9e3779b97f4a7c15
+		binary.LittleEndian.PutUint64(dst[i:], mix64(x))
+	}
+}
+
+// checkToken reports whether src holds the token's KV bytes.
+func checkToken(src []byte, prefix uint64, pos, l, h int) bool {
+	x := mix64(prefix ^ uint64(l)<<48 ^ uint64(h)<<56 ^ uint64(pos))
+	for i := 0; i+8 <= len(src); i += 8 {
+		x += 0x9e3779b97f4a7c15
+		if binary.LittleEndian.Uint64(src[i:]) != mix64(x) {
+			return false
+		}
+	}
+	return true
+}
+
+// writeTokens computes ("runs the forward pass for") tokens at positions
+// [from, from+len(toks)) into the given blocks, starting from prefix hash
+// h, and returns the prefix hash after the last one.
+func (c *kvCache) writeTokens(blocks []uint32, from int, toks []uint32, h uint64) uint64 {
+	bs := c.geo.BlockSize
+	for i, t := range toks {
+		pos := from + i
+		h = prefixNext(h, t, pos)
+		b, j := int(blocks[pos/bs]), pos%bs
+		for l := 0; l < c.geo.NumLayers; l++ {
+			fillToken(c.slot(l, 0, b, j), h, pos, l, 0)
+			fillToken(c.slot(l, 1, b, j), h, pos, l, 1)
+		}
+	}
+	return h
+}
+
+// verifyBlock checks that local block b holds the KV of the i-th block of
+// tokens (prefix hash h before its first token) and returns the prefix hash
+// after it, or ok=false with the first bad (layer, half, token slot).
+func (c *kvCache) verifyBlock(b uint32, i int, toks []uint32, h uint64) (next uint64, ok bool, where string) {
+	bs := c.geo.BlockSize
+	for j := 0; j < bs; j++ {
+		pos := i*bs + j
+		h = prefixNext(h, toks[pos], pos)
+		for l := 0; l < c.geo.NumLayers; l++ {
+			for half := 0; half < 2; half++ {
+				if !checkToken(c.slot(l, half, int(b), j), h, pos, l, half) {
+					return h, false, fmt.Sprintf("layer %d %s token %d", l, [2]string{"K", "V"}[half], pos)
+				}
+			}
+		}
+	}
+	return h, true, ""
+}
