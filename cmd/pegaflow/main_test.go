@@ -1,0 +1,124 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pegaflow/pegaflow/engine/client"
+)
+
+func TestBadInvocationsExit2(t *testing.T) {
+	cases := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"no command", nil, "usage"},
+		{"unknown command", []string{"frobnicate"}, "unknown command"},
+		{"unknown flag", []string{"serve", "--nope"}, "flag provided but not defined"},
+		{"bad pool size", []string{"serve", "--pool-size", "lots"}, "invalid size"},
+		{"tiny pool", []string{"serve", "--pool-size", "4KiB"}, "below 1MiB"},
+		{"bad log level", []string{"serve", "--log-level", "loud"}, "--log-level"},
+		{"bad http addr", []string{"serve", "--http-addr", "nonsense"}, "--http-addr"},
+		{"bad socket mode", []string{"serve", "--socket-mode", "rw"}, "--socket-mode"},
+		{"stray argument", []string{"serve", "extra"}, "unexpected arguments"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			code := dispatch(context.Background(), tc.args, &stdout, &stderr)
+			require.Equal(t, 2, code)
+			require.Contains(t, stderr.String(), tc.want)
+		})
+	}
+}
+
+func TestEnvSetsFlags(t *testing.T) {
+	t.Setenv("PEGAFLOW_POOL_SIZE", "64MiB")
+	t.Setenv("PEGAFLOW_LOG_LEVEL", "debug")
+	f, err := parseServeFlags([]string{"--log-level", "warn"}, io.Discard)
+	require.NoError(t, err)
+	require.EqualValues(t, 64<<20, f.poolSize)
+	require.Equal(t, "warn", f.logLevel, "command line wins")
+}
+
+func TestVersion(t *testing.T) {
+	var stdout bytes.Buffer
+	require.Zero(t, dispatch(context.Background(), []string{"version"}, &stdout, io.Discard))
+	require.True(t, strings.HasPrefix(stdout.String(), "pegaflow "))
+}
+
+// TestServeProcess runs the real binary: it serves the socket and HTTP,
+// and exits cleanly on SIGTERM, removing its socket.
+func TestServeProcess(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "pegaflow")
+	build := exec.Command("go", "build", "-o", bin, ".")
+	build.Stderr = os.Stderr
+	require.NoError(t, build.Run())
+
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := lis.Addr().String()
+	lis.Close()
+	sock := filepath.Join(dir, "engine.sock")
+	cmd := exec.Command(bin, "serve", "--socket", sock, "--http-addr", addr, "--pool-size", "16MiB")
+	var logs bytes.Buffer
+	cmd.Stderr = &logs
+	require.NoError(t, cmd.Start())
+	defer cmd.Process.Kill()
+
+	var health map[string]any
+	require.Eventually(t, func() bool {
+		resp, err := http.Get("http://" + addr + "/health")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		return resp.StatusCode == 200 && json.NewDecoder(resp.Body).Decode(&health) == nil
+	}, 10*time.Second, 20*time.Millisecond, "serve never became healthy: %s", &logs)
+	require.Equal(t, "ok", health["status"])
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := client.Dial(ctx, sock, "cmd-test")
+	require.NoError(t, err)
+	st, err := c.Stats(ctx)
+	require.NoError(t, err)
+	require.EqualValues(t, 16<<20, st.PoolCapacityBytes)
+	c.Close()
+
+	resp, err := http.Get("http://" + addr + "/metrics")
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.Contains(t, string(body), "pegaflow_engine_pool_capacity_bytes 1.6777216e+07")
+
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		require.NoError(t, err, "logs: %s", &logs)
+	case <-time.After(10 * time.Second):
+		t.Fatalf("serve did not stop on SIGTERM: %s", &logs)
+	}
+	_, err = os.Stat(sock)
+	require.True(t, os.IsNotExist(err), "socket removed on exit")
+}

@@ -1,0 +1,191 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/labstack/echo/v4"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/pegaflow/pegaflow/engine"
+	"github.com/pegaflow/pegaflow/engine/server"
+	"github.com/pegaflow/pegaflow/internal/cli"
+	"github.com/pegaflow/pegaflow/native"
+)
+
+func backendName() string { return native.Backend() }
+
+// defaultSocket is per user so two users on a laptop don't collide.
+func defaultSocket() string {
+	if dir := os.Getenv("XDG_RUNTIME_DIR"); dir != "" {
+		return filepath.Join(dir, "pegaflow", "engine.sock")
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("pegaflow-%d", os.Getuid()), "engine.sock")
+}
+
+type serveFlags struct {
+	socket, socketGroup, httpAddr, logLevel string
+	socketMode                              string
+	poolSize                                cli.ByteSize
+	numaNode, copyThreads                   int
+	hugePages, mlock                        bool
+	leaseTTL, transferTTL, partialTTL       time.Duration
+	maxQueryWait                            time.Duration
+}
+
+func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
+	f := &serveFlags{poolSize: cli.ByteSize(1 << 30)}
+	fs := flag.NewFlagSet("pegaflow serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&f.socket, "socket", defaultSocket(), "engine API UNIX socket path")
+	fs.StringVar(&f.socketMode, "socket-mode", "0600", "socket file mode (octal)")
+	fs.StringVar(&f.socketGroup, "socket-group", "", "group (name or gid) owning the socket, e.g. to share it with vLLM running as another user")
+	fs.StringVar(&f.httpAddr, "http-addr", "127.0.0.1:8080", "HTTP address for /health, /metrics and, with backends, the OpenAI endpoints")
+	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.Var(&f.poolSize, "pool-size", "pinned host pool size (e.g. 8GiB)")
+	fs.IntVar(&f.numaNode, "numa-node", -1, "NUMA node for the pool (-1: no binding)")
+	fs.IntVar(&f.copyThreads, "copy-threads", 2, "native copy threads (CPU build) or streams (CUDA build)")
+	fs.BoolVar(&f.hugePages, "hugepages", true, "back the pool with huge pages when possible")
+	fs.BoolVar(&f.mlock, "mlock", true, "lock the pool in RAM when permitted")
+	fs.DurationVar(&f.leaseTTL, "lease-ttl", engine.DefaultLeaseTTL, "longest a query lease pins blocks")
+	fs.DurationVar(&f.transferTTL, "transfer-ttl", engine.DefaultTransferTTL, "longest a P/D transfer waits for saves and pins its blocks")
+	fs.DurationVar(&f.partialTTL, "partial-ttl", engine.DefaultPartialTTL, "free blocks saved by some TP ranks but not all after this long")
+	fs.DurationVar(&f.maxQueryWait, "max-query-wait", engine.DefaultMaxQueryWait, "cap on the wait a query may ask for")
+	if err := cli.Parse(fs, args, nil); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	if f.poolSize < 1<<20 {
+		return nil, fmt.Errorf("--pool-size %s is below 1MiB", f.poolSize.String())
+	}
+	if _, err := parseLevel(f.logLevel); err != nil {
+		return nil, err
+	}
+	if _, err := strconv.ParseUint(f.socketMode, 8, 32); err != nil {
+		return nil, fmt.Errorf("--socket-mode %q is not an octal mode", f.socketMode)
+	}
+	if _, _, err := net.SplitHostPort(f.httpAddr); err != nil {
+		return nil, fmt.Errorf("--http-addr %q: %w", f.httpAddr, err)
+	}
+	return f, nil
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("--log-level %q: want debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+func runServe(ctx context.Context, args []string, _, stderr io.Writer) int {
+	f, err := parseServeFlags(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "pegaflow serve: %v\n", err)
+		return cli.ExitUsage
+	}
+	level, _ := parseLevel(f.logLevel)
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	if err := serve(ctx, f, log); err != nil {
+		log.Error("serve failed", "err", err)
+		return 1
+	}
+	return 0
+}
+
+func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	var poolFlags native.PoolFlags
+	if f.hugePages {
+		poolFlags |= native.PoolHugePages
+	}
+	if f.mlock {
+		poolFlags |= native.PoolMlock
+	}
+	eng, err := engine.New(engine.Config{
+		PoolSize: uint64(f.poolSize), NUMANode: f.numaNode, Device: -1, PoolFlags: poolFlags,
+		CopyThreads: f.copyThreads, LeaseTTL: f.leaseTTL, TransferTTL: f.transferTTL,
+		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, Version: version,
+	}, log.With("component", "engine"), reg)
+	if err != nil {
+		return err
+	}
+	defer eng.Close()
+
+	mode, _ := strconv.ParseUint(f.socketMode, 8, 32)
+	srv, err := server.New(server.Config{SocketPath: f.socket, SocketMode: os.FileMode(mode), SocketGroup: f.socketGroup},
+		eng, log.With("component", "api"), reg)
+	if err != nil {
+		return err
+	}
+
+	e := echo.New()
+	e.HideBanner, e.HidePort = true, true
+	e.GET("/health", func(c echo.Context) error {
+		body := map[string]any{"status": "ok", "engine": eng.Health().Status, "backend": eng.Backend(), "version": version}
+		code := http.StatusOK
+		if eng.Health().Status != "ok" {
+			code = http.StatusServiceUnavailable
+			body["status"] = "unavailable"
+		}
+		return c.JSON(code, body)
+	})
+	e.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})))
+
+	httpLis, err := net.Listen("tcp", f.httpAddr)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", f.httpAddr, err)
+	}
+	httpSrv := &http.Server{Handler: e, ReadHeaderTimeout: 10 * time.Second}
+	log.Info("http listening", "addr", httpLis.Addr().String())
+
+	var wg sync.WaitGroup
+	errc := make(chan error, 4)
+	run := func(fn func() error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := fn(); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, context.Canceled) {
+				errc <- err
+			}
+		}()
+	}
+	run(func() error { return srv.Serve(ctx) })
+	run(func() error { return httpSrv.Serve(httpLis) })
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down")
+	case runErr = <-errc:
+		log.Error("component failed, shutting down", "err", runErr)
+	}
+	cancel()
+	shutCtx, shutCancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer shutCancel()
+	_ = httpSrv.Shutdown(shutCtx)
+	wg.Wait()
+	return runErr
+}
