@@ -14,6 +14,7 @@ type metrics struct {
 	ttft, itl, e2e                          prometheus.Histogram
 	steps                                   prometheus.Counter
 	stepSeconds                             prometheus.Histogram
+	iterationTokens, stepSeqs               prometheus.Histogram
 	prefillTokens                           prometheus.Counter
 	blocksLoaded, blocksSaved               prometheus.Counter
 	verifyFailures, loadFailures, saveFails prometheus.Counter
@@ -37,16 +38,20 @@ func newMetrics(reg prometheus.Registerer, model string) *metrics {
 		e2e:              prometheus.NewHistogram(prometheus.HistogramOpts{Name: "vllm:e2e_request_latency_seconds", Help: "Time from arrival to the last token.", ConstLabels: l, Buckets: latency}),
 		steps:            prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_steps_total", Help: "Scheduler steps (forward passes) run."}),
 		stepSeconds:      prometheus.NewHistogram(prometheus.HistogramOpts{Name: "sim_step_duration_seconds", Help: "Wall time of a scheduler step.", Buckets: latency}),
-		prefillTokens:    prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_prefill_tokens_computed_total", Help: "Prompt tokens computed (not loaded)."}),
-		blocksLoaded:     prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_blocks_loaded_total", Help: "KV blocks loaded from the engine and verified."}),
-		blocksSaved:      prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_blocks_saved_total", Help: "KV blocks the engine stored from this sim (saved or already present)."}),
-		verifyFailures:   prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_verify_failures_total", Help: "Loads whose bytes differed from what the tokens imply (request failed)."}),
-		loadFailures:     prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_load_failures_total", Help: "Engine query/load errors; the blocks were recomputed."}),
-		saveFails:        prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_save_failures_total", Help: "Engine saves that failed or stored fewer blocks than asked."}),
-		requestErrors:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sim_request_errors_total", Help: "Requests answered with an error, by HTTP status."}, []string{"code"}),
+		iterationTokens: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "vllm:iteration_tokens_total", Help: "Tokens (decodes + prefill chunks) per step.", ConstLabels: l,
+			Buckets: []float64{1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384}}),
+		stepSeqs: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "sim_step_sequences", Help: "Sequences per step.",
+			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128, 256, 512}}),
+		prefillTokens:  prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_prefill_tokens_computed_total", Help: "Prompt tokens computed (not loaded)."}),
+		blocksLoaded:   prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_blocks_loaded_total", Help: "KV blocks loaded from the engine and verified."}),
+		blocksSaved:    prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_blocks_saved_total", Help: "KV blocks the engine stored from this sim (saved or already present)."}),
+		verifyFailures: prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_verify_failures_total", Help: "Loads whose bytes differed from what the tokens imply (request failed)."}),
+		loadFailures:   prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_load_failures_total", Help: "Engine query/load errors; the blocks were recomputed."}),
+		saveFails:      prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_save_failures_total", Help: "Engine saves that failed or stored fewer blocks than asked."}),
+		requestErrors:  prometheus.NewCounterVec(prometheus.CounterOpts{Name: "sim_request_errors_total", Help: "Requests answered with an error, by HTTP status."}, []string{"code"}),
 	}
 	reg.MustRegister(m.running, m.waiting, m.kvUsage, m.promptTokens, m.generationTokens, m.externalQueries,
-		m.externalHits, m.success, m.ttft, m.itl, m.e2e, m.steps, m.stepSeconds, m.prefillTokens, m.blocksLoaded,
+		m.externalHits, m.success, m.ttft, m.itl, m.e2e, m.steps, m.stepSeconds, m.iterationTokens, m.stepSeqs, m.prefillTokens, m.blocksLoaded,
 		m.blocksSaved, m.verifyFailures, m.loadFailures, m.saveFails, m.requestErrors)
 	return m
 }

@@ -191,6 +191,8 @@ func (s *scheduler) run(ctx context.Context) {
 		s.m.steps.Inc()
 		s.m.stepSeconds.Observe(time.Since(start).Seconds())
 		s.m.prefillTokens.Add(float64(prefillTokens))
+		s.m.iterationTokens.Observe(float64(prefillTokens + decodes))
+		s.m.stepSeqs.Observe(float64(len(batch)))
 		running = s.emit(batch, running, time.Now())
 	}
 }
