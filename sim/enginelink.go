@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"sync"
 	"time"
 
@@ -87,9 +88,39 @@ func (e *engineLink) run(ctx context.Context) {
 func (e *engineLink) connect(ctx context.Context) (*client.Client, string, error) {
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	c, err := client.Dial(dctx, e.socket, "pegaflow-sim "+e.instanceID)
+	// A cheap probe first: client.Dial's session stream waits for the
+	// socket to accept, beyond its ctx, when no engine listens.
+	var d net.Dialer
+	probe, err := d.DialContext(dctx, "unix", e.socket)
 	if err != nil {
 		return nil, "", err
+	}
+	probe.Close()
+	type dialed struct {
+		c   *client.Client
+		err error
+	}
+	got := make(chan dialed, 1)
+	go func() {
+		c, err := client.Dial(dctx, e.socket, "pegaflow-sim "+e.instanceID)
+		got <- dialed{c, err}
+	}()
+	var c *client.Client
+	select {
+	case r := <-got:
+		if r.err != nil {
+			return nil, "", r.err
+		}
+		c = r.c
+	case <-dctx.Done():
+		// The engine vanished between probe and dial; close the session
+		// if the dial ever completes.
+		go func() {
+			if r := <-got; r.c != nil {
+				r.c.Close()
+			}
+		}()
+		return nil, "", fmt.Errorf("attach to engine %s: %w", e.socket, dctx.Err())
 	}
 	resp, err := c.Register(dctx, e.kv.registerRequest(e.instanceID, e.ns))
 	if err != nil {
