@@ -122,3 +122,14 @@ func TestServeProcess(t *testing.T) {
 	_, err = os.Stat(sock)
 	require.True(t, os.IsNotExist(err), "socket removed on exit")
 }
+
+func TestRouterFlagsValidated(t *testing.T) {
+	var stderr bytes.Buffer
+	code := dispatch(context.Background(), []string{"serve", "--prefill", "http://p:1"}, io.Discard, &stderr)
+	require.Equal(t, 2, code)
+	require.Contains(t, stderr.String(), "--decode")
+	stderr.Reset()
+	code = dispatch(context.Background(), []string{"serve", "--prefill", "http://p:1", "--decode", "http://d:1", "--lb", "random"}, io.Discard, &stderr)
+	require.Equal(t, 2, code)
+	require.Contains(t, stderr.String(), "--lb")
+}

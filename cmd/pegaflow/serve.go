@@ -25,6 +25,7 @@ import (
 	"github.com/pegaflow/pegaflow/engine/server"
 	"github.com/pegaflow/pegaflow/internal/cli"
 	"github.com/pegaflow/pegaflow/native"
+	"github.com/pegaflow/pegaflow/router"
 )
 
 func backendName() string { return native.Backend() }
@@ -45,10 +46,11 @@ type serveFlags struct {
 	hugePages, mlock                        bool
 	leaseTTL, transferTTL, partialTTL       time.Duration
 	maxQueryWait                            time.Duration
+	router                                  router.Config
 }
 
 func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
-	f := &serveFlags{poolSize: cli.ByteSize(1 << 30)}
+	f := &serveFlags{poolSize: cli.ByteSize(1 << 30), router: router.DefaultConfig()}
 	fs := flag.NewFlagSet("pegaflow serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&f.socket, "socket", defaultSocket(), "engine API UNIX socket path")
@@ -65,6 +67,7 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.DurationVar(&f.transferTTL, "transfer-ttl", engine.DefaultTransferTTL, "longest a P/D transfer waits for saves and pins its blocks")
 	fs.DurationVar(&f.partialTTL, "partial-ttl", engine.DefaultPartialTTL, "free blocks saved by some TP ranks but not all after this long")
 	fs.DurationVar(&f.maxQueryWait, "max-query-wait", engine.DefaultMaxQueryWait, "cap on the wait a query may ask for")
+	router.BindFlags(fs, &f.router)
 	if err := cli.Parse(fs, args, nil); err != nil {
 		return nil, err
 	}
@@ -82,6 +85,12 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	}
 	if _, _, err := net.SplitHostPort(f.httpAddr); err != nil {
 		return nil, fmt.Errorf("--http-addr %q: %w", f.httpAddr, err)
+	}
+	f.router.ListenAddr = f.httpAddr
+	if f.router.Enabled() {
+		if err := f.router.Validate(); err != nil {
+			return nil, err
+		}
 	}
 	return f, nil
 }
@@ -144,12 +153,29 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
+	var rt *router.Router
+	if f.router.Enabled() {
+		rt, err = router.New(f.router, router.Deps{Logger: log.With("component", "router"), Registerer: reg, KVReady: eng})
+		if err != nil {
+			return err
+		}
+		defer rt.Close()
+		rt.Register(e)
+	}
 	e.GET("/health", func(c echo.Context) error {
 		body := map[string]any{"status": "ok", "engine": eng.Health().Status, "backend": eng.Backend(), "version": version}
 		code := http.StatusOK
 		if eng.Health().Status != "ok" {
 			code = http.StatusServiceUnavailable
 			body["status"] = "unavailable"
+		}
+		if rt != nil {
+			ok, detail := rt.Healthy()
+			body["router"] = detail
+			if !ok {
+				code = http.StatusServiceUnavailable
+				body["status"] = "unavailable"
+			}
 		}
 		return c.JSON(code, body)
 	})
@@ -160,7 +186,7 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 		return fmt.Errorf("listen %s: %w", f.httpAddr, err)
 	}
 	httpSrv := &http.Server{Handler: e, ReadHeaderTimeout: 10 * time.Second}
-	log.Info("http listening", "addr", httpLis.Addr().String())
+	log.Info("http listening", "addr", httpLis.Addr().String(), "router", rt != nil)
 
 	var wg sync.WaitGroup
 	errc := make(chan error, 4)
@@ -175,6 +201,20 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 	}
 	run(func() error { return srv.Serve(ctx) })
 	run(func() error { return httpSrv.Serve(httpLis) })
+	var internalSrv *http.Server
+	if rt != nil {
+		run(func() error { return rt.Run(ctx) })
+		if f.router.InternalAddr != "" {
+			lis, err := net.Listen("tcp", f.router.InternalAddr)
+			if err != nil {
+				cancel()
+				wg.Wait()
+				return fmt.Errorf("listen %s: %w", f.router.InternalAddr, err)
+			}
+			internalSrv = &http.Server{Handler: rt.InternalHandler(), ReadHeaderTimeout: 10 * time.Second}
+			run(func() error { return internalSrv.Serve(lis) })
+		}
+	}
 	var runErr error
 	select {
 	case <-ctx.Done():
@@ -186,6 +226,9 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 	shutCtx, shutCancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer shutCancel()
 	_ = httpSrv.Shutdown(shutCtx)
+	if internalSrv != nil {
+		_ = internalSrv.Shutdown(shutCtx)
+	}
 	wg.Wait()
 	return runErr
 }

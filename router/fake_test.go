@@ -1,0 +1,164 @@
+package router
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// fakeVLLM stands in for a vLLM OpenAI server running our connector: as P
+// it answers with one token and kv_transfer_params (and, like a remote
+// engine, may POST /kv_ready); as D it streams SSE chunks ending in
+// `data: [DONE]`, with usage when stream_options.include_usage is set.
+type fakeVLLM struct {
+	srv *httptest.Server
+
+	mu      sync.Mutex
+	bodies  []map[string]any
+	headers []http.Header
+	arrived []time.Time
+
+	failWith   atomic.Int32 // status to return for the next failN requests
+	failN      atomic.Int32
+	unhealthy  atomic.Bool
+	readyDelay time.Duration // P: POST /kv_ready this long after answering; <0: before answering
+	readyState string        // P: "ready" (default), "failed", or "none" (never report)
+	tokens     []string      // D: tokens to stream
+	gap        time.Duration // D: pause between chunks
+	breakAfter int           // D: drop the connection after this many chunks (0: never)
+	readySent  atomic.Int64  // unix nanos of the last /kv_ready POST
+}
+
+func newFake(mutate func(*fakeVLLM)) *fakeVLLM {
+	f := &fakeVLLM{tokens: []string{"Hello", ",", " world", "!"}, readyState: "ready"}
+	if mutate != nil {
+		mutate(f)
+	}
+	f.srv = httptest.NewServer(http.HandlerFunc(f.serve))
+	return f
+}
+
+func (f *fakeVLLM) Close() { f.srv.Close() }
+
+func (f *fakeVLLM) requests() []map[string]any {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]map[string]any(nil), f.bodies...)
+}
+
+func (f *fakeVLLM) serve(w http.ResponseWriter, r *http.Request) {
+	switch r.URL.Path {
+	case "/health":
+		if f.unhealthy.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+		return
+	case "/v1/models":
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprint(w, `{"object":"list","data":[{"id":"tiny","object":"model"}]}`)
+		return
+	}
+	var body map[string]any
+	_ = json.NewDecoder(r.Body).Decode(&body)
+	f.mu.Lock()
+	f.bodies = append(f.bodies, body)
+	f.headers = append(f.headers, r.Header.Clone())
+	f.arrived = append(f.arrived, time.Now())
+	f.mu.Unlock()
+	if f.failN.Load() > 0 {
+		f.failN.Add(-1)
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(int(f.failWith.Load()))
+		fmt.Fprintf(w, `{"error":{"message":"injected %d","type":"fake","code":%d}}`, f.failWith.Load(), f.failWith.Load())
+		return
+	}
+	chat := r.URL.Path == "/v1/chat/completions"
+	kv, _ := body["kv_transfer_params"].(map[string]any)
+	if kv != nil && kv["do_remote_decode"] == true {
+		f.prefill(w, kv, chat)
+		return
+	}
+	if stream, _ := body["stream"].(bool); stream {
+		f.stream(w, r, body, chat)
+		return
+	}
+	text := ""
+	for _, t := range f.tokens {
+		text += t
+	}
+	w.Header().Set("Content-Type", "application/json")
+	choice := map[string]any{"index": 0, "text": text, "finish_reason": "length"}
+	if chat {
+		choice = map[string]any{"index": 0, "message": map[string]any{"role": "assistant", "content": text}, "finish_reason": "length"}
+	}
+	_ = json.NewEncoder(w).Encode(map[string]any{"id": "cmpl-d", "object": "text_completion", "choices": []any{choice},
+		"usage": map[string]any{"prompt_tokens": 5, "completion_tokens": len(f.tokens)}})
+}
+
+func (f *fakeVLLM) postReady(kv map[string]any) {
+	rep, _ := json.Marshal(map[string]any{"transfer_id": kv["pegaflow_transfer_id"], "token": kv["pegaflow_ready_token"], "status": f.readyState})
+	url, _ := kv["pegaflow_ready_url"].(string)
+	f.readySent.Store(time.Now().UnixNano())
+	resp, err := http.Post(url, "application/json", bytes.NewReader(rep))
+	if err == nil {
+		resp.Body.Close()
+	}
+}
+
+func (f *fakeVLLM) prefill(w http.ResponseWriter, kv map[string]any, chat bool) {
+	if f.readyState != "none" && f.readyDelay < 0 {
+		f.postReady(kv)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	choice := map[string]any{"index": 0, "text": "Hello", "finish_reason": "length"}
+	if chat {
+		choice = map[string]any{"index": 0, "message": map[string]any{"role": "assistant", "content": "Hello"}, "finish_reason": "length"}
+	}
+	_ = json.NewEncoder(w).Encode(map[string]any{"id": "cmpl-p", "choices": []any{choice},
+		"kv_transfer_params": map[string]any{"do_remote_prefill": true, "do_remote_decode": false,
+			"pegaflow_transfer_id": kv["pegaflow_transfer_id"], "pegaflow_num_blocks": 3}})
+	if f.readyState != "none" && f.readyDelay >= 0 {
+		go func() {
+			time.Sleep(f.readyDelay)
+			f.postReady(kv)
+		}()
+	}
+}
+
+func (f *fakeVLLM) stream(w http.ResponseWriter, r *http.Request, body map[string]any, chat bool) {
+	w.Header().Set("Content-Type", "text/event-stream")
+	fl := w.(http.Flusher)
+	for i, tok := range f.tokens {
+		if r.Context().Err() != nil {
+			return // the router cancelled the leg
+		}
+		if f.breakAfter > 0 && i == f.breakAfter {
+			hj, _ := w.(http.Hijacker)
+			conn, _, err := hj.Hijack()
+			if err == nil {
+				conn.Close()
+			}
+			return
+		}
+		var chunk map[string]any
+		if chat {
+			chunk = map[string]any{"id": "chat-d", "object": "chat.completion.chunk", "choices": []any{map[string]any{"index": 0, "delta": map[string]any{"content": tok}}}}
+		} else {
+			chunk = map[string]any{"id": "cmpl-d", "object": "text_completion", "choices": []any{map[string]any{"index": 0, "text": tok}}}
+		}
+		data, _ := json.Marshal(chunk)
+		fmt.Fprintf(w, "data: %s\n\n", data)
+		fl.Flush()
+		time.Sleep(f.gap)
+	}
+	if so, ok := body["stream_options"].(map[string]any); ok && so["include_usage"] == true {
+		fmt.Fprintf(w, "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":%d}}\n\n", len(f.tokens))
+	}
+	fmt.Fprint(w, "data: [DONE]\n\n")
+	fl.Flush()
+}

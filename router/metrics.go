@@ -1,0 +1,52 @@
+package router
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics is the P/D latency breakdown and outcome counters.
+type metrics struct {
+	phase       *prometheus.HistogramVec // routing, prefill, kv_ready_wait, decode_first_byte, ttft, itl, tpot, e2e
+	requests    *prometheus.CounterVec   // outcome
+	retries     *prometheus.CounterVec   // leg
+	kvTimeouts  prometheus.Counter
+	kvRejected  *prometheus.CounterVec // reason
+	inflight    *prometheus.GaugeVec   // role, backend
+	healthy     *prometheus.GaugeVec   // role, backend
+	ejections   *prometheus.CounterVec // role, backend
+	kvReadyWhen *prometheus.CounterVec // source: callback or engine
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	const ns = "pegaflow_router"
+	m := &metrics{
+		phase: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Name: "phase_seconds",
+			Help: "P/D latency breakdown: routing, prefill, kv_ready_wait, decode_first_byte, ttft (client-observed), itl, tpot, e2e.",
+			Buckets: prometheus.ExponentialBuckets(100e-6, 2, 20)}, []string{"phase"}),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "requests_total",
+			Help: "Requests by outcome: ok, failed, client_cancelled, rejected (bad input or auth)."}, []string{"outcome"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "retries_total",
+			Help: "Retried legs: prefill, decode."}, []string{"leg"}),
+		kvTimeouts: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "kv_ready_timeouts_total",
+			Help: "KV-ready waits that expired or reported failure."}),
+		kvRejected: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "kv_ready_rejected_total",
+			Help: "Rejected /kv_ready reports: bad_request, unknown_transfer, bad_token."}, []string{"reason"}),
+		inflight: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "backend_inflight",
+			Help: "Requests in flight per backend."}, []string{"role", "backend"}),
+		healthy: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "backend_healthy",
+			Help: "1 when the backend is selectable (active and passive health)."}, []string{"role", "backend"}),
+		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "backend_ejections_total",
+			Help: "Passive-health ejections per backend."}, []string{"role", "backend"}),
+		kvReadyWhen: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "kv_ready_total",
+			Help: "Transfers found ready, by source: callback (/kv_ready) or engine (in-process)."}, []string{"source"}),
+	}
+	if reg == nil {
+		return m, nil
+	}
+	for _, c := range []prometheus.Collector{m.phase, m.requests, m.retries, m.kvTimeouts, m.kvRejected, m.inflight, m.healthy, m.ejections, m.kvReadyWhen} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
