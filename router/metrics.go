@@ -21,7 +21,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	const ns = "pegaflow_router"
 	m := &metrics{
 		phase: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Name: "phase_seconds",
-			Help: "P/D latency breakdown: routing, prefill, kv_ready_wait, decode_first_byte, ttft (client-observed), itl, tpot, e2e.",
+			Help:    "P/D latency breakdown: routing, prefill, kv_ready_wait, decode_first_byte, ttft (client-observed), itl, tpot, e2e.",
 			Buckets: prometheus.ExponentialBuckets(100e-6, 2, 20)}, []string{"phase"}),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "requests_total",
 			Help: "Requests by outcome: ok, failed, client_cancelled, rejected (bad input or auth)."}, []string{"outcome"}),

@@ -430,7 +430,7 @@ func TestSyncHandoffPassesParamsThrough(t *testing.T) {
 	dkv := d.requests()[0]["kv_transfer_params"].(map[string]any)
 	require.Equal(t, map[string]any{"do_remote_prefill": true, "do_remote_decode": false,
 		"pegaflow_transfer_id": p.requests()[0]["kv_transfer_params"].(map[string]any)["pegaflow_transfer_id"],
-		"pegaflow_num_blocks": 3.0}, dkv)
+		"pegaflow_num_blocks":  3.0}, dkv)
 }
 
 func TestModelsAndActiveHealth(t *testing.T) {
