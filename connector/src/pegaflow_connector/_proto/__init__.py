@@ -1,0 +1,1 @@
+"""Generated engine API stubs (`make proto-python`); do not edit by hand."""

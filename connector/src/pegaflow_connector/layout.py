@@ -1,0 +1,336 @@
+"""KV cache layout detection and memory registration.
+
+A layer's KV cache arrives as a tensor (torch on vLLM, numpy in the tests).
+From its shape and strides we derive, per cache block, the byte runs
+(`Segment`s: offset, stride, length) that hold that block, whatever the
+backend's axis order:
+
+- FlashAttention `(2, num_blocks, block_size, heads, head)`: the K/V axis is
+  outside the block axis, so a block is two runs (K and V).
+- FlashInfer `(num_blocks, 2, block_size, heads, head)`: one run per block.
+- MLA `(num_blocks, block_size, head)`: one run, identical on every TP rank.
+- HND variants permute the inner axes; only strides decide where bytes are.
+
+Rule: axes with a stride larger than the block axis' stride are "outer"
+(each index combination is a separate run), the others are "inner" and must
+be dense (one contiguous run per block). Anything else is refused with a
+message rather than guessed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import itertools
+import math
+import mmap
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+MAX_SEGMENTS = 16  # engine limit per layer
+
+
+class LayoutError(ValueError):
+    """The KV cache cannot be described to the engine."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # bytes
+    itemsize: int
+    ptr: int
+    dtype: str
+    device: str  # "cpu" or "cuda:<n>"
+    obj: Any = dataclasses.field(repr=False, compare=False, default=None)
+
+    @property
+    def span(self) -> int:
+        """Bytes from ptr to the end of the last element."""
+        if any(s == 0 for s in self.shape):
+            return 0
+        return sum((n - 1) * st for n, st in zip(self.shape, self.strides)) + self.itemsize
+
+
+def tensor_info(t: Any) -> TensorInfo:
+    """Describes a numpy array or a torch tensor without copying it."""
+    mod = type(t).__module__
+    if mod.startswith("torch"):
+        isz = t.element_size()
+        dev = str(t.device)
+        return TensorInfo(tuple(t.shape), tuple(s * isz for s in t.stride()), isz, t.data_ptr(),
+                          str(t.dtype).removeprefix("torch."), "cpu" if dev == "cpu" else dev, t)
+    import numpy as np
+
+    if isinstance(t, np.ndarray):
+        return TensorInfo(tuple(t.shape), tuple(t.strides), t.itemsize, t.ctypes.data,
+                          str(t.dtype), "cpu", t)
+    raise LayoutError(f"unsupported KV cache object {type(t).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Seg:
+    offset: int  # bytes from the layer's base pointer to block 0's run
+    stride: int  # bytes between consecutive blocks
+    length: int  # bytes of the run
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+    name: str
+    kind: str  # "flash_attn", "flashinfer", "mla"
+    hnd: bool
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    dtype: str
+    segments: tuple[Seg, ...]
+
+    @property
+    def label(self) -> str:
+        return self.kind + ("_hnd" if self.hnd else "")
+
+    @property
+    def block_bytes(self) -> int:
+        return sum(s.length for s in self.segments)
+
+
+def _segments(info: TensorInfo, block_axis: int, name: str) -> tuple[Seg, ...]:
+    if any(st < 0 for st in info.strides):
+        raise LayoutError(f"layer {name}: negative strides are not supported")
+    bstride = info.strides[block_axis]
+    others = [a for a in range(len(info.shape)) if a != block_axis and info.shape[a] > 1]
+    outer = [a for a in others if info.strides[a] > bstride]
+    inner = sorted((a for a in others if info.strides[a] <= bstride), key=lambda a: info.strides[a])
+    expect = info.itemsize
+    for a in inner:
+        if info.strides[a] != expect:
+            raise LayoutError(
+                f"layer {name}: a block's bytes are not contiguous (shape {info.shape}, "
+                f"strides {info.strides}); this layout is not supported")
+        expect *= info.shape[a]
+    length = expect
+    if info.shape[block_axis] > 1 and bstride < length:
+        raise LayoutError(f"layer {name}: blocks overlap (stride {bstride} < {length} bytes)")
+    count = math.prod(info.shape[a] for a in outer)
+    if count > MAX_SEGMENTS:
+        raise LayoutError(f"layer {name}: {count} runs per block, engine accepts {MAX_SEGMENTS}")
+    segs = []
+    for idx in itertools.product(*(range(info.shape[a]) for a in outer)):
+        off = sum(i * info.strides[a] for i, a in zip(idx, outer))
+        segs.append(Seg(off, bstride, length))
+    return tuple(segs)
+
+
+def detect_layer(name: str, info: TensorInfo, num_blocks: int | None = None,
+                 block_size: int | None = None) -> LayerLayout:
+    """Detects one layer's layout; raises LayoutError when it cannot."""
+    shape = info.shape
+    if len(shape) == 3:
+        kind, block_axis = "mla", 0
+        bs_axis, heads_axis, head_axis = 1, None, 2
+    elif len(shape) == 5:
+        fa = shape[0] == 2 and (num_blocks is None or shape[1] == num_blocks)
+        fi = shape[1] == 2 and (num_blocks is None or shape[0] == num_blocks)
+        if fa:
+            kind, block_axis = "flash_attn", 1
+        elif fi:
+            kind, block_axis = "flashinfer", 0
+        else:
+            raise LayoutError(f"layer {name}: shape {shape} is neither (2, num_blocks, ...) nor "
+                              f"(num_blocks, 2, ...) with num_blocks={num_blocks}")
+        bs_axis, heads_axis, head_axis = 2, 3, 4
+        # Some backends (vLLM's CPU attention) order the logical axes
+        # (heads, block_size); trust the configured block size to tell.
+        if block_size is not None and shape[2] != block_size and shape[3] == block_size:
+            bs_axis, heads_axis = 3, 2
+    else:
+        raise LayoutError(f"layer {name}: {len(shape)}-d KV cache {shape} is not supported "
+                          "(expected 5-d attention or 3-d MLA)")
+    nb = shape[block_axis]
+    if num_blocks is not None and nb != num_blocks:
+        raise LayoutError(f"layer {name}: {nb} blocks in the tensor, vLLM reports {num_blocks} "
+                          "(kernel block size differs from the block size?)")
+    if block_size is not None and shape[bs_axis] != block_size:
+        raise LayoutError(f"layer {name}: block axis holds {shape[bs_axis]} tokens, "
+                          f"vLLM block size is {block_size}")
+    hnd = heads_axis is not None and info.strides[heads_axis] > info.strides[bs_axis] \
+        and shape[heads_axis] > 1
+    return LayerLayout(
+        name=name, kind=kind, hnd=hnd, num_blocks=nb, block_size=shape[bs_axis],
+        num_kv_heads=1 if heads_axis is None else shape[heads_axis], head_size=shape[head_axis],
+        dtype=info.dtype, segments=_segments(info, block_axis, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLayout:
+    """All layers of one rank; they must agree on kind and geometry."""
+
+    layers: tuple[LayerLayout, ...]
+
+    @property
+    def label(self) -> str:
+        return self.layers[0].label
+
+    @property
+    def is_mla(self) -> bool:
+        return self.layers[0].kind == "mla"
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layers[0].num_blocks
+
+    @property
+    def block_bytes(self) -> int:
+        return sum(layer.block_bytes for layer in self.layers)
+
+
+def detect(infos: Sequence[tuple[str, TensorInfo]], num_blocks: int | None = None,
+           block_size: int | None = None) -> ModelLayout:
+    if not infos:
+        raise LayoutError("no KV cache layers given")
+    layers = tuple(detect_layer(n, i, num_blocks, block_size) for n, i in infos)
+    first = layers[0]
+    for layer in layers[1:]:
+        same = (layer.label, layer.num_blocks, layer.block_size, layer.dtype) == \
+            (first.label, first.num_blocks, first.block_size, first.dtype)
+        if not same:
+            raise LayoutError(
+                f"layers {first.name} and {layer.name} differ ({first.label}/{first.num_blocks}/"
+                f"{first.block_size}/{first.dtype} vs {layer.label}/{layer.num_blocks}/"
+                f"{layer.block_size}/{layer.dtype}); hybrid models are not supported")
+    return ModelLayout(layers)
+
+
+# ---------------------------------------------------------------- memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    path: str
+    file_offset: int  # offset in the file of the queried address
+
+
+def find_file_mapping(ptr: int, span: int, maps_text: str | None = None) -> Mapping | None:
+    """The shared file mapping holding [ptr, ptr+span), from /proc/self/maps.
+
+    Only MAP_SHARED mappings of files that still exist qualify: the engine
+    opens the same path and must see the worker's writes.
+    """
+    if maps_text is None:
+        with open("/proc/self/maps") as f:
+            maps_text = f.read()
+    rows = []
+    for line in maps_text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 6:
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        rows.append((lo, hi, parts[1], int(parts[2], 16), parts[5]))
+    for i, (lo, hi, perms, off, path) in enumerate(rows):
+        if not lo <= ptr < hi:
+            continue
+        if len(perms) < 4 or perms[3] != "s" or not path.startswith("/") or path.endswith(" (deleted)"):
+            return None
+        end, file_end = hi, off + (hi - lo)
+        j = i + 1
+        # The kernel may split one mapping into adjacent rows.
+        while end < ptr + span and j < len(rows) and rows[j][0] == end and rows[j][4] == path \
+                and rows[j][3] == file_end and rows[j][2][3:4] == "s":
+            end, file_end = rows[j][1], rows[j][3] + (rows[j][1] - rows[j][0])
+            j += 1
+        if ptr + span > end or not os.path.isfile(path):
+            return None
+        return Mapping(path, off + (ptr - lo))
+    return None
+
+
+class StagingBuffer:
+    """A shared-memory bounce buffer for CPU caches the engine cannot open.
+
+    A real vLLM CPU worker allocates its KV caches with torch, not in a
+    file the engine can map. The connector then registers this buffer
+    instead: `slots` block-sized slots, each holding one block of every
+    layer packed back to back. Saves copy blocks into slots before the Save
+    RPC, loads copy them out after the Load RPC (one memcpy per run).
+    """
+
+    def __init__(self, layout: ModelLayout, slots: int, directory: str, tag: str):
+        self.layout = layout
+        self.slots = slots
+        self.slot_bytes = layout.block_bytes
+        # slot_off[layer][seg]: where that run sits inside a slot.
+        self.slot_off: list[list[int]] = []
+        off = 0
+        for layer in layout.layers:
+            row = []
+            for seg in layer.segments:
+                row.append(off)
+                off += seg.length
+            self.slot_off.append(row)
+        self.size = max(self.slot_bytes * slots, 1)
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, f"pegaflow-staging-{tag}-{uuid.uuid4().hex[:12]}")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, self.size)
+            self._mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self._buf = (ctypes.c_char * self.size).from_buffer(self._mm)
+        self.addr = ctypes.addressof(self._buf)
+
+    def copy_in(self, bases: Sequence[int], block_id: int, slot: int) -> None:
+        """Cache block `block_id` -> staging slot."""
+        dst = self.addr + slot * self.slot_bytes
+        for base, layer, offs in zip(bases, self.layout.layers, self.slot_off):
+            for seg, o in zip(layer.segments, offs):
+                ctypes.memmove(dst + o, base + seg.offset + block_id * seg.stride, seg.length)
+
+    def copy_out(self, bases: Sequence[int], slot: int, block_id: int) -> None:
+        """Staging slot -> cache block `block_id`."""
+        src = self.addr + slot * self.slot_bytes
+        for base, layer, offs in zip(bases, self.layout.layers, self.slot_off):
+            for seg, o in zip(layer.segments, offs):
+                ctypes.memmove(base + seg.offset + block_id * seg.stride, src + o, seg.length)
+
+    def close(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        try:
+            del self._buf
+            self._mm.close()
+        except (BufferError, ValueError):
+            pass  # a copy still references the buffer; the OS frees it at exit
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaAllocation:
+    handle: bytes
+    size: int
+    offset: int  # of the tensor's first byte inside the allocation
+    device_uuid: str
+
+
+def cuda_allocation(t: Any) -> CudaAllocation:
+    """IPC handle of the CUDA allocation behind a torch tensor.
+
+    The handle names the caching allocator's whole block; the engine opens
+    it with cudaIpcOpenMemHandle and addresses our bytes by offset.
+    """
+    import torch  # only on GPU workers
+
+    storage = t.untyped_storage()
+    shared = storage._share_cuda_()
+    device, handle, storage_bytes, storage_offset = shared[0], shared[1], shared[2], shared[3]
+    offset = storage_offset + (t.data_ptr() - storage.data_ptr())
+    props = torch.cuda.get_device_properties(device)
+    dev_uuid = str(getattr(props, "uuid", ""))
+    if dev_uuid and not dev_uuid.startswith("GPU-"):
+        dev_uuid = "GPU-" + dev_uuid
+    return CudaAllocation(bytes(handle), storage_offset + storage_bytes, offset, dev_uuid)

@@ -1,0 +1,61 @@
+"""Scheduler -> worker messages (pickled by vLLM once per step)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .compat import KVConnectorHandshakeMetadata, KVConnectorMetadata
+
+
+@dataclasses.dataclass
+class LoadSpec:
+    """Copy `hashes[i]` from the engine into cache block `block_ids[i]`."""
+
+    req_id: str
+    block_ids: list[int]
+    hashes: list[bytes]
+    lease_id: str = ""
+    transfer_id: str = ""
+
+
+@dataclasses.dataclass
+class SaveSpec:
+    """Store cache block `block_ids[i]` under `hashes[i]`.
+
+    Only blocks whose tokens are all computed by the end of this step's
+    forward pass are listed. With a transfer id the blocks are tagged for
+    P/D; `transfer_last` marks this request's last save of the transfer.
+    """
+
+    req_id: str
+    block_ids: list[int]
+    hashes: list[bytes]
+    transfer_id: str = ""
+    transfer_last: bool = False
+    ready_url: str = ""
+    ready_token: str = ""
+
+
+@dataclasses.dataclass
+class PegaConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = dataclasses.field(default_factory=list)
+    saves: list[SaveSpec] = dataclasses.field(default_factory=list)
+    # Requests whose blocks vLLM frees only after every worker reported
+    # them in get_finished's first set (request_finished returned True).
+    delayed_free: set[str] = dataclasses.field(default_factory=set)
+    # Requests preempted this step: their blocks may be reused by this
+    # very forward pass, so their in-flight saves must finish first.
+    preempted: set[str] = dataclasses.field(default_factory=set)
+
+    def empty(self) -> bool:
+        return not (self.loads or self.saves or self.delayed_free or self.preempted)
+
+
+@dataclasses.dataclass
+class PegaHandshake(KVConnectorHandshakeMetadata):
+    """Worker -> scheduler, once after registration: the namespace the
+    worker's KV memory lives in, so the scheduler queries the same one."""
+
+    namespace: bytes  # serialized pegaflow.v1.Namespace
+    namespace_id: str
+    rank: int

@@ -1,0 +1,542 @@
+"""Scheduler-side core: what to load, what to save, when blocks may be freed.
+
+vLLM-agnostic: it reads only plain attributes of vLLM's Request and
+SchedulerOutput objects (listed in the README) and never imports vLLM.
+Every method is called on vLLM's scheduler thread and must be cheap and
+never raise; engine trouble degrades to "no hit" / "nothing saved".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from ._proto import engine_pb2 as pb
+from .client import EngineClient, EngineError, EngineUnavailable
+from .config import ConnectorConfig
+from .metadata import LoadSpec, PegaConnectorMetadata, SaveSpec
+from .metrics import Metrics
+
+log = logging.getLogger("pegaflow_connector")
+
+# kv_transfer_params keys (docs/design.md).
+K_DO_REMOTE_DECODE = "do_remote_decode"
+K_DO_REMOTE_PREFILL = "do_remote_prefill"
+K_TRANSFER_ID = "pegaflow_transfer_id"
+K_READY_URL = "pegaflow_ready_url"
+K_READY_TOKEN = "pegaflow_ready_token"
+K_NUM_BLOCKS = "pegaflow_num_blocks"
+K_NAMESPACE = "pegaflow_namespace_id"
+
+
+def hash_bytes(h: Any) -> bytes:
+    """vLLM's BlockHash is bytes; older releases used ints or named tuples."""
+    if isinstance(h, bytes):
+        return h
+    if isinstance(h, (bytearray, memoryview)):
+        return bytes(h)
+    v = getattr(h, "hash_value", h)
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, int):
+        return (v & ((1 << 256) - 1)).to_bytes(32, "big")
+    raise TypeError(f"unsupported block hash {type(h).__name__}")
+
+
+def _hashes(request: Any) -> list[Any]:
+    hs = getattr(request, "block_hashes", None)
+    return hs if hs is not None else []
+
+
+def first_group(block_ids: Any) -> list[int]:
+    """vLLM passes block ids per KV cache group: ([...],) or [[...]]; older
+    releases passed a flat list. We handle the single-group case."""
+    if block_ids is None:
+        return []
+    if hasattr(block_ids, "get_block_ids"):
+        block_ids = block_ids.get_block_ids()
+    if isinstance(block_ids, (tuple, list)) and block_ids and isinstance(block_ids[0], (list, tuple)):
+        return list(block_ids[0])
+    return list(block_ids)
+
+
+def namespace_file(instance_id: str) -> str:
+    """Rendezvous file where rank 0 publishes its namespace for the
+    scheduler (fallback for vLLM releases without the handshake hook)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in instance_id)
+    return os.path.join(tempfile.gettempdir(), f"pegaflow-ns-{os.getuid()}", safe + ".pb")
+
+
+@dataclasses.dataclass
+class _Req:
+    req_id: str
+    request: Any
+    # P side (do_remote_decode): saves are tagged with this transfer.
+    transfer_id: str = ""
+    ready_url: str = ""
+    ready_token: str = ""
+    prompt_blocks: int = 0
+    transfer_last_sent: bool = False
+    # D side (do_remote_prefill): the prefill's transfer to wait for.
+    remote_transfer: str = ""
+    remote_blocks: int | None = None
+    remote_namespace: str = ""
+    transfer_waited: bool = False
+    transfer_loaded: bool = False
+    # Query memo: the answer for (start block, usable blocks, session).
+    memo_key: tuple[int, int, int] | None = None
+    memo_hit: int = 0  # absolute number of blocks hit from block 0
+    memo_lease: str = ""
+    memo_time: float = 0.0
+    pending: Future | None = None
+    pending_key: tuple[int, int, int] | None = None
+    last_num_computed: int = 0
+    # Load handed to workers (at most one per request).
+    load: LoadSpec | None = None
+    loading: bool = False
+    # Saves.
+    block_ids: list[int] = dataclasses.field(default_factory=list)
+    next_save: int = 0
+    seen: bool = False
+    saved_any: bool = False
+
+
+class SchedulerCore:
+    """State machine behind the scheduler-side connector methods."""
+
+    def __init__(self, cfg: ConnectorConfig, client: EngineClient, *, block_size: int,
+                 instance_id: str, load_enabled: bool, save_enabled: bool,
+                 metrics: Metrics | None = None):
+        self.cfg = cfg
+        self.client = client
+        self.bs = block_size
+        self.instance_id = instance_id
+        self.load_enabled = load_enabled
+        self.save_enabled = save_enabled
+        self.metrics = metrics or client.metrics
+        self._reqs: dict[str, _Req] = {}
+        self._to_load: list[_Req] = []
+        self._delayed: set[str] = set()
+        self._lock = threading.Lock()  # namespace state (set from other threads)
+        self._ns: pb.Namespace | None = None
+        self._ns_id: str | None = None
+        self._ns_gen = -1
+        self._ns_file_checked = 0.0
+        self._ns_rejected = False
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pegaflow-sched")
+        self._has_preempted_field: bool | None = None
+        client.add_on_connect(self._on_connect)
+
+    # ------------------------------------------------------------ namespace
+
+    def set_namespace(self, ns: pb.Namespace) -> None:
+        """The namespace the workers registered in (from the handshake)."""
+        with self._lock:
+            if self._ns is not None and self._ns.SerializeToString(deterministic=True) == \
+                    ns.SerializeToString(deterministic=True):
+                return
+            self._ns, self._ns_id, self._ns_gen = ns, None, -1
+        if self.client.connected:
+            self._pool.submit(self._open_namespace)
+
+    def _on_connect(self, _client: EngineClient) -> None:
+        self._open_namespace()
+
+    def _open_namespace(self) -> None:
+        with self._lock:
+            ns = self._ns
+        if ns is None:
+            return
+        gen = self.client.generation
+        try:
+            ns_id = self.client.open_namespace(ns, self.cfg.rpc_timeout_ms / 1000)
+        except EngineUnavailable:
+            return
+        except EngineError as e:
+            self._report_namespace_error(e)
+            return
+        with self._lock:
+            if self._ns is ns:
+                self._ns_id, self._ns_gen, self._ns_rejected = ns_id, gen, False
+        log.info("pegaflow: scheduler uses namespace %s", ns_id)
+
+    def _report_namespace_error(self, e: EngineError) -> None:
+        import grpc
+
+        if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+            self.metrics.inc("namespace_rejected")
+            self._ns_rejected = True
+            log.error("pegaflow: ENGINE REJECTED THIS INSTANCE'S NAMESPACE: %s. Block hashes "
+                      "of this instance cannot match the others sharing the namespace (check "
+                      "PYTHONHASHSEED, the hash algorithm and the block size on every P and D). "
+                      "Cache lookups are disabled until this is fixed.", e.details)
+        else:
+            log.error("pegaflow: open namespace failed: %s", e)
+
+    def namespace_id(self) -> str | None:
+        """The namespace to query, or None while unknown (queries skipped)."""
+        ns_id, gen = self._ns_id, self._ns_gen
+        if ns_id is not None and gen == self.client.generation:
+            return ns_id
+        if self._ns is None:
+            self._poll_namespace_file()
+        return None
+
+    def _poll_namespace_file(self) -> None:
+        now = time.monotonic()
+        if now - self._ns_file_checked < 1.0:
+            return
+        self._ns_file_checked = now
+        try:
+            with open(namespace_file(self.instance_id), "rb") as f:
+                data = f.read()
+        except OSError:
+            return
+        ns = pb.Namespace()
+        try:
+            ns.ParseFromString(data)
+        except Exception:  # noqa: BLE001 - a torn write; try again later
+            return
+        self.set_namespace(ns)
+
+    # ------------------------------------------------------------ requests
+
+    def _state(self, request: Any) -> _Req:
+        rid = request.request_id
+        st = self._reqs.get(rid)
+        if st is None:
+            st = _Req(rid, request)
+            params = getattr(request, "kv_transfer_params", None) or {}
+            tid = str(params.get(K_TRANSFER_ID) or "")
+            if tid and params.get(K_DO_REMOTE_PREFILL):
+                # Decode leg. The router may also echo do_remote_decode from
+                # the prefill leg; do_remote_prefill decides.
+                st.remote_transfer = tid
+                n = params.get(K_NUM_BLOCKS)
+                st.remote_blocks = int(n) if isinstance(n, (int, str)) and str(n).isdigit() else None
+                st.remote_namespace = str(params.get(K_NAMESPACE) or "")
+            elif tid and params.get(K_DO_REMOTE_DECODE) and self.save_enabled:
+                st.transfer_id = tid
+                st.ready_url = str(params.get(K_READY_URL) or "")
+                st.ready_token = str(params.get(K_READY_TOKEN) or "")
+            n_prompt = getattr(request, "num_prompt_tokens", None)
+            if n_prompt is None:
+                n_prompt = len(getattr(request, "prompt_token_ids", None) or [])
+            st.prompt_blocks = n_prompt // self.bs
+            self._reqs[rid] = st
+        else:
+            st.request = request
+        return st
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        st = self._state(request)
+        st.last_num_computed = num_computed_tokens
+        if not self.load_enabled:
+            return 0, False
+        hashes = _hashes(request)
+        # vLLM recomputes the last token itself: never claim it.
+        usable = min(len(hashes), max(request.num_tokens - 1, 0) // self.bs)
+        start = num_computed_tokens // self.bs
+        if usable <= start:
+            return 0, False
+        ns_id = self.namespace_id()
+        if ns_id is None or not self.client.connected:
+            self.metrics.inc("queries_skipped")
+            return 0, False
+        key = (start, usable, self.client.generation)
+
+        if st.pending is not None:
+            if not st.pending.done():
+                return None, False
+            fut, st.pending = st.pending, None
+            if st.pending_key == key:
+                self._take_result(st, key, fut)
+            else:
+                self._release_result(fut)
+        if st.memo_key != key or time.monotonic() - st.memo_time > self.cfg.lease_ttl_ms / 2000:
+            self._drop_lease(st)
+            if st.remote_transfer and not st.transfer_waited and self.cfg.query_wait_ms > 0:
+                fut = self._pool.submit(self._query, ns_id, hashes, start, usable,
+                                        st.remote_transfer, self.cfg.query_wait_ms)
+                if self.cfg.async_query:
+                    st.pending, st.pending_key = fut, key
+                    return None, False
+                self._take_result(st, key, fut)
+            else:
+                self._take_result(st, key, None, self._query(ns_id, hashes, start, usable, "", 0))
+        tokens = st.memo_hit * self.bs - num_computed_tokens
+        if tokens <= 0:
+            self._drop_lease(st)
+            return 0, False
+        return tokens, True
+
+    def _query(self, ns_id: str, hashes: list[Any], start: int, usable: int, transfer_id: str,
+               wait_ms: int) -> tuple[int, str, int] | None:
+        """One Query RPC; (hit blocks, lease, inflight) or None on failure."""
+        hs = [hash_bytes(h) for h in hashes[start:usable]]
+        req = pb.QueryRequest(namespace_id=ns_id, wait_ms=wait_ms, lease=True,
+                              lease_ttl_ms=self.cfg.lease_ttl_ms, transfer_id=transfer_id)
+        _fill_hashes(req, hs)
+        timeout = (wait_ms + self.cfg.query_timeout_ms) / 1000
+        t0 = time.perf_counter()
+        try:
+            resp = self.client.query(req, timeout)
+        except EngineUnavailable:
+            self.metrics.inc("queries_failed")
+            return None
+        except EngineError as e:
+            self.metrics.inc("queries_failed")
+            self.client.warn_limited("pegaflow: query failed: %s", e)
+            return None
+        finally:
+            self.metrics.inc("query_seconds", time.perf_counter() - t0)
+        self.metrics.inc("queries")
+        self.metrics.inc("query_blocks", len(hs))
+        self.metrics.inc("query_hit_blocks", resp.num_hit)
+        return resp.num_hit, resp.lease_id, resp.num_inflight
+
+    def _take_result(self, st: _Req, key: tuple[int, int, int], fut: Future | None,
+                     result: tuple[int, str, int] | None = None) -> None:
+        if fut is not None:
+            try:
+                result = fut.result()
+            except Exception as e:  # noqa: BLE001
+                log.warning("pegaflow: query failed: %s", e)
+                result = None
+        start, usable, _ = key
+        if result is None:
+            hit, lease = 0, ""
+        else:
+            hit, lease = result[0], result[1]
+        if st.remote_transfer and not st.transfer_waited:
+            st.transfer_waited = True
+            self._check_transfer(st, hit, usable - start)
+        st.memo_key, st.memo_hit, st.memo_lease = key, start + hit, lease
+        st.memo_time = time.monotonic()
+
+    def _check_transfer(self, st: _Req, hit: int, asked: int) -> None:
+        """Loud diagnostics for the ways a P/D pair silently misses."""
+        ns_id = self._ns_id or ""
+        if st.remote_namespace and ns_id and st.remote_namespace != ns_id:
+            self.metrics.inc("pd_namespace_mismatch")
+            log.error("pegaflow: transfer %s: prefill stored its KV in namespace %s, this decode "
+                      "instance uses %s (model name, dtype, block size, TP size or layout "
+                      "differ); every P/D request will recompute", st.remote_transfer,
+                      st.remote_namespace, ns_id)
+        elif st.remote_blocks is not None and st.remote_blocks != st.prompt_blocks:
+            self.metrics.inc("pd_block_count_mismatch")
+            log.error("pegaflow: transfer %s: prefill saved %d full blocks, this prompt has %d "
+                      "(different block size or tokenization on P and D)",
+                      st.remote_transfer, st.remote_blocks, st.prompt_blocks)
+        elif st.remote_blocks and hit == 0 and asked > 0:
+            self.metrics.inc("pd_transfer_miss")
+            log.warning("pegaflow: transfer %s: prefill reported %d blocks, none found (transfer "
+                        "failed or timed out, or P and D disagree on PYTHONHASHSEED / hash "
+                        "algorithm); recomputing", st.remote_transfer, st.remote_blocks)
+        elif hit:
+            self.metrics.inc("pd_transfer_hits")
+
+    def _drop_lease(self, st: _Req) -> None:
+        if st.memo_lease:
+            self._release(lease_id=st.memo_lease)
+            st.memo_lease = ""
+        st.memo_key = None
+
+    def _release(self, lease_id: str = "", transfer_id: str = "") -> None:
+        if not self.client.connected:
+            return
+
+        def run() -> None:
+            try:
+                self.client.release(lease_id=lease_id, transfer_id=transfer_id)
+            except EngineError:
+                pass  # expired or engine gone: nothing is pinned any more
+
+        self._pool.submit(run)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        st = self._state(request)
+        if num_external_tokens <= 0:
+            # Called again after an async load with 0: keep the load.
+            if st.load is None and not st.loading:
+                self._drop_lease(st)
+            return
+        ids = first_group(blocks)
+        start = st.last_num_computed // self.bs
+        end = (st.last_num_computed + num_external_tokens) // self.bs
+        hashes = _hashes(request)
+        if end > len(ids) or end > len(hashes) or end <= start:
+            log.error("pegaflow: request %s: cannot map %d external tokens onto %d blocks",
+                      st.req_id, num_external_tokens, len(ids))
+            return
+        st.load = LoadSpec(st.req_id, ids[start:end], [hash_bytes(h) for h in hashes[start:end]],
+                           lease_id=st.memo_lease, transfer_id=st.remote_transfer)
+        st.memo_lease = ""  # the load's, released by the engine once every rank loaded
+        st.memo_key = None
+        st.transfer_loaded = bool(st.remote_transfer)
+        self._to_load.append(st)
+
+    # ------------------------------------------------------------ per step
+
+    def build_connector_meta(self, so: Any) -> PegaConnectorMetadata:
+        meta = PegaConnectorMetadata()
+        for st in self._to_load:
+            if st.load is not None:
+                meta.loads.append(st.load)
+                st.load, st.loading = None, True
+        self._to_load = []
+        scheduled: set[str] = set()
+        for new in getattr(so, "scheduled_new_reqs", None) or ():
+            st = self._reqs.get(new.req_id)
+            if st is None:
+                continue
+            scheduled.add(new.req_id)
+            st.block_ids = first_group(new.block_ids)
+            if not st.seen:
+                st.seen = True
+                # P/D saves start at block 0 so that every prompt block,
+                # local prefix hits included, is tagged and pinned.
+                st.next_save = 0 if st.transfer_id else new.num_computed_tokens // self.bs
+            self._plan_saves(meta, st, new.num_computed_tokens, so)
+        cached = getattr(so, "scheduled_cached_reqs", None)
+        if cached is not None:
+            resumed = _resumed_set(cached)
+            for i, rid in enumerate(cached.req_ids):
+                st = self._reqs.get(rid)
+                if st is None:
+                    continue
+                scheduled.add(rid)
+                new_ids = cached.new_block_ids[i] if i < len(cached.new_block_ids) else None
+                if rid in resumed:
+                    st.block_ids = first_group(new_ids)
+                elif new_ids is not None:
+                    st.block_ids.extend(first_group(new_ids))
+                self._plan_saves(meta, st, cached.num_computed_tokens[i], so)
+        preempted = getattr(so, "preempted_req_ids", None)
+        if preempted is None:
+            # Older vLLM does not list preemptions: treat every tracked
+            # request missing from this step as possibly preempted (its
+            # saves are waited for; harmless if it was merely not scheduled).
+            finished = set(getattr(so, "finished_req_ids", None) or ())
+            preempted = {rid for rid, st in self._reqs.items()
+                         if st.saved_any and rid not in scheduled and rid not in finished}
+        for rid in preempted:
+            st = self._reqs.get(rid)
+            if st is not None:
+                st.block_ids = []
+                if st.saved_any:
+                    meta.preempted.add(rid)
+        meta.delayed_free, self._delayed = self._delayed, set()
+        return meta
+
+    def _plan_saves(self, meta: PegaConnectorMetadata, st: _Req, num_computed: int, so: Any) -> None:
+        if not self.save_enabled:
+            return
+        req = st.request
+        n_sched = so.num_scheduled_tokens.get(st.req_id, 0)
+        total = min(num_computed + n_sched, req.num_tokens)
+        hashes = _hashes(req)
+        limit = min(total // self.bs, len(hashes), len(st.block_ids))
+        publishable = getattr(req, "num_publishable_block_hashes", None)
+        if isinstance(publishable, int):
+            limit = min(limit, publishable)
+        if not self.cfg.save_decode_blocks:
+            limit = min(limit, st.prompt_blocks)
+        lo = st.next_save
+        if st.transfer_id and not st.transfer_last_sent:
+            f = st.prompt_blocks
+            tag_hi = min(limit, f)
+            last = limit >= f
+            if tag_hi > lo or last:
+                meta.saves.append(SaveSpec(
+                    st.req_id, st.block_ids[lo:tag_hi] if tag_hi > lo else [],
+                    [hash_bytes(h) for h in hashes[lo:tag_hi]] if tag_hi > lo else [],
+                    transfer_id=st.transfer_id, transfer_last=last,
+                    ready_url=st.ready_url, ready_token=st.ready_token))
+                st.saved_any = True
+                st.transfer_last_sent = last
+            lo = max(lo, tag_hi)
+        if limit > lo:
+            meta.saves.append(SaveSpec(st.req_id, st.block_ids[lo:limit],
+                                       [hash_bytes(h) for h in hashes[lo:limit]]))
+            st.saved_any = True
+        st.next_save = max(st.next_save, limit)
+
+    def update_connector_output(self, output: Any) -> None:
+        for rid in getattr(output, "finished_recving", None) or ():
+            st = self._reqs.get(rid)
+            if st is not None:
+                st.loading = False
+
+    def request_finished(self, request: Any, block_ids: Any = None) -> tuple[bool, dict[str, Any] | None]:
+        st = self._reqs.pop(request.request_id, None)
+        if st is None:
+            return False, None
+        if st in self._to_load:
+            self._to_load.remove(st)
+            if st.load is not None and st.load.lease_id:
+                self._release(lease_id=st.load.lease_id)
+            st.load = None
+        if st.pending is not None:
+            st.pending.add_done_callback(lambda f: self._release_result(f))
+        self._drop_lease(st)
+        params: dict[str, Any] | None = None
+        if st.transfer_id:
+            if st.transfer_last_sent:
+                params = {K_DO_REMOTE_PREFILL: True, K_DO_REMOTE_DECODE: False,
+                          K_TRANSFER_ID: st.transfer_id, K_NUM_BLOCKS: st.prompt_blocks}
+                if self._ns_id:
+                    params[K_NAMESPACE] = self._ns_id
+            else:
+                # The prefill ended before its prompt was saved (abort, error):
+                # fail the transfer now so the router stops waiting.
+                self.metrics.inc("transfers_abandoned")
+                self._release(transfer_id=st.transfer_id)
+        if st.remote_transfer and not st.transfer_loaded:
+            self._release(transfer_id=st.remote_transfer)
+        delay = st.saved_any
+        if delay:
+            self._delayed.add(st.req_id)
+        return delay, params
+
+    def _release_result(self, fut: Future) -> None:
+        try:
+            res = fut.result()
+        except Exception:  # noqa: BLE001
+            return
+        if res and res[1]:
+            self._release(lease_id=res[1])
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def num_tracked(self) -> int:
+        return len(self._reqs)
+
+
+def _resumed_set(cached: Any) -> set[str]:
+    r = getattr(cached, "resumed_req_ids", None)
+    if r is not None:
+        return set(r)
+    flags: Iterable[bool] = getattr(cached, "resumed_from_preemption", None) or ()
+    return {rid for rid, f in zip(cached.req_ids, flags) if f}
+
+
+def _fill_hashes(req: pb.QueryRequest, hs: list[bytes]) -> None:
+    """Packed form when the API has it and every hash has one length: one
+    bytes field instead of one per hash (cheaper to encode and decode)."""
+    if hs and _HAS_PACKED and len(hs) > 1 and all(len(h) == len(hs[0]) for h in hs):
+        req.packed_hashes = b"".join(hs)
+        req.hash_len = len(hs[0])
+    else:
+        req.hashes.extend(hs)
+
+
+_HAS_PACKED = "packed_hashes" in pb.QueryRequest.DESCRIPTOR.fields_by_name

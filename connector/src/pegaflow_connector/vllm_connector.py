@@ -1,0 +1,275 @@
+"""PegaKVConnector: the thin vLLM adapter over the scheduler and worker cores.
+
+Load with:
+    --kv-transfer-config '{"kv_connector": "PegaKVConnector", "kv_role": "kv_both",
+                           "kv_connector_module_path": "pegaflow_connector"}'
+
+Every vLLM entry point is guarded: an unexpected error is logged and the
+method answers "nothing to do" instead of raising into vLLM's loop. The one
+exception is request_finished after saves were started: it keeps blocks
+(True) when unsure, since freeing blocks under an in-flight copy would
+store garbage.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ._proto import engine_pb2 as pb
+from .client import EngineClient
+from .compat import KVConnectorBase_V1, role_is_scheduler
+from .config import ConnectorConfig, hash_seed_fingerprint
+from .layout import LayoutError
+from .metadata import PegaConnectorMetadata, PegaHandshake
+from .metrics import Metrics
+from .scheduler import SchedulerCore
+from .worker import WorkerCore
+
+log = logging.getLogger("pegaflow_connector")
+
+T = TypeVar("T")
+
+
+def _guard(default: Callable[..., Any]) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Never let an exception escape into vLLM: log it, answer default(...)."""
+
+    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def inner(self: PegaKVConnector, *args: Any, **kwargs: Any) -> T:
+            try:
+                return fn(self, *args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                self._metrics.inc("internal_errors")
+                log.exception("pegaflow: %s failed: %s", fn.__name__, e)
+                return default(self, *args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+def _extra_config(kv_transfer_config: Any) -> dict[str, Any]:
+    extra = getattr(kv_transfer_config, "kv_connector_extra_config", None)
+    return dict(extra or {})
+
+
+def _tp_rank(cfg: ConnectorConfig) -> int:
+    if cfg.tp_rank is not None:
+        return cfg.tp_rank
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank  # type: ignore
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # noqa: BLE001 - not in a vLLM worker (tests, tools)
+        return 0
+
+
+class PegaKVConnector(KVConnectorBase_V1):
+    """vLLM KV connector backed by a PegaFlow engine on the same host."""
+
+    def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None,
+                 *, client: EngineClient | None = None):
+        try:
+            super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        except TypeError:  # vLLM releases before kv_cache_config
+            super().__init__(vllm_config=vllm_config, role=role)  # type: ignore[call-arg]
+        self._metrics = client.metrics if client is not None else Metrics()
+        self._sched: SchedulerCore | None = None
+        self._worker: WorkerCore | None = None
+        self._client: EngineClient | None = client
+        self._is_scheduler = role_is_scheduler(role)
+        self._disabled = ""
+        self._kv_cache_config = kv_cache_config
+        try:
+            self._setup(vllm_config)
+        except Exception as e:  # noqa: BLE001 - vLLM must start without us
+            self._disabled = str(e)
+            log.error("pegaflow: connector disabled: %s", e)
+
+    # ------------------------------------------------------------ setup
+
+    def _setup(self, vc: Any) -> None:
+        ktc = vc.kv_transfer_config
+        self.cfg = cfg = ConnectorConfig.load(_extra_config(ktc))
+        for k in getattr(cfg, "unknown_keys", []):
+            log.warning("pegaflow: unknown kv_connector_extra_config key %r ignored", k)
+        role_name = str(getattr(ktc, "kv_role", "kv_both") or "kv_both")
+        self._load_enabled = role_name in ("kv_both", "kv_consumer")
+        self._save_enabled = role_name in ("kv_both", "kv_producer")
+        mc, cc, pc = vc.model_config, vc.cache_config, vc.parallel_config
+        self.block_size = int(cc.block_size)
+        if int(getattr(pc, "pipeline_parallel_size", 1) or 1) > 1:
+            raise ValueError("pipeline parallelism is not supported")
+        tp = int(getattr(pc, "tensor_parallel_size", 1) or 1)
+        engine_id = getattr(ktc, "engine_id", None)
+        self.instance_id = cfg.instance_id or (f"vllm-{engine_id}" if engine_id
+                                               else f"vllm-{socket.gethostname()}")
+        hash_algo = str(getattr(cc, "prefix_caching_hash_algo", "sha256") or "sha256")
+        fp = hash_seed_fingerprint(hash_algo)
+        if not fp:
+            log.warning("pegaflow: PYTHONHASHSEED is not set: vLLM seeds block hashes randomly "
+                        "per process, so no other process (P/D peer, restarted instance) can "
+                        "find this instance's blocks. Set the same PYTHONHASHSEED everywhere.")
+        extra = {"kv_cache_dtype": str(getattr(cc, "cache_dtype", "auto"))}
+        extra.update(cfg.namespace_extra)
+        self._ns_template = pb.Namespace(
+            model=cfg.model_name or str(mc.model), model_revision=str(getattr(mc, "revision", "") or ""),
+            block_size=self.block_size, tp_size=tp, hash_algo=hash_algo,
+            hash_seed_fingerprint=fp, extra=extra)
+        role = "scheduler" if self._is_scheduler else f"worker rank {_tp_rank(cfg)}"
+        if self._client is None:
+            self._client = EngineClient(
+                cfg.socket_path, f"vllm-{role} pid={os.getpid()} instance={self.instance_id}",
+                self._metrics, connect_timeout_s=cfg.connect_timeout_ms / 1000,
+                backoff_min_s=cfg.reconnect_min_ms / 1000, backoff_max_s=cfg.reconnect_max_ms / 1000)
+        if self._is_scheduler:
+            self._sched = SchedulerCore(cfg, self._client, block_size=self.block_size,
+                                        instance_id=self.instance_id,
+                                        load_enabled=self._load_enabled,
+                                        save_enabled=self._save_enabled, metrics=self._metrics)
+        else:
+            self._worker = WorkerCore(cfg, self._client, rank=_tp_rank(cfg), tp_size=tp,
+                                      instance_id=self.instance_id, namespace=self._ns_template,
+                                      metrics=self._metrics)
+        self._client.start()
+        log.info("pegaflow: %s connector for %s (%s, instance %s, socket %s)", role, mc.model,
+                 role_name, self.instance_id, cfg.socket_path)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
+    @property
+    def client(self) -> EngineClient | None:
+        return self._client
+
+    @property
+    def worker_core(self) -> WorkerCore | None:
+        return self._worker
+
+    @property
+    def scheduler_core(self) -> SchedulerCore | None:
+        return self._sched
+
+    # ------------------------------------------------------------ worker side
+
+    @_guard(lambda self, *a, **k: None)
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        if self._worker is None:
+            return
+        num_blocks = getattr(self._kv_cache_config, "num_blocks", None)
+        try:
+            self._worker.register_kv_caches(kv_caches, num_blocks, self.block_size)
+        except LayoutError as e:
+            self._disabled = str(e)
+            self._worker = None
+            log.error("pegaflow: cannot register KV caches, connector disabled: %s", e)
+
+    @_guard(lambda self, *a, **k: None)
+    def handle_preemptions(self, kv_connector_metadata: Any = None, *args: Any, **kwargs: Any) -> None:
+        if self._worker is not None and isinstance(kv_connector_metadata, PegaConnectorMetadata):
+            self._worker.start_step(kv_connector_metadata)
+
+    @_guard(lambda self, *a, **k: None)
+    def start_load_kv(self, forward_context: Any = None, **kwargs: Any) -> None:
+        if self._worker is not None and self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            if isinstance(meta, PegaConnectorMetadata):
+                self._worker.start_step(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are whole-request and asynchronous (get_finished)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # saves are batched per step in wait_for_save (robust under CUDA graphs)
+
+    @_guard(lambda self, *a, **k: None)
+    def wait_for_save(self) -> None:
+        if self._worker is not None and self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            if isinstance(meta, PegaConnectorMetadata):
+                self._worker.end_step(meta)
+
+    @_guard(lambda self, *a, **k: (None, None))
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._worker is None:
+            return None, None
+        return self._worker.get_finished(finished_req_ids)
+
+    @_guard(lambda self, *a, **k: set())
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        if self._worker is None:
+            return set()
+        return self._worker.load_errors()
+
+    @_guard(lambda self, *a, **k: None)
+    def get_handshake_metadata(self) -> PegaHandshake | None:
+        return self._worker.handshake() if self._worker is not None else None
+
+    @_guard(lambda self, *a, **k: None)
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+        if self._sched is not None:
+            self._sched.shutdown()
+        if self._client is not None:
+            self._client.close()
+
+    # ------------------------------------------------------------ scheduler side
+
+    @_guard(lambda self, *a, **k: (0, False))
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self._sched is None:
+            return 0, False
+        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    @_guard(lambda self, *a, **k: None)
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        if self._sched is not None:
+            self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    @_guard(lambda self, *a, **k: PegaConnectorMetadata())
+    def build_connector_meta(self, scheduler_output: Any) -> PegaConnectorMetadata:
+        if self._sched is None:
+            return PegaConnectorMetadata()
+        return self._sched.build_connector_meta(scheduler_output)
+
+    @_guard(lambda self, *a, **k: None)
+    def update_connector_output(self, connector_output: Any) -> None:
+        if self._sched is not None:
+            self._sched.update_connector_output(connector_output)
+
+    def request_finished(self, request: Any, block_ids: Any = None) -> tuple[bool, dict[str, Any] | None]:
+        if self._sched is None:
+            return False, None
+        try:
+            return self._sched.request_finished(request, block_ids)
+        except Exception as e:  # noqa: BLE001
+            self._metrics.inc("internal_errors")
+            log.exception("pegaflow: request_finished failed: %s", e)
+            # Unsure whether saves are in flight: keep the blocks; the
+            # workers report the request once its saves are done.
+            return self._save_enabled, None
+
+    @_guard(lambda self, *a, **k: None)
+    def set_xfer_handshake_metadata(self, metadata: dict[Any, Any]) -> None:
+        if self._sched is None or not metadata:
+            return
+        metas = sorted((m for m in metadata.values() if isinstance(m, PegaHandshake)),
+                       key=lambda m: m.rank)
+        if metas:
+            ns = pb.Namespace()
+            ns.ParseFromString(metas[0].namespace)
+            self._sched.set_namespace(ns)
+
+    def take_events(self) -> tuple[()]:
+        return ()
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
+        return None

@@ -1,0 +1,509 @@
+"""Worker-side core: registration and the save/load pipeline of one rank.
+
+Saves of a step are handed to a background thread in `end_step` (vLLM's
+`wait_for_save`), so the forward pass never waits for the engine; the
+engine copies from the KV memory itself. Correctness rests on three rules:
+
+- only blocks whose tokens are all computed are saved (scheduler side), and
+  on CUDA the copy starts only after the producing stream passed an event
+  recorded at the end of the forward;
+- a request whose blocks are being saved keeps them: the scheduler delays
+  freeing (`request_finished` -> True) and this rank reports the request
+  done only when its saves finished, succeeded or not;
+- a preempted request's blocks may be reused by the very next forward, so
+  `start_step` waits for that request's in-flight saves first.
+
+Loads run on a second thread and are reported through `get_finished`;
+blocks that did not load are reported through `load_errors` in the same
+step as their request, for vLLM to recompute.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from ._proto import engine_pb2 as pb
+from .client import EngineClient, EngineError, EngineUnavailable
+from .config import ConnectorConfig
+from .layout import (
+    CudaAllocation,
+    ModelLayout,
+    StagingBuffer,
+    cuda_allocation,
+    detect,
+    find_file_mapping,
+    tensor_info,
+)
+from .metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
+from .metrics import Metrics
+from .scheduler import namespace_file
+
+log = logging.getLogger("pegaflow_connector")
+
+
+@dataclasses.dataclass
+class _SaveJob:
+    specs: list[SaveSpec]
+    event: Any = None  # CUDA event the copies must wait for
+
+
+class WorkerCore:
+    """One TP rank's connector state. Thread-safe where vLLM needs it."""
+
+    def __init__(self, cfg: ConnectorConfig, client: EngineClient, *, rank: int, tp_size: int,
+                 instance_id: str, namespace: pb.Namespace, metrics: Metrics | None = None):
+        self.cfg = cfg
+        self.client = client
+        self.metrics = metrics or client.metrics
+        self.rank = rank
+        self.tp_size = tp_size
+        self.instance_id = instance_id
+        self._ns_template = namespace
+        self.layout: ModelLayout | None = None
+        self.namespace: pb.Namespace | None = None
+        self.namespace_id = ""
+        self._reg_req: pb.RegisterRequest | None = None
+        self._reg_gen = -1
+        self._reg_lock = threading.Lock()
+        self._bases: list[int] = []
+        self._staging: StagingBuffer | None = None
+        self._keep: list[Any] = []
+        self._saves_enabled = True
+        self._lease_owner = True
+        self._eng_instance = instance_id
+        self._eng_rank = rank
+        self.mode = "unregistered"  # "shm", "staging" or "cuda" once registered
+
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._pending: collections.Counter[str] = collections.Counter()
+        self._delayed: set[str] = set()
+        self._finished_waiting: set[str] = set()
+        self._done_sending: set[str] = set()
+        self._loaded: dict[str, set[int]] = {}
+        self._loads_inflight = 0
+        self._errors: set[int] = set()
+        self._last_meta: int | None = None
+        self._save_q: queue.Queue[_SaveJob | None] = queue.Queue()
+        self._load_q: queue.Queue[LoadSpec | None] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    # ------------------------------------------------------------ register
+
+    def register_kv_caches(self, caches: dict[str, Any], num_blocks: int | None = None,
+                           block_size: int | None = None) -> None:
+        """Detects the layout and registers this rank's memory (now if
+        connected, and again after every reconnection). Raises LayoutError
+        when the caches cannot be described; the adapter then disables the
+        connector instead of failing vLLM."""
+        infos = [(name, tensor_info(t)) for name, t in caches.items()]
+        layout = detect(infos, num_blocks, block_size or self._ns_template.block_size)
+        self.layout = layout
+        self._keep = list(caches.values())
+        ns = pb.Namespace()
+        ns.CopyFrom(self._ns_template)
+        ns.dtype = layout.layers[0].dtype
+        ns.kv_layout = layout.label
+        ns.num_layers = len(layout.layers)
+        ns.num_kv_heads = layout.layers[0].num_kv_heads
+        ns.head_size = layout.layers[0].head_size
+        if layout.is_mla:
+            # MLA's latent cache is identical on every TP rank: the namespace
+            # holds one copy. Rank 0 saves it; every rank loads it, each as
+            # rank 0 of its own engine instance.
+            ns.tp_size = 1
+            self._eng_rank = 0
+            self._saves_enabled = self.rank == 0
+            self._lease_owner = self.rank == 0
+            if self.rank != 0:
+                self._eng_instance = f"{self.instance_id}-r{self.rank}"
+        self.namespace = ns
+
+        req = pb.RegisterRequest(instance_id=self._eng_instance, rank=self._eng_rank,
+                                 namespace=ns, num_blocks=layout.num_blocks)
+        self._bases = [info.ptr for _, info in infos]
+        device = infos[0][1].device
+        if device.startswith("cuda"):
+            self._describe_cuda(req, infos)
+        else:
+            self._describe_cpu(req, infos)
+        self._reg_req = req
+        self._start_threads()
+        self.client.add_on_connect(self._register)
+
+    def _describe_cpu(self, req: pb.RegisterRequest, infos: list[tuple[str, Any]]) -> None:
+        assert self.layout is not None
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+        mappings = [find_file_mapping(info.ptr, info.span, maps) for _, info in infos]
+        if all(m is not None for m in mappings):
+            paths: dict[str, int] = {}
+            for (name, _), m, layer in zip(infos, mappings, self.layout.layers):
+                assert m is not None
+                if m.path not in paths:
+                    paths[m.path] = len(req.regions)
+                    req.regions.append(pb.MemoryRegion(shm_path=m.path, size=os.path.getsize(m.path)))
+                req.layers.append(pb.LayerLayout(
+                    name=name, region_index=paths[m.path],
+                    segments=[pb.Segment(offset=m.file_offset + s.offset, stride=s.stride,
+                                         length=s.length) for s in layer.segments]))
+            self.mode = "shm"
+            return
+        # Not in a file the engine can open (a real vLLM CPU worker):
+        # register a staging buffer and bounce blocks through it.
+        slots = self.cfg.staging_blocks
+        self._staging = StagingBuffer(self.layout, 2 * slots, self.cfg.staging_dir,
+                                      f"{os.getpid()}-r{self.rank}")
+        st = self._staging
+        req.num_blocks = 2 * slots
+        req.regions.append(pb.MemoryRegion(shm_path=st.path, size=st.size))
+        for (name, _), layer, offs in zip(infos, self.layout.layers, st.slot_off):
+            req.layers.append(pb.LayerLayout(
+                name=name, region_index=0,
+                segments=[pb.Segment(offset=o, stride=st.slot_bytes, length=s.length)
+                          for s, o in zip(layer.segments, offs)]))
+        self.mode = "staging"
+        log.info("pegaflow: rank %d KV caches are not in shared memory; using a %d-block staging "
+                 "buffer (%s)", self.rank, 2 * slots, st.path)
+
+    def _describe_cuda(self, req: pb.RegisterRequest, infos: list[tuple[str, Any]]) -> None:
+        assert self.layout is not None
+        allocs: dict[bytes, int] = {}
+        for (name, info), layer in zip(infos, self.layout.layers):
+            a: CudaAllocation = cuda_allocation(info.obj)
+            if a.handle not in allocs:
+                allocs[a.handle] = len(req.regions)
+                req.regions.append(pb.MemoryRegion(cuda_ipc_handle=a.handle, size=a.size,
+                                                   device_uuid=a.device_uuid))
+            else:
+                region = req.regions[allocs[a.handle]]
+                region.size = max(region.size, a.size)
+            req.layers.append(pb.LayerLayout(
+                name=name, region_index=allocs[a.handle],
+                segments=[pb.Segment(offset=a.offset + s.offset, stride=s.stride, length=s.length)
+                          for s in layer.segments]))
+        self.mode = "cuda"
+
+    def _register(self, client: EngineClient) -> None:
+        req = self._reg_req
+        if req is None:
+            return
+        gen = client.generation
+        try:
+            resp = client.register(req, self.cfg.rpc_timeout_ms / 1000)
+        except EngineUnavailable:
+            return
+        except EngineError as e:
+            import grpc
+
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                self.metrics.inc("namespace_rejected")
+                log.error("pegaflow: ENGINE REJECTED REGISTRATION of rank %d: %s. This instance "
+                          "shares a namespace with instances whose block hashes or layout differ "
+                          "(check PYTHONHASHSEED, hash algorithm, block size); saves and loads "
+                          "are disabled", self.rank, e.details)
+            else:
+                self.metrics.inc("register_failures")
+                log.error("pegaflow: registration of rank %d failed: %s", self.rank, e)
+            return
+        with self._reg_lock:
+            self._reg_gen = gen
+            self.namespace_id = resp.namespace_id
+        self.metrics.inc("registrations")
+        log.info("pegaflow: rank %d registered (%s, %d blocks, %d bytes/block, namespace %s)",
+                 self.rank, self.mode, req.num_blocks, resp.bytes_per_block, resp.namespace_id)
+        if self.rank == 0:
+            self._publish_namespace()
+
+    def _publish_namespace(self) -> None:
+        assert self.namespace is not None
+        path = namespace_file(self.instance_id)
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(self.namespace.SerializeToString(deterministic=True))
+            os.replace(tmp, path)
+        except OSError as e:
+            log.debug("pegaflow: cannot publish namespace to %s: %s", path, e)
+
+    def registered(self) -> bool:
+        return self._reg_gen == self.client.generation and self.client.connected
+
+    def handshake(self) -> PegaHandshake | None:
+        if self.namespace is None:
+            return None
+        return PegaHandshake(self.namespace.SerializeToString(deterministic=True),
+                             self.namespace_id, self.rank)
+
+    # ------------------------------------------------------------ threads
+
+    def _start_threads(self) -> None:
+        if self._threads:
+            return
+        for target, name in ((self._save_loop, "pegaflow-save"), (self._load_loop, "pegaflow-load")):
+            t = threading.Thread(target=target, name=f"{name}-r{self.rank}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    # ------------------------------------------------------------ per step
+
+    def start_step(self, meta: PegaConnectorMetadata | None) -> None:
+        """Before the forward pass: protect preempted blocks, start loads.
+        Idempotent per metadata object (vLLM may call both
+        handle_preemptions and start_load_kv)."""
+        if meta is None or id(meta) == self._last_meta:
+            return
+        self._last_meta = id(meta)
+        with self._lock:
+            self._delayed |= meta.delayed_free
+        if meta.preempted:
+            self._wait_saves(meta.preempted, self.cfg.preemption_wait_ms / 1000)
+        for spec in meta.loads:
+            with self._lock:
+                self._loads_inflight += 1
+            self._load_q.put(spec)
+
+    def end_step(self, meta: PegaConnectorMetadata | None) -> None:
+        """After the forward pass (vLLM's wait_for_save): queue this step's
+        saves and return at once."""
+        if meta is None or not meta.saves or not self._saves_enabled:
+            return
+        event = None
+        if self.mode == "cuda":
+            event = _record_cuda_event()
+        with self._lock:
+            for rid in {s.req_id for s in meta.saves}:
+                self._pending[rid] += 1
+        self._save_q.put(_SaveJob(list(meta.saves), event))
+
+    def get_finished(self, finished_req_ids: Iterable[str]) -> tuple[set[str] | None, set[str] | None]:
+        with self._lock:
+            for rid in finished_req_ids:
+                if rid in self._delayed:
+                    self._delayed.discard(rid)
+                    if self._pending.get(rid, 0) == 0:
+                        self._done_sending.add(rid)
+                    else:
+                        self._finished_waiting.add(rid)
+            sending, self._done_sending = self._done_sending, set()
+            recving = set(self._loaded)
+            for failed in self._loaded.values():
+                self._errors |= failed
+            self._loaded.clear()
+        return (sending or None), (recving or None)
+
+    def load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._errors = self._errors, set()
+        return errors
+
+    def _wait_saves(self, req_ids: Iterable[str], timeout_s: float) -> bool:
+        ids = set(req_ids)
+        deadline = time.monotonic() + timeout_s
+        t0 = time.perf_counter()
+        with self._cond:
+            while any(self._pending.get(r, 0) for r in ids):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.metrics.inc("preemption_wait_timeouts")
+                    log.error("pegaflow: preempted requests %s still saving after %.1fs; their "
+                              "blocks may be overwritten while the engine copies them",
+                              sorted(ids), timeout_s)
+                    return False
+                self._cond.wait(left)
+        self.metrics.inc("preemption_wait_seconds", time.perf_counter() - t0)
+        return True
+
+    def flush(self, timeout_s: float) -> bool:
+        """Waits until every queued save and load finished."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while sum(self._pending.values()) or self._loads_inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    # ------------------------------------------------------------ saves
+
+    def _save_loop(self) -> None:
+        while True:
+            job = self._save_q.get()
+            if job is None:
+                return
+            try:
+                self._run_save(job)
+            except Exception as e:  # noqa: BLE001 - never kill the thread
+                log.error("pegaflow: save failed unexpectedly: %s", e)
+            finally:
+                with self._cond:
+                    for rid in {s.req_id for s in job.specs}:
+                        self._pending[rid] -= 1
+                        if self._pending[rid] <= 0:
+                            del self._pending[rid]
+                            if rid in self._finished_waiting:
+                                self._finished_waiting.discard(rid)
+                                self._done_sending.add(rid)
+                    self._cond.notify_all()
+
+    def _run_save(self, job: _SaveJob) -> None:
+        if job.event is not None:
+            job.event.synchronize()
+        groups: dict[str, list[SaveSpec]] = {}
+        for s in job.specs:
+            groups.setdefault(s.transfer_id, []).append(s)
+        for tid, specs in groups.items():
+            ids = [b for s in specs for b in s.block_ids]
+            hashes = [h for s in specs for h in s.hashes]
+            last = any(s.transfer_last for s in specs)
+            url = next((s.ready_url for s in specs if s.ready_url), "")
+            token = next((s.ready_token for s in specs if s.ready_token), "")
+            if not ids and not last:
+                continue
+            self._save_blocks(ids, hashes, tid, last, url, token)
+
+    def _save_blocks(self, ids: list[int], hashes: list[bytes], tid: str, last: bool, url: str,
+                     token: str) -> None:
+        if not self.registered():
+            self.metrics.inc("saves_dropped", max(len(ids), 1))
+            self.client.warn_limited("pegaflow: engine unavailable, dropping saves (rank %d)",
+                                     self.rank)
+            return
+        chunk = self._staging.slots // 2 if self._staging else max(len(ids), 1)
+        starts = list(range(0, len(ids), chunk)) or [0]
+        for i, lo in enumerate(starts):
+            c_ids, c_hashes = ids[lo:lo + chunk], hashes[lo:lo + chunk]
+            final = i == len(starts) - 1
+            if self._staging is not None:
+                for slot, bid in enumerate(c_ids):
+                    self._staging.copy_in(self._bases, bid, slot)
+                refs = [pb.BlockRef(block_id=slot, hash=h) for slot, h in enumerate(c_hashes)]
+            else:
+                refs = [pb.BlockRef(block_id=b, hash=h) for b, h in zip(c_ids, c_hashes)]
+            req = pb.SaveRequest(instance_id=self._eng_instance, rank=self._eng_rank, blocks=refs,
+                                 transfer_id=tid, transfer_last=last and final, ready_url=url,
+                                 ready_token=token)
+            t0 = time.perf_counter()
+            try:
+                resp = self.client.save(req, self.cfg.rpc_timeout_ms / 1000)
+            except EngineUnavailable as e:
+                self.metrics.inc("saves_dropped", len(ids) - lo or 1)
+                self.client.warn_limited("pegaflow: engine went away during a save, %d blocks "
+                                         "dropped (rank %d): %s", len(ids) - lo, self.rank, e)
+                return
+            except EngineError as e:
+                self.metrics.inc("saves_dropped", len(c_ids) or 1)
+                log.warning("pegaflow: save of %d blocks failed (rank %d): %s", len(c_ids),
+                            self.rank, e)
+                continue
+            self.metrics.inc("save_seconds", time.perf_counter() - t0)
+            self.metrics.inc("save_calls")
+            self.metrics.inc("blocks_saved", resp.saved)
+            self.metrics.inc("blocks_save_skipped", resp.skipped)
+            if resp.failed:
+                self.metrics.inc("blocks_save_failed", resp.failed)
+                self.client.warn_limited("pegaflow: engine could not store %d blocks (pool full "
+                                         "of pinned blocks?)", resp.failed)
+
+    # ------------------------------------------------------------ loads
+
+    def _load_loop(self) -> None:
+        while True:
+            spec = self._load_q.get()
+            if spec is None:
+                return
+            failed: set[int] = set(spec.block_ids)
+            try:
+                failed = self._run_load(spec)
+            except Exception as e:  # noqa: BLE001
+                log.error("pegaflow: load failed unexpectedly: %s", e)
+            with self._cond:
+                self._loaded[spec.req_id] = failed
+                self._loads_inflight -= 1
+                self._cond.notify_all()
+
+    def _run_load(self, spec: LoadSpec) -> set[int]:
+        """Loads a request's blocks; returns the ids that did not load."""
+        all_ids = set(spec.block_ids)
+        if not self.registered():
+            self.metrics.inc("loads_failed")
+            self.metrics.inc("blocks_load_failed", len(all_ids))
+            self.client.warn_limited("pegaflow: engine unavailable, %d blocks will be recomputed",
+                                     len(all_ids))
+            return all_ids
+        lease = spec.lease_id if self._lease_owner else ""
+        tid = spec.transfer_id if self._lease_owner else ""
+        chunk = self._staging.slots // 2 if self._staging else max(len(spec.block_ids), 1)
+        failed: set[int] = set()
+        n = len(spec.block_ids)
+        for lo in range(0, n, chunk):
+            ids, hashes = spec.block_ids[lo:lo + chunk], spec.hashes[lo:lo + chunk]
+            final = lo + chunk >= n
+            if self._staging is not None:
+                base = self._staging.slots // 2
+                refs = [pb.BlockRef(block_id=base + i, hash=h) for i, h in enumerate(hashes)]
+            else:
+                refs = [pb.BlockRef(block_id=b, hash=h) for b, h in zip(ids, hashes)]
+            req = pb.LoadRequest(instance_id=self._eng_instance, rank=self._eng_rank, blocks=refs,
+                                 lease_id=lease if final else "", transfer_id=tid if final else "")
+            t0 = time.perf_counter()
+            try:
+                resp = self.client.load(req, self.cfg.rpc_timeout_ms / 1000)
+            except EngineError as e:
+                self.metrics.inc("loads_failed")
+                self.client.warn_limited("pegaflow: load failed (rank %d), recomputing: %s",
+                                         self.rank, e)
+                failed.update(spec.block_ids[lo:])
+                break
+            self.metrics.inc("load_seconds", time.perf_counter() - t0)
+            self.metrics.inc("load_calls")
+            ok = pb.BlockStatus.BLOCK_STATUS_OK
+            for i, (bid, status) in enumerate(zip(ids, resp.status)):
+                if status != ok:
+                    failed.add(bid)
+                elif self._staging is not None:
+                    self._staging.copy_out(self._bases, self._staging.slots // 2 + i, bid)
+            if len(resp.status) < len(ids):
+                failed.update(ids[len(resp.status):])
+        self.metrics.inc("blocks_loaded", n - len(failed))
+        if failed:
+            self.metrics.inc("blocks_load_failed", len(failed))
+        return failed
+
+    # ------------------------------------------------------------ shutdown
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.flush(timeout_s)
+        self._save_q.put(None)
+        self._load_q.put(None)
+        for t in self._threads:
+            t.join(timeout=1)
+        if self._reg_req is not None and self.registered():
+            try:
+                self.client.unregister(self._eng_instance, self._eng_rank, 2.0)
+            except EngineError:
+                pass
+        if self._staging is not None:
+            self._staging.close()
+
+
+def _record_cuda_event() -> Any:
+    import torch
+
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream())
+    return ev

@@ -1,0 +1,47 @@
+"""Fixtures: the real engine binary on a private socket, and the harness."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from harness import Engine, ReadyServer  # noqa: E402
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def engine_binary() -> str:
+    path = os.environ.get("PEGAFLOW_BIN") or os.path.join(REPO, "bin", "pegaflow")
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"engine binary {path} not found: run `make build` (or set PEGAFLOW_BIN)")
+    return path
+
+
+@pytest.fixture
+def workdir() -> Iterator[str]:
+    # Short path: UNIX socket paths are limited to ~100 bytes.
+    d = tempfile.mkdtemp(prefix="pfc-", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def engine(workdir: str) -> Iterator[Engine]:
+    e = Engine(engine_binary(), workdir)
+    e.start()
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def ready_server() -> Iterator[ReadyServer]:
+    s = ReadyServer()
+    yield s
+    s.close()
