@@ -296,7 +296,7 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 
 // runPrefill sends the prefill leg with retries across P backends and
 // returns P's JSON answer.
-func (r *Router) runPrefill(ctx context.Context, body []byte, hdr http.Header) (map[string]any, error) {
+func (r *Router) runPrefill(ctx context.Context, path string, body []byte, hdr http.Header) (map[string]any, error) {
 	tried := map[*backend]bool{}
 	var last error = errNoBackend
 	for attempt := 0; attempt < r.cfg.PrefillAttempts; attempt++ {
@@ -313,7 +313,7 @@ func (r *Router) runPrefill(ctx context.Context, body []byte, hdr http.Header) (
 		tried[b] = true
 		actx, cancel := context.WithTimeout(ctx, r.cfg.PrefillTimeout)
 		r.track(b, 1)
-		resp, err := r.send(actx, b, "", body, hdr)
+		resp, err := r.send(actx, b, path, body, hdr)
 		var out map[string]any
 		if err == nil {
 			err = json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&out)
@@ -421,7 +421,7 @@ func (r *Router) handleCompletion(chat bool) echo.HandlerFunc {
 		r.m.phase.WithLabelValues("routing").Observe(time.Since(start).Seconds())
 
 		t0 := time.Now()
-		preResp, err := r.runPrefill(ctx, preBody, hdr.Clone())
+		preResp, err := r.runPrefill(ctx, path, preBody, hdr.Clone())
 		r.m.phase.WithLabelValues("prefill").Observe(time.Since(t0).Seconds())
 		if err != nil {
 			release()
