@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"io"
 	"maps"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -15,11 +16,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/labstack/echo/v4"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 
+	"github.com/pegaflow/pegaflow/bench"
 	"github.com/pegaflow/pegaflow/engine"
 	"github.com/pegaflow/pegaflow/engine/server"
+	"github.com/pegaflow/pegaflow/internal/cli"
+	"github.com/pegaflow/pegaflow/router"
 )
 
 // pdEnv is an engine served on a UNIX socket, sims registered with it, and
@@ -162,22 +167,49 @@ func promptOf(n int, tag string) string {
 	return strings.Join(w, " ")
 }
 
-func TestPDMatchesAggregated(t *testing.T) {
+// startRouter serves the real router in-process (as `pegaflow serve` does)
+// in front of P and D, with the engine as its in-process ready source.
+func (env *pdEnv) startRouter(t *testing.T, p, d *running) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	cfg := router.DefaultConfig()
+	cfg.Prefill, cfg.Decode = cli.StringList{p.url}, cli.StringList{d.url}
+	cfg.ListenAddr = ln.Addr().String()
+	cfg.KVReadyTimeout = 10 * time.Second
+	cfg.HealthInterval = time.Hour
+	rt, err := router.New(cfg, router.Deps{Logger: testLogger(t).With("component", "router"), Registerer: prometheus.NewRegistry(), KVReady: env.eng})
+	require.NoError(t, err)
+	e := echo.New()
+	e.HideBanner, e.HidePort = true, true
+	rt.Register(e)
+	srv := &http.Server{Handler: e, ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+		rt.Close()
+	})
+	return "http://" + ln.Addr().String()
+}
+
+// Through the router, a P/D request gives the text an aggregated instance
+// gives for the same prompt and seed, D loads the prompt's blocks from the
+// engine instead of computing them, and the engine ends up holding no pins.
+func TestPDThroughRouterMatchesAggregated(t *testing.T) {
 	env := startEngine(t)
 	p := env.startSim(t, "sim-p", nil)
 	d := env.startSim(t, "sim-d", nil)
 	agg := startSim(t, fastConfig()) // a separate instance, no engine
+	rt := env.startRouter(t, p, d)
 	const bs = 4
 
 	t.Run("completions", func(t *testing.T) {
-		prompt := promptOf(50, "c") // 12 full blocks + 2 tokens
-		body := map[string]any{"model": "pegaflow-sim", "prompt": prompt, "max_tokens": 12, "seed": 7}
+		body := map[string]any{"model": "pegaflow-sim", "prompt": promptOf(50, "c"), "max_tokens": 12, "seed": 7} // 12 full blocks + 2
 		code, want := post(t, agg.url+"/v1/completions", body)
 		require.Equal(t, 200, code)
-
-		params := env.prefill(t, p, "/v1/completions", body)
-		require.EqualValues(t, 12, params["pegaflow_num_blocks"])
-		code, got := post(t, d.url+"/v1/completions", decodeBody(body, params))
+		code, got := post(t, rt+"/v1/completions", body)
 		require.Equal(t, 200, code, "%v", got)
 		require.Equal(t, completionText(t, want), completionText(t, got), "P/D text equals aggregated text")
 		u := got["usage"].(map[string]any)
@@ -185,12 +217,9 @@ func TestPDMatchesAggregated(t *testing.T) {
 	})
 
 	t.Run("chat streaming", func(t *testing.T) {
-		body := map[string]any{"messages": []map[string]any{{"role": "system", "content": "be terse"}, {"role": "user", "content": promptOf(40, "s")}},
-			"max_completion_tokens": 9, "stream": true, "stream_options": map[string]any{"include_usage": true}}
-		want := streamText(t, agg.url+"/v1/chat/completions", body)
-		params := env.prefill(t, p, "/v1/chat/completions", body)
-		require.EqualValues(t, 11, params["pegaflow_num_blocks"], "45 template tokens = 11 full blocks")
-		require.Equal(t, want, streamText(t, d.url+"/v1/chat/completions", decodeBody(body, params)))
+		body := map[string]any{"model": "pegaflow-sim", "messages": []map[string]any{{"role": "system", "content": "be terse"}, {"role": "user", "content": promptOf(40, "s")}},
+			"max_completion_tokens": 9, "stream": true, "stream_options": map[string]any{"include_usage": true}} // 45 tokens: 11 blocks + 1
+		require.Equal(t, streamText(t, agg.url+"/v1/chat/completions", body), streamText(t, rt+"/v1/chat/completions", body))
 	})
 
 	// Loaded blocks skip their prefill: D computed only the tails (2 + 1
@@ -202,12 +231,45 @@ func TestPDMatchesAggregated(t *testing.T) {
 	require.EqualValues(t, 12+11, metricValue(t, p.reg, "sim_kv_blocks_saved_total"))
 	require.Zero(t, metricValue(t, d.reg, "sim_kv_verify_failures_total"))
 	require.Zero(t, metricValue(t, d.reg, "sim_kv_load_failures_total"))
+
+	t.Run("bench", func(t *testing.T) {
+		// The benchmark through the router and straight to the aggregated
+		// instance: same prompts, same texts, no failures.
+		run := func(url string) *bench.Result {
+			cfg := bench.DefaultConfig()
+			cfg.BaseURL, cfg.NumPrompts, cfg.InputLen, cfg.OutputLen, cfg.RangeRatio = url, 8, 30, 5, 0.5
+			cfg.RequestRate, cfg.Seed, cfg.Timeout = 50, 3, 20*time.Second
+			res, err := bench.Run(context.Background(), cfg, nil)
+			require.NoError(t, err)
+			require.Zero(t, res.Failed, "%+v", res.Failures)
+			return res
+		}
+		pd, direct := run(rt), run(agg.url)
+		for i := range pd.Records {
+			require.Equal(t, direct.Records[i].Text, pd.Records[i].Text, "request %d", i)
+		}
+	})
+
 	st := env.eng.Stats()
-	require.EqualValues(t, 12+11, st.Loads)
-	require.EqualValues(t, 12+11, st.Saves)
+	require.EqualValues(t, st.Saves, st.Loads, "D loaded every block P saved")
 	require.Zero(t, st.PinnedBlocks, "D's loads released the transfer pins and leases")
 	require.Eventually(t, func() bool { return p.sim.pool.used() == 0 && d.sim.pool.used() == 0 }, 5*time.Second, 10*time.Millisecond,
 		"P freed its blocks after saving, D after decoding")
+}
+
+// The P/D protocol as the sims speak it, checked leg by leg: P's
+// kv_transfer_params, the engine's ready callback with the token, D's
+// cached tokens.
+func TestPDProtocolLegs(t *testing.T) {
+	env := startEngine(t)
+	p := env.startSim(t, "sim-p", nil)
+	d := env.startSim(t, "sim-d", nil)
+	body := map[string]any{"prompt": promptOf(18, "legs"), "max_tokens": 3}
+	params := env.prefill(t, p, "/v1/completions", body)
+	require.EqualValues(t, 4, params["pegaflow_num_blocks"])
+	code, got := post(t, d.url+"/v1/completions", decodeBody(body, params))
+	require.Equal(t, 200, code)
+	require.EqualValues(t, 16, got["usage"].(map[string]any)["prompt_tokens_details"].(map[string]any)["cached_tokens"])
 }
 
 func streamText(t *testing.T, url string, body map[string]any) string {
@@ -240,34 +302,47 @@ func streamText(t *testing.T, url string, body map[string]any) string {
 }
 
 // A byte corrupted in the engine's copy of the KV makes the D request fail
-// loudly, never decode from wrong KV.
+// loudly, never decode from wrong KV: D answers 500 with the reason (the
+// router turns it into a 502), streaming or not.
 func TestCorruptedKVFailsTheDecode(t *testing.T) {
 	env := startEngine(t)
 	bad := env.startSim(t, "sim-p-corrupt", func(c *Config) { c.CorruptSavedKV = true })
 	d := env.startSim(t, "sim-d", nil)
-	for _, stream := range []bool{false, true} {
-		body := map[string]any{"prompt": promptOf(20, "x"+randHex(4)), "max_tokens": 4, "stream": stream}
-		params := env.prefill(t, bad, "/v1/completions", body)
-		b, _ := json.Marshal(decodeBody(body, params))
-		resp, err := http.Post(d.url+"/v1/completions", "application/json", strings.NewReader(string(b)))
-		require.NoError(t, err)
-		raw, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		require.Equal(t, http.StatusInternalServerError, resp.StatusCode, "%s", raw)
-		var e struct {
-			Error struct {
-				Message string `json:"message"`
-				Type    string `json:"type"`
-			} `json:"error"`
-		}
-		require.NoError(t, json.Unmarshal(raw, &e), "%s", raw)
-		require.Contains(t, e.Error.Message, "loaded KV does not match the prompt")
-		require.Contains(t, e.Error.Message, "block 0 of 5")
-		require.Equal(t, "server_error", e.Error.Type)
+	rt := env.startRouter(t, bad, d)
+
+	// Leg by leg: D's own answer.
+	body := map[string]any{"prompt": promptOf(20, "x"+randHex(4)), "max_tokens": 4}
+	params := env.prefill(t, bad, "/v1/completions", body)
+	b, _ := json.Marshal(decodeBody(body, params))
+	resp, err := http.Post(d.url+"/v1/completions", "application/json", strings.NewReader(string(b)))
+	require.NoError(t, err)
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.Equal(t, http.StatusInternalServerError, resp.StatusCode, "%s", raw)
+	var e struct {
+		Error struct {
+			Message string `json:"message"`
+			Type    string `json:"type"`
+		} `json:"error"`
 	}
+	require.NoError(t, json.Unmarshal(raw, &e), "%s", raw)
+	require.Contains(t, e.Error.Message, "loaded KV does not match the prompt: block 0 of 5")
+	require.Contains(t, e.Error.Message, "layer 0 K token 0")
+	require.Equal(t, "server_error", e.Error.Type)
+	require.EqualValues(t, 1, metricValue(t, d.reg, "sim_kv_verify_failures_total"))
+
+	// Through the router, streaming: the failure comes before any byte.
+	sb := map[string]any{"model": "pegaflow-sim", "prompt": promptOf(20, "y"+randHex(4)), "max_tokens": 4, "stream": true}
+	b, _ = json.Marshal(sb)
+	resp, err = http.Post(rt+"/v1/completions", "application/json", strings.NewReader(string(b)))
+	require.NoError(t, err)
+	raw, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.GreaterOrEqual(t, resp.StatusCode, 500, "%s", raw)
+	require.NotContains(t, string(raw), "data:", "no stream was started")
 	require.EqualValues(t, 2, metricValue(t, d.reg, "sim_kv_verify_failures_total"))
 	require.Zero(t, metricValue(t, d.reg, "sim_kv_blocks_loaded_total"))
-	require.Eventually(t, func() bool { return d.sim.pool.used() == 0 }, 5*time.Second, 10*time.Millisecond, "the failed request freed its blocks")
+	require.Eventually(t, func() bool { return d.sim.pool.used() == 0 }, 5*time.Second, 10*time.Millisecond, "the failed requests freed their blocks")
 }
 
 // Without a ready transfer (the router's decode-anyway policy), D waits a
