@@ -270,6 +270,17 @@ func TestPDProtocolLegs(t *testing.T) {
 	code, got := post(t, d.url+"/v1/completions", decodeBody(body, params))
 	require.Equal(t, 200, code)
 	require.EqualValues(t, 16, got["usage"].(map[string]any)["prompt_tokens_details"].(map[string]any)["cached_tokens"])
+
+	// A prompt shorter than a block has nothing to save: P's empty last
+	// save still makes the transfer ready at once, and D computes it all.
+	short := map[string]any{"prompt": "tiny prompt", "max_tokens": 2}
+	start := time.Now()
+	params = env.prefill(t, p, "/v1/completions", short)
+	require.Less(t, time.Since(start), 2*time.Second)
+	require.EqualValues(t, 0, params["pegaflow_num_blocks"])
+	code, got = post(t, d.url+"/v1/completions", decodeBody(short, params))
+	require.Equal(t, 200, code)
+	require.Nil(t, got["usage"].(map[string]any)["prompt_tokens_details"])
 }
 
 func streamText(t *testing.T, url string, body map[string]any) string {
