@@ -107,6 +107,21 @@ func (e *Engine) sealLocked(b *block) {
 	}
 }
 
+// lockForCopy takes e.mu, finds the caller's instance and validates its
+// block refs. On success it returns with e.mu held; on error, released.
+func (e *Engine) lockForCopy(sessionID, instanceID string, rank uint32, blocks []*pb.BlockRef) (*instance, error) {
+	e.mu.Lock()
+	inst, err := e.instanceLocked(sessionID, instanceID, rank)
+	if err == nil {
+		err = validateBlocks(blocks, inst.layout.numBlocks)
+	}
+	if err != nil {
+		e.mu.Unlock()
+		return nil, err
+	}
+	return inst, nil
+}
+
 type copyPlan struct {
 	region *native.Region
 	ops    []native.CopyOp
@@ -183,13 +198,8 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 			return nil, err
 		}
 	}
-	e.mu.Lock()
-	inst, err := e.instanceLocked(req.SessionId, req.InstanceId, req.Rank)
-	if err == nil {
-		err = validateBlocks(req.Blocks, inst.layout.numBlocks)
-	}
+	inst, err := e.lockForCopy(req.SessionId, req.InstanceId, req.Rank, req.Blocks)
 	if err != nil {
-		e.mu.Unlock()
 		return nil, err
 	}
 	ns := inst.ns
@@ -279,13 +289,8 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 // to recompute.
 func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadResponse, error) {
 	start := time.Now()
-	e.mu.Lock()
-	inst, err := e.instanceLocked(req.SessionId, req.InstanceId, req.Rank)
-	if err == nil {
-		err = validateBlocks(req.Blocks, inst.layout.numBlocks)
-	}
+	inst, err := e.lockForCopy(req.SessionId, req.InstanceId, req.Rank, req.Blocks)
 	if err != nil {
-		e.mu.Unlock()
 		return nil, err
 	}
 	ns := inst.ns
