@@ -1,16 +1,22 @@
 // Package native is the thin cgo boundary to libpegaflow_native: a host
-// pool, producer memory regions and batched asynchronous copies. It holds
-// no policy; the engine decides what to copy where.
+// pool, producer memory regions and batched asynchronous copies between
+// them. It holds no policy; the engine decides what to copy where.
 //
-// The default build links the CPU fallback; the `cuda` build tag links the
-// CUDA build (pinned pool, CUDA IPC regions, copy streams). Run `make
-// native` (or `make CUDA=1 native`) before `go build`.
+// The default build links the CPU fallback (build/native); the `cuda` build
+// tag links the CUDA build (build/native-cuda: pinned pool, CUDA IPC
+// regions, copy streams). Run `make native` (or `make CUDA=1 native`)
+// before `go build`.
+//
+// Every method is safe for concurrent use. Closing an object never races
+// with a call that uses it: the Go side serialises Close against calls into
+// C, and the C side keeps regions and the pool alive while copies that use
+// them are in flight.
 package native
 
 /*
 #cgo CFLAGS: -I${SRCDIR}/include
 #cgo !cuda LDFLAGS: ${SRCDIR}/../build/native/libpegaflow_native.a -lpthread
-#cgo cuda LDFLAGS: ${SRCDIR}/../build/native-cuda/libpegaflow_native.a -lcudart -lstdc++ -lpthread
+#cgo cuda LDFLAGS: ${SRCDIR}/../build/native-cuda/libpegaflow_native.a ${SRCDIR}/../build/native-cuda/libcudart_static.a -lstdc++ -ldl -lrt -lpthread
 #include <stdlib.h>
 #include "pegaflow_native.h"
 */
@@ -18,6 +24,7 @@ import "C"
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -33,13 +40,13 @@ var (
 	ErrInvalid      = errors.New("native: invalid argument")
 	ErrRange        = errors.New("native: offset or length out of range")
 	ErrNoMem        = errors.New("native: out of memory")
-	ErrIO           = errors.New("native: i/o or mapping failure")
+	ErrIO           = errors.New("native: i/o, mapping or device failure")
 	ErrNotSupported = errors.New("native: not supported by this build")
 	ErrClosed       = errors.New("native: closed")
 	ErrCopy         = errors.New("native: copy failed")
 )
 
-func codeErr(code C.int, what string) error {
+func codeErr(code int64, what string) error {
 	var kind error
 	switch code {
 	case C.PF_OK:
@@ -56,8 +63,10 @@ func codeErr(code C.int, what string) error {
 		kind = ErrNotSupported
 	case C.PF_ECLOSED:
 		kind = ErrClosed
-	default:
+	case C.PF_ECOPY:
 		kind = ErrCopy
+	default:
+		return fmt.Errorf("%w: %s: unknown native status %d", ErrCopy, what, code)
 	}
 	return fmt.Errorf("%w: %s", kind, what)
 }
@@ -69,34 +78,49 @@ func Backend() string { return C.GoString(C.pf_backend()) }
 type PoolFlags uint32
 
 const (
+	// PoolHugePages asks for transparent huge pages (CPU build).
 	PoolHugePages PoolFlags = C.PF_POOL_HUGEPAGES
-	PoolMlock     PoolFlags = C.PF_POOL_MLOCK
+	// PoolMlock locks the pool in RAM (CPU build; the CUDA pool is pinned).
+	PoolMlock PoolFlags = C.PF_POOL_MLOCK
 )
 
-// Pool is the engine's host memory. Its pages are faulted in at creation.
+// Pool is the engine's host memory. Its pages are resident from creation
+// on, so copies never take page faults on the request path.
 type Pool struct {
-	mu sync.Mutex
-	p  *C.pf_pool
+	mu   sync.RWMutex // held shared by submits, exclusively by Close
+	p    *C.pf_pool
+	size uint64
+	base unsafe.Pointer
 }
 
-// NewPool allocates size bytes, on numaNode when >= 0 (best effort).
+// NewPool allocates size bytes, preferring numaNode when >= 0 (CPU build)
+// or the NUMA node of device (CUDA build, device >= 0). Placement, huge
+// pages and mlock are best effort; allocation failure is not.
 func NewPool(size uint64, numaNode, device int, flags PoolFlags) (*Pool, error) {
 	var p *C.pf_pool
 	if rc := C.pf_pool_create(C.uint64_t(size), C.int(numaNode), C.int(device), C.uint32_t(flags), &p); rc != C.PF_OK {
-		return nil, codeErr(rc, fmt.Sprintf("pool of %d bytes", size))
+		return nil, codeErr(int64(rc), fmt.Sprintf("pool of %d bytes", size))
 	}
-	return &Pool{p: p}, nil
+	return &Pool{p: p, size: size, base: C.pf_pool_base(p)}, nil
 }
 
 // Size is the pool's capacity in bytes.
-func (p *Pool) Size() uint64 { return uint64(C.pf_pool_size(p.p)) }
+func (p *Pool) Size() uint64 { return p.size }
 
-// Bytes is the host view of the whole pool, valid until Close.
+// Bytes is the host view of the whole pool, valid until Close (nil after).
+// It is for verification and debugging: reading bytes that a copy is
+// writing is a data race.
 func (p *Pool) Bytes() []byte {
-	return unsafe.Slice((*byte)(C.pf_pool_base(p.p)), p.Size())
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if p.p == nil {
+		return nil
+	}
+	return unsafe.Slice((*byte)(p.base), p.size)
 }
 
-// Close frees the pool; it fails with ErrClosed while copies use it.
+// Close frees the pool. It fails with ErrClosed, and keeps the pool, while
+// copies that use it are in flight; closing a closed pool is a no-op.
 func (p *Pool) Close() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -104,55 +128,62 @@ func (p *Pool) Close() error {
 		return nil
 	}
 	if rc := C.pf_pool_destroy(p.p); rc != C.PF_OK {
-		return codeErr(rc, "destroy pool")
+		return codeErr(int64(rc), "destroy pool")
 	}
 	p.p = nil
 	return nil
 }
 
-// Region is producer memory opened by the engine.
+// Region is producer memory opened by the engine: a shared-memory file, or
+// (CUDA build) a device allocation shared through a CUDA IPC handle.
 type Region struct {
+	mu   sync.RWMutex // held shared by submits, exclusively by Close
 	r    *C.pf_region
-	once sync.Once
+	size uint64
 }
 
-// OpenShmRegion maps size bytes of a shared-memory file.
+// OpenShmRegion maps the first size bytes of a shared-memory file. It fails
+// with ErrRange when the file is smaller than size.
 func OpenShmRegion(path string, size uint64) (*Region, error) {
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
 	var r *C.pf_region
 	if rc := C.pf_region_open_shm(cpath, C.uint64_t(size), &r); rc != C.PF_OK {
-		return nil, codeErr(rc, fmt.Sprintf("open %s (%d bytes)", path, size))
+		return nil, codeErr(int64(rc), fmt.Sprintf("open shm region %q (%d bytes)", path, size))
 	}
-	return &Region{r: r}, nil
+	return &Region{r: r, size: size}, nil
 }
 
-// OpenCUDAIPCRegion opens a CUDA IPC memory handle on device.
+// OpenCUDAIPCRegion opens a cudaIpcMemHandle_t (64 bytes) on device
+// (device < 0: device 0). The allocation behind it must hold size bytes.
+// The CPU build fails with ErrNotSupported.
 func OpenCUDAIPCRegion(handle []byte, device int, size uint64) (*Region, error) {
-	if len(handle) == 0 {
-		return nil, fmt.Errorf("%w: empty IPC handle", ErrInvalid)
+	var hp *C.uint8_t
+	if len(handle) > 0 {
+		hp = (*C.uint8_t)(unsafe.Pointer(&handle[0]))
 	}
 	var r *C.pf_region
-	rc := C.pf_region_open_cuda_ipc((*C.uint8_t)(unsafe.Pointer(&handle[0])), C.uint64_t(len(handle)), C.int(device), C.uint64_t(size), &r)
-	if rc != C.PF_OK {
-		return nil, codeErr(rc, fmt.Sprintf("open CUDA IPC handle on device %d", device))
+	if rc := C.pf_region_open_cuda_ipc(hp, C.uint64_t(len(handle)), C.int(device), C.uint64_t(size), &r); rc != C.PF_OK {
+		return nil, codeErr(int64(rc), fmt.Sprintf("open CUDA IPC region on device %d (%d bytes)", device, size))
 	}
-	return &Region{r: r}, nil
+	return &Region{r: r, size: size}, nil
 }
 
 // Size is the number of accessible bytes.
-func (r *Region) Size() uint64 { return uint64(C.pf_region_size(r.r)) }
+func (r *Region) Size() uint64 { return r.size }
 
-// Close releases the region; safe while copies are in flight (the mapping
-// goes away after the last one).
+// Close releases the region. It is safe while copies are in flight: the
+// mapping goes away after the last one completes. Later submits fail with
+// ErrClosed; closing twice is a no-op.
 func (r *Region) Close() error {
-	var err error
-	r.once.Do(func() {
-		if rc := C.pf_region_close(r.r); rc != C.PF_OK {
-			err = codeErr(rc, "close region")
-		}
-	})
-	return err
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.r == nil {
+		return nil
+	}
+	rc := C.pf_region_close(r.r)
+	r.r = nil
+	return codeErr(int64(rc), "close region")
 }
 
 // Direction of a copy.
@@ -164,11 +195,14 @@ const (
 )
 
 // CopyOp moves Len bytes between a region offset and a pool offset. Its
-// layout matches pf_copy_op.
+// layout is pf_copy_op's, so a slice of ops is passed to C as is.
 type CopyOp struct{ RegionOffset, PoolOffset, Len uint64 }
 
-var _ [unsafe.Sizeof(CopyOp{}) - unsafe.Sizeof(C.pf_copy_op{})]struct{}
-var _ [unsafe.Sizeof(C.pf_copy_op{}) - unsafe.Sizeof(CopyOp{})]struct{}
+// Compile-time check that CopyOp and pf_copy_op have the same size.
+var (
+	_ [unsafe.Sizeof(CopyOp{}) - unsafe.Sizeof(C.pf_copy_op{})]struct{}
+	_ [unsafe.Sizeof(C.pf_copy_op{}) - unsafe.Sizeof(CopyOp{})]struct{}
+)
 
 // Pending is a submitted batch.
 type Pending struct {
@@ -176,42 +210,53 @@ type Pending struct {
 	err  error
 }
 
-// Done is closed when the batch finished.
+// Done is closed when the batch has finished and its memory is free again.
 func (p *Pending) Done() <-chan struct{} { return p.done }
 
-// Err is the batch's outcome; valid after Done is closed.
+// Err is the batch's outcome (nil, or wrapping ErrCopy); valid after Done
+// is closed.
 func (p *Pending) Err() error { return p.err }
 
-// Copier runs batches on native copy threads. Completions come back through
-// a pipe read by one goroutine via Go's poller, so no OS thread blocks per
-// copy.
+// Copier runs batches on native copy threads (CPU) or streams (CUDA).
+// Completions come back as 16-byte records on a pipe read by one goroutine
+// through Go's poller, so no OS thread blocks per copy.
 type Copier struct {
+	mu      sync.RWMutex // held shared by submits, exclusively by Close
 	c       *C.pf_copier
 	readEnd *os.File
 	writeFd int
 	next    atomic.Uint64
-	mu      sync.Mutex
+
+	pmu     sync.Mutex
 	pending map[uint64]*Pending
-	closed  bool
-	reader  sync.WaitGroup
+
+	closeOnce sync.Once
+	closeErr  error
+	reader    sync.WaitGroup
 }
 
-// NewCopier starts threads copy threads.
+// NewCopier starts a copier with threads copy threads (CPU build) or
+// streams per direction and device (CUDA build), 1..256.
 func NewCopier(threads int) (*Copier, error) {
 	var fds [2]int
 	if err := syscall.Pipe2(fds[:], syscall.O_CLOEXEC); err != nil {
-		return nil, fmt.Errorf("%w: pipe: %v", ErrIO, err)
+		return nil, fmt.Errorf("%w: completion pipe: %w", ErrIO, err)
 	}
+	// Nonblocking read end: os.NewFile then registers it with the poller.
 	if err := syscall.SetNonblock(fds[0], true); err != nil {
 		syscall.Close(fds[0])
 		syscall.Close(fds[1])
-		return nil, fmt.Errorf("%w: pipe: %v", ErrIO, err)
+		return nil, fmt.Errorf("%w: completion pipe: %w", ErrIO, err)
 	}
-	cp := &Copier{readEnd: os.NewFile(uintptr(fds[0]), "pegaflow-copy-completions"), writeFd: fds[1], pending: map[uint64]*Pending{}}
+	cp := &Copier{
+		readEnd: os.NewFile(uintptr(fds[0]), "pegaflow-copy-completions"),
+		writeFd: fds[1],
+		pending: map[uint64]*Pending{},
+	}
 	if rc := C.pf_copier_create(C.int(threads), C.int(fds[1]), &cp.c); rc != C.PF_OK {
 		cp.readEnd.Close()
 		syscall.Close(fds[1])
-		return nil, codeErr(rc, fmt.Sprintf("copier with %d threads", threads))
+		return nil, codeErr(int64(rc), fmt.Sprintf("copier with %d threads", threads))
 	}
 	cp.reader.Add(1)
 	go cp.readCompletions()
@@ -220,28 +265,29 @@ func NewCopier(threads int) (*Copier, error) {
 
 func (c *Copier) readCompletions() {
 	defer c.reader.Done()
-	var buf [16]byte
+	var buf [unsafe.Sizeof(C.pf_completion{})]byte
 	for {
 		if _, err := io.ReadFull(c.readEnd, buf[:]); err != nil {
-			return
+			return // EOF: Close closed the write end after the last batch
 		}
-		token := *(*uint64)(unsafe.Pointer(&buf[0]))
-		status := *(*int64)(unsafe.Pointer(&buf[8]))
-		c.mu.Lock()
+		token := binary.NativeEndian.Uint64(buf[0:8])
+		status := int64(binary.NativeEndian.Uint64(buf[8:16]))
+		c.pmu.Lock()
 		p := c.pending[token]
 		delete(c.pending, token)
-		c.mu.Unlock()
+		c.pmu.Unlock()
 		if p == nil {
 			continue
 		}
-		if status != 0 {
-			p.err = codeErr(C.int(status), "copy batch")
+		if status != C.PF_OK {
+			p.err = codeErr(status, "copy batch")
 		}
 		close(p.done)
 	}
 }
 
-// coalesce merges ops adjacent in both the region and the pool.
+// coalesce merges ops adjacent in both the region and the pool. It never
+// merges across a wrap-around, so an invalid op cannot turn valid.
 func coalesce(ops []CopyOp) []CopyOp {
 	if len(ops) < 2 {
 		return ops
@@ -249,8 +295,10 @@ func coalesce(ops []CopyOp) []CopyOp {
 	out := make([]CopyOp, 0, len(ops))
 	cur := ops[0]
 	for _, op := range ops[1:] {
-		if op.RegionOffset == cur.RegionOffset+cur.Len && op.PoolOffset == cur.PoolOffset+cur.Len {
-			cur.Len += op.Len
+		rEnd, pEnd, n := cur.RegionOffset+cur.Len, cur.PoolOffset+cur.Len, cur.Len+op.Len
+		if op.RegionOffset == rEnd && op.PoolOffset == pEnd &&
+			rEnd >= cur.RegionOffset && pEnd >= cur.PoolOffset && n >= cur.Len {
+			cur.Len = n
 			continue
 		}
 		out = append(out, cur)
@@ -259,49 +307,54 @@ func coalesce(ops []CopyOp) []CopyOp {
 	return append(out, cur)
 }
 
-// Submit validates the batch and starts it. On error nothing was copied.
+// Submit validates the batch (every op against the region and pool sizes)
+// and starts it, returning at once. On error nothing was copied and no
+// Pending exists. Ops adjacent in both region and pool are merged first.
 func (c *Copier) Submit(r *Region, p *Pool, dir Direction, ops []CopyOp) (*Pending, error) {
 	if r == nil || p == nil {
 		return nil, fmt.Errorf("%w: nil region or pool", ErrInvalid)
 	}
 	ops = coalesce(ops)
-	pend := &Pending{done: make(chan struct{})}
-	token := c.next.Add(1)
-	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		return nil, fmt.Errorf("%w: copier", ErrClosed)
-	}
-	c.pending[token] = pend
-	c.mu.Unlock()
 	var opsPtr *C.pf_copy_op
 	if len(ops) > 0 {
 		opsPtr = (*C.pf_copy_op)(unsafe.Pointer(&ops[0]))
 	}
-	p.mu.Lock()
-	pool := p.p
-	p.mu.Unlock()
-	if pool == nil {
-		c.forget(token)
+
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.c == nil {
+		return nil, fmt.Errorf("%w: copier", ErrClosed)
+	}
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if r.r == nil {
+		return nil, fmt.Errorf("%w: region", ErrClosed)
+	}
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if p.p == nil {
 		return nil, fmt.Errorf("%w: pool", ErrClosed)
 	}
-	rc := C.pf_copier_submit(c.c, r.r, pool, C.int(dir), opsPtr, C.uint64_t(len(ops)), C.uint64_t(token))
+
+	pend := &Pending{done: make(chan struct{})}
+	token := c.next.Add(1)
+	c.pmu.Lock()
+	c.pending[token] = pend
+	c.pmu.Unlock()
+	// C copies the ops before returning, so the slice is not retained.
+	rc := C.pf_copier_submit(c.c, r.r, p.p, C.int(dir), opsPtr, C.uint64_t(len(ops)), C.uint64_t(token))
 	if rc != C.PF_OK {
-		c.forget(token)
-		return nil, codeErr(rc, fmt.Sprintf("submit %d ops", len(ops)))
+		c.pmu.Lock()
+		delete(c.pending, token)
+		c.pmu.Unlock()
+		return nil, codeErr(int64(rc), fmt.Sprintf("submit %d ops", len(ops)))
 	}
 	return pend, nil
 }
 
-func (c *Copier) forget(token uint64) {
-	c.mu.Lock()
-	delete(c.pending, token)
-	c.mu.Unlock()
-}
-
-// Copy submits and waits. It always waits for the copy to finish, even if
-// ctx ends, because the memory is in use until then; ctx only stops it
-// before submission.
+// Copy is Submit and wait. It always waits for the copy to finish, even if
+// ctx ends meanwhile, because the memory is in use until then; ctx only
+// stops it before submission.
 func (c *Copier) Copy(ctx context.Context, r *Region, p *Pool, dir Direction, ops []CopyOp) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -314,19 +367,21 @@ func (c *Copier) Copy(ctx context.Context, r *Region, p *Pool, dir Direction, op
 	return pend.err
 }
 
-// Close waits for in-flight batches, then stops the threads.
+// Close stops new submits, waits for in-flight batches (their Pendings are
+// done when it returns), then stops the copier. Concurrent and repeated
+// calls all wait and return the same result.
 func (c *Copier) Close() error {
-	c.mu.Lock()
-	if c.closed {
+	c.closeOnce.Do(func() {
+		c.mu.Lock()
+		pc := c.c
+		c.c = nil
 		c.mu.Unlock()
-		return nil
-	}
-	c.closed = true
-	c.mu.Unlock()
-	C.pf_copier_destroy(c.c)
-	// Every completion is in the pipe; closing the write end lets the
-	// reader drain it and stop at EOF.
-	syscall.Close(c.writeFd)
-	c.reader.Wait()
-	return c.readEnd.Close()
+		C.pf_copier_destroy(pc)
+		// Every completion is in the pipe now; closing the write end lets
+		// the reader drain it and stop at EOF.
+		syscall.Close(c.writeFd)
+		c.reader.Wait()
+		c.closeErr = c.readEnd.Close()
+	})
+	return c.closeErr
 }

@@ -1,0 +1,6 @@
+//go:build !cuda
+
+package native
+
+// nativeBuildDir is the CMake build directory this build links.
+const nativeBuildDir = "native"

@@ -1,0 +1,153 @@
+/*
+ * Host copy engine: N threads share a FIFO of batches. A thread takes a
+ * slice of the head batch (up to `grab` bytes, possibly part of one op or
+ * many small ops) under the copier's mutex and copies it without the lock,
+ * so a single large batch is spread over every thread while batches of
+ * small blocks cost one lock round trip per slice, not per block.
+ *
+ * SIGBUS guard: a producer can shrink its shared-memory file while the
+ * engine has it mapped; touching the lost pages raises SIGBUS. Copy threads
+ * catch that fault and fail the batch with PF_ECOPY instead of killing the
+ * process. Faults on any other thread go to the handler that was installed
+ * before ours (Go's runtime in the engine), unchanged.
+ */
+#include "pf_internal.h"
+
+#include <setjmp.h>
+#include <signal.h>
+#include <string.h>
+
+/* Slices are between these sizes: large enough that locking is noise next
+ * to the copy, small enough that a big batch keeps every thread busy. */
+#define PF_GRAB_MIN (64u << 10)
+#define PF_GRAB_MAX (1u << 20)
+
+static _Thread_local sigjmp_buf *pf_fault_env; /* set while a copy thread copies */
+static struct sigaction pf_prev_bus;
+static pthread_once_t pf_guard_once = PTHREAD_ONCE_INIT;
+
+static void fault_handler(int sig, siginfo_t *info, void *uctx) {
+  sigjmp_buf *env = pf_fault_env;
+  if (env != NULL) {
+    pf_fault_env = NULL;
+    siglongjmp(*env, 1);
+  }
+  if (pf_prev_bus.sa_flags & SA_SIGINFO) {
+    if (pf_prev_bus.sa_sigaction != NULL) {
+      pf_prev_bus.sa_sigaction(sig, info, uctx);
+      return;
+    }
+  } else if (pf_prev_bus.sa_handler != SIG_DFL && pf_prev_bus.sa_handler != SIG_IGN) {
+    pf_prev_bus.sa_handler(sig);
+    return;
+  }
+  /* Nobody else handles it: put the default action back. Returning re-runs
+   * the faulting access, which now terminates the process as it would have
+   * without us. */
+  struct sigaction dfl;
+  memset(&dfl, 0, sizeof dfl);
+  dfl.sa_handler = SIG_DFL;
+  sigaction(sig, &dfl, NULL);
+}
+
+static void guard_install(void) {
+  struct sigaction prev, sa;
+  if (sigaction(SIGBUS, NULL, &prev) != 0) return;
+  pf_prev_bus = prev; /* before ours is live, so chaining never sees junk */
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = fault_handler;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+  (void)sigaction(SIGBUS, &sa, NULL);
+}
+
+void pf__fault_guard_install(void) { pthread_once(&pf_guard_once, guard_install); }
+
+/* Copies `take` bytes of b starting at op `op`, byte `off` within it. */
+__attribute__((noinline)) static void copy_slice(const pf_batch *b, uint64_t op, uint64_t off, uint64_t take) {
+  uint8_t *region = b->region->base, *pool = b->pool->base;
+  int to_pool = b->direction == PF_DIR_REGION_TO_POOL;
+  while (take > 0) {
+    const pf_copy_op *o = &b->ops[op];
+    uint64_t n = o->len - off;
+    if (n > take) n = take;
+    uint8_t *r = region + o->region_offset + off, *p = pool + o->pool_offset + off;
+    if (to_pool) memcpy(p, r, (size_t)n);
+    else memcpy(r, p, (size_t)n);
+    take -= n;
+    op++;
+    off = 0;
+  }
+}
+
+/* Runs copy_slice under the SIGBUS guard; returns PF_OK or PF_ECOPY. */
+static int guarded_copy(const pf_batch *b, uint64_t op, uint64_t off, uint64_t take) {
+  sigjmp_buf env;
+  /* savemask=1: the handler runs with SIGBUS blocked; jumping out must
+   * unblock it again or the next fault would kill the process. */
+  if (sigsetjmp(env, 1) != 0) return PF_ECOPY;
+  pf_fault_env = &env;
+  copy_slice(b, op, off, take);
+  pf_fault_env = NULL;
+  return PF_OK;
+}
+
+void pf__host_enqueue(pf_copier *c, pf_batch *b) {
+  uint64_t grab = b->total / (uint64_t)c->n_threads;
+  if (grab < PF_GRAB_MIN) grab = PF_GRAB_MIN;
+  if (grab > PF_GRAB_MAX) grab = PF_GRAB_MAX;
+  b->grab = grab;
+  b->cur_op = 0;
+  b->cur_off = 0;
+  b->next = NULL;
+  pthread_mutex_lock(&c->mu);
+  if (c->tail) c->tail->next = b;
+  else c->head = b;
+  c->tail = b;
+  /* Wake only as many threads as there are slices. */
+  if (b->total > grab) pthread_cond_broadcast(&c->work);
+  else pthread_cond_signal(&c->work);
+  pthread_mutex_unlock(&c->mu);
+}
+
+void *pf__host_worker(void *arg) {
+  pf_copier *c = arg;
+  pthread_mutex_lock(&c->mu);
+  for (;;) {
+    while (c->head == NULL && !c->exiting) pthread_cond_wait(&c->work, &c->mu);
+    if (c->head == NULL) break;
+    pf_batch *b = c->head;
+    uint64_t op = b->cur_op, off = b->cur_off, take = 0;
+    while (b->cur_op < b->n_ops && take < b->grab) {
+      uint64_t left = b->ops[b->cur_op].len - b->cur_off, want = b->grab - take;
+      if (left <= want) {
+        take += left;
+        b->cur_op++;
+        b->cur_off = 0;
+      } else {
+        take += want;
+        b->cur_off += want;
+      }
+    }
+    if (b->cur_op == b->n_ops) {
+      c->head = b->next;
+      if (c->head == NULL) c->tail = NULL;
+    }
+    pthread_mutex_unlock(&c->mu);
+
+    /* Only an empty batch yields an empty slice (ops are never empty). */
+    int last = take == 0;
+    if (take > 0) {
+      /* After a fault the rest of the batch is skipped, not copied. */
+      if (atomic_load(&b->status) == PF_OK && guarded_copy(b, op, off, take) != PF_OK) {
+        int ok = PF_OK;
+        atomic_compare_exchange_strong(&b->status, &ok, PF_ECOPY);
+      }
+      last = atomic_fetch_sub(&b->remaining, take) == take;
+    }
+    if (last) pf__batch_finish(b, atomic_load(&b->status));
+    pthread_mutex_lock(&c->mu);
+  }
+  pthread_mutex_unlock(&c->mu);
+  return NULL;
+}
