@@ -25,6 +25,7 @@ func commands() map[string]command {
 		"serve":   {runServe, "run the KV engine (and the P/D router when backends are given)"},
 		"version": {runVersion, "print the version"},
 		"bench":   {runBench, "measure an OpenAI-compatible endpoint like vLLM's bench serve"},
+		"sim":     {runSim, "run a vLLM stand-in (OpenAI API, engine P/D roles) for demos and tests"},
 	}
 }
 

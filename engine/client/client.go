@@ -46,6 +46,8 @@ func Dial(ctx context.Context, socketPath, clientName string) (*Client, error) {
 	}
 	api := pb.NewEngineClient(conn)
 	sessCtx, cancel := context.WithCancel(context.Background())
+	// ctx bounds the handshake only; the session then lives until Close.
+	stopBound := context.AfterFunc(ctx, cancel)
 	stream, err := api.Attach(sessCtx, &pb.AttachRequest{ClientName: clientName}, grpc.WaitForReady(true))
 	if err != nil {
 		cancel()
@@ -66,6 +68,9 @@ func Dial(ctx context.Context, socketPath, clientName string) (*Client, error) {
 	case f := <-got:
 		ev, err = f.ev, f.err
 	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	if err == nil && !stopBound() {
 		err = ctx.Err()
 	}
 	if err != nil {

@@ -42,6 +42,9 @@ type Server struct {
 	grpc *grpc.Server
 	lis  net.Listener
 	rpc  *prometheus.HistogramVec
+	// closing ends every Attach stream so a graceful stop need not wait
+	// for clients to hang up.
+	closing chan struct{}
 }
 
 // New listens on the socket (replacing a stale one) and prepares the server.
@@ -62,7 +65,7 @@ func New(cfg Config, eng *engine.Engine, log *slog.Logger, reg prometheus.Regist
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, eng: eng, log: log, lis: lis,
+	s := &Server{cfg: cfg, eng: eng, log: log, lis: lis, closing: make(chan struct{}),
 		rpc: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: "pegaflow_engine", Name: "rpc_duration_seconds",
 			Help:    "Engine RPC duration by method and status code.",
@@ -89,7 +92,7 @@ func New(cfg Config, eng *engine.Engine, log *slog.Logger, reg prometheus.Regist
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 10 * time.Second, Timeout: 5 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 	)
-	pb.RegisterEngineServer(s.grpc, &service{eng: eng, log: log})
+	pb.RegisterEngineServer(s.grpc, &service{eng: eng, log: log, closing: s.closing})
 	return s, nil
 }
 
@@ -151,6 +154,7 @@ func (s *Server) Serve(ctx context.Context) error {
 		return err
 	case <-ctx.Done():
 	}
+	close(s.closing)
 	stopped := make(chan struct{})
 	go func() { s.grpc.GracefulStop(); close(stopped) }()
 	select {
@@ -196,8 +200,9 @@ func toStatus(err error) error {
 
 type service struct {
 	pb.UnimplementedEngineServer
-	eng *engine.Engine
-	log *slog.Logger
+	eng     *engine.Engine
+	log     *slog.Logger
+	closing <-chan struct{}
 }
 
 func (s *service) Attach(req *pb.AttachRequest, stream grpc.ServerStreamingServer[pb.SessionEvent]) error {
@@ -209,7 +214,10 @@ func (s *service) Attach(req *pb.AttachRequest, stream grpc.ServerStreamingServe
 	if err := stream.Send(&pb.SessionEvent{SessionId: id, EngineVersion: s.eng.Version(), Backend: s.eng.Backend()}); err != nil {
 		return err
 	}
-	<-stream.Context().Done()
+	select {
+	case <-stream.Context().Done():
+	case <-s.closing:
+	}
 	return nil
 }
 

@@ -255,3 +255,12 @@ func TestSocketIsPrivateAndNotStolen(t *testing.T) {
 	_, err = New(Config{SocketPath: sock}, eng, nil, nil)
 	require.ErrorContains(t, err, "in use")
 }
+
+func TestDialHonoursContextWithoutEngine(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := client.Dial(ctx, filepath.Join(t.TempDir(), "nobody.sock"), "test")
+	require.Error(t, err)
+	require.Less(t, time.Since(start), 5*time.Second)
+}
