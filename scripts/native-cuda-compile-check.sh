@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Compile check of the CUDA build of the native layer on a machine without
+# a CUDA toolkit or GPU (CI). From scratch: a throwaway venv gets the CUDA
+# runtime headers + libcudart_static.a (nvidia-cuda-runtime-cu12) and the
+# crt/ headers they include (nvidia-cuda-nvcc-cu12; its wheel has no nvcc
+# binary, and none is needed: the CUDA build is C against the runtime API).
+# Then: CMake with -DPEGAFLOW_CUDA=ON into build/native-cuda (-Werror),
+# the C boundary test (device checks skip without a GPU), and the Go
+# binding with -tags cuda: vet, build of every package, native's tests.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+runtime_pkg=${PEGAFLOW_CUDA_RUNTIME_WHEEL:-nvidia-cuda-runtime-cu12==12.9.79}
+nvcc_pkg=${PEGAFLOW_CUDA_NVCC_WHEEL:-nvidia-cuda-nvcc-cu12==12.9.86}
+go=${GO:-go}
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/pegaflow-cuda-check.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+echo "== CUDA wheels into $work/venv: $runtime_pkg $nvcc_pkg"
+python3 -m venv "$work/venv"
+"$work/venv/bin/pip" install --quiet --disable-pip-version-check "$runtime_pkg" "$nvcc_pkg"
+site=$("$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+root="$site/nvidia/cuda_runtime"
+
+echo "== cmake -DPEGAFLOW_CUDA=ON -DCUDAToolkit_ROOT=$root"
+cmake -S . -B build/native-cuda -DCMAKE_BUILD_TYPE=Release -DPEGAFLOW_CUDA=ON \
+  -DCUDAToolkit_ROOT="$root" -UPF_CUDA_INCLUDE_DIR -UPF_CUDART_STATIC -UPF_CUDA_CRT_INCLUDE_DIR >/dev/null
+cmake --build build/native-cuda -j
+# libcudart_static.a was copied into build/native-cuda, so the Go link
+# below does not need the venv (nor does any later cuda-tagged build).
+
+echo "== C boundary test (CUDA build)"
+(cd build/native-cuda && ctest --output-on-failure)
+
+echo "== Go binding, -tags cuda"
+"$go" vet -tags cuda ./native/...
+"$go" build -tags cuda ./...
+"$go" test -count=1 -tags cuda ./native/...
+echo "native CUDA compile check: OK"
