@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
+# Test this checkout's sources even if another copy is pip-installed.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from harness import Engine, ReadyServer  # noqa: E402

@@ -702,14 +702,19 @@ class Instance:
         self.freed_at[rid] = time.monotonic()
         self.events.append(("freed", rid))
 
-    def preempt(self, req: Request) -> None:
-        """vLLM's _preempt_request: blocks back to the pool, recompute later."""
+    def preempt(self, req: Request, to_back: bool = False) -> None:
+        """vLLM's _preempt_request: blocks back to the pool, recompute later
+        (vLLM requeues at the front; `to_back` lets a test hand the blocks
+        to another request first)."""
         self.running.remove(req)
         self._free_blocks(req.request_id)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
-        self.waiting.appendleft(req)
+        if to_back:
+            self.waiting.append(req)
+        else:
+            self.waiting.appendleft(req)
         self._preempted_now.add(req.request_id)
 
     def abort(self, rid: str) -> None:
@@ -737,10 +742,10 @@ class Instance:
 
     # -------------------------------------------------------------- one step
 
-    def schedule(self, preempt: Iterable[str] = ()) -> Step:
+    def schedule(self, preempt: Iterable[str] = (), preempt_to_back: bool = False) -> Step:
         self._preempted_now: set[str] = set()
         for rid in preempt:
-            self.preempt(self.requests[rid])
+            self.preempt(self.requests[rid], preempt_to_back)
         budget = self.budget
         new_reqs: list[NewRequestData] = []
         cached = CachedRequestData([], set(), [], {}, [], [], [])

@@ -220,8 +220,8 @@ class EngineClient:
             old.close()
         if reconnect:
             self.metrics.inc("reconnects")
-        log.info("pegaflow: connected to engine %s (session %s, backend %s, version %s)",
-                 self.socket_path, ev.session_id, ev.backend, ev.engine_version)
+        log.info("pegaflow: %s connected to engine %s (session %s, backend %s, version %s)",
+                 self.client_name, self.socket_path, ev.session_id, ev.backend, ev.engine_version)
         for hook in hooks:
             self._run_hook(hook)
         with self._cond:
@@ -242,8 +242,8 @@ class EngineClient:
             self._stub = None
             self._cond.notify_all()
         self.metrics.inc("disconnects")
-        log.warning("pegaflow: engine session at %s ended; reconnecting in the background",
-                    self.socket_path)
+        log.warning("pegaflow: %s: engine session at %s ended; reconnecting in the background",
+                    self.client_name, self.socket_path)
         self._lost.set()
 
     def _mark_lost(self, stub: pb_grpc.EngineStub) -> None:

@@ -183,7 +183,7 @@ class SchedulerCore:
     def namespace_id(self) -> str | None:
         """The namespace to query, or None while unknown (queries skipped)."""
         ns_id, gen = self._ns_id, self._ns_gen
-        if ns_id is not None and gen == self.client.generation:
+        if ns_id is not None and gen == self.client.generation and self.client.connected:
             return ns_id
         if self._ns is None:
             self._poll_namespace_file()
@@ -247,7 +247,7 @@ class SchedulerCore:
         if usable <= start:
             return 0, False
         ns_id = self.namespace_id()
-        if ns_id is None or not self.client.connected:
+        if ns_id is None:
             self.metrics.inc("queries_skipped")
             return 0, False
         key = (start, usable, self.client.generation)
