@@ -91,7 +91,7 @@ class WorkerCore:
         self._loaded: dict[str, set[int]] = {}
         self._loads_inflight = 0
         self._errors: set[int] = set()
-        self._last_meta: int | None = None
+        self._last_meta: PegaConnectorMetadata | None = None
         self._save_q: queue.Queue[_SaveJob | None] = queue.Queue()
         self._load_q: queue.Queue[LoadSpec | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -261,9 +261,11 @@ class WorkerCore:
         """Before the forward pass: protect preempted blocks, start loads.
         Idempotent per metadata object (vLLM may call both
         handle_preemptions and start_load_kv)."""
-        if meta is None or id(meta) == self._last_meta:
+        # Identity, not id(): a freed metadata's id can be reused by the
+        # next step's, which would then be skipped.
+        if meta is None or meta is self._last_meta:
             return
-        self._last_meta = id(meta)
+        self._last_meta = meta
         with self._lock:
             self._delayed |= meta.delayed_free
         if meta.preempted:

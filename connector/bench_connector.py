@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Connector benchmark against the real engine: scheduler cost and
+save/load throughput as seen from Python.
+
+    make bench-connector            # or: PEGAFLOW_BIN=bin/pegaflow python3 connector/bench_connector.py
+
+Scheduler: microseconds per `get_num_new_matched_tokens` call for a miss,
+a hit (with its lease), a repeated call (memoised) and a request with
+nothing to ask (< 1 block), next to a bare Health RPC (the floor of any
+engine round trip from Python).
+
+Worker: a rank's KV caches in /dev/shm (FlashAttention layout, bf16-sized
+elements), steps' saves handed to the background thread and waited for,
+then loads into other blocks; GB/s next to a plain numpy copy of the same
+bytes in this process (the ratio is what the engine path costs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "src"))
+sys.path.insert(0, os.path.join(HERE, "tests"))
+
+from harness import Engine, block_hashes, none_hash  # noqa: E402
+from pegaflow_connector._proto import engine_pb2 as pb  # noqa: E402
+from pegaflow_connector.client import EngineClient  # noqa: E402
+from pegaflow_connector.config import ConnectorConfig, hash_seed_fingerprint  # noqa: E402
+from pegaflow_connector.metadata import LoadSpec, PegaConnectorMetadata, SaveSpec  # noqa: E402
+from pegaflow_connector.scheduler import SchedulerCore  # noqa: E402
+from pegaflow_connector.worker import WorkerCore  # noqa: E402
+
+
+class Req:
+    def __init__(self, rid: str, tokens: list[int], bs: int, seed: bytes):
+        self.request_id = rid
+        self.prompt_token_ids = tokens
+        self.num_tokens = len(tokens)
+        self.num_prompt_tokens = len(tokens)
+        self.kv_transfer_params = None
+        self.block_hashes = block_hashes(tokens, bs, seed)
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--heads", type=int, default=8, help="KV heads per rank")
+    ap.add_argument("--head-size", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--blocks", type=int, default=320, help="KV cache blocks of the rank")
+    ap.add_argument("--prompt-tokens", type=int, default=4096)
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--pool", default="2GiB")
+    args = ap.parse_args()
+    binary = os.environ.get("PEGAFLOW_BIN") or os.path.join(HERE, "..", "bin", "pegaflow")
+
+    workdir = tempfile.mkdtemp(prefix="pfb-", dir="/tmp")
+    engine = Engine(binary, workdir, pool=args.pool, extra_args=["--log-level", "warn"])
+    engine.start()
+    shm = f"/dev/shm/pegaflow-bench-{uuid.uuid4().hex[:8]}"
+    bs, nb = args.block_size, args.blocks
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    seed = none_hash(os.environ["PYTHONHASHSEED"])
+    try:
+        shape = (2, nb, bs, args.heads, args.head_size)
+        layer_elems = int(np.prod(shape))
+        buf = np.memmap(shm, dtype=np.float16, mode="w+", shape=(layer_elems * args.layers,))
+        buf[:] = np.random.default_rng(0).integers(0, 1 << 15, buf.size, dtype=np.int16).view(np.float16)
+        caches = {f"layers.{i}": buf[i * layer_elems:(i + 1) * layer_elems].reshape(shape)
+                  for i in range(args.layers)}
+        block_bytes = layer_elems * 2 // nb * args.layers
+
+        cfg = ConnectorConfig.load({"socket_path": engine.socket}, env={})
+        ns = pb.Namespace(model="bench", block_size=bs, tp_size=1, hash_algo="sha256",
+                          hash_seed_fingerprint=hash_seed_fingerprint("sha256"))
+        wclient = EngineClient(engine.socket, "bench-worker")
+        worker = WorkerCore(cfg, wclient, rank=0, tp_size=1, instance_id="bench", namespace=ns)
+        worker.register_kv_caches(caches, nb, bs)
+        wclient.start()
+        sclient = EngineClient(engine.socket, "bench-scheduler")
+        sched = SchedulerCore(cfg, sclient, block_size=bs, instance_id="bench",
+                              load_enabled=True, save_enabled=True)
+        sclient.start()
+        deadline = time.monotonic() + 10
+        while not worker.registered():
+            assert time.monotonic() < deadline, "worker did not register"
+            time.sleep(0.01)
+        assert worker.namespace is not None
+        sched.set_namespace(worker.namespace)
+        while sched.namespace_id() is None:
+            assert time.monotonic() < deadline, "scheduler has no namespace"
+            time.sleep(0.01)
+
+        rng = random.Random(1)
+
+        def tokens(n: int) -> list[int]:
+            return [rng.randrange(1, 100000) for _ in range(n)]
+
+        # ---------------------------------------------------------- saves
+        n_hash = min(args.prompt_tokens // bs, nb // 2)
+        hit_prompt = tokens(n_hash * bs + 1)
+        hit_hashes = block_hashes(hit_prompt, bs, seed)
+        print(f"engine pool {args.pool}; block = {args.layers} layers x K/V x {bs} tok x "
+              f"{args.heads} heads x {args.head_size} x 2 B = {block_bytes / 2**20:.2f} MiB per rank")
+        print()
+        print(f"{'save/load (Python, one rank)':34} {'blocks':>7} {'ms':>9} {'GB/s':>7} {'memcpy GB/s':>12} {'ratio':>6}")
+
+        def memcpy_gbps(n: int) -> float:
+            """Best of 3 single-thread copies into pre-faulted memory."""
+            src = np.ndarray((n * block_bytes // 2,), dtype=np.float16, buffer=buf)
+            dst = np.ones_like(src)
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                np.copyto(dst, src)
+                best = min(best, time.perf_counter() - t0)
+            return n * block_bytes / best / 1e9
+
+        step = 0
+
+        def run_save(ids: list[int], hashes: list[bytes]) -> float:
+            nonlocal step
+            step += 1
+            meta = PegaConnectorMetadata(saves=[SaveSpec(f"s{step}", ids, hashes)])
+            t0 = time.perf_counter()
+            worker.start_step(meta)
+            worker.end_step(meta)
+            assert worker.flush(60)
+            return time.perf_counter() - t0
+
+        def run_load(ids: list[int], hashes: list[bytes]) -> float:
+            nonlocal step
+            step += 1
+            rid = f"l{step}"
+            meta = PegaConnectorMetadata(loads=[LoadSpec(rid, ids, hashes)])
+            t0 = time.perf_counter()
+            worker.start_step(meta)
+            while True:
+                _, recv = worker.get_finished(set())
+                if recv and rid in recv:
+                    break
+                time.sleep(0.0002)
+            dt = time.perf_counter() - t0
+            assert not worker.load_errors()
+            return dt
+
+        for n in (16, 64, n_hash):
+            hashes = [uuid.uuid4().bytes * 2 for _ in range(n)]
+            ids = list(range(n))
+            dt = run_save(ids, hashes)
+            mc = memcpy_gbps(n)
+            gbps = n * block_bytes / dt / 1e9
+            print(f"{'save (wait_for_save -> sealed)':34} {n:>7} {dt * 1e3:>9.2f} {gbps:>7.2f} {mc:>12.2f} {gbps / mc:>6.2f}")
+            dt = run_load(list(range(nb - n, nb)), hashes)
+            gbps = n * block_bytes / dt / 1e9
+            print(f"{'load (start_load_kv -> finished)':34} {n:>7} {dt * 1e3:>9.2f} {gbps:>7.2f} {mc:>12.2f} {gbps / mc:>6.2f}")
+        run_save(list(range(n_hash)), hit_hashes)
+
+        # ---------------------------------------------------------- scheduler
+        print()
+        print(f"{'get_num_new_matched_tokens':34} {'hashes':>7} {'mean us':>9} {'p50 us':>8} {'p99 us':>8}")
+
+        def bench(label: str, make: callable, n: int, repeat_same: bool = False) -> None:
+            times = []
+            r = make(0)
+            sched.get_num_new_matched_tokens(r, 0)
+            for i in range(args.calls):
+                if not repeat_same:
+                    r = make(i + 1)
+                t0 = time.perf_counter()
+                got = sched.get_num_new_matched_tokens(r, 0)
+                times.append(time.perf_counter() - t0)
+                if not repeat_same:
+                    sched.request_finished(r, [])
+            print(f"{label:34} {n:>7} {statistics.mean(times) * 1e6:>9.1f} "
+                  f"{pct(times, 0.5) * 1e6:>8.1f} {pct(times, 0.99) * 1e6:>8.1f}   -> {got}")
+
+        miss_prompts = [tokens(n_hash * bs + 1) for _ in range(args.calls + 1)]
+        bench("miss (1 Query RPC)", lambda i: Req(f"m{i}", miss_prompts[i], bs, seed), n_hash)
+        bench("hit (1 Query RPC + lease)", lambda i: Req(f"h{i}", hit_prompt, bs, seed), n_hash)
+        bench("repeated call (memoised)", lambda i: Req("rep", hit_prompt, bs, seed), n_hash,
+              repeat_same=True)
+        bench("nothing to ask (< 1 block)", lambda i: Req(f"s{i}", tokens(bs - 1), bs, seed), 0)
+        times = []
+        for _ in range(args.calls):
+            t0 = time.perf_counter()
+            sclient.health()
+            times.append(time.perf_counter() - t0)
+        print(f"{'(floor: bare Health RPC)':34} {0:>7} {statistics.mean(times) * 1e6:>9.1f} "
+              f"{pct(times, 0.5) * 1e6:>8.1f} {pct(times, 0.99) * 1e6:>8.1f}")
+        print(f"\n(one block hash hashed here: {len(hit_hashes)} hashes built in "
+              f"{_hash_cost(hit_prompt, bs, seed) * 1e6:.0f} us by vLLM's own hasher, for scale)")
+        worker.shutdown()
+        sched.shutdown()
+        wclient.close()
+        sclient.close()
+        return 0
+    finally:
+        engine.stop()
+        try:
+            os.unlink(shm)
+        except FileNotFoundError:
+            pass
+
+
+def _hash_cost(tokens: list[int], bs: int, seed: bytes) -> float:
+    t0 = time.perf_counter()
+    block_hashes(tokens, bs, seed)
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
