@@ -124,6 +124,9 @@ class SchedulerCore:
         self._reqs: dict[str, _Req] = {}
         self._to_load: list[_Req] = []
         self._delayed: set[str] = set()
+        # Abandoned transfers to fail once the request's saves are done (a
+        # Release that overtook an in-flight tagged save would be undone by it).
+        self._release_after_send: dict[str, str] = {}
         self._lock = threading.Lock()  # namespace state (set from other threads)
         self._ns: pb.Namespace | None = None
         self._ns_id: str | None = None
@@ -470,6 +473,11 @@ class SchedulerCore:
         st.next_save = max(st.next_save, limit)
 
     def update_connector_output(self, output: Any) -> None:
+        if self._release_after_send:
+            for rid in getattr(output, "finished_sending", None) or ():
+                tid = self._release_after_send.pop(rid, None)
+                if tid:
+                    self._release(transfer_id=tid)
         for rid in getattr(output, "finished_recving", None) or ():
             st = self._reqs.get(rid)
             if st is not None:
@@ -496,9 +504,13 @@ class SchedulerCore:
                     params[K_NAMESPACE] = self._ns_id
             else:
                 # The prefill ended before its prompt was saved (abort, error):
-                # fail the transfer now so the router stops waiting.
+                # fail the transfer so the router stops waiting - after the
+                # saves already handed to workers, which would recreate it.
                 self.metrics.inc("transfers_abandoned")
-                self._release(transfer_id=st.transfer_id)
+                if st.saved_any:
+                    self._release_after_send[st.req_id] = st.transfer_id
+                else:
+                    self._release(transfer_id=st.transfer_id)
         if st.remote_transfer and not st.transfer_loaded:
             self._release(transfer_id=st.remote_transfer)
         delay = st.saved_any
