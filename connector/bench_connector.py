@@ -192,7 +192,7 @@ def main() -> int:
 
         miss_prompts = [tokens(n_hash * bs + 1) for _ in range(args.calls + 1)]
         bench("miss (1 Query RPC)", lambda i: Req(f"m{i}", miss_prompts[i], bs, seed), n_hash)
-        bench("hit (1 Query RPC + lease)", lambda i: Req(f"h{i}", hit_prompt, bs, seed), n_hash)
+        bench("hit (Query RPC + lease; bg release)", lambda i: Req(f"h{i}", hit_prompt, bs, seed), n_hash)
         bench("repeated call (memoised)", lambda i: Req("rep", hit_prompt, bs, seed), n_hash,
               repeat_same=True)
         bench("nothing to ask (< 1 block)", lambda i: Req(f"s{i}", tokens(bs - 1), bs, seed), 0)

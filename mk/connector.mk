@@ -10,7 +10,7 @@ CONNECTOR_PROTO_DIR := connector/src/pegaflow_connector/_proto
 # >= 6.33; 7.x works too) while today's grpcio-tools would demand >= 7.35.
 PROTO_PY_TOOLS ?= grpcio-tools==1.71.0
 PROTO_PY_VENV := $(BUILD_DIR)/proto-py
-CONNECTOR_PIP := $(PYTHON) -m pip install -q --disable-pip-version-check
+CONNECTOR_PIP := $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore
 
 .PHONY: proto-python connector-deps test-connector bench-connector
 # protoc writes an absolute import of the proto package (`from pegaflow.v1
