@@ -118,7 +118,12 @@ def main() -> int:
         print(f"engine pool {args.pool}; block = {args.layers} layers x K/V x {bs} tok x "
               f"{args.heads} heads x {args.head_size} x 2 B = {block_bytes / 2**20:.2f} MiB per rank")
         print()
-        print(f"{'save/load (Python, one rank)':34} {'blocks':>7} {'ms':>9} {'GB/s':>7} {'memcpy GB/s':>12} {'ratio':>6}")
+        print(f"{'save/load (Python, one rank)':34} {'blocks':>7} {'ms':>9} {'GB/s':>7} "
+              f"{'memcpy GB/s':>12} {'ratio':>6}")
+
+        def row(label: str, n: int, dt: float, mc: float) -> None:
+            gbps = n * block_bytes / dt / 1e9
+            print(f"{label:34} {n:>7} {dt * 1e3:>9.2f} {gbps:>7.2f} {mc:>12.2f} {gbps / mc:>6.2f}")
 
         def memcpy_gbps(n: int) -> float:
             """Best of 3 single-thread copies into pre-faulted memory."""
@@ -164,11 +169,8 @@ def main() -> int:
             ids = list(range(n))
             dt = run_save(ids, hashes)
             mc = memcpy_gbps(n)
-            gbps = n * block_bytes / dt / 1e9
-            print(f"{'save (wait_for_save -> sealed)':34} {n:>7} {dt * 1e3:>9.2f} {gbps:>7.2f} {mc:>12.2f} {gbps / mc:>6.2f}")
-            dt = run_load(list(range(nb - n, nb)), hashes)
-            gbps = n * block_bytes / dt / 1e9
-            print(f"{'load (start_load_kv -> finished)':34} {n:>7} {dt * 1e3:>9.2f} {gbps:>7.2f} {mc:>12.2f} {gbps / mc:>6.2f}")
+            row("save (wait_for_save -> sealed)", n, dt, mc)
+            row("load (start_load_kv -> finished)", n, run_load(list(range(nb - n, nb)), hashes), mc)
         run_save(list(range(n_hash)), hit_hashes)
 
         # ---------------------------------------------------------- scheduler

@@ -231,7 +231,8 @@ def kv_values(keys: np.ndarray, layer: int, rank: int, kv: int, elems: int) -> n
     """(n_tokens, elems) uint16 pattern for one layer/rank/K-or-V."""
     base = (keys * np.uint64(2654435761) + np.uint64(layer * 1000003 + rank * 7919 + kv * 31)) \
         & np.uint64(0xFFFF)
-    return ((base[:, None] + np.arange(elems, dtype=np.uint64)[None, :]) & np.uint64(0xFFFF)).astype(np.uint16)
+    vals = (base[:, None] + np.arange(elems, dtype=np.uint64)[None, :]) & np.uint64(0xFFFF)
+    return vals.astype(np.uint16)
 
 
 # ------------------------------------------------------------------ KV caches
@@ -493,7 +494,7 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
                 conn_.handle_preemptions(meta)
                 conn_.bind_connector_metadata(meta)
                 conn_.start_load_kv(None)
-                for rid, block_ids, start, end, tokens in fwd:
+                for _rid, block_ids, start, end, tokens in fwd:
                     write_tokens(spec.cache, caches, spec.rank, tokens, block_ids, start, end)
                 for name, cache in caches.items():
                     conn_.wait_for_layer_load(name)

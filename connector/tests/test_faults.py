@@ -58,15 +58,14 @@ def test_engine_killed_mid_save_then_restarted(engine: Engine, ready_server: Rea
         engine.start()  # restarted on the same socket: everyone reconnects
         p.wait_registered()
         d.wait_registered()
-        c = p.connector.client
-        assert p.connector.metrics.get("reconnects") >= 1, (c.session_id, c.generation, c.connected, c.metrics.snapshot(), [l for l in engine.tail(100000).splitlines() if "session" in l])
+        assert p.connector.metrics.get("reconnects") >= 1
         assert wm(p, "reconnects") >= 2 and wm(p, "registrations") >= 4
         p.add_request("r3", tokens, max_tokens=1)
         p.run()
         assert p.flush()
         r4 = d.add_request("r4", tokens, max_tokens=1)
         d.run()
-        assert r4.load_done_computed == 144, (p.worker_metrics(), engine.stats(), d.connector.metrics.snapshot(), p.connector.metrics.snapshot())
+        assert r4.load_done_computed == 144
         assert_blocks_are(d, d.last_blocks["r4"], tokens, 9)
     finally:
         p.close()

@@ -133,7 +133,7 @@ class SchedulerCore:
         self._ns_gen = -1
         self._ns_file_checked = 0.0
         self._ns_rejected = False
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pegaflow-sched")
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pegaflow-sched")
         self._has_preempted_field: bool | None = None
         client.add_on_connect(self._on_connect)
 
@@ -390,12 +390,13 @@ class SchedulerCore:
 
     def build_connector_meta(self, so: Any) -> PegaConnectorMetadata:
         meta = PegaConnectorMetadata()
-        for st in self._to_load:
-            if st.load is not None:
-                meta.loads.append(st.load)
-                st.load, st.loading = None, True
+        for queued in self._to_load:
+            if queued.load is not None:
+                meta.loads.append(queued.load)
+                queued.load, queued.loading = None, True
         self._to_load = []
         scheduled: set[str] = set()
+        st: _Req | None
         for new in getattr(so, "scheduled_new_reqs", None) or ():
             st = self._reqs.get(new.req_id)
             if st is None:
