@@ -150,9 +150,9 @@ def test_preemption_does_not_corrupt_a_save(engine: Engine) -> None:
         step = a.schedule(preempt=["A"], preempt_to_back=True)
         assert set(a.blocks["B"]) & set(a_blocks), "B must reuse A's blocks"
         assert "A" in step.meta.preempted
-        threading.Timer(0.5, engine.resume).start()
+        threading.Timer(1.0, engine.resume).start()
         a.update(step, a.execute(step))  # B's forward overwrites A's old blocks
-        assert wm(a, "preemption_wait_seconds") >= 0.3, "the forward did not wait for A's save"
+        assert wm(a, "preemption_waits") == 1, "the forward did not wait for A's save"
         a.run()
         assert ra.num_preemptions == 1 and len(ra.output_token_ids) == 4 and rb.is_finished()
         # What the engine stored under A's hashes is A's KV, not B's.

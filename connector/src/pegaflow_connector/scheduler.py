@@ -225,10 +225,15 @@ class SchedulerCore:
                 n = params.get(K_NUM_BLOCKS)
                 st.remote_blocks = int(n) if isinstance(n, (int, str)) and str(n).isdigit() else None
                 st.remote_namespace = str(params.get(K_NAMESPACE) or "")
-            elif tid and params.get(K_DO_REMOTE_DECODE) and self.save_enabled:
-                st.transfer_id = tid
-                st.ready_url = str(params.get(K_READY_URL) or "")
-                st.ready_token = str(params.get(K_READY_TOKEN) or "")
+            elif tid and params.get(K_DO_REMOTE_DECODE):
+                if self.save_enabled:
+                    st.transfer_id = tid
+                    st.ready_url = str(params.get(K_READY_URL) or "")
+                    st.ready_token = str(params.get(K_READY_TOKEN) or "")
+                else:
+                    self.client.warn_limited("pegaflow: prefill request %s arrived at a kv_consumer "
+                                             "instance: nothing will be saved for the decode leg",
+                                             rid)
             n_prompt = getattr(request, "num_prompt_tokens", None)
             if n_prompt is None:
                 n_prompt = len(getattr(request, "prompt_token_ids", None) or [])

@@ -314,6 +314,8 @@ class WorkerCore:
         deadline = time.monotonic() + timeout_s
         t0 = time.perf_counter()
         with self._cond:
+            if any(self._pending.get(r, 0) for r in ids):
+                self.metrics.inc("preemption_waits")
             while any(self._pending.get(r, 0) for r in ids):
                 left = deadline - time.monotonic()
                 if left <= 0:
