@@ -462,6 +462,7 @@ class WorkerSpec:
     extra: dict[str, Any]
     shm_prefix: str
     env: dict[str, str]
+    preempt_ids: bool = False  # handle_preemptions(set of ids), as some vLLM releases
 
 
 def _worker_main(conn: Any, spec: WorkerSpec) -> None:
@@ -489,9 +490,10 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
         op = msg[0]
         try:
             if op == "step":
-                _, finished_ids, meta_bytes, fwd = msg
+                _, finished_ids, meta_bytes, fwd, preempted_ids = msg
                 meta = pickle.loads(meta_bytes)
-                conn_.handle_preemptions(meta)
+                # vLLM passes the metadata; some releases pass the ids.
+                conn_.handle_preemptions(set(preempted_ids) if spec.preempt_ids else meta)
                 conn_.bind_connector_metadata(meta)
                 conn_.start_load_kv(None)
                 for _rid, block_ids, start, end, tokens in fwd:
@@ -587,7 +589,8 @@ class Instance:
     def __init__(self, engine: Engine, *, name: str, tp: int, cache: CacheSpec,
                  kv_role: str = "kv_both", token_budget: int = 256, model: str = "test-model",
                  extra: dict[str, Any] | None = None, seed: str | None = "0",
-                 worker_env: dict[str, str] | None = None, engine_id: str | None = None):
+                 worker_env: dict[str, str] | None = None, engine_id: str | None = None,
+                 preempt_ids: bool = False):
         from pegaflow_connector import PegaKVConnector
         from pegaflow_connector.compat import KVConnectorRole
 
@@ -618,7 +621,8 @@ class Instance:
             os.environ.update(saved)
         shm = f"/dev/shm/pegaflow-test-{name}-{uuid.uuid4().hex[:8]}"
         self.workers = [WorkerProc(WorkerSpec(r, tp, cache, model, kv_role, self.engine_id,
-                                              self.extra, shm, {**env, **(worker_env or {})}))
+                                              self.extra, shm, {**env, **(worker_env or {})},
+                                              preempt_ids))
                         for r in range(tp)]
         # Scheduler state (vLLM's Scheduler, reduced to what the connector sees).
         self.free: collections.deque[int] = collections.deque(range(cache.num_blocks))
@@ -858,7 +862,8 @@ class Instance:
         targets = [w for w in self.workers if ranks is None or w.rank in set(ranks)]
         blob = pickle.dumps(step.meta)
         for w in targets:
-            w.send(("step", sorted(step.so.finished_req_ids), blob, step.fwd))
+            w.send(("step", sorted(step.so.finished_req_ids), blob, step.fwd,
+                    sorted(step.so.preempted_req_ids or ())))
         return [w.recv() for w in targets]
 
     def update(self, step: Step, outputs: list[Any]) -> KVConnectorOutput:

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import numpy as np
+import pytest
 
 from harness import CacheSpec, Engine, Instance, ReadyServer, expected_block
 
@@ -132,11 +133,12 @@ def test_block_free_waits_for_saves(engine: Engine) -> None:
         b.close()
 
 
-def test_preemption_does_not_corrupt_a_save(engine: Engine) -> None:
+@pytest.mark.parametrize("preempt_ids", [False, True], ids=["metadata", "id-set"])
+def test_preemption_does_not_corrupt_a_save(engine: Engine, preempt_ids: bool) -> None:
     # 6 blocks: preempting A hands A's blocks to B in the very same step.
     cache = CacheSpec("flash_attn", num_layers=2, num_blocks=6)
     a = Instance(engine, name="a", tp=1, cache=cache, token_budget=512,
-                 extra={"query_timeout_ms": 100})
+                 extra={"query_timeout_ms": 100}, preempt_ids=preempt_ids)
     d = Instance(engine, name="d", tp=1, cache=CacheSpec("flash_attn", num_layers=2))
     try:
         a.handshake()

@@ -172,8 +172,15 @@ class PegaKVConnector(KVConnectorBase_V1):
 
     @_guard(lambda self, *a, **k: None)
     def handle_preemptions(self, kv_connector_metadata: Any = None, *args: Any, **kwargs: Any) -> None:
-        if self._worker is not None and isinstance(kv_connector_metadata, PegaConnectorMetadata):
+        """Before preempted requests' blocks are reused (or zeroed). vLLM
+        passes this step's metadata, or (some releases) the set of
+        preempted request ids."""
+        if self._worker is None:
+            return
+        if isinstance(kv_connector_metadata, PegaConnectorMetadata):
             self._worker.start_step(kv_connector_metadata)
+        elif isinstance(kv_connector_metadata, (set, frozenset, list, tuple)):
+            self._worker.wait_preempted(kv_connector_metadata)
 
     @_guard(lambda self, *a, **k: None)
     def start_load_kv(self, forward_context: Any = None, **kwargs: Any) -> None:

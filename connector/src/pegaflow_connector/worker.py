@@ -309,6 +309,11 @@ class WorkerCore:
             errors, self._errors = self._errors, set()
         return errors
 
+    def wait_preempted(self, req_ids: Iterable[str]) -> bool:
+        """Blocks until the in-flight saves of these requests are done
+        (bounded by preemption_wait_ms)."""
+        return self._wait_saves(req_ids, self.cfg.preemption_wait_ms / 1000)
+
     def _wait_saves(self, req_ids: Iterable[str], timeout_s: float) -> bool:
         ids = set(req_ids)
         deadline = time.monotonic() + timeout_s
