@@ -58,7 +58,8 @@ LOG_DIR="${LOG_DIR:-./pd-logs}"
 VLLM_ARGS="${VLLM_ARGS:-}"
 
 kv_config() { # role instance
-  printf '{"kv_connector":"PegaKVConnector","kv_role":"%s","kv_connector_module_path":"pegaflow_connector","kv_connector_extra_config":{"socket_path":"%s","instance_id":"%s"}}' \
+  # recompute: a block the engine cannot deliver is recomputed, not an error.
+  printf '{"kv_connector":"PegaKVConnector","kv_role":"%s","kv_connector_module_path":"pegaflow_connector","kv_load_failure_policy":"recompute","kv_connector_extra_config":{"socket_path":"%s","instance_id":"%s"}}' \
     "$1" "$SOCKET" "$2"
 }
 

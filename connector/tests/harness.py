@@ -439,7 +439,8 @@ def vllm_config(*, model: str, block_size: int, tp: int, kv_role: str, engine_id
     """The VllmConfig attributes the connector reads."""
     ktc = SimpleNamespace(kv_connector="PegaKVConnector", kv_role=kv_role, engine_id=engine_id,
                           kv_connector_module_path="pegaflow_connector",
-                          kv_connector_extra_config=dict(extra), is_kv_producer=kv_role != "kv_consumer")
+                          kv_connector_extra_config=dict(extra), is_kv_producer=kv_role != "kv_consumer",
+                          kv_load_failure_policy="recompute")
     return SimpleNamespace(
         kv_transfer_config=ktc,
         model_config=SimpleNamespace(model=model, revision=None, dtype="float16", use_mla=False),

@@ -99,6 +99,11 @@ class PegaKVConnector(KVConnectorBase_V1):
         for k in getattr(cfg, "unknown_keys", []):
             log.warning("pegaflow: unknown kv_connector_extra_config key %r ignored", k)
         role_name = str(getattr(ktc, "kv_role", "kv_both") or "kv_both")
+        if getattr(ktc, "kv_load_failure_policy", None) == "fail" and self._is_scheduler:
+            log.warning("pegaflow: kv_load_failure_policy is 'fail' (vLLM's default): a block the "
+                        "engine cannot deliver (evicted, engine restarted) fails its request. Set "
+                        "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config to "
+                        "recompute such blocks instead.")
         self._load_enabled = role_name in ("kv_both", "kv_consumer")
         self._save_enabled = role_name in ("kv_both", "kv_producer")
         mc, cc, pc = vc.model_config, vc.cache_config, vc.parallel_config
