@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
@@ -14,7 +15,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from harness import Engine, ReadyServer  # noqa: E402
+from harness import SHM_PREFIX, Engine, ReadyServer  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
@@ -47,3 +48,23 @@ def ready_server() -> Iterator[ReadyServer]:
     s = ReadyServer()
     yield s
     s.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_tmp() -> Iterator[None]:
+    """Namespace rendezvous files (and anything else under TMPDIR) of this
+    session go to a private directory, removed at the end along with KV
+    cache files that crashed workers left in /dev/shm."""
+    d = tempfile.mkdtemp(prefix="pfc-tmp-", dir="/tmp")
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = d
+    tempfile.tempdir = None
+    yield
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+    tempfile.tempdir = None
+    shutil.rmtree(d, ignore_errors=True)
+    for path in glob.glob(SHM_PREFIX + "-*"):
+        os.unlink(path)

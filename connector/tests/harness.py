@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 
 STEP_TIMEOUT_S = 60.0
+# KV cache files of this test process's workers (conftest removes leftovers).
+SHM_PREFIX = f"/dev/shm/pegaflow-test-{os.getpid()}"
 
 # ------------------------------------------------------------------ engine
 
@@ -620,7 +622,7 @@ class Instance:
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        shm = f"/dev/shm/pegaflow-test-{name}-{uuid.uuid4().hex[:8]}"
+        shm = f"{SHM_PREFIX}-{name}-{uuid.uuid4().hex[:8]}"
         self.workers = [WorkerProc(WorkerSpec(r, tp, cache, model, kv_role, self.engine_id,
                                               self.extra, shm, {**env, **(worker_env or {})},
                                               preempt_ids))
