@@ -33,7 +33,7 @@ proto-python:
 # What the connector tests need; the connector itself goes in editable mode
 # without touching its dependencies (grpcio/protobuf/numpy come from here).
 connector-deps:
-	$(CONNECTOR_PIP) 'pytest>=8' 'numpy>=1.26' 'grpcio>=1.71' 'protobuf>=5.29'
+	$(CONNECTOR_PIP) 'pytest>=8' 'numpy>=1.26' 'grpcio>=1.71' 'protobuf>=5.29' 'setuptools>=64'
 	$(CONNECTOR_PIP) --no-deps --no-build-isolation -e connector
 
 test-connector: build connector-deps
