@@ -79,11 +79,13 @@ class ProbeMetadata(KVConnectorMetadata):
 
 
 def kv_views(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of a CPU-backend layer tensor, as vLLM's CPU attention reads
-    them: the registered shape is [num_blocks, num_kv_heads, block_size,
-    2*head_size], but per (block, head) the memory holds block_size K rows
-    followed by block_size V rows, each head_size long (cpu_attn.py views it
-    as [B, H, 2*block_size, head_size] and chunks dim 2)."""
+    """K and V regions of a CPU-backend layer tensor. The registered shape is
+    [num_blocks, num_kv_heads, block_size, 2*head_size], but per (block, head)
+    the memory holds block_size*head_size K values, then block_size*head_size
+    V values (cpu_attn.py views it as [B, H, 2*block_size, head_size] and
+    chunks dim 2). Inside the K region the "vec" ISA stores K transposed
+    ([head_size, block_size]); V is [block_size, head_size] (verified by
+    verify_kv_layout.py). The checksums only need the regions."""
     b, h, n, c2 = t.shape
     k, v = t.view(b, h, 2 * n, c2 // 2).chunk(2, dim=2)
     return k, v

@@ -6,7 +6,10 @@
 #      not, 5 to ~1400 tokens) gives token-identical greedy output on both;
 #   2. verify_kv_layout.py: the KV bytes the probe dumped right after each
 #      prefill equal Hugging Face's K/V under the documented layout;
-#   3. a summary of the connector calls vLLM made (probe log).
+#   3. verify_block_hashes.py: request.block_hashes as vLLM logged them equal
+#      the hashes recomputed from the prompt ids (sha256 + pickle, seed
+#      PYTHONHASHSEED=0);
+#   4. a summary of the connector calls vLLM made (probe log).
 #
 #   scripts/e2e-vllm/smoke.sh [OUT_DIR]     (default: build/e2e-vllm/smoke)
 #
@@ -73,7 +76,9 @@ echo "[smoke] compare: $(awk -v a="$t1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1
 
 cleanup
 PIDS=()
-"$PY" "$HERE/verify_kv_layout.py" "$MODEL" "$OUT/kv-dump" 2>/dev/null | tail -1 || rc=1
+"$PY" "$HERE/verify_kv_layout.py" "$MODEL" "$OUT/kv-dump" 2>/dev/null | tail -1
+[[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+"$PY" "$HERE/verify_block_hashes.py" "$OUT/probe.jsonl" "$OUT/kv-dump" --seed "$PYTHONHASHSEED" || rc=1
 "$PY" - "$OUT/probe.jsonl" <<'EOF'
 import collections, json, sys
 recs = [json.loads(l) for l in open(sys.argv[1])]
