@@ -146,8 +146,10 @@ def main(argv: list[str]) -> int:
             if ref["token_ids"] is None or cand["token_ids"] is None:
                 problems.append("token ids missing")
             elif ref["token_ids"] != cand["token_ids"]:
-                k = next((i for i, (a, b) in enumerate(zip(ref["token_ids"], cand["token_ids"])) if a != b), None)
-                problems.append(f"token ids differ (first at {k}; ref {len(ref['token_ids'])} cand {len(cand['token_ids'])})")
+                pairs = zip(ref["token_ids"], cand["token_ids"], strict=False)
+                k = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+                n_ref, n_cand = len(ref["token_ids"]), len(cand["token_ids"])
+                problems.append(f"token ids differ (first at {k}; ref {n_ref} cand {n_cand})")
             if ref["text"] != cand["text"]:
                 problems.append("text differs")
             if ref["token_ids"] is not None and len(ref["token_ids"]) != args.max_tokens:

@@ -70,7 +70,6 @@ class FileKVConnector(KVConnectorBase_V1):
         self._log_path = os.environ.get("PROBE_LOG", "/tmp/file-kv.jsonl")
         # scheduler state
         self._pending_loads: dict[str, LoadSpec] = {}
-        self._hits: dict[str, int] = {}  # req -> external tokens promised
         self._local: dict[str, int] = {}  # req -> local prefix-cache hit (tokens)
         self._saved_upto: dict[str, int] = {}  # req -> full blocks already planned for save
         self._block_ids: dict[str, list[int]] = {}
@@ -90,8 +89,8 @@ class FileKVConnector(KVConnectorBase_V1):
         return os.path.join(self._dir, f"{h}.{layer}.bin")
 
     def _stored(self, h: str) -> bool:
-        # The scheduler does not know layer names; the last layer's file is
-        # written last (sorted order), so its presence means the block is whole.
+        # The scheduler does not know layer names; the worker writes the
+        # marker after every layer's file, so it means the block is whole.
         return os.path.exists(os.path.join(self._dir, f"{h}.done"))
 
     # ---------------------------------------------------------- worker
@@ -109,7 +108,7 @@ class FileKVConnector(KVConnectorBase_V1):
             return
         for spec in meta.loads:
             t0 = time.monotonic()
-            for bid, h in zip(spec.block_ids, spec.hashes):
+            for bid, h in zip(spec.block_ids, spec.hashes, strict=True):
                 for name, t in self._kv.items():
                     dst = self._block_view(t, bid)
                     try:
@@ -136,7 +135,7 @@ class FileKVConnector(KVConnectorBase_V1):
         if not isinstance(meta, FileKVMetadata):
             return
         for spec in meta.saves:
-            for bid, h in zip(spec.block_ids, spec.hashes):
+            for bid, h in zip(spec.block_ids, spec.hashes, strict=True):
                 if self._stored(h):
                     continue
                 for name, t in self._kv.items():
@@ -169,7 +168,6 @@ class FileKVConnector(KVConnectorBase_V1):
         self._log("query", req=request.request_id, local=num_computed_tokens, hit_blocks=n - start, tokens=tokens)
         if tokens <= 0:
             return 0, False
-        self._hits[request.request_id] = tokens
         self._local[request.request_id] = num_computed_tokens
         return tokens, True
 
@@ -187,8 +185,9 @@ class FileKVConnector(KVConnectorBase_V1):
         hashes = [bytes(h).hex() for h in request.block_hashes]
         spec = LoadSpec(rid, list(ids[start : start + n]), hashes[start : start + n])
         self._pending_loads[rid] = spec
-        self._log("plan_load", req=rid, local_tokens=self._local.get(rid, 0), blocks=spec.block_ids,
-                  all_block_ids=list(ids))
+        self._log(
+            "plan_load", req=rid, local_tokens=self._local.get(rid, 0), blocks=spec.block_ids, all_block_ids=list(ids)
+        )
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         meta = FileKVMetadata(loads=list(self._pending_loads.values()))
@@ -196,7 +195,7 @@ class FileKVConnector(KVConnectorBase_V1):
         for r in scheduler_output.scheduled_new_reqs:
             self._block_ids[r.req_id] = list(r.block_ids[0])
         cached = scheduler_output.scheduled_cached_reqs
-        for rid, new in zip(cached.req_ids, cached.new_block_ids):
+        for rid, new in zip(cached.req_ids, cached.new_block_ids, strict=True):
             if new is not None and rid in self._block_ids:
                 self._block_ids[rid].extend(new[0])
             elif new is not None:
@@ -217,6 +216,6 @@ class FileKVConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
-        for d in (self._hits, self._local, self._saved_upto, self._block_ids, self._reqs):
+        for d in (self._local, self._saved_upto, self._block_ids, self._reqs):
             d.pop(rid, None)
         return False, None

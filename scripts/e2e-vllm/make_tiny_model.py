@@ -166,7 +166,7 @@ def check(out: Path) -> None:
         with torch.no_grad():
             logits = model(ids).logits[0]
         top = torch.topk(logits, 2, dim=-1).values
-        gaps.append((top[:, 0] - top[:, 1]))
+        gaps.append(top[:, 0] - top[:, 1])
     g = torch.cat(gaps)
     print(
         json.dumps(
