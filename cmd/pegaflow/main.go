@@ -26,6 +26,7 @@ func commands() map[string]command {
 		"version": {runVersion, "print the version"},
 		"bench":   {runBench, "measure an OpenAI-compatible endpoint like vLLM's bench serve"},
 		"sim":     {runSim, "run a vLLM stand-in (OpenAI API, engine P/D roles) for demos and tests"},
+		"demo":    {runDemo, "run P/D (1P+1D) against 2 aggregated instances with simulators and compare"},
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -11,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -19,6 +21,42 @@ import (
 
 	"github.com/pegaflow/pegaflow/engine/client"
 )
+
+// testBinDir holds the binary testBinary builds; TestMain removes it.
+var testBinDir string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "pegaflow-test-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	testBinDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// testBinary builds the pegaflow binary once per test run (tests that run
+// it as separate processes share it).
+var testBinary = func() func(t *testing.T) string {
+	var once sync.Once
+	var err error
+	return func(t *testing.T) string {
+		t.Helper()
+		bin := filepath.Join(testBinDir, "pegaflow")
+		once.Do(func() {
+			build := exec.Command("go", "build", "-o", bin, ".")
+			var out bytes.Buffer
+			build.Stdout, build.Stderr = &out, &out
+			if berr := build.Run(); berr != nil {
+				err = fmt.Errorf("go build: %w\n%s", berr, out.String())
+			}
+		})
+		require.NoError(t, err)
+		return bin
+	}
+}()
 
 func TestBadInvocationsExit2(t *testing.T) {
 	cases := []struct {
@@ -68,10 +106,7 @@ func TestServeProcess(t *testing.T) {
 		t.Skip("builds the binary")
 	}
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "pegaflow")
-	build := exec.Command("go", "build", "-o", bin, ".")
-	build.Stderr = os.Stderr
-	require.NoError(t, build.Run())
+	bin := testBinary(t)
 
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)

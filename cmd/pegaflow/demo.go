@@ -1,0 +1,96 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/pegaflow/pegaflow/internal/cli"
+	"github.com/pegaflow/pegaflow/internal/demo"
+)
+
+// runDemo is `pegaflow demo`: P/D (1P+1D through the engine) against DP2
+// (two aggregated instances, round-robin) on one workload, with simulators
+// in place of vLLM. Exit status 0 when every request of both runs
+// succeeded, 1 otherwise, 2 on bad flags.
+func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	cfg := demo.DefaultConfig()
+	fs := flag.NewFlagSet("pegaflow demo", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	w := &cfg.Workload
+	fs.IntVar(&w.NumPrompts, "num-prompts", w.NumPrompts, "requests per setup")
+	fs.Float64Var(&w.RequestRate, "request-rate", w.RequestRate, "requests per second (Poisson arrivals)")
+	fs.IntVar(&w.InputLen, "random-input-len", w.InputLen, "prompt length in tokens")
+	fs.IntVar(&w.OutputLen, "random-output-len", w.OutputLen, "output length in tokens")
+	fs.Int64Var(&w.Seed, "seed", w.Seed, "seed of the dataset and the arrival times")
+	fs.StringVar(&cfg.WorkDir, "work-dir", cfg.WorkDir, "directory for logs, the engine socket and results (pd.json, dp2.json, SVG plots)")
+	fs.StringVar(&cfg.PoolSize, "pool-size", cfg.PoolSize, "P/D engine pool size")
+	fs.DurationVar(&cfg.StartTimeout, "start-timeout", cfg.StartTimeout, "longest wait for each process to become healthy")
+	simFlags := strings.Join(cfg.SimFlags, " ")
+	fs.StringVar(&simFlags, "sim-flags", simFlags, "flags passed to every `pegaflow sim` (cost model, geometry)")
+	var reportPath string
+	fs.StringVar(&reportPath, "json", "", "also write the report (both results and the engine figures) as JSON to this file")
+	var progress bool
+	fs.BoolVar(&progress, "progress", true, "show steps and benchmark progress on stderr")
+	err := cli.Parse(fs, args, nil)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err == nil && fs.NArg() > 0 {
+		err = fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	cfg.SimFlags = strings.Fields(simFlags)
+	if err == nil {
+		cfg.Binary, err = os.Executable()
+	}
+	if err == nil {
+		cfg.WorkDir, err = filepath.Abs(cfg.WorkDir)
+	}
+	if err == nil {
+		err = cfg.Validate()
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "pegaflow demo: %v\n", err)
+		return cli.ExitUsage
+	}
+	var prog io.Writer
+	if progress {
+		prog = stderr
+	}
+	rep, runErr := demo.Run(ctx, cfg, prog)
+	if rep != nil {
+		if err := rep.WriteTable(stdout, cfg.Workload); err != nil {
+			fmt.Fprintf(stderr, "pegaflow demo: %v\n", err)
+			return 1
+		}
+		if reportPath != "" {
+			if err := writeReport(reportPath, rep); err != nil {
+				fmt.Fprintf(stderr, "pegaflow demo: %v\n", err)
+				return 1
+			}
+		}
+	}
+	if runErr != nil {
+		fmt.Fprintf(stderr, "pegaflow demo: %v\n", runErr)
+		return 1
+	}
+	if rep.Failed() {
+		fmt.Fprintln(stderr, "pegaflow demo: some requests failed (see the table and the logs)")
+		return 1
+	}
+	return 0
+}
+
+func writeReport(path string, rep *demo.Report) error {
+	data, err := json.MarshalIndent(rep, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(data, '\n'), 0o644)
+}

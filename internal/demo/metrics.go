@@ -1,0 +1,90 @@
+package demo
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+)
+
+// sample is one scrape of a /metrics page: every counter and gauge summed
+// per metric name ("name") and per series ("name{k=\"v\",...}", labels in
+// the exposition's order), and histogram sample counts as "<name>_count".
+type sample map[string]float64
+
+// parseMetrics reads Prometheus text format.
+func parseMetrics(r io.Reader) (sample, error) {
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(r)
+	if err != nil {
+		return nil, fmt.Errorf("parse metrics: %w", err)
+	}
+	s := sample{}
+	for name, fam := range families {
+		for _, m := range fam.GetMetric() {
+			var v float64
+			key := name
+			switch fam.GetType() {
+			case dto.MetricType_COUNTER:
+				v = m.GetCounter().GetValue()
+			case dto.MetricType_GAUGE:
+				v = m.GetGauge().GetValue()
+			case dto.MetricType_UNTYPED:
+				v = m.GetUntyped().GetValue()
+			case dto.MetricType_HISTOGRAM:
+				v = float64(m.GetHistogram().GetSampleCount())
+				key += "_count"
+			default:
+				continue
+			}
+			s[key] += v
+			if labels := m.GetLabel(); len(labels) > 0 {
+				var b strings.Builder
+				b.WriteString(key + "{")
+				for i, l := range labels {
+					if i > 0 {
+						b.WriteByte(',')
+					}
+					fmt.Fprintf(&b, "%s=%q", l.GetName(), l.GetValue())
+				}
+				b.WriteByte('}')
+				s[b.String()] += v
+			}
+		}
+	}
+	return s, nil
+}
+
+// scrape fetches and parses baseURL/metrics.
+func scrape(ctx context.Context, baseURL string) (sample, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+"/metrics", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", baseURL, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("scrape %s: status %d", baseURL, resp.StatusCode)
+	}
+	return parseMetrics(resp.Body)
+}
+
+// delta is after - before per name (counters over one benchmark run).
+func (after sample) delta(before sample) sample {
+	d := sample{}
+	for k, v := range after {
+		d[k] = v - before[k]
+	}
+	return d
+}

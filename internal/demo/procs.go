@@ -1,0 +1,148 @@
+package demo
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// process is one child the demo started. Its output goes to a log file so
+// a failure can be explained by pointing at it.
+type process struct {
+	name    string
+	cmd     *exec.Cmd
+	logPath string
+	done    chan struct{} // closed when the process has exited
+	err     error         // Wait's result, valid after done
+}
+
+// exited reports whether the process is gone, and why.
+func (p *process) exited() (bool, error) {
+	select {
+	case <-p.done:
+		return true, p.err
+	default:
+		return false, nil
+	}
+}
+
+// group starts processes and guarantees they are stopped: stop terminates
+// every one it started (SIGTERM to its process group, SIGKILL after the
+// grace period), and Pdeathsig kills them even if the demo itself is
+// killed with SIGKILL and never runs stop.
+type group struct {
+	logDir string
+	mu     sync.Mutex
+	procs  []*process
+}
+
+func newGroup(logDir string) *group { return &group{logDir: logDir} }
+
+func (g *group) start(name, bin string, args ...string) (*process, error) {
+	logPath := filepath.Join(g.logDir, name+".log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		logFile.Close()
+		return nil, fmt.Errorf("start %s (%s): %w", name, bin, err)
+	}
+	p := &process{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		logFile.Close()
+		close(p.done)
+	}()
+	g.mu.Lock()
+	g.procs = append(g.procs, p)
+	g.mu.Unlock()
+	return p, nil
+}
+
+// stop ends every started process, newest first (routers before the
+// backends they call), and waits at most grace for each group before
+// killing it. It is safe to call more than once.
+func (g *group) stop(grace time.Duration) {
+	g.mu.Lock()
+	procs := g.procs
+	g.procs = nil
+	g.mu.Unlock()
+	for i := len(procs) - 1; i >= 0; i-- {
+		p := procs[i]
+		if done, _ := p.exited(); done {
+			continue
+		}
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(grace):
+			_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+			<-p.done
+		}
+	}
+}
+
+// waitHealthy polls url until it answers 200, the process exits, or the
+// timeout passes.
+func waitHealthy(ctx context.Context, p *process, url string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	hc := &http.Client{Timeout: time.Second}
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if done, err := p.exited(); done {
+			return fmt.Errorf("%s exited before it was healthy (%v); see %s", p.name, err, p.logPath)
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if resp, err := hc.Do(req); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return fmt.Errorf("%s not healthy at %s after %s; see %s", p.name, url, timeout, p.logPath)
+			}
+			return ctx.Err()
+		case <-tick.C:
+		}
+	}
+}
+
+// freeAddrs reserves n loopback TCP addresses. The listeners are closed
+// before the children bind them; on a quiet machine nothing takes a port in
+// that window, and a child that loses the race fails its health wait with
+// its log named.
+func freeAddrs(n int) ([]string, error) {
+	addrs := make([]string, 0, n)
+	var lns []net.Listener
+	defer func() {
+		for _, ln := range lns {
+			ln.Close()
+		}
+	}()
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("reserve a port: %w", err)
+		}
+		lns = append(lns, ln)
+		addrs = append(addrs, ln.Addr().String())
+	}
+	return addrs, nil
+}

@@ -1,0 +1,62 @@
+package demo
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestWaitHealthyReportsEarlyExit(t *testing.T) {
+	g := newGroup(t.TempDir())
+	defer g.stop(time.Second)
+	p, err := g.start("crasher", "/bin/sh", "-c", "echo boom >&2; exit 3")
+	require.NoError(t, err)
+	err = waitHealthy(context.Background(), p, "http://127.0.0.1:1/health", 10*time.Second)
+	require.ErrorContains(t, err, "crasher exited before it was healthy")
+	require.ErrorContains(t, err, "crasher.log")
+	logged, rerr := os.ReadFile(filepath.Join(g.logDir, "crasher.log"))
+	require.NoError(t, rerr)
+	require.Equal(t, "boom\n", string(logged))
+}
+
+func TestWaitHealthyTimesOut(t *testing.T) {
+	g := newGroup(t.TempDir())
+	defer g.stop(time.Second)
+	p, err := g.start("sleeper", "/bin/sleep", "30")
+	require.NoError(t, err)
+	err = waitHealthy(context.Background(), p, "http://127.0.0.1:1/health", 200*time.Millisecond)
+	require.ErrorContains(t, err, "not healthy")
+}
+
+// A child that ignores SIGTERM, and its own child, are killed after the
+// grace period: nothing the demo started outlives stop.
+func TestStopKillsStubbornProcessGroups(t *testing.T) {
+	dir := t.TempDir()
+	pidFile := filepath.Join(dir, "grandchild.pid")
+	g := newGroup(dir)
+	p, err := g.start("stubborn", "/bin/sh", "-c", `trap "" TERM; sleep 30 & echo $! > `+pidFile+`; wait`)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		b, err := os.ReadFile(pidFile)
+		return err == nil && len(b) > 1
+	}, 5*time.Second, 10*time.Millisecond)
+	start := time.Now()
+	g.stop(300 * time.Millisecond)
+	require.Less(t, time.Since(start), 5*time.Second)
+	done, _ := p.exited()
+	require.True(t, done)
+	var grandchild int
+	b, _ := os.ReadFile(pidFile)
+	_, err = fmt.Sscan(string(b), &grandchild)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		return syscall.Kill(grandchild, 0) == syscall.ESRCH
+	}, 5*time.Second, 10*time.Millisecond, "the grandchild survived")
+	g.stop(time.Second) // idempotent
+}

@@ -1,0 +1,99 @@
+package demo
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"strings"
+
+	"github.com/pegaflow/pegaflow/bench"
+)
+
+// WriteTable prints the comparison in the shape of the seed's table (TTFT
+// mean, TPOT mean and p99, ITL p99), a P/D-over-DP2 ratio row, and what the
+// engine moved during the P/D run.
+func (r *Report) WriteTable(w io.Writer, workload bench.Config) error {
+	var b strings.Builder
+	fmt.Fprintf(&b, "PegaFlow demo: %d prompts, %d input / %d output tokens, %s req/s, seed %d (random dataset, pegaflow sim)\n\n",
+		workload.NumPrompts, workload.InputLen, workload.OutputLen, rateString(workload.RequestRate), workload.Seed)
+	cols := []string{"setup", "TTFT mean", "TPOT mean", "TPOT p99", "ITL p99", "E2EL mean", "req/s", "ok", "failed"}
+	fmt.Fprintf(&b, "| %-17s | %9s | %9s | %8s | %8s | %9s | %5s | %3s | %6s |\n", toAny(cols)...)
+	fmt.Fprintf(&b, "|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s:|\n", dashes(19), dashes(10), dashes(10), dashes(9),
+		dashes(9), dashes(10), dashes(6), dashes(4), dashes(7))
+	row := func(s Setup) {
+		res := s.Result
+		if res == nil {
+			fmt.Fprintf(&b, "| %-17s | %9s | %9s | %8s | %8s | %9s | %5s | %3s | %6s |\n", s.Name, "-", "-", "-", "-", "-", "-", "-", "-")
+			return
+		}
+		fmt.Fprintf(&b, "| %-17s | %9s | %9s | %8s | %8s | %9s | %5.2f | %3d | %6d |\n", s.Name,
+			msCell(res.TTFT.Mean, res.TTFT.Count), msCell(res.TPOT.Mean, res.TPOT.Count),
+			msCell(p99(res.TPOT), res.TPOT.Count), msCell(p99(res.ITL), res.ITL.Count),
+			msCell(res.E2EL.Mean, res.E2EL.Count), res.RequestThroughput, res.Completed, res.Failed+res.NotSent)
+	}
+	row(r.PD)
+	row(r.DP2)
+	if r.PD.Result != nil && r.DP2.Result != nil {
+		pd, dp := r.PD.Result, r.DP2.Result
+		fmt.Fprintf(&b, "| %-17s | %9s | %9s | %8s | %8s | %9s | %5s | %3s | %6s |\n", "P/D / DP2",
+			ratio(pd.TTFT.Mean, dp.TTFT.Mean), ratio(pd.TPOT.Mean, dp.TPOT.Mean), ratio(p99(pd.TPOT), p99(dp.TPOT)),
+			ratio(p99(pd.ITL), p99(dp.ITL)), ratio(pd.E2EL.Mean, dp.E2EL.Mean), "", "", "")
+	}
+	b.WriteString("(latencies in ms)\n\n")
+	e := r.Engine
+	fmt.Fprintf(&b, "Engine during the P/D run: hit ratio %s (%.0f of %.0f queried blocks), KV saved %s, loaded %s, %.0f transfers ready\n",
+		percent(e.HitRatio()), e.HitBlocks, e.QueriedBlocks, mib(e.SavedBytes), mib(e.LoadedBytes), e.TransfersReady)
+	fmt.Fprintf(&b, "D: %.0f prompt blocks loaded from the engine, %.0f prompt tokens computed itself (partial last blocks), %.0f KV verify failures\n",
+		e.DBlocksLoaded, e.DPrefillTokens, e.DVerifyFailures)
+	for _, s := range []Setup{r.PD, r.DP2} {
+		if s.Result == nil {
+			continue
+		}
+		for _, f := range s.Result.Failures {
+			fmt.Fprintf(&b, "%s failure: %d x %s\n", s.Name, f.Count, f.Reason)
+		}
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+func toAny(s []string) []any {
+	out := make([]any, len(s))
+	for i, v := range s {
+		out[i] = v
+	}
+	return out
+}
+
+func dashes(n int) string { return strings.Repeat("-", n) }
+
+// p99 is the 99th percentile, NaN when the run did not ask for it.
+func p99(s bench.Stats) float64 {
+	if v, ok := s.Percentiles["99"]; ok {
+		return v
+	}
+	return math.NaN()
+}
+
+func msCell(v float64, count int) string {
+	if count == 0 || math.IsNaN(v) {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f", v)
+}
+
+func ratio(a, b float64) string {
+	if b == 0 || math.IsNaN(a) || math.IsNaN(b) {
+		return "-"
+	}
+	return fmt.Sprintf("%.2fx", a/b)
+}
+
+func percent(v float64) string {
+	if math.IsNaN(v) {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f%%", 100*v)
+}
+
+func mib(bytes float64) string { return fmt.Sprintf("%.1f MiB", bytes/(1<<20)) }
