@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/pegaflow/pegaflow/internal/cli"
@@ -13,152 +15,259 @@ import (
 
 // Handoff modes.
 const (
-	HandoffCallback = "callback" // wait for "transfer ready" before decode
-	HandoffSync     = "sync"     // decode as soon as prefill answered
+	// HandoffCallback waits until the transfer's KV is ready (in-process
+	// engine or POST /kv_ready) before the decode leg.
+	HandoffCallback = "callback"
+	// HandoffSync decodes as soon as P answered and passes P's
+	// kv_transfer_params through unchanged (any connector, e.g. NIXL).
+	HandoffSync = "sync"
 )
 
-// Policies when the KV-ready wait times out or the transfer failed.
+// Policies when the KV-ready wait expires or the transfer failed.
 const (
-	OnTimeoutDecodeAnyway = "decode-anyway"
-	OnTimeoutFail         = "fail"
+	OnKVTimeoutDecodeAnyway = "decode-anyway" // D recomputes what is missing
+	OnKVTimeoutFail         = "fail"          // 504 to the client
 )
 
-// Load-balancing policies.
+// Load-balancing policies, used for P and D alike.
 const (
 	LBRoundRobin    = "round-robin"
-	LBLeastInflight = "least-inflight"
+	LBLeastInflight = "least-inflight" // power of two choices on in-flight count
 )
 
-// Config of the router. DefaultConfig gives the documented defaults.
+// maxBackends bounds each pool so selection can work on the stack.
+const maxBackends = 64
+
+// Config of the router. DefaultConfig gives the documented defaults; New
+// rejects a Config that fails Validate.
 type Config struct {
-	Prefill, Decode cli.StringList
-	Handoff         string
-	KVReadyTimeout  time.Duration
-	OnKVTimeout     string
-	LB              string
+	Prefill, Decode []string // P/D backend base URLs, e.g. http://p1:8100
+	// Backends are aggregated (non-disaggregated) servers: each request goes
+	// whole to one of them, no prefill leg. Exclusive with Prefill/Decode.
+	Backends       []string
+	Handoff        string // HandoffCallback or HandoffSync
+	KVReadyTimeout time.Duration
+	OnKVTimeout    string // OnKVTimeoutDecodeAnyway or OnKVTimeoutFail
+	LB             string // LBRoundRobin or LBLeastInflight
 
 	ConnectTimeout    time.Duration // dialing a backend
-	PrefillTimeout    time.Duration // a whole prefill attempt
-	FirstByteTimeout  time.Duration // decode response headers
-	IdleStreamTimeout time.Duration // gap between decode stream reads
-	PrefillAttempts   int
-	DecodeAttempts    int
-	RetryBackoff      time.Duration
+	PrefillTimeout    time.Duration // one whole prefill attempt (P answers after its prefill)
+	FirstByteTimeout  time.Duration // decode: until D's first response byte (first SSE event when streaming)
+	IdleStreamTimeout time.Duration // decode stream: longest gap between reads
+	DecodeTimeout     time.Duration // one whole decode attempt (caps non-streaming answers too)
 
-	HealthInterval time.Duration
-	HealthTimeout  time.Duration
-	FailThreshold  int
-	Cooldown       time.Duration
+	PrefillAttempts int           // attempts, each on another P
+	DecodeAttempts  int           // attempts before the first byte reached the client, each on another D
+	RetryBackoff    time.Duration // delay before the first retry, doubled per retry
+	RetryBackoffMax time.Duration // cap on the retry delay
 
-	APIKey       string
-	MaxBodyBytes int64
-	// KVReadyURL is where engines report readiness; derived from
-	// InternalAddr or ListenAddr when empty.
+	HealthInterval time.Duration // active GET /health polling; 0 disables
+	HealthTimeout  time.Duration // one poll (also bounds GET /v1/models)
+	FailThreshold  int           // consecutive failures that eject a backend
+	Cooldown       time.Duration // how long an ejected backend stays out
+
+	APIKey       string // when set, clients must send Authorization: Bearer <APIKey>
+	MaxBodyBytes int64  // largest accepted request body
+
+	// KVReadyURL is put in kv_transfer_params as pegaflow_ready_url. Empty:
+	// http://<InternalAddr or ListenAddr>/kv_ready (an unspecified host
+	// becomes 127.0.0.1, so remote engines need it set explicitly).
 	KVReadyURL string
-	// InternalAddr serves /kv_ready alone on a separate address.
+	// InternalAddr, when set, is where the caller serves InternalHandler
+	// (/kv_ready alone); Register then leaves /kv_ready off the main server.
 	InternalAddr string
-	// ListenAddr is the public address (set by the caller).
+	// ListenAddr is the main (--http-addr) address; set by the caller.
 	ListenAddr string
 }
 
 // DefaultConfig returns the defaults documented in docs/router.md.
 func DefaultConfig() Config {
 	return Config{
-		Handoff: HandoffCallback, KVReadyTimeout: 30 * time.Second, OnKVTimeout: OnTimeoutDecodeAnyway,
-		LB: LBRoundRobin, ConnectTimeout: 3 * time.Second, PrefillTimeout: 120 * time.Second,
-		FirstByteTimeout: 60 * time.Second, IdleStreamTimeout: 60 * time.Second,
-		PrefillAttempts: 3, DecodeAttempts: 3, RetryBackoff: 50 * time.Millisecond,
-		HealthInterval: 5 * time.Second, HealthTimeout: 2 * time.Second, FailThreshold: 3, Cooldown: 10 * time.Second,
-		MaxBodyBytes: 16 << 20,
+		Handoff:           HandoffCallback,
+		KVReadyTimeout:    30 * time.Second,
+		OnKVTimeout:       OnKVTimeoutDecodeAnyway,
+		LB:                LBRoundRobin,
+		ConnectTimeout:    3 * time.Second,
+		PrefillTimeout:    2 * time.Minute,
+		FirstByteTimeout:  time.Minute,
+		IdleStreamTimeout: time.Minute,
+		DecodeTimeout:     30 * time.Minute,
+		PrefillAttempts:   3,
+		DecodeAttempts:    3,
+		RetryBackoff:      50 * time.Millisecond,
+		RetryBackoffMax:   time.Second,
+		HealthInterval:    5 * time.Second,
+		HealthTimeout:     2 * time.Second,
+		FailThreshold:     3,
+		Cooldown:          10 * time.Second,
+		MaxBodyBytes:      16 << 20,
 	}
 }
 
-// BindFlags registers the router's flags on fs, with c's values as defaults.
-func BindFlags(fs *flag.FlagSet, c *Config) {
-	fs.Var(&c.Prefill, "prefill", "prefill (P) backend base URL, repeatable")
-	fs.Var(&c.Decode, "decode", "decode (D) backend base URL, repeatable")
-	fs.StringVar(&c.Handoff, "handoff", c.Handoff, "callback (wait for KV ready) or sync (decode right after prefill)")
-	fs.DurationVar(&c.KVReadyTimeout, "kv-ready-timeout", c.KVReadyTimeout, "longest wait for a transfer's KV to be ready")
-	fs.StringVar(&c.OnKVTimeout, "on-kv-timeout", c.OnKVTimeout, "decode-anyway (D recomputes what is missing) or fail (504)")
-	fs.StringVar(&c.LB, "lb", c.LB, "round-robin or least-inflight (power of two choices)")
-	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", c.ConnectTimeout, "backend dial timeout")
-	fs.DurationVar(&c.PrefillTimeout, "prefill-timeout", c.PrefillTimeout, "timeout of one prefill attempt")
-	fs.DurationVar(&c.FirstByteTimeout, "first-byte-timeout", c.FirstByteTimeout, "timeout for a decode backend's response headers")
-	fs.DurationVar(&c.IdleStreamTimeout, "idle-stream-timeout", c.IdleStreamTimeout, "longest gap between decode stream reads")
-	fs.IntVar(&c.PrefillAttempts, "prefill-attempts", c.PrefillAttempts, "prefill attempts, each on another P (connect error, timeout, 5xx, 429)")
-	fs.IntVar(&c.DecodeAttempts, "decode-attempts", c.DecodeAttempts, "decode attempts before the first byte reached the client")
-	fs.DurationVar(&c.RetryBackoff, "retry-backoff", c.RetryBackoff, "first retry delay, doubled per attempt")
-	fs.DurationVar(&c.HealthInterval, "health-interval", c.HealthInterval, "active /health polling interval (0 disables)")
-	fs.DurationVar(&c.HealthTimeout, "health-timeout", c.HealthTimeout, "timeout of one /health poll")
-	fs.IntVar(&c.FailThreshold, "fail-threshold", c.FailThreshold, "consecutive failures that eject a backend")
-	fs.DurationVar(&c.Cooldown, "cooldown", c.Cooldown, "how long an ejected backend stays out")
-	fs.StringVar(&c.APIKey, "api-key", c.APIKey, "require Authorization: Bearer <key> from clients")
-	fs.Int64Var(&c.MaxBodyBytes, "max-body-bytes", c.MaxBodyBytes, "largest accepted request body")
-	fs.StringVar(&c.KVReadyURL, "kv-ready-url", c.KVReadyURL, "URL engines POST readiness to (default: derived from the listen address)")
-	fs.StringVar(&c.InternalAddr, "kv-ready-addr", c.InternalAddr, "serve /kv_ready on this separate (internal) address instead")
+// byteSizeFlag adapts an int64 byte count to cli's size syntax (16MiB).
+type byteSizeFlag struct{ p *int64 }
+
+func (b byteSizeFlag) String() string {
+	if b.p == nil {
+		return "0"
+	}
+	return strconv.FormatInt(*b.p, 10)
 }
 
-// Enabled reports whether any backend was given.
-func (c Config) Enabled() bool { return len(c.Prefill) > 0 || len(c.Decode) > 0 }
+func (b byteSizeFlag) Set(v string) error {
+	n, err := cli.ParseBytes(v)
+	if err != nil {
+		return err
+	}
+	if n > 1<<62 {
+		return fmt.Errorf("size %q is too large", v)
+	}
+	*b.p = int64(n)
+	return nil
+}
+
+// BindFlags registers every router flag on fs, with c's values as defaults.
+// List flags repeat (--prefill a --prefill b) and, through cli.Parse, take a
+// comma-separated PEGAFLOW_PREFILL / PEGAFLOW_DECODE.
+func BindFlags(fs *flag.FlagSet, c *Config) {
+	fs.Var((*cli.StringList)(&c.Prefill), "prefill", "prefill (P) backend base URL, e.g. http://p1:8100; repeatable")
+	fs.Var((*cli.StringList)(&c.Decode), "decode", "decode (D) backend base URL; repeatable")
+	fs.Var((*cli.StringList)(&c.Backends), "backend", "aggregated backend base URL (whole requests, no P/D); repeatable; not with --prefill/--decode")
+	fs.StringVar(&c.Handoff, "handoff", c.Handoff, "callback (decode once the KV is ready) or sync (decode right after P answered; P's kv_transfer_params passed through)")
+	fs.DurationVar(&c.KVReadyTimeout, "kv-ready-timeout", c.KVReadyTimeout, "longest wait for a transfer's KV to be ready (callback handoff)")
+	fs.StringVar(&c.OnKVTimeout, "on-kv-timeout", c.OnKVTimeout, "when the KV is not ready in time or the transfer failed: decode-anyway (D recomputes what is missing) or fail (504)")
+	fs.StringVar(&c.LB, "lb", c.LB, "backend selection: round-robin or least-inflight (power of two choices)")
+	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", c.ConnectTimeout, "backend dial timeout")
+	fs.DurationVar(&c.PrefillTimeout, "prefill-timeout", c.PrefillTimeout, "timeout of one whole prefill attempt")
+	fs.DurationVar(&c.FirstByteTimeout, "first-byte-timeout", c.FirstByteTimeout, "decode: timeout until D's first byte (first SSE event when streaming)")
+	fs.DurationVar(&c.IdleStreamTimeout, "idle-stream-timeout", c.IdleStreamTimeout, "decode stream: longest gap between two reads from D")
+	fs.DurationVar(&c.DecodeTimeout, "decode-timeout", c.DecodeTimeout, "timeout of one whole decode attempt (bounds non-streaming answers)")
+	fs.IntVar(&c.PrefillAttempts, "prefill-attempts", c.PrefillAttempts, "prefill attempts, each on another P (on connect error, timeout, 5xx, 429)")
+	fs.IntVar(&c.DecodeAttempts, "decode-attempts", c.DecodeAttempts, "decode attempts, each on another D, while no byte reached the client")
+	fs.DurationVar(&c.RetryBackoff, "retry-backoff", c.RetryBackoff, "delay before the first retry, doubled per retry (with jitter)")
+	fs.DurationVar(&c.RetryBackoffMax, "retry-backoff-max", c.RetryBackoffMax, "cap on the retry delay")
+	fs.DurationVar(&c.HealthInterval, "health-interval", c.HealthInterval, "active GET /health polling of every backend (0 disables)")
+	fs.DurationVar(&c.HealthTimeout, "health-timeout", c.HealthTimeout, "timeout of one health poll")
+	fs.IntVar(&c.FailThreshold, "fail-threshold", c.FailThreshold, "consecutive request failures that eject a backend (passive health)")
+	fs.DurationVar(&c.Cooldown, "cooldown", c.Cooldown, "how long an ejected backend stays out of selection")
+	fs.StringVar(&c.APIKey, "api-key", c.APIKey, "require Authorization: Bearer <key> from clients (prefer PEGAFLOW_API_KEY)")
+	fs.Var(byteSizeFlag{&c.MaxBodyBytes}, "max-body-bytes", "largest accepted request body, e.g. 16MiB (413 beyond)")
+	fs.StringVar(&c.KVReadyURL, "kv-ready-url", c.KVReadyURL, "URL engines POST readiness to (default http://<kv-ready-addr or http-addr>/kv_ready)")
+	fs.StringVar(&c.InternalAddr, "kv-ready-addr", c.InternalAddr, "serve /kv_ready alone on this separate (internal) address instead of --http-addr")
+}
+
+// Enabled reports whether any backend was given, i.e. whether the caller
+// should run the router at all.
+func (c Config) Enabled() bool {
+	return len(c.Prefill) > 0 || len(c.Decode) > 0 || len(c.Backends) > 0
+}
+
+// Aggregated reports whether the router runs in aggregated mode (--backend).
+func (c Config) Aggregated() bool { return len(c.Backends) > 0 }
 
 // Validate checks the configuration with messages fit for a CLI user.
 func (c Config) Validate() error {
 	var errs []error
-	if len(c.Prefill) == 0 {
-		errs = append(errs, errors.New("--prefill: at least one prefill backend is required"))
+	add := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	type urlList struct {
+		flag string
+		urls []string
 	}
-	if len(c.Decode) == 0 {
-		errs = append(errs, errors.New("--decode: at least one decode backend is required"))
+	lists := []urlList{{"--prefill", c.Prefill}, {"--decode", c.Decode}}
+	if c.Aggregated() {
+		// One router is one mode: mixing would need a policy for which
+		// requests go P/D, and the demo's baseline wants them apart.
+		if len(c.Prefill) > 0 || len(c.Decode) > 0 {
+			add("--backend (aggregated mode) cannot be combined with --prefill/--decode (P/D mode): run one router per mode")
+		}
+		lists = []urlList{{"--backend", c.Backends}}
 	}
-	for _, u := range append(append([]string{}, c.Prefill...), c.Decode...) {
-		if err := checkURL(u); err != nil {
-			errs = append(errs, err)
+	for _, l := range lists {
+		if len(l.urls) == 0 {
+			add("%s: at least one backend URL is required (e.g. %s http://host:8100)", l.flag, l.flag)
+		}
+		if len(l.urls) > maxBackends {
+			add("%s: at most %d backends", l.flag, maxBackends)
+		}
+		seen := map[string]bool{}
+		for _, u := range l.urls {
+			norm, err := normalizeBackendURL(u)
+			if err != nil {
+				add("%s %q: %v", l.flag, u, err)
+				continue
+			}
+			if seen[norm] {
+				add("%s %q: given twice", l.flag, u)
+			}
+			seen[norm] = true
 		}
 	}
 	if c.Handoff != HandoffCallback && c.Handoff != HandoffSync {
-		errs = append(errs, fmt.Errorf("--handoff %q: want callback or sync", c.Handoff))
+		add("--handoff %q: want %s or %s", c.Handoff, HandoffCallback, HandoffSync)
 	}
-	if c.OnKVTimeout != OnTimeoutDecodeAnyway && c.OnKVTimeout != OnTimeoutFail {
-		errs = append(errs, fmt.Errorf("--on-kv-timeout %q: want decode-anyway or fail", c.OnKVTimeout))
+	if c.OnKVTimeout != OnKVTimeoutDecodeAnyway && c.OnKVTimeout != OnKVTimeoutFail {
+		add("--on-kv-timeout %q: want %s or %s", c.OnKVTimeout, OnKVTimeoutDecodeAnyway, OnKVTimeoutFail)
 	}
 	if c.LB != LBRoundRobin && c.LB != LBLeastInflight {
-		errs = append(errs, fmt.Errorf("--lb %q: want round-robin or least-inflight", c.LB))
+		add("--lb %q: want %s or %s", c.LB, LBRoundRobin, LBLeastInflight)
 	}
-	for name, d := range map[string]time.Duration{"--kv-ready-timeout": c.KVReadyTimeout, "--connect-timeout": c.ConnectTimeout,
-		"--prefill-timeout": c.PrefillTimeout, "--first-byte-timeout": c.FirstByteTimeout, "--idle-stream-timeout": c.IdleStreamTimeout,
-		"--health-timeout": c.HealthTimeout} {
-		if d <= 0 {
-			errs = append(errs, fmt.Errorf("%s must be positive", name))
+	for _, d := range []struct {
+		flag string
+		v    time.Duration
+	}{
+		{"--kv-ready-timeout", c.KVReadyTimeout}, {"--connect-timeout", c.ConnectTimeout},
+		{"--prefill-timeout", c.PrefillTimeout}, {"--first-byte-timeout", c.FirstByteTimeout},
+		{"--idle-stream-timeout", c.IdleStreamTimeout}, {"--decode-timeout", c.DecodeTimeout},
+		{"--health-timeout", c.HealthTimeout}, {"--cooldown", c.Cooldown},
+	} {
+		if d.v <= 0 {
+			add("%s must be positive (got %s)", d.flag, d.v)
 		}
 	}
-	if c.PrefillAttempts < 1 || c.DecodeAttempts < 1 || c.FailThreshold < 1 {
-		errs = append(errs, errors.New("--prefill-attempts, --decode-attempts and --fail-threshold must be at least 1"))
+	if c.HealthInterval < 0 {
+		add("--health-interval must be >= 0 (0 disables polling)")
+	}
+	if c.RetryBackoff < 0 || c.RetryBackoffMax < c.RetryBackoff {
+		add("--retry-backoff must be >= 0 and at most --retry-backoff-max")
+	}
+	for _, n := range []struct {
+		flag string
+		v    int
+	}{{"--prefill-attempts", c.PrefillAttempts}, {"--decode-attempts", c.DecodeAttempts}, {"--fail-threshold", c.FailThreshold}} {
+		if n.v < 1 {
+			add("%s must be at least 1 (got %d)", n.flag, n.v)
+		}
 	}
 	if c.MaxBodyBytes < 1024 {
-		errs = append(errs, errors.New("--max-body-bytes must be at least 1024"))
+		add("--max-body-bytes must be at least 1KiB (got %d)", c.MaxBodyBytes)
 	}
 	if c.KVReadyURL != "" {
-		if err := checkURL(c.KVReadyURL); err != nil {
-			errs = append(errs, err)
+		if u, err := url.Parse(c.KVReadyURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			add("--kv-ready-url %q: want an http(s) URL like http://router:8080/kv_ready", c.KVReadyURL)
 		}
 	}
 	if c.InternalAddr != "" {
 		if _, _, err := net.SplitHostPort(c.InternalAddr); err != nil {
-			errs = append(errs, fmt.Errorf("--kv-ready-addr %q: %w", c.InternalAddr, err))
+			add("--kv-ready-addr %q: want host:port (%v)", c.InternalAddr, err)
 		}
 	}
 	return errors.Join(errs...)
 }
 
-func checkURL(raw string) error {
+// normalizeBackendURL checks a backend base URL and drops a trailing slash.
+func normalizeBackendURL(raw string) (string, error) {
 	u, err := url.Parse(raw)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return fmt.Errorf("backend %q: want an http(s) base URL like http://host:8100", raw)
+		return "", errors.New("want an http(s) base URL like http://host:8100")
 	}
-	return nil
+	if u.RawQuery != "" || u.Fragment != "" {
+		return "", errors.New("a base URL takes no query or fragment")
+	}
+	return strings.TrimRight(raw, "/"), nil
 }
 
-// readyURL is the /kv_ready address put in kv_transfer_params.
+// readyURL is the /kv_ready address put in the prefill leg's
+// kv_transfer_params ("" when it cannot be derived).
 func (c Config) readyURL() string {
 	if c.KVReadyURL != "" {
 		return c.KVReadyURL
@@ -171,7 +280,7 @@ func (c Config) readyURL() string {
 	if err != nil {
 		return ""
 	}
-	if host == "" || host == "0.0.0.0" || host == "::" {
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
 		host = "127.0.0.1"
 	}
 	return "http://" + net.JoinHostPort(host, port) + "/kv_ready"

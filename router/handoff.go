@@ -1,66 +1,209 @@
 package router
 
 import (
+	"context"
 	"crypto/subtle"
 	"sync"
+	"time"
 )
 
-// readySignal is one /kv_ready report.
-type readySignal struct {
-	ready   bool
-	message string
+// Bounds on remembered settled transfers: a late or repeated /kv_ready for
+// a transfer the router is done with is answered 200 (idempotent) for this
+// long, then 404.
+const (
+	settledTTL = 2 * time.Minute
+	settledMax = 1 << 16
+)
+
+// transfer is one prefill attempt's handoff: the id and token put in
+// kv_transfer_params, and the first ready/failed report received.
+type transfer struct {
+	id, token string
+
+	once   sync.Once
+	done   chan struct{} // closed by the first report
+	ready  bool
+	reason string
 }
 
-// waiters holds the transfers the router is waiting on, so /kv_ready can
-// be matched (and authenticated by token) whether it arrives before or
-// after the prefill answer.
-type waiters struct {
-	mu sync.Mutex
-	m  map[string]*waiter
+func (t *transfer) settle(ready bool, reason string) bool {
+	first := false
+	t.once.Do(func() {
+		t.ready, t.reason = ready, reason
+		close(t.done)
+		first = true
+	})
+	return first
 }
 
-type waiter struct {
-	token string
-	ch    chan readySignal // buffered 1: the first report wins
+// transfers matches /kv_ready reports to transfers by id and token. A
+// transfer is registered before P is called, so a report that arrives
+// before P's HTTP answer is kept on the transfer and the later wait returns
+// at once. Finished transfers are remembered (bounded by settledTTL and
+// settledMax) so repeats stay idempotent.
+type transfers struct {
+	mu      sync.Mutex
+	live    map[string]*transfer
+	settled map[string]settledEntry
+	order   []settledKey // FIFO of settled, for expiry; order[head:] is live
+	head    int
 }
 
-func newWaiters() *waiters { return &waiters{m: map[string]*waiter{}} }
-
-func (w *waiters) add(id, token string) *waiter {
-	wt := &waiter{token: token, ch: make(chan readySignal, 1)}
-	w.mu.Lock()
-	w.m[id] = wt
-	w.mu.Unlock()
-	return wt
+type settledEntry struct {
+	token   string
+	expires time.Time
 }
 
-func (w *waiters) remove(id string) {
-	w.mu.Lock()
-	delete(w.m, id)
-	w.mu.Unlock()
+type settledKey struct {
+	id      string
+	expires time.Time
 }
 
-type deliverResult int
+func newTransfers() *transfers {
+	return &transfers{live: map[string]*transfer{}, settled: map[string]settledEntry{}}
+}
+
+func (ts *transfers) register(id, token string) *transfer {
+	t := &transfer{id: id, token: token, done: make(chan struct{})}
+	ts.mu.Lock()
+	ts.live[id] = t
+	ts.mu.Unlock()
+	return t
+}
+
+// finish forgets a live transfer, remembering its token for late reports.
+func (ts *transfers) finish(t *transfer, now time.Time) {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.live[t.id] != t {
+		return
+	}
+	delete(ts.live, t.id)
+	exp := now.Add(settledTTL)
+	ts.settled[t.id] = settledEntry{token: t.token, expires: exp}
+	ts.order = append(ts.order, settledKey{t.id, exp})
+	// Expire from the front; the FIFO is in expiry order.
+	for ts.head < len(ts.order) && (len(ts.order)-ts.head > settledMax || !now.Before(ts.order[ts.head].expires)) {
+		k := ts.order[ts.head]
+		if e, ok := ts.settled[k.id]; ok && e.expires.Equal(k.expires) {
+			delete(ts.settled, k.id)
+		}
+		ts.order[ts.head] = settledKey{}
+		ts.head++
+	}
+	if ts.head > len(ts.order)/2 { // amortised O(1) compaction
+		n := copy(ts.order, ts.order[ts.head:])
+		ts.order = ts.order[:n]
+		ts.head = 0
+	}
+}
+
+// liveCount is the number of transfers in flight (tests, /health).
+func (ts *transfers) liveCount() int {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	return len(ts.live)
+}
+
+type reportResult int
 
 const (
-	delivered deliverResult = iota
-	unknownTransfer
-	badToken
+	reportAccepted reportResult = iota
+	reportUnknown
+	reportBadToken
 )
 
-func (w *waiters) deliver(id, token string, sig readySignal) deliverResult {
-	w.mu.Lock()
-	wt, ok := w.m[id]
-	w.mu.Unlock()
-	if !ok {
-		return unknownTransfer
+// report delivers one /kv_ready report. Tokens compare in constant time.
+func (ts *transfers) report(id, token string, ready bool, reason string, now time.Time) reportResult {
+	ts.mu.Lock()
+	t, live := ts.live[id]
+	var want string
+	if live {
+		want = t.token
+	} else if e, ok := ts.settled[id]; ok && now.Before(e.expires) {
+		want = e.token
+	} else {
+		ts.mu.Unlock()
+		return reportUnknown
 	}
-	if subtle.ConstantTimeCompare([]byte(wt.token), []byte(token)) != 1 {
-		return badToken
+	ts.mu.Unlock()
+	if subtle.ConstantTimeCompare([]byte(want), []byte(token)) != 1 {
+		return reportBadToken
+	}
+	if live {
+		t.settle(ready, reason)
+	}
+	return reportAccepted
+}
+
+// waitOutcome is how a KV-ready wait ended.
+type waitOutcome int
+
+const (
+	waitReady     waitOutcome = iota
+	waitFailed                // a "failed" report or the engine's transfer error
+	waitTimeout               // the deadline passed first
+	waitCancelled             // the client went away
+)
+
+// Sources of a ready signal (metric label).
+const (
+	sourceCallback = "callback"
+	sourceEngine   = "engine"
+)
+
+type waitResult struct {
+	outcome waitOutcome
+	source  string // sourceCallback or sourceEngine when ready or failed
+	reason  string
+}
+
+// awaitTransfer waits until t is ready or failed (whichever of the
+// /kv_ready report and the in-process engine says so first), the timeout
+// passes, or ctx ends. kv may be nil. The engine wait is cancelled on
+// return, so no goroutine outlives the call for longer than AwaitTransfer
+// takes to honour its context.
+func awaitTransfer(ctx context.Context, t *transfer, kv KVReadySource, timeout time.Duration) waitResult {
+	select { // fast path: reported before P answered
+	case <-t.done:
+		return callbackResult(t)
+	default:
+	}
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var engineDone chan error
+	if kv != nil {
+		engineDone = make(chan error, 1)
+		go func() { engineDone <- kv.AwaitTransfer(wctx, t.id) }()
 	}
 	select {
-	case wt.ch <- sig:
-	default: // already reported: idempotent
+	case <-t.done:
+		return callbackResult(t)
+	case err := <-engineDone:
+		switch {
+		case err == nil:
+			return waitResult{outcome: waitReady, source: sourceEngine}
+		case ctx.Err() != nil:
+			return waitResult{outcome: waitCancelled}
+		case wctx.Err() != nil:
+			return waitResult{outcome: waitTimeout, reason: "timed out after " + timeout.String()}
+		}
+		return waitResult{outcome: waitFailed, source: sourceEngine, reason: err.Error()}
+	case <-wctx.Done():
+		if ctx.Err() != nil {
+			return waitResult{outcome: waitCancelled}
+		}
+		return waitResult{outcome: waitTimeout, reason: "timed out after " + timeout.String()}
 	}
-	return delivered
+}
+
+func callbackResult(t *transfer) waitResult {
+	if t.ready {
+		return waitResult{outcome: waitReady, source: sourceCallback}
+	}
+	reason := t.reason
+	if reason == "" {
+		reason = "reported failed"
+	}
+	return waitResult{outcome: waitFailed, source: sourceCallback, reason: reason}
 }

@@ -17,8 +17,19 @@ type metrics struct {
 	kvReadyWhen *prometheus.CounterVec // source: callback or engine
 }
 
-func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+// Router modes, the "mode" constant label of every router metric: one
+// router serves one mode, and the label keeps a P/D router's series apart
+// from an aggregated (DP) baseline's when both are scraped together.
+const (
+	modePD         = "pd"
+	modeAggregated = "aggregated"
+)
+
+func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 	const ns = "pegaflow_router"
+	if reg != nil {
+		reg = prometheus.WrapRegistererWith(prometheus.Labels{"mode": mode}, reg)
+	}
 	m := &metrics{
 		phase: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Name: "phase_seconds",
 			Help:    "P/D latency breakdown: routing, prefill, kv_ready_wait, decode_first_byte, ttft (client-observed), itl, tpot, e2e.",

@@ -202,7 +202,7 @@ func TestKVReadyNeverArrives(t *testing.T) {
 		d := newFake(nil)
 		h := startRouter(t, []*fakeVLLM{p}, []*fakeVLLM{d}, func(c *Config) {
 			c.KVReadyTimeout = 100 * time.Millisecond
-			c.OnKVTimeout = OnTimeoutFail
+			c.OnKVTimeout = OnKVTimeoutFail
 		}, nil)
 		resp, body := post(t, h.url+"/v1/completions", completionBody)
 		require.Equal(t, http.StatusGatewayTimeout, resp.StatusCode)
@@ -214,7 +214,7 @@ func TestKVReadyNeverArrives(t *testing.T) {
 		d := newFake(nil)
 		h := startRouter(t, []*fakeVLLM{p}, []*fakeVLLM{d}, func(c *Config) {
 			c.KVReadyTimeout = 10 * time.Second
-			c.OnKVTimeout = OnTimeoutFail
+			c.OnKVTimeout = OnKVTimeoutFail
 		}, nil)
 		start := time.Now()
 		resp, _ := post(t, h.url+"/v1/completions", completionBody)
@@ -366,7 +366,7 @@ func TestDecodeFailures(t *testing.T) {
 
 func TestKVReadyEndpoint(t *testing.T) {
 	h := startRouter(t, []*fakeVLLM{newFake(nil)}, []*fakeVLLM{newFake(nil)}, nil, nil)
-	h.r.waiters.add("t-1", "secret")
+	h.r.transfers.register("t-1", "secret")
 	cases := []struct {
 		name, body string
 		status     int

@@ -1,0 +1,74 @@
+package router
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// healthChecker polls GET <backend>/health (vLLM answers 200 when its
+// engine is alive). One failed poll makes a backend unselectable, one
+// passing poll makes it selectable again; passive ejection is separate.
+type healthChecker struct {
+	client   *http.Client
+	backends []*backend
+	interval time.Duration
+	timeout  time.Duration
+	onChange func(b *backend, ok bool)
+}
+
+// run polls until ctx ends; interval 0 disables polling.
+func (h *healthChecker) run(ctx context.Context) {
+	if h.interval <= 0 {
+		<-ctx.Done()
+		return
+	}
+	t := time.NewTicker(h.interval)
+	defer t.Stop()
+	for {
+		h.checkAll(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// checkAll polls every backend concurrently, so one hung backend delays
+// nobody else's verdict beyond the poll timeout.
+func (h *healthChecker) checkAll(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, b := range h.backends {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ok := h.check(ctx, b)
+			if ctx.Err() != nil {
+				return // shutting down: no verdict
+			}
+			if b.activeOK.Swap(ok) != ok && h.onChange != nil {
+				h.onChange(b, ok)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+func (h *healthChecker) check(ctx context.Context, b *backend) bool {
+	ctx, cancel := context.WithTimeout(ctx, h.timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, b.base+"/health", nil)
+	if err != nil {
+		return false
+	}
+	resp, err := h.client.Do(req)
+	if err != nil {
+		return false
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // keep the connection reusable
+	resp.Body.Close()
+	return resp.StatusCode == http.StatusOK
+}

@@ -1,0 +1,128 @@
+package router
+
+import (
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Backend roles, also the "role" metric label.
+const (
+	rolePrefill = "prefill"
+	roleDecode  = "decode"
+)
+
+// backend is one vLLM server. It is selectable when its last active health
+// poll passed (or none ran yet) and passive health has not ejected it.
+type backend struct {
+	role     string
+	base     string // URL without trailing slash
+	inflight atomic.Int64
+	activeOK atomic.Bool
+
+	mu           sync.Mutex
+	consecFails  int
+	ejectedUntil time.Time
+}
+
+func (b *backend) healthy(now time.Time) bool {
+	if !b.activeOK.Load() {
+		return false
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return !now.Before(b.ejectedUntil)
+}
+
+// report feeds passive health. The failure count survives an ejection, so
+// a backend that fails again right after its cool-down (half-open) is
+// ejected again at once; a success closes it.
+func (b *backend) report(ok bool, threshold int, cooldown time.Duration, now time.Time) (ejected bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if ok {
+		b.consecFails = 0
+		return false
+	}
+	b.consecFails++
+	if b.consecFails >= threshold && !now.Before(b.ejectedUntil) {
+		b.ejectedUntil = now.Add(cooldown)
+		return true
+	}
+	return false
+}
+
+// pool selects among the healthy backends of one role. Invariant: at most
+// maxBackends backends (Validate), so candidate lists live on the stack.
+type pool struct {
+	role     string
+	backends []*backend
+	p2c      bool
+	next     atomic.Uint64
+}
+
+func newPool(role string, urls []string, lb string) *pool {
+	p := &pool{role: role, p2c: lb == LBLeastInflight}
+	for _, u := range urls {
+		base, _ := normalizeBackendURL(u) // validated by Config.Validate
+		b := &backend{role: role, base: base}
+		b.activeOK.Store(true) // optimistic until the first poll says otherwise
+		p.backends = append(p.backends, b)
+	}
+	return p
+}
+
+// pick returns a healthy backend not in exclude, or nil when there is none.
+// Round-robin rotates over the healthy candidates; least-inflight takes the
+// less loaded of two random candidates (power of two choices), which tracks
+// the least loaded backend without every router herding onto it.
+func (p *pool) pick(exclude []*backend) *backend {
+	var buf [maxBackends]*backend
+	cands := buf[:0]
+	now := time.Now()
+	for _, b := range p.backends {
+		if !contains(exclude, b) && b.healthy(now) {
+			cands = append(cands, b)
+		}
+	}
+	switch len(cands) {
+	case 0:
+		return nil
+	case 1:
+		return cands[0]
+	}
+	if p.p2c {
+		i := rand.IntN(len(cands))
+		j := rand.IntN(len(cands) - 1)
+		if j >= i {
+			j++
+		}
+		if cands[j].inflight.Load() < cands[i].inflight.Load() {
+			return cands[j]
+		}
+		return cands[i]
+	}
+	return cands[(p.next.Add(1)-1)%uint64(len(cands))]
+}
+
+func contains(list []*backend, b *backend) bool {
+	for _, x := range list {
+		if x == b {
+			return true
+		}
+	}
+	return false
+}
+
+// healthyCount is the number of selectable backends now.
+func (p *pool) healthyCount() int {
+	now := time.Now()
+	n := 0
+	for _, b := range p.backends {
+		if b.healthy(now) {
+			n++
+		}
+	}
+	return n
+}
