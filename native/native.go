@@ -44,6 +44,7 @@ var (
 	ErrNotSupported = errors.New("native: not supported by this build")
 	ErrClosed       = errors.New("native: closed")
 	ErrCopy         = errors.New("native: copy failed")
+	ErrNoDevice     = errors.New("native: no visible CUDA device with that UUID")
 )
 
 func codeErr(code int64, what string) error {
@@ -65,6 +66,8 @@ func codeErr(code int64, what string) error {
 		kind = ErrClosed
 	case C.PF_ECOPY:
 		kind = ErrCopy
+	case C.PF_ENODEV:
+		kind = ErrNoDevice
 	default:
 		return fmt.Errorf("%w: %s: unknown native status %d", ErrCopy, what, code)
 	}
@@ -154,6 +157,21 @@ func OpenShmRegion(path string, size uint64) (*Region, error) {
 	return &Region{r: r, size: size}, nil
 }
 
+// CUDADeviceByUUID returns the CUDA ordinal, in this process, of the device
+// with the given UUID ("GPU-8e3c1a2b-...", as nvidia-smi and the connector
+// print it). Ordinals depend on CUDA_VISIBLE_DEVICES; UUIDs do not. It fails
+// with ErrNoDevice when no visible device has it, ErrInvalid when uuid is not
+// a UUID, and ErrNotSupported in the CPU build.
+func CUDADeviceByUUID(uuid string) (int, error) {
+	cs := C.CString(uuid)
+	defer C.free(unsafe.Pointer(cs))
+	var dev C.int
+	if rc := C.pf_cuda_device_by_uuid(cs, C.uint64_t(len(uuid)), &dev); rc != C.PF_OK {
+		return -1, codeErr(int64(rc), fmt.Sprintf("CUDA device %q", uuid))
+	}
+	return int(dev), nil
+}
+
 // OpenCUDAIPCRegion opens a cudaIpcMemHandle_t (64 bytes) on device
 // (device < 0: device 0). The allocation behind it must hold size bytes.
 // The CPU build fails with ErrNotSupported.
@@ -184,6 +202,41 @@ func (r *Region) Close() error {
 	rc := C.pf_region_close(r.r)
 	r.r = nil
 	return codeErr(int64(rc), "close region")
+}
+
+// Event is a producer's interprocess CUDA event (CUDA build). A batch
+// submitted with SubmitAfter starts its GPU copies only once the producer's
+// stream has passed the event's latest record made before the submit.
+type Event struct {
+	mu sync.RWMutex // held shared by submits, exclusively by Close
+	e  *C.pf_event
+}
+
+// OpenCUDAIPCEvent opens a cudaIpcEventHandle_t (64 bytes) on device
+// (device < 0: device 0). The CPU build fails with ErrNotSupported.
+func OpenCUDAIPCEvent(handle []byte, device int) (*Event, error) {
+	var hp *C.uint8_t
+	if len(handle) > 0 {
+		hp = (*C.uint8_t)(unsafe.Pointer(&handle[0]))
+	}
+	var e *C.pf_event
+	if rc := C.pf_event_open_ipc(hp, C.uint64_t(len(handle)), C.int(device), &e); rc != C.PF_OK {
+		return nil, codeErr(int64(rc), fmt.Sprintf("open CUDA IPC event on device %d", device))
+	}
+	return &Event{e: e}, nil
+}
+
+// Close releases the event. Waits already submitted stay valid; later
+// SubmitAfter calls with it fail with ErrClosed. Closing twice is a no-op.
+func (e *Event) Close() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.e == nil {
+		return nil
+	}
+	rc := C.pf_event_close(e.e)
+	e.e = nil
+	return codeErr(int64(rc), "close event")
 }
 
 // Direction of a copy.
@@ -311,6 +364,14 @@ func coalesce(ops []CopyOp) []CopyOp {
 // and starts it, returning at once. On error nothing was copied and no
 // Pending exists. Ops adjacent in both region and pool are merged first.
 func (c *Copier) Submit(r *Region, p *Pool, dir Direction, ops []CopyOp) (*Pending, error) {
+	return c.SubmitAfter(r, p, dir, ops, nil)
+}
+
+// SubmitAfter is Submit whose GPU copies wait (on the GPU, not the host)
+// for after's most recent record; after == nil is Submit. Only CUDA IPC
+// regions can wait: a shm region with an event fails with ErrInvalid, and
+// the CPU build, which has no events, with ErrNotSupported.
+func (c *Copier) SubmitAfter(r *Region, p *Pool, dir Direction, ops []CopyOp, after *Event) (*Pending, error) {
 	if r == nil || p == nil {
 		return nil, fmt.Errorf("%w: nil region or pool", ErrInvalid)
 	}
@@ -335,6 +396,15 @@ func (c *Copier) Submit(r *Region, p *Pool, dir Direction, ops []CopyOp) (*Pendi
 	if p.p == nil {
 		return nil, fmt.Errorf("%w: pool", ErrClosed)
 	}
+	var ev *C.pf_event
+	if after != nil {
+		after.mu.RLock()
+		defer after.mu.RUnlock()
+		if after.e == nil {
+			return nil, fmt.Errorf("%w: event", ErrClosed)
+		}
+		ev = after.e
+	}
 
 	pend := &Pending{done: make(chan struct{})}
 	token := c.next.Add(1)
@@ -342,7 +412,7 @@ func (c *Copier) Submit(r *Region, p *Pool, dir Direction, ops []CopyOp) (*Pendi
 	c.pending[token] = pend
 	c.pmu.Unlock()
 	// C copies the ops before returning, so the slice is not retained.
-	rc := C.pf_copier_submit(c.c, r.r, p.p, C.int(dir), opsPtr, C.uint64_t(len(ops)), C.uint64_t(token))
+	rc := C.pf_copier_submit_after(c.c, r.r, p.p, C.int(dir), opsPtr, C.uint64_t(len(ops)), ev, C.uint64_t(token))
 	if rc != C.PF_OK {
 		c.pmu.Lock()
 		delete(c.pending, token)

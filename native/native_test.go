@@ -3,6 +3,7 @@ package native
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -187,11 +188,44 @@ func TestConstructorErrors(t *testing.T) {
 
 func TestErrorMapping(t *testing.T) {
 	for code, want := range map[int64]error{
-		-1: ErrInvalid, -2: ErrRange, -3: ErrNoMem, -4: ErrIO, -5: ErrNotSupported, -6: ErrClosed, -7: ErrCopy, -99: ErrCopy,
+		-1: ErrInvalid, -2: ErrRange, -3: ErrNoMem, -4: ErrIO, -5: ErrNotSupported, -6: ErrClosed, -7: ErrCopy, -8: ErrNoDevice, -99: ErrCopy,
 	} {
 		require.ErrorIs(t, codeErr(code, "x"), want, "code %d", code)
 	}
 	require.NoError(t, codeErr(0, "x"))
+}
+
+func TestDeviceUUIDAndEventArgs(t *testing.T) {
+	const zero = "GPU-00000000-0000-0000-0000-000000000000"
+	for _, bad := range []string{"", "GPU-", "GPU-xyz", zero[:20], zero + "0", "GPU-0000000z-0000-0000-0000-000000000000"} {
+		_, err := CUDADeviceByUUID(bad)
+		require.ErrorIs(t, err, ErrInvalid, "uuid %q", bad)
+	}
+	_, err := OpenCUDAIPCEvent(make([]byte, 7), 0)
+	require.ErrorIs(t, err, ErrInvalid)
+	_, err = OpenCUDAIPCEvent(nil, 0)
+	require.ErrorIs(t, err, ErrInvalid)
+	dev, err := CUDADeviceByUUID(zero)
+	require.Equal(t, -1, dev)
+	if Backend() == "cpu" {
+		require.ErrorIs(t, err, ErrNotSupported)
+		_, err = OpenCUDAIPCEvent(make([]byte, 64), 0)
+		require.ErrorIs(t, err, ErrNotSupported)
+	} else {
+		// ErrNoDevice with a GPU, ErrIO without one: never a match.
+		require.True(t, errors.Is(err, ErrNoDevice) || errors.Is(err, ErrIO), "%v", err)
+		_, err = OpenCUDAIPCEvent(make([]byte, 64), 0) // names no event
+		require.ErrorIs(t, err, ErrIO)
+	}
+	// A closed (or never opened) event is refused before any copy.
+	f := setup(t, randomBytes(4096, 1), 8192, 1)
+	_, err = f.c.SubmitAfter(f.r, f.p, RegionToPool, []CopyOp{{0, 0, 64}}, &Event{})
+	require.ErrorIs(t, err, ErrClosed)
+	require.NoError(t, (&Event{}).Close())
+	// No event: the same as Submit.
+	pend, err := f.c.SubmitAfter(f.r, f.p, RegionToPool, []CopyOp{{0, 0, 64}}, nil)
+	require.NoError(t, err)
+	require.NoError(t, wait(t, pend))
 }
 
 func TestCloseRegionDuringCopyIsSafe(t *testing.T) {

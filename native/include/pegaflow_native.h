@@ -10,6 +10,10 @@
  *              Every access is bounds-checked against its size.
  *   pf_copier  batched asynchronous copies between regions and the pool on
  *              native copy threads (CPU) or per-device streams (CUDA).
+ *   pf_event   a producer's interprocess CUDA event (CUDA build): a batch
+ *              submitted after it runs on the GPU only once the producer's
+ *              stream passed the event's latest record, so the producer
+ *              never synchronizes on the host to order its KV writes.
  *
  * Completion is reported by writing one pf_completion record (16 bytes, so a
  * single pipe write is atomic) to the notify fd given to pf_copier_create.
@@ -37,6 +41,7 @@ extern "C" {
 #define PF_ENOTSUP (-5)  /* not available in this build (e.g. IPC on CPU) */
 #define PF_ECLOSED (-6)  /* object is closing */
 #define PF_ECOPY (-7)    /* a copy failed at run time */
+#define PF_ENODEV (-8)   /* no CUDA device with that UUID is visible */
 
 /* Copy directions. */
 #define PF_DIR_REGION_TO_POOL 0 /* save */
@@ -45,6 +50,10 @@ extern "C" {
 typedef struct pf_pool pf_pool;
 typedef struct pf_region pf_region;
 typedef struct pf_copier pf_copier;
+typedef struct pf_event pf_event;
+
+/* Bytes of cudaIpcMemHandle_t and cudaIpcEventHandle_t. */
+#define PF_CUDA_IPC_HANDLE_BYTES 64
 
 typedef struct pf_copy_op {
   uint64_t region_offset;
@@ -78,6 +87,14 @@ int pf_pool_destroy(pf_pool *pool);
 /* Maps `size` bytes of a shared-memory file. Fails with PF_ERANGE when the
  * file is smaller than size. */
 int pf_region_open_shm(const char *path, uint64_t size, pf_region **out);
+/* Maps a device UUID to this process's CUDA ordinal (which depends on
+ * CUDA_VISIBLE_DEVICES, the UUID does not). Accepts nvidia-smi's form
+ * ("GPU-8e3c1a2b-...", also "MIG-..."), or the 32 hex digits alone; dashes
+ * are ignored. PF_ENODEV when no visible device has it, PF_EINVAL when it is
+ * not a UUID (at most uuid_len bytes are read; a NUL ends it earlier),
+ * PF_EIO when the CUDA runtime has no devices, PF_ENOTSUP in the CPU build. */
+int pf_cuda_device_by_uuid(const char *uuid, uint64_t uuid_len, int *device_out);
+
 /* Opens a CUDA IPC handle (cudaIpcMemHandle_t bytes) on `device`. */
 int pf_region_open_cuda_ipc(const uint8_t *handle, uint64_t handle_len, int device, uint64_t size,
                             pf_region **out);
@@ -93,8 +110,27 @@ int pf_copier_create(int threads, int notify_fd, pf_copier **out);
  * exactly one completion with `token` is written later. */
 int pf_copier_submit(pf_copier *copier, pf_region *region, pf_pool *pool, int direction,
                      const pf_copy_op *ops, uint64_t n_ops, uint64_t token);
+/* pf_copier_submit, but the batch's GPU copies start only after `after`
+ * (NULL: no wait) reached its most recent record at the time of this call
+ * (cudaStreamWaitEvent on the copy stream; the host never blocks). Records
+ * the producer makes later are not waited for, so it must record before it
+ * asks for the copy. Only device regions can wait: a host (shm) region with
+ * an event is PF_EINVAL; any event in the CPU build is PF_ENOTSUP. The event
+ * is not retained after the call returns. */
+int pf_copier_submit_after(pf_copier *copier, pf_region *region, pf_pool *pool, int direction,
+                           const pf_copy_op *ops, uint64_t n_ops, pf_event *after, uint64_t token);
 /* Waits for in-flight batches, then frees the copier. */
 int pf_copier_destroy(pf_copier *copier);
+
+/* Opens a producer's interprocess event (cudaIpcEventHandle_t bytes, from
+ * an event created with cudaEventInterprocess | cudaEventDisableTiming, e.g.
+ * torch.cuda.Event(interprocess=True).ipc_handle()) on `device` (< 0:
+ * device 0). PF_ENOTSUP in the CPU build; PF_EIO when the driver refuses it
+ * (other process gone, no IPC support, ...). */
+int pf_event_open_ipc(const uint8_t *handle, uint64_t handle_len, int device, pf_event **out);
+/* Closes the event. Waits already enqueued by pf_copier_submit_after stay
+ * valid; the caller must not close it while such a submit is running. */
+int pf_event_close(pf_event *event);
 
 #ifdef __cplusplus
 }

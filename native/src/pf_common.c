@@ -25,8 +25,32 @@ const char *pf_strerror(int code) {
     case PF_ENOTSUP: return "not supported by this build";
     case PF_ECLOSED: return "object is closing";
     case PF_ECOPY: return "copy failed";
+    case PF_ENODEV: return "no visible CUDA device with that UUID";
     default: return "unknown error";
   }
+}
+
+/* "GPU-8e3c1a2b-0d4f-...", "MIG-...", or 32 hex digits; dashes ignored.
+ * Reads at most len bytes and stops at a NUL. */
+int pf__parse_uuid(const char *s, uint64_t len, uint8_t out[16]) {
+  if (s == NULL || len == 0 || len > 256) return PF_EINVAL;
+  uint64_t i = 0;
+  if (len >= 4 && (memcmp(s, "GPU-", 4) == 0 || memcmp(s, "MIG-", 4) == 0)) i = 4;
+  int nibbles = 0;
+  for (; i < len && s[i] != '\0'; i++) {
+    char ch = s[i];
+    int v;
+    if (ch == '-') continue;
+    if (ch >= '0' && ch <= '9') v = ch - '0';
+    else if (ch >= 'a' && ch <= 'f') v = ch - 'a' + 10;
+    else if (ch >= 'A' && ch <= 'F') v = ch - 'A' + 10;
+    else return PF_EINVAL;
+    if (nibbles == 32) return PF_EINVAL;
+    if (nibbles % 2 == 0) out[nibbles / 2] = (uint8_t)(v << 4);
+    else out[nibbles / 2] |= (uint8_t)v;
+    nibbles++;
+  }
+  return nibbles == 32 ? PF_OK : PF_EINVAL;
 }
 
 /* off+len may not wrap and must stay within size. */

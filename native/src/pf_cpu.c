@@ -69,12 +69,37 @@ int pf_region_open_cuda_ipc(const uint8_t *handle, uint64_t handle_len, int devi
   return PF_ENOTSUP;
 }
 
+int pf_cuda_device_by_uuid(const char *uuid, uint64_t uuid_len, int *device_out) {
+  if (device_out == NULL) return PF_EINVAL;
+  *device_out = -1;
+  uint8_t bytes[16];
+  int rc = pf__parse_uuid(uuid, uuid_len, bytes);
+  return rc != PF_OK ? rc : PF_ENOTSUP;
+}
+
+int pf_event_open_ipc(const uint8_t *handle, uint64_t handle_len, int device, pf_event **out) {
+  (void)device;
+  if (out == NULL) return PF_EINVAL;
+  *out = NULL;
+  if (handle == NULL || handle_len != PF_CUDA_IPC_HANDLE_BYTES) return PF_EINVAL;
+  return PF_ENOTSUP;
+}
+
+/* No pf_event can exist in this build. */
+int pf_event_close(pf_event *event) { return event == NULL ? PF_EINVAL : PF_ENOTSUP; }
+
 int pf_copier_create(int threads, int notify_fd, pf_copier **out) {
   return pf__copier_new(threads, notify_fd, out);
 }
 
 int pf_copier_submit(pf_copier *copier, pf_region *region, pf_pool *pool, int direction,
                      const pf_copy_op *ops, uint64_t n_ops, uint64_t token) {
+  return pf_copier_submit_after(copier, region, pool, direction, ops, n_ops, NULL, token);
+}
+
+int pf_copier_submit_after(pf_copier *copier, pf_region *region, pf_pool *pool, int direction,
+                           const pf_copy_op *ops, uint64_t n_ops, pf_event *after, uint64_t token) {
+  if (after != NULL) return PF_ENOTSUP;
   pf_batch *b;
   int rc = pf__batch_new(copier, region, pool, direction, ops, n_ops, token, &b);
   if (rc != PF_OK) return rc;

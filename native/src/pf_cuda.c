@@ -10,13 +10,19 @@
  *           tell its size. Shared-memory regions work as in the CPU build.
  *   copier  device regions: per device and direction a set of non-blocking
  *           streams (round robin per batch) and one completion thread. A
- *           batch is one cudaMemcpyAsync per coalesced op plus an event; the
+ *           batch is an optional wait on the producer's IPC event, then one
+ *           cudaMemcpyBatchAsync (many ops, CUDA 12.8+) or one
+ *           cudaMemcpyAsync per coalesced op, plus an event; the
  *           completion thread waits for the event (blocking sync, no spin),
  *           then releases references and writes the completion record. It
  *           runs outside the stream, so it may call the CUDA API (closing
  *           an IPC mapping whose region was closed mid-copy), which a
  *           cudaLaunchHostFunc callback may not. Host (shm) regions use the
  *           host copy engine. Nothing on the request path synchronizes.
+ *   device  pf_cuda_device_by_uuid: cudaDeviceProp.uuid of every visible
+ *           device, so CUDA_VISIBLE_DEVICES is honoured by the runtime.
+ *   event   cudaIpcOpenEventHandle; submits wait on it with
+ *           cudaStreamWaitEvent (GPU-side ordering after the producer).
  */
 #include "pf_internal.h"
 
@@ -49,6 +55,33 @@ static int check_device(int device, int *dev_out) {
   }
   *dev_out = dev;
   return PF_OK;
+}
+
+/* ---- devices by UUID ---- */
+
+int pf_cuda_device_by_uuid(const char *uuid, uint64_t uuid_len, int *device_out) {
+  if (device_out == NULL) return PF_EINVAL;
+  *device_out = -1;
+  uint8_t want[16];
+  int rc = pf__parse_uuid(uuid, uuid_len, want);
+  if (rc != PF_OK) return rc;
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count <= 0) {
+    clear_error();
+    return PF_EIO;
+  }
+  for (int d = 0; d < count; d++) {
+    struct cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, d) != cudaSuccess) {
+      clear_error();
+      continue;
+    }
+    if (memcmp(prop.uuid.bytes, want, sizeof want) == 0) {
+      *device_out = d;
+      return PF_OK;
+    }
+  }
+  return PF_ENODEV;
 }
 
 /* ---- pool ---- */
@@ -192,6 +225,107 @@ int pf_region_open_cuda_ipc(const uint8_t *handle, uint64_t handle_len, int devi
   *out = r;
   return PF_OK;
 }
+
+/* ---- IPC events ---- */
+
+struct pf_event {
+  cudaEvent_t event;
+  int device;
+};
+
+int pf_event_open_ipc(const uint8_t *handle, uint64_t handle_len, int device, pf_event **out) {
+  if (out == NULL) return PF_EINVAL;
+  *out = NULL;
+  if (handle == NULL || handle_len != sizeof(cudaIpcEventHandle_t)) return PF_EINVAL;
+  int dev, rc = check_device(device, &dev);
+  if (rc != PF_OK) return rc;
+  cudaIpcEventHandle_t h;
+  memcpy(&h, handle, sizeof h);
+  pf_event *e = calloc(1, sizeof *e);
+  if (e == NULL) return PF_ENOMEM;
+  if (cudaIpcOpenEventHandle(&e->event, h) != cudaSuccess) {
+    clear_error();
+    free(e);
+    return PF_EIO;
+  }
+  e->device = dev;
+  *out = e;
+  return PF_OK;
+}
+
+int pf_event_close(pf_event *e) {
+  if (e == NULL) return PF_EINVAL;
+  /* Waits already enqueued keep their own reference in the driver. */
+  (void)cudaSetDevice(e->device);
+  (void)cudaEventDestroy(e->event);
+  clear_error();
+  free(e);
+  return PF_OK;
+}
+
+/* ---- batched copies ---- */
+
+/* cudaMemcpyBatchAsync (CUDA 12.8+; CUDA 13 changed its signature) submits
+ * a batch's copies in one call instead of one cudaMemcpyAsync (a few
+ * microseconds of CPU each) per op. Small batches gain nothing from it. */
+#if CUDART_VERSION >= 12080 && CUDART_VERSION < 13000
+#define PF_HAVE_BATCH_COPY 1
+#define PF_BATCH_MIN_OPS 4
+/* 1 when disabled: PEGAFLOW_NATIVE_BATCH_COPY=0, or the driver refused the
+ * call as unsupported (then per-op copies are used for good). */
+static atomic_int pf_batch_off;
+static pthread_once_t pf_batch_once = PTHREAD_ONCE_INIT;
+
+static void batch_init(void) {
+  const char *v = getenv("PEGAFLOW_NATIVE_BATCH_COPY");
+  if (v != NULL && strcmp(v, "0") == 0) atomic_store(&pf_batch_off, 1);
+}
+
+/* Enqueues every op of b on s with one call. Returns 0 when all were
+ * enqueued; -1 when the caller must use per-op copies instead (redoing ops
+ * the call may have enqueued before failing is harmless: same bytes, same
+ * places, in stream order). */
+static int batch_copy(pf_batch *b, cudaStream_t s, int to_pool) {
+  pthread_once(&pf_batch_once, batch_init);
+  if (b->n_ops < PF_BATCH_MIN_OPS || atomic_load(&pf_batch_off)) return -1;
+  size_t n = (size_t)b->n_ops;
+  void **dsts = malloc(2 * n * sizeof *dsts);
+  size_t *sizes = malloc(n * sizeof *sizes);
+  if (dsts == NULL || sizes == NULL) {
+    free(dsts);
+    free(sizes);
+    return -1;
+  }
+  void **srcs = dsts + n;
+  for (size_t i = 0; i < n; i++) {
+    const pf_copy_op *o = &b->ops[i];
+    uint8_t *r = b->region->base + o->region_offset, *p = b->pool->base + o->pool_offset;
+    dsts[i] = to_pool ? p : r;
+    srcs[i] = to_pool ? r : p;
+    sizes[i] = (size_t)o->len;
+  }
+  struct cudaMemcpyAttributes attr;
+  memset(&attr, 0, sizeof attr);
+  /* Stream order: the copies must follow the wait on the producer event. */
+  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  attr.srcLocHint.type = to_pool ? cudaMemLocationTypeDevice : cudaMemLocationTypeHost;
+  attr.srcLocHint.id = to_pool ? b->region->device : 0;
+  attr.dstLocHint.type = to_pool ? cudaMemLocationTypeHost : cudaMemLocationTypeDevice;
+  attr.dstLocHint.id = to_pool ? 0 : b->region->device;
+  /* Copy engines rather than SMs: vLLM's kernels run meanwhile. */
+  attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+  size_t attr_idx = 0, fail_idx = 0;
+  cudaError_t err = cudaMemcpyBatchAsync(dsts, srcs, sizes, n, &attr, &attr_idx, 1, &fail_idx, s);
+  free(dsts);
+  free(sizes);
+  if (err == cudaSuccess) return 0;
+  clear_error();
+  if (err == cudaErrorNotSupported || err == cudaErrorCallRequiresNewerDriver ||
+      err == cudaErrorInvalidValue)
+    atomic_store(&pf_batch_off, 1);
+  return -1;
+}
+#endif
 
 /* ---- copier ---- */
 
@@ -338,9 +472,9 @@ int pf_copier_create(int threads, int notify_fd, pf_copier **out) {
   return PF_OK;
 }
 
-static int device_submit(pf_copier *c, pf_batch *b) {
+static int device_submit(pf_copier *c, pf_batch *b, pf_event *after) {
   pf_cuda *cu = c->backend;
-  pf_cuda_dev *d;
+  pf_cuda_dev *d = NULL;
   int rc = device_lanes(cu, b->region->device, &d);
   if (rc == PF_OK && cudaSetDevice(b->region->device) != cudaSuccess) {
     clear_error();
@@ -352,21 +486,37 @@ static int device_submit(pf_copier *c, pf_batch *b) {
     clear_error();
     rc = PF_EIO;
   }
+  pf_lane *l = NULL;
+  if (rc == PF_OK) {
+    l = &d->lanes[b->direction];
+    pthread_mutex_lock(&l->mu);
+    cb->stream = l->streams[l->next++ % (unsigned)l->n_streams];
+    pthread_mutex_unlock(&l->mu);
+    /* GPU-side ordering after the producer: the stream waits for the
+     * event's latest record; the host does not block. Before any copy, so
+     * a failure here still leaves nothing enqueued. */
+    if (after != NULL && cudaStreamWaitEvent(cb->stream, after->event, 0) != cudaSuccess) {
+      clear_error();
+      (void)cudaEventDestroy(cb->event);
+      rc = PF_EIO;
+    }
+  }
   if (rc != PF_OK) {
+    clear_error();
     free(cb);
     pf__batch_abort(b); /* nothing was enqueued */
     return rc;
   }
-  pf_lane *l = &d->lanes[b->direction];
-  pthread_mutex_lock(&l->mu);
-  cb->stream = l->streams[l->next++ % (unsigned)l->n_streams];
-  pthread_mutex_unlock(&l->mu);
 
   /* From here on the batch always completes through the lane: once one
    * copy is enqueued the memory is in use until the stream reaches it. */
   int to_pool = b->direction == PF_DIR_REGION_TO_POOL;
   enum cudaMemcpyKind kind = to_pool ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
-  for (uint64_t i = 0; i < b->n_ops; i++) {
+  uint64_t first = 0;
+#ifdef PF_HAVE_BATCH_COPY
+  if (batch_copy(b, cb->stream, to_pool) == 0) first = b->n_ops;
+#endif
+  for (uint64_t i = first; i < b->n_ops; i++) {
     const pf_copy_op *o = &b->ops[i];
     uint8_t *r = b->region->base + o->region_offset, *p = b->pool->base + o->pool_offset;
     if (cudaMemcpyAsync(to_pool ? p : r, to_pool ? r : p, (size_t)o->len, kind, cb->stream) != cudaSuccess) {
@@ -394,6 +544,14 @@ static int device_submit(pf_copier *c, pf_batch *b) {
 
 int pf_copier_submit(pf_copier *copier, pf_region *region, pf_pool *pool, int direction,
                      const pf_copy_op *ops, uint64_t n_ops, uint64_t token) {
+  return pf_copier_submit_after(copier, region, pool, direction, ops, n_ops, NULL, token);
+}
+
+int pf_copier_submit_after(pf_copier *copier, pf_region *region, pf_pool *pool, int direction,
+                           const pf_copy_op *ops, uint64_t n_ops, pf_event *after, uint64_t token) {
+  /* A host region's copies run on CPU threads, which cannot wait on a GPU
+   * event without blocking; the producer orders shm writes itself. */
+  if (after != NULL && region != NULL && region->kind == PF_MEM_HOST) return PF_EINVAL;
   pf_batch *b;
   int rc = pf__batch_new(copier, region, pool, direction, ops, n_ops, token, &b);
   if (rc != PF_OK) return rc;
@@ -401,7 +559,7 @@ int pf_copier_submit(pf_copier *copier, pf_region *region, pf_pool *pool, int di
     pf__host_enqueue(copier, b);
     return PF_OK;
   }
-  return device_submit(copier, b);
+  return device_submit(copier, b, after);
 }
 
 int pf_copier_destroy(pf_copier *copier) {

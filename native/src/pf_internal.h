@@ -64,7 +64,7 @@ struct pf_batch {
   uint64_t cur_op, cur_off, grab;
   atomic_uint_fast64_t remaining; /* bytes not yet copied */
   atomic_int status;              /* PF_OK or the first failure */
-  void *backend;                  /* CUDA: the batch's event */
+  void *backend;                  /* CUDA: the batch's stream and event */
 };
 
 struct pf_copier {
@@ -84,6 +84,8 @@ struct pf_copier {
 /* ---- pf_common.c ---- */
 
 int pf__in_bounds(uint64_t off, uint64_t len, uint64_t size);
+/* Parses a device UUID (see pf_cuda_device_by_uuid) into its 16 bytes. */
+int pf__parse_uuid(const char *s, uint64_t len, uint8_t out[16]);
 int pf__region_acquire(pf_region *r);
 void pf__region_release(pf_region *r);
 pf_region *pf__region_new(uint8_t *base, uint64_t size, int kind, int device,

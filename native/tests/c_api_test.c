@@ -3,7 +3,8 @@
  * invalid arguments, bounds checks that copy nothing, completions through a
  * tiny nonblocking pipe, a shm file truncated under a copy (SIGBUS guard),
  * region close and pool destroy while copies are in flight, and destroy
- * waiting for batches. Prints "c_api: N passed, N failed" and exits 1 on
+ * waiting for batches, device UUIDs and IPC events (argument checks in
+ * every build; a UUID round trip when a GPU is present). Prints "c_api: N passed, N failed" and exits 1 on
  * any failure. Run by CTest and by native's Go tests.
  */
 #ifndef _GNU_SOURCE
@@ -92,7 +93,7 @@ static int all_zero(const unsigned char *p, size_t n) {
 
 static void test_strings(void) {
   CHECK(pf_backend() != NULL && (!strcmp(pf_backend(), "cpu") || !strcmp(pf_backend(), "cuda")));
-  for (int code = 0; code >= -7; code--) CHECK(strcmp(pf_strerror(code), "unknown error") != 0);
+  for (int code = 0; code >= -8; code--) CHECK(strcmp(pf_strerror(code), "unknown error") != 0);
   CHECK(strcmp(pf_strerror(-100), "unknown error") == 0);
   CHECK(strcmp(pf_strerror(42), "unknown error") == 0);
 }
@@ -158,6 +159,109 @@ static void test_copier_args(void) {
   CHECK_RC(pf_copier_destroy(c), PF_OK);
   close(fds[0]);
   close(fds[1]);
+}
+
+#ifdef PF_TEST_CUDA
+#include <cuda_runtime_api.h>
+
+/* With a GPU: every visible device's UUID maps back to its ordinal, in the
+ * nvidia-smi form, upper case and bare. Skipped without one. */
+static void test_uuid_roundtrip(void) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    (void)cudaGetLastError();
+    fprintf(stderr, "c_api: no CUDA device; UUID round trip skipped\n");
+    return;
+  }
+  for (int d = 0; d < count; d++) {
+    struct cudaDeviceProp prop;
+    CHECK(cudaGetDeviceProperties(&prop, d) == cudaSuccess);
+    const unsigned char *u = (const unsigned char *)prop.uuid.bytes;
+    char smi[64], upper[64], bare[40];
+    snprintf(smi, sizeof smi, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0],
+             u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13], u[14], u[15]);
+    for (size_t i = 0; i <= strlen(smi); i++) upper[i] = (char)(smi[i] >= 'a' && smi[i] <= 'f' ? smi[i] - 32 : smi[i]);
+    size_t n = 0;
+    for (const char *p = smi + 4; *p; p++)
+      if (*p != '-') bare[n++] = *p;
+    bare[n] = '\0';
+    const char *forms[] = {smi, upper, bare};
+    for (size_t f = 0; f < 3; f++) {
+      int got = -1;
+      CHECK_RC(pf_cuda_device_by_uuid(forms[f], strlen(forms[f]), &got), PF_OK);
+      CHECK(got == d);
+    }
+  }
+}
+#endif
+
+static void test_uuid_and_event_args(void) {
+  int cuda = strcmp(pf_backend(), "cuda") == 0;
+  int dev = 7;
+  const char *zero = "GPU-00000000-0000-0000-0000-000000000000";
+  CHECK_RC(pf_cuda_device_by_uuid(zero, strlen(zero), NULL), PF_EINVAL);
+  CHECK_RC(pf_cuda_device_by_uuid(NULL, 40, &dev), PF_EINVAL);
+  CHECK(dev == -1);
+  CHECK_RC(pf_cuda_device_by_uuid(zero, 0, &dev), PF_EINVAL);
+  CHECK_RC(pf_cuda_device_by_uuid(zero, 20, &dev), PF_EINVAL);  /* cut short: only len bytes */
+  CHECK_RC(pf_cuda_device_by_uuid("GPU-0000000z-0000-0000-0000-000000000000", 40, &dev), PF_EINVAL);
+  CHECK_RC(pf_cuda_device_by_uuid("GPU-00000000-0000-0000-0000-0000000000000", 41, &dev), PF_EINVAL);
+  CHECK_RC(pf_cuda_device_by_uuid("GPU-", 4, &dev), PF_EINVAL);
+  CHECK_RC(pf_cuda_device_by_uuid(zero, 1000, &dev), PF_EINVAL); /* absurd length */
+  /* A NUL ends the string before len. */
+  int want = cuda ? PF_ENODEV : PF_ENOTSUP;
+  int rc = pf_cuda_device_by_uuid(zero, 64, &dev);
+  CHECK(rc == want || (cuda && rc == PF_EIO)); /* EIO: CUDA build without a GPU */
+  CHECK(dev == -1);
+  rc = pf_cuda_device_by_uuid("00000000000000000000000000000000", 32, &dev);
+  CHECK(rc == want || (cuda && rc == PF_EIO));
+
+  uint8_t handle[PF_CUDA_IPC_HANDLE_BYTES] = {0};
+  pf_event *ev = (pf_event *)1;
+  CHECK_RC(pf_event_open_ipc(handle, sizeof handle, 0, NULL), PF_EINVAL);
+  CHECK_RC(pf_event_open_ipc(NULL, sizeof handle, 0, &ev), PF_EINVAL);
+  CHECK(ev == NULL);
+  CHECK_RC(pf_event_open_ipc(handle, 63, 0, &ev), PF_EINVAL);
+  CHECK_RC(pf_event_open_ipc(handle, UINT64_MAX, 0, &ev), PF_EINVAL);
+  /* An all-zero handle names no event: refused, never a crash. */
+  CHECK_RC(pf_event_open_ipc(handle, sizeof handle, 0, &ev), cuda ? PF_EIO : PF_ENOTSUP);
+  CHECK(ev == NULL);
+  int no_gpu = cuda && rc == PF_EIO;
+  CHECK_RC(pf_event_open_ipc(handle, sizeof handle, 1 << 20, &ev), !cuda ? PF_ENOTSUP : no_gpu ? PF_EIO : PF_EINVAL);
+  CHECK_RC(pf_event_close(NULL), PF_EINVAL);
+
+  /* Waiting on an event: device regions only. A shm region with an event
+   * is refused before anything (the pool pointer is never looked at). */
+  const char *path = make_file("small", 100, 1);
+  pf_region *r;
+  CHECK_RC(pf_region_open_shm(path, 100, &r), PF_OK);
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) != 0) exit(2);
+  pf_copier *c;
+  CHECK_RC(pf_copier_create(1, fds[1], &c), PF_OK);
+  pf_copy_op op = {0, 0, 10};
+  pf_event *fake = (pf_event *)&op; /* never dereferenced on these paths */
+  CHECK_RC(pf_copier_submit_after(c, r, (pf_pool *)&op, 0, &op, 1, fake, 1), cuda ? PF_EINVAL : PF_ENOTSUP);
+  CHECK(pipe_empty(fds[0]));
+  pf_pool *pool;
+  if (pf_pool_create(4096, -1, -1, 0, &pool) == PF_OK) {
+    /* No event: the same as pf_copier_submit. */
+    pf_completion done;
+    CHECK_RC(pf_copier_submit_after(c, r, pool, 0, &op, 1, NULL, 42), PF_OK);
+    CHECK(read_completion(fds[0], &done, 5000) && done.token == 42 && done.status == PF_OK);
+    CHECK(memcmp(pf_pool_base(pool), "\x01", 1) == 0); /* make_file's first byte is its seed */
+    CHECK_RC(pf_copier_submit_after(NULL, r, pool, 0, &op, 1, NULL, 43), PF_EINVAL);
+    CHECK_RC(pf_copier_destroy(c), PF_OK);
+    CHECK_RC(pf_pool_destroy(pool), PF_OK);
+  } else {
+    CHECK_RC(pf_copier_destroy(c), PF_OK);
+  }
+  CHECK_RC(pf_region_close(r), PF_OK);
+  close(fds[0]);
+  close(fds[1]);
+#ifdef PF_TEST_CUDA
+  test_uuid_roundtrip();
+#endif
 }
 
 /* Everything that needs a pool. */
@@ -323,6 +427,7 @@ int main(void) {
   test_pool_args();
   test_region_args();
   test_copier_args();
+  test_uuid_and_event_args();
   test_copies();
   const char *names[] = {"small", "region", "truncated", "last"};
   for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
