@@ -1,0 +1,191 @@
+// Package topology lists the host's GPUs (through NVML) and holds the
+// placement facts the engine's policy needs: which GPUs exist, on which NUMA
+// node each sits, and which pairs talk over NVLink or PCIe P2P.
+//
+// The NVML boundary is the Lister interface; NVML is its go-nvml
+// implementation. Discover turns a lister failure (no driver, no library, no
+// GPU) into a CPU-mode Topology, so callers never handle "no NVML" as an
+// error. A Topology is immutable after Discover returns.
+package topology
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+)
+
+// Modes of a Topology.
+const (
+	ModeCUDA = "cuda" // NVML listed at least one GPU
+	ModeCPU  = "cpu"  // no NVML or no GPU: registrations carry shm regions only
+)
+
+// Device is one GPU as NVML reports it.
+type Device struct {
+	// Index is NVML's index (PCI order). It equals the CUDA ordinal only
+	// with CUDA_DEVICE_ORDER=PCI_BUS_ID and no CUDA_VISIBLE_DEVICES, so
+	// policy keys on UUID, never on it.
+	Index int    `json:"index"`
+	UUID  string `json:"uuid"`
+	Name  string `json:"name"`
+	// PCIBusID is in sysfs form ("0000:3b:00.0"), lower case.
+	PCIBusID string `json:"pci_bus_id"`
+	// NUMANode is the CPU-side node of the GPU's PCIe root (-1: unknown),
+	// where pinned host memory for this GPU should live.
+	NUMANode    int    `json:"numa_node"`
+	MemoryBytes uint64 `json:"memory_bytes"`
+	// NVLinkLinks counts active NVLink links.
+	NVLinkLinks int `json:"nvlink_links"`
+	// NVLinkPeers and P2PPeers are the Index of the GPUs this one reaches
+	// over NVLink (directly or through NVSwitch) and by PCIe/NVLink P2P
+	// reads, ascending.
+	NVLinkPeers []int `json:"nvlink_peers"`
+	P2PPeers    []int `json:"p2p_peers"`
+	// MIGDevices are the UUIDs of the MIG instances carved from this GPU
+	// (MIG mode on); a rank on one of them is on this GPU.
+	MIGDevices []string `json:"mig_devices,omitempty"`
+}
+
+// Topology is what Discover found.
+type Topology struct {
+	Mode string `json:"mode"`
+	// Reason says why Mode is cpu.
+	Reason        string   `json:"reason,omitempty"`
+	DriverVersion string   `json:"driver_version,omitempty"`
+	Devices       []Device `json:"devices"`
+}
+
+// CPU is the topology of a host without usable NVML.
+func CPU(reason string) *Topology {
+	return &Topology{Mode: ModeCPU, Reason: reason, Devices: []Device{}}
+}
+
+// Lister lists the host's GPUs. An error means NVML is unusable; a host
+// where NVML works but lists no GPU returns a CPU-mode Topology instead.
+type Lister interface {
+	List(ctx context.Context) (*Topology, error)
+}
+
+// Discover lists the GPUs once and logs the outcome once: the devices in
+// CUDA mode, "no NVML: CPU mode" with the reason otherwise. It never fails.
+func Discover(ctx context.Context, l Lister, log *slog.Logger) *Topology {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	t, err := l.List(ctx)
+	if err != nil {
+		t = CPU(err.Error())
+	}
+	if t.Devices == nil {
+		t.Devices = []Device{}
+	}
+	if !t.GPU() {
+		log.Info("no NVML: CPU mode", "reason", t.Reason)
+		return t
+	}
+	for _, d := range t.Devices {
+		log.Info("gpu", "index", d.Index, "uuid", d.UUID, "name", d.Name, "pci_bus_id", d.PCIBusID,
+			"numa_node", d.NUMANode, "memory_bytes", d.MemoryBytes, "nvlink_peers", d.NVLinkPeers, "p2p_peers", d.P2PPeers)
+	}
+	log.Info("NVML: CUDA mode", "gpus", len(t.Devices), "driver", t.DriverVersion)
+	return t
+}
+
+// GPU reports CUDA mode. A nil Topology is CPU mode.
+func (t *Topology) GPU() bool { return t != nil && t.Mode == ModeCUDA && len(t.Devices) > 0 }
+
+// NormalizeUUID returns the canonical form of a device UUID: lower case
+// with its "gpu-"/"mig-" prefix. torch reports the bare UUID, NVML the
+// prefixed one; both name the same GPU.
+func NormalizeUUID(u string) string {
+	u = strings.ToLower(strings.TrimSpace(u))
+	if u == "" || strings.HasPrefix(u, "gpu-") || strings.HasPrefix(u, "mig-") {
+		return u
+	}
+	return "gpu-" + u
+}
+
+// Lookup finds the GPU a device UUID (GPU or MIG, any case, with or
+// without prefix) belongs to.
+func (t *Topology) Lookup(uuid string) (Device, bool) {
+	if t == nil {
+		return Device{}, false
+	}
+	want := NormalizeUUID(uuid)
+	if want == "" {
+		return Device{}, false
+	}
+	for _, d := range t.Devices {
+		if NormalizeUUID(d.UUID) == want {
+			return d, true
+		}
+		for _, m := range d.MIGDevices {
+			if NormalizeUUID(m) == want {
+				return d, true
+			}
+		}
+	}
+	return Device{}, false
+}
+
+// NodeGPUs counts GPUs per known NUMA node.
+func (t *Topology) NodeGPUs() map[int]int {
+	out := map[int]int{}
+	if t == nil {
+		return out
+	}
+	for _, d := range t.Devices {
+		if d.NUMANode >= 0 {
+			out[d.NUMANode]++
+		}
+	}
+	return out
+}
+
+// Placement is where the pool goes and why.
+type Placement struct {
+	Node   int    // -1: no binding
+	Reason string // for the log and /topology
+	// Spread is true when GPUs sit on several nodes, so some copies cross
+	// the inter-socket link whatever single node is chosen.
+	Spread bool
+}
+
+// PoolPlacement picks the pool's NUMA node. An explicit node (>= 0) wins.
+// Otherwise, in CUDA mode, the pool goes to the node holding the most GPUs
+// (lowest node on a tie), which is every GPU's node when they share one.
+// Without GPUs or NUMA facts there is no binding.
+func (t *Topology) PoolPlacement(requested int) Placement {
+	if requested >= 0 {
+		return Placement{Node: requested, Reason: "--numa-node"}
+	}
+	if !t.GPU() {
+		return Placement{Node: -1, Reason: "cpu mode: no binding"}
+	}
+	counts := t.NodeGPUs()
+	if len(counts) == 0 {
+		return Placement{Node: -1, Reason: "GPU NUMA nodes unknown: no binding"}
+	}
+	nodes := make([]int, 0, len(counts))
+	for n := range counts {
+		nodes = append(nodes, n)
+	}
+	slices.Sort(nodes)
+	best := nodes[0]
+	for _, n := range nodes[1:] {
+		if counts[n] > counts[best] {
+			best = n
+		}
+	}
+	if len(nodes) == 1 {
+		return Placement{Node: best, Reason: fmt.Sprintf("GPUs on node %d (%d of %d)", best, counts[best], len(t.Devices))}
+	}
+	parts := make([]string, len(nodes))
+	for i, n := range nodes {
+		parts[i] = fmt.Sprintf("node %d: %d", n, counts[n])
+	}
+	return Placement{Node: best, Spread: true, Reason: fmt.Sprintf("GPUs span NUMA nodes (%s): pool on node %d, the one with most GPUs",
+		strings.Join(parts, ", "), best)}
+}
