@@ -648,12 +648,19 @@ type RegisterRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	SessionId string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
 	// Stable name of the vLLM instance (same across its restarts).
-	InstanceId    string          `protobuf:"bytes,2,opt,name=instance_id,json=instanceId,proto3" json:"instance_id,omitempty"`
-	Rank          uint32          `protobuf:"varint,3,opt,name=rank,proto3" json:"rank,omitempty"`
-	Namespace     *Namespace      `protobuf:"bytes,4,opt,name=namespace,proto3" json:"namespace,omitempty"`
-	NumBlocks     uint32          `protobuf:"varint,5,opt,name=num_blocks,json=numBlocks,proto3" json:"num_blocks,omitempty"`
-	Regions       []*MemoryRegion `protobuf:"bytes,6,rep,name=regions,proto3" json:"regions,omitempty"`
-	Layers        []*LayerLayout  `protobuf:"bytes,7,rep,name=layers,proto3" json:"layers,omitempty"`
+	InstanceId string          `protobuf:"bytes,2,opt,name=instance_id,json=instanceId,proto3" json:"instance_id,omitempty"`
+	Rank       uint32          `protobuf:"varint,3,opt,name=rank,proto3" json:"rank,omitempty"`
+	Namespace  *Namespace      `protobuf:"bytes,4,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	NumBlocks  uint32          `protobuf:"varint,5,opt,name=num_blocks,json=numBlocks,proto3" json:"num_blocks,omitempty"`
+	Regions    []*MemoryRegion `protobuf:"bytes,6,rep,name=regions,proto3" json:"regions,omitempty"`
+	Layers     []*LayerLayout  `protobuf:"bytes,7,rep,name=layers,proto3" json:"layers,omitempty"`
+	// CUDA only, optional: cudaIpcEventHandle_t bytes (64) of an interprocess
+	// event on the device of the regions (torch.cuda.Event(interprocess=True)
+	// .ipc_handle()). The worker records it on its compute stream after each
+	// step's KV writes and sends the step's Save with wait_event set; the
+	// engine's copy streams wait for it on the GPU, so no process blocks on
+	// the host to order the copies after the writes.
+	CudaIpcEvent  []byte `protobuf:"bytes,8,opt,name=cuda_ipc_event,json=cudaIpcEvent,proto3" json:"cuda_ipc_event,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -737,10 +744,22 @@ func (x *RegisterRequest) GetLayers() []*LayerLayout {
 	return nil
 }
 
+func (x *RegisterRequest) GetCudaIpcEvent() []byte {
+	if x != nil {
+		return x.CudaIpcEvent
+	}
+	return nil
+}
+
 type RegisterResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	NamespaceId   string                 `protobuf:"bytes,1,opt,name=namespace_id,json=namespaceId,proto3" json:"namespace_id,omitempty"`
 	BytesPerBlock uint64                 `protobuf:"varint,2,opt,name=bytes_per_block,json=bytesPerBlock,proto3" json:"bytes_per_block,omitempty"` // per rank
+	// True when the engine opened cuda_ipc_event: Save may then set
+	// wait_event. False (CPU engine, event refused, no event sent, an engine
+	// predating the field): the worker must make the step's KV writes
+	// complete before it sends Save (e.g. synchronize an event it recorded).
+	CudaEvent     bool `protobuf:"varint,3,opt,name=cuda_event,json=cudaEvent,proto3" json:"cuda_event,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -787,6 +806,13 @@ func (x *RegisterResponse) GetBytesPerBlock() uint64 {
 		return x.BytesPerBlock
 	}
 	return 0
+}
+
+func (x *RegisterResponse) GetCudaEvent() bool {
+	if x != nil {
+		return x.CudaEvent
+	}
+	return false
 }
 
 type UnregisterRequest struct {
@@ -951,8 +977,13 @@ type SaveRequest struct {
 	TransferLast bool `protobuf:"varint,6,opt,name=transfer_last,json=transferLast,proto3" json:"transfer_last,omitempty"`
 	// Optional remote notification: POST {transfer_id, token, status} here
 	// when the transfer is ready or failed.
-	ReadyUrl      string `protobuf:"bytes,7,opt,name=ready_url,json=readyUrl,proto3" json:"ready_url,omitempty"`
-	ReadyToken    string `protobuf:"bytes,8,opt,name=ready_token,json=readyToken,proto3" json:"ready_token,omitempty"`
+	ReadyUrl   string `protobuf:"bytes,7,opt,name=ready_url,json=readyUrl,proto3" json:"ready_url,omitempty"`
+	ReadyToken string `protobuf:"bytes,8,opt,name=ready_token,json=readyToken,proto3" json:"ready_token,omitempty"`
+	// The copies wait on the GPU for the registered cuda_ipc_event: for its
+	// most recent record at the time the engine receives this call, so the
+	// worker must record before sending. Only valid after a RegisterResponse
+	// with cuda_event = true (otherwise FAILED_PRECONDITION).
+	WaitEvent     bool `protobuf:"varint,9,opt,name=wait_event,json=waitEvent,proto3" json:"wait_event,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1041,6 +1072,13 @@ func (x *SaveRequest) GetReadyToken() string {
 		return x.ReadyToken
 	}
 	return ""
+}
+
+func (x *SaveRequest) GetWaitEvent() bool {
+	if x != nil {
+		return x.WaitEvent
+	}
+	return false
 }
 
 type SaveResponse struct {
@@ -1853,7 +1891,7 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\vLayerLayout\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fregion_index\x18\x02 \x01(\rR\vregionIndex\x120\n" +
-	"\bsegments\x18\x03 \x03(\v2\x14.pegaflow.v1.SegmentR\bsegments\"\xa1\x02\n" +
+	"\bsegments\x18\x03 \x03(\v2\x14.pegaflow.v1.SegmentR\bsegments\"\xc7\x02\n" +
 	"\x0fRegisterRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1f\n" +
@@ -1864,10 +1902,13 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\n" +
 	"num_blocks\x18\x05 \x01(\rR\tnumBlocks\x123\n" +
 	"\aregions\x18\x06 \x03(\v2\x19.pegaflow.v1.MemoryRegionR\aregions\x120\n" +
-	"\x06layers\x18\a \x03(\v2\x18.pegaflow.v1.LayerLayoutR\x06layers\"]\n" +
+	"\x06layers\x18\a \x03(\v2\x18.pegaflow.v1.LayerLayoutR\x06layers\x12$\n" +
+	"\x0ecuda_ipc_event\x18\b \x01(\fR\fcudaIpcEvent\"|\n" +
 	"\x10RegisterResponse\x12!\n" +
 	"\fnamespace_id\x18\x01 \x01(\tR\vnamespaceId\x12&\n" +
-	"\x0fbytes_per_block\x18\x02 \x01(\x04R\rbytesPerBlock\"g\n" +
+	"\x0fbytes_per_block\x18\x02 \x01(\x04R\rbytesPerBlock\x12\x1d\n" +
+	"\n" +
+	"cuda_event\x18\x03 \x01(\bR\tcudaEvent\"g\n" +
 	"\x11UnregisterRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1f\n" +
@@ -1877,7 +1918,7 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\x12UnregisterResponse\"9\n" +
 	"\bBlockRef\x12\x19\n" +
 	"\bblock_id\x18\x01 \x01(\rR\ablockId\x12\x12\n" +
-	"\x04hash\x18\x02 \x01(\fR\x04hash\"\x94\x02\n" +
+	"\x04hash\x18\x02 \x01(\fR\x04hash\"\xb3\x02\n" +
 	"\vSaveRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1f\n" +
@@ -1890,7 +1931,9 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\rtransfer_last\x18\x06 \x01(\bR\ftransferLast\x12\x1b\n" +
 	"\tready_url\x18\a \x01(\tR\breadyUrl\x12\x1f\n" +
 	"\vready_token\x18\b \x01(\tR\n" +
-	"readyToken\"V\n" +
+	"readyToken\x12\x1d\n" +
+	"\n" +
+	"wait_event\x18\t \x01(\bR\twaitEvent\"V\n" +
 	"\fSaveResponse\x12\x14\n" +
 	"\x05saved\x18\x01 \x01(\rR\x05saved\x12\x18\n" +
 	"\askipped\x18\x02 \x01(\rR\askipped\x12\x16\n" +

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pegaflow/v1/engine.proto\x12\x0bpegaflow.v1\"$\n\rAttachRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\"K\n\x0cSessionEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"\xc8\x02\n\tNamespace\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x11\n\tkv_layout\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x0f\n\x07tp_size\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\r\x12\x11\n\thead_size\x18\t \x01(\r\x12\x11\n\thash_algo\x18\n \x01(\t\x12\x1d\n\x15hash_seed_fingerprint\x18\x0b \x01(\x0c\x12\x30\n\x05\x65xtra\x18\x0c \x03(\x0b\x32!.pegaflow.v1.Namespace.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x14OpenNamespaceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12)\n\tnamespace\x18\x02 \x01(\x0b\x32\x16.pegaflow.v1.Namespace\"-\n\x15OpenNamespaceResponse\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\"j\n\x0cMemoryRegion\x12\x12\n\x08shm_path\x18\x01 \x01(\tH\x00\x12\x19\n\x0f\x63uda_ipc_handle\x18\x02 \x01(\x0cH\x00\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x65vice_uuid\x18\x04 \x01(\tB\x08\n\x06source\"9\n\x07Segment\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06stride\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"Y\n\x0bLayerLayout\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cregion_index\x18\x02 \x01(\r\x12&\n\x08segments\x18\x03 \x03(\x0b\x32\x14.pegaflow.v1.Segment\"\xdd\x01\n\x0fRegisterRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12)\n\tnamespace\x18\x04 \x01(\x0b\x32\x16.pegaflow.v1.Namespace\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12*\n\x07regions\x18\x06 \x03(\x0b\x32\x19.pegaflow.v1.MemoryRegion\x12(\n\x06layers\x18\x07 \x03(\x0b\x32\x18.pegaflow.v1.LayerLayout\"A\n\x10RegisterResponse\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\x12\x17\n\x0f\x62ytes_per_block\x18\x02 \x01(\x04\"J\n\x11UnregisterRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\"\x14\n\x12UnregisterResponse\"*\n\x08\x42lockRef\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\r\x12\x0c\n\x04hash\x18\x02 \x01(\x0c\"\xbf\x01\n\x0bSaveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12%\n\x06\x62locks\x18\x04 \x03(\x0b\x32\x15.pegaflow.v1.BlockRef\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\x12\x15\n\rtransfer_last\x18\x06 \x01(\x08\x12\x11\n\tready_url\x18\x07 \x01(\t\x12\x13\n\x0bready_token\x18\x08 \x01(\t\">\n\x0cSaveResponse\x12\r\n\x05saved\x18\x01 \x01(\r\x12\x0f\n\x07skipped\x18\x02 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\r\"\x92\x01\n\x0bLoadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12%\n\x06\x62locks\x18\x04 \x03(\x0b\x32\x15.pegaflow.v1.BlockRef\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12\x13\n\x0btransfer_id\x18\x06 \x01(\t\"8\n\x0cLoadResponse\x12(\n\x06status\x18\x01 \x03(\x0e\x32\x18.pegaflow.v1.BlockStatus\"\xbc\x01\n\x0cQueryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cnamespace_id\x18\x02 \x01(\t\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\x0f\n\x07wait_ms\x18\x04 \x01(\r\x12\r\n\x05lease\x18\x05 \x01(\x08\x12\x14\n\x0clease_ttl_ms\x18\x06 \x01(\r\x12\x13\n\x0btransfer_id\x18\x07 \x01(\t\x12\x15\n\rpacked_hashes\x18\x08 \x01(\x0c\x12\x10\n\x08hash_len\x18\t \x01(\r\"H\n\rQueryResponse\x12\x0f\n\x07num_hit\x18\x01 \x01(\r\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_inflight\x18\x03 \x01(\r\"K\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\"\x11\n\x0fReleaseResponse\"\x0f\n\rHealthRequest\"B\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\x0e\n\x0cStatsRequest\"\xd8\x02\n\rStatsResponse\x12\x1b\n\x13pool_capacity_bytes\x18\x01 \x01(\x04\x12\x17\n\x0fpool_used_bytes\x18\x02 \x01(\x04\x12\x17\n\x0fresident_blocks\x18\x03 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x04 \x01(\x04\x12\x17\n\x0finflight_blocks\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\r\n\x05saves\x18\x08 \x01(\x04\x12\r\n\x05loads\x18\t \x01(\x04\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x15\n\rsave_failures\x18\x0b \x01(\x04\x12\x12\n\nnamespaces\x18\x0c \x01(\x04\x12\x11\n\tinstances\x18\r \x01(\x04\x12\x10\n\x08sessions\x18\x0e \x01(\x04\x12\x13\n\x0b\x62ytes_saved\x18\x0f \x01(\x04\x12\x14\n\x0c\x62ytes_loaded\x18\x10 \x01(\x04*s\n\x0b\x42lockStatus\x12\x1c\n\x18\x42LOCK_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42LOCK_STATUS_OK\x10\x01\x12\x18\n\x14\x42LOCK_STATUS_MISSING\x10\x02\x12\x17\n\x13\x42LOCK_STATUS_FAILED\x10\x03\x32\xbe\x05\n\x06\x45ngine\x12\x41\n\x06\x41ttach\x12\x1a.pegaflow.v1.AttachRequest\x1a\x19.pegaflow.v1.SessionEvent0\x01\x12V\n\rOpenNamespace\x12!.pegaflow.v1.OpenNamespaceRequest\x1a\".pegaflow.v1.OpenNamespaceResponse\x12G\n\x08Register\x12\x1c.pegaflow.v1.RegisterRequest\x1a\x1d.pegaflow.v1.RegisterResponse\x12M\n\nUnregister\x12\x1e.pegaflow.v1.UnregisterRequest\x1a\x1f.pegaflow.v1.UnregisterResponse\x12;\n\x04Save\x12\x18.pegaflow.v1.SaveRequest\x1a\x19.pegaflow.v1.SaveResponse\x12;\n\x04Load\x12\x18.pegaflow.v1.LoadRequest\x1a\x19.pegaflow.v1.LoadResponse\x12>\n\x05Query\x12\x19.pegaflow.v1.QueryRequest\x1a\x1a.pegaflow.v1.QueryResponse\x12\x44\n\x07Release\x12\x1b.pegaflow.v1.ReleaseRequest\x1a\x1c.pegaflow.v1.ReleaseResponse\x12\x41\n\x06Health\x12\x1a.pegaflow.v1.HealthRequest\x1a\x1b.pegaflow.v1.HealthResponse\x12>\n\x05Stats\x12\x19.pegaflow.v1.StatsRequest\x1a\x1a.pegaflow.v1.StatsResponseB?Z=github.com/pegaflow/pegaflow/engine/api/pegaflowv1;pegaflowv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pegaflow/v1/engine.proto\x12\x0bpegaflow.v1\"$\n\rAttachRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\"K\n\x0cSessionEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"\xc8\x02\n\tNamespace\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x11\n\tkv_layout\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x0f\n\x07tp_size\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\r\x12\x11\n\thead_size\x18\t \x01(\r\x12\x11\n\thash_algo\x18\n \x01(\t\x12\x1d\n\x15hash_seed_fingerprint\x18\x0b \x01(\x0c\x12\x30\n\x05\x65xtra\x18\x0c \x03(\x0b\x32!.pegaflow.v1.Namespace.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x14OpenNamespaceRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12)\n\tnamespace\x18\x02 \x01(\x0b\x32\x16.pegaflow.v1.Namespace\"-\n\x15OpenNamespaceResponse\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\"j\n\x0cMemoryRegion\x12\x12\n\x08shm_path\x18\x01 \x01(\tH\x00\x12\x19\n\x0f\x63uda_ipc_handle\x18\x02 \x01(\x0cH\x00\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x65vice_uuid\x18\x04 \x01(\tB\x08\n\x06source\"9\n\x07Segment\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06stride\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"Y\n\x0bLayerLayout\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cregion_index\x18\x02 \x01(\r\x12&\n\x08segments\x18\x03 \x03(\x0b\x32\x14.pegaflow.v1.Segment\"\xf5\x01\n\x0fRegisterRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12)\n\tnamespace\x18\x04 \x01(\x0b\x32\x16.pegaflow.v1.Namespace\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12*\n\x07regions\x18\x06 \x03(\x0b\x32\x19.pegaflow.v1.MemoryRegion\x12(\n\x06layers\x18\x07 \x03(\x0b\x32\x18.pegaflow.v1.LayerLayout\x12\x16\n\x0e\x63uda_ipc_event\x18\x08 \x01(\x0c\"U\n\x10RegisterResponse\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\t\x12\x17\n\x0f\x62ytes_per_block\x18\x02 \x01(\x04\x12\x12\n\ncuda_event\x18\x03 \x01(\x08\"J\n\x11UnregisterRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\"\x14\n\x12UnregisterResponse\"*\n\x08\x42lockRef\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\r\x12\x0c\n\x04hash\x18\x02 \x01(\x0c\"\xd3\x01\n\x0bSaveRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12%\n\x06\x62locks\x18\x04 \x03(\x0b\x32\x15.pegaflow.v1.BlockRef\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\x12\x15\n\rtransfer_last\x18\x06 \x01(\x08\x12\x11\n\tready_url\x18\x07 \x01(\t\x12\x13\n\x0bready_token\x18\x08 \x01(\t\x12\x12\n\nwait_event\x18\t \x01(\x08\">\n\x0cSaveResponse\x12\r\n\x05saved\x18\x01 \x01(\r\x12\x0f\n\x07skipped\x18\x02 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\r\"\x92\x01\n\x0bLoadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12%\n\x06\x62locks\x18\x04 \x03(\x0b\x32\x15.pegaflow.v1.BlockRef\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12\x13\n\x0btransfer_id\x18\x06 \x01(\t\"8\n\x0cLoadResponse\x12(\n\x06status\x18\x01 \x03(\x0e\x32\x18.pegaflow.v1.BlockStatus\"\xbc\x01\n\x0cQueryRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cnamespace_id\x18\x02 \x01(\t\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\x0f\n\x07wait_ms\x18\x04 \x01(\r\x12\r\n\x05lease\x18\x05 \x01(\x08\x12\x14\n\x0clease_ttl_ms\x18\x06 \x01(\r\x12\x13\n\x0btransfer_id\x18\x07 \x01(\t\x12\x15\n\rpacked_hashes\x18\x08 \x01(\x0c\x12\x10\n\x08hash_len\x18\t \x01(\r\"H\n\rQueryResponse\x12\x0f\n\x07num_hit\x18\x01 \x01(\r\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_inflight\x18\x03 \x01(\r\"K\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\"\x11\n\x0fReleaseResponse\"\x0f\n\rHealthRequest\"B\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\x0e\n\x0cStatsRequest\"\xd8\x02\n\rStatsResponse\x12\x1b\n\x13pool_capacity_bytes\x18\x01 \x01(\x04\x12\x17\n\x0fpool_used_bytes\x18\x02 \x01(\x04\x12\x17\n\x0fresident_blocks\x18\x03 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x04 \x01(\x04\x12\x17\n\x0finflight_blocks\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\r\n\x05saves\x18\x08 \x01(\x04\x12\r\n\x05loads\x18\t \x01(\x04\x12\x11\n\tevictions\x18\n \x01(\x04\x12\x15\n\rsave_failures\x18\x0b \x01(\x04\x12\x12\n\nnamespaces\x18\x0c \x01(\x04\x12\x11\n\tinstances\x18\r \x01(\x04\x12\x10\n\x08sessions\x18\x0e \x01(\x04\x12\x13\n\x0b\x62ytes_saved\x18\x0f \x01(\x04\x12\x14\n\x0c\x62ytes_loaded\x18\x10 \x01(\x04*s\n\x0b\x42lockStatus\x12\x1c\n\x18\x42LOCK_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42LOCK_STATUS_OK\x10\x01\x12\x18\n\x14\x42LOCK_STATUS_MISSING\x10\x02\x12\x17\n\x13\x42LOCK_STATUS_FAILED\x10\x03\x32\xbe\x05\n\x06\x45ngine\x12\x41\n\x06\x41ttach\x12\x1a.pegaflow.v1.AttachRequest\x1a\x19.pegaflow.v1.SessionEvent0\x01\x12V\n\rOpenNamespace\x12!.pegaflow.v1.OpenNamespaceRequest\x1a\".pegaflow.v1.OpenNamespaceResponse\x12G\n\x08Register\x12\x1c.pegaflow.v1.RegisterRequest\x1a\x1d.pegaflow.v1.RegisterResponse\x12M\n\nUnregister\x12\x1e.pegaflow.v1.UnregisterRequest\x1a\x1f.pegaflow.v1.UnregisterResponse\x12;\n\x04Save\x12\x18.pegaflow.v1.SaveRequest\x1a\x19.pegaflow.v1.SaveResponse\x12;\n\x04Load\x12\x18.pegaflow.v1.LoadRequest\x1a\x19.pegaflow.v1.LoadResponse\x12>\n\x05Query\x12\x19.pegaflow.v1.QueryRequest\x1a\x1a.pegaflow.v1.QueryResponse\x12\x44\n\x07Release\x12\x1b.pegaflow.v1.ReleaseRequest\x1a\x1c.pegaflow.v1.ReleaseResponse\x12\x41\n\x06Health\x12\x1a.pegaflow.v1.HealthRequest\x1a\x1b.pegaflow.v1.HealthResponse\x12>\n\x05Stats\x12\x19.pegaflow.v1.StatsRequest\x1a\x1a.pegaflow.v1.StatsResponseB?Z=github.com/pegaflow/pegaflow/engine/api/pegaflowv1;pegaflowv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'Z=github.com/pegaflow/pegaflow/engine/api/pegaflowv1;pegaflowv1'
   _globals['_NAMESPACE_EXTRAENTRY']._loaded_options = None
   _globals['_NAMESPACE_EXTRAENTRY']._serialized_options = b'8\001'
-  _globals['_BLOCKSTATUS']._serialized_start=2586
-  _globals['_BLOCKSTATUS']._serialized_end=2701
+  _globals['_BLOCKSTATUS']._serialized_start=2650
+  _globals['_BLOCKSTATUS']._serialized_end=2765
   _globals['_ATTACHREQUEST']._serialized_start=41
   _globals['_ATTACHREQUEST']._serialized_end=77
   _globals['_SESSIONEVENT']._serialized_start=79
@@ -55,39 +55,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERLAYOUT']._serialized_start=788
   _globals['_LAYERLAYOUT']._serialized_end=877
   _globals['_REGISTERREQUEST']._serialized_start=880
-  _globals['_REGISTERREQUEST']._serialized_end=1101
-  _globals['_REGISTERRESPONSE']._serialized_start=1103
-  _globals['_REGISTERRESPONSE']._serialized_end=1168
-  _globals['_UNREGISTERREQUEST']._serialized_start=1170
-  _globals['_UNREGISTERREQUEST']._serialized_end=1244
-  _globals['_UNREGISTERRESPONSE']._serialized_start=1246
-  _globals['_UNREGISTERRESPONSE']._serialized_end=1266
-  _globals['_BLOCKREF']._serialized_start=1268
-  _globals['_BLOCKREF']._serialized_end=1310
-  _globals['_SAVEREQUEST']._serialized_start=1313
-  _globals['_SAVEREQUEST']._serialized_end=1504
-  _globals['_SAVERESPONSE']._serialized_start=1506
-  _globals['_SAVERESPONSE']._serialized_end=1568
-  _globals['_LOADREQUEST']._serialized_start=1571
-  _globals['_LOADREQUEST']._serialized_end=1717
-  _globals['_LOADRESPONSE']._serialized_start=1719
-  _globals['_LOADRESPONSE']._serialized_end=1775
-  _globals['_QUERYREQUEST']._serialized_start=1778
-  _globals['_QUERYREQUEST']._serialized_end=1966
-  _globals['_QUERYRESPONSE']._serialized_start=1968
-  _globals['_QUERYRESPONSE']._serialized_end=2040
-  _globals['_RELEASEREQUEST']._serialized_start=2042
-  _globals['_RELEASEREQUEST']._serialized_end=2117
-  _globals['_RELEASERESPONSE']._serialized_start=2119
-  _globals['_RELEASERESPONSE']._serialized_end=2136
-  _globals['_HEALTHREQUEST']._serialized_start=2138
-  _globals['_HEALTHREQUEST']._serialized_end=2153
-  _globals['_HEALTHRESPONSE']._serialized_start=2155
-  _globals['_HEALTHRESPONSE']._serialized_end=2221
-  _globals['_STATSREQUEST']._serialized_start=2223
-  _globals['_STATSREQUEST']._serialized_end=2237
-  _globals['_STATSRESPONSE']._serialized_start=2240
-  _globals['_STATSRESPONSE']._serialized_end=2584
-  _globals['_ENGINE']._serialized_start=2704
-  _globals['_ENGINE']._serialized_end=3406
+  _globals['_REGISTERREQUEST']._serialized_end=1125
+  _globals['_REGISTERRESPONSE']._serialized_start=1127
+  _globals['_REGISTERRESPONSE']._serialized_end=1212
+  _globals['_UNREGISTERREQUEST']._serialized_start=1214
+  _globals['_UNREGISTERREQUEST']._serialized_end=1288
+  _globals['_UNREGISTERRESPONSE']._serialized_start=1290
+  _globals['_UNREGISTERRESPONSE']._serialized_end=1310
+  _globals['_BLOCKREF']._serialized_start=1312
+  _globals['_BLOCKREF']._serialized_end=1354
+  _globals['_SAVEREQUEST']._serialized_start=1357
+  _globals['_SAVEREQUEST']._serialized_end=1568
+  _globals['_SAVERESPONSE']._serialized_start=1570
+  _globals['_SAVERESPONSE']._serialized_end=1632
+  _globals['_LOADREQUEST']._serialized_start=1635
+  _globals['_LOADREQUEST']._serialized_end=1781
+  _globals['_LOADRESPONSE']._serialized_start=1783
+  _globals['_LOADRESPONSE']._serialized_end=1839
+  _globals['_QUERYREQUEST']._serialized_start=1842
+  _globals['_QUERYREQUEST']._serialized_end=2030
+  _globals['_QUERYRESPONSE']._serialized_start=2032
+  _globals['_QUERYRESPONSE']._serialized_end=2104
+  _globals['_RELEASEREQUEST']._serialized_start=2106
+  _globals['_RELEASEREQUEST']._serialized_end=2181
+  _globals['_RELEASERESPONSE']._serialized_start=2183
+  _globals['_RELEASERESPONSE']._serialized_end=2200
+  _globals['_HEALTHREQUEST']._serialized_start=2202
+  _globals['_HEALTHREQUEST']._serialized_end=2217
+  _globals['_HEALTHRESPONSE']._serialized_start=2219
+  _globals['_HEALTHRESPONSE']._serialized_end=2285
+  _globals['_STATSREQUEST']._serialized_start=2287
+  _globals['_STATSREQUEST']._serialized_end=2301
+  _globals['_STATSRESPONSE']._serialized_start=2304
+  _globals['_STATSRESPONSE']._serialized_end=2648
+  _globals['_ENGINE']._serialized_start=2768
+  _globals['_ENGINE']._serialized_end=3470
 # @@protoc_insertion_point(module_scope)

@@ -115,7 +115,7 @@ class LayerLayout(_message.Message):
     def __init__(self, name: _Optional[str] = ..., region_index: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("session_id", "instance_id", "rank", "namespace", "num_blocks", "regions", "layers")
+    __slots__ = ("session_id", "instance_id", "rank", "namespace", "num_blocks", "regions", "layers", "cuda_ipc_event")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class RegisterRequest(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_EVENT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     instance_id: str
     rank: int
@@ -130,15 +131,18 @@ class RegisterRequest(_message.Message):
     num_blocks: int
     regions: _containers.RepeatedCompositeFieldContainer[MemoryRegion]
     layers: _containers.RepeatedCompositeFieldContainer[LayerLayout]
-    def __init__(self, session_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., namespace: _Optional[_Union[Namespace, _Mapping]] = ..., num_blocks: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerLayout, _Mapping]]] = ...) -> None: ...
+    cuda_ipc_event: bytes
+    def __init__(self, session_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., namespace: _Optional[_Union[Namespace, _Mapping]] = ..., num_blocks: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[MemoryRegion, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerLayout, _Mapping]]] = ..., cuda_ipc_event: _Optional[bytes] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("namespace_id", "bytes_per_block")
+    __slots__ = ("namespace_id", "bytes_per_block", "cuda_event")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    CUDA_EVENT_FIELD_NUMBER: _ClassVar[int]
     namespace_id: str
     bytes_per_block: int
-    def __init__(self, namespace_id: _Optional[str] = ..., bytes_per_block: _Optional[int] = ...) -> None: ...
+    cuda_event: bool
+    def __init__(self, namespace_id: _Optional[str] = ..., bytes_per_block: _Optional[int] = ..., cuda_event: bool = ...) -> None: ...
 
 class UnregisterRequest(_message.Message):
     __slots__ = ("session_id", "instance_id", "rank")
@@ -163,7 +167,7 @@ class BlockRef(_message.Message):
     def __init__(self, block_id: _Optional[int] = ..., hash: _Optional[bytes] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
-    __slots__ = ("session_id", "instance_id", "rank", "blocks", "transfer_id", "transfer_last", "ready_url", "ready_token")
+    __slots__ = ("session_id", "instance_id", "rank", "blocks", "transfer_id", "transfer_last", "ready_url", "ready_token", "wait_event")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +176,7 @@ class SaveRequest(_message.Message):
     TRANSFER_LAST_FIELD_NUMBER: _ClassVar[int]
     READY_URL_FIELD_NUMBER: _ClassVar[int]
     READY_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WAIT_EVENT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     instance_id: str
     rank: int
@@ -180,7 +185,8 @@ class SaveRequest(_message.Message):
     transfer_last: bool
     ready_url: str
     ready_token: str
-    def __init__(self, session_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockRef, _Mapping]]] = ..., transfer_id: _Optional[str] = ..., transfer_last: bool = ..., ready_url: _Optional[str] = ..., ready_token: _Optional[str] = ...) -> None: ...
+    wait_event: bool
+    def __init__(self, session_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockRef, _Mapping]]] = ..., transfer_id: _Optional[str] = ..., transfer_last: bool = ..., ready_url: _Optional[str] = ..., ready_token: _Optional[str] = ..., wait_event: bool = ...) -> None: ...
 
 class SaveResponse(_message.Message):
     __slots__ = ("saved", "skipped", "failed")
