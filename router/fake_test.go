@@ -23,15 +23,17 @@ type fakeVLLM struct {
 	headers []http.Header
 	arrived []time.Time
 
-	failWith   atomic.Int32 // status to return for the next failN requests
-	failN      atomic.Int32
-	unhealthy  atomic.Bool
-	readyDelay time.Duration // P: POST /kv_ready this long after answering; <0: before answering
-	readyState string        // P: "ready" (default), "failed", or "none" (never report)
-	tokens     []string      // D: tokens to stream
-	gap        time.Duration // D: pause between chunks
-	breakAfter int           // D: drop the connection after this many chunks (0: never)
-	readySent  atomic.Int64  // unix nanos of the last /kv_ready POST
+	failWith     atomic.Int32 // status to return for the next failN requests
+	failN        atomic.Int32
+	unhealthy    atomic.Bool
+	readyDelay   time.Duration // P: POST /kv_ready this long after answering; <0: before answering
+	readyState   string        // P: "ready" (default), "failed", or "none" (never report)
+	tokens       []string      // D: tokens to stream
+	gap          time.Duration // D: pause between chunks
+	breakAfter   int           // D: drop the connection after this many chunks (0: never)
+	prefillDelay time.Duration // P: wait this long before answering
+	headerDelay  time.Duration // D: wait this long before the stream's headers
+	readySent    atomic.Int64  // unix nanos of the last /kv_ready POST
 }
 
 func newFake(mutate func(*fakeVLLM)) *fakeVLLM {
@@ -84,10 +86,16 @@ func (f *fakeVLLM) serve(w http.ResponseWriter, r *http.Request) {
 	chat := r.URL.Path == "/v1/chat/completions"
 	kv, _ := body["kv_transfer_params"].(map[string]any)
 	if kv != nil && kv["do_remote_decode"] == true {
+		if !sleepCtx(r, f.prefillDelay) {
+			return
+		}
 		f.prefill(w, kv, chat)
 		return
 	}
 	if stream, _ := body["stream"].(bool); stream {
+		if !sleepCtx(r, f.headerDelay) {
+			return
+		}
 		f.stream(w, r, body, chat)
 		return
 	}
@@ -165,4 +173,17 @@ func (f *fakeVLLM) stream(w http.ResponseWriter, r *http.Request, body map[strin
 	}
 	fmt.Fprint(w, "data: [DONE]\n\n")
 	fl.Flush()
+}
+
+// sleepCtx sleeps for d unless the request is cancelled first (false).
+func sleepCtx(r *http.Request, d time.Duration) bool {
+	if d <= 0 {
+		return true
+	}
+	select {
+	case <-time.After(d):
+		return true
+	case <-r.Context().Done():
+		return false
+	}
 }

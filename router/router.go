@@ -145,10 +145,10 @@ func New(cfg Config, deps Deps) (*Router, error) {
 		client:    &http.Client{Transport: transport},
 		readyURL:  cfg.readyURL(),
 
-		errPrefillTimeout:   fmt.Errorf("no prefill answer within %s (--prefill-timeout)", cfg.PrefillTimeout),
-		errFirstByteTimeout: fmt.Errorf("no first event within %s (--first-byte-timeout)", cfg.FirstByteTimeout),
-		errIdleTimeout:      fmt.Errorf("stream stalled for %s (--idle-stream-timeout)", cfg.IdleStreamTimeout),
-		errDecodeTimeout:    fmt.Errorf("answer not complete within %s (--decode-timeout)", cfg.DecodeTimeout),
+		errPrefillTimeout:   deadlineErrorf("no prefill answer within %s (--prefill-timeout)", cfg.PrefillTimeout),
+		errFirstByteTimeout: deadlineErrorf("no first event within %s (--first-byte-timeout)", cfg.FirstByteTimeout),
+		errIdleTimeout:      deadlineErrorf("stream stalled for %s (--idle-stream-timeout)", cfg.IdleStreamTimeout),
+		errDecodeTimeout:    deadlineErrorf("answer not complete within %s (--decode-timeout)", cfg.DecodeTimeout),
 	}
 	if cfg.Aggregated() {
 		r.agg = newPool(roleAggregated, cfg.Backends, cfg.LB)
@@ -674,6 +674,18 @@ func (r *Router) failLeg(c echo.Context, role string, err error) error {
 	}
 	return apiError(c, http.StatusBadGateway, "upstream_error", aerr.Error())
 }
+
+// deadlineError is one of the router's own limits, worded for the client.
+// It is a timeout (net.Error style) and matches context.DeadlineExceeded.
+type deadlineError struct{ msg string }
+
+func deadlineErrorf(format string, a ...any) error {
+	return &deadlineError{fmt.Sprintf(format, a...)}
+}
+
+func (e *deadlineError) Error() string        { return e.msg }
+func (e *deadlineError) Timeout() bool        { return true }
+func (e *deadlineError) Is(target error) bool { return target == context.DeadlineExceeded }
 
 // isTimeout: one of the router's deadlines or a dial/transport timeout.
 func isTimeout(err error) bool {
