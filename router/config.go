@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/url"
-	"strconv"
 	"strings"
 	"time"
 
@@ -111,7 +110,13 @@ func (b byteSizeFlag) String() string {
 	if b.p == nil {
 		return "0"
 	}
-	return strconv.FormatInt(*b.p, 10)
+	// The short form only when it is exact (FormatBytes rounds).
+	if s := cli.FormatBytes(uint64(*b.p)); *b.p >= 0 {
+		if n, err := cli.ParseBytes(s); err == nil && n == uint64(*b.p) {
+			return s
+		}
+	}
+	return fmt.Sprint(*b.p)
 }
 
 func (b byteSizeFlag) Set(v string) error {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"io"
 	"net/http"
 	"strings"
@@ -527,4 +528,22 @@ func TestLegErrorMessagesReachTheClient(t *testing.T) {
 			require.True(t, done)
 		}
 	})
+}
+
+func TestBindFlags(t *testing.T) {
+	c := DefaultConfig()
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	BindFlags(fs, &c)
+	require.Equal(t, "16MiB", fs.Lookup("max-body-bytes").DefValue)
+	require.NoError(t, fs.Parse([]string{"--backend", "http://a:1", "--backend", "http://b:2", "--max-body-bytes", "1000001",
+		"--decode-timeout", "5m", "--retry-backoff-max", "3s"}))
+	require.Equal(t, []string{"http://a:1", "http://b:2"}, c.Backends)
+	require.EqualValues(t, 1000001, c.MaxBodyBytes)
+	require.Equal(t, "1000001", fs.Lookup("max-body-bytes").Value.String())
+	require.Equal(t, 5*time.Minute, c.DecodeTimeout)
+	require.Equal(t, 3*time.Second, c.RetryBackoffMax)
+	require.True(t, c.Enabled())
+	require.True(t, c.Aggregated())
+	require.NoError(t, c.Validate())
+	require.Error(t, fs.Parse([]string{"--max-body-bytes", "lots"}))
 }
