@@ -26,13 +26,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/engine/topology"
 	"github.com/pegaflow/pegaflow/native"
 )
 
 // Config sets up an Engine. Zero durations take the defaults below.
 type Config struct {
 	PoolSize    uint64
-	NUMANode    int // -1: no binding
+	NUMANode    int // pool's node; -1: Topology decides (no binding in CPU mode)
 	Device      int // CUDA device for the pool, -1: none
 	PoolFlags   native.PoolFlags
 	CopyThreads int
@@ -48,6 +49,9 @@ type Config struct {
 	// CallbackTimeout bounds each POST to a transfer's ready_url.
 	CallbackTimeout time.Duration
 	Version         string
+	// Topology is the host's GPUs (topology.Discover); nil is CPU mode.
+	// Registrations are checked against it and it places the pool.
+	Topology *topology.Topology
 }
 
 // Defaults for Config.
@@ -81,16 +85,21 @@ func (c *Config) setDefaults() {
 	if c.Version == "" {
 		c.Version = "dev"
 	}
+	if c.Topology == nil {
+		c.Topology = topology.CPU("no topology given")
+	}
 }
 
 // Engine is the block store. Create with New, stop with Close.
 type Engine struct {
-	cfg    Config
-	log    *slog.Logger
-	pool   *native.Pool
-	copier *native.Copier
-	http   *http.Client
-	m      *metrics
+	cfg  Config
+	log  *slog.Logger
+	pool *native.Pool
+	// placement is where the pool's memory was asked to live.
+	placement topology.Placement
+	copier    *native.Copier
+	http      *http.Client
+	m         *metrics
 
 	mu         sync.Mutex
 	closed     bool
@@ -122,10 +131,12 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 	if cfg.PoolSize < allocAlign {
 		return nil, fmt.Errorf("%w: pool size %d too small", ErrInvalid, cfg.PoolSize)
 	}
-	pool, err := native.NewPool(cfg.PoolSize, cfg.NUMANode, cfg.Device, cfg.PoolFlags)
+	placement := cfg.Topology.PoolPlacement(cfg.NUMANode)
+	pool, err := native.NewPool(cfg.PoolSize, placement.Node, cfg.Device, cfg.PoolFlags)
 	if err != nil {
-		return nil, fmt.Errorf("allocate pool of %d bytes: %w", cfg.PoolSize, err)
+		return nil, fmt.Errorf("allocate pool of %d bytes on NUMA node %d: %w", cfg.PoolSize, placement.Node, err)
 	}
+	logPlacement(log, cfg.Topology, placement)
 	copier, err := native.NewCopier(cfg.CopyThreads)
 	if err != nil {
 		_ = pool.Close()
@@ -141,6 +152,7 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		cfg:        cfg,
 		log:        log,
 		pool:       pool,
+		placement:  placement,
 		copier:     copier,
 		http:       &http.Client{Timeout: cfg.CallbackTimeout},
 		alloc:      newAllocator(pool.Size()),
@@ -177,6 +189,26 @@ func ghostEntriesFor(poolSize uint64) int64 {
 
 // Backend is "cpu" or "cuda".
 func (e *Engine) Backend() string { return native.Backend() }
+
+// Topology is the host's GPUs as given in Config (CPU mode when none).
+func (e *Engine) Topology() *topology.Topology { return e.cfg.Topology }
+
+// PoolPlacement says which NUMA node the pool was bound to (-1: none) and
+// why.
+func (e *Engine) PoolPlacement() topology.Placement { return e.placement }
+
+func logPlacement(log *slog.Logger, topo *topology.Topology, p topology.Placement) {
+	log.Info("pool placement", "numa_node", p.Node, "reason", p.Reason)
+	if p.Spread {
+		// One pool has one node: copies for GPUs elsewhere cross the
+		// inter-socket link (see docs/gpu.md).
+		log.Warn("GPUs span NUMA nodes; copies for GPUs on other nodes cross the socket link", "pool_numa_node", p.Node)
+	}
+	if topo.GPU() && native.Backend() != "cuda" {
+		log.Warn("GPUs present but this is the CPU build: CUDA IPC registrations will fail; build with make CUDA=1",
+			"gpus", len(topo.Devices))
+	}
+}
 
 // Version is the build version given in Config.
 func (e *Engine) Version() string { return e.cfg.Version }

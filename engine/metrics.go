@@ -53,6 +53,8 @@ func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
 		gauge("sessions", "Attached clients.", func() float64 { return float64(len(e.sessions)) }),
 		gauge("instances", "Registered instance ranks.", func() float64 { return float64(len(e.instances)) }),
 		gauge("namespaces", "Namespaces.", func() float64 { return float64(len(e.namespaces)) }),
+		gauge("gpus", "GPUs listed by NVML at start (0: CPU mode).", func() float64 { return float64(len(e.cfg.Topology.Devices)) }),
+		gauge("pool_numa_node", "NUMA node the pool is bound to (-1: none).", func() float64 { return float64(e.placement.Node) }),
 		counter("hits_total", "Query hashes found sealed (prefix).", func() float64 { return float64(e.stats.hits) }),
 		counter("misses_total", "Query hashes not in the sealed prefix.", func() float64 { return float64(e.stats.misses) }),
 		counter("saves_total", "Block shares saved (one per rank).", func() float64 { return float64(e.stats.saves) }),

@@ -16,6 +16,9 @@ type namespace struct {
 	id   string
 	idx  uint32 // dense index, part of block keys
 	desc *pb.Namespace
+	// serving is servingKey(desc): namespaces that differ only in TP size
+	// or block size share it.
+	serving string
 	// allRanks has one bit per TP rank: a block is sealed when its saved
 	// mask equals it.
 	allRanks    uint64
@@ -35,22 +38,40 @@ func (ns *namespace) blockBytes() uint64 { return ns.rankBytes * uint64(ns.desc.
 // namespaceID derives the id from every compatibility field except the
 // hash-seed fingerprint, which is checked separately so that a mismatch is
 // reported instead of silently creating a disjoint namespace.
-func namespaceID(ns *pb.Namespace) string {
+func namespaceID(ns *pb.Namespace) string { return "ns-" + namespaceHash(ns, true) }
+
+// servingKey is namespaceID without the fields a deployment chooses rather
+// than the model dictates: TP size, block size and the per-rank KV head
+// count (which follows TP). Two live namespaces with the same servingKey
+// are the same model served with different parallelism: a P and a D that
+// can never share a block, which registration reports instead of letting
+// every lookup miss.
+func servingKey(ns *pb.Namespace) string { return namespaceHash(ns, false) }
+
+func namespaceHash(ns *pb.Namespace, parallelism bool) string {
 	h := sha256.New()
 	str := func(s string) {
 		_ = binary.Write(h, binary.LittleEndian, uint32(len(s)))
 		h.Write([]byte(s))
 	}
 	num := func(n uint32) { _ = binary.Write(h, binary.LittleEndian, n) }
-	str("pegaflow-ns-v1")
+	if parallelism {
+		str("pegaflow-ns-v1")
+	} else {
+		str("pegaflow-serving-v1")
+	}
 	str(ns.Model)
 	str(ns.ModelRevision)
 	str(ns.Dtype)
 	str(ns.KvLayout)
-	num(ns.BlockSize)
-	num(ns.TpSize)
+	if parallelism {
+		num(ns.BlockSize)
+		num(ns.TpSize)
+	}
 	num(ns.NumLayers)
-	num(ns.NumKvHeads)
+	if parallelism {
+		num(ns.NumKvHeads)
+	}
 	num(ns.HeadSize)
 	str(ns.HashAlgo)
 	keys := make([]string, 0, len(ns.Extra))
@@ -62,7 +83,7 @@ func namespaceID(ns *pb.Namespace) string {
 		str(k)
 		str(ns.Extra[k])
 	}
-	return "ns-" + hex.EncodeToString(h.Sum(nil)[:16])
+	return hex.EncodeToString(h.Sum(nil)[:16])
 }
 
 // openNamespaceLocked finds or creates the namespace for desc and checks its
@@ -75,6 +96,7 @@ func (e *Engine) openNamespaceLocked(desc *pb.Namespace) (*namespace, error) {
 			id:          id,
 			idx:         uint32(len(e.namespaces)),
 			desc:        cloneNamespace(desc),
+			serving:     servingKey(desc),
 			allRanks:    rankMask(desc.TpSize),
 			fingerprint: bytes.Clone(desc.HashSeedFingerprint),
 			blocks:      map[string]*block{},

@@ -29,6 +29,9 @@ type instance struct {
 	ns      *namespace
 	layout  *rankLayout
 	regions []*native.Region
+	// event is the worker's interprocess CUDA event that saves with
+	// wait_event wait for on the GPU; nil when none was opened.
+	event *native.Event
 }
 
 func (inst *instance) close() {
@@ -36,6 +39,7 @@ func (inst *instance) close() {
 		// Safe with copies in flight: the native layer unmaps after them.
 		_ = r.Close()
 	}
+	closeEvent(inst.event)
 }
 
 // OpenSession starts a session and returns its id.
@@ -113,8 +117,13 @@ func (e *Engine) Register(req *pb.RegisterRequest) (*pb.RegisterResponse, error)
 		e.mu.Unlock()
 		return nil, err
 	}
-	// Namespace checks first, so a mismatch fails before opening memory.
-	ns, err := e.openNamespaceLocked(req.Namespace)
+	// Namespace and placement checks first, so a mismatch fails before
+	// opening memory (and before creating a namespace).
+	err = e.checkRegistrationLocked(req, layout)
+	var ns *namespace
+	if err == nil {
+		ns, err = e.openNamespaceLocked(req.Namespace)
+	}
 	if err == nil && ns.shape != nil {
 		err = ns.adoptShape(layout.blockShape(), layout.rankBytes)
 	}
@@ -123,7 +132,7 @@ func (e *Engine) Register(req *pb.RegisterRequest) (*pb.RegisterResponse, error)
 		return nil, err
 	}
 
-	regions, err := openRegions(layout.regions)
+	regions, ev, err := e.openMemory(req, layout.regions)
 	if err != nil {
 		return nil, err
 	}
@@ -136,10 +145,14 @@ func (e *Engine) Register(req *pb.RegisterRequest) (*pb.RegisterResponse, error)
 	if err == nil {
 		err = ns.adoptShape(layout.blockShape(), layout.rankBytes)
 	}
+	if err == nil {
+		err = e.checkRegistrationLocked(req, layout)
+	}
 	if err != nil {
 		for _, r := range regions {
 			_ = r.Close()
 		}
+		closeEvent(ev)
 		return nil, err
 	}
 	key := instanceKey{req.InstanceId, req.Rank}
@@ -148,12 +161,12 @@ func (e *Engine) Register(req *pb.RegisterRequest) (*pb.RegisterResponse, error)
 		old.close()
 		e.log.Info("instance re-registered", "instance", req.InstanceId, "rank", req.Rank)
 	}
-	inst := &instance{key: key, session: s, ns: ns, layout: layout, regions: regions}
+	inst := &instance{key: key, session: s, ns: ns, layout: layout, regions: regions, event: ev}
 	e.instances[key] = inst
 	s.instances[key] = inst
 	e.log.Info("instance registered", "instance", req.InstanceId, "rank", req.Rank, "namespace", ns.id,
-		"blocks", layout.numBlocks, "layers", len(layout.layers), "rank_block_bytes", layout.rankBytes)
-	return &pb.RegisterResponse{NamespaceId: ns.id, BytesPerBlock: layout.rankBytes}, nil
+		"blocks", layout.numBlocks, "layers", len(layout.layers), "rank_block_bytes", layout.rankBytes, "device", layout.device)
+	return &pb.RegisterResponse{NamespaceId: ns.id, BytesPerBlock: layout.rankBytes, CudaEvent: ev != nil}, nil
 }
 
 func openRegions(specs []regionSpec) ([]*native.Region, error) {
@@ -162,7 +175,14 @@ func openRegions(specs []regionSpec) ([]*native.Region, error) {
 		var r *native.Region
 		var err error
 		if spec.ipcHandle != nil {
-			r, err = native.OpenCUDAIPCRegion(spec.ipcHandle, -1, spec.size)
+			dev, derr := cudaDevice(spec)
+			if derr != nil {
+				for _, opened := range regions {
+					_ = opened.Close()
+				}
+				return nil, fmt.Errorf("region %d: %w", i, derr) // already of an engine kind
+			}
+			r, err = native.OpenCUDAIPCRegion(spec.ipcHandle, dev, spec.size)
 		} else {
 			r, err = native.OpenShmRegion(spec.shmPath, spec.size)
 		}

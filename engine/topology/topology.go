@@ -146,11 +146,11 @@ func (t *Topology) NodeGPUs() map[int]int {
 
 // Placement is where the pool goes and why.
 type Placement struct {
-	Node   int    // -1: no binding
-	Reason string // for the log and /topology
+	Node   int    `json:"numa_node"` // -1: no binding
+	Reason string `json:"reason"`
 	// Spread is true when GPUs sit on several nodes, so some copies cross
 	// the inter-socket link whatever single node is chosen.
-	Spread bool
+	Spread bool `json:"spread"`
 }
 
 // PoolPlacement picks the pool's NUMA node. An explicit node (>= 0) wins.

