@@ -23,6 +23,7 @@ import (
 
 	"github.com/pegaflow/pegaflow/engine"
 	"github.com/pegaflow/pegaflow/engine/server"
+	"github.com/pegaflow/pegaflow/engine/topology"
 	"github.com/pegaflow/pegaflow/internal/cli"
 	"github.com/pegaflow/pegaflow/native"
 	"github.com/pegaflow/pegaflow/router"
@@ -59,7 +60,7 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.StringVar(&f.httpAddr, "http-addr", "127.0.0.1:8080", "HTTP address for /health, /metrics and, with backends, the OpenAI endpoints")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.Var(&f.poolSize, "pool-size", "pinned host pool size (e.g. 8GiB)")
-	fs.IntVar(&f.numaNode, "numa-node", -1, "NUMA node for the pool (-1: no binding)")
+	fs.IntVar(&f.numaNode, "numa-node", -1, "NUMA node for the pool (-1: the GPUs' node from NVML, none without NVML)")
 	fs.IntVar(&f.copyThreads, "copy-threads", 2, "native copy threads (CPU build) or streams (CUDA build)")
 	fs.BoolVar(&f.hugePages, "hugepages", true, "back the pool with huge pages when possible")
 	fs.BoolVar(&f.mlock, "mlock", true, "lock the pool in RAM when permitted")
@@ -134,10 +135,12 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 	if f.mlock {
 		poolFlags |= native.PoolMlock
 	}
+	topoLog := log.With("component", "topology")
+	topo := topology.Discover(ctx, topology.NewNVML(topoLog), topoLog)
 	eng, err := engine.New(engine.Config{
 		PoolSize: uint64(f.poolSize), NUMANode: f.numaNode, Device: -1, PoolFlags: poolFlags,
 		CopyThreads: f.copyThreads, LeaseTTL: f.leaseTTL, TransferTTL: f.transferTTL,
-		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, Version: version,
+		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, Version: version, Topology: topo,
 	}, log.With("component", "engine"), reg)
 	if err != nil {
 		return err
@@ -180,6 +183,7 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 		return c.JSON(code, body)
 	})
 	e.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})))
+	e.GET("/topology", topologyHandler(eng))
 
 	httpLis, err := net.Listen("tcp", f.httpAddr)
 	if err != nil {
@@ -231,4 +235,18 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 	}
 	wg.Wait()
 	return runErr
+}
+
+// topologyResponse is GET /topology: what NVML listed at start, the native
+// build, and where the pool went.
+type topologyResponse struct {
+	*topology.Topology
+	Backend string             `json:"backend"`
+	Pool    topology.Placement `json:"pool"`
+}
+
+func topologyHandler(eng *engine.Engine) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		return c.JSON(http.StatusOK, topologyResponse{Topology: eng.Topology(), Backend: eng.Backend(), Pool: eng.PoolPlacement()})
+	}
 }

@@ -1,0 +1,161 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/labstack/echo/v4"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pegaflow/pegaflow/engine"
+	"github.com/pegaflow/pegaflow/engine/topology"
+	"github.com/pegaflow/pegaflow/native"
+)
+
+// topologyJSON is the documented /topology shape, decoded independently of
+// the types that produce it.
+type topologyJSON struct {
+	Mode          string `json:"mode"`
+	Reason        string `json:"reason"`
+	Backend       string `json:"backend"`
+	DriverVersion string `json:"driver_version"`
+	Pool          struct {
+		NUMANode int    `json:"numa_node"`
+		Reason   string `json:"reason"`
+		Spread   bool   `json:"spread"`
+	} `json:"pool"`
+	Devices []struct {
+		Index       int      `json:"index"`
+		UUID        string   `json:"uuid"`
+		Name        string   `json:"name"`
+		PCIBusID    string   `json:"pci_bus_id"`
+		NUMANode    int      `json:"numa_node"`
+		MemoryBytes uint64   `json:"memory_bytes"`
+		NVLinkLinks int      `json:"nvlink_links"`
+		NVLinkPeers []int    `json:"nvlink_peers"`
+		P2PPeers    []int    `json:"p2p_peers"`
+		MIGDevices  []string `json:"mig_devices"`
+	} `json:"devices"`
+}
+
+func TestTopologyHandler(t *testing.T) {
+	tests := []struct {
+		name string
+		topo *topology.Topology
+		mode string
+		node int
+		gpus int
+	}{
+		{"cpu", topology.CPU("nvml init: ERROR_LIBRARY_NOT_FOUND"), "cpu", -1, 0},
+		{"cuda", &topology.Topology{Mode: topology.ModeCUDA, DriverVersion: "550.54.15", Devices: []topology.Device{
+			{Index: 0, UUID: "GPU-a", Name: "NVIDIA H100 80GB HBM3", PCIBusID: "0000:18:00.0", NUMANode: 0, MemoryBytes: 80 << 30,
+				NVLinkLinks: 18, NVLinkPeers: []int{1}, P2PPeers: []int{1}},
+			{Index: 1, UUID: "GPU-b", Name: "NVIDIA H100 80GB HBM3", PCIBusID: "0000:2a:00.0", NUMANode: 0, MemoryBytes: 80 << 30,
+				NVLinkLinks: 18, NVLinkPeers: []int{0}, P2PPeers: []int{0}},
+		}}, "cuda", 0, 2},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			eng, err := engine.New(engine.Config{PoolSize: 1 << 20, NUMANode: -1, Device: -1, Topology: tc.topo}, nil, prometheus.NewRegistry())
+			require.NoError(t, err)
+			defer eng.Close()
+			e := echo.New()
+			e.GET("/topology", topologyHandler(eng))
+			rec := httptest.NewRecorder()
+			e.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/topology", nil))
+			require.Equal(t, http.StatusOK, rec.Code)
+			var got topologyJSON
+			require.NoError(t, json.Unmarshal(rec.Body.Bytes(), &got))
+			require.Equal(t, tc.mode, got.Mode)
+			require.Equal(t, native.Backend(), got.Backend)
+			require.Equal(t, tc.node, got.Pool.NUMANode)
+			require.NotEmpty(t, got.Pool.Reason)
+			require.Len(t, got.Devices, tc.gpus)
+			require.Contains(t, rec.Body.String(), `"devices":[`, "an empty list, never null")
+			if tc.gpus > 0 {
+				require.Equal(t, "550.54.15", got.DriverVersion)
+				require.Equal(t, "0000:2a:00.0", got.Devices[1].PCIBusID)
+				require.Equal(t, []int{0}, got.Devices[1].NVLinkPeers)
+			} else {
+				require.Contains(t, got.Reason, "ERROR_LIBRARY_NOT_FOUND")
+			}
+		})
+	}
+}
+
+// syncBuffer is a log sink safe for the serve goroutines.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// TestServeTopology runs serve with the host's real NVML: CPU mode, said
+// once, where there is no driver; the GPUs where there is one.
+func TestServeTopology(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := lis.Addr().String()
+	require.NoError(t, lis.Close())
+	f, err := parseServeFlags([]string{"--socket", filepath.Join(t.TempDir(), "engine.sock"), "--http-addr", addr, "--pool-size", "4MiB"}, io.Discard)
+	require.NoError(t, err)
+	var logs syncBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- serve(ctx, f, slog.New(slog.NewTextHandler(&logs, nil))) }()
+	defer func() {
+		cancel()
+		require.NoError(t, <-done)
+	}()
+
+	var got topologyJSON
+	require.Eventually(t, func() bool {
+		resp, err := http.Get("http://" + addr + "/topology")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		return resp.StatusCode == http.StatusOK && json.NewDecoder(resp.Body).Decode(&got) == nil
+	}, 10*time.Second, 20*time.Millisecond, "no /topology: %s", &logs)
+	require.Equal(t, native.Backend(), got.Backend)
+	if got.Mode == topology.ModeCPU {
+		require.Empty(t, got.Devices)
+		require.NotEmpty(t, got.Reason)
+		require.Equal(t, -1, got.Pool.NUMANode)
+		require.Equal(t, 1, strings.Count(logs.String(), "no NVML: CPU mode"), logs.String())
+	} else {
+		require.Equal(t, topology.ModeCUDA, got.Mode)
+		require.NotEmpty(t, got.Devices)
+	}
+
+	resp, err := http.Get("http://" + addr + "/metrics")
+	require.NoError(t, err)
+	body, err := io.ReadAll(resp.Body)
+	require.NoError(t, resp.Body.Close())
+	require.NoError(t, err)
+	require.Contains(t, string(body), "pegaflow_engine_gpus ")
+	require.Contains(t, string(body), "pegaflow_engine_pool_numa_node ")
+}
