@@ -53,6 +53,9 @@ log = logging.getLogger("pegaflow_connector")
 class _SaveJob:
     specs: list[SaveSpec]
     event: Any = None  # CUDA event the copies must wait for
+    # The event is the rank's registered interprocess event: the engine can
+    # wait for it on the GPU (if the engine that gets the Save opened it).
+    ipc: bool = False
 
 
 class WorkerCore:
@@ -81,6 +84,10 @@ class WorkerCore:
         self._eng_instance = instance_id
         self._eng_rank = rank
         self.mode = "unregistered"  # "shm", "staging" or "cuda" once registered
+        # CUDA: the interprocess event re-recorded after each step's forward
+        # and the client generation whose engine opened it (-1: none did).
+        self._ipc_event: Any = None
+        self._event_gen = -1
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -191,6 +198,9 @@ class WorkerCore:
                 name=name, region_index=allocs[a.handle],
                 segments=[pb.Segment(offset=a.offset + s.offset, stride=s.stride, length=s.length)
                           for s in layer.segments]))
+        self._ipc_event, handle = _interprocess_event(infos[0][1].obj)
+        if handle:
+            req.cuda_ipc_event = handle
         self.mode = "cuda"
 
     def _register(self, client: EngineClient) -> None:
@@ -217,6 +227,7 @@ class WorkerCore:
             return
         with self._reg_lock:
             self._reg_gen = gen
+            self._event_gen = gen if resp.cuda_event and self._ipc_event is not None else -1
             self.namespace_id = resp.namespace_id
         self.metrics.inc("registrations")
         log.info("pegaflow: rank %d registered (%s, %d blocks, %d bytes/block, namespace %s)",
@@ -282,11 +293,12 @@ class WorkerCore:
             return
         event = None
         if self.mode == "cuda":
-            event = _record_cuda_event()
+            event = _record_cuda_event(self._ipc_event)
         with self._lock:
             for rid in {s.req_id for s in meta.saves}:
                 self._pending[rid] += 1
-        self._save_q.put(_SaveJob(list(meta.saves), event))
+        self._save_q.put(_SaveJob(list(meta.saves), event, event is not None
+                                  and event is self._ipc_event))
 
     def get_finished(self, finished_req_ids: Iterable[str]) -> tuple[set[str] | None, set[str] | None]:
         with self._lock:
@@ -367,8 +379,15 @@ class WorkerCore:
                     self._cond.notify_all()
 
     def _run_save(self, job: _SaveJob) -> None:
-        if job.event is not None:
+        # Ordering with this step's KV writes. Preferred: the engine's copy
+        # streams wait for the recorded interprocess event on the GPU (no
+        # host blocks). Fallback (no IPC event, or this engine did not open
+        # it): block this save thread, never vLLM's loop, until the forward
+        # finished; the copies then start up to one forward later.
+        gpu_wait = job.ipc and self._event_gen == self.client.generation
+        if job.event is not None and not gpu_wait:
             job.event.synchronize()
+            self.metrics.inc("save_host_syncs")
         groups: dict[str, list[SaveSpec]] = {}
         for s in job.specs:
             groups.setdefault(s.transfer_id, []).append(s)
@@ -380,10 +399,10 @@ class WorkerCore:
             token = next((s.ready_token for s in specs if s.ready_token), "")
             if not ids and not last:
                 continue
-            self._save_blocks(ids, hashes, tid, last, url, token)
+            self._save_blocks(ids, hashes, tid, last, url, token, gpu_wait)
 
     def _save_blocks(self, ids: list[int], hashes: list[bytes], tid: str, last: bool, url: str,
-                     token: str) -> None:
+                     token: str, wait_event: bool = False) -> None:
         if not self.registered():
             self.metrics.inc("saves_dropped", max(len(ids), 1))
             self.client.warn_limited("pegaflow: engine unavailable, dropping saves (rank %d)",
@@ -402,7 +421,7 @@ class WorkerCore:
                 refs = [pb.BlockRef(block_id=b, hash=h) for b, h in zip(c_ids, c_hashes)]
             req = pb.SaveRequest(instance_id=self._eng_instance, rank=self._eng_rank, blocks=refs,
                                  transfer_id=tid, transfer_last=last and final, ready_url=url,
-                                 ready_token=token)
+                                 ready_token=token, wait_event=wait_event)
             t0 = time.perf_counter()
             try:
                 resp = self.client.save(req, self.cfg.rpc_timeout_ms / 1000)
@@ -510,9 +529,32 @@ class WorkerCore:
             self._staging.close()
 
 
-def _record_cuda_event() -> Any:
+def _record_cuda_event(ipc_event: Any = None) -> Any:
+    """Records the step's end on the current stream: on the rank's
+    interprocess event when it has one (re-recording is cheap and an engine
+    wait covers the latest record, which is never earlier than this step's),
+    else on a fresh event."""
     import torch
 
-    ev = torch.cuda.Event()
+    ev = ipc_event if ipc_event is not None else torch.cuda.Event()
     ev.record(torch.cuda.current_stream())
     return ev
+
+
+def _interprocess_event(t: Any) -> tuple[Any, bytes]:
+    """An interprocess CUDA event on the tensor's device and its
+    cudaIpcEventHandle_t bytes, or (None, b"") where IPC events are not
+    available (then saves fall back to a host-side sync on the save
+    thread)."""
+    try:
+        import torch
+
+        with torch.cuda.device(t.device):
+            ev = torch.cuda.Event(interprocess=True)  # implies disable timing
+            handle = bytes(ev.ipc_handle())  # creates the event on this device
+        if len(handle) != 64:
+            raise RuntimeError(f"cudaIpcEventHandle_t of {len(handle)} bytes")
+        return ev, handle
+    except Exception as e:  # noqa: BLE001 - any failure means: no IPC event
+        log.info("pegaflow: no interprocess CUDA event (%s); saves sync on the save thread", e)
+        return None, b""
