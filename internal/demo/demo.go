@@ -196,7 +196,7 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Report, error) {
 	// Both routers poll backend health; a backend they have not seen
 	// healthy yet is still selectable, so no extra wait is needed.
 
-	rep := &Report{}
+	rep := &Report{PD: Setup{Name: "P/D 1P+1D"}, DP2: Setup{Name: "DP2 2x aggregated"}}
 	run := func(name, addr string) (*bench.Result, error) {
 		w := cfg.Workload
 		w.BaseURL = "http://" + addr
@@ -220,32 +220,33 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	rep.PD.Name = "P/D 1P+1D"
 	rep.PD.Result, err = run(rep.PD.Name, pdRouter)
+	// The engine figures are read even after an interrupted run (with a
+	// fresh deadline: ctx may be the cancelled one).
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	engineAfter, serr := scrape(sctx, "http://"+pdRouter)
+	dAfter, derr := scrape(sctx, "http://"+d)
+	if serr == nil && derr == nil {
+		e, ds := engineAfter.delta(engineBefore), dAfter.delta(dBefore)
+		rep.Engine = EngineStats{
+			QueriedBlocks:   e["pegaflow_engine_hits_total"] + e["pegaflow_engine_misses_total"],
+			HitBlocks:       e["pegaflow_engine_hits_total"],
+			SavedBytes:      e["pegaflow_engine_saved_bytes_total"],
+			LoadedBytes:     e["pegaflow_engine_loaded_bytes_total"],
+			TransfersReady:  e[`pegaflow_engine_transfers_total{status="ready"}`],
+			DBlocksLoaded:   ds["sim_kv_blocks_loaded_total"],
+			DPrefillTokens:  ds["sim_prefill_tokens_computed_total"],
+			DVerifyFailures: ds["sim_kv_verify_failures_total"],
+		}
+	}
 	if err != nil {
 		return rep, fmt.Errorf("P/D benchmark: %w", err)
 	}
-	engineAfter, err := scrape(ctx, "http://"+pdRouter)
-	if err != nil {
+	if err := errors.Join(serr, derr); err != nil {
 		return rep, err
-	}
-	dAfter, err := scrape(ctx, "http://"+d)
-	if err != nil {
-		return rep, err
-	}
-	e, ds := engineAfter.delta(engineBefore), dAfter.delta(dBefore)
-	rep.Engine = EngineStats{
-		QueriedBlocks:   e["pegaflow_engine_hits_total"] + e["pegaflow_engine_misses_total"],
-		HitBlocks:       e["pegaflow_engine_hits_total"],
-		SavedBytes:      e["pegaflow_engine_saved_bytes_total"],
-		LoadedBytes:     e["pegaflow_engine_loaded_bytes_total"],
-		TransfersReady:  e[`pegaflow_engine_transfers_total{status="ready"}`],
-		DBlocksLoaded:   ds["sim_kv_blocks_loaded_total"],
-		DPrefillTokens:  ds["sim_prefill_tokens_computed_total"],
-		DVerifyFailures: ds["sim_kv_verify_failures_total"],
 	}
 
-	rep.DP2.Name = "DP2 2x aggregated"
 	rep.DP2.Result, err = run(rep.DP2.Name, dpRouter)
 	if err != nil {
 		return rep, fmt.Errorf("DP2 benchmark: %w", err)
