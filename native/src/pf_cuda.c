@@ -265,10 +265,11 @@ int pf_event_close(pf_event *e) {
 
 /* ---- batched copies ---- */
 
-/* cudaMemcpyBatchAsync (CUDA 12.8+; CUDA 13 changed its signature) submits
- * a batch's copies in one call instead of one cudaMemcpyAsync (a few
- * microseconds of CPU each) per op. Small batches gain nothing from it. */
-#if CUDART_VERSION >= 12080 && CUDART_VERSION < 13000
+/* cudaMemcpyBatchAsync (CUDA 12.8+) submits a batch's copies in one call
+ * instead of one cudaMemcpyAsync (a few microseconds of CPU each) per op.
+ * Small batches gain nothing from it. CUDA 13 dropped its failIdx
+ * argument. */
+#if CUDART_VERSION >= 12080
 #define PF_HAVE_BATCH_COPY 1
 #define PF_BATCH_MIN_OPS 4
 /* 1 when disabled: PEGAFLOW_NATIVE_BATCH_COPY=0, or the driver refused the
@@ -314,8 +315,13 @@ static int batch_copy(pf_batch *b, cudaStream_t s, int to_pool) {
   attr.dstLocHint.id = to_pool ? 0 : b->region->device;
   /* Copy engines rather than SMs: vLLM's kernels run meanwhile. */
   attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
-  size_t attr_idx = 0, fail_idx = 0;
+  size_t attr_idx = 0;
+#if CUDART_VERSION >= 13000
+  cudaError_t err = cudaMemcpyBatchAsync(dsts, (const void *const *)srcs, sizes, n, &attr, &attr_idx, 1, s);
+#else
+  size_t fail_idx = 0;
   cudaError_t err = cudaMemcpyBatchAsync(dsts, srcs, sizes, n, &attr, &attr_idx, 1, &fail_idx, s);
+#endif
   free(dsts);
   free(sizes);
   if (err == cudaSuccess) return 0;
