@@ -547,3 +547,62 @@ func TestBindFlags(t *testing.T) {
 	require.NoError(t, c.Validate())
 	require.Error(t, fs.Parse([]string{"--max-body-bytes", "lots"}))
 }
+
+// Whatever the client sends, a body that passes validation gives legs that
+// are valid JSON objects with the router's keys set.
+func FuzzParseRequest(f *testing.F) {
+	for _, s := range []string{completionBody, `{"model":"m","prompt":[1,2]}`, `{"model":"m","prompt":["\u00e9<>&"],"max_completion_tokens":3}`,
+		`{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}`, `{"model":"m","prompt":"x","kv_transfer_params":null}`} {
+		f.Add([]byte(s), false)
+		f.Add([]byte(s), true)
+	}
+	f.Fuzz(func(t *testing.T, body []byte, chat bool) {
+		req, err := parseRequest(body, chat)
+		if err != nil {
+			var br *badRequest
+			require.ErrorAs(t, err, &br)
+			return
+		}
+		var pb, params bytes.Buffer
+		req.prefillBody(&pb, prefillParams(&params, "t\x00<", "http://r/kv_ready", "k"))
+		var pre map[string]json.RawMessage
+		require.NoError(t, json.Unmarshal(pb.Bytes(), &pre), pb.String())
+		require.Equal(t, "1", string(pre["max_tokens"]))
+		require.Equal(t, "false", string(pre["stream"]))
+		require.NotContains(t, pre, "stream_options")
+		dp, err := decodeParams(nil, "t")
+		require.NoError(t, err)
+		var db bytes.Buffer
+		req.decodeBody(&db, dp)
+		var dec map[string]json.RawMessage
+		require.NoError(t, json.Unmarshal(db.Bytes(), &dec), db.String())
+		require.JSONEq(t, string(dp), string(dec["kv_transfer_params"]))
+	})
+}
+
+// However the stream is cut into reads, the relay writes exactly the
+// complete events, each write ending on an event boundary.
+func FuzzRelayChunking(f *testing.F) {
+	f.Add([]byte("data: {\"choices\":[1]}\n\ndata: [DONE]\n\n"), []byte{3, 7, 1})
+	f.Add([]byte("data: a\r\n\r\ndata: b\n\npartial"), []byte{1, 1, 1, 1})
+	f.Fuzz(func(t *testing.T, stream, cuts []byte) {
+		var chunks []string
+		rest := string(stream)
+		for i := 0; len(rest) > 0; i++ {
+			n := len(rest)
+			if len(cuts) > 0 {
+				n = min(int(cuts[i%len(cuts)])+1, len(rest))
+			}
+			chunks = append(chunks, rest[:n])
+			rest = rest[n:]
+		}
+		var w writeRecorder
+		_, _ = relaySSE(&w, func() error { return nil }, &chunkReader{chunks: chunks}, relayHooks{})
+		got := strings.Join(w.writes, "")
+		require.True(t, strings.HasPrefix(string(stream), got))
+		require.Equal(t, lastEventEnd(stream, 0), len(got), "everything up to the last complete event, nothing after")
+		for _, wr := range w.writes {
+			require.Equal(t, len(wr), lastEventEnd([]byte(wr), 0), "a write ends on an event boundary: %q", wr)
+		}
+	})
+}
