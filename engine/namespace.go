@@ -180,6 +180,9 @@ func (e *Engine) OpenNamespace(sessionID string, desc *pb.Namespace) (string, er
 	if _, err := e.sessionLocked(sessionID); err != nil {
 		return "", err
 	}
+	if err := e.checkOpenParallelismLocked(desc); err != nil {
+		return "", err
+	}
 	ns, err := e.openNamespaceLocked(desc)
 	if err != nil {
 		return "", err

@@ -82,24 +82,59 @@ func localGPUs(t *topology.Topology) string {
 // checkParallelismLocked rejects a registration whose namespace differs
 // from a live instance's only in TP size, block size or per-rank KV heads.
 // Those are part of the namespace key, so P and D configured differently
-// would silently land in disjoint namespaces and never hit. Instances with
-// the same id are exempt: a restarted instance's new ranks replace its old
-// ones. Deployments that mean to stay apart differ in namespace.extra.
+// would silently land in disjoint namespaces and never hit; like a hash
+// seed mismatch, that is reported instead. Instances with the same id are
+// exempt: a restarted instance's new ranks replace its old ones.
+// Deployments that mean to stay apart differ in namespace.extra.
 func (e *Engine) checkParallelismLocked(req *pb.RegisterRequest) error {
 	desc := req.Namespace
+	clash := e.parallelismClashLocked(desc, req.InstanceId)
+	if clash == nil {
+		return nil
+	}
+	return fmt.Errorf("%w: instance %q (tp_size %d, block_size %d) and %s", ErrPrecondition,
+		req.InstanceId, desc.TpSize, desc.BlockSize, clashText(desc, clash))
+}
+
+// checkOpenParallelismLocked is checkParallelismLocked for OpenNamespace
+// (a scheduler, which names no instance): opening a namespace that has
+// live instances of its own is always fine (their registration passed);
+// otherwise it must not clash with another live instance, so a scheduler
+// whose workers were rejected is rejected too rather than querying a
+// namespace that never fills.
+func (e *Engine) checkOpenParallelismLocked(desc *pb.Namespace) error {
+	id := namespaceID(desc)
+	for _, inst := range e.instances {
+		if inst.ns.id == id {
+			return nil
+		}
+	}
+	clash := e.parallelismClashLocked(desc, "")
+	if clash == nil {
+		return nil
+	}
+	return fmt.Errorf("%w: namespace of model %q (tp_size %d, block_size %d) and %s", ErrPrecondition,
+		desc.Model, desc.TpSize, desc.BlockSize, clashText(desc, clash))
+}
+
+// parallelismClashLocked returns the live instance (lowest id and rank, so
+// messages are stable) in another namespace with desc's serving key,
+// ignoring instance exempt.
+func (e *Engine) parallelismClashLocked(desc *pb.Namespace, exempt string) *instance {
 	id, serving := namespaceID(desc), servingKey(desc)
 	var clash *instance
 	for key, inst := range e.instances {
-		if key.id == req.InstanceId || inst.ns.id == id || inst.ns.serving != serving {
+		if key.id == exempt || inst.ns.id == id || inst.ns.serving != serving {
 			continue
 		}
 		if clash == nil || cmp.Or(cmp.Compare(key.id, clash.key.id), cmp.Compare(key.rank, clash.key.rank)) < 0 {
 			clash = inst
 		}
 	}
-	if clash == nil {
-		return nil
-	}
+	return clash
+}
+
+func clashText(desc *pb.Namespace, clash *instance) string {
 	other := clash.ns.desc
 	var diffs []string
 	if desc.TpSize != other.TpSize {
@@ -111,9 +146,8 @@ func (e *Engine) checkParallelismLocked(req *pb.RegisterRequest) error {
 	if desc.NumKvHeads != other.NumKvHeads {
 		diffs = append(diffs, fmt.Sprintf("num_kv_heads per rank %d vs %d", desc.NumKvHeads, other.NumKvHeads))
 	}
-	return fmt.Errorf("%w: instance %q (tp_size %d, block_size %d) and instance %q (tp_size %d, block_size %d) serve model %q "+
-		"but differ in %s, so they could never share a KV block; P and D instances sharing a namespace must use the same "+
-		"TP size and block size (set a distinguishing namespace.extra key to keep separate deployments apart)",
-		ErrPrecondition, req.InstanceId, desc.TpSize, desc.BlockSize, clash.key.id, other.TpSize, other.BlockSize,
-		desc.Model, strings.Join(diffs, ", "))
+	return fmt.Sprintf("instance %q (tp_size %d, block_size %d) serve model %q but differ in %s, so they could never "+
+		"share a KV block; P and D instances sharing a namespace must use the same TP size and block size "+
+		"(set a distinguishing namespace.extra key to keep separate deployments apart)",
+		clash.key.id, other.TpSize, other.BlockSize, desc.Model, strings.Join(diffs, ", "))
 }

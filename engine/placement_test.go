@@ -256,3 +256,43 @@ func TestPoolPlacementFromTopology(t *testing.T) {
 		})
 	}
 }
+
+func TestOpenNamespaceFollowsTheRegistrationRule(t *testing.T) {
+	e, _ := newTopoEngine(t, nil, -1)
+	d := newWorker(t, e, "D", 0, 2, smallSpec)
+	d1 := regStep{instance: "D", rank: 1, tp: 2}.request(t)
+	d1.SessionId = d.session
+	_, err := e.Register(d1)
+	require.NoError(t, err)
+	p := regStep{instance: "P", rank: 0, tp: 1}.request(t)
+	sid, err := e.OpenSession("P")
+	require.NoError(t, err)
+	p.SessionId = sid
+	_, err = e.Register(p)
+	require.ErrorIs(t, err, ErrPrecondition)
+
+	tests := []struct {
+		name string
+		tp   int
+		msg  string // "" = opened
+	}{
+		{"the scheduler of the rejected instance", 1,
+			`namespace of model "m" (tp_size 1, block_size 4) and instance "D" (tp_size 2, block_size 4) serve model "m" but differ in tp_size 1 vs 2`},
+		{"the scheduler of the live instance", 2, ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			id, err := e.OpenNamespace(sid, smallSpec.Namespace("m", tc.tp))
+			if tc.msg == "" {
+				require.NoError(t, err)
+				require.Equal(t, d.nsID, id)
+				return
+			}
+			require.ErrorIs(t, err, ErrPrecondition)
+			require.ErrorContains(t, err, tc.msg)
+		})
+	}
+	// Another model is no clash.
+	_, err = e.OpenNamespace(sid, smallSpec.Namespace("other", 1))
+	require.NoError(t, err)
+}
