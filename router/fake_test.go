@@ -33,6 +33,7 @@ type fakeVLLM struct {
 	breakAfter   int           // D: drop the connection after this many chunks (0: never)
 	prefillDelay time.Duration // P: wait this long before answering
 	headerDelay  time.Duration // D: wait this long before the stream's headers
+	stallFirst   time.Duration // D: send the stream's headers, then wait this long before the first event
 	readySent    atomic.Int64  // unix nanos of the last /kv_ready POST
 }
 
@@ -145,6 +146,13 @@ func (f *fakeVLLM) prefill(w http.ResponseWriter, kv map[string]any, chat bool) 
 func (f *fakeVLLM) stream(w http.ResponseWriter, r *http.Request, body map[string]any, chat bool) {
 	w.Header().Set("Content-Type", "text/event-stream")
 	fl := w.(http.Flusher)
+	if f.stallFirst > 0 {
+		w.WriteHeader(http.StatusOK)
+		fl.Flush()
+		if !sleepCtx(r, f.stallFirst) {
+			return
+		}
+	}
 	for i, tok := range f.tokens {
 		if r.Context().Err() != nil {
 			return // the router cancelled the leg

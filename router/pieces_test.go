@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 )
 
@@ -514,6 +515,21 @@ func TestLegErrorMessagesReachTheClient(t *testing.T) {
 		resp, body := post(t, h.url+"/v1/completions", completionBody)
 		require.Equal(t, http.StatusGatewayTimeout, resp.StatusCode, body)
 		require.Contains(t, body, "--prefill-timeout")
+	})
+	t.Run("a stall after the headers, before the first event, is retried", func(t *testing.T) {
+		stalled := newFake(func(f *fakeVLLM) { f.stallFirst = time.Second })
+		good := newFake(nil)
+		h := startRouter(t, []*fakeVLLM{newFake(nil)}, []*fakeVLLM{stalled, good}, func(c *Config) {
+			c.IdleStreamTimeout = 50 * time.Millisecond
+		}, nil)
+		for i := 0; i < 2; i++ {
+			resp, body := post(t, h.url+"/v1/completions", completionBody)
+			require.Equal(t, http.StatusOK, resp.StatusCode, body)
+			text, done := sseText(t, body, false)
+			require.Equal(t, "Hello, world!", text)
+			require.True(t, done)
+		}
+		require.Equal(t, 1.0, testutil.ToFloat64(h.r.m.retries.WithLabelValues(roleDecode)))
 	})
 	t.Run("first-byte timeout is retried on another D", func(t *testing.T) {
 		slow := newFake(func(f *fakeVLLM) { f.headerDelay = time.Second })
