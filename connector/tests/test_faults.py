@@ -213,12 +213,24 @@ def test_hash_seed_mismatch_is_reported(engine: Engine) -> None:
         b.close()
 
 
-def test_pd_namespace_mismatch_is_reported(engine: Engine) -> None:
+def test_pd_block_size_mismatch_is_rejected(engine: Engine) -> None:
+    # P and D of one model with different block sizes would silently never
+    # share a block; the engine refuses D's registration instead, and D
+    # keeps serving by recomputing (connector off, counted loudly).
     p = Instance(engine, name="p", tp=1, cache=CacheSpec("flash_attn", num_layers=2, block_size=16))
+    p.handshake()
     d = Instance(engine, name="d", tp=1, cache=CacheSpec("flash_attn", num_layers=2, block_size=32))
     try:
-        p.handshake()
-        d.handshake()
+        deadline = time.monotonic() + 10
+        while wm(d, "namespace_rejected") < 1:
+            assert time.monotonic() < deadline, "block size mismatch was not reported by D's worker"
+            time.sleep(0.05)
+        assert not d.workers[0].call("registered")
+        d.connector.set_xfer_handshake_metadata({0: d.workers[0].call("handshake")})
+        deadline = time.monotonic() + 10
+        while d.connector.metrics.get("namespace_rejected") < 1:
+            assert time.monotonic() < deadline, "block size mismatch was not reported by D's scheduler"
+            time.sleep(0.05)
         tokens = prompt(150, 9)
         tid = uuid.uuid4().hex
         rp = p.add_request("p", tokens, max_tokens=1,
@@ -227,7 +239,6 @@ def test_pd_namespace_mismatch_is_reported(engine: Engine) -> None:
         rd = d.add_request("d", tokens, max_tokens=1, kv_transfer_params=rp.finished_params)
         d.run()
         assert rd.is_finished() and rd.load_done_computed is None
-        assert d.connector.metrics.get("pd_namespace_mismatch") == 1
     finally:
         p.close()
         d.close()
