@@ -21,6 +21,10 @@ NATIVE_CMAKE_FLAGS := -DPEGAFLOW_CUDA=OFF
 NATIVE_BUILD := $(BUILD_DIR)/native
 endif
 
+# go-nvml's cgo preamble uses NVML calls its headers mark deprecated; the
+# warnings say nothing about our code.
+export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
+
 GO_BUILD_FLAGS := -tags '$(GO_TAGS)' -ldflags '-X main.version=$(VERSION)'
 TEST_EXTRA :=
 BENCH_TARGETS :=
@@ -50,6 +54,8 @@ FUZZ_TIME ?= 10s
 test-fuzz: native
 	$(GO) test -run '^$$' -fuzz '^FuzzValidateRegister$$' -fuzztime $(FUZZ_TIME) ./engine/
 	$(GO) test -run '^$$' -fuzz '^FuzzValidateBlocks$$' -fuzztime $(FUZZ_TIME) ./engine/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime $(FUZZ_TIME) ./router/
+	$(GO) test -run '^$$' -fuzz '^FuzzRelayChunking$$' -fuzztime $(FUZZ_TIME) ./router/
 
 bench: build $(BENCH_TARGETS)
 
