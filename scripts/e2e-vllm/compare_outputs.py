@@ -51,18 +51,21 @@ def prompt(n_words: int, seed: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
-def cases(model: str, max_tokens: int) -> list[Case]:
+def cases(model: str, max_tokens: int, variant: int = 0) -> list[Case]:
+    """The fixed prompt set; another `variant` gives the same shapes with
+    different words (prompts no earlier pass left in any prefix cache)."""
     out: list[Case] = []
+    v = 10000 * variant
     common = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
     for i, n in enumerate(LENGTHS):
-        p = prompt(n, 100 + i)
+        p = prompt(n, v + 100 + i)
         for stream in (False, True):
             body = dict(common, prompt=p, stream=stream)
             if stream:
                 body["stream_options"] = {"include_usage": True}
             out.append(Case(f"cmpl-{n}w-{'stream' if stream else 'full'}", "/v1/completions", body, stream))
         msgs = [
-            {"role": "system", "content": prompt(8, 200 + i)},
+            {"role": "system", "content": prompt(8, v + 200 + i)},
             {"role": "user", "content": p},
         ]
         for stream in (False, True):
@@ -71,9 +74,9 @@ def cases(model: str, max_tokens: int) -> list[Case]:
                 body["stream_options"] = {"include_usage": True}
             out.append(Case(f"chat-{n}w-{'stream' if stream else 'full'}", "/v1/chat/completions", body, stream))
     # A shared long prefix with different tails: prefix reuse must not change outputs.
-    base = prompt(300, 999)
+    base = prompt(300, v + 999)
     for j in range(2):
-        body = dict(common, prompt=base + " " + prompt(20, 1000 + j), stream=False)
+        body = dict(common, prompt=base + " " + prompt(20, v + 1000 + j), stream=False)
         out.append(Case(f"cmpl-shared-prefix-{j}", "/v1/completions", body, False))
     return out
 
@@ -103,8 +106,12 @@ def post(url: str, body: dict[str, Any], stream: bool, timeout: float) -> dict[s
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
+                # Read on to the end of the stream, as the OpenAI SDK does:
+                # closing at [DONE] races the proxy's own end of the relay.
                 done = True
-                break
+                continue
+            if done:
+                raise RuntimeError("data after [DONE]")
             d = json.loads(data)
             if d.get("usage"):
                 usage = d["usage"]
@@ -129,11 +136,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
     ap.add_argument("--json", help="write per-case results here")
+    ap.add_argument("--variant", type=int, default=0, help="prompt set variant (0: the default set)")
     args = ap.parse_args(argv)
 
     passed = failed = 0
     results = []
-    for c in cases(args.model, args.max_tokens):
+    for c in cases(args.model, args.max_tokens, args.variant):
         rec: dict[str, Any] = {"case": c.name}
         try:
             t0 = time.monotonic()
@@ -164,7 +172,8 @@ def main(argv: list[str]) -> int:
             passed += 1
         else:
             failed += 1
-        print(f"{'ok  ' if rec['ok'] else 'FAIL'} {c.name} {'; '.join(rec['problems'])}", flush=True)
+        print(f"{'ok  ' if rec['ok'] else 'FAIL'} {c.name} cand {rec.get('cand_s', '-')} s "
+              f"{'; '.join(rec['problems'])}", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)

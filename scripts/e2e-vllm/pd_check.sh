@@ -1,0 +1,233 @@
+#!/usr/bin/env bash
+# P/D disaggregation end to end with the real vLLM engine on CPU:
+#
+#   engine  `pegaflow serve` (engine only) on its own socket; P and D use it
+#   router  `pegaflow serve --prefill P --decode D`: a second process, so the
+#           engine can be killed while the router keeps routing; the engine
+#           reaches it through the /kv_ready callback URL that P's connector
+#           gets in kv_transfer_params
+#   P       vLLM + PegaKVConnector, kv_role $P_ROLE (kv_both)
+#   D       vLLM + PegaKVConnector, kv_role kv_consumer
+#   ref     plain vLLM, the reference
+#
+# All vLLMs: same PYTHONHASHSEED, --block-size 32 --dtype float32
+# --enforce-eager, 128 MiB KV cache, kv_load_failure_policy recompute.
+#
+# Phases (compare_outputs.py: 34 cases, completions + chat, stream or not,
+# 6-1419 prompt tokens; greedy; token ids compared):
+#   1. normal: outputs identical; D computed only the prompt tails, the rest
+#      came from the engine (vLLM's and the engine's metrics); one transfer
+#      ready and one /kv_ready callback per decode leg;
+#   2. engine killed (SIGKILL) after the first cases of a new prompt set:
+#      outputs still identical, every request answered, the later cases
+#      recomputed by D, each bounded by the router's KV-ready timeout;
+#   3. engine restarted on the same socket: connectors reconnect and D loads
+#      from the engine again (a third prompt set).
+#
+#   scripts/e2e-vllm/pd_check.sh [OUT_DIR]   (default build/e2e-vllm/pd)
+#
+# Environment (defaults in brackets): E2E_VLLM_VENV [/tmp/vllm-venv],
+# E2E_MODEL_DIR [/tmp/tiny-model], PEGAFLOW_BIN [bin/pegaflow],
+# E2E_START_TIMEOUT [300] (s, per vLLM start), E2E_KV_READY_TIMEOUT [5]
+# (s, router), E2E_STOP_AFTER [8] (cases of phase 2 before the kill),
+# P_ROLE [kv_both].
+set -euo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+VENV="${E2E_VLLM_VENV:-/tmp/vllm-venv}"
+MODEL="${E2E_MODEL_DIR:-/tmp/tiny-model}"
+OUT="${1:-$ROOT/build/e2e-vllm/pd}"
+BIN="${PEGAFLOW_BIN:-$ROOT/bin/pegaflow}"
+START_TIMEOUT="${E2E_START_TIMEOUT:-300}"
+KV_READY_TIMEOUT="${E2E_KV_READY_TIMEOUT:-5}"
+STOP_AFTER="${E2E_STOP_AFTER:-8}"
+P_ROLE="${P_ROLE:-kv_both}"
+PASS_TIMEOUT=900  # one compare pass (34 cases); a normal one takes ~1 min
+PY="$VENV/bin/python"
+
+[[ -x "$PY" && -f "$MODEL/config.json" ]] || { echo "run scripts/e2e-vllm/setup.sh first" >&2; exit 2; }
+[[ -x "$BIN" ]] || { echo "no pegaflow binary at $BIN (make build)" >&2; exit 2; }
+rm -rf "$OUT" && mkdir -p "$OUT"
+# Sockets and staging buffers: short paths (UNIX socket limit), removed at exit.
+RUN="$(mktemp -d /tmp/pegaflow-e2e.XXXXXX)"
+SHM="$(mktemp -d /dev/shm/pegaflow-e2e.XXXXXX)"
+
+log() { printf '[pd] %s\n' "$*"; }
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+declare -A PID
+ALL=()  # every process group started, to prove none is left
+stop() {  # NAME...: SIGTERM the process groups, SIGKILL after 15 s
+  for n in "$@"; do [[ -n "${PID[$n]:-}" ]] && kill -TERM -- "-${PID[$n]}" 2>/dev/null || true; done
+  for n in "$@"; do
+    [[ -n "${PID[$n]:-}" ]] || continue
+    for _ in $(seq 1 60); do kill -0 -- "-${PID[$n]}" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL -- "-${PID[$n]}" 2>/dev/null || true
+    unset "PID[$n]"
+  done
+}
+cleanup() {
+  stop "${!PID[@]}"
+  rm -rf "$RUN" "$SHM"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+EP=$(free_port) RP=$(free_port) PP=$(free_port) DP=$(free_port) REF=$(free_port)
+ENGINE_URL="http://127.0.0.1:$EP" ROUTER_URL="http://127.0.0.1:$RP"
+SOCK="$RUN/engine.sock"
+export PYTHONHASHSEED=0 HF_HUB_OFFLINE=1
+
+start_engine() {  # the engine the vLLMs use; nothing else listens there
+  setsid "$BIN" serve --socket "$SOCK" --http-addr "127.0.0.1:$EP" --pool-size 256MiB \
+    >>"$OUT/engine.log" 2>&1 &
+  PID[engine]=$!
+  ALL+=("$!")
+  local deadline=$((SECONDS + 30))
+  until curl -sf "$ENGINE_URL/health" >/dev/null; do
+    ((SECONDS < deadline)) || { echo "engine not healthy after 30 s" >&2; tail -20 "$OUT/engine.log" >&2; return 1; }
+    sleep 0.2
+  done
+}
+start_router() {
+  # Its own (unused) engine socket; the vLLMs never see it. The transfers
+  # become ready through /kv_ready callbacks from the other engine.
+  setsid "$BIN" serve --socket "$RUN/router-engine.sock" --http-addr "127.0.0.1:$RP" \
+    --pool-size 16MiB --prefill "http://127.0.0.1:$PP" --decode "http://127.0.0.1:$DP" \
+    --kv-ready-timeout "${KV_READY_TIMEOUT}s" --on-kv-timeout decode-anyway \
+    --health-interval 2s >"$OUT/router.log" 2>&1 &
+  PID[router]=$!
+  ALL+=("$!")
+}
+COMMON=(--host 127.0.0.1 --dtype float32 --max-model-len 2048 --block-size 32
+        --enforce-eager --kv-cache-memory-bytes 134217728 --seed 0)
+kvc() {  # ROLE INSTANCE
+  printf '{"kv_connector":"PegaKVConnector","kv_role":"%s","kv_connector_module_path":"pegaflow_connector","kv_load_failure_policy":"recompute","kv_connector_extra_config":{"socket_path":"%s","instance_id":"%s","staging_dir":"%s"}}' \
+    "$1" "$SOCK" "$2" "$SHM"
+}
+start_vllm() {  # NAME PORT [extra args]
+  local name="$1" port="$2"
+  shift 2
+  setsid "$HERE/vllm-serve" "$MODEL" --port "$port" "${COMMON[@]}" "$@" >"$OUT/$name.log" 2>&1 &
+  PID[$name]=$!
+  ALL+=("$!")
+}
+wait_healthy() {  # NAME URL
+  local deadline=$((SECONDS + START_TIMEOUT))
+  until curl -sf "$2/health" >/dev/null; do
+    kill -0 "${PID[$1]}" 2>/dev/null || { echo "$1 exited during start:" >&2; tail -30 "$OUT/$1.log" >&2; return 1; }
+    ((SECONDS < deadline)) || { echo "$1 not healthy after ${START_TIMEOUT}s" >&2; return 1; }
+    sleep 1
+  done
+}
+snap() { "$PY" "$HERE/pd_eval.py" snap "$OUT/$1.json" engine="$ENGINE_URL" router="$ROUTER_URL" \
+  p="http://127.0.0.1:$PP" d="http://127.0.0.1:$DP"; }
+compare() {  # NAME VARIANT: a compare pass against the router, in the background
+  timeout "$PASS_TIMEOUT" "$PY" "$HERE/compare_outputs.py" --ref "http://127.0.0.1:$REF" \
+    --cand "$ROUTER_URL" --model "$MODEL" --variant "$2" --json "$OUT/$1-compare.json" \
+    >"$OUT/$1-compare.txt" 2>&1 &
+  CMP=$!
+}
+evaluate() {  # NAME [--stopped]
+  local name="$1"
+  shift
+  "$PY" "$HERE/pd_eval.py" check "$name" --before "$OUT/$name-before.json" \
+    --after "$OUT/$name-after.json" --compare "$OUT/$name-compare.json" --model "$MODEL" \
+    --kv-ready-timeout "$KV_READY_TIMEOUT" "$@" | tee "$OUT/$name-check.txt"
+}
+connector_messages() {  # what our connector logged (warnings and errors reach vLLM's stderr)
+  for n in p d; do
+    { grep -ho 'pegaflow: .*' "$OUT/$n.log" || true; } | sed -E 's/pid=[0-9]+/pid=N/; s/[0-9a-f]{16,}/X/g' |
+      sort | uniq -c | sed "s/^ */$n: /" | cut -c1-200
+  done
+}
+
+T0=$SECONDS
+rc=0
+log "bin $BIN ($("$BIN" version 2>/dev/null || echo '?')), vllm $("$PY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)"
+start_engine
+start_router
+start_vllm ref "$REF"
+start_vllm p "$PP" --kv-transfer-config "$(kvc "$P_ROLE" e2e-prefill)"
+start_vllm d "$DP" --kv-transfer-config "$(kvc kv_consumer e2e-decode)"
+for n in ref p d; do
+  case $n in ref) port=$REF ;; p) port=$PP ;; d) port=$DP ;; esac
+  wait_healthy "$n" "http://127.0.0.1:$port"
+done
+deadline=$((SECONDS + 30))
+until curl -sf "$ROUTER_URL/health" >/dev/null; do
+  ((SECONDS < deadline)) || { echo "router not healthy after 30 s" >&2; tail -20 "$OUT/router.log" >&2; exit 1; }
+  sleep 0.5
+done
+T_UP=$((SECONDS - T0))
+log "engine, router, P, D and reference up in ${T_UP} s"
+# blocks=256: the workers registered a 2 x 128-block staging buffer, not
+# vLLM's KV memory (private to the worker process).
+grep -h 'instance registered' "$OUT/engine.log" | sed -E 's/^.*msg="instance registered" component=engine /[pd]   engine: registered /' || true
+grep -h 'connector disabled\|cannot register' "$OUT/p.log" "$OUT/d.log" | sed 's/^/[pd]   FAIL /' && rc=1
+
+# ------------------------------------------------------------ 1. normal
+t=$SECONDS
+snap normal-before
+compare normal 0
+wait "$CMP" || true
+snap normal-after
+log "phase 1 (normal): $(tail -1 "$OUT/normal-compare.txt") in $((SECONDS - t)) s"
+evaluate normal || rc=1
+
+# ------------------------------------------------ 2. engine killed mid-run
+t=$SECONDS
+snap stop-before
+compare stop 1
+deadline=$((SECONDS + PASS_TIMEOUT))
+until (($(grep -c '^ok\|^FAIL' "$OUT/stop-compare.txt" || true) >= STOP_AFTER)); do
+  kill -0 "$CMP" 2>/dev/null || break
+  ((SECONDS < deadline)) || break
+  sleep 0.2
+done
+kill -KILL -- "-${PID[engine]}" 2>/dev/null || true
+wait "${PID[engine]}" 2>/dev/null || true  # reaped here: no job notice in the log
+unset "PID[engine]"
+log "engine killed (SIGKILL) after $(grep -c '^ok\|^FAIL' "$OUT/stop-compare.txt" || true) cases"
+wait "$CMP" || true
+snap stop-after
+log "phase 2 (engine stopped): $(tail -1 "$OUT/stop-compare.txt") in $((SECONDS - t)) s"
+evaluate stop --stopped || rc=1
+for n in p d; do
+  port=$PP; [[ $n == d ]] && port=$DP
+  curl -sf "http://127.0.0.1:$port/health" >/dev/null || { log "FAIL $n is not healthy after the engine stop"; rc=1; }
+done
+
+# ------------------------------------------------ 3. engine restarted
+t=$SECONDS
+start_engine
+# Each connector process (P and D: scheduler + worker) reconnects with
+# backoff (<= 5 s) and re-registers; wait for both workers.
+deadline=$((SECONDS + 60))
+until "$PY" - "$ENGINE_URL" <<'EOF'
+import sys, urllib.request
+t = urllib.request.urlopen(sys.argv[1] + "/metrics", timeout=5).read().decode()
+g = {l.split()[0]: float(l.split()[-1]) for l in t.splitlines() if l and not l.startswith("#")}
+# P and D: a scheduler and a worker session each, and the two workers registered.
+sys.exit(0 if g.get("pegaflow_engine_sessions", 0) >= 4 and g.get("pegaflow_engine_instances", 0) >= 2 else 1)
+EOF
+do
+  ((SECONDS < deadline)) || { log "FAIL connectors did not reconnect within 60 s"; rc=1; break; }
+  sleep 0.5
+done
+sleep 1  # a scheduler re-opens its namespace right after its session is up
+log "engine restarted; connectors re-registered after $((SECONDS - t)) s"
+snap restart-before
+compare restart 2
+wait "$CMP" || true
+snap restart-after
+log "phase 3 (engine restarted): $(tail -1 "$OUT/restart-compare.txt") in $((SECONDS - t)) s"
+evaluate restart || rc=1
+
+connector_messages | sed 's/^/[pd] connector said: /'
+stop "${!PID[@]}"
+left=""
+for g in "${ALL[@]}"; do kill -0 -- "-$g" 2>/dev/null && left+=" $g"; done
+[[ -z "$left" ]] || { log "FAIL process groups left:$left"; rc=1; }
+log "total $((SECONDS - T0)) s (start ${T_UP} s), rc=$rc, logs in $OUT"
+exit $rc
