@@ -145,11 +145,15 @@ class _Rank:
         cfg = ConnectorConfig(socket_path=sock, rpc_timeout_ms=int(REPLY_TIMEOUT_S * 1000))
         self.core = WorkerCore(cfg, self.client, rank=0, tp_size=1, instance_id=f"gpu-check-{name}-{plan.run}",
                                namespace=ns)
-        self.core.register_kv_caches(self.caches, blocks, plan.block_size)
-        if not self.core.registered():
-            raise RuntimeError(f"registration failed (mode {self.core.mode}); see the engine log")
-        if self.core.mode != "cuda":
-            raise RuntimeError(f"registered in mode {self.core.mode!r}, want 'cuda'")
+        try:
+            self.core.register_kv_caches(self.caches, blocks, plan.block_size)
+            if not self.core.registered():
+                raise RuntimeError(f"registration failed (mode {self.core.mode}); see the engine log")
+            if self.core.mode != "cuda":
+                raise RuntimeError(f"registered in mode {self.core.mode!r}, want 'cuda'")
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def gpu_wait(self) -> bool:
@@ -158,6 +162,7 @@ class _Rank:
     def close(self) -> None:
         self.core.shutdown(30)  # unregisters before the memory goes
         self.client.close()
+        self.core._keep = []  # the core's references to the caches
         self.caches.clear()
         self.torch.cuda.synchronize()
         self.torch.cuda.empty_cache()
