@@ -512,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="saves per run size (distinct hashes)")
     ap.add_argument("--copy-threads", type=int, default=2, help="engine --copy-threads (streams)")
     ap.add_argument("--sizes", default=",".join(str(s // KIB) for s in RUN_SIZES), help="run sizes in KiB")
+    ap.add_argument("--no-batch-copy", action="store_true",
+                    help="engine with PEGAFLOW_NATIVE_BATCH_COPY=0: one cudaMemcpyAsync per op (to compare)")
     ap.add_argument("--strict", action="store_true", help="exit 3 when below the 0.9 target")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (engine log)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan; start nothing")
@@ -548,12 +550,15 @@ def main(argv: list[str] | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="pf-gpu-", dir="/tmp")  # short: UNIX socket path limit
     port = free_port()
     env = dict(os.environ)
+    if args.no_batch_copy:
+        env["PEGAFLOW_NATIVE_BATCH_COPY"] = "0"
     proc = None
     workers: list[Worker] = []
     status = 0
     try:
         proc, sock, log_path = start_engine(args.binary, workdir, args.pool, port, args.copy_threads, env)
-        print(f"engine: pid {proc.pid}, socket {sock}, pool {human(args.pool)}, log {log_path}")
+        print(f"engine: pid {proc.pid}, socket {sock}, pool {human(args.pool)}, {args.copy_threads} streams "
+              f"per direction, {'per-op copies' if args.no_batch_copy else 'batched copies'}, log {log_path}")
         ctx = mp.get_context("spawn")
         prod = Worker(ctx, producer_main, sock, args.device, "producer")
         cons = Worker(ctx, consumer_main, sock, args.device, "consumer")
