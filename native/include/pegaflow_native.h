@@ -115,8 +115,8 @@ int pf_copier_submit(pf_copier *copier, pf_region *region, pf_pool *pool, int di
  * (cudaStreamWaitEvent on the copy stream; the host never blocks). Records
  * the producer makes later are not waited for, so it must record before it
  * asks for the copy. Only device regions can wait: a host (shm) region with
- * an event is PF_EINVAL; any event in the CPU build is PF_ENOTSUP. The event
- * is not retained after the call returns. */
+ * an event is PF_EINVAL; any event in the CPU build is PF_ENOTSUP; a closed
+ * one PF_ECLOSED. The batch holds the event until it completes. */
 int pf_copier_submit_after(pf_copier *copier, pf_region *region, pf_pool *pool, int direction,
                            const pf_copy_op *ops, uint64_t n_ops, pf_event *after, uint64_t token);
 /* Waits for in-flight batches, then frees the copier. */
@@ -128,8 +128,8 @@ int pf_copier_destroy(pf_copier *copier);
  * device 0). PF_ENOTSUP in the CPU build; PF_EIO when the driver refuses it
  * (other process gone, no IPC support, ...). */
 int pf_event_open_ipc(const uint8_t *handle, uint64_t handle_len, int device, pf_event **out);
-/* Closes the event. Waits already enqueued by pf_copier_submit_after stay
- * valid; the caller must not close it while such a submit is running. */
+/* Marks the event closed; it is destroyed when the last batch that waited
+ * on it completes. Later submits with it fail with PF_ECLOSED. */
 int pf_event_close(pf_event *event);
 
 #ifdef __cplusplus

@@ -228,10 +228,40 @@ int pf_region_open_cuda_ipc(const uint8_t *handle, uint64_t handle_len, int devi
 
 /* ---- IPC events ---- */
 
+/* Refcounted like regions: a batch that waited on the event keeps it open
+ * until the batch completed, because destroying an imported event while a
+ * stream still waits on it is not something the driver promises to
+ * handle. */
 struct pf_event {
   cudaEvent_t event;
   int device;
+  pthread_mutex_t mu;
+  long refs; /* batches that waited on it and are not complete */
+  int closed;
 };
+
+static void event_free(pf_event *e) {
+  (void)cudaSetDevice(e->device);
+  (void)cudaEventDestroy(e->event);
+  clear_error();
+  pthread_mutex_destroy(&e->mu);
+  free(e);
+}
+
+static int event_acquire(pf_event *e) {
+  pthread_mutex_lock(&e->mu);
+  int closed = e->closed;
+  if (!closed) e->refs++;
+  pthread_mutex_unlock(&e->mu);
+  return closed ? PF_ECLOSED : PF_OK;
+}
+
+static void event_release(pf_event *e) {
+  pthread_mutex_lock(&e->mu);
+  int free_now = --e->refs == 0 && e->closed;
+  pthread_mutex_unlock(&e->mu);
+  if (free_now) event_free(e);
+}
 
 int pf_event_open_ipc(const uint8_t *handle, uint64_t handle_len, int device, pf_event **out) {
   if (out == NULL) return PF_EINVAL;
@@ -249,17 +279,22 @@ int pf_event_open_ipc(const uint8_t *handle, uint64_t handle_len, int device, pf
     return PF_EIO;
   }
   e->device = dev;
+  pthread_mutex_init(&e->mu, NULL);
   *out = e;
   return PF_OK;
 }
 
 int pf_event_close(pf_event *e) {
   if (e == NULL) return PF_EINVAL;
-  /* Waits already enqueued keep their own reference in the driver. */
-  (void)cudaSetDevice(e->device);
-  (void)cudaEventDestroy(e->event);
-  clear_error();
-  free(e);
+  pthread_mutex_lock(&e->mu);
+  if (e->closed) {
+    pthread_mutex_unlock(&e->mu);
+    return PF_ECLOSED;
+  }
+  e->closed = 1;
+  int free_now = e->refs == 0;
+  pthread_mutex_unlock(&e->mu);
+  if (free_now) event_free(e);
   return PF_OK;
 }
 
@@ -365,6 +400,7 @@ typedef struct pf_cuda {
 typedef struct pf_cuda_batch {
   cudaEvent_t event; /* NULL when recording failed: sync the stream */
   cudaStream_t stream;
+  pf_event *after; /* the producer event the stream waited on (a ref), or NULL */
 } pf_cuda_batch;
 
 static void *lane_main(void *arg) {
@@ -387,6 +423,7 @@ static void *lane_main(void *arg) {
       status = PF_ECOPY;
     }
     if (cb->event) (void)cudaEventDestroy(cb->event);
+    if (cb->after) event_release(cb->after);
     free(cb);
     b->backend = NULL;
     pf__batch_finish(b, status);
@@ -501,14 +538,15 @@ static int device_submit(pf_copier *c, pf_batch *b, pf_event *after) {
     /* GPU-side ordering after the producer: the stream waits for the
      * event's latest record; the host does not block. Before any copy, so
      * a failure here still leaves nothing enqueued. */
-    if (after != NULL && cudaStreamWaitEvent(cb->stream, after->event, 0) != cudaSuccess) {
-      clear_error();
-      (void)cudaEventDestroy(cb->event);
-      rc = PF_EIO;
+    if (after != NULL && (rc = event_acquire(after)) == PF_OK) {
+      cb->after = after;
+      if (cudaStreamWaitEvent(cb->stream, after->event, 0) != cudaSuccess) rc = PF_EIO;
     }
+    if (rc != PF_OK) (void)cudaEventDestroy(cb->event);
   }
   if (rc != PF_OK) {
     clear_error();
+    if (cb != NULL && cb->after != NULL) event_release(cb->after);
     free(cb);
     pf__batch_abort(b); /* nothing was enqueued */
     return rc;
