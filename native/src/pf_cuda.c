@@ -9,7 +9,7 @@
  *           against the allocation behind the handle when the driver can
  *           tell its size. Shared-memory regions work as in the CPU build.
  *   copier  device regions: per device and direction a set of non-blocking
- *           streams (round robin per batch) and one completion thread. A
+ *           streams (round robin per batch), each with a completion thread. A
  *           batch is an optional wait on the producer's IPC event, then one
  *           cudaMemcpyBatchAsync (many ops, CUDA 12.8+) or one
  *           cudaMemcpyAsync per coalesced op, plus an event; the
@@ -370,18 +370,29 @@ static int batch_copy(pf_batch *b, cudaStream_t s, int to_pool) {
 
 /* ---- copier ---- */
 
-/* One direction on one device: streams and a completion thread. */
-typedef struct pf_lane {
+/* One stream and the thread that reports its batches. Batches complete in
+ * stream order, so the thread waits for each in turn; one thread per
+ * stream (not per lane) means a batch stuck on the GPU (a wait on the
+ * event of a producer that died) holds back only the batches behind it on
+ * its own stream. */
+typedef struct pf_sq {
   int device;
-  int n_streams;
-  unsigned next; /* round robin, under mu */
-  cudaStream_t streams[PF_MAX_STREAMS];
+  cudaStream_t stream;
+  int have_stream;
   pthread_mutex_t mu;
   pthread_cond_t cv;
-  pf_batch *head, *tail; /* batches whose copies are enqueued */
+  pf_batch *head, *tail; /* batches whose copies are enqueued on stream */
   int exiting;
   int started;
   pthread_t thread;
+} pf_sq;
+
+/* One direction on one device: streams used round robin per batch. */
+typedef struct pf_lane {
+  int n_streams;
+  pthread_mutex_t mu; /* guards next */
+  unsigned next;
+  pf_sq sq[PF_MAX_STREAMS];
 } pf_lane;
 
 typedef struct pf_cuda_dev {
@@ -403,17 +414,17 @@ typedef struct pf_cuda_batch {
   pf_event *after; /* the producer event the stream waited on (a ref), or NULL */
 } pf_cuda_batch;
 
-static void *lane_main(void *arg) {
-  pf_lane *l = arg;
-  (void)cudaSetDevice(l->device);
-  pthread_mutex_lock(&l->mu);
+static void *sq_main(void *arg) {
+  pf_sq *q = arg;
+  (void)cudaSetDevice(q->device);
+  pthread_mutex_lock(&q->mu);
   for (;;) {
-    while (l->head == NULL && !l->exiting) pthread_cond_wait(&l->cv, &l->mu);
-    if (l->head == NULL) break;
-    pf_batch *b = l->head;
-    l->head = b->next;
-    if (l->head == NULL) l->tail = NULL;
-    pthread_mutex_unlock(&l->mu);
+    while (q->head == NULL && !q->exiting) pthread_cond_wait(&q->cv, &q->mu);
+    if (q->head == NULL) break;
+    pf_batch *b = q->head;
+    q->head = b->next;
+    if (q->head == NULL) q->tail = NULL;
+    pthread_mutex_unlock(&q->mu);
 
     pf_cuda_batch *cb = b->backend;
     cudaError_t err = cb->event ? cudaEventSynchronize(cb->event) : cudaStreamSynchronize(cb->stream);
@@ -427,44 +438,62 @@ static void *lane_main(void *arg) {
     free(cb);
     b->backend = NULL;
     pf__batch_finish(b, status);
-    pthread_mutex_lock(&l->mu);
+    pthread_mutex_lock(&q->mu);
   }
-  pthread_mutex_unlock(&l->mu);
+  pthread_mutex_unlock(&q->mu);
   return NULL;
 }
 
-static void lane_stop(pf_lane *l) {
-  if (l->started) {
-    pthread_mutex_lock(&l->mu);
-    l->exiting = 1;
-    pthread_cond_broadcast(&l->cv);
-    pthread_mutex_unlock(&l->mu);
-    pthread_join(l->thread, NULL);
+static void sq_stop(pf_sq *q) {
+  if (q->started) {
+    pthread_mutex_lock(&q->mu);
+    q->exiting = 1;
+    pthread_cond_broadcast(&q->cv);
+    pthread_mutex_unlock(&q->mu);
+    pthread_join(q->thread, NULL);
   }
-  (void)cudaSetDevice(l->device);
-  for (int i = 0; i < l->n_streams; i++) (void)cudaStreamDestroy(l->streams[i]);
-  clear_error();
-  pthread_cond_destroy(&l->cv);
+  if (q->have_stream) {
+    (void)cudaSetDevice(q->device);
+    (void)cudaStreamDestroy(q->stream);
+    clear_error();
+  }
+  pthread_cond_destroy(&q->cv);
+  pthread_mutex_destroy(&q->mu);
+}
+
+static int sq_start(pf_sq *q, int device) {
+  memset(q, 0, sizeof *q);
+  q->device = device;
+  pthread_mutex_init(&q->mu, NULL);
+  pthread_cond_init(&q->cv, NULL);
+  int rc = PF_OK;
+  if (cudaStreamCreateWithFlags(&q->stream, cudaStreamNonBlocking) != cudaSuccess) {
+    clear_error();
+    rc = PF_EIO;
+  } else {
+    q->have_stream = 1;
+    if (pf__thread_create(&q->thread, sq_main, q) != 0) rc = PF_ENOMEM;
+    else q->started = 1;
+  }
+  if (rc != PF_OK) sq_stop(q);
+  return rc;
+}
+
+static void lane_stop(pf_lane *l) {
+  for (int i = 0; i < l->n_streams; i++) sq_stop(&l->sq[i]);
   pthread_mutex_destroy(&l->mu);
 }
 
 static int lane_start(pf_lane *l, int device, int n_streams) {
   memset(l, 0, sizeof *l);
-  l->device = device;
   pthread_mutex_init(&l->mu, NULL);
-  pthread_cond_init(&l->cv, NULL);
   for (; l->n_streams < n_streams; l->n_streams++) {
-    if (cudaStreamCreateWithFlags(&l->streams[l->n_streams], cudaStreamNonBlocking) != cudaSuccess) {
-      clear_error();
-      lane_stop(l);
-      return PF_EIO;
+    int rc = sq_start(&l->sq[l->n_streams], device);
+    if (rc != PF_OK) {
+      lane_stop(l); /* the streams started so far */
+      return rc;
     }
   }
-  if (pf__thread_create(&l->thread, lane_main, l) != 0) {
-    lane_stop(l);
-    return PF_ENOMEM;
-  }
-  l->started = 1;
   return PF_OK;
 }
 
@@ -529,12 +558,13 @@ static int device_submit(pf_copier *c, pf_batch *b, pf_event *after) {
     clear_error();
     rc = PF_EIO;
   }
-  pf_lane *l = NULL;
+  pf_sq *q = NULL;
   if (rc == PF_OK) {
-    l = &d->lanes[b->direction];
+    pf_lane *l = &d->lanes[b->direction];
     pthread_mutex_lock(&l->mu);
-    cb->stream = l->streams[l->next++ % (unsigned)l->n_streams];
+    q = &l->sq[l->next++ % (unsigned)l->n_streams];
     pthread_mutex_unlock(&l->mu);
+    cb->stream = q->stream;
     /* GPU-side ordering after the producer: the stream waits for the
      * event's latest record; the host does not block. Before any copy, so
      * a failure here still leaves nothing enqueued. */
@@ -577,12 +607,12 @@ static int device_submit(pf_copier *c, pf_batch *b, pf_event *after) {
   }
   b->backend = cb;
   b->next = NULL;
-  pthread_mutex_lock(&l->mu);
-  if (l->tail) l->tail->next = b;
-  else l->head = b;
-  l->tail = b;
-  pthread_cond_signal(&l->cv);
-  pthread_mutex_unlock(&l->mu);
+  pthread_mutex_lock(&q->mu);
+  if (q->tail) q->tail->next = b;
+  else q->head = b;
+  q->tail = b;
+  pthread_cond_signal(&q->cv);
+  pthread_mutex_unlock(&q->mu);
   return PF_OK;
 }
 
