@@ -15,6 +15,7 @@ from harness import Engine
 from pegaflow_connector._proto import engine_pb2 as pb
 from pegaflow_connector.client import EngineClient, EngineError
 from pegaflow_connector.config import ConnectorConfig
+from pegaflow_connector.layout import LayoutError, ipc_mem_handle
 from pegaflow_connector.metadata import SaveSpec
 from pegaflow_connector.metrics import Metrics
 from pegaflow_connector.worker import WorkerCore, _SaveJob
@@ -130,3 +131,13 @@ def test_engine_answers_over_grpc(engine: Engine, tmp_path: Any) -> None:
             os.unlink(path)
     finally:
         client.close()
+
+
+def test_torch_ipc_handle_forms() -> None:
+    raw = bytes(range(64))
+    assert ipc_mem_handle(raw) == raw  # older torch: the bare cudaIpcMemHandle_t
+    assert ipc_mem_handle(b"\x01c" + raw) == raw  # newer torch: version, type, handle
+    with pytest.raises(LayoutError, match="expandable"):
+        ipc_mem_handle(b"\x01e" + bytes(40))
+    with pytest.raises(LayoutError, match="unrecognized"):
+        ipc_mem_handle(bytes(10))

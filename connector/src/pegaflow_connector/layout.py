@@ -334,6 +334,27 @@ class CudaAllocation:
     device_uuid: str
 
 
+CUDA_IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
+
+
+def ipc_mem_handle(raw: bytes) -> bytes:
+    """The cudaIpcMemHandle_t inside torch's `_share_cuda_()` handle.
+
+    Older torch returns the 64 handle bytes; newer torch prefixes a version
+    byte and a type byte (b"c": cudaMalloc memory, b"e": an expandable
+    segment, shared as a POSIX fd or fabric handle, which
+    cudaIpcOpenMemHandle cannot open).
+    """
+    if len(raw) == CUDA_IPC_HANDLE_BYTES:
+        return raw
+    if len(raw) == CUDA_IPC_HANDLE_BYTES + 2 and raw[1:2] == b"c":
+        return raw[2:]
+    if len(raw) >= 2 and raw[1:2] == b"e":
+        raise LayoutError("KV caches are in expandable segments (PYTORCH_CUDA_ALLOC_CONF="
+                          "expandable_segments:True), which CUDA IPC handles cannot share; unset it")
+    raise LayoutError(f"unrecognized torch CUDA IPC handle ({len(raw)} bytes)")
+
+
 def cuda_allocation(t: Any) -> CudaAllocation:
     """IPC handle of the CUDA allocation behind a torch tensor.
 
@@ -350,4 +371,4 @@ def cuda_allocation(t: Any) -> CudaAllocation:
     dev_uuid = str(getattr(props, "uuid", ""))
     if dev_uuid and not dev_uuid.startswith("GPU-"):
         dev_uuid = "GPU-" + dev_uuid
-    return CudaAllocation(bytes(handle), storage_offset + storage_bytes, offset, dev_uuid)
+    return CudaAllocation(ipc_mem_handle(bytes(handle)), storage_offset + storage_bytes, offset, dev_uuid)
