@@ -520,9 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sizes = [int(s) * KIB for s in args.sizes.split(",") if s]
     plans = make_plans(args.bytes_per_size, args.layers, sizes)
-    # Every repetition stays resident (the loads read the last one), plus
-    # room for the ordering check; 2 MiB multiple for the allocator.
-    args.pool = -(-max(2 * GIB, int(args.bytes_per_size * (args.reps + 1.5))) // (2 * MIB)) * 2 * MIB
+    # Room for this size's repetitions next to the previous size's, so
+    # eviction never has to touch the repetition about to be loaded; 2 MiB
+    # multiple for the allocator.
+    args.pool = -(-max(2 * GIB, int(args.bytes_per_size * (2 * args.reps + 1))) // (2 * MIB)) * 2 * MIB
     if args.dry_run:
         return dry_run(args, plans)
 
