@@ -11,7 +11,7 @@ import pytest
 from harness import CacheSpec, allocate_caches
 from pegaflow_connector.layout import (
     LayoutError,
-    Seg as layout_seg,
+    Seg,
     StagingBuffer,
     detect,
     detect_layer,
@@ -167,7 +167,7 @@ def test_detect_vllm_cpu_4d() -> None:
         assert (layer.kind, layer.block_size, layer.num_kv_heads, layer.head_size) == \
             ("cpu_attn", 32, 2, 32)
         # One opaque run per block, as long as the block stride.
-        assert layer.segments == (layout_seg(0, 16384, 16384),)
+        assert layer.segments == (Seg(0, 16384, 16384),)
     assert m.block_bytes == 2 * 16384
     # The run of block 3 is exactly block 3's bytes of that layer.
     arr = caches["model.layers.1.self_attn.attn"]
@@ -184,7 +184,7 @@ def test_detect_vllm_cpu_4d_strided_blocks() -> None:
     # stride comes from the tensor.
     arr = np.zeros((6, 2 * 32 * 64 + 16), dtype=np.float32)[:, :2 * 32 * 64].reshape(6, 2, 32, 64)
     got = detect_layer("l", tensor_info(arr), num_blocks=6, block_size=32)
-    assert got.segments == (layout_seg(0, (2 * 32 * 64 + 16) * 4, 2 * 32 * 64 * 4),)
+    assert got.segments == (Seg(0, (2 * 32 * 64 + 16) * 4, 2 * 32 * 64 * 4),)
 
 
 def test_detect_vllm_cpu_4d_nhd_order() -> None:

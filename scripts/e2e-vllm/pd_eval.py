@@ -94,10 +94,13 @@ def block_bytes(model_dir: str, block_size: int) -> int:
     return int(cfg["num_hidden_layers"]) * heads * block_size * 2 * head * 4
 
 
+def load_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def check(args: argparse.Namespace) -> int:
-    before = json.load(open(args.before, encoding="utf-8"))
-    after = json.load(open(args.after, encoding="utf-8"))
-    results = json.load(open(args.compare, encoding="utf-8"))
+    before, after, results = (load_json(f) for f in (args.before, args.after, args.compare))
     c = Checker(args.phase)
     bs = args.block_size
 
