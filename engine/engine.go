@@ -9,6 +9,11 @@
 //     never evicted; a save that finds nothing evictable fails cleanly.
 //   - Every byte range a copy touches was bounds-checked against its region
 //     at registration (block ids are checked per call).
+//   - A block is one share per TP rank; share r lives in the pool on the
+//     NUMA node of the GPU of the rank that saved it (the default pool
+//     when there is one pool or the rank has no GPU of known node). A
+//     sealed block has every share allocated; loads read share r wherever
+//     it lives.
 //
 // The API layer (engine/server) maps the error kinds in errors.go to status
 // codes; all methods are safe for concurrent use.
@@ -32,9 +37,12 @@ import (
 
 // Config sets up an Engine. Zero durations take the defaults below.
 type Config struct {
-	PoolSize    uint64
-	NUMANode    int // pool's node; -1: Topology decides (no binding in CPU mode)
-	Device      int // CUDA device for the pool, -1: none
+	// PoolSize is the pinned host memory of all pools together.
+	PoolSize uint64
+	// NUMANode puts a single pool on that node; -1: Topology decides (one
+	// pool per NUMA node that hosts GPUs, no binding in CPU mode).
+	NUMANode    int
+	Device      int // CUDA device for the pools, -1: none
 	PoolFlags   native.PoolFlags
 	CopyThreads int
 	// LeaseTTL bounds how long a Query lease pins blocks.
@@ -50,7 +58,7 @@ type Config struct {
 	CallbackTimeout time.Duration
 	Version         string
 	// Topology is the host's GPUs (topology.Discover); nil is CPU mode.
-	// Registrations are checked against it and it places the pool.
+	// Registrations are checked against it and it places the pools.
 	Topology *topology.Topology
 }
 
@@ -92,10 +100,13 @@ func (c *Config) setDefaults() {
 
 // Engine is the block store. Create with New, stop with Close.
 type Engine struct {
-	cfg  Config
-	log  *slog.Logger
-	pool *native.Pool
-	// placement is where the pool's memory was asked to live.
+	cfg Config
+	log *slog.Logger
+	// pools are fixed at New, one per entry of placement.Pools; a rank's
+	// block shares live in pools[instance.pool].
+	pools       []*pool
+	defaultPool int
+	// placement is where the pools' memory was asked to live.
 	placement topology.Placement
 	copier    *native.Copier
 	http      *http.Client
@@ -103,7 +114,6 @@ type Engine struct {
 
 	mu         sync.Mutex
 	closed     bool
-	alloc      *allocator
 	policy     *evictionPolicy
 	namespaces map[string]*namespace
 	sessions   map[string]*session
@@ -122,7 +132,7 @@ type Engine struct {
 	closeErr error
 }
 
-// New allocates the pool and starts the engine's housekeeping.
+// New allocates the pools and starts the engine's housekeeping.
 func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, error) {
 	cfg.setDefaults()
 	if log == nil {
@@ -131,40 +141,44 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 	if cfg.PoolSize < allocAlign {
 		return nil, fmt.Errorf("%w: pool size %d too small", ErrInvalid, cfg.PoolSize)
 	}
-	placement := cfg.Topology.PoolPlacement(cfg.NUMANode)
-	pool, err := native.NewPool(cfg.PoolSize, placement.Node, cfg.Device, cfg.PoolFlags)
+	placement := cfg.Topology.PoolPlacement(cfg.NUMANode, cfg.PoolSize)
+	pools, def, err := openPools(placement, cfg.Device, cfg.PoolFlags)
 	if err != nil {
-		return nil, fmt.Errorf("allocate pool of %d bytes on NUMA node %d: %w", cfg.PoolSize, placement.Node, err)
+		return nil, err
 	}
 	logPlacement(log, cfg.Topology, placement)
 	copier, err := native.NewCopier(cfg.CopyThreads)
 	if err != nil {
-		_ = pool.Close()
+		_ = closePools(pools)
 		return nil, fmt.Errorf("start copier: %w", err)
 	}
-	policy, err := newEvictionPolicy(pool.Size(), ghostEntriesFor(pool.Size()))
+	capacities := make([]uint64, len(pools))
+	for i, p := range pools {
+		capacities[i] = p.mem.Size()
+	}
+	policy, err := newEvictionPolicy(capacities, ghostEntriesFor(cfg.PoolSize))
 	if err != nil {
 		_ = copier.Close()
-		_ = pool.Close()
+		_ = closePools(pools)
 		return nil, fmt.Errorf("eviction policy: %w", err)
 	}
 	e := &Engine{
-		cfg:        cfg,
-		log:        log,
-		pool:       pool,
-		placement:  placement,
-		copier:     copier,
-		http:       &http.Client{Timeout: cfg.CallbackTimeout},
-		alloc:      newAllocator(pool.Size()),
-		policy:     policy,
-		namespaces: map[string]*namespace{},
-		sessions:   map[string]*session{},
-		instances:  map[instanceKey]*instance{},
-		partial:    map[*block]struct{}{},
-		leases:     map[string]*lease{},
-		transfers:  map[string]*transfer{},
-		changed:    make(chan struct{}),
-		stop:       make(chan struct{}),
+		cfg:         cfg,
+		log:         log,
+		pools:       pools,
+		defaultPool: def,
+		placement:   placement,
+		copier:      copier,
+		http:        &http.Client{Timeout: cfg.CallbackTimeout},
+		policy:      policy,
+		namespaces:  map[string]*namespace{},
+		sessions:    map[string]*session{},
+		instances:   map[instanceKey]*instance{},
+		partial:     map[*block]struct{}{},
+		leases:      map[string]*lease{},
+		transfers:   map[string]*transfer{},
+		changed:     make(chan struct{}),
+		stop:        make(chan struct{}),
 	}
 	if reg != nil {
 		m, err := newMetrics(e, reg)
@@ -176,7 +190,7 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 	}
 	e.bg.Add(1)
 	go e.housekeeping()
-	log.Info("engine started", "backend", native.Backend(), "pool_bytes", pool.Size(), "copy_threads", cfg.CopyThreads)
+	log.Info("engine started", "backend", native.Backend(), "pool_bytes", e.capacity(), "pools", len(pools), "copy_threads", cfg.CopyThreads)
 	return e, nil
 }
 
@@ -193,16 +207,20 @@ func (e *Engine) Backend() string { return native.Backend() }
 // Topology is the host's GPUs as given in Config (CPU mode when none).
 func (e *Engine) Topology() *topology.Topology { return e.cfg.Topology }
 
-// PoolPlacement says which NUMA node the pool was bound to (-1: none) and
-// why.
+// PoolPlacement says which NUMA nodes the pools were bound to (-1: none),
+// their sizes, and why.
 func (e *Engine) PoolPlacement() topology.Placement { return e.placement }
 
 func logPlacement(log *slog.Logger, topo *topology.Topology, p topology.Placement) {
-	log.Info("pool placement", "numa_node", p.Node, "reason", p.Reason)
-	if p.Spread {
+	log.Info("pool placement", "default_numa_node", p.Node, "pools", len(p.Pools), "reason", p.Reason)
+	for _, ps := range p.Pools {
+		log.Info("pool", "numa_node", ps.Node, "gpus", ps.GPUs, "bytes", ps.Size)
+	}
+	if p.Spread && len(p.Pools) == 1 {
 		// One pool has one node: copies for GPUs elsewhere cross the
 		// inter-socket link (see docs/gpu.md).
-		log.Warn("GPUs span NUMA nodes; copies for GPUs on other nodes cross the socket link", "pool_numa_node", p.Node)
+		log.Warn("GPUs span NUMA nodes but there is one pool; copies for GPUs on other nodes cross the socket link",
+			"pool_numa_node", p.Node)
 	}
 	if topo.GPU() && native.Backend() != "cuda" {
 		log.Warn("GPUs present but this is the CPU build: CUDA IPC registrations will fail; build with make CUDA=1",
@@ -214,7 +232,7 @@ func logPlacement(log *slog.Logger, topo *topology.Topology, p topology.Placemen
 func (e *Engine) Version() string { return e.cfg.Version }
 
 // Close stops the engine: waiters wake with ErrClosed, regions close after
-// their in-flight copies, and the pool is freed.
+// their in-flight copies, and the pools are freed.
 func (e *Engine) Close() error {
 	e.mu.Lock()
 	if e.closed {
@@ -234,9 +252,9 @@ func (e *Engine) Close() error {
 	e.mu.Unlock()
 	e.bg.Wait()
 	e.policy.close()
-	// The copier waits for in-flight batches before the pool goes away.
+	// The copier waits for in-flight batches before the pools go away.
 	err := e.copier.Close()
-	if perr := e.pool.Close(); err == nil {
+	if perr := closePools(e.pools); err == nil {
 		err = perr
 	}
 	e.closeErr = err
@@ -335,8 +353,8 @@ func (e *Engine) Stats() *pb.StatsResponse {
 		}
 	}
 	return &pb.StatsResponse{
-		PoolCapacityBytes: e.pool.Size(),
-		PoolUsedBytes:     e.alloc.used,
+		PoolCapacityBytes: e.capacity(),
+		PoolUsedBytes:     e.usedLocked(),
 		ResidentBlocks:    uint64(e.numBlocks),
 		PinnedBlocks:      pinned,
 		InflightBlocks:    inflight,

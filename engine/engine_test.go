@@ -247,6 +247,7 @@ func TestScanDoesNotEvictHotPrefix(t *testing.T) {
 		require.EqualValues(t, 4, p.query(t, hot, 0, false).NumHit, "scan %d evicted the hot prefix", i)
 	}
 	require.Greater(t, e.Stats().Evictions, uint64(20))
+	checkPools(t, e)
 }
 
 func TestSaveFailsCleanlyWhenEverythingIsPinned(t *testing.T) {
@@ -493,6 +494,7 @@ func TestConcurrentSaveLoadQuery(t *testing.T) {
 	st := e.Stats()
 	require.Zero(t, st.PinnedBlocks, "every pin released")
 	require.LessOrEqual(t, st.PoolUsedBytes, st.PoolCapacityBytes)
+	checkPools(t, e)
 }
 
 func TestQueryPackedHashes(t *testing.T) {

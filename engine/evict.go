@@ -4,7 +4,7 @@ import (
 	"github.com/dgraph-io/ristretto/v2"
 )
 
-// queueID says which eviction queue holds a block.
+// queueID says which eviction queue holds a share.
 type queueID uint8
 
 const (
@@ -13,69 +13,87 @@ const (
 	queueMain                     // proven reuse
 )
 
-// blockList is an intrusive doubly linked list of blocks (head = newest).
-type blockList struct {
-	head, tail *block
+// shareList is an intrusive doubly linked list of block shares (head =
+// newest).
+type shareList struct {
+	head, tail *share
 	bytes      uint64
 	len        int
 }
 
-func (l *blockList) pushFront(b *block) {
-	b.prev, b.next = nil, l.head
+func (l *shareList) pushFront(s *share) {
+	s.prev, s.next = nil, l.head
 	if l.head != nil {
-		l.head.prev = b
+		l.head.prev = s
 	}
-	l.head = b
+	l.head = s
 	if l.tail == nil {
-		l.tail = b
+		l.tail = s
 	}
-	l.bytes += b.ext.size
+	l.bytes += s.ext.size
 	l.len++
 }
 
-func (l *blockList) remove(b *block) {
-	if b.prev != nil {
-		b.prev.next = b.next
+func (l *shareList) remove(s *share) {
+	if s.prev != nil {
+		s.prev.next = s.next
 	} else {
-		l.head = b.next
+		l.head = s.next
 	}
-	if b.next != nil {
-		b.next.prev = b.prev
+	if s.next != nil {
+		s.next.prev = s.prev
 	} else {
-		l.tail = b.prev
+		l.tail = s.prev
 	}
-	b.prev, b.next = nil, nil
-	l.bytes -= b.ext.size
+	s.prev, s.next = nil, nil
+	l.bytes -= s.ext.size
 	l.len--
 }
 
-// evictionPolicy is an S3-FIFO-style policy over the exact block index.
-//
-// Invariant: a block is in exactly one of probation/main iff it is sealed and
-// unpinned (b.queue says which); every other block is in neither, so a victim
-// is never pinned, leased, in flight or partially saved.
-//
-// New blocks enter probation unless their key was evicted recently (found in
-// the ghost set), in which case they go straight to main. Probation is FIFO:
-// a referenced block leaving it is promoted to main instead of evicted. Main
-// is a CLOCK: a referenced tail gets a second chance. Probation is drained
-// first while it holds more than probationShare of the pool, so a scan of
-// one-off blocks evicts itself rather than the hot shared prefixes in main.
-//
-// The ghost set is a ristretto cache of keys (cost 1 each). Its TinyLFU
-// admission keeps the keys that are re-requested often; it may drop or delay
-// keys (ristretto's Set is asynchronous and lossy), which only costs a
-// promotion, never correctness, because the index itself is exact.
-type evictionPolicy struct {
-	probation, main blockList
+// poolQueues are one pool's S3-FIFO queues.
+type poolQueues struct {
+	probation, main shareList
 	probationLimit  uint64
-	ghost           *ristretto.Cache[string, struct{}]
+}
+
+// evictionPolicy is an S3-FIFO-style policy over the exact block index,
+// kept per pool: each pool's queues hold the shares stored in it, so
+// making room in one pool evicts, in that pool's policy order, only blocks
+// that free space there.
+//
+// Invariant: a block is queued (b.queued) iff it is sealed and unpinned;
+// then every one of its shares is in exactly one of its pool's probation
+// or main (s.queue says which); otherwise none is. So a victim is never
+// pinned, leased, in flight or partially saved, and evicting a block
+// withdraws all of its shares at once.
+//
+// New blocks enter probation unless their key was evicted recently (found
+// in the ghost set), in which case they go straight to main. Probation is
+// FIFO: a referenced share leaving it is promoted to main instead of
+// evicted. Main is a CLOCK: a referenced tail gets a second chance. A
+// pool's probation is drained first while it holds more than
+// probationShare of the pool, so a scan of one-off blocks evicts itself
+// rather than the hot shared prefixes in main. Reference and promotion
+// bits are per share (a hit sets them on every share), so a block with
+// several shares in one pool (TP ranks on one node) behaves as one entry
+// would.
+//
+// The ghost set, shared by the pools, is a ristretto cache of keys (cost 1
+// each). Its TinyLFU admission keeps the keys that are re-requested often;
+// it may drop or delay keys (ristretto's Set is asynchronous and lossy),
+// which only costs a promotion, never correctness, because the index
+// itself is exact.
+type evictionPolicy struct {
+	pools     []poolQueues
+	evictable int // queued blocks
+	ghost     *ristretto.Cache[string, struct{}]
 }
 
 // probationShare is S3-FIFO's small-queue share of the capacity.
 const probationShare = 0.10
 
-func newEvictionPolicy(capacity uint64, ghostEntries int64) (*evictionPolicy, error) {
+// newEvictionPolicy makes queues for pools of the given capacities.
+func newEvictionPolicy(capacities []uint64, ghostEntries int64) (*evictionPolicy, error) {
 	if ghostEntries < 64 {
 		ghostEntries = 64
 	}
@@ -87,74 +105,97 @@ func newEvictionPolicy(capacity uint64, ghostEntries int64) (*evictionPolicy, er
 	if err != nil {
 		return nil, err
 	}
-	return &evictionPolicy{
-		probationLimit: uint64(float64(capacity) * probationShare),
-		ghost:          ghost,
-	}, nil
+	p := &evictionPolicy{pools: make([]poolQueues, len(capacities)), ghost: ghost}
+	for i, c := range capacities {
+		p.pools[i].probationLimit = uint64(float64(c) * probationShare)
+	}
+	return p, nil
 }
 
 func (p *evictionPolicy) close() { p.ghost.Close() }
 
-// admit puts a block that just became evictable into its queue.
+// admit queues a block that just became evictable (sealed: every share is
+// allocated).
 func (p *evictionPolicy) admit(b *block) {
-	if b.queue != queueNone {
+	if b.queued {
 		return
 	}
-	if b.promoted {
-		b.queue = queueMain
-		p.main.pushFront(b)
-		return
+	b.queued = true
+	p.evictable++
+	_, seen := p.ghost.Get(b.ghostKey())
+	for i := range b.shares {
+		s := &b.shares[i]
+		q := &p.pools[s.pool]
+		if seen {
+			s.promoted = true
+		}
+		if s.promoted {
+			s.queue = queueMain
+			q.main.pushFront(s)
+			continue
+		}
+		s.queue = queueProbation
+		q.probation.pushFront(s)
 	}
-	if _, seen := p.ghost.Get(b.ghostKey()); seen {
-		b.promoted = true
-		b.queue = queueMain
-		p.main.pushFront(b)
-		return
-	}
-	b.queue = queueProbation
-	p.probation.pushFront(b)
 }
 
-// withdraw takes a block out of the queues (it got pinned or is freed).
+// withdraw takes a block's shares out of the queues (it got pinned or is
+// freed).
 func (p *evictionPolicy) withdraw(b *block) {
-	switch b.queue {
-	case queueProbation:
-		p.probation.remove(b)
-	case queueMain:
-		p.main.remove(b)
+	if !b.queued {
+		return
 	}
-	b.queue = queueNone
+	b.queued = false
+	p.evictable--
+	for i := range b.shares {
+		s := &b.shares[i]
+		q := &p.pools[s.pool]
+		switch s.queue {
+		case queueProbation:
+			q.probation.remove(s)
+		case queueMain:
+			q.main.remove(s)
+		}
+		s.queue = queueNone
+	}
 }
 
 // touch records a use of the block.
-func (p *evictionPolicy) touch(b *block) { b.referenced = true }
+func (p *evictionPolicy) touch(b *block) {
+	for i := range b.shares {
+		b.shares[i].referenced = true
+	}
+}
 
-// victim picks the next block to evict and withdraws it, or returns nil
-// when nothing is evictable.
-func (p *evictionPolicy) victim() *block {
-	for p.probation.len+p.main.len > 0 {
-		if p.probation.len > 0 && (p.probation.bytes > p.probationLimit || p.main.len == 0) {
-			b := p.probation.tail
-			p.probation.remove(b)
-			if b.referenced {
-				b.referenced, b.promoted = false, true
-				b.queue = queueMain
-				p.main.pushFront(b)
+// victim picks the next block to evict for space in pool and withdraws
+// it, or returns nil when nothing with a share in that pool is evictable.
+func (p *evictionPolicy) victim(pool int) *block {
+	q := &p.pools[pool]
+	for q.probation.len+q.main.len > 0 {
+		if q.probation.len > 0 && (q.probation.bytes > q.probationLimit || q.main.len == 0) {
+			s := q.probation.tail
+			q.probation.remove(s)
+			if s.referenced {
+				s.referenced, s.promoted = false, true
+				s.queue = queueMain
+				q.main.pushFront(s)
 				continue
 			}
-			b.queue = queueNone
-			p.ghost.Set(b.ghostKey(), struct{}{}, 1)
-			return b
+			s.queue = queueNone
+			p.ghost.Set(s.b.ghostKey(), struct{}{}, 1)
+			p.withdraw(s.b)
+			return s.b
 		}
-		b := p.main.tail
-		p.main.remove(b)
-		if b.referenced {
-			b.referenced = false
-			p.main.pushFront(b)
+		s := q.main.tail
+		q.main.remove(s)
+		if s.referenced {
+			s.referenced = false
+			q.main.pushFront(s)
 			continue
 		}
-		b.queue = queueNone
-		return b
+		s.queue = queueNone
+		p.withdraw(s.b)
+		return s.b
 	}
 	return nil
 }

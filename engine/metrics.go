@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -44,17 +45,18 @@ func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
 	}
 	collectors := []prometheus.Collector{
 		m.saveDuration, m.loadDuration, m.saveBytes, m.loadBytes, m.transfers,
-		gauge("pool_capacity_bytes", "Pool capacity.", func() float64 { return float64(e.pool.Size()) }),
-		gauge("pool_used_bytes", "Pool bytes held by blocks.", func() float64 { return float64(e.alloc.used) }),
+		gauge("pool_capacity_bytes", "Pool capacity, all NUMA nodes' pools together.", func() float64 { return float64(e.capacity()) }),
+		gauge("pool_used_bytes", "Pool bytes held by blocks, all pools together.", func() float64 { return float64(e.usedLocked()) }),
 		gauge("resident_blocks", "Blocks in the pool, sealed or being saved.", func() float64 { return float64(e.numBlocks) }),
-		gauge("evictable_blocks", "Sealed, unpinned blocks.", func() float64 { return float64(e.policy.probation.len + e.policy.main.len) }),
+		gauge("evictable_blocks", "Sealed, unpinned blocks.", func() float64 { return float64(e.policy.evictable) }),
 		gauge("leases", "Open query leases.", func() float64 { return float64(len(e.leases)) }),
 		gauge("transfers", "Tracked P/D transfers.", func() float64 { return float64(len(e.transfers)) }),
 		gauge("sessions", "Attached clients.", func() float64 { return float64(len(e.sessions)) }),
 		gauge("instances", "Registered instance ranks.", func() float64 { return float64(len(e.instances)) }),
 		gauge("namespaces", "Namespaces.", func() float64 { return float64(len(e.namespaces)) }),
 		gauge("gpus", "GPUs listed by NVML at start (0: CPU mode).", func() float64 { return float64(len(e.cfg.Topology.Devices)) }),
-		gauge("pool_numa_node", "NUMA node the pool is bound to (-1: none).", func() float64 { return float64(e.placement.Node) }),
+		gauge("pool_numa_node", "NUMA node of the default pool (-1: none).", func() float64 { return float64(e.placement.Node) }),
+		newNodePoolCollector(e),
 		counter("hits_total", "Query hashes found sealed (prefix).", func() float64 { return float64(e.stats.hits) }),
 		counter("misses_total", "Query hashes not in the sealed prefix.", func() float64 { return float64(e.stats.misses) }),
 		counter("saves_total", "Block shares saved (one per rank).", func() float64 { return float64(e.stats.saves) }),
@@ -70,6 +72,38 @@ func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
 		}
 	}
 	return m, nil
+}
+
+// nodePoolCollector exports each pool's capacity and use, labelled by
+// its NUMA node. The totals stay unlabelled in pool_capacity_bytes and
+// pool_used_bytes, so existing queries keep working.
+type nodePoolCollector struct {
+	e              *Engine
+	capacity, used *prometheus.Desc
+}
+
+func newNodePoolCollector(e *Engine) *nodePoolCollector {
+	return &nodePoolCollector{e: e,
+		capacity: prometheus.NewDesc("pegaflow_engine_numa_pool_capacity_bytes",
+			"Capacity of the pool on a NUMA node (-1: unbound).", []string{"numa_node"}, nil),
+		used: prometheus.NewDesc("pegaflow_engine_numa_pool_used_bytes",
+			"Bytes held by block shares in the pool on a NUMA node (-1: unbound).", []string{"numa_node"}, nil),
+	}
+}
+
+func (c *nodePoolCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.capacity
+	ch <- c.used
+}
+
+func (c *nodePoolCollector) Collect(ch chan<- prometheus.Metric) {
+	c.e.mu.Lock()
+	defer c.e.mu.Unlock()
+	for _, p := range c.e.pools {
+		node := strconv.Itoa(p.node)
+		ch <- prometheus.MustNewConstMetric(c.capacity, prometheus.GaugeValue, float64(p.mem.Size()), node)
+		ch <- prometheus.MustNewConstMetric(c.used, prometheus.GaugeValue, float64(p.alloc.used), node)
+	}
 }
 
 func (m *metrics) observeSave(d time.Duration, bytes uint64) {

@@ -33,8 +33,6 @@ type namespace struct {
 	blocks map[string]*block
 }
 
-func (ns *namespace) blockBytes() uint64 { return ns.rankBytes * uint64(ns.desc.TpSize) }
-
 // namespaceID derives the id from every compatibility field except the
 // hash-seed fingerprint, which is checked separately so that a mismatch is
 // reported instead of silently creating a disjoint namespace.

@@ -11,13 +11,18 @@ import (
 
 // checkRegistrationLocked enforces the host-level rules a well-formed
 // registration must also meet: its GPU is a local one not already used by
-// another rank of the instance, and no live instance serves the same model
-// with another TP size or block size. It records the rank's device on
-// layout. Caller holds e.mu; Register calls it before and after opening
-// memory, because the lock is dropped in between.
+// another rank of the instance, its share of a block fits the pool of its
+// GPU's node, and no live instance serves the same model with another TP
+// size or block size. It records the rank's device on layout. Caller holds
+// e.mu; Register calls it before and after opening memory, because the
+// lock is dropped in between.
 func (e *Engine) checkRegistrationLocked(req *pb.RegisterRequest, layout *rankLayout) error {
 	if err := e.checkDeviceLocked(req, layout); err != nil {
 		return err
+	}
+	if p := e.pools[e.poolFor(layout)]; layout.rankBytes > p.mem.Size() {
+		return invalid("instance %q rank %d: a block's share (%d bytes) does not fit the pool of its NUMA node %d (%d bytes)",
+			req.InstanceId, req.Rank, layout.rankBytes, p.node, p.mem.Size())
 	}
 	return e.checkParallelismLocked(req)
 }

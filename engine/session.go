@@ -32,6 +32,9 @@ type instance struct {
 	// event is the worker's interprocess CUDA event that saves with
 	// wait_event wait for on the GPU; nil when none was opened.
 	event *native.Event
+	// pool (index into e.pools) receives the shares this rank saves: the
+	// pool on its GPU's NUMA node (Engine.poolFor).
+	pool int
 }
 
 func (inst *instance) close() {
@@ -104,7 +107,7 @@ func (e *Engine) instanceLocked(sessionID, instanceID string, rank uint32) (*ins
 // Register registers one rank's KV memory. A registration of the same
 // (instance, rank) replaces the previous one, e.g. after a vLLM restart.
 func (e *Engine) Register(req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
-	layout, err := validateRegister(req, e.pool.Size())
+	layout, err := validateRegister(req, e.capacity())
 	if err != nil {
 		return nil, err
 	}
@@ -161,11 +164,12 @@ func (e *Engine) Register(req *pb.RegisterRequest) (*pb.RegisterResponse, error)
 		old.close()
 		e.log.Info("instance re-registered", "instance", req.InstanceId, "rank", req.Rank)
 	}
-	inst := &instance{key: key, session: s, ns: ns, layout: layout, regions: regions, event: ev}
+	inst := &instance{key: key, session: s, ns: ns, layout: layout, regions: regions, event: ev, pool: e.poolFor(layout)}
 	e.instances[key] = inst
 	s.instances[key] = inst
 	e.log.Info("instance registered", "instance", req.InstanceId, "rank", req.Rank, "namespace", ns.id,
-		"blocks", layout.numBlocks, "layers", len(layout.layers), "rank_block_bytes", layout.rankBytes, "device", layout.device)
+		"blocks", layout.numBlocks, "layers", len(layout.layers), "rank_block_bytes", layout.rankBytes, "device", layout.device,
+		"pool_numa_node", e.pools[inst.pool].node)
 	return &pb.RegisterResponse{NamespaceId: ns.id, BytesPerBlock: layout.rankBytes, CudaEvent: ev != nil}, nil
 }
 

@@ -15,13 +15,30 @@ func (b *block) ghostKey() string {
 	return string([]byte{byte(n), byte(n >> 8), byte(n >> 16), byte(n >> 24)}) + b.hash
 }
 
-// block is one KV block of a namespace: a pool extent holding every rank's
-// share, rank r at r*rankBytes.
+// share is one TP rank's part of a block: ns.rankBytes in one extent of
+// the pool on the NUMA node of the GPU of the rank that saved it (the
+// default pool for ranks without one). ext.size == 0 until that rank's
+// save allocates it.
+type share struct {
+	b    *block
+	pool int // index into e.pools
+	ext  extent
+	// Eviction state (evict.go): the queue of e.policy.pools[pool] that
+	// holds the share, its links there, and its CLOCK bits.
+	queue                queueID
+	prev, next           *share
+	referenced, promoted bool
+}
+
+// block is one KV block of a namespace: one share per TP rank (MLA's
+// namespaces have TP size 1, so one share), each allocated by the rank
+// that saves it, so P's ranks on different NUMA nodes each copy into
+// their own node's pool. A sealed block has every share allocated.
 type block struct {
 	hash    string
 	ns      *namespace
 	freed   bool
-	ext     extent
+	shares  []share // len ns.desc.TpSize, indexed by rank
 	created time.Time
 	saved   uint64 // ranks whose copy completed
 	saving  uint64 // ranks copying now
@@ -32,10 +49,16 @@ type block struct {
 	pins int32
 	// transfers still waiting for this block to seal.
 	transfers []*transfer
+	// queued: the shares are in the eviction queues (evict.go).
+	queued bool
+}
 
-	queue                queueID
-	prev, next           *block
-	referenced, promoted bool
+func newBlock(ns *namespace, hash string, now time.Time) *block {
+	b := &block{hash: hash, ns: ns, created: now, shares: make([]share, ns.desc.TpSize)}
+	for i := range b.shares {
+		b.shares[i].b = b
+	}
+	return b
 }
 
 func (e *Engine) pinLocked(b *block) {
@@ -54,14 +77,15 @@ func (e *Engine) unpinLocked(b *block) {
 	}
 }
 
-// allocateLocked finds space for a new block, evicting unpinned sealed
-// blocks as needed.
-func (e *Engine) allocateLocked(size uint64) (extent, bool) {
+// allocateLocked finds space for a share in pool p, evicting unpinned
+// sealed blocks with a share there, in that pool's policy order, as
+// needed. It fails when nothing evictable is left in p.
+func (e *Engine) allocateLocked(p int, size uint64) (extent, bool) {
 	for {
-		if ext, ok := e.alloc.alloc(size); ok {
+		if ext, ok := e.pools[p].alloc.alloc(size); ok {
 			return ext, true
 		}
-		victim := e.policy.victim()
+		victim := e.policy.victim(p)
 		if victim == nil {
 			return extent{}, false
 		}
@@ -70,14 +94,25 @@ func (e *Engine) allocateLocked(size uint64) (extent, bool) {
 	}
 }
 
-// freeLocked drops a block from the index and returns its extent.
+// releaseShareLocked returns a share's extent to its pool.
+func (e *Engine) releaseShareLocked(s *share) {
+	if s.ext.size == 0 {
+		return
+	}
+	e.pools[s.pool].alloc.release(s.ext)
+	s.ext = extent{}
+}
+
+// freeLocked drops a block from the index and returns its shares' extents.
 func (e *Engine) freeLocked(b *block) {
 	e.policy.withdraw(b)
 	delete(b.ns.blocks, b.hash)
 	b.freed = true
 	e.numBlocks--
 	delete(e.partial, b)
-	e.alloc.release(b.ext)
+	for i := range b.shares {
+		e.releaseShareLocked(&b.shares[i])
+	}
 }
 
 // failBlockLocked frees a block no rank will complete and fails the
@@ -122,21 +157,32 @@ func (e *Engine) lockForCopy(sessionID, instanceID string, rank uint32, blocks [
 	return inst, nil
 }
 
+// planKey names one native batch: a batch copies between one region and
+// one pool.
+type planKey struct {
+	region, pool int
+}
+
 type copyPlan struct {
 	region *native.Region
+	pool   *native.Pool
 	ops    []native.CopyOp
 	blocks []int // indexes into the call's block list, for failure reports
 }
 
 // planCopies appends the ops moving rank's share of block b (cache block
-// id) to per-region plans.
-func planCopies(plans map[int]*copyPlan, inst *instance, b *block, id uint32, idx int) {
-	base := b.ext.off + uint64(inst.key.rank)*b.ns.rankBytes
+// id) to per-(region, pool) plans. A Save's shares are all in the rank's
+// own pool, so it makes one batch per region; a Load's may come from
+// several pools (blocks saved by instances on other nodes).
+func (e *Engine) planCopies(plans map[planKey]*copyPlan, inst *instance, b *block, id uint32, idx int) {
+	s := &b.shares[inst.key.rank]
+	base := s.ext.off
 	for l, layer := range inst.layout.layers {
-		p := plans[layer.region]
+		key := planKey{layer.region, s.pool}
+		p := plans[key]
 		if p == nil {
-			p = &copyPlan{region: inst.regions[layer.region]}
-			plans[layer.region] = p
+			p = &copyPlan{region: inst.regions[layer.region], pool: e.pools[s.pool].mem}
+			plans[key] = p
 		}
 		for s, seg := range layer.segments {
 			p.ops = append(p.ops, native.CopyOp{
@@ -155,7 +201,7 @@ func planCopies(plans map[int]*copyPlan, inst *instance, b *block, id uint32, id
 // whether all of its copies succeeded. It waits for every copy even when
 // ctx ends: the memory is in use until then. With after set, the copies
 // wait on the GPU for the producer's event first.
-func (e *Engine) runCopies(plans map[int]*copyPlan, dir native.Direction, n int, after *native.Event) []bool {
+func (e *Engine) runCopies(plans map[planKey]*copyPlan, dir native.Direction, n int, after *native.Event) []bool {
 	ok := make([]bool, n)
 	for i := range ok {
 		ok[i] = true
@@ -166,7 +212,7 @@ func (e *Engine) runCopies(plans map[int]*copyPlan, dir native.Direction, n int,
 	}
 	var all []started
 	for _, p := range plans {
-		pending, err := e.copier.SubmitAfter(p.region, e.pool, dir, p.ops, after)
+		pending, err := e.copier.SubmitAfter(p.region, p.pool, dir, p.ops, after)
 		if err != nil {
 			e.log.Warn("copy submit failed", "err", err)
 			for _, i := range p.blocks {
@@ -221,7 +267,7 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 		t.bind(ns, req.ReadyUrl, req.ReadyToken)
 	}
 	resp := &pb.SaveResponse{}
-	plans := map[int]*copyPlan{}
+	plans := map[planKey]*copyPlan{}
 	saving := make([]*block, 0, len(req.Blocks))
 	now := time.Now()
 	for _, ref := range req.Blocks {
@@ -233,27 +279,38 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 			}
 			continue
 		}
-		if b == nil {
-			ext, ok := e.allocateLocked(ns.blockBytes())
-			if !ok {
-				resp.Failed++
-				e.stats.saveFailures++
-				if t != nil {
-					t.settle(e, transferFailed, "pool exhausted: every resident block is pinned")
-				}
-				continue
+		// This rank's share goes to its own node's pool. Evicting for it
+		// cannot take b: b is not sealed, so not evictable.
+		ext, ok := e.allocateLocked(inst.pool, ns.rankBytes)
+		if !ok {
+			resp.Failed++
+			e.stats.saveFailures++
+			if t != nil {
+				t.settle(e, transferFailed, fmt.Sprintf("pool on NUMA node %d exhausted: every resident block with a share there is pinned",
+					e.pools[inst.pool].node))
 			}
-			b = &block{hash: string(ref.Hash), ns: ns, ext: ext, created: now}
+			// Without this share the block never seals: drop what the
+			// other ranks stored unless one of them is copying now (then
+			// the partial reaper frees it).
+			if b != nil && b.saving == 0 {
+				e.failBlockLocked(b, "a rank's share did not fit its pool")
+			}
+			continue
+		}
+		if b == nil {
+			b = newBlock(ns, string(ref.Hash), now)
 			ns.blocks[b.hash] = b
 			e.numBlocks++
 			e.partial[b] = struct{}{}
 		}
+		b.shares[inst.key.rank].pool = inst.pool
+		b.shares[inst.key.rank].ext = ext
 		b.saving |= bit
 		e.pinLocked(b)
 		if t != nil {
 			t.add(e, b)
 		}
-		planCopies(plans, inst, b, ref.BlockId, len(saving))
+		e.planCopies(plans, inst, b, ref.BlockId, len(saving))
 		saving = append(saving, b)
 	}
 	e.mu.Unlock()
@@ -277,6 +334,8 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 		}
 		resp.Failed++
 		e.stats.saveFailures++
+		// The rank may save the block again; it will allocate anew.
+		e.releaseShareLocked(&b.shares[inst.key.rank])
 		e.unpinLocked(b)
 		if b.saved == 0 && b.saving == 0 {
 			e.failBlockLocked(b, "copy failed")
@@ -306,7 +365,7 @@ func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadRespons
 	}
 	ns := inst.ns
 	status := make([]pb.BlockStatus, len(req.Blocks))
-	plans := map[int]*copyPlan{}
+	plans := map[planKey]*copyPlan{}
 	var loading []*block
 	var loadingIdx []int
 	for i, ref := range req.Blocks {
@@ -318,7 +377,7 @@ func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadRespons
 		e.pinLocked(b)
 		b.loading++
 		e.policy.touch(b)
-		planCopies(plans, inst, b, ref.BlockId, len(loading))
+		e.planCopies(plans, inst, b, ref.BlockId, len(loading))
 		loading = append(loading, b)
 		loadingIdx = append(loadingIdx, i)
 	}

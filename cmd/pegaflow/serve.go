@@ -59,8 +59,8 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.StringVar(&f.socketGroup, "socket-group", "", "group (name or gid) owning the socket, e.g. to share it with vLLM running as another user")
 	fs.StringVar(&f.httpAddr, "http-addr", "127.0.0.1:8080", "HTTP address for /health, /metrics and, with backends, the OpenAI endpoints")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
-	fs.Var(&f.poolSize, "pool-size", "pinned host pool size (e.g. 8GiB)")
-	fs.IntVar(&f.numaNode, "numa-node", -1, "NUMA node for the pool (-1: the GPUs' node from NVML, none without NVML)")
+	fs.Var(&f.poolSize, "pool-size", "pinned host memory of all pools together, split across NUMA nodes by GPU count (e.g. 8GiB)")
+	fs.IntVar(&f.numaNode, "numa-node", -1, "NUMA node for a single pool (-1: one pool per NUMA node with GPUs, from NVML; no binding without NVML)")
 	fs.IntVar(&f.copyThreads, "copy-threads", 2, "native copy threads (CPU build) or streams (CUDA build)")
 	fs.BoolVar(&f.hugePages, "hugepages", true, "back the pool with huge pages when possible")
 	fs.BoolVar(&f.mlock, "mlock", true, "lock the pool in RAM when permitted")
@@ -238,7 +238,7 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 }
 
 // topologyResponse is GET /topology: what NVML listed at start, the native
-// build, and where the pool went.
+// build, and where the pools went (one per NUMA node with GPUs).
 type topologyResponse struct {
 	*topology.Topology
 	Backend string             `json:"backend"`

@@ -35,6 +35,11 @@ type topologyJSON struct {
 		NUMANode int    `json:"numa_node"`
 		Reason   string `json:"reason"`
 		Spread   bool   `json:"spread"`
+		Pools    []struct {
+			NUMANode  int    `json:"numa_node"`
+			GPUs      int    `json:"gpus"`
+			SizeBytes uint64 `json:"size_bytes"`
+		} `json:"pools"`
 	} `json:"pool"`
 	Devices []struct {
 		Index       int      `json:"index"`
@@ -51,24 +56,30 @@ type topologyJSON struct {
 }
 
 func TestTopologyHandler(t *testing.T) {
-	tests := []struct {
-		name string
-		topo *topology.Topology
-		mode string
-		node int
-		gpus int
-	}{
-		{"cpu", topology.CPU("nvml init: ERROR_LIBRARY_NOT_FOUND"), "cpu", -1, 0},
-		{"cuda", &topology.Topology{Mode: topology.ModeCUDA, DriverVersion: "550.54.15", Devices: []topology.Device{
+	twoGPUs := func(nodeB int) *topology.Topology {
+		return &topology.Topology{Mode: topology.ModeCUDA, DriverVersion: "550.54.15", Devices: []topology.Device{
 			{Index: 0, UUID: "GPU-a", Name: "NVIDIA H100 80GB HBM3", PCIBusID: "0000:18:00.0", NUMANode: 0, MemoryBytes: 80 << 30,
 				NVLinkLinks: 18, NVLinkPeers: []int{1}, P2PPeers: []int{1}},
-			{Index: 1, UUID: "GPU-b", Name: "NVIDIA H100 80GB HBM3", PCIBusID: "0000:2a:00.0", NUMANode: 0, MemoryBytes: 80 << 30,
+			{Index: 1, UUID: "GPU-b", Name: "NVIDIA H100 80GB HBM3", PCIBusID: "0000:2a:00.0", NUMANode: nodeB, MemoryBytes: 80 << 30,
 				NVLinkLinks: 18, NVLinkPeers: []int{0}, P2PPeers: []int{0}},
-		}}, "cuda", 0, 2},
+		}}
+	}
+	type pool struct{ node, gpus, mib int }
+	tests := []struct {
+		name  string
+		topo  *topology.Topology
+		mode  string
+		node  int
+		gpus  int
+		pools []pool
+	}{
+		{"cpu", topology.CPU("nvml init: ERROR_LIBRARY_NOT_FOUND"), "cpu", -1, 0, []pool{{-1, 0, 2}}},
+		{"cuda", twoGPUs(0), "cuda", 0, 2, []pool{{0, 2, 2}}},
+		{"cuda, GPUs on two nodes", twoGPUs(1), "cuda", 0, 2, []pool{{0, 1, 1}, {1, 1, 1}}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			eng, err := engine.New(engine.Config{PoolSize: 1 << 20, NUMANode: -1, Device: -1, Topology: tc.topo}, nil, prometheus.NewRegistry())
+			eng, err := engine.New(engine.Config{PoolSize: 2 << 20, NUMANode: -1, Device: -1, Topology: tc.topo}, nil, prometheus.NewRegistry())
 			require.NoError(t, err)
 			defer eng.Close()
 			e := echo.New()
@@ -82,6 +93,13 @@ func TestTopologyHandler(t *testing.T) {
 			require.Equal(t, native.Backend(), got.Backend)
 			require.Equal(t, tc.node, got.Pool.NUMANode)
 			require.NotEmpty(t, got.Pool.Reason)
+			require.Equal(t, len(tc.pools) > 1, got.Pool.Spread)
+			require.Len(t, got.Pool.Pools, len(tc.pools))
+			for i, p := range tc.pools {
+				require.Equal(t, p.node, got.Pool.Pools[i].NUMANode)
+				require.Equal(t, p.gpus, got.Pool.Pools[i].GPUs)
+				require.EqualValues(t, p.mib<<20, got.Pool.Pools[i].SizeBytes)
+			}
 			require.Len(t, got.Devices, tc.gpus)
 			require.Contains(t, rec.Body.String(), `"devices":[`, "an empty list, never null")
 			if tc.gpus > 0 {
@@ -145,6 +163,8 @@ func TestServeTopology(t *testing.T) {
 		require.Empty(t, got.Devices)
 		require.NotEmpty(t, got.Reason)
 		require.Equal(t, -1, got.Pool.NUMANode)
+		require.Len(t, got.Pool.Pools, 1)
+		require.EqualValues(t, 4<<20, got.Pool.Pools[0].SizeBytes)
 		require.Equal(t, 1, strings.Count(logs.String(), "no NVML: CPU mode"), logs.String())
 	} else {
 		require.Equal(t, topology.ModeCUDA, got.Mode)
@@ -158,4 +178,5 @@ func TestServeTopology(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, string(body), "pegaflow_engine_gpus ")
 	require.Contains(t, string(body), "pegaflow_engine_pool_numa_node ")
+	require.Contains(t, string(body), "pegaflow_engine_numa_pool_capacity_bytes{numa_node=")
 }

@@ -130,6 +130,13 @@ func (t *Topology) Lookup(uuid string) (Device, bool) {
 	return Device{}, false
 }
 
+func (t *Topology) gpuCount() int {
+	if t == nil {
+		return 0
+	}
+	return len(t.Devices)
+}
+
 // NodeGPUs counts GPUs per known NUMA node.
 func (t *Topology) NodeGPUs() map[int]int {
 	out := map[int]int{}
@@ -144,29 +151,63 @@ func (t *Topology) NodeGPUs() map[int]int {
 	return out
 }
 
-// Placement is where the pool goes and why.
-type Placement struct {
-	Node   int    `json:"numa_node"` // -1: no binding
-	Reason string `json:"reason"`
-	// Spread is true when GPUs sit on several nodes, so some copies cross
-	// the inter-socket link whatever single node is chosen.
-	Spread bool `json:"spread"`
+// PoolAlign is the granularity of a pool's share of the pool size when
+// the size is split across NUMA nodes: whole MiB, so every pool stays a
+// multiple of the allocator's alignment and of small pages.
+const PoolAlign = 1 << 20
+
+// PoolShare is one pool of a Placement.
+type PoolShare struct {
+	// Node is the NUMA node the pool is bound to (-1: no binding).
+	Node int `json:"numa_node"`
+	// GPUs counts the GPUs whose ranks' block shares this pool holds:
+	// those on Node, plus those of unknown node for the default pool, or
+	// every GPU when there is a single pool.
+	GPUs int `json:"gpus"`
+	// Size is the pool's share of the pool size, in bytes.
+	Size uint64 `json:"size_bytes"`
 }
 
-// PoolPlacement picks the pool's NUMA node. An explicit node (>= 0) wins.
-// Otherwise, in CUDA mode, the pool goes to the node holding the most GPUs
-// (lowest node on a tie), which is every GPU's node when they share one.
-// Without GPUs or NUMA facts there is no binding.
-func (t *Topology) PoolPlacement(requested int) Placement {
-	if requested >= 0 {
-		return Placement{Node: requested, Reason: "--numa-node"}
-	}
-	if !t.GPU() {
-		return Placement{Node: -1, Reason: "cpu mode: no binding"}
+// Placement is where the pools go and why.
+//
+// Invariants: Pools is non-empty, ascending by Node, with distinct nodes;
+// exactly one pool (the default) has Node == Node; the sizes sum to the
+// size PoolPlacement was given.
+type Placement struct {
+	// Node is the default pool's node (-1: no binding). Shares saved by
+	// ranks whose GPU has no pool of its own (CPU mode, shm regions, a GPU
+	// of unknown node) go to the default pool.
+	Node   int    `json:"numa_node"`
+	Reason string `json:"reason"`
+	// Spread is true when GPUs sit on several nodes. With one pool per
+	// node that costs nothing; with a single pool (--numa-node, or a pool
+	// too small to split) some copies cross the inter-socket link.
+	Spread bool        `json:"spread"`
+	Pools  []PoolShare `json:"pools"`
+}
+
+// PoolPlacement splits a pool of size bytes across NUMA nodes. An explicit
+// node (>= 0) puts everything there. Otherwise, in CUDA mode, every node
+// that hosts GPUs gets a pool, sized in proportion to its GPU count (whole
+// MiB; the default pool takes the rounding), so each rank's block shares
+// live next to its GPU. The default pool is on the node holding the most
+// GPUs (lowest node on a tie). Without GPUs or NUMA facts there is one
+// pool and no binding; a size too small to give every node PoolAlign
+// bytes leaves one pool on the default node.
+func (t *Topology) PoolPlacement(requested int, size uint64) Placement {
+	single := func(node int, spread bool, reason string) Placement {
+		return Placement{Node: node, Reason: reason, Spread: spread,
+			Pools: []PoolShare{{Node: node, GPUs: t.gpuCount(), Size: size}}}
 	}
 	counts := t.NodeGPUs()
+	if requested >= 0 {
+		return single(requested, t.GPU() && len(counts) > 1, "--numa-node")
+	}
+	if !t.GPU() {
+		return single(-1, false, "cpu mode: no binding")
+	}
 	if len(counts) == 0 {
-		return Placement{Node: -1, Reason: "GPU NUMA nodes unknown: no binding"}
+		return single(-1, false, "GPU NUMA nodes unknown: no binding")
 	}
 	nodes := make([]int, 0, len(counts))
 	for n := range counts {
@@ -180,12 +221,67 @@ func (t *Topology) PoolPlacement(requested int) Placement {
 		}
 	}
 	if len(nodes) == 1 {
-		return Placement{Node: best, Reason: fmt.Sprintf("GPUs on node %d (%d of %d)", best, counts[best], len(t.Devices))}
+		return single(best, false, fmt.Sprintf("GPUs on node %d (%d of %d)", best, counts[best], len(t.Devices)))
 	}
 	parts := make([]string, len(nodes))
 	for i, n := range nodes {
 		parts[i] = fmt.Sprintf("node %d: %d", n, counts[n])
 	}
-	return Placement{Node: best, Spread: true, Reason: fmt.Sprintf("GPUs span NUMA nodes (%s): pool on node %d, the one with most GPUs",
-		strings.Join(parts, ", "), best)}
+	span := fmt.Sprintf("GPUs span NUMA nodes (%s)", strings.Join(parts, ", "))
+	pools, ok := splitPool(size, nodes, counts, best, len(t.Devices))
+	if !ok {
+		return single(best, true, fmt.Sprintf("%s: pool of %d bytes too small to split into %d MiB-aligned pools; one pool on node %d, the one with most GPUs",
+			span, size, len(nodes), best))
+	}
+	return Placement{Node: best, Spread: true, Pools: pools,
+		Reason: fmt.Sprintf("%s: one pool per node, sized by GPU count; default pool on node %d", span, best)}
+}
+
+// splitPool gives every node but best a whole number of PoolAlign units
+// in proportion to its GPUs (at least one unit) and best the rest. GPUs of
+// unknown node (total minus the known ones) weigh on best, whose pool
+// holds their shares. It fails when best would get less than one unit.
+func splitPool(size uint64, nodes []int, counts map[int]int, best, total int) ([]PoolShare, bool) {
+	weight := func(n int) uint64 {
+		w := uint64(counts[n])
+		if n == best {
+			known := 0
+			for _, c := range counts {
+				known += c
+			}
+			w += uint64(total - known)
+		}
+		return w
+	}
+	var sumW uint64
+	for _, n := range nodes {
+		sumW += weight(n)
+	}
+	if size/PoolAlign < uint64(len(nodes)) {
+		return nil, false
+	}
+	pools := make([]PoolShare, len(nodes))
+	rest := size
+	for i, n := range nodes {
+		pools[i] = PoolShare{Node: n, GPUs: int(weight(n))}
+		if n == best {
+			continue
+		}
+		// size*w/sumW without overflow: size/PoolAlign units fit easily.
+		units := max(size/PoolAlign*weight(n)/sumW, 1)
+		pools[i].Size = units * PoolAlign
+		if pools[i].Size >= rest {
+			return nil, false
+		}
+		rest -= pools[i].Size
+	}
+	if rest < PoolAlign {
+		return nil, false
+	}
+	for i := range pools {
+		if pools[i].Node == best {
+			pools[i].Size = rest
+		}
+	}
+	return pools, true
 }
