@@ -50,6 +50,12 @@ def test_engine_killed_mid_save_then_restarted(engine: Engine, ready_server: Rea
         p.run(timeout_s=30)  # the request's blocks get freed, nothing hangs
         assert "r1" not in p.delayed and ("freed", "r1") in p.events
         assert wm(p, "saves_dropped") > 0
+        # Nobody but P can settle the transfer now: P's worker tells the
+        # router it failed, so D does not wait out the KV-ready timeout.
+        report = ready_server.wait_for(tid, 10)
+        assert report is not None and report["status"] == "failed" and report["token"] == "t", report
+        assert "engine" in report["message"]
+        assert wm(p, "transfers_reported_failed") >= 1
         # vLLM kept serving meanwhile: a request while the engine is down
         # computes locally.
         r2 = d.add_request("r2", prompt(80, 2), max_tokens=2)
@@ -165,6 +171,30 @@ def test_preemption_does_not_corrupt_a_save(engine: Engine, preempt_ids: bool) -
     finally:
         a.close()
         d.close()
+
+
+def test_engine_down_before_prefill_reports_failed_transfer(engine: Engine,
+                                                           ready_server: ReadyServer) -> None:
+    cache = CacheSpec("flash_attn", num_layers=2)
+    p = Instance(engine, name="p", tp=2, cache=cache)
+    try:
+        p.handshake()
+        engine.kill()
+        tid = uuid.uuid4().hex
+        t0 = time.monotonic()
+        p.add_request("r", prompt(150, 3), max_tokens=1, kv_transfer_params={
+            "do_remote_decode": True, "pegaflow_transfer_id": tid,
+            "pegaflow_ready_url": ready_server.url, "pegaflow_ready_token": "t"})
+        p.run(timeout_s=30)
+        report = ready_server.wait_for(tid, 10)
+        assert report is not None and report["status"] == "failed", report
+        assert time.monotonic() - t0 < 10
+        # Both ranks dropped their saves; each reports at most once, and
+        # the router keeps the first.
+        reports = [r for r in ready_server.reports if r.get("transfer_id") == tid]
+        assert 1 <= len(reports) <= 2
+    finally:
+        p.close()
 
 
 def test_aborted_prefill_fails_its_transfer(engine: Engine, ready_server: ReadyServer) -> None:

@@ -44,6 +44,7 @@ from .layout import (
 )
 from .metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from .metrics import Metrics
+from .ready import FailureReporter
 from .scheduler import namespace_file
 
 log = logging.getLogger("pegaflow_connector")
@@ -78,6 +79,7 @@ class WorkerCore:
         self._reg_lock = threading.Lock()
         self._bases: list[int] = []
         self._staging: StagingBuffer | None = None
+        self._failure_reporter = FailureReporter()
         self._keep: list[Any] = []
         self._saves_enabled = True
         self._lease_owner = True
@@ -401,12 +403,19 @@ class WorkerCore:
                 continue
             self._save_blocks(ids, hashes, tid, last, url, token, gpu_wait)
 
+    def _report_failed(self, url: str, tid: str, token: str, message: str) -> None:
+        # The engine cannot settle the transfer any more; tell the router so
+        # D recomputes now instead of after the whole KV-ready timeout.
+        if self._failure_reporter.report(url, tid, token, message):
+            self.metrics.inc("transfers_reported_failed")
+
     def _save_blocks(self, ids: list[int], hashes: list[bytes], tid: str, last: bool, url: str,
                      token: str, wait_event: bool = False) -> None:
         if not self.registered():
             self.metrics.inc("saves_dropped", max(len(ids), 1))
             self.client.warn_limited("pegaflow: engine unavailable, dropping saves (rank %d)",
                                      self.rank)
+            self._report_failed(url, tid, token, "engine unavailable at P: saves dropped")
             return
         chunk = self._staging.slots // 2 if self._staging else max(len(ids), 1)
         starts = list(range(0, len(ids), chunk)) or [0]
@@ -429,6 +438,7 @@ class WorkerCore:
                 self.metrics.inc("saves_dropped", len(ids) - lo or 1)
                 self.client.warn_limited("pegaflow: engine went away during a save, %d blocks "
                                          "dropped (rank %d): %s", len(ids) - lo, self.rank, e)
+                self._report_failed(url, tid, token, f"engine went away during P's save: {e}")
                 return
             except EngineError as e:
                 self.metrics.inc("saves_dropped", len(c_ids) or 1)
