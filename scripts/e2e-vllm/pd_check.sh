@@ -193,6 +193,10 @@ wait "$CMP" || true
 snap stop-after
 log "phase 2 (engine stopped): $(tail -1 "$OUT/stop-compare.txt") in $((SECONDS - t)) s"
 evaluate stop --stopped || rc=1
+# Why each not-ready wait ended (router log): "timed out after ..." or the
+# failure P's connector reported to /kv_ready.
+grep -i 'kv not ready' "$OUT/router.log" | sed -E 's/.*reason="([^"]*)".*/\1/' | sort | uniq -c |
+  sed 's/^ */[pd]   router: not ready x/' || true
 for n in p d; do
   port=$PP; [[ $n == d ]] && port=$DP
   curl -sf "http://127.0.0.1:$port/health" >/dev/null || { log "FAIL $n is not healthy after the engine stop"; rc=1; }
