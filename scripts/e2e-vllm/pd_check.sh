@@ -210,7 +210,10 @@ start_engine
 deadline=$((SECONDS + 60))
 until "$PY" - "$ENGINE_URL" <<'EOF'
 import sys, urllib.request
-t = urllib.request.urlopen(sys.argv[1] + "/metrics", timeout=5).read().decode()
+try:
+    t = urllib.request.urlopen(sys.argv[1] + "/metrics", timeout=5).read().decode()
+except OSError:
+    sys.exit(1)  # not up yet
 g = {l.split()[0]: float(l.split()[-1]) for l in t.splitlines() if l and not l.startswith("#")}
 # P and D: a scheduler and a worker session each, and the two workers registered.
 sys.exit(0 if g.get("pegaflow_engine_sessions", 0) >= 4 and g.get("pegaflow_engine_instances", 0) >= 2 else 1)
