@@ -521,3 +521,56 @@ func TestQueryPackedHashes(t *testing.T) {
 		require.ErrorIs(t, err, ErrInvalid)
 	}
 }
+
+// A transfer this engine never saw a save for (a waiter or a query made
+// the record) wakes its waiters on release but is not a failure on record;
+// one that had saves and is released unfinished is.
+func TestReleaseTransferUnseenVersusUnfinished(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	e, err := New(Config{PoolSize: 4 << 20, NUMANode: -1, Device: -1, CopyThreads: 2, PartialTTL: time.Hour}, nil, reg)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, e.Close()) })
+	failed := func() float64 {
+		families, err := reg.Gather()
+		require.NoError(t, err)
+		for _, f := range families {
+			if f.GetName() != "pegaflow_engine_transfers_total" {
+				continue
+			}
+			for _, m := range f.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "status" && l.GetValue() == "failed" {
+						return m.GetCounter().GetValue()
+					}
+				}
+			}
+		}
+		return 0
+	}
+
+	waited := make(chan error, 1)
+	go func() { waited <- e.AwaitTransfer(context.Background(), "unseen") }()
+	require.Eventually(t, func() bool {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		_, ok := e.transfers["unseen"]
+		return ok
+	}, 5*time.Second, time.Millisecond)
+	e.ReleaseTransfer("unseen")
+	select {
+	case err := <-waited:
+		require.ErrorIs(t, err, ErrTransferFailed)
+	case <-time.After(5 * time.Second):
+		t.Fatal("release did not wake the waiter")
+	}
+	require.Zero(t, failed(), "an unseen transfer is not a failure")
+
+	// TP=2 with only rank 0 saved: unfinished, and its release fails it.
+	p0 := newWorker(t, e, "P", 0, 2, smallSpec)
+	p0.save(t, seq(0, 2), kvtest.Hashes("half", 2), "half", true)
+	e.ReleaseTransfer("half")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	require.ErrorIs(t, e.AwaitTransfer(ctx, "half"), ErrTransferFailed)
+	require.EqualValues(t, 1, failed())
+}

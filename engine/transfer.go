@@ -144,9 +144,21 @@ func (t *transfer) release(e *Engine) {
 	}
 	clear(t.blocks)
 	t.pending = 0
-	if t.state == transferPending {
-		t.settle(e, transferFailed, "released before ready")
+	if t.state != transferPending {
+		return
 	}
+	if t.ns == nil {
+		// No save ever named this transfer: this engine holds nothing of
+		// it (a waiter or a query created the record; e.g. a router's
+		// in-process engine while vLLM saves into another one). Wake any
+		// waiter, but record no failure and log nothing: there was no
+		// transfer here to fail.
+		t.state, t.message = transferFailed, "released before any save reached this engine"
+		close(t.done)
+		t.expires = time.Now().Add(e.cfg.TransferTTL)
+		return
+	}
+	t.settle(e, transferFailed, "released before ready")
 }
 
 func removeTransfer(ts []*transfer, t *transfer) []*transfer {
