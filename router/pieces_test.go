@@ -250,6 +250,30 @@ func TestRelayEventBoundaries(t *testing.T) {
 			require.True(t, res.wrote)
 		})
 	}
+	t.Run("returns at [DONE] without waiting for EOF", func(t *testing.T) {
+		// A backend that keeps the connection open after [DONE]: the relay
+		// must not wait for it (a client hanging up then would otherwise
+		// cancel an answer that is complete).
+		src, hold := io.Pipe()
+		defer hold.Close()
+		go func() { _, _ = io.WriteString(hold, tok1+"\n\ndata: [DONE]\n\n") }()
+		var w writeRecorder
+		done := make(chan error, 1)
+		var res relayResult
+		go func() {
+			var err error
+			res, err = relaySSE(&w, func() error { return nil }, src, relayHooks{})
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			require.NoError(t, err)
+			require.True(t, res.done)
+			require.Equal(t, 1, res.tokens)
+		case <-time.After(5 * time.Second):
+			t.Fatal("relay waited for EOF after [DONE]")
+		}
+	})
 	t.Run("client write error", func(t *testing.T) {
 		_, err := relaySSE(failWriter{}, func() error { return nil }, &chunkReader{chunks: []string{tok1 + "\n\n"}}, relayHooks{})
 		var cwe *clientWriteError

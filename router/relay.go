@@ -57,7 +57,7 @@ var readBufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return 
 // once (nothing is held back), and a partial event is held until its end
 // arrives, so the client never sees half an event followed by an error.
 //
-// It returns nil only when the stream ended with data: [DONE]. Errors:
+// It returns nil as soon as data: [DONE] was relayed (and only then). Errors:
 // a *clientWriteError when dst failed, errStreamTruncated, errEventTooLarge,
 // or src's read error.
 func relaySSE(dst io.Writer, flush func() error, src io.Reader, h relayHooks) (relayResult, error) {
@@ -112,6 +112,13 @@ func relaySSE(dst io.Writer, flush func() error, src io.Reader, h relayHooks) (r
 					}
 				})
 				held = copy(buf, buf[cut:held])
+				if res.done {
+					// [DONE] ends an OpenAI stream: answer complete. Not
+					// waiting for the backend's EOF keeps a client that
+					// hangs up right after [DONE] (as SDKs may) from
+					// turning a finished answer into a cancelled one.
+					return res, nil
+				}
 			}
 		}
 		switch {
