@@ -27,6 +27,11 @@ import (
 	"github.com/pegaflow/pegaflow/bench"
 )
 
+// routerHealthInterval: the routers re-poll their backends this often, so
+// the demo's start does not wait out the default 5 s after a backend that
+// was polled before it was up.
+const routerHealthInterval = "500ms"
+
 // Config of one demo run. DefaultConfig is what `make demo` runs.
 type Config struct {
 	// Binary is the pegaflow executable the processes run.
@@ -171,13 +176,15 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Report, error) {
 	// routers last (their health checks need live backends).
 	specs := []spec{
 		{"engine+router-pd", pdRouter, []string{"serve", "--socket", sock, "--http-addr", pdRouter,
-			"--pool-size", cfg.PoolSize, "--prefill", "http://" + p, "--decode", "http://" + d, "--log-level", "warn"}},
+			"--pool-size", cfg.PoolSize, "--prefill", "http://" + p, "--decode", "http://" + d,
+			"--health-interval", routerHealthInterval, "--log-level", "warn"}},
 		{"sim-p", p, sim(p, "--engine-socket", sock, "--instance-id", "p0")},
 		{"sim-d", d, sim(d, "--engine-socket", sock, "--instance-id", "d0")},
 		{"sim-agg1", a1, sim(a1)},
 		{"sim-agg2", a2, sim(a2)},
 		{"router-dp2", dpRouter, []string{"serve", "--socket", dpSock, "--http-addr", dpRouter,
-			"--pool-size", "16MiB", "--backend", "http://" + a1, "--backend", "http://" + a2, "--log-level", "warn"}},
+			"--pool-size", "16MiB", "--backend", "http://" + a1, "--backend", "http://" + a2,
+			"--health-interval", routerHealthInterval, "--log-level", "warn"}},
 	}
 	fmt.Fprintf(progress, "demo: starting %d processes (logs in %s)\n", len(specs), logDir)
 	procs := map[string]*process{}
@@ -193,8 +200,11 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Report, error) {
 			return nil, err
 		}
 	}
-	// Both routers poll backend health; a backend they have not seen
-	// healthy yet is still selectable, so no extra wait is needed.
+	for _, r := range []struct{ name, addr string }{{"engine+router-pd", pdRouter}, {"router-dp2", dpRouter}} {
+		if err := waitRouterReady(ctx, procs[r.name], "http://"+r.addr, cfg.StartTimeout); err != nil {
+			return nil, err
+		}
+	}
 
 	rep := &Report{PD: Setup{Name: "P/D 1P+1D"}, DP2: Setup{Name: "DP2 2x aggregated"}}
 	run := func(name, addr string) (*bench.Result, error) {

@@ -2,8 +2,10 @@ package demo
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -122,6 +124,62 @@ func waitHealthy(ctx context.Context, p *process, url string, timeout time.Durat
 		case <-tick.C:
 		}
 	}
+}
+
+// waitRouterReady polls a `pegaflow serve` router's /health until it
+// reports every backend healthy. A router polls its backends on its own
+// schedule: one that polled a backend before that backend was up keeps it
+// out until its next poll, so "every process answers /health" is not yet
+// "the router will route".
+func waitRouterReady(ctx context.Context, p *process, baseURL string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	hc := &http.Client{Timeout: time.Second}
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	var last string
+	for {
+		if done, err := p.exited(); done {
+			return fmt.Errorf("%s exited (%v); see %s", p.name, err, p.logPath)
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+"/health", nil)
+		if resp, err := hc.Do(req); err == nil {
+			var body struct {
+				Router map[string]map[string]bool `json:"router"`
+			}
+			derr := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&body)
+			resp.Body.Close()
+			if derr == nil && allHealthy(body.Router) {
+				return nil
+			}
+			last = fmt.Sprintf("status %d, backends %v", resp.StatusCode, body.Router)
+		}
+		select {
+		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return fmt.Errorf("%s: not every backend healthy after %s (last: %s); see %s", p.name, timeout, last, p.logPath)
+			}
+			return ctx.Err()
+		case <-tick.C:
+		}
+	}
+}
+
+func allHealthy(pools map[string]map[string]bool) bool {
+	if len(pools) == 0 {
+		return false
+	}
+	for _, backends := range pools {
+		if len(backends) == 0 {
+			return false
+		}
+		for _, ok := range backends {
+			if !ok {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // freeAddrs reserves n loopback TCP addresses. The listeners are closed

@@ -3,8 +3,11 @@ package demo
 import (
 	"context"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -59,4 +62,49 @@ func TestStopKillsStubbornProcessGroups(t *testing.T) {
 		return syscall.Kill(grandchild, 0) == syscall.ESRCH
 	}, 5*time.Second, 10*time.Millisecond, "the grandchild survived")
 	g.stop(time.Second) // idempotent
+}
+
+func TestAllHealthy(t *testing.T) {
+	cases := []struct {
+		name  string
+		pools map[string]map[string]bool
+		want  bool
+	}{
+		{"no router section", nil, false},
+		{"empty pool", map[string]map[string]bool{"decode": {}}, false},
+		{"one down", map[string]map[string]bool{"prefill": {"p": true}, "decode": {"d": false}}, false},
+		{"all up", map[string]map[string]bool{"prefill": {"p": true}, "decode": {"d": true}}, true},
+		{"aggregated", map[string]map[string]bool{"aggregated": {"a1": true, "a2": true}}, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			require.Equal(t, tc.want, allHealthy(tc.pools))
+		})
+	}
+}
+
+// The router reports a backend down until its next poll; the wait ends
+// when every backend is up, and times out naming what it last saw.
+func TestWaitRouterReady(t *testing.T) {
+	var polls atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		up := polls.Add(1) > 3
+		fmt.Fprintf(w, `{"status":"ok","router":{"prefill":{"p":true},"decode":{"d":%t}}}`, up)
+	}))
+	defer srv.Close()
+	g := newGroup(t.TempDir())
+	defer g.stop(time.Second)
+	p, err := g.start("router", "/bin/sleep", "30")
+	require.NoError(t, err)
+	require.NoError(t, waitRouterReady(context.Background(), p, srv.URL, 10*time.Second))
+	require.Greater(t, polls.Load(), int32(3))
+
+	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprint(w, `{"status":"unavailable","router":{"decode":{"d":false}}}`)
+	}))
+	defer down.Close()
+	err = waitRouterReady(context.Background(), p, down.URL, 300*time.Millisecond)
+	require.ErrorContains(t, err, "not every backend healthy")
+	require.ErrorContains(t, err, "status 503")
 }
