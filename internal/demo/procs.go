@@ -96,29 +96,34 @@ func (g *group) stop(grace time.Duration) {
 	}
 }
 
-// waitHealthy polls url until it answers 200, the process exits, or the
-// timeout passes.
-func waitHealthy(ctx context.Context, p *process, url string, timeout time.Duration) error {
+// pollHealth GETs url every 50 ms until ready accepts an answer (status and
+// body), the process exits, or the timeout passes. ready also returns what
+// it saw, for the timeout's message.
+func pollHealth(ctx context.Context, p *process, url string, timeout time.Duration,
+	ready func(status int, body io.Reader) (bool, string)) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	hc := &http.Client{Timeout: time.Second}
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
+	last := "no answer"
 	for {
 		if done, err := p.exited(); done {
-			return fmt.Errorf("%s exited before it was healthy (%v); see %s", p.name, err, p.logPath)
+			return fmt.Errorf("%s exited (%v); see %s", p.name, err, p.logPath)
 		}
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 		if resp, err := hc.Do(req); err == nil {
+			ok, seen := ready(resp.StatusCode, io.LimitReader(resp.Body, 1<<20))
 			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
+			if ok {
 				return nil
 			}
+			last = seen
 		}
 		select {
 		case <-ctx.Done():
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return fmt.Errorf("%s not healthy at %s after %s; see %s", p.name, url, timeout, p.logPath)
+				return fmt.Errorf("%s not ready at %s after %s (last: %s); see %s", p.name, url, timeout, last, p.logPath)
 			}
 			return ctx.Err()
 		case <-tick.C:
@@ -126,43 +131,28 @@ func waitHealthy(ctx context.Context, p *process, url string, timeout time.Durat
 	}
 }
 
-// waitRouterReady polls a `pegaflow serve` router's /health until it
-// reports every backend healthy. A router polls its backends on its own
-// schedule: one that polled a backend before that backend was up keeps it
-// out until its next poll, so "every process answers /health" is not yet
-// "the router will route".
+// waitHealthy waits until url answers 200.
+func waitHealthy(ctx context.Context, p *process, url string, timeout time.Duration) error {
+	return pollHealth(ctx, p, url, timeout, func(status int, _ io.Reader) (bool, string) {
+		return status == http.StatusOK, fmt.Sprintf("status %d", status)
+	})
+}
+
+// waitRouterReady waits until a `pegaflow serve` router's /health reports
+// every backend healthy. A router polls its backends on its own schedule:
+// one that polled a backend before that backend was up keeps it out until
+// its next poll, so "every process answers /health" is not yet "the router
+// will route".
 func waitRouterReady(ctx context.Context, p *process, baseURL string, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	hc := &http.Client{Timeout: time.Second}
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	var last string
-	for {
-		if done, err := p.exited(); done {
-			return fmt.Errorf("%s exited (%v); see %s", p.name, err, p.logPath)
+	return pollHealth(ctx, p, baseURL+"/health", timeout, func(status int, body io.Reader) (bool, string) {
+		var health struct {
+			Router map[string]map[string]bool `json:"router"`
 		}
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+"/health", nil)
-		if resp, err := hc.Do(req); err == nil {
-			var body struct {
-				Router map[string]map[string]bool `json:"router"`
-			}
-			derr := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&body)
-			resp.Body.Close()
-			if derr == nil && allHealthy(body.Router) {
-				return nil
-			}
-			last = fmt.Sprintf("status %d, backends %v", resp.StatusCode, body.Router)
+		if err := json.NewDecoder(body).Decode(&health); err != nil {
+			return false, fmt.Sprintf("status %d, unreadable body: %v", status, err)
 		}
-		select {
-		case <-ctx.Done():
-			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return fmt.Errorf("%s: not every backend healthy after %s (last: %s); see %s", p.name, timeout, last, p.logPath)
-			}
-			return ctx.Err()
-		case <-tick.C:
-		}
-	}
+		return allHealthy(health.Router), fmt.Sprintf("status %d, backends %v", status, health.Router)
+	})
 }
 
 func allHealthy(pools map[string]map[string]bool) bool {
