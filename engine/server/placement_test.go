@@ -2,10 +2,8 @@ package server
 
 import (
 	"context"
-	"path/filepath"
 	"testing"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -24,19 +22,8 @@ func TestPlacementErrorsMapToStatusCodes(t *testing.T) {
 	topo := &topology.Topology{Mode: topology.ModeCUDA, Devices: []topology.Device{
 		{Index: 0, UUID: gpu0, NUMANode: 0}, {Index: 1, UUID: gpu1, NUMANode: 0},
 	}}
-	eng, err := engine.New(engine.Config{PoolSize: 16 << 20, NUMANode: -1, Device: -1, Topology: topo}, nil, prometheus.NewRegistry())
-	require.NoError(t, err)
-	sock := filepath.Join(t.TempDir(), "engine.sock")
-	srv, err := New(Config{SocketPath: sock}, eng, nil, prometheus.NewRegistry())
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		require.NoError(t, <-done)
-		require.NoError(t, eng.Close())
-	})
+	sock, _ := startServerWith(t, engine.Config{PoolSize: 16 << 20, NUMANode: -1, Device: -1, Topology: topo})
+	ctx := context.Background()
 
 	c, err := client.Dial(ctx, sock, "placement")
 	require.NoError(t, err)

@@ -103,7 +103,14 @@ func runLessee() int {
 
 func startServer(t *testing.T) (string, *engine.Engine) {
 	t.Helper()
-	eng, err := engine.New(engine.Config{PoolSize: 64 << 20, NUMANode: -1, Device: -1}, nil, prometheus.NewRegistry())
+	return startServerWith(t, engine.Config{PoolSize: 64 << 20, NUMANode: -1, Device: -1})
+}
+
+// startServerWith serves an engine built from cfg on a socket in a temp
+// dir; the test's cleanup stops both.
+func startServerWith(t *testing.T, cfg engine.Config) (string, *engine.Engine) {
+	t.Helper()
+	eng, err := engine.New(cfg, nil, prometheus.NewRegistry())
 	require.NoError(t, err)
 	sock := filepath.Join(t.TempDir(), "engine.sock")
 	srv, err := New(Config{SocketPath: sock}, eng, nil, prometheus.NewRegistry())
