@@ -1,15 +1,29 @@
-"""vLLM import guard.
+"""Every vLLM-version difference the connector tolerates, in one place.
 
 The engine-facing core never imports vLLM or torch. The adapter subclasses
 vLLM's real base classes when vLLM is importable and small stand-ins with
 the same names otherwise (tests, tools), so one code path serves both.
+
+The rest of the package imports vLLM symbols, and reads attributes whose
+presence or shape differs between vLLM releases, only through this module.
+Each workaround below says which releases need it and why; the connector
+is written against vLLM main of 2026 (0.33), and every fallback degrades to
+what that release does. Attributes every release has (`request_id`,
+`num_tokens`, `scheduled_new_reqs`, ...) are read directly by the cores.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
+# ---------------------------------------------------------------- base classes
+
+# vLLM is optional: absent in tests and tools, where the stand-ins below
+# carry the bits of the base classes the adapter relies on. A broken vLLM or
+# torch install (any import error, not only ImportError) is treated as
+# absent, so the connector module stays importable for diagnostics.
 try:  # pragma: no cover - exercised only where vLLM is installed
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore
         KVConnectorBase_V1,
@@ -55,6 +69,11 @@ except Exception:  # noqa: BLE001 - ImportError, or a broken vLLM/torch install
         def has_connector_metadata(self) -> bool:
             return self._connector_metadata is not None
 
+# KVConnectorHandshakeMetadata came with the worker -> scheduler handshake
+# hooks (get_handshake_metadata / set_xfer_handshake_metadata, second half
+# of 2025, in 0.12 at the latest); older releases lack the class, never call
+# the hooks, and the namespace then travels through the rendezvous file
+# only (rendezvous.py).
 try:  # pragma: no cover
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore
         KVConnectorHandshakeMetadata,
@@ -65,6 +84,175 @@ except Exception:  # noqa: BLE001
         """Stand-in for vLLM's handshake metadata base."""
 
 
+def init_connector_base(base_init: Callable[..., None], vllm_config: Any, role: Any,
+                        kv_cache_config: Any) -> None:
+    """Calls KVConnectorBase_V1.__init__ (bound, as `super().__init__`).
+
+    vLLM made kv_cache_config an explicit constructor argument in late 2025
+    (vllm PR #27887, 0.11.1/0.12); earlier releases take only
+    (vllm_config, role) and raise TypeError for the third argument.
+    """
+    try:
+        base_init(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+    except TypeError:  # vLLM releases before kv_cache_config
+        base_init(vllm_config=vllm_config, role=role)
+
+
 def role_is_scheduler(role: Any) -> bool:
+    """KVConnectorRole.SCHEDULER, compared by name: the enum is vLLM's or the
+    stand-in above, and some callers pass the role's name as a string."""
     name = getattr(role, "name", str(role))
     return str(name).upper().endswith("SCHEDULER")
+
+
+# ---------------------------------------------------------------- config objects
+
+
+def kv_connector_extra_config(kv_transfer_config: Any) -> dict[str, Any]:
+    """KVTransferConfig.kv_connector_extra_config; None (or, in early V1
+    releases and stand-ins, missing) means no extra keys."""
+    extra = getattr(kv_transfer_config, "kv_connector_extra_config", None)
+    return dict(extra or {})
+
+
+def kv_engine_id(kv_transfer_config: Any) -> Any:
+    """KVTransferConfig.engine_id: None where unset or, before the NIXL
+    connector added it (vLLM 0.9), missing."""
+    return getattr(kv_transfer_config, "engine_id", None)
+
+
+def kv_load_failure_policy(kv_transfer_config: Any) -> str | None:
+    """KVTransferConfig.kv_load_failure_policy ("fail" or "recompute"),
+    added by vllm PR #26813 (Oct 2025; default "fail" since PR #34896, Feb
+    2026); None on releases without the setting."""
+    return getattr(kv_transfer_config, "kv_load_failure_policy", None)
+
+
+def prefix_caching_hash_algo(cache_config: Any) -> str:
+    """CacheConfig.prefix_caching_hash_algo; releases before it (vLLM < 0.9)
+    hash with sha256 when they hash reproducibly at all."""
+    return str(getattr(cache_config, "prefix_caching_hash_algo", "sha256") or "sha256")
+
+
+def kv_cache_num_blocks(kv_cache_config: Any) -> int | None:
+    """KVCacheConfig.num_blocks, or None where vLLM passed no KVCacheConfig
+    (releases before PR #27887, see init_connector_base): layout detection
+    then takes the block count from the tensors."""
+    return getattr(kv_cache_config, "num_blocks", None)
+
+
+def tensor_parallel_rank() -> int | None:
+    """This worker's TP rank from vLLM's parallel state, or None outside a
+    vLLM worker (tests, tools) or where the import path differs (the
+    module has lived at vllm.distributed.parallel_state throughout V1)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank  # type: ignore
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # noqa: BLE001 - not in a vLLM worker (tests, tools)
+        return None
+
+
+# ---------------------------------------------------------------- requests
+
+
+def hash_bytes(h: Any) -> bytes:
+    """One block hash as bytes.
+
+    vLLM's BlockHash is bytes since vllm PR #23673 (0.10.2/0.11, Sep 2025);
+    earlier releases used the BlockHashType named tuple with an int
+    `hash_value` (V1 before that), or plain ints; ints become 32 big-endian
+    bytes so that the engine sees one width.
+    """
+    if isinstance(h, bytes):
+        return h
+    if isinstance(h, (bytearray, memoryview)):
+        return bytes(h)
+    v = getattr(h, "hash_value", h)
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, int):
+        return (v & ((1 << 256) - 1)).to_bytes(32, "big")
+    raise TypeError(f"unsupported block hash {type(h).__name__}")
+
+
+def request_block_hashes(request: Any) -> list[Any]:
+    """Request.block_hashes (one per full block). vLLM moved them from the
+    KV cache manager onto Request in vllm PR #19728 (0.10, mid 2025); on
+    earlier releases a connector cannot see them, so nothing is queried or
+    saved."""
+    hs = getattr(request, "block_hashes", None)
+    return hs if hs is not None else []
+
+
+def kv_transfer_params(request: Any) -> dict[str, Any]:
+    """Request.kv_transfer_params, the client's P/D parameters; requests of
+    releases before P/D support (vLLM < 0.9) have no such attribute, and
+    requests without parameters carry None."""
+    return getattr(request, "kv_transfer_params", None) or {}
+
+
+def num_prompt_tokens(request: Any) -> int:
+    """Request.num_prompt_tokens, else len(prompt_token_ids) for request
+    objects without the property (early V1 requests and stand-ins)."""
+    n = getattr(request, "num_prompt_tokens", None)
+    if n is None:
+        n = len(getattr(request, "prompt_token_ids", None) or [])
+    return int(n)
+
+
+def num_publishable_block_hashes(request: Any) -> int | None:
+    """Request.num_publishable_block_hashes, the cap on blocks a connector
+    may publish, which only recent vLLM (2026) has; None where absent (no
+    cap beyond the computed tokens)."""
+    publishable = getattr(request, "num_publishable_block_hashes", None)
+    return publishable if isinstance(publishable, int) else None
+
+
+def first_group(block_ids: Any) -> list[int]:
+    """The block ids of the first (only supported) KV cache group.
+
+    vLLM passes KVCacheBlocks (get_block_ids() -> one list per group) to
+    update_state_after_alloc and per-group lists, ([...],) or [[...]], in
+    SchedulerOutput since hybrid KV cache groups (0.9); older releases
+    passed one flat list.
+    """
+    if block_ids is None:
+        return []
+    if hasattr(block_ids, "get_block_ids"):
+        block_ids = block_ids.get_block_ids()
+    if isinstance(block_ids, (tuple, list)) and block_ids and isinstance(block_ids[0], (list, tuple)):
+        return list(block_ids[0])
+    return list(block_ids)
+
+
+# ---------------------------------------------------------------- scheduler output
+
+
+def resumed_req_ids(cached: Any) -> set[str]:
+    """Cached requests resumed from preemption this step (their block ids
+    are replaced, not extended). CachedRequestData.resumed_req_ids (a set)
+    replaced the per-request resumed_from_preemption flags in late 2025
+    (0.11.1); both are read."""
+    r = getattr(cached, "resumed_req_ids", None)
+    if r is not None:
+        return set(r)
+    flags: Iterable[bool] = getattr(cached, "resumed_from_preemption", None) or ()
+    return {rid for rid, f in zip(cached.req_ids, flags) if f}
+
+
+def preempted_req_ids(scheduler_output: Any) -> Iterable[str] | None:
+    """SchedulerOutput.preempted_req_ids, or None on releases that do not
+    list preemptions (before late 2025): the scheduler then treats tracked
+    requests missing from the step as possibly preempted."""
+    preempted: Iterable[str] | None = getattr(scheduler_output, "preempted_req_ids", None)
+    return preempted
+
+
+def preemption_ids_arg(arg: Any) -> Collection[str] | None:
+    """handle_preemptions' argument when it is the set of preempted request
+    ids (some releases) rather than the step's connector metadata (vLLM
+    0.33); None otherwise."""
+    if isinstance(arg, (set, frozenset, list, tuple)):
+        return arg
+    return None

@@ -19,6 +19,10 @@ Rule: axes with a stride larger than the block axis' stride are "outer"
 (each index combination is a separate run), the others are "inner" and must
 be dense (one contiguous run per block). Anything else is refused with a
 message rather than guessed.
+
+The registration builders at the end (`describe_memory`) turn a detected
+layout into the regions and per-layer segments of a RegisterRequest: shared
+files in place, a staging buffer, or CUDA IPC handles.
 """
 
 from __future__ import annotations
@@ -26,12 +30,17 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import itertools
+import logging
 import math
 import mmap
 import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
+
+from ._proto import engine_pb2 as pb
+
+log = logging.getLogger("pegaflow_connector")
 
 MAX_SEGMENTS = 16  # engine limit per layer
 
@@ -372,3 +381,111 @@ def cuda_allocation(t: Any) -> CudaAllocation:
     if dev_uuid and not dev_uuid.startswith("GPU-"):
         dev_uuid = "GPU-" + dev_uuid
     return CudaAllocation(ipc_mem_handle(bytes(handle)), storage_offset + storage_bytes, offset, dev_uuid)
+
+
+# ---------------------------------------------------------------- registration
+
+
+@dataclasses.dataclass
+class Registration:
+    """What describing a rank's memory produced, besides the request."""
+
+    mode: str  # "shm", "staging" or "cuda"
+    staging: StagingBuffer | None = None
+    # CUDA: the rank's interprocess event (None: saves sync on the host).
+    ipc_event: Any = None
+
+
+def describe_memory(req: pb.RegisterRequest, infos: Sequence[tuple[str, TensorInfo]],
+                    layout: ModelLayout, *, staging_blocks: int, staging_dir: str,
+                    rank: int) -> Registration:
+    """Fills req's regions and layers for the rank's caches: CUDA IPC
+    handles for CUDA tensors, else shared files or a staging buffer."""
+    if infos[0][1].device.startswith("cuda"):
+        return describe_cuda(req, infos, layout)
+    return describe_cpu(req, infos, layout, staging_blocks=staging_blocks,
+                        staging_dir=staging_dir, rank=rank)
+
+
+def describe_cpu(req: pb.RegisterRequest, infos: Sequence[tuple[str, TensorInfo]],
+                 layout: ModelLayout, *, staging_blocks: int, staging_dir: str,
+                 rank: int) -> Registration:
+    """CPU caches: in place when every layer lies in a shared file mapping
+    the engine can open, else through a 2 x staging_blocks staging buffer
+    (which req.num_blocks then counts)."""
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    mappings = [find_file_mapping(info.ptr, info.span, maps) for _, info in infos]
+    if all(m is not None for m in mappings):
+        paths: dict[str, int] = {}
+        for (name, _), m, layer in zip(infos, mappings, layout.layers):
+            assert m is not None
+            if m.path not in paths:
+                paths[m.path] = len(req.regions)
+                req.regions.append(pb.MemoryRegion(shm_path=m.path, size=os.path.getsize(m.path)))
+            req.layers.append(pb.LayerLayout(
+                name=name, region_index=paths[m.path],
+                segments=[pb.Segment(offset=m.file_offset + s.offset, stride=s.stride,
+                                     length=s.length) for s in layer.segments]))
+        return Registration("shm")
+    # Not in a file the engine can open (a real vLLM CPU worker):
+    # register a staging buffer and bounce blocks through it.
+    slots = staging_blocks
+    st = StagingBuffer(layout, 2 * slots, staging_dir, f"{os.getpid()}-r{rank}")
+    try:
+        req.num_blocks = 2 * slots
+        req.regions.append(pb.MemoryRegion(shm_path=st.path, size=st.size))
+        for (name, _), layer, offs in zip(infos, layout.layers, st.slot_off):
+            req.layers.append(pb.LayerLayout(
+                name=name, region_index=0,
+                segments=[pb.Segment(offset=o, stride=st.slot_bytes, length=s.length)
+                          for s, o in zip(layer.segments, offs)]))
+    except BaseException:
+        st.close()  # nobody else holds it yet
+        raise
+    log.info("pegaflow: rank %d KV caches are not in shared memory; using a %d-block staging "
+             "buffer (%s)", rank, 2 * slots, st.path)
+    return Registration("staging", staging=st)
+
+
+def describe_cuda(req: pb.RegisterRequest, infos: Sequence[tuple[str, TensorInfo]],
+                  layout: ModelLayout) -> Registration:
+    """CUDA caches: one region per caching-allocator block (IPC handle),
+    layers addressed by offset, plus the rank's interprocess event."""
+    allocs: dict[bytes, int] = {}
+    for (name, info), layer in zip(infos, layout.layers):
+        a: CudaAllocation = cuda_allocation(info.obj)
+        if a.handle not in allocs:
+            allocs[a.handle] = len(req.regions)
+            req.regions.append(pb.MemoryRegion(cuda_ipc_handle=a.handle, size=a.size,
+                                               device_uuid=a.device_uuid))
+        else:
+            region = req.regions[allocs[a.handle]]
+            region.size = max(region.size, a.size)
+        req.layers.append(pb.LayerLayout(
+            name=name, region_index=allocs[a.handle],
+            segments=[pb.Segment(offset=a.offset + s.offset, stride=s.stride, length=s.length)
+                      for s in layer.segments]))
+    ipc_event, handle = interprocess_event(infos[0][1].obj)
+    if handle:
+        req.cuda_ipc_event = handle
+    return Registration("cuda", ipc_event=ipc_event)
+
+
+def interprocess_event(t: Any) -> tuple[Any, bytes]:
+    """An interprocess CUDA event on the tensor's device and its
+    cudaIpcEventHandle_t bytes, or (None, b"") where IPC events are not
+    available (then saves fall back to a host-side sync on the save
+    thread)."""
+    try:
+        import torch
+
+        with torch.cuda.device(t.device):
+            ev = torch.cuda.Event(interprocess=True)  # implies disable timing
+            handle = bytes(ev.ipc_handle())  # creates the event on this device
+        if len(handle) != 64:
+            raise RuntimeError(f"cudaIpcEventHandle_t of {len(handle)} bytes")
+        return ev, handle
+    except Exception as e:  # noqa: BLE001 - any failure means: no IPC event
+        log.info("pegaflow: no interprocess CUDA event (%s); saves sync on the save thread", e)
+        return None, b""

@@ -1,7 +1,8 @@
 """Scheduler-side core: what to load, what to save, when blocks may be freed.
 
 vLLM-agnostic: it reads only plain attributes of vLLM's Request and
-SchedulerOutput objects (listed in the README) and never imports vLLM.
+SchedulerOutput objects (listed in the README) and never imports vLLM;
+attributes that differ between vLLM releases are read through compat.py.
 Every method is called on vLLM's scheduler thread and must be cheap and
 never raise; engine trouble degrades to "no hit" / "nothing saved".
 """
@@ -10,19 +11,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
 import threading
 import time
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ._proto import engine_pb2 as pb
 from .client import EngineClient, EngineError, EngineUnavailable
+from .compat import (
+    first_group,
+    hash_bytes,
+    kv_transfer_params,
+    num_prompt_tokens,
+    num_publishable_block_hashes,
+    preempted_req_ids,
+    request_block_hashes,
+    resumed_req_ids,
+)
 from .config import ConnectorConfig
 from .metadata import LoadSpec, PegaConnectorMetadata, SaveSpec
 from .metrics import Metrics
+from .rendezvous import NamespacePoller
 
 log = logging.getLogger("pegaflow_connector")
 
@@ -34,44 +43,6 @@ K_READY_URL = "pegaflow_ready_url"
 K_READY_TOKEN = "pegaflow_ready_token"
 K_NUM_BLOCKS = "pegaflow_num_blocks"
 K_NAMESPACE = "pegaflow_namespace_id"
-
-
-def hash_bytes(h: Any) -> bytes:
-    """vLLM's BlockHash is bytes; older releases used ints or named tuples."""
-    if isinstance(h, bytes):
-        return h
-    if isinstance(h, (bytearray, memoryview)):
-        return bytes(h)
-    v = getattr(h, "hash_value", h)
-    if isinstance(v, bytes):
-        return v
-    if isinstance(v, int):
-        return (v & ((1 << 256) - 1)).to_bytes(32, "big")
-    raise TypeError(f"unsupported block hash {type(h).__name__}")
-
-
-def _hashes(request: Any) -> list[Any]:
-    hs = getattr(request, "block_hashes", None)
-    return hs if hs is not None else []
-
-
-def first_group(block_ids: Any) -> list[int]:
-    """vLLM passes block ids per KV cache group: ([...],) or [[...]]; older
-    releases passed a flat list. We handle the single-group case."""
-    if block_ids is None:
-        return []
-    if hasattr(block_ids, "get_block_ids"):
-        block_ids = block_ids.get_block_ids()
-    if isinstance(block_ids, (tuple, list)) and block_ids and isinstance(block_ids[0], (list, tuple)):
-        return list(block_ids[0])
-    return list(block_ids)
-
-
-def namespace_file(instance_id: str) -> str:
-    """Rendezvous file where rank 0 publishes its namespace for the
-    scheduler (fallback for vLLM releases without the handshake hook)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in instance_id)
-    return os.path.join(tempfile.gettempdir(), f"pegaflow-ns-{os.getuid()}", safe + ".pb")
 
 
 @dataclasses.dataclass
@@ -131,7 +102,7 @@ class SchedulerCore:
         self._ns: pb.Namespace | None = None
         self._ns_id: str | None = None
         self._ns_gen = -1
-        self._ns_file_checked = 0.0
+        self._ns_poller = NamespacePoller(instance_id)
         self._ns_rejected = False
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pegaflow-sched")
         self._has_preempted_field: bool | None = None
@@ -189,25 +160,11 @@ class SchedulerCore:
         if ns_id is not None and gen == self.client.generation and self.client.connected:
             return ns_id
         if self._ns is None:
-            self._poll_namespace_file()
+            # No handshake (older vLLM): rank 0's rendezvous file.
+            ns = self._ns_poller.poll()
+            if ns is not None:
+                self.set_namespace(ns)
         return None
-
-    def _poll_namespace_file(self) -> None:
-        now = time.monotonic()
-        if now - self._ns_file_checked < 1.0:
-            return
-        self._ns_file_checked = now
-        try:
-            with open(namespace_file(self.instance_id), "rb") as f:
-                data = f.read()
-        except OSError:
-            return
-        ns = pb.Namespace()
-        try:
-            ns.ParseFromString(data)
-        except Exception:  # noqa: BLE001 - a torn write; try again later
-            return
-        self.set_namespace(ns)
 
     # ------------------------------------------------------------ requests
 
@@ -216,7 +173,7 @@ class SchedulerCore:
         st = self._reqs.get(rid)
         if st is None:
             st = _Req(rid, request)
-            params = getattr(request, "kv_transfer_params", None) or {}
+            params = kv_transfer_params(request)
             tid = str(params.get(K_TRANSFER_ID) or "")
             if tid and params.get(K_DO_REMOTE_PREFILL):
                 # Decode leg. The router may also echo do_remote_decode from
@@ -234,10 +191,7 @@ class SchedulerCore:
                     self.client.warn_limited("pegaflow: prefill request %s arrived at a kv_consumer "
                                              "instance: nothing will be saved for the decode leg",
                                              rid)
-            n_prompt = getattr(request, "num_prompt_tokens", None)
-            if n_prompt is None:
-                n_prompt = len(getattr(request, "prompt_token_ids", None) or [])
-            st.prompt_blocks = n_prompt // self.bs
+            st.prompt_blocks = num_prompt_tokens(request) // self.bs
             self._reqs[rid] = st
         else:
             st.request = request
@@ -248,7 +202,7 @@ class SchedulerCore:
         st.last_num_computed = num_computed_tokens
         if not self.load_enabled:
             return 0, False
-        hashes = _hashes(request)
+        hashes = request_block_hashes(request)
         # vLLM recomputes the last token itself: never claim it.
         usable = min(len(hashes), max(request.num_tokens - 1, 0) // self.bs)
         start = num_computed_tokens // self.bs
@@ -379,7 +333,7 @@ class SchedulerCore:
         ids = first_group(blocks)
         start = st.last_num_computed // self.bs
         end = (st.last_num_computed + num_external_tokens) // self.bs
-        hashes = _hashes(request)
+        hashes = request_block_hashes(request)
         if end > len(ids) or end > len(hashes) or end <= start:
             log.error("pegaflow: request %s: cannot map %d external tokens onto %d blocks",
                       st.req_id, num_external_tokens, len(ids))
@@ -416,7 +370,7 @@ class SchedulerCore:
             self._plan_saves(meta, st, new.num_computed_tokens, so)
         cached = getattr(so, "scheduled_cached_reqs", None)
         if cached is not None:
-            resumed = _resumed_set(cached)
+            resumed = resumed_req_ids(cached)
             for i, rid in enumerate(cached.req_ids):
                 st = self._reqs.get(rid)
                 if st is None:
@@ -428,7 +382,7 @@ class SchedulerCore:
                 elif new_ids is not None:
                     st.block_ids.extend(first_group(new_ids))
                 self._plan_saves(meta, st, cached.num_computed_tokens[i], so)
-        preempted = getattr(so, "preempted_req_ids", None)
+        preempted = preempted_req_ids(so)
         if preempted is None:
             # Older vLLM does not list preemptions: treat every tracked
             # request missing from this step as possibly preempted (its
@@ -451,10 +405,10 @@ class SchedulerCore:
         req = st.request
         n_sched = so.num_scheduled_tokens.get(st.req_id, 0)
         total = min(num_computed + n_sched, req.num_tokens)
-        hashes = _hashes(req)
+        hashes = request_block_hashes(req)
         limit = min(total // self.bs, len(hashes), len(st.block_ids))
-        publishable = getattr(req, "num_publishable_block_hashes", None)
-        if isinstance(publishable, int):
+        publishable = num_publishable_block_hashes(req)
+        if publishable is not None:
             limit = min(limit, publishable)
         if not self.cfg.save_decode_blocks:
             limit = min(limit, st.prompt_blocks)
@@ -537,14 +491,6 @@ class SchedulerCore:
 
     def num_tracked(self) -> int:
         return len(self._reqs)
-
-
-def _resumed_set(cached: Any) -> set[str]:
-    r = getattr(cached, "resumed_req_ids", None)
-    if r is not None:
-        return set(r)
-    flags: Iterable[bool] = getattr(cached, "resumed_from_preemption", None) or ()
-    return {rid for rid, f in zip(cached.req_ids, flags) if f}
 
 
 def _fill_hashes(req: pb.QueryRequest, hs: list[bytes]) -> None:

@@ -22,11 +22,23 @@ from typing import Any, TypeVar
 
 from ._proto import engine_pb2 as pb
 from .client import EngineClient
-from .compat import KVConnectorBase_V1, role_is_scheduler
+from .compat import (
+    KVConnectorBase_V1,
+    init_connector_base,
+    kv_cache_num_blocks,
+    kv_connector_extra_config,
+    kv_engine_id,
+    kv_load_failure_policy,
+    preemption_ids_arg,
+    prefix_caching_hash_algo,
+    role_is_scheduler,
+    tensor_parallel_rank,
+)
 from .config import ConnectorConfig, hash_seed_fingerprint
 from .layout import LayoutError
 from .metadata import PegaConnectorMetadata, PegaHandshake
 from .metrics import Metrics
+from .rendezvous import namespace_from_handshakes
 from .scheduler import SchedulerCore
 from .worker import WorkerCore
 
@@ -53,20 +65,11 @@ def _guard(default: Callable[..., Any]) -> Callable[[Callable[..., T]], Callable
     return wrap
 
 
-def _extra_config(kv_transfer_config: Any) -> dict[str, Any]:
-    extra = getattr(kv_transfer_config, "kv_connector_extra_config", None)
-    return dict(extra or {})
-
-
 def _tp_rank(cfg: ConnectorConfig) -> int:
     if cfg.tp_rank is not None:
         return cfg.tp_rank
-    try:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank  # type: ignore
-
-        return int(get_tensor_model_parallel_rank())
-    except Exception:  # noqa: BLE001 - not in a vLLM worker (tests, tools)
-        return 0
+    rank = tensor_parallel_rank()
+    return 0 if rank is None else rank  # not in a vLLM worker (tests, tools)
 
 
 class PegaKVConnector(KVConnectorBase_V1):
@@ -74,10 +77,7 @@ class PegaKVConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None,
                  *, client: EngineClient | None = None):
-        try:
-            super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        except TypeError:  # vLLM releases before kv_cache_config
-            super().__init__(vllm_config=vllm_config, role=role)  # type: ignore[call-arg]
+        init_connector_base(super().__init__, vllm_config, role, kv_cache_config)
         self._metrics = client.metrics if client is not None else Metrics()
         self._sched: SchedulerCore | None = None
         self._worker: WorkerCore | None = None
@@ -95,11 +95,11 @@ class PegaKVConnector(KVConnectorBase_V1):
 
     def _setup(self, vc: Any) -> None:
         ktc = vc.kv_transfer_config
-        self.cfg = cfg = ConnectorConfig.load(_extra_config(ktc))
+        self.cfg = cfg = ConnectorConfig.load(kv_connector_extra_config(ktc))
         for k in getattr(cfg, "unknown_keys", []):
             log.warning("pegaflow: unknown kv_connector_extra_config key %r ignored", k)
         role_name = str(getattr(ktc, "kv_role", "kv_both") or "kv_both")
-        if getattr(ktc, "kv_load_failure_policy", None) == "fail" and self._is_scheduler:
+        if kv_load_failure_policy(ktc) == "fail" and self._is_scheduler:
             log.warning("pegaflow: kv_load_failure_policy is 'fail' (vLLM's default): a block the "
                         "engine cannot deliver (evicted, engine restarted) fails its request. Set "
                         "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config to "
@@ -111,10 +111,10 @@ class PegaKVConnector(KVConnectorBase_V1):
         if int(getattr(pc, "pipeline_parallel_size", 1) or 1) > 1:
             raise ValueError("pipeline parallelism is not supported")
         tp = int(getattr(pc, "tensor_parallel_size", 1) or 1)
-        engine_id = getattr(ktc, "engine_id", None)
+        engine_id = kv_engine_id(ktc)
         self.instance_id = cfg.instance_id or (f"vllm-{engine_id}" if engine_id
                                                else f"vllm-{socket.gethostname()}")
-        hash_algo = str(getattr(cc, "prefix_caching_hash_algo", "sha256") or "sha256")
+        hash_algo = prefix_caching_hash_algo(cc)
         fp = hash_seed_fingerprint(hash_algo)
         if not fp:
             log.warning("pegaflow: PYTHONHASHSEED is not set: vLLM seeds block hashes randomly "
@@ -167,7 +167,7 @@ class PegaKVConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         if self._worker is None:
             return
-        num_blocks = getattr(self._kv_cache_config, "num_blocks", None)
+        num_blocks = kv_cache_num_blocks(self._kv_cache_config)
         try:
             self._worker.register_kv_caches(kv_caches, num_blocks, self.block_size)
         except LayoutError as e:
@@ -184,8 +184,8 @@ class PegaKVConnector(KVConnectorBase_V1):
             return
         if isinstance(kv_connector_metadata, PegaConnectorMetadata):
             self._worker.start_step(kv_connector_metadata)
-        elif isinstance(kv_connector_metadata, (set, frozenset, list, tuple)):
-            self._worker.wait_preempted(kv_connector_metadata)
+        elif (ids := preemption_ids_arg(kv_connector_metadata)) is not None:
+            self._worker.wait_preempted(ids)
 
     @_guard(lambda self, *a, **k: None)
     def start_load_kv(self, forward_context: Any = None, **kwargs: Any) -> None:
@@ -272,11 +272,8 @@ class PegaKVConnector(KVConnectorBase_V1):
     def set_xfer_handshake_metadata(self, metadata: dict[Any, Any]) -> None:
         if self._sched is None or not metadata:
             return
-        metas = sorted((m for m in metadata.values() if isinstance(m, PegaHandshake)),
-                       key=lambda m: m.rank)
-        if metas:
-            ns = pb.Namespace()
-            ns.ParseFromString(metas[0].namespace)
+        ns = namespace_from_handshakes(metadata.values())
+        if ns is not None:
             self._sched.set_namespace(ns)
 
     def take_events(self) -> tuple[()]:

@@ -23,29 +23,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import os
 import queue
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 
+from . import rendezvous
 from ._proto import engine_pb2 as pb
 from .client import EngineClient, EngineError, EngineUnavailable
 from .config import ConnectorConfig
-from .layout import (
-    CudaAllocation,
-    ModelLayout,
-    StagingBuffer,
-    cuda_allocation,
-    detect,
-    find_file_mapping,
-    tensor_info,
-)
+from .layout import ModelLayout, StagingBuffer, describe_memory, detect, tensor_info
 from .metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from .metrics import Metrics
 from .ready import FailureReporter
-from .scheduler import namespace_file
 
 log = logging.getLogger("pegaflow_connector")
 
@@ -140,70 +131,12 @@ class WorkerCore:
         req = pb.RegisterRequest(instance_id=self._eng_instance, rank=self._eng_rank,
                                  namespace=ns, num_blocks=layout.num_blocks)
         self._bases = [info.ptr for _, info in infos]
-        device = infos[0][1].device
-        if device.startswith("cuda"):
-            self._describe_cuda(req, infos)
-        else:
-            self._describe_cpu(req, infos)
+        reg = describe_memory(req, infos, layout, staging_blocks=self.cfg.staging_blocks,
+                              staging_dir=self.cfg.staging_dir, rank=self.rank)
+        self.mode, self._staging, self._ipc_event = reg.mode, reg.staging, reg.ipc_event
         self._reg_req = req
         self._start_threads()
         self.client.add_on_connect(self._register)
-
-    def _describe_cpu(self, req: pb.RegisterRequest, infos: list[tuple[str, Any]]) -> None:
-        assert self.layout is not None
-        with open("/proc/self/maps") as f:
-            maps = f.read()
-        mappings = [find_file_mapping(info.ptr, info.span, maps) for _, info in infos]
-        if all(m is not None for m in mappings):
-            paths: dict[str, int] = {}
-            for (name, _), m, layer in zip(infos, mappings, self.layout.layers):
-                assert m is not None
-                if m.path not in paths:
-                    paths[m.path] = len(req.regions)
-                    req.regions.append(pb.MemoryRegion(shm_path=m.path, size=os.path.getsize(m.path)))
-                req.layers.append(pb.LayerLayout(
-                    name=name, region_index=paths[m.path],
-                    segments=[pb.Segment(offset=m.file_offset + s.offset, stride=s.stride,
-                                         length=s.length) for s in layer.segments]))
-            self.mode = "shm"
-            return
-        # Not in a file the engine can open (a real vLLM CPU worker):
-        # register a staging buffer and bounce blocks through it.
-        slots = self.cfg.staging_blocks
-        self._staging = StagingBuffer(self.layout, 2 * slots, self.cfg.staging_dir,
-                                      f"{os.getpid()}-r{self.rank}")
-        st = self._staging
-        req.num_blocks = 2 * slots
-        req.regions.append(pb.MemoryRegion(shm_path=st.path, size=st.size))
-        for (name, _), layer, offs in zip(infos, self.layout.layers, st.slot_off):
-            req.layers.append(pb.LayerLayout(
-                name=name, region_index=0,
-                segments=[pb.Segment(offset=o, stride=st.slot_bytes, length=s.length)
-                          for s, o in zip(layer.segments, offs)]))
-        self.mode = "staging"
-        log.info("pegaflow: rank %d KV caches are not in shared memory; using a %d-block staging "
-                 "buffer (%s)", self.rank, 2 * slots, st.path)
-
-    def _describe_cuda(self, req: pb.RegisterRequest, infos: list[tuple[str, Any]]) -> None:
-        assert self.layout is not None
-        allocs: dict[bytes, int] = {}
-        for (name, info), layer in zip(infos, self.layout.layers):
-            a: CudaAllocation = cuda_allocation(info.obj)
-            if a.handle not in allocs:
-                allocs[a.handle] = len(req.regions)
-                req.regions.append(pb.MemoryRegion(cuda_ipc_handle=a.handle, size=a.size,
-                                                   device_uuid=a.device_uuid))
-            else:
-                region = req.regions[allocs[a.handle]]
-                region.size = max(region.size, a.size)
-            req.layers.append(pb.LayerLayout(
-                name=name, region_index=allocs[a.handle],
-                segments=[pb.Segment(offset=a.offset + s.offset, stride=s.stride, length=s.length)
-                          for s in layer.segments]))
-        self._ipc_event, handle = _interprocess_event(infos[0][1].obj)
-        if handle:
-            req.cuda_ipc_event = handle
-        self.mode = "cuda"
 
     def _register(self, client: EngineClient) -> None:
         req = self._reg_req
@@ -235,19 +168,8 @@ class WorkerCore:
         log.info("pegaflow: rank %d registered (%s, %d blocks, %d bytes/block, namespace %s)",
                  self.rank, self.mode, req.num_blocks, resp.bytes_per_block, resp.namespace_id)
         if self.rank == 0:
-            self._publish_namespace()
-
-    def _publish_namespace(self) -> None:
-        assert self.namespace is not None
-        path = namespace_file(self.instance_id)
-        try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(self.namespace.SerializeToString(deterministic=True))
-            os.replace(tmp, path)
-        except OSError as e:
-            log.debug("pegaflow: cannot publish namespace to %s: %s", path, e)
+            assert self.namespace is not None
+            rendezvous.publish_namespace(self.instance_id, self.namespace)
 
     def registered(self) -> bool:
         return self._reg_gen == self.client.generation and self.client.connected
@@ -255,8 +177,7 @@ class WorkerCore:
     def handshake(self) -> PegaHandshake | None:
         if self.namespace is None:
             return None
-        return PegaHandshake(self.namespace.SerializeToString(deterministic=True),
-                             self.namespace_id, self.rank)
+        return rendezvous.handshake(self.namespace, self.namespace_id, self.rank)
 
     # ------------------------------------------------------------ threads
 
@@ -549,22 +470,3 @@ def _record_cuda_event(ipc_event: Any = None) -> Any:
     ev = ipc_event if ipc_event is not None else torch.cuda.Event()
     ev.record(torch.cuda.current_stream())
     return ev
-
-
-def _interprocess_event(t: Any) -> tuple[Any, bytes]:
-    """An interprocess CUDA event on the tensor's device and its
-    cudaIpcEventHandle_t bytes, or (None, b"") where IPC events are not
-    available (then saves fall back to a host-side sync on the save
-    thread)."""
-    try:
-        import torch
-
-        with torch.cuda.device(t.device):
-            ev = torch.cuda.Event(interprocess=True)  # implies disable timing
-            handle = bytes(ev.ipc_handle())  # creates the event on this device
-        if len(handle) != 64:
-            raise RuntimeError(f"cudaIpcEventHandle_t of {len(handle)} bytes")
-        return ev, handle
-    except Exception as e:  # noqa: BLE001 - any failure means: no IPC event
-        log.info("pegaflow: no interprocess CUDA event (%s); saves sync on the save thread", e)
-        return None, b""
