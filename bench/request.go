@@ -11,6 +11,8 @@ import (
 	"net/http"
 	"strings"
 	"time"
+
+	"github.com/pegaflow/pegaflow/internal/openai"
 )
 
 // Record is what one request measured. Durations are from the moment the
@@ -210,26 +212,11 @@ func stream(ctx context.Context, hc *http.Client, cfg *Config, body []byte, rec 
 	}
 }
 
-// errorMessage extracts error.message (or message) from a JSON error body.
+// errorMessage is the message of an error body (openai.ErrorMessage) or,
+// when it has none (an HTML page, say), the start of the body itself.
 func errorMessage(body []byte) string {
-	var e struct {
-		Error   json.RawMessage `json:"error"`
-		Message string          `json:"message"`
-	}
-	if json.Unmarshal(body, &e) == nil {
-		var inner struct {
-			Message string `json:"message"`
-		}
-		if json.Unmarshal(e.Error, &inner) == nil && inner.Message != "" {
-			return inner.Message
-		}
-		var s string
-		if json.Unmarshal(e.Error, &s) == nil && s != "" {
-			return s
-		}
-		if e.Message != "" {
-			return e.Message
-		}
+	if msg := openai.ErrorMessage(body); msg != "" {
+		return msg
 	}
 	return truncate(strings.TrimSpace(string(body)), 200)
 }

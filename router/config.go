@@ -213,7 +213,7 @@ func (c Config) Validate() error {
 	if c.OnKVTimeout != OnKVTimeoutDecodeAnyway && c.OnKVTimeout != OnKVTimeoutFail {
 		add("--on-kv-timeout %q: want %s or %s", c.OnKVTimeout, OnKVTimeoutDecodeAnyway, OnKVTimeoutFail)
 	}
-	if c.LB != LBRoundRobin && c.LB != LBLeastInflight {
+	if newSelector(c.LB) == nil {
 		add("--lb %q: want %s or %s", c.LB, LBRoundRobin, LBLeastInflight)
 	}
 	for _, d := range []struct {

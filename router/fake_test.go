@@ -35,6 +35,8 @@ type fakeVLLM struct {
 	headerDelay  time.Duration // D: wait this long before the stream's headers
 	stallFirst   time.Duration // D: send the stream's headers, then wait this long before the first event
 	readySent    atomic.Int64  // unix nanos of the last /kv_ready POST
+	modelsFail   atomic.Int32  // status for GET /v1/models (0: the model list)
+	modelsCalls  atomic.Int32
 }
 
 func newFake(mutate func(*fakeVLLM)) *fakeVLLM {
@@ -62,7 +64,13 @@ func (f *fakeVLLM) serve(w http.ResponseWriter, r *http.Request) {
 		}
 		return
 	case "/v1/models":
+		f.modelsCalls.Add(1)
 		w.Header().Set("Content-Type", "application/json")
+		if st := f.modelsFail.Load(); st != 0 {
+			w.WriteHeader(int(st))
+			fmt.Fprintf(w, `{"error":{"message":"injected %d","type":"fake","code":%d}}`, st, st)
+			return
+		}
 		fmt.Fprint(w, `{"object":"list","data":[{"id":"tiny","object":"model"}]}`)
 		return
 	}

@@ -3,9 +3,22 @@ package router
 import (
 	"context"
 	"crypto/subtle"
+	"encoding/json"
+	"net/http"
 	"sync"
 	"time"
+
+	"github.com/labstack/echo/v4"
 )
+
+// KVReadySource reports transfer readiness from an engine in this process.
+type KVReadySource interface {
+	// AwaitTransfer returns nil when the transfer is ready, ctx.Err() when
+	// ctx ends first, any other error when the transfer failed.
+	AwaitTransfer(ctx context.Context, transferID string) error
+	// ReleaseTransfer drops the engine's pin on the transfer's blocks.
+	ReleaseTransfer(transferID string)
+}
 
 // Bounds on remembered settled transfers: a late or repeated /kv_ready for
 // a transfer the router is done with is answered 200 (idempotent) for this
@@ -206,4 +219,40 @@ func callbackResult(t *transfer) waitResult {
 		reason = "reported failed"
 	}
 	return waitResult{outcome: waitFailed, source: sourceCallback, reason: reason}
+}
+
+// dropTransfer forgets t (late reports stay idempotent) and unpins its
+// blocks in the engine.
+func (r *Router) dropTransfer(t *transfer) {
+	r.transfers.finish(t, time.Now())
+	if r.kv != nil {
+		r.kv.ReleaseTransfer(t.id)
+	}
+}
+
+// kvReadyReport is the body of POST /kv_ready (docs/design.md).
+type kvReadyReport struct {
+	TransferID string `json:"transfer_id"`
+	Token      string `json:"token"`
+	Status     string `json:"status"`
+	Message    string `json:"message"`
+}
+
+func (r *Router) handleKVReady(c echo.Context) error {
+	var rep kvReadyReport
+	body := http.MaxBytesReader(c.Response(), c.Request().Body, 64<<10)
+	if err := json.NewDecoder(body).Decode(&rep); err != nil || rep.TransferID == "" || rep.Token == "" ||
+		(rep.Status != "ready" && rep.Status != "failed") {
+		r.m.kvRejected.WithLabelValues("bad_request").Inc()
+		return apiError(c, http.StatusBadRequest, "invalid_request_error", `want {"transfer_id", "token", "status": "ready"|"failed"}`)
+	}
+	switch r.transfers.report(rep.TransferID, rep.Token, rep.Status == "ready", rep.Message, time.Now()) {
+	case reportUnknown:
+		r.m.kvRejected.WithLabelValues("unknown_transfer").Inc()
+		return apiError(c, http.StatusNotFound, "not_found_error", "unknown transfer id")
+	case reportBadToken:
+		r.m.kvRejected.WithLabelValues("bad_token").Inc()
+		return apiError(c, http.StatusForbidden, "permission_error", "wrong token for transfer")
+	}
+	return c.JSON(http.StatusOK, map[string]bool{"ok": true})
 }

@@ -8,6 +8,27 @@ import (
 	"time"
 )
 
+// passive feeds one attempt's result (nil: success) to b's passive health.
+func (r *Router) passive(b *backend, aerr *attemptError) {
+	ok := aerr == nil || !aerr.backendFault()
+	if aerr != nil && aerr.status == http.StatusTooManyRequests {
+		return // alive but shedding load: neither a failure nor a recovery
+	}
+	if b.report(ok, r.cfg.FailThreshold, r.cfg.Cooldown, time.Now()) {
+		r.log.Warn("backend ejected", "role", b.role, "backend", b.base, "cooldown", r.cfg.Cooldown)
+		r.m.ejections.WithLabelValues(b.role, b.base).Inc()
+	}
+	r.setHealthGauge(b)
+}
+
+func (r *Router) setHealthGauge(b *backend) {
+	v := 0.0
+	if b.healthy(time.Now()) {
+		v = 1
+	}
+	r.m.healthy.WithLabelValues(b.role, b.base).Set(v)
+}
+
 // healthChecker polls GET <backend>/health (vLLM answers 200 when its
 // engine is alive). One failed poll makes a backend unselectable, one
 // passing poll makes it selectable again; passive ejection is separate.

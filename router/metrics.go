@@ -17,14 +17,6 @@ type metrics struct {
 	kvReadyWhen *prometheus.CounterVec // source: callback or engine
 }
 
-// Router modes, the "mode" constant label of every router metric: one
-// router serves one mode, and the label keeps a P/D router's series apart
-// from an aggregated (DP) baseline's when both are scraped together.
-const (
-	modePD         = "pd"
-	modeAggregated = "aggregated"
-)
-
 func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 	const ns = "pegaflow_router"
 	if reg != nil {

@@ -14,8 +14,12 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
+
+	"github.com/pegaflow/pegaflow/internal/ids"
 )
 
+// The legs' policy from the retry flags: doubled per retry, capped by
+// --retry-backoff-max, with equal jitter.
 func TestRetryDelayBounds(t *testing.T) {
 	cases := []struct {
 		name          string
@@ -35,9 +39,10 @@ func TestRetryDelayBounds(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			p := retryPolicy{attempts: 3, backoff: tc.backoff, backoffMax: tc.maxD}
+			p := newLegPolicy(Config{RetryBackoff: tc.backoff, RetryBackoffMax: tc.maxD}, nil, 3).policy
+			require.Equal(t, 3, p.Attempts)
 			for i := 0; i < 200; i++ {
-				d := p.delay(tc.n)
+				d := p.Delay(tc.n)
 				require.GreaterOrEqual(t, d, tc.lo)
 				require.LessOrEqual(t, d, tc.hi)
 			}
@@ -46,11 +51,11 @@ func TestRetryDelayBounds(t *testing.T) {
 }
 
 func TestRetryWaitHonoursContext(t *testing.T) {
-	p := retryPolicy{backoff: time.Hour, backoffMax: time.Hour}
+	p := newLegPolicy(Config{RetryBackoff: time.Hour, RetryBackoffMax: time.Hour}, nil, 3).policy
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	require.ErrorIs(t, p.wait(ctx, 1), context.Canceled)
-	require.NoError(t, retryPolicy{}.wait(context.Background(), 1))
+	require.ErrorIs(t, p.Wait(ctx, 1), context.Canceled)
+	require.NoError(t, newLegPolicy(Config{}, nil, 3).policy.Wait(context.Background(), 1))
 }
 
 func TestAttemptError(t *testing.T) {
@@ -83,10 +88,11 @@ func TestAttemptError(t *testing.T) {
 			require.Equal(t, tc.msg, tc.err.Error())
 		})
 	}
-	long := upstreamMessage([]byte(strings.Repeat("é", 600)))
-	require.LessOrEqual(t, len(long), 515)
-	require.True(t, strings.HasSuffix(long, "..."))
-	require.True(t, strings.HasPrefix(long, "é"))
+	long := (&attemptError{backend: b, status: 500, body: []byte(strings.Repeat("é", 600))}).Error()
+	msg := strings.TrimPrefix(long, "decode backend http://d:1 answered 500: ")
+	require.LessOrEqual(t, len(msg), 515, "the backend's message is bounded (internal/openai)")
+	require.True(t, strings.HasSuffix(msg, "..."))
+	require.True(t, strings.HasPrefix(msg, "é"))
 }
 
 func TestPoolSelection(t *testing.T) {
@@ -470,7 +476,7 @@ func TestTransfersSettledIdempotency(t *testing.T) {
 	// Memory stays bounded: the oldest settled transfers are forgotten.
 	big := newTransfers()
 	for i := 0; i < settledMax+100; i++ {
-		big.finish(big.register(randomHex(4)+"-"+string(rune('a'+i%26)), "k"), now)
+		big.finish(big.register(ids.Hex(4)+"-"+string(rune('a'+i%26)), "k"), now)
 	}
 	big.mu.Lock()
 	n := len(big.settled)

@@ -1,16 +1,9 @@
 package router
 
 import (
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
-)
-
-// Backend roles, also the "role" metric label.
-const (
-	rolePrefill = "prefill"
-	roleDecode  = "decode"
 )
 
 // backend is one vLLM server. It is selectable when its last active health
@@ -53,19 +46,21 @@ func (b *backend) report(ok bool, threshold int, cooldown time.Duration, now tim
 	return false
 }
 
-// pool selects among the healthy backends of one role. Invariant: at most
-// maxBackends backends (Validate), so candidate lists live on the stack.
+// pool holds the backends of one role and picks among the selectable
+// ones with its selector. Invariant: at most maxBackends backends
+// (Validate), so candidate lists live on the stack.
 type pool struct {
 	role     string
 	backends []*backend
-	p2c      bool
-	next     atomic.Uint64
+	sel      selector
 }
 
+// newPool builds the pool of role from urls and lb, both validated by
+// Config.Validate.
 func newPool(role string, urls []string, lb string) *pool {
-	p := &pool{role: role, p2c: lb == LBLeastInflight}
+	p := &pool{role: role, sel: newSelector(lb)}
 	for _, u := range urls {
-		base, _ := normalizeBackendURL(u) // validated by Config.Validate
+		base, _ := normalizeBackendURL(u)
 		b := &backend{role: role, base: base}
 		b.activeOK.Store(true) // optimistic until the first poll says otherwise
 		p.backends = append(p.backends, b)
@@ -73,10 +68,8 @@ func newPool(role string, urls []string, lb string) *pool {
 	return p
 }
 
-// pick returns a healthy backend not in exclude, or nil when there is none.
-// Round-robin rotates over the healthy candidates; least-inflight takes the
-// less loaded of two random candidates (power of two choices), which tracks
-// the least loaded backend without every router herding onto it.
+// pick returns a healthy backend not in exclude, chosen by the pool's
+// selector, or nil when there is none.
 func (p *pool) pick(exclude []*backend) *backend {
 	var buf [maxBackends]*backend
 	cands := buf[:0]
@@ -92,18 +85,7 @@ func (p *pool) pick(exclude []*backend) *backend {
 	case 1:
 		return cands[0]
 	}
-	if p.p2c {
-		i := rand.IntN(len(cands))
-		j := rand.IntN(len(cands) - 1)
-		if j >= i {
-			j++
-		}
-		if cands[j].inflight.Load() < cands[i].inflight.Load() {
-			return cands[j]
-		}
-		return cands[i]
-	}
-	return cands[(p.next.Add(1)-1)%uint64(len(cands))]
+	return p.sel.choose(cands)
 }
 
 func contains(list []*backend, b *backend) bool {

@@ -1,154 +1,78 @@
 package router
 
 import (
-	"bytes"
 	"context"
-	"crypto/subtle"
-	"encoding/json"
 	"errors"
-	"fmt"
-	"math/rand/v2"
-	"net/http"
-	"time"
-	"unicode/utf8"
+
+	"github.com/pegaflow/pegaflow/internal/retry"
 )
 
-// retryPolicy bounds the attempts of one leg and spaces them out.
-type retryPolicy struct {
-	attempts   int
-	backoff    time.Duration
-	backoffMax time.Duration
+// legPolicy is how one leg picks and retries its backends: the one retry
+// loop of the router (try) runs every leg under one of these, as Caddy's
+// proxy loop runs under its LoadBalancing policy.
+type legPolicy struct {
+	pool   *pool
+	policy retry.Policy
+	// probe: the leg is no completion (GET /v1/models). Its retries stay
+	// out of retries_total (which counts the prefill and answer legs), and
+	// its success is no passive-health recovery: a backend that lists its
+	// models may still fail every completion.
+	probe bool
 }
 
-// delay before retry number n (1 = the first retry): backoff doubled per
-// retry, capped, with "equal jitter" (half fixed, half random) so retries
-// of many requests that failed together do not arrive together.
-func (p retryPolicy) delay(n int) time.Duration {
-	if p.backoff <= 0 || n < 1 {
-		return 0
-	}
-	d := p.backoff
-	for i := 1; i < n && d < p.backoffMax; i++ {
-		d *= 2
-	}
-	d = min(d, p.backoffMax)
-	half := d / 2
-	if half <= 0 {
-		return d
-	}
-	return half + rand.N(half+1)
+// newLegPolicy is a leg on p with the configured backoff (doubled per
+// retry, capped, jittered) and the given number of attempts.
+func newLegPolicy(cfg Config, p *pool, attempts int) legPolicy {
+	return legPolicy{pool: p, policy: retry.Policy{Attempts: attempts, Backoff: cfg.RetryBackoff, BackoffMax: cfg.RetryBackoffMax}}
 }
 
-// wait sleeps for retry n's delay or until ctx ends.
-func (p retryPolicy) wait(ctx context.Context, n int) error {
-	d := p.delay(n)
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
-}
-
-// attemptError is one failed attempt on one backend.
-type attemptError struct {
-	backend *backend
-	status  int    // backend's HTTP status; 0 for transport errors and timeouts
-	body    []byte // backend's answer for status errors (bounded)
-	ctype   string // its Content-Type
-	err     error  // transport error or cause
-}
-
-func (e *attemptError) Error() string {
-	if e.status != 0 {
-		if msg := upstreamMessage(e.body); msg != "" {
-			return fmt.Sprintf("%s backend %s answered %d: %s", e.backend.role, e.backend.base, e.status, msg)
+// try runs op under l: each attempt on a selectable backend this call has
+// not tried yet, with l's attempt limit and backoff in between. op returns
+// nil on success, an *attemptError for a backend's failure (another
+// backend is tried when it is retryable), or retry.Permanent(err) for an
+// end no other backend can change (the client left, bytes reached it).
+//
+// try returns nil once op succeeded; errNoBackend when no backend was
+// selectable for the first attempt; an error matching ctx's when ctx
+// ended; else op's last error (the mark of Permanent removed). It owns
+// what every leg shares: retries_total, the backoff, passive health (an
+// attempt that ended with ctx counts for nobody) and the retry log line.
+func (r *Router) try(ctx context.Context, l *legPolicy, reqID string, op func(ctx context.Context, b *backend) error) error {
+	var triedBuf [8]*backend
+	tried := triedBuf[:0]
+	var last error = errNoBackend
+	return retry.Do(ctx, l.policy, retryableAttempt, func(ctx context.Context, attempt int) error {
+		if attempt > 1 && !l.probe {
+			r.m.retries.WithLabelValues(l.pool.role).Inc()
 		}
-		return fmt.Sprintf("%s backend %s answered %d", e.backend.role, e.backend.base, e.status)
-	}
-	return fmt.Sprintf("%s backend %s: %v", e.backend.role, e.backend.base, e.err)
-}
-
-func (e *attemptError) Unwrap() error { return e.err }
-
-// retryable: transport errors, timeouts, 5xx and 429 move on to another
-// backend; any other status is the request's own fault and goes back to
-// the client unchanged.
-func (e *attemptError) retryable() bool {
-	return e.status == 0 || e.status >= 500 || e.status == http.StatusTooManyRequests
-}
-
-// backendFault: whether the failure counts against the backend's passive
-// health. 429 is load shedding by a live backend, and a 4xx is the
-// client's doing; ejecting for either would only move the load around.
-func (e *attemptError) backendFault() bool {
-	return e.status == 0 || e.status >= 500
-}
-
-// errNoBackend: no selectable backend was left for a leg.
-var errNoBackend = errors.New("no healthy backend")
-
-// upstreamMessage extracts a backend's error message for the client: the
-// OpenAI/vLLM {"error": {"message": ...}} shape, {"error": "..."},
-// {"message": ...}, FastAPI's {"detail": ...}, or a short plain-text body.
-// "" when there is nothing readable (e.g. an HTML error page).
-func upstreamMessage(body []byte) string {
-	body = bytes.TrimSpace(body)
-	if len(body) == 0 {
-		return ""
-	}
-	if body[0] == '{' {
-		var e struct {
-			Error   json.RawMessage `json:"error"`
-			Message string          `json:"message"`
-			Detail  json.RawMessage `json:"detail"`
+		b := l.pool.pick(tried)
+		if b == nil {
+			return retry.Permanent(last)
 		}
-		if json.Unmarshal(body, &e) != nil {
-			return ""
+		tried = append(tried, b)
+		err := op(ctx, b)
+		if err == nil {
+			if !l.probe {
+				r.passive(b, nil)
+			}
+			return nil
 		}
-		var inner struct {
-			Message string `json:"message"`
+		last = err
+		var aerr *attemptError
+		if ctx.Err() != nil || !errors.As(err, &aerr) {
+			return err
 		}
-		var s string
-		switch {
-		case json.Unmarshal(e.Error, &inner) == nil && inner.Message != "":
-			return truncateMessage(inner.Message)
-		case json.Unmarshal(e.Error, &s) == nil && s != "":
-			return truncateMessage(s)
-		case e.Message != "":
-			return truncateMessage(e.Message)
-		case json.Unmarshal(e.Detail, &s) == nil && s != "":
-			return truncateMessage(s)
-		case len(e.Detail) > 0:
-			return truncateMessage(string(e.Detail))
+		r.passive(b, aerr)
+		if retryableAttempt(err) {
+			r.log.Warn("attempt failed", "role", b.role, "backend", b.base, "attempt", attempt, "request_id", reqID, "err", err)
 		}
-		return ""
-	}
-	if body[0] == '<' || !utf8.Valid(body) {
-		return ""
-	}
-	return truncateMessage(string(body))
+		return err
+	})
 }
 
-// truncateMessage bounds a backend message relayed to the client.
-func truncateMessage(s string) string {
-	const maxLen = 512
-	if len(s) <= maxLen {
-		return s
-	}
-	cut := maxLen
-	for cut > 0 && !utf8.RuneStart(s[cut]) {
-		cut--
-	}
-	return s[:cut] + "..."
-}
-
-// constantTimeEqual compares secrets without leaking their common prefix.
-func constantTimeEqual(a, b string) bool {
-	return subtle.ConstantTimeCompare([]byte(a), []byte(b)) == 1
+// retryableAttempt is try's verdict: a backend's retryable failure, not
+// one marked Permanent.
+func retryableAttempt(err error) bool {
+	var aerr *attemptError
+	return !retry.IsPermanent(err) && errors.As(err, &aerr) && aerr.retryable()
 }

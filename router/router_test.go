@@ -450,6 +450,42 @@ func TestModelsAndActiveHealth(t *testing.T) {
 	require.Eventually(t, func() bool { ok, _ := h.r.Healthy(); return ok }, 5*time.Second, 10*time.Millisecond)
 }
 
+// GET /v1/models runs under the answer leg's policy: another D on a 5xx,
+// at most --decode-attempts of them, and no count in retries_total.
+func TestModelsRetriesAreCapped(t *testing.T) {
+	ds := []*fakeVLLM{newFake(nil), newFake(nil), newFake(nil)}
+	for _, d := range ds {
+		d.modelsFail.Store(http.StatusServiceUnavailable)
+	}
+	h := startRouter(t, []*fakeVLLM{newFake(nil)}, ds, func(c *Config) { c.DecodeAttempts = 2 }, nil)
+	resp, err := http.Get(h.url + "/v1/models")
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.Equal(t, http.StatusBadGateway, resp.StatusCode)
+	require.Contains(t, string(body), "injected 503")
+	calls := 0
+	for _, d := range ds {
+		calls += int(d.modelsCalls.Load())
+		require.LessOrEqual(t, d.modelsCalls.Load(), int32(1), "each attempt on another D")
+	}
+	require.Equal(t, 2, calls)
+	require.Zero(t, testutil.ToFloat64(h.r.m.retries.WithLabelValues(roleDecode)))
+
+	for _, d := range ds {
+		d.modelsFail.Store(http.StatusNotFound)
+	}
+	resp, err = http.Get(h.url + "/v1/models")
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusNotFound, resp.StatusCode, "the backend's 4xx goes back as it is")
+	calls = 0
+	for _, d := range ds {
+		calls += int(d.modelsCalls.Load())
+	}
+	require.Equal(t, 3, calls, "a 4xx is not retried")
+}
+
 func TestConcurrentRequests(t *testing.T) {
 	ps := []*fakeVLLM{newFake(nil), newFake(nil)}
 	ds := []*fakeVLLM{newFake(nil), newFake(nil)}

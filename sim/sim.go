@@ -46,6 +46,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/internal/openai"
 )
 
 // Config sets up a Sim. Start from DefaultConfig.
@@ -317,5 +318,5 @@ func writeError(c echo.Context, code int, msg string) error {
 	case code >= 500:
 		typ = "server_error"
 	}
-	return c.JSON(code, map[string]any{"error": map[string]any{"message": msg, "type": typ, "code": code}})
+	return c.JSON(code, openai.ErrorBody(msg, typ, code))
 }

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/labstack/echo/v4"
+
+	"github.com/pegaflow/pegaflow/internal/openai"
 )
 
 type usage struct {
@@ -103,7 +105,7 @@ func (w *respWriter) finish(u usage) {
 // streamError ends a stream that already started with an error event in
 // the OpenAI error shape (and [DONE], as vLLM does): never a silent cut.
 func (w *respWriter) streamError(err error) {
-	w.event(map[string]any{"error": map[string]any{"message": err.Error(), "type": "server_error", "code": http.StatusInternalServerError}})
+	w.event(openai.ErrorBody(err.Error(), "server_error", http.StatusInternalServerError))
 	fmt.Fprint(w.c.Response(), "data: [DONE]\n\n")
 	w.c.Response().Flush()
 }

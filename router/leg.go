@@ -1,0 +1,291 @@
+package router
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/labstack/echo/v4"
+
+	"github.com/pegaflow/pegaflow/internal/ids"
+	"github.com/pegaflow/pegaflow/internal/retry"
+)
+
+// Bounds on what the router buffers from a backend.
+const (
+	maxPrefillAnswer = 64 << 20  // P's JSON answer (one token plus params)
+	maxAnswerBytes   = 256 << 20 // a non-streaming answer
+	maxSmallAnswer   = 1 << 20   // an error body, a model list
+)
+
+// answerLeg is the leg whose answer goes to the client: decode in P/D
+// mode, the whole request in aggregated mode.
+type answerLeg struct {
+	legPolicy
+	// firstBytePhase: observe decode_first_byte (P/D only; in aggregated
+	// mode the first byte includes the prefill and TTFT says it all).
+	firstBytePhase bool
+}
+
+func (r *Router) track(b *backend, delta int64) {
+	r.m.inflight.WithLabelValues(b.role, b.base).Set(float64(b.inflight.Add(delta)))
+}
+
+// send POSTs body to b. It returns the response when its status is 2xx,
+// else an attemptError holding the backend's answer.
+func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body []byte) (*http.Response, *attemptError) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, b.base+rq.path, bytes.NewReader(body))
+	if err != nil {
+		return nil, &attemptError{backend: b, err: err}
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("X-Request-Id", rq.reqID)
+	if rq.authz != "" {
+		req.Header.Set("Authorization", rq.authz)
+	}
+	resp, err := r.client.Do(req)
+	if err != nil {
+		return nil, &attemptError{backend: b, err: causeOf(ctx, err)}
+	}
+	if resp.StatusCode/100 != 2 {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, maxSmallAnswer))
+		resp.Body.Close()
+		return nil, &attemptError{backend: b, status: resp.StatusCode, body: data, ctype: resp.Header.Get("Content-Type")}
+	}
+	return resp, nil
+}
+
+// runPrefill sends the prefill leg, each attempt on another P with its own
+// transfer, and returns the transfer of the attempt that succeeded with
+// P's kv_transfer_params. A fresh transfer per attempt keeps a late save
+// of a failed attempt from passing for the retry's KV.
+func (r *Router) runPrefill(ctx context.Context, rq *clientRequest) (*transfer, json.RawMessage, error) {
+	var (
+		t      *transfer
+		params json.RawMessage
+	)
+	err := r.try(ctx, &r.prefillLeg, rq.reqID, func(ctx context.Context, b *backend) error {
+		t = r.transfers.register(ids.Hex(16), ids.Hex(16))
+		var aerr *attemptError
+		if params, aerr = r.prefillAttempt(ctx, b, rq, t); aerr != nil {
+			r.dropTransfer(t)
+			return aerr
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return t, params, nil
+}
+
+func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientRequest, t *transfer) (json.RawMessage, *attemptError) {
+	actx, cancel := context.WithTimeoutCause(ctx, r.cfg.PrefillTimeout, r.errPrefillTimeout)
+	defer cancel()
+	params := getBuf()
+	var body bytes.Buffer // not pooled: the transport may read it after Do returns
+	body.Grow(256)
+	rq.req.prefillBody(&body, prefillParams(params, t.id, r.readyURL, t.token))
+	putBuf(params)
+
+	r.track(b, 1)
+	defer r.track(b, -1)
+	resp, aerr := r.send(actx, b, rq, body.Bytes())
+	if aerr != nil {
+		return nil, aerr
+	}
+	defer resp.Body.Close()
+	var out struct {
+		KV json.RawMessage `json:"kv_transfer_params"`
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, maxPrefillAnswer)).Decode(&out); err != nil {
+		if actx.Err() != nil {
+			return nil, &attemptError{backend: b, err: causeOf(actx, err)}
+		}
+		return nil, &attemptError{backend: b, err: fmt.Errorf("answer is not JSON: %w", err)}
+	}
+	return out.KV, nil
+}
+
+// attemptResult is how one answer-leg attempt ended.
+type attemptResult struct {
+	wrote     bool          // bytes reached the client: no retry any more
+	clientErr error         // the client went away
+	err       *attemptError // the backend failed
+}
+
+// runAnswer sends the answer leg (decode, or the whole aggregated
+// request), retrying on another backend until a byte reached the client,
+// and relays the answer.
+func (r *Router) runAnswer(c echo.Context, rq *clientRequest, body []byte) (string, error) {
+	ctx := c.Request().Context()
+	var res attemptResult // the last attempt's
+	err := r.try(ctx, &r.answer.legPolicy, rq.reqID, func(_ context.Context, b *backend) error {
+		res = r.answerAttempt(c, b, rq, body)
+		switch {
+		case res.clientErr != nil:
+			return retry.Permanent(res.clientErr)
+		case res.err == nil:
+			return nil
+		case res.wrote:
+			return retry.Permanent(res.err)
+		}
+		return res.err
+	})
+	switch {
+	case err == nil:
+		return outcomeOK, nil
+	case res.clientErr != nil || ctx.Err() != nil:
+		r.log.Debug("client went away", "request_id", rq.reqID)
+		return outcomeCancelled, nil
+	case res.wrote:
+		b := res.err.backend
+		r.log.Warn("answer broke after the first byte", "role", b.role, "backend", b.base, "request_id", rq.reqID, "err", res.err)
+		if rq.stream {
+			writeStreamError(c, res.err)
+		}
+		return outcomeFailed, nil
+	}
+	return outcomeFailed, r.failLeg(c, r.answer.pool.role, err)
+}
+
+func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, body []byte) attemptResult {
+	ctx := c.Request().Context()
+	actx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	actx, cancelT := context.WithTimeoutCause(actx, r.cfg.DecodeTimeout, r.errDecodeTimeout)
+	defer cancelT()
+	t0 := time.Now()
+	r.track(b, 1)
+	defer r.track(b, -1)
+	// A non-streaming answer comes whole, after the generation: only
+	// --decode-timeout bounds it. A stream must show its first event
+	// within --first-byte-timeout.
+	var firstByte *time.Timer
+	if rq.stream {
+		firstByte = time.AfterFunc(r.cfg.FirstByteTimeout, func() { cancel(r.errFirstByteTimeout) })
+		defer firstByte.Stop()
+	}
+	resp, aerr := r.send(actx, b, rq, body)
+	if aerr != nil {
+		return attemptResult{err: aerr}
+	}
+	defer resp.Body.Close()
+	w := c.Response()
+
+	if !rq.stream {
+		data, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswerBytes))
+		if err != nil {
+			return attemptResult{err: &attemptError{backend: b, err: causeOf(actx, err)}}
+		}
+		if r.answer.firstBytePhase {
+			r.m.phase.WithLabelValues("decode_first_byte").Observe(time.Since(t0).Seconds())
+		}
+		ct := resp.Header.Get("Content-Type")
+		if ct == "" {
+			ct = echo.MIMEApplicationJSON
+		}
+		if err := c.Blob(resp.StatusCode, ct, data); err != nil {
+			return attemptResult{wrote: true, clientErr: err}
+		}
+		return attemptResult{wrote: true}
+	}
+
+	idle := time.AfterFunc(r.cfg.IdleStreamTimeout, func() { cancel(r.errIdleTimeout) })
+	defer idle.Stop()
+	rc := http.NewResponseController(w)
+	var firstTok, prevTok time.Time
+	res, err := relaySSE(w, rc.Flush, resp.Body, relayHooks{
+		begin: func() {
+			firstByte.Stop()
+			if r.answer.firstBytePhase {
+				r.m.phase.WithLabelValues("decode_first_byte").Observe(time.Since(t0).Seconds())
+			}
+			h := w.Header()
+			h.Set("Content-Type", "text/event-stream")
+			h.Set("Cache-Control", "no-cache")
+			h.Set("X-Accel-Buffering", "no") // no buffering in a fronting nginx
+			w.WriteHeader(http.StatusOK)
+		},
+		afterRead: func(int) { idle.Reset(r.cfg.IdleStreamTimeout) },
+		onEvent: func(kind eventKind, at time.Time) {
+			if kind != eventToken {
+				return
+			}
+			if firstTok.IsZero() {
+				firstTok = at
+				r.m.phase.WithLabelValues("ttft").Observe(at.Sub(rq.start).Seconds())
+			} else {
+				r.m.phase.WithLabelValues("itl").Observe(at.Sub(prevTok).Seconds())
+			}
+			prevTok = at
+		},
+	})
+	if res.tokens > 1 {
+		r.m.phase.WithLabelValues("tpot").Observe(prevTok.Sub(firstTok).Seconds() / float64(res.tokens-1))
+	}
+	if err == nil {
+		return attemptResult{wrote: res.wrote}
+	}
+	var cwe *clientWriteError
+	if errors.As(err, &cwe) {
+		return attemptResult{wrote: res.wrote, clientErr: err}
+	}
+	return attemptResult{wrote: res.wrote, err: &attemptError{backend: b, err: causeOf(actx, err)}}
+}
+
+// handleModels answers GET /v1/models from a decode (or aggregated)
+// backend: the ones that serve the client's tokens.
+func (r *Router) handleModels(c echo.Context) error {
+	ctx := c.Request().Context()
+	var data []byte
+	var ctype string
+	err := r.try(ctx, &r.models, c.Request().Header.Get("X-Request-Id"), func(_ context.Context, b *backend) error {
+		var aerr *attemptError
+		if data, ctype, aerr = r.getModels(c, b); aerr != nil {
+			return aerr
+		}
+		return nil
+	})
+	switch {
+	case err == nil:
+		return c.Blob(http.StatusOK, ctype, data)
+	case ctx.Err() != nil:
+		return nil
+	}
+	return r.failLeg(c, r.models.pool.role, err)
+}
+
+func (r *Router) getModels(c echo.Context, b *backend) ([]byte, string, *attemptError) {
+	ctx, cancel := context.WithTimeout(c.Request().Context(), r.cfg.ConnectTimeout+r.cfg.HealthTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, b.base+"/v1/models", nil)
+	if err != nil {
+		return nil, "", &attemptError{backend: b, err: err}
+	}
+	if a := c.Request().Header.Get("Authorization"); a != "" {
+		req.Header.Set("Authorization", a)
+	}
+	resp, err := r.client.Do(req)
+	if err != nil {
+		return nil, "", &attemptError{backend: b, err: err}
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxSmallAnswer))
+	if err != nil {
+		return nil, "", &attemptError{backend: b, err: err}
+	}
+	ct := resp.Header.Get("Content-Type")
+	if resp.StatusCode != http.StatusOK {
+		return nil, "", &attemptError{backend: b, status: resp.StatusCode, body: data, ctype: ct}
+	}
+	if ct == "" {
+		ct = echo.MIMEApplicationJSON
+	}
+	return data, ct, nil
+}
