@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/labstack/echo/v4"
+
+	"github.com/pegaflow/pegaflow/internal/ids"
 )
 
 type usage struct {
@@ -37,7 +39,7 @@ func newWriter(c echo.Context, p *parsed, model string) *respWriter {
 	if p.chat {
 		prefix = "chatcmpl-"
 	}
-	return &respWriter{c: c, p: p, model: model, id: newID(prefix), created: time.Now().Unix()}
+	return &respWriter{c: c, p: p, model: model, id: ids.New(prefix), created: time.Now().Unix()}
 }
 
 func (w *respWriter) object(stream bool) string {
