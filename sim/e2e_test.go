@@ -2,8 +2,6 @@ package sim
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"io"
 	"maps"
@@ -24,6 +22,7 @@ import (
 	"github.com/pegaflow/pegaflow/engine"
 	"github.com/pegaflow/pegaflow/engine/server"
 	"github.com/pegaflow/pegaflow/internal/cli"
+	"github.com/pegaflow/pegaflow/internal/ids"
 	"github.com/pegaflow/pegaflow/router"
 )
 
@@ -108,17 +107,11 @@ func (env *pdEnv) startSim(t *testing.T, id string, mutate func(*Config)) *runni
 	return r
 }
 
-func randHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
-}
-
 // prefill runs the P leg as the router does and waits (bounded) until the
 // engine reports the transfer ready. It returns the params for the D leg.
 func (env *pdEnv) prefill(t *testing.T, p *running, path string, body map[string]any) map[string]any {
 	t.Helper()
-	tid, token := "xfer-"+randHex(8), randHex(16)
+	tid, token := "xfer-"+ids.Hex(8), ids.Hex(16)
 	ours := map[string]any{"do_remote_decode": true, "do_remote_prefill": false,
 		"pegaflow_transfer_id": tid, "pegaflow_ready_url": env.readyURL, "pegaflow_ready_token": token}
 	leg := maps.Clone(body)
@@ -322,7 +315,7 @@ func TestCorruptedKVFailsTheDecode(t *testing.T) {
 	rt := env.startRouter(t, bad, d)
 
 	// Leg by leg: D's own answer.
-	body := map[string]any{"prompt": promptOf(20, "x"+randHex(4)), "max_tokens": 4}
+	body := map[string]any{"prompt": promptOf(20, "x"+ids.Hex(4)), "max_tokens": 4}
 	params := env.prefill(t, bad, "/v1/completions", body)
 	b, _ := json.Marshal(decodeBody(body, params))
 	resp, err := http.Post(d.url+"/v1/completions", "application/json", strings.NewReader(string(b)))
@@ -343,7 +336,7 @@ func TestCorruptedKVFailsTheDecode(t *testing.T) {
 	require.EqualValues(t, 1, metricValue(t, d.reg, "sim_kv_verify_failures_total"))
 
 	// Through the router, streaming: the failure comes before any byte.
-	sb := map[string]any{"model": "pegaflow-sim", "prompt": promptOf(20, "y"+randHex(4)), "max_tokens": 4, "stream": true}
+	sb := map[string]any{"model": "pegaflow-sim", "prompt": promptOf(20, "y"+ids.Hex(4)), "max_tokens": 4, "stream": true}
 	b, _ = json.Marshal(sb)
 	resp, err = http.Post(rt+"/v1/completions", "application/json", strings.NewReader(string(b)))
 	require.NoError(t, err)
@@ -365,7 +358,7 @@ func TestDecodeWithoutTransferRecomputes(t *testing.T) {
 	body := map[string]any{"prompt": promptOf(30, "r"), "max_tokens": 5, "seed": 1}
 	_, want := post(t, agg.url+"/v1/completions", body)
 	start := time.Now()
-	code, got := post(t, d.url+"/v1/completions", decodeBody(body, map[string]any{"do_remote_prefill": true, "pegaflow_transfer_id": "never-" + randHex(4)}))
+	code, got := post(t, d.url+"/v1/completions", decodeBody(body, map[string]any{"do_remote_prefill": true, "pegaflow_transfer_id": "never-" + ids.Hex(4)}))
 	require.Equal(t, 200, code)
 	require.GreaterOrEqual(t, time.Since(start), 300*time.Millisecond, "D waited its --kv-query-wait")
 	require.Less(t, time.Since(start), 5*time.Second)

@@ -122,7 +122,7 @@ func (e *engineLink) connect(ctx context.Context) (*client.Client, string, error
 		}()
 		return nil, "", fmt.Errorf("attach to engine %s: %w", e.socket, dctx.Err())
 	}
-	resp, err := c.Register(dctx, e.kv.registerRequest(e.instanceID, e.ns))
+	resp, err := c.Register(dctx, e.kv.RegisterRequest(e.instanceID, 0, e.ns))
 	if err != nil {
 		c.Close()
 		return nil, "", fmt.Errorf("register: %w", err)

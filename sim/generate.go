@@ -3,7 +3,6 @@ package sim
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -493,10 +492,4 @@ func (s *Sim) loadRemote(ctx context.Context, q *seq, p *parsed) (int, error) {
 	q.kvHash = h
 	s.m.externalHits.Add(float64(ok * bs))
 	return ok * bs, nil
-}
-
-func newID(prefix string) string {
-	var b [12]byte
-	_, _ = rand.Read(b[:])
-	return prefix + hex.EncodeToString(b[:])
 }

@@ -3,11 +3,8 @@ package sim
 import (
 	"encoding/binary"
 	"fmt"
-	"os"
-	"path/filepath"
-	"syscall"
 
-	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/internal/kvtest"
 )
 
 // Geometry is the shape of the sim's KV cache: vLLM's FlashAttention layout,
@@ -23,12 +20,15 @@ type Geometry struct {
 
 const elemBytes = 2 // bfloat16
 
-func (g Geometry) tokenBytes() int   { return g.NumKVHeads * g.HeadSize * elemBytes }
-func (g Geometry) segmentBytes() int { return g.BlockSize * g.tokenBytes() }
-func (g Geometry) layerBytes() int   { return 2 * g.NumBlocks * g.segmentBytes() }
+func (g Geometry) spec() kvtest.Spec {
+	return kvtest.Spec{
+		Layout: kvtest.FlashAttn, Layers: g.NumLayers, NumBlocks: g.NumBlocks, BlockSize: g.BlockSize,
+		Heads: g.NumKVHeads, HeadSize: g.HeadSize, ElemSize: elemBytes,
+	}
+}
 
 // BlockBytes is one block's size over all layers and both halves.
-func (g Geometry) BlockBytes() int { return g.NumLayers * 2 * g.segmentBytes() }
+func (g Geometry) BlockBytes() int { return g.spec().BlockBytes() }
 
 func (g Geometry) validate() error {
 	switch {
@@ -36,81 +36,29 @@ func (g Geometry) validate() error {
 		return fmt.Errorf("KV geometry %+v: every dimension must be at least 1", g)
 	case g.HeadSize%4 != 0:
 		return fmt.Errorf("head size %d: want a multiple of 4", g.HeadSize)
-	case uint64(g.layerBytes()) > 1<<40:
+	case uint64(g.spec().LayerBytes()) > 1<<40:
 		return fmt.Errorf("KV geometry %+v: a layer over 1TiB", g)
 	}
 	return nil
 }
 
 // kvCache is the sim's "GPU memory": one shared-memory file per layer that
-// the engine maps to copy blocks in and out.
-type kvCache struct {
-	geo   Geometry
-	paths []string
-	mem   [][]byte
-}
+// the engine maps to copy blocks in and out (a kvtest.Cache), written and
+// checked a token at a time.
+type kvCache struct{ *kvtest.Cache }
 
 func newKVCache(dir, prefix string, geo Geometry) (*kvCache, error) {
-	c := &kvCache{geo: geo}
-	size := geo.layerBytes()
-	for l := 0; l < geo.NumLayers; l++ {
-		path := filepath.Join(dir, fmt.Sprintf("%s-L%d", prefix, l))
-		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-		if err != nil {
-			c.close()
-			return nil, fmt.Errorf("KV cache: %w", err)
-		}
-		c.paths = append(c.paths, path)
-		err = f.Truncate(int64(size))
-		var mem []byte
-		if err == nil {
-			mem, err = syscall.Mmap(int(f.Fd()), 0, size, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
-		}
-		f.Close()
-		if err != nil {
-			c.close()
-			return nil, fmt.Errorf("KV cache %s: %w", path, err)
-		}
-		c.mem = append(c.mem, mem)
+	c, err := kvtest.New(dir, prefix, geo.spec())
+	if err != nil {
+		return nil, err
 	}
-	return c, nil
-}
-
-func (c *kvCache) close() {
-	for _, m := range c.mem {
-		_ = syscall.Munmap(m)
-	}
-	for _, p := range c.paths {
-		_ = os.Remove(p)
-	}
-	c.mem, c.paths = nil, nil
+	return &kvCache{c}, nil
 }
 
 // slot is the bytes of one token of block b in layer l, half h (0 K, 1 V).
 func (c *kvCache) slot(l, h, b, j int) []byte {
-	seg := c.geo.segmentBytes()
-	tb := c.geo.tokenBytes()
-	off := h*c.geo.NumBlocks*seg + b*seg + j*tb
-	return c.mem[l][off : off+tb]
-}
-
-// registerRequest describes the cache to the engine as TP rank 0 with split
-// K/V segments.
-func (c *kvCache) registerRequest(instanceID string, ns *pb.Namespace) *pb.RegisterRequest {
-	seg := uint64(c.geo.segmentBytes())
-	req := &pb.RegisterRequest{InstanceId: instanceID, Rank: 0, Namespace: ns, NumBlocks: uint32(c.geo.NumBlocks)}
-	for l, p := range c.paths {
-		req.Regions = append(req.Regions, &pb.MemoryRegion{Source: &pb.MemoryRegion_ShmPath{ShmPath: p}, Size: uint64(c.geo.layerBytes())})
-		req.Layers = append(req.Layers, &pb.LayerLayout{
-			Name:        fmt.Sprintf("model.layers.%d.self_attn.attn", l),
-			RegionIndex: uint32(l),
-			Segments: []*pb.Segment{
-				{Offset: 0, Stride: seg, Length: seg},
-				{Offset: uint64(c.geo.NumBlocks) * seg, Stride: seg, Length: seg},
-			},
-		})
-	}
-	return req
+	tb := c.Spec.TokenBytes()
+	return c.Segment(l, b, h)[j*tb : (j+1)*tb]
 }
 
 // The KV of a token is a function of its position and a hash of the token
@@ -151,12 +99,12 @@ func checkToken(src []byte, prefix uint64, pos, l, h int) bool {
 // [from, from+len(toks)) into the given blocks, starting from prefix hash
 // h, and returns the prefix hash after the last one.
 func (c *kvCache) writeTokens(blocks []uint32, from int, toks []uint32, h uint64) uint64 {
-	bs := c.geo.BlockSize
+	bs := c.Spec.BlockSize
 	for i, t := range toks {
 		pos := from + i
 		h = prefixNext(h, t, pos)
 		b, j := int(blocks[pos/bs]), pos%bs
-		for l := 0; l < c.geo.NumLayers; l++ {
+		for l := 0; l < c.Spec.Layers; l++ {
 			fillToken(c.slot(l, 0, b, j), h, pos, l, 0)
 			fillToken(c.slot(l, 1, b, j), h, pos, l, 1)
 		}
@@ -168,11 +116,11 @@ func (c *kvCache) writeTokens(blocks []uint32, from int, toks []uint32, h uint64
 // tokens (prefix hash h before its first token) and returns the prefix hash
 // after it, or ok=false with the first bad (layer, half, token slot).
 func (c *kvCache) verifyBlock(b uint32, i int, toks []uint32, h uint64) (next uint64, ok bool, where string) {
-	bs := c.geo.BlockSize
+	bs := c.Spec.BlockSize
 	for j := 0; j < bs; j++ {
 		pos := i*bs + j
 		h = prefixNext(h, toks[pos], pos)
-		for l := 0; l < c.geo.NumLayers; l++ {
+		for l := 0; l < c.Spec.Layers; l++ {
 			for half := 0; half < 2; half++ {
 				if !checkToken(c.slot(l, half, int(b), j), h, pos, l, half) {
 					return h, false, fmt.Sprintf("layer %d %s token %d", l, [2]string{"K", "V"}[half], pos)

@@ -52,7 +52,7 @@ func startSim(t *testing.T, cfg Config) *running {
 		case <-time.After(30 * time.Second):
 			t.Error("sim did not stop")
 		}
-		for _, p := range s.kv.paths {
+		for _, p := range s.kv.Paths {
 			_, err := os.Stat(p)
 			require.True(t, os.IsNotExist(err), "KV file %s removed", p)
 		}

@@ -30,8 +30,6 @@ package sim
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -46,6 +44,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/internal/ids"
+	"github.com/pegaflow/pegaflow/internal/kvtest"
 	"github.com/pegaflow/pegaflow/internal/openai"
 )
 
@@ -161,11 +161,9 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Sim, error) 
 	}
 	dir := cfg.ShmDir
 	if dir == "" {
-		dir = shmDir()
+		dir = kvtest.ShmDir()
 	}
-	var rnd [4]byte
-	_, _ = rand.Read(rnd[:])
-	kv, err := newKVCache(dir, fmt.Sprintf("pegaflow-sim-%d-%s", os.Getpid(), hex.EncodeToString(rnd[:])), cfg.Geometry)
+	kv, err := newKVCache(dir, fmt.Sprintf("pegaflow-sim-%d-%s", os.Getpid(), ids.Hex(4)), cfg.Geometry)
 	if err != nil {
 		return nil, err
 	}
@@ -181,13 +179,6 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Sim, error) 
 		kv: kv, pool: s.pool, sampler: Sampler{tok: tok}, m: s.m, in: make(chan *seq), wake: s.wake,
 	}
 	return s, nil
-}
-
-func shmDir() string {
-	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
-		return "/dev/shm"
-	}
-	return os.TempDir()
 }
 
 // Namespace is the engine namespace of this sim's KV: instances with equal
@@ -211,7 +202,7 @@ func (s *Sim) Run(ctx context.Context, ln net.Listener) error {
 		return errors.New("sim: Run called twice")
 	}
 	s.ran = true
-	defer s.kv.close()
+	defer s.kv.Close()
 	instanceID := s.cfg.InstanceID
 	if instanceID == "" {
 		instanceID = "sim@" + ln.Addr().String()

@@ -105,7 +105,7 @@ func TestKVBytesAreAFunctionOfTheTokenPrefix(t *testing.T) {
 	geo := Geometry{NumLayers: 2, NumBlocks: 8, BlockSize: 4, NumKVHeads: 2, HeadSize: 8}
 	kv, err := newKVCache(t.TempDir(), "kv", geo)
 	require.NoError(t, err)
-	defer kv.close()
+	defer kv.Close()
 	none := NoneHash("0")
 	start := prefixStart(none)
 	toks := []uint32{10, 11, 12, 13, 14, 15, 16, 17, 18}
@@ -136,15 +136,15 @@ func TestKVBytesAreAFunctionOfTheTokenPrefix(t *testing.T) {
 	require.Equal(t, "layer 1 V token 7", where)
 
 	// The engine sees block b's halves at the registered offsets.
-	req := kv.registerRequest("i", nil)
-	seg := uint64(geo.segmentBytes())
+	req := kv.RegisterRequest("i", 0, nil)
+	seg := uint64(geo.spec().SegmentBytes())
 	require.Len(t, req.Regions, 2)
 	require.EqualValues(t, 2*8*seg, req.Regions[0].Size)
 	require.Equal(t, seg, req.Layers[0].Segments[0].Stride)
 	require.Equal(t, 8*seg, req.Layers[0].Segments[1].Offset)
 	v := req.Layers[1].Segments[1]
-	mem := kv.mem[1][v.Offset+2*v.Stride : v.Offset+2*v.Stride+v.Length]
-	require.Equal(t, kv.slot(1, 1, 2, 0), mem[:geo.tokenBytes()])
+	mem := kv.Layer(1)[v.Offset+2*v.Stride : v.Offset+2*v.Stride+v.Length]
+	require.Equal(t, kv.slot(1, 1, 2, 0), mem[:geo.spec().TokenBytes()])
 }
 
 func TestCostModel(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 
 	"github.com/labstack/echo/v4"
 
+	"github.com/pegaflow/pegaflow/internal/ids"
 	"github.com/pegaflow/pegaflow/internal/openai"
 )
 
@@ -39,7 +40,7 @@ func newWriter(c echo.Context, p *parsed, model string) *respWriter {
 	if p.chat {
 		prefix = "chatcmpl-"
 	}
-	return &respWriter{c: c, p: p, model: model, id: newID(prefix), created: time.Now().Unix()}
+	return &respWriter{c: c, p: p, model: model, id: ids.New(prefix), created: time.Now().Unix()}
 }
 
 func (w *respWriter) object(stream bool) string {

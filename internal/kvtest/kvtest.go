@@ -1,6 +1,7 @@
-// Package kvtest builds vLLM-shaped KV caches in shared memory for tests and
-// benchmarks: what a CPU vLLM worker would hand the connector, in files the
-// engine can map from another process.
+// Package kvtest builds vLLM-shaped KV caches in shared memory: what a CPU
+// vLLM worker would hand the connector, in files the engine can map from
+// another process. Tests and benchmarks fill and compare whole blocks; the
+// simulator (sim) is a model server whose "GPU memory" is such a cache.
 package kvtest
 
 import (
@@ -39,13 +40,17 @@ type Spec struct {
 	ElemSize  int // bytes per element (2 for bf16)
 }
 
-// SegmentBytes is the size of one block segment (K or V, or the latent).
-func (s Spec) SegmentBytes() int {
+// TokenBytes is one token's share of a segment: its K or V (or latent) in
+// one layer.
+func (s Spec) TokenBytes() int {
 	if s.Layout == MLA {
-		return s.BlockSize * s.HeadSize * s.ElemSize
+		return s.HeadSize * s.ElemSize
 	}
-	return s.BlockSize * s.Heads * s.HeadSize * s.ElemSize
+	return s.Heads * s.HeadSize * s.ElemSize
 }
+
+// SegmentBytes is the size of one block segment (K or V, or the latent).
+func (s Spec) SegmentBytes() int { return s.BlockSize * s.TokenBytes() }
 
 // BlockBytes is one rank's share of a block over all layers.
 func (s Spec) BlockBytes() int {
@@ -55,7 +60,9 @@ func (s Spec) BlockBytes() int {
 	return s.Layers * 2 * s.SegmentBytes()
 }
 
-func (s Spec) layerBytes() int {
+// LayerBytes is the size of one layer's tensor: the region registered for
+// it.
+func (s Spec) LayerBytes() int {
 	if s.Layout == MLA {
 		return s.NumBlocks * s.SegmentBytes()
 	}
@@ -78,20 +85,23 @@ func ShmDir() string {
 	return os.TempDir()
 }
 
-// New creates zeroed cache files named prefix-L<n> under dir.
+// New creates zeroed cache files named prefix-L<n> under dir. A file that
+// exists already is an error, never truncated: another process may have it
+// mapped, and shrinking it under that mapping would make it fault.
 func New(dir, prefix string, spec Spec) (*Cache, error) {
 	if spec.ElemSize == 0 {
 		spec.ElemSize = 2
 	}
 	c := &Cache{Spec: spec}
-	size := spec.layerBytes()
+	size := spec.LayerBytes()
 	for l := 0; l < spec.Layers; l++ {
 		path := filepath.Join(dir, fmt.Sprintf("%s-L%d", prefix, l))
-		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 		if err != nil {
 			c.Close()
-			return nil, err
+			return nil, fmt.Errorf("KV cache: %w", err)
 		}
+		c.Paths = append(c.Paths, path) // ours now: Close removes it
 		err = f.Truncate(int64(size))
 		var mem []byte
 		if err == nil {
@@ -99,11 +109,9 @@ func New(dir, prefix string, spec Spec) (*Cache, error) {
 		}
 		f.Close()
 		if err != nil {
-			os.Remove(path)
 			c.Close()
-			return nil, err
+			return nil, fmt.Errorf("KV cache %s: %w", path, err)
 		}
-		c.Paths = append(c.Paths, path)
 		c.data = append(c.data, mem)
 	}
 	return c, nil
@@ -120,19 +128,41 @@ func (c *Cache) Close() {
 	c.data, c.Paths = nil, nil
 }
 
-// Segments returns the byte slices of block b in layer l (K then V).
-func (c *Cache) Segments(l, b int) [][]byte {
+// Layer is the mapping of layer l: the bytes of region l as registered.
+func (c *Cache) Layer(l int) []byte { return c.data[l] }
+
+// NumSegments is how many segments a block has per layer: 2 (K and V) for
+// FlashAttn, else 1.
+func (s Spec) NumSegments() int {
+	if s.Layout == FlashAttn {
+		return 2
+	}
+	return 1
+}
+
+// Segment returns segment i (0 K, 1 V for FlashAttn) of block b in layer l,
+// without allocating: for per-token loops.
+func (c *Cache) Segment(l, b, i int) []byte {
 	seg := c.Spec.SegmentBytes()
 	mem := c.data[l]
 	switch c.Spec.Layout {
 	case FlashAttn:
-		half := c.Spec.NumBlocks * seg
-		return [][]byte{mem[b*seg : (b+1)*seg], mem[half+b*seg : half+(b+1)*seg]}
+		off := i*c.Spec.NumBlocks*seg + b*seg
+		return mem[off : off+seg]
 	case FlashInfer:
-		return [][]byte{mem[b*2*seg : (b+1)*2*seg]}
+		return mem[b*2*seg : (b+1)*2*seg]
 	default:
-		return [][]byte{mem[b*seg : (b+1)*seg]}
+		return mem[b*seg : (b+1)*seg]
 	}
+}
+
+// Segments returns the byte slices of block b in layer l (K then V).
+func (c *Cache) Segments(l, b int) [][]byte {
+	out := make([][]byte, c.Spec.NumSegments())
+	for i := range out {
+		out[i] = c.Segment(l, b, i)
+	}
+	return out
 }
 
 // BlockBytes concatenates block b over all layers and segments.
@@ -177,8 +207,9 @@ func (c *Cache) RegisterRequest(instanceID string, rank int, ns *pb.Namespace) *
 	req := &pb.RegisterRequest{InstanceId: instanceID, Rank: uint32(rank), Namespace: ns, NumBlocks: uint32(c.Spec.NumBlocks)}
 	seg := uint64(c.Spec.SegmentBytes())
 	for l, p := range c.Paths {
-		req.Regions = append(req.Regions, &pb.MemoryRegion{Source: &pb.MemoryRegion_ShmPath{ShmPath: p}, Size: uint64(c.Spec.layerBytes())})
-		layer := &pb.LayerLayout{Name: fmt.Sprintf("model.layers.%d.self_attn", l), RegionIndex: uint32(l)}
+		req.Regions = append(req.Regions, &pb.MemoryRegion{Source: &pb.MemoryRegion_ShmPath{ShmPath: p}, Size: uint64(c.Spec.LayerBytes())})
+		// vLLM's name for the layer's attention module.
+		layer := &pb.LayerLayout{Name: fmt.Sprintf("model.layers.%d.self_attn.attn", l), RegionIndex: uint32(l)}
 		switch c.Spec.Layout {
 		case FlashAttn:
 			layer.Segments = []*pb.Segment{

@@ -1,7 +1,8 @@
 /*
- * Backend-independent parts of pegaflow_native: error strings, refcounts,
- * argument and bounds validation, batch bookkeeping, completion records,
- * shared-memory regions and the copier lifecycle.
+ * Backend-independent parts of pegaflow_native: error strings, argument
+ * and bounds validation, pool and region objects, batch
+ * bookkeeping, completion records, shared-memory regions. The copier's
+ * lifecycle is pf_host.c's; nothing here calls into it.
  */
 #include "pf_internal.h"
 
@@ -56,102 +57,47 @@ int pf__parse_uuid(const char *s, uint64_t len, uint8_t out[16]) {
 /* off+len may not wrap and must stay within size. */
 int pf__in_bounds(uint64_t off, uint64_t len, uint64_t size) { return len <= size && off <= size - len; }
 
-/* ---- refcounted objects ---- */
+/* ---- pool and region objects (lifetimes: pf_ref) ---- */
+
+static void region_free(pf_ref *ref) {
+  pf_region *r = pf__ref_owner(ref, pf_region, ref);
+  r->release(r);
+  free(r);
+}
 
 pf_region *pf__region_new(uint8_t *base, uint64_t size, int kind, int device,
                           void (*release)(pf_region *)) {
   pf_region *r = calloc(1, sizeof *r);
   if (r == NULL) return NULL;
-  r->base = base;
-  r->size = size;
-  r->kind = kind;
-  r->device = device;
-  r->release = release;
-  pthread_mutex_init(&r->mu, NULL);
+  *r = (pf_region){.base = base, .size = size, .kind = kind, .device = device, .release = release};
+  pf__ref_init(&r->ref, region_free);
   return r;
-}
-
-static void region_free(pf_region *r) {
-  r->release(r);
-  pthread_mutex_destroy(&r->mu);
-  free(r);
-}
-
-int pf__region_acquire(pf_region *r) {
-  pthread_mutex_lock(&r->mu);
-  int closed = r->closed;
-  if (!closed) r->refs++;
-  pthread_mutex_unlock(&r->mu);
-  return closed ? PF_ECLOSED : PF_OK;
-}
-
-void pf__region_release(pf_region *r) {
-  pthread_mutex_lock(&r->mu);
-  int free_now = --r->refs == 0 && r->closed;
-  pthread_mutex_unlock(&r->mu);
-  if (free_now) region_free(r);
 }
 
 uint64_t pf_region_size(const pf_region *region) { return region ? region->size : 0; }
 
-int pf_region_close(pf_region *r) {
-  if (r == NULL) return PF_EINVAL;
-  pthread_mutex_lock(&r->mu);
-  if (r->closed) {
-    pthread_mutex_unlock(&r->mu);
-    return PF_ECLOSED;
-  }
-  r->closed = 1;
-  int free_now = r->refs == 0;
-  pthread_mutex_unlock(&r->mu);
-  if (free_now) region_free(r);
-  return PF_OK;
+/* Unmapped after the last batch using it. */
+int pf_region_close(pf_region *r) { return r ? pf__ref_close(&r->ref) : PF_EINVAL; }
+
+static void pool_free(pf_ref *ref) {
+  pf_pool *p = pf__ref_owner(ref, pf_pool, ref);
+  p->release(p);
+  free(p);
 }
 
 pf_pool *pf__pool_new(uint8_t *base, uint64_t size, int device, void (*release)(pf_pool *)) {
   pf_pool *p = calloc(1, sizeof *p);
   if (p == NULL) return NULL;
-  p->base = base;
-  p->size = size;
-  p->device = device;
-  p->release = release;
-  pthread_mutex_init(&p->mu, NULL);
+  *p = (pf_pool){.base = base, .size = size, .device = device, .release = release};
+  pf__ref_init(&p->ref, pool_free);
   return p;
-}
-
-void pf__pool_free(pf_pool *p) {
-  pthread_mutex_destroy(&p->mu);
-  free(p);
-}
-
-static int pool_acquire(pf_pool *p) {
-  pthread_mutex_lock(&p->mu);
-  int closed = p->closed;
-  if (!closed) p->refs++;
-  pthread_mutex_unlock(&p->mu);
-  return closed ? PF_ECLOSED : PF_OK;
-}
-
-static void pool_release(pf_pool *p) {
-  pthread_mutex_lock(&p->mu);
-  p->refs--;
-  pthread_mutex_unlock(&p->mu);
 }
 
 uint64_t pf_pool_size(const pf_pool *pool) { return pool ? pool->size : 0; }
 void *pf_pool_base(pf_pool *pool) { return pool ? pool->base : NULL; }
 
-int pf_pool_destroy(pf_pool *p) {
-  if (p == NULL) return PF_EINVAL;
-  pthread_mutex_lock(&p->mu);
-  int busy = p->refs != 0;
-  if (!busy) p->closed = 1;
-  pthread_mutex_unlock(&p->mu);
-  if (busy) return PF_ECLOSED;
-  p->release(p);
-  pf__pool_free(p);
-  return PF_OK;
-}
+/* Refused while batches use it: a pool is never freed by a batch. */
+int pf_pool_destroy(pf_pool *p) { return p ? pf__ref_close_idle(&p->ref) : PF_EINVAL; }
 
 /* ---- shared-memory regions (both builds) ---- */
 
@@ -232,10 +178,10 @@ int pf__batch_new(pf_copier *c, pf_region *region, pf_pool *pool, int direction,
     copy[m++] = *op;
   }
 
-  int rc = pf__region_acquire(region);
+  int rc = pf__ref_acquire(&region->ref);
   if (rc == PF_OK) {
-    rc = pool_acquire(pool);
-    if (rc != PF_OK) pf__region_release(region);
+    rc = pf__ref_acquire(&pool->ref);
+    if (rc != PF_OK) pf__ref_release(&region->ref);
   }
   if (rc == PF_OK) {
     pthread_mutex_lock(&c->mu);
@@ -243,8 +189,8 @@ int pf__batch_new(pf_copier *c, pf_region *region, pf_pool *pool, int direction,
     else c->active++;
     pthread_mutex_unlock(&c->mu);
     if (rc != PF_OK) {
-      pool_release(pool);
-      pf__region_release(region);
+      pf__ref_release(&pool->ref);
+      pf__ref_release(&region->ref);
     }
   }
   if (rc != PF_OK) {
@@ -289,12 +235,17 @@ static void write_completion(int fd, uint64_t token, int64_t status) {
   }
 }
 
-static void batch_release(pf_batch *b) {
-  pf_copier *c = b->copier;
-  pf__region_release(b->region);
-  pool_release(b->pool);
+/* Drops the batch's references and frees it. */
+static void batch_drop(pf_batch *b) {
+  pf__ref_release(&b->region->ref);
+  pf__ref_release(&b->pool->ref);
   free(b->ops);
   free(b);
+}
+
+/* Last for every batch: destroy may free the copier once active reaches
+ * zero. */
+static void batch_done(pf_copier *c) {
   pthread_mutex_lock(&c->mu);
   if (--c->active == 0) pthread_cond_broadcast(&c->idle);
   pthread_mutex_unlock(&c->mu);
@@ -303,23 +254,20 @@ static void batch_release(pf_batch *b) {
 void pf__batch_finish(pf_batch *b, int status) {
   /* References go first: a caller woken by the completion may close the
    * pool right away and must not find it still in use. */
-  int fd = b->copier->notify_fd;
-  uint64_t token = b->token;
   pf_copier *c = b->copier;
-  pf__region_release(b->region);
-  pool_release(b->pool);
-  free(b->ops);
-  free(b);
-  write_completion(fd, token, status);
-  /* Last: destroy may free the copier once active reaches zero. */
-  pthread_mutex_lock(&c->mu);
-  if (--c->active == 0) pthread_cond_broadcast(&c->idle);
-  pthread_mutex_unlock(&c->mu);
+  uint64_t token = b->token;
+  batch_drop(b);
+  write_completion(c->notify_fd, token, status);
+  batch_done(c);
 }
 
-void pf__batch_abort(pf_batch *b) { batch_release(b); }
+void pf__batch_abort(pf_batch *b) {
+  pf_copier *c = b->copier;
+  batch_drop(b);
+  batch_done(c);
+}
 
-/* ---- threads and copier lifecycle ---- */
+/* ---- threads ---- */
 
 int pf__thread_create(pthread_t *t, void *(*fn)(void *), void *arg) {
   sigset_t block, old;
@@ -332,54 +280,4 @@ int pf__thread_create(pthread_t *t, void *(*fn)(void *), void *arg) {
   int rc = pthread_create(t, NULL, fn, arg);
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   return rc;
-}
-
-int pf__copier_new(int threads, int notify_fd, pf_copier **out) {
-  if (out == NULL) return PF_EINVAL;
-  *out = NULL;
-  if (threads <= 0 || threads > PF_MAX_THREADS || notify_fd < 0) return PF_EINVAL;
-  int fl = fcntl(notify_fd, F_GETFL);
-  if (fl < 0 || (fl & O_ACCMODE) == O_RDONLY) return PF_EINVAL;
-  pf__fault_guard_install();
-  pf_copier *c = calloc(1, sizeof *c);
-  if (c == NULL) return PF_ENOMEM;
-  c->threads = calloc((size_t)threads, sizeof *c->threads);
-  if (c->threads == NULL) {
-    free(c);
-    return PF_ENOMEM;
-  }
-  pthread_mutex_init(&c->mu, NULL);
-  pthread_cond_init(&c->work, NULL);
-  pthread_cond_init(&c->idle, NULL);
-  c->notify_fd = notify_fd;
-  for (int i = 0; i < threads; i++) {
-    if (pf__thread_create(&c->threads[i], pf__host_worker, c) != 0) {
-      c->stopping = 1;
-      pf__copier_free(c);
-      return PF_ENOMEM;
-    }
-    c->n_threads = i + 1;
-  }
-  *out = c;
-  return PF_OK;
-}
-
-void pf__copier_drain(pf_copier *c) {
-  pthread_mutex_lock(&c->mu);
-  c->stopping = 1;
-  while (c->active > 0) pthread_cond_wait(&c->idle, &c->mu);
-  pthread_mutex_unlock(&c->mu);
-}
-
-void pf__copier_free(pf_copier *c) {
-  pthread_mutex_lock(&c->mu);
-  c->exiting = 1;
-  pthread_cond_broadcast(&c->work);
-  pthread_mutex_unlock(&c->mu);
-  for (int i = 0; i < c->n_threads; i++) pthread_join(c->threads[i], NULL);
-  pthread_cond_destroy(&c->idle);
-  pthread_cond_destroy(&c->work);
-  pthread_mutex_destroy(&c->mu);
-  free(c->threads);
-  free(c);
 }

@@ -1,4 +1,6 @@
 /*
+ * The copier's lifecycle (both builds) and the host copy engine.
+ *
  * Host copy engine: N threads share a FIFO of batches. A thread takes a
  * slice of the head batch (up to `grab` bytes, possibly part of one op or
  * many small ops) under the copier's mutex and copies it without the lock,
@@ -13,8 +15,10 @@
  */
 #include "pf_internal.h"
 
+#include <fcntl.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__SSE2__)
@@ -66,7 +70,6 @@ static void guard_install(void) {
   (void)sigaction(SIGBUS, &sa, NULL);
 }
 
-void pf__fault_guard_install(void) { pthread_once(&pf_guard_once, guard_install); }
 
 /* Batches of at least this many bytes are copied with non-temporal
  * stores: they are far larger than a fair share of the cache, and the
@@ -157,7 +160,7 @@ void pf__host_enqueue(pf_copier *c, pf_batch *b) {
   pthread_mutex_unlock(&c->mu);
 }
 
-void *pf__host_worker(void *arg) {
+static void *host_worker(void *arg) {
   pf_copier *c = arg;
   pthread_mutex_lock(&c->mu);
   for (;;) {
@@ -197,4 +200,56 @@ void *pf__host_worker(void *arg) {
   }
   pthread_mutex_unlock(&c->mu);
   return NULL;
+}
+
+/* ---- copier lifecycle ---- */
+
+int pf__copier_new(int threads, int notify_fd, pf_copier **out) {
+  if (out == NULL) return PF_EINVAL;
+  *out = NULL;
+  if (threads <= 0 || threads > PF_MAX_THREADS || notify_fd < 0) return PF_EINVAL;
+  int fl = fcntl(notify_fd, F_GETFL);
+  if (fl < 0 || (fl & O_ACCMODE) == O_RDONLY) return PF_EINVAL;
+  pthread_once(&pf_guard_once, guard_install);
+  pf_copier *c = calloc(1, sizeof *c);
+  if (c == NULL) return PF_ENOMEM;
+  c->threads = calloc((size_t)threads, sizeof *c->threads);
+  if (c->threads == NULL) {
+    free(c);
+    return PF_ENOMEM;
+  }
+  pthread_mutex_init(&c->mu, NULL);
+  pthread_cond_init(&c->work, NULL);
+  pthread_cond_init(&c->idle, NULL);
+  c->notify_fd = notify_fd;
+  for (int i = 0; i < threads; i++) {
+    if (pf__thread_create(&c->threads[i], host_worker, c) != 0) {
+      c->stopping = 1;
+      pf__copier_free(c);
+      return PF_ENOMEM;
+    }
+    c->n_threads = i + 1;
+  }
+  *out = c;
+  return PF_OK;
+}
+
+void pf__copier_drain(pf_copier *c) {
+  pthread_mutex_lock(&c->mu);
+  c->stopping = 1;
+  while (c->active > 0) pthread_cond_wait(&c->idle, &c->mu);
+  pthread_mutex_unlock(&c->mu);
+}
+
+void pf__copier_free(pf_copier *c) {
+  pthread_mutex_lock(&c->mu);
+  c->exiting = 1;
+  pthread_cond_broadcast(&c->work);
+  pthread_mutex_unlock(&c->mu);
+  for (int i = 0; i < c->n_threads; i++) pthread_join(c->threads[i], NULL);
+  pthread_cond_destroy(&c->idle);
+  pthread_cond_destroy(&c->work);
+  pthread_mutex_destroy(&c->mu);
+  free(c->threads);
+  free(c);
 }

@@ -1,13 +1,21 @@
 /*
  * Internals shared by the CPU and CUDA builds of pegaflow_native.
  *
- * pf_common.c  error strings, refcounts, bounds checks, batch preparation,
- *              completion records, shared-memory regions.
- * pf_host.c    the host copy engine: copy threads that run batches between
- *              host memory (shm regions) and the pool, with a SIGBUS guard.
- * pf_cpu.c     CPU build: mmap pool, copier = host engine only.
- * pf_cuda.c    CUDA build: pinned pool, IPC regions, per-device streams;
- *              shm regions still go through the host engine.
+ * pf_ref.c          closable reference counts (pool, region, event).
+ * pf_common.c       error strings, bounds checks, pool and region objects,
+ *                   batch preparation, completion records, shm regions.
+ * pf_host.c         the copier's lifecycle and its host copy engine: copy
+ *                   threads that run batches between host memory (shm
+ *                   regions) and the pool, with a SIGBUS guard.
+ * pf_cpu.c          CPU build: mmap pool, copier = host engine only.
+ * pf_cuda.c         CUDA build, memory objects: pinned pool, IPC regions,
+ *                   device lookup by UUID, IPC events (pf_cuda.h).
+ * pf_cuda_copier.c  CUDA build, the stream copier: per-device streams,
+ *                   batched copies, completion threads; shm regions still
+ *                   go through the host engine.
+ *
+ * Calls go one way: the backends call pf_host.c and pf_common.c, pf_host.c
+ * calls pf_common.c, and pf_common.c calls only pf_ref.c.
  */
 #ifndef PF_INTERNAL_H
 #define PF_INTERNAL_H
@@ -18,6 +26,7 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "pegaflow_native.h"
@@ -26,13 +35,42 @@
 #define PF_MAX_OPS (1ull << 32)
 #define PF_MAX_THREADS 256
 
+/* ---- pf_ref.c ---- */
+
+/* A reference count with a "closed" flag, embedded in every object a batch
+ * can hold. Acquire fails once the object is closed; whoever finds it
+ * closed with no reference left (the close itself, or the last release
+ * after it) frees it with free_fn, exactly once. The mutex is the
+ * object's only lock: refs and closed change together under it. */
+typedef struct pf_ref pf_ref;
+struct pf_ref {
+  pthread_mutex_t mu;
+  long refs; /* batches in flight that use the object */
+  int closed;
+  void (*free_fn)(pf_ref *); /* frees the object holding this pf_ref */
+};
+
+/* The object holding ref, a member named member of type T. */
+#define pf__ref_owner(ref, T, member) ((T *)(void *)((char *)(ref) - offsetof(T, member)))
+
+void pf__ref_init(pf_ref *r, void (*free_fn)(pf_ref *));
+/* One more reference: PF_OK, or PF_ECLOSED (and none) once closed. */
+int pf__ref_acquire(pf_ref *r);
+/* Drops a reference; frees the object if it was closed and this was its
+ * last reference. */
+void pf__ref_release(pf_ref *r);
+/* Closes the object, freeing it now if no reference is held (else the last
+ * release does). PF_ECLOSED when it was closed already. */
+int pf__ref_close(pf_ref *r);
+/* Closes and frees the object only while no reference is held; PF_ECLOSED
+ * (in use, or closed already) and nothing changed otherwise. */
+int pf__ref_close_idle(pf_ref *r);
+
 struct pf_pool {
   uint8_t *base;
   uint64_t size;
   int device;
-  pthread_mutex_t mu;
-  long refs; /* batches in flight that use the pool */
-  int closed;
+  pf_ref ref; /* closed only while idle (pf_pool_destroy refuses if busy) */
   void (*release)(pf_pool *); /* frees base (backend specific) */
 };
 
@@ -43,9 +81,7 @@ struct pf_region {
   uint64_t size;
   int kind; /* PF_MEM_HOST or PF_MEM_DEVICE */
   int device;
-  pthread_mutex_t mu;
-  long refs; /* batches in flight that use the region */
-  int closed;
+  pf_ref ref; /* pf_region_close frees it after the last batch */
   void (*release)(pf_region *); /* unmaps base (backend specific) */
 };
 
@@ -86,12 +122,9 @@ struct pf_copier {
 int pf__in_bounds(uint64_t off, uint64_t len, uint64_t size);
 /* Parses a device UUID (see pf_cuda_device_by_uuid) into its 16 bytes. */
 int pf__parse_uuid(const char *s, uint64_t len, uint8_t out[16]);
-int pf__region_acquire(pf_region *r);
-void pf__region_release(pf_region *r);
 pf_region *pf__region_new(uint8_t *base, uint64_t size, int kind, int device,
                           void (*release)(pf_region *));
 pf_pool *pf__pool_new(uint8_t *base, uint64_t size, int device, void (*release)(pf_pool *));
-void pf__pool_free(pf_pool *p);
 
 /* Validates the arguments and every op, takes references on the region,
  * the pool and the copier, and builds a batch. Nothing is shared until it
@@ -110,19 +143,16 @@ void pf__batch_abort(pf_batch *b);
  * are never delivered to it. Synchronous faults stay unblocked. */
 int pf__thread_create(pthread_t *t, void *(*fn)(void *), void *arg);
 
-/* Copier lifecycle shared by both builds (the host engine lives here too). */
+/* ---- pf_host.c ---- */
+
+/* Copier lifecycle shared by both builds: the copier and its host copy
+ * threads (and, once per process, the SIGBUS guard). */
 int pf__copier_new(int threads, int notify_fd, pf_copier **out);
 /* Stops new submits and waits until every accepted batch completed. */
 void pf__copier_drain(pf_copier *c);
 /* After drain: stops the host threads and frees the copier. */
 void pf__copier_free(pf_copier *c);
-
-/* ---- pf_host.c ---- */
-
 /* Queues a host-memory batch on the copier's threads. */
 void pf__host_enqueue(pf_copier *c, pf_batch *b);
-void *pf__host_worker(void *arg);
-/* Installs the SIGBUS guard once per process. */
-void pf__fault_guard_install(void);
 
 #endif /* PF_INTERNAL_H */
