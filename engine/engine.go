@@ -20,8 +20,7 @@
 package engine
 
 import (
-	"crypto/rand"
-	"encoding/hex"
+	"context"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -127,7 +126,10 @@ type Engine struct {
 	changed chan struct{}
 	stats   counters
 
-	stop     chan struct{}
+	// stopped ends when Close begins: housekeeping and callback retries
+	// stop on it.
+	stopped  context.Context
+	stop     context.CancelFunc
 	bg       sync.WaitGroup
 	closeErr error
 }
@@ -162,7 +164,10 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		_ = closePools(pools)
 		return nil, fmt.Errorf("eviction policy: %w", err)
 	}
+	stopped, stop := context.WithCancel(context.Background())
 	e := &Engine{
+		stopped:     stopped,
+		stop:        stop,
 		cfg:         cfg,
 		log:         log,
 		pools:       pools,
@@ -178,7 +183,6 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		leases:      map[string]*lease{},
 		transfers:   map[string]*transfer{},
 		changed:     make(chan struct{}),
-		stop:        make(chan struct{}),
 	}
 	if reg != nil {
 		m, err := newMetrics(e, reg)
@@ -240,7 +244,7 @@ func (e *Engine) Close() error {
 		return e.closeErr
 	}
 	e.closed = true
-	close(e.stop)
+	e.stop()
 	for _, t := range e.transfers {
 		t.settle(e, transferFailed, "engine closed")
 	}
@@ -274,12 +278,6 @@ func (e *Engine) broadcastLocked() {
 	e.changed = make(chan struct{})
 }
 
-func newID(prefix string) string {
-	var b [16]byte
-	_, _ = rand.Read(b[:])
-	return prefix + hex.EncodeToString(b[:])
-}
-
 // housekeeping expires leases, transfers and partial blocks.
 func (e *Engine) housekeeping() {
 	defer e.bg.Done()
@@ -287,7 +285,7 @@ func (e *Engine) housekeeping() {
 	defer tick.Stop()
 	for {
 		select {
-		case <-e.stop:
+		case <-e.stopped.Done():
 			return
 		case now := <-tick.C:
 			e.expire(now)

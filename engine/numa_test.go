@@ -45,7 +45,7 @@ func newGPUWorker(t *testing.T, e *Engine, instance, model string, rank, tp int,
 		r.DeviceUuid = uuid
 	}
 	req.SessionId = sid
-	resp, err := e.Register(req)
+	resp, err := e.Register(context.Background(), req)
 	require.NoError(t, err)
 	return &worker{e: e, session: sid, instance: instance, rank: uint32(rank), cache: c, nsID: resp.NamespaceId}
 }
@@ -337,7 +337,7 @@ func TestRegisterShareMustFitItsNodePool(t *testing.T) {
 			for _, r := range req.Regions {
 				r.DeviceUuid = tc.uuid
 			}
-			_, err = e.Register(req)
+			_, err = e.Register(context.Background(), req)
 			if tc.ok {
 				require.NoError(t, err)
 				return

@@ -1,10 +1,12 @@
 package engine
 
 import (
+	"context"
 	"errors"
 	"fmt"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/internal/ids"
 	"github.com/pegaflow/pegaflow/native"
 )
 
@@ -52,7 +54,7 @@ func (e *Engine) OpenSession(name string) (string, error) {
 	if err := e.checkOpen(); err != nil {
 		return "", err
 	}
-	s := &session{id: newID("s-"), name: name, instances: map[instanceKey]*instance{}, leases: map[string]*lease{}}
+	s := &session{id: ids.New("s-"), name: name, instances: map[instanceKey]*instance{}, leases: map[string]*lease{}}
 	e.sessions[s.id] = s
 	e.log.Debug("session opened", "session", s.id, "client", name)
 	return s.id, nil
@@ -106,7 +108,8 @@ func (e *Engine) instanceLocked(sessionID, instanceID string, rank uint32) (*ins
 
 // Register registers one rank's KV memory. A registration of the same
 // (instance, rank) replaces the previous one, e.g. after a vLLM restart.
-func (e *Engine) Register(req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+// A done ctx stops it before any memory is opened.
+func (e *Engine) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
 	layout, err := validateRegister(req, e.capacity())
 	if err != nil {
 		return nil, err
@@ -135,6 +138,11 @@ func (e *Engine) Register(req *pb.RegisterRequest) (*pb.RegisterResponse, error)
 		return nil, err
 	}
 
+	// Opening CUDA IPC memory maps another process's device memory and
+	// cannot be interrupted: a caller that gave up gets none opened.
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	regions, ev, err := e.openMemory(req, layout.regions)
 	if err != nil {
 		return nil, err

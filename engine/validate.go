@@ -208,3 +208,38 @@ func validateHash(i int, h []byte) error {
 	}
 	return nil
 }
+
+// queryHashes returns the query's hashes from either encoding, validated.
+// Packed hashes are sliced in place, without copying.
+func queryHashes(req *pb.QueryRequest) ([][]byte, error) {
+	if len(req.PackedHashes) == 0 {
+		if len(req.Hashes) > MaxQueryHashes {
+			return nil, invalid("%d hashes in one query, max %d", len(req.Hashes), MaxQueryHashes)
+		}
+		for i, h := range req.Hashes {
+			if err := validateHash(i, h); err != nil {
+				return nil, err
+			}
+		}
+		return req.Hashes, nil
+	}
+	if len(req.Hashes) > 0 {
+		return nil, invalid("set hashes or packed_hashes, not both")
+	}
+	n := int(req.HashLen)
+	if n < MinHashLen || n > MaxHashLen {
+		return nil, invalid("hash_len %d, want %d..%d", n, MinHashLen, MaxHashLen)
+	}
+	if len(req.PackedHashes)%n != 0 {
+		return nil, invalid("packed_hashes has %d bytes, not a multiple of hash_len %d", len(req.PackedHashes), n)
+	}
+	count := len(req.PackedHashes) / n
+	if count > MaxQueryHashes {
+		return nil, invalid("%d hashes in one query, max %d", count, MaxQueryHashes)
+	}
+	out := make([][]byte, count)
+	for i := range out {
+		out[i] = req.PackedHashes[i*n : (i+1)*n : (i+1)*n]
+	}
+	return out, nil
+}

@@ -229,8 +229,8 @@ func (s *service) OpenNamespace(_ context.Context, req *pb.OpenNamespaceRequest)
 	return &pb.OpenNamespaceResponse{NamespaceId: id}, nil
 }
 
-func (s *service) Register(_ context.Context, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
-	resp, err := s.eng.Register(req)
+func (s *service) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+	resp, err := s.eng.Register(ctx, req)
 	return resp, toStatus(err)
 }
 
