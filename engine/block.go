@@ -25,7 +25,7 @@ type block struct {
 	hash    string
 	ns      *namespace
 	freed   bool
-	shares  []share // len ns.desc.TpSize, indexed by rank
+	shares  []share // len ns.desc.TPSize, indexed by rank
 	created time.Time
 	saved   uint64 // ranks whose copy completed
 	saving  uint64 // ranks copying now
@@ -41,7 +41,7 @@ type block struct {
 }
 
 func newBlock(ns *namespace, hash string, now time.Time) *block {
-	b := &block{hash: hash, ns: ns, created: now, shares: make([]share, ns.desc.TpSize)}
+	b := &block{hash: hash, ns: ns, created: now, shares: make([]share, ns.desc.TPSize)}
 	for i := range b.shares {
 		b.shares[i].b = b
 	}

@@ -24,9 +24,10 @@ func TestNamespaceIDPinned(t *testing.T) {
 		{"minimal", &pb.Namespace{Model: "m", BlockSize: 4, TpSize: 1}, "ns-f8d45877b893ae619dff07efb9157f42", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			require.Equal(t, tc.id, namespaceID(tc.ns))
+			ns := namespaceFromPB(tc.ns)
+			require.Equal(t, tc.id, namespaceID(ns))
 			if tc.serving != "" {
-				require.Equal(t, tc.serving, servingKey(tc.ns))
+				require.Equal(t, tc.serving, servingKey(ns))
 			}
 		})
 	}

@@ -374,7 +374,7 @@ func checkPools(t *testing.T, e *Engine) {
 	evictable := 0
 	for _, ns := range e.namespaces {
 		for _, b := range ns.blocks {
-			require.Len(t, b.shares, int(ns.desc.TpSize))
+			require.Len(t, b.shares, int(ns.desc.TPSize))
 			for r, s := range b.shares {
 				require.Same(t, b, s.b)
 				if s.ext.size == 0 {
