@@ -29,7 +29,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
 	"github.com/pegaflow/pegaflow/engine/topology"
 	"github.com/pegaflow/pegaflow/native"
 )
@@ -318,14 +317,14 @@ func (e *Engine) expire(now time.Time) {
 }
 
 // Health reports whether the engine serves requests.
-func (e *Engine) Health() *pb.HealthResponse {
+func (e *Engine) Health() Health {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	status := "ok"
 	if e.closed {
 		status = "closed"
 	}
-	return &pb.HealthResponse{Status: status, Backend: native.Backend(), Version: e.cfg.Version}
+	return Health{Status: status, Backend: native.Backend(), Version: e.cfg.Version}
 }
 
 // counters are monotonic totals, guarded by e.mu.
@@ -336,7 +335,7 @@ type counters struct {
 }
 
 // Stats is a snapshot of the engine's gauges and counters.
-func (e *Engine) Stats() *pb.StatsResponse {
+func (e *Engine) Stats() Stats {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	var pinned, inflight uint64
@@ -350,7 +349,7 @@ func (e *Engine) Stats() *pb.StatsResponse {
 			}
 		}
 	}
-	return &pb.StatsResponse{
+	return Stats{
 		PoolCapacityBytes: e.capacity(),
 		PoolUsedBytes:     e.usedLocked(),
 		ResidentBlocks:    uint64(e.numBlocks),

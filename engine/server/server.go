@@ -264,9 +264,9 @@ func (s *service) Release(_ context.Context, req *pb.ReleaseRequest) (*pb.Releas
 }
 
 func (s *service) Health(context.Context, *pb.HealthRequest) (*pb.HealthResponse, error) {
-	return s.eng.Health(), nil
+	return healthToPB(s.eng.Health()), nil
 }
 
 func (s *service) Stats(context.Context, *pb.StatsRequest) (*pb.StatsResponse, error) {
-	return s.eng.Stats(), nil
+	return statsToPB(s.eng.Stats()), nil
 }
