@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"os"
 
-	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
 	"github.com/pegaflow/pegaflow/native"
 )
 
@@ -44,17 +43,17 @@ func cudaDevice(spec regionSpec) (int, error) {
 // the registration stands, RegisterResponse.cuda_event tells the worker
 // that it must order its saves itself (host-side event sync on its save
 // thread), which is correct, only slower.
-func openProducerEvent(log *slog.Logger, req *pb.RegisterRequest, specs []regionSpec) *native.Event {
-	handle := req.GetCudaIpcEvent()
+func openProducerEvent(log *slog.Logger, req *registration) *native.Event {
+	handle := req.event
 	if len(handle) == 0 {
 		return nil
 	}
 	dev, found := -1, false
-	for _, spec := range specs {
+	for _, spec := range req.layout.regions {
 		if spec.ipcHandle != nil {
 			d, err := cudaDevice(spec)
 			if err != nil {
-				log.Warn("producer event not opened: region device", "instance", req.InstanceId, "rank", req.Rank, "err", err)
+				log.Warn("producer event not opened: region device", "instance", req.instanceID, "rank", req.rank, "err", err)
 				return nil
 			}
 			dev, found = d, true
@@ -66,8 +65,8 @@ func openProducerEvent(log *slog.Logger, req *pb.RegisterRequest, specs []region
 	}
 	ev, err := native.OpenCUDAIPCEvent(handle, dev)
 	if err != nil {
-		log.Warn("producer event not opened; the worker orders its saves on the host", "instance", req.InstanceId,
-			"rank", req.Rank, "device", dev, "err", err)
+		log.Warn("producer event not opened; the worker orders its saves on the host", "instance", req.instanceID,
+			"rank", req.rank, "device", dev, "err", err)
 		return nil
 	}
 	return ev
@@ -75,12 +74,12 @@ func openProducerEvent(log *slog.Logger, req *pb.RegisterRequest, specs []region
 
 // openMemory opens a registration's regions and, if the worker sent one,
 // its producer event.
-func (e *Engine) openMemory(req *pb.RegisterRequest, specs []regionSpec) ([]*native.Region, *native.Event, error) {
-	regions, err := openRegions(specs)
+func (e *Engine) openMemory(req *registration) ([]*native.Region, *native.Event, error) {
+	regions, err := openRegions(req.layout.regions)
 	if err != nil {
 		return nil, nil, err
 	}
-	return regions, openProducerEvent(e.log, req, specs), nil
+	return regions, openProducerEvent(e.log, req), nil
 }
 
 func closeEvent(ev *native.Event) {

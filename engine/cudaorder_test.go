@@ -23,7 +23,7 @@ func TestProducerEventFallback(t *testing.T) {
 	req := c.RegisterRequest("inst", 0, smallSpec.Namespace("m", 1))
 	req.SessionId = sid
 	req.CudaIpcEvent = make([]byte, 64)
-	resp, err := e.Register(req)
+	resp, err := e.Register(context.Background(), req)
 	require.NoError(t, err)
 	require.False(t, resp.CudaEvent, "no CUDA region: no event to wait for")
 

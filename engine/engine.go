@@ -20,8 +20,7 @@
 package engine
 
 import (
-	"crypto/rand"
-	"encoding/hex"
+	"context"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -30,7 +29,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
 	"github.com/pegaflow/pegaflow/engine/topology"
 	"github.com/pegaflow/pegaflow/native"
 )
@@ -127,7 +125,10 @@ type Engine struct {
 	changed chan struct{}
 	stats   counters
 
-	stop     chan struct{}
+	// stopped ends when Close begins: housekeeping and callback retries
+	// stop on it.
+	stopped  context.Context
+	stop     context.CancelFunc
 	bg       sync.WaitGroup
 	closeErr error
 }
@@ -162,7 +163,10 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		_ = closePools(pools)
 		return nil, fmt.Errorf("eviction policy: %w", err)
 	}
+	stopped, stop := context.WithCancel(context.Background())
 	e := &Engine{
+		stopped:     stopped,
+		stop:        stop,
 		cfg:         cfg,
 		log:         log,
 		pools:       pools,
@@ -178,7 +182,6 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		leases:      map[string]*lease{},
 		transfers:   map[string]*transfer{},
 		changed:     make(chan struct{}),
-		stop:        make(chan struct{}),
 	}
 	if reg != nil {
 		m, err := newMetrics(e, reg)
@@ -240,7 +243,7 @@ func (e *Engine) Close() error {
 		return e.closeErr
 	}
 	e.closed = true
-	close(e.stop)
+	e.stop()
 	for _, t := range e.transfers {
 		t.settle(e, transferFailed, "engine closed")
 	}
@@ -274,12 +277,6 @@ func (e *Engine) broadcastLocked() {
 	e.changed = make(chan struct{})
 }
 
-func newID(prefix string) string {
-	var b [16]byte
-	_, _ = rand.Read(b[:])
-	return prefix + hex.EncodeToString(b[:])
-}
-
 // housekeeping expires leases, transfers and partial blocks.
 func (e *Engine) housekeeping() {
 	defer e.bg.Done()
@@ -287,7 +284,7 @@ func (e *Engine) housekeeping() {
 	defer tick.Stop()
 	for {
 		select {
-		case <-e.stop:
+		case <-e.stopped.Done():
 			return
 		case now := <-tick.C:
 			e.expire(now)
@@ -320,14 +317,14 @@ func (e *Engine) expire(now time.Time) {
 }
 
 // Health reports whether the engine serves requests.
-func (e *Engine) Health() *pb.HealthResponse {
+func (e *Engine) Health() Health {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	status := "ok"
 	if e.closed {
 		status = "closed"
 	}
-	return &pb.HealthResponse{Status: status, Backend: native.Backend(), Version: e.cfg.Version}
+	return Health{Status: status, Backend: native.Backend(), Version: e.cfg.Version}
 }
 
 // counters are monotonic totals, guarded by e.mu.
@@ -338,7 +335,7 @@ type counters struct {
 }
 
 // Stats is a snapshot of the engine's gauges and counters.
-func (e *Engine) Stats() *pb.StatsResponse {
+func (e *Engine) Stats() Stats {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	var pinned, inflight uint64
@@ -352,7 +349,7 @@ func (e *Engine) Stats() *pb.StatsResponse {
 			}
 		}
 	}
-	return &pb.StatsResponse{
+	return Stats{
 		PoolCapacityBytes: e.capacity(),
 		PoolUsedBytes:     e.usedLocked(),
 		ResidentBlocks:    uint64(e.numBlocks),

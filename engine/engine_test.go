@@ -52,7 +52,7 @@ func newWorker(t *testing.T, e *Engine, instance string, rank, tp int, spec kvte
 	require.NoError(t, err)
 	req := c.RegisterRequest(instance, rank, spec.Namespace("m", tp))
 	req.SessionId = sid
-	resp, err := e.Register(req)
+	resp, err := e.Register(context.Background(), req)
 	require.NoError(t, err)
 	require.Equal(t, uint64(spec.BlockBytes()), resp.BytesPerBlock)
 	return &worker{e: e, session: sid, instance: instance, rank: uint32(rank), cache: c, nsID: resp.NamespaceId}
@@ -416,7 +416,7 @@ func TestRequestValidation(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := good()
 			tc.mutate(r)
-			_, err := e.Register(r)
+			_, err := e.Register(context.Background(), r)
 			require.ErrorIs(t, err, tc.kind)
 		})
 	}

@@ -199,3 +199,9 @@ func (p *evictionPolicy) victim(pool int) *block {
 	}
 	return nil
 }
+
+// ghostKey identifies a block across namespaces for the ghost set.
+func (b *block) ghostKey() string {
+	n := b.ns.idx
+	return string([]byte{byte(n), byte(n >> 8), byte(n >> 16), byte(n >> 24)}) + b.hash
+}

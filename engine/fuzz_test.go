@@ -25,10 +25,11 @@ func FuzzValidateRegister(f *testing.F) {
 		if proto.Unmarshal(data, &req) != nil {
 			return
 		}
-		layout, err := validateRegister(&req, 1<<30)
+		reg, err := validateRegister(&req, 1<<30)
 		if err != nil {
 			return
 		}
+		layout := reg.layout
 		last := uint64(layout.numBlocks - 1)
 		var total uint64
 		for _, l := range layout.layers {

@@ -15,7 +15,7 @@ import (
 type namespace struct {
 	id   string
 	idx  uint32 // dense index, part of block keys
-	desc *pb.Namespace
+	desc *Namespace
 	// serving is servingKey(desc): namespaces that differ only in TP size
 	// or block size share it.
 	serving string
@@ -36,7 +36,7 @@ type namespace struct {
 // namespaceID derives the id from every compatibility field except the
 // hash-seed fingerprint, which is checked separately so that a mismatch is
 // reported instead of silently creating a disjoint namespace.
-func namespaceID(ns *pb.Namespace) string { return "ns-" + namespaceHash(ns, true) }
+func namespaceID(ns *Namespace) string { return "ns-" + namespaceHash(ns, true) }
 
 // servingKey is namespaceID without the fields a deployment chooses rather
 // than the model dictates: TP size, block size and the per-rank KV head
@@ -44,9 +44,9 @@ func namespaceID(ns *pb.Namespace) string { return "ns-" + namespaceHash(ns, tru
 // are the same model served with different parallelism: a P and a D that
 // can never share a block, which registration reports instead of letting
 // every lookup miss.
-func servingKey(ns *pb.Namespace) string { return namespaceHash(ns, false) }
+func servingKey(ns *Namespace) string { return namespaceHash(ns, false) }
 
-func namespaceHash(ns *pb.Namespace, parallelism bool) string {
+func namespaceHash(ns *Namespace, parallelism bool) string {
 	h := sha256.New()
 	str := func(s string) {
 		_ = binary.Write(h, binary.LittleEndian, uint32(len(s)))
@@ -61,14 +61,14 @@ func namespaceHash(ns *pb.Namespace, parallelism bool) string {
 	str(ns.Model)
 	str(ns.ModelRevision)
 	str(ns.Dtype)
-	str(ns.KvLayout)
+	str(ns.KVLayout)
 	if parallelism {
 		num(ns.BlockSize)
-		num(ns.TpSize)
+		num(ns.TPSize)
 	}
 	num(ns.NumLayers)
 	if parallelism {
-		num(ns.NumKvHeads)
+		num(ns.NumKVHeads)
 	}
 	num(ns.HeadSize)
 	str(ns.HashAlgo)
@@ -86,21 +86,21 @@ func namespaceHash(ns *pb.Namespace, parallelism bool) string {
 
 // openNamespaceLocked finds or creates the namespace for desc and checks its
 // hash-seed fingerprint. Caller holds e.mu and validated desc.
-func (e *Engine) openNamespaceLocked(desc *pb.Namespace) (*namespace, error) {
+func (e *Engine) openNamespaceLocked(desc *Namespace) (*namespace, error) {
 	id := namespaceID(desc)
 	ns, ok := e.namespaces[id]
 	if !ok {
 		ns = &namespace{
 			id:          id,
 			idx:         uint32(len(e.namespaces)),
-			desc:        cloneNamespace(desc),
+			desc:        desc.clone(),
 			serving:     servingKey(desc),
-			allRanks:    rankMask(desc.TpSize),
+			allRanks:    rankMask(desc.TPSize),
 			fingerprint: bytes.Clone(desc.HashSeedFingerprint),
 			blocks:      map[string]*block{},
 		}
 		e.namespaces[id] = ns
-		e.log.Info("namespace created", "namespace", id, "model", desc.Model, "tp", desc.TpSize, "block_size", desc.BlockSize)
+		e.log.Info("namespace created", "namespace", id, "model", desc.Model, "tp", desc.TPSize, "block_size", desc.BlockSize)
 		return ns, nil
 	}
 	if len(desc.HashSeedFingerprint) > 0 {
@@ -113,21 +113,6 @@ func (e *Engine) openNamespaceLocked(desc *pb.Namespace) (*namespace, error) {
 		}
 	}
 	return ns, nil
-}
-
-func cloneNamespace(ns *pb.Namespace) *pb.Namespace {
-	c := &pb.Namespace{
-		Model: ns.Model, ModelRevision: ns.ModelRevision, Dtype: ns.Dtype, KvLayout: ns.KvLayout,
-		BlockSize: ns.BlockSize, TpSize: ns.TpSize, NumLayers: ns.NumLayers, NumKvHeads: ns.NumKvHeads,
-		HeadSize: ns.HeadSize, HashAlgo: ns.HashAlgo, HashSeedFingerprint: bytes.Clone(ns.HashSeedFingerprint),
-	}
-	if len(ns.Extra) > 0 {
-		c.Extra = make(map[string]string, len(ns.Extra))
-		for k, v := range ns.Extra {
-			c.Extra[k] = v
-		}
-	}
-	return c
 }
 
 func rankMask(tp uint32) uint64 {
@@ -166,7 +151,8 @@ func (ns *namespace) adoptShape(shape [][]uint64, rankBytes uint64) error {
 }
 
 // OpenNamespace resolves a namespace descriptor to its id, creating it.
-func (e *Engine) OpenNamespace(sessionID string, desc *pb.Namespace) (string, error) {
+func (e *Engine) OpenNamespace(sessionID string, wire *pb.Namespace) (string, error) {
+	desc := namespaceFromPB(wire)
 	if err := validateNamespace(desc); err != nil {
 		return "", err
 	}

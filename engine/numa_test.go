@@ -45,7 +45,7 @@ func newGPUWorker(t *testing.T, e *Engine, instance, model string, rank, tp int,
 		r.DeviceUuid = uuid
 	}
 	req.SessionId = sid
-	resp, err := e.Register(req)
+	resp, err := e.Register(context.Background(), req)
 	require.NoError(t, err)
 	return &worker{e: e, session: sid, instance: instance, rank: uint32(rank), cache: c, nsID: resp.NamespaceId}
 }
@@ -337,7 +337,7 @@ func TestRegisterShareMustFitItsNodePool(t *testing.T) {
 			for _, r := range req.Regions {
 				r.DeviceUuid = tc.uuid
 			}
-			_, err = e.Register(req)
+			_, err = e.Register(context.Background(), req)
 			if tc.ok {
 				require.NoError(t, err)
 				return
@@ -374,7 +374,7 @@ func checkPools(t *testing.T, e *Engine) {
 	evictable := 0
 	for _, ns := range e.namespaces {
 		for _, b := range ns.blocks {
-			require.Len(t, b.shares, int(ns.desc.TpSize))
+			require.Len(t, b.shares, int(ns.desc.TPSize))
 			for r, s := range b.shares {
 				require.Same(t, b, s.b)
 				if s.ext.size == 0 {

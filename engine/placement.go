@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"strings"
 
-	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
 	"github.com/pegaflow/pegaflow/engine/topology"
 )
 
@@ -16,22 +15,23 @@ import (
 // size or block size. It records the rank's device on layout. Caller holds
 // e.mu; Register calls it before and after opening memory, because the
 // lock is dropped in between.
-func (e *Engine) checkRegistrationLocked(req *pb.RegisterRequest, layout *rankLayout) error {
-	if err := e.checkDeviceLocked(req, layout); err != nil {
+func (e *Engine) checkRegistrationLocked(r *registration) error {
+	layout := r.layout
+	if err := e.checkDeviceLocked(r); err != nil {
 		return err
 	}
 	if p := e.pools[e.poolFor(layout)]; layout.rankBytes > p.mem.Size() {
 		return invalid("instance %q rank %d: a block's share (%d bytes) does not fit the pool of its NUMA node %d (%d bytes)",
-			req.InstanceId, req.Rank, layout.rankBytes, p.node, p.mem.Size())
+			r.instanceID, r.rank, layout.rankBytes, p.node, p.mem.Size())
 	}
-	return e.checkParallelismLocked(req)
+	return e.checkParallelismLocked(r)
 }
 
 // checkDeviceLocked resolves the rank's GPU from its regions' device UUIDs.
 // In CPU mode (no NVML) there is nothing to check against: shm regions
 // have no device, so UUIDs are ignored.
-func (e *Engine) checkDeviceLocked(req *pb.RegisterRequest, layout *rankLayout) error {
-	topo := e.cfg.Topology
+func (e *Engine) checkDeviceLocked(req *registration) error {
+	layout, topo := req.layout, e.cfg.Topology
 	if !topo.GPU() {
 		return nil
 	}
@@ -43,7 +43,7 @@ func (e *Engine) checkDeviceLocked(req *pb.RegisterRequest, layout *rankLayout) 
 		gpu, ok := topo.Lookup(r.deviceUUID)
 		if !ok {
 			return fmt.Errorf("%w: instance %q rank %d: region %d is on device %s, which is not a GPU of this host (%s); "+
-				"the engine must run on the same host as the vLLM workers", ErrPrecondition, req.InstanceId, req.Rank, i,
+				"the engine must run on the same host as the vLLM workers", ErrPrecondition, req.instanceID, req.rank, i,
 				r.deviceUUID, localGPUs(topo))
 		}
 		uuid := topology.NormalizeUUID(r.deviceUUID)
@@ -53,7 +53,7 @@ func (e *Engine) checkDeviceLocked(req *pb.RegisterRequest, layout *rankLayout) 
 			layout.gpuIndex = gpu.Index
 		case uuid != device:
 			return invalid("instance %q rank %d: region %d is on device %s but region %d on %s; one rank's KV caches live on one GPU",
-				req.InstanceId, req.Rank, first, layout.regions[first].deviceUUID, i, r.deviceUUID)
+				req.instanceID, req.rank, first, layout.regions[first].deviceUUID, i, r.deviceUUID)
 		}
 	}
 	layout.device = device
@@ -62,7 +62,7 @@ func (e *Engine) checkDeviceLocked(req *pb.RegisterRequest, layout *rankLayout) 
 	}
 	var clash *instance
 	for key, inst := range e.instances {
-		if key.id != req.InstanceId || key.rank == req.Rank || inst.layout.device != device {
+		if key.id != req.instanceID || key.rank == req.rank || inst.layout.device != device {
 			continue
 		}
 		if clash == nil || key.rank < clash.key.rank {
@@ -71,7 +71,7 @@ func (e *Engine) checkDeviceLocked(req *pb.RegisterRequest, layout *rankLayout) 
 	}
 	if clash != nil {
 		return fmt.Errorf("%w: instance %q: ranks %d and %d are both on GPU %s (index %d); the TP ranks of an instance must be on distinct GPUs",
-			ErrPrecondition, req.InstanceId, clash.key.rank, req.Rank, layout.regions[first].deviceUUID, layout.gpuIndex)
+			ErrPrecondition, req.instanceID, clash.key.rank, req.rank, layout.regions[first].deviceUUID, layout.gpuIndex)
 	}
 	return nil
 }
@@ -91,14 +91,14 @@ func localGPUs(t *topology.Topology) string {
 // seed mismatch, that is reported instead. Instances with the same id are
 // exempt: a restarted instance's new ranks replace its old ones.
 // Deployments that mean to stay apart differ in namespace.extra.
-func (e *Engine) checkParallelismLocked(req *pb.RegisterRequest) error {
-	desc := req.Namespace
-	clash := e.parallelismClashLocked(desc, req.InstanceId)
+func (e *Engine) checkParallelismLocked(req *registration) error {
+	desc := req.ns
+	clash := e.parallelismClashLocked(desc, req.instanceID)
 	if clash == nil {
 		return nil
 	}
 	return fmt.Errorf("%w: instance %q (tp_size %d, block_size %d) and %s", ErrPrecondition,
-		req.InstanceId, desc.TpSize, desc.BlockSize, clashText(desc, clash))
+		req.instanceID, desc.TPSize, desc.BlockSize, clashText(desc, clash))
 }
 
 // checkOpenParallelismLocked is checkParallelismLocked for OpenNamespace
@@ -107,7 +107,7 @@ func (e *Engine) checkParallelismLocked(req *pb.RegisterRequest) error {
 // otherwise it must not clash with another live instance, so a scheduler
 // whose workers were rejected is rejected too rather than querying a
 // namespace that never fills.
-func (e *Engine) checkOpenParallelismLocked(desc *pb.Namespace) error {
+func (e *Engine) checkOpenParallelismLocked(desc *Namespace) error {
 	id := namespaceID(desc)
 	for _, inst := range e.instances {
 		if inst.ns.id == id {
@@ -119,13 +119,13 @@ func (e *Engine) checkOpenParallelismLocked(desc *pb.Namespace) error {
 		return nil
 	}
 	return fmt.Errorf("%w: namespace of model %q (tp_size %d, block_size %d) and %s", ErrPrecondition,
-		desc.Model, desc.TpSize, desc.BlockSize, clashText(desc, clash))
+		desc.Model, desc.TPSize, desc.BlockSize, clashText(desc, clash))
 }
 
 // parallelismClashLocked returns the live instance (lowest id and rank, so
 // messages are stable) in another namespace with desc's serving key,
 // ignoring instance exempt.
-func (e *Engine) parallelismClashLocked(desc *pb.Namespace, exempt string) *instance {
+func (e *Engine) parallelismClashLocked(desc *Namespace, exempt string) *instance {
 	id, serving := namespaceID(desc), servingKey(desc)
 	var clash *instance
 	for key, inst := range e.instances {
@@ -139,20 +139,20 @@ func (e *Engine) parallelismClashLocked(desc *pb.Namespace, exempt string) *inst
 	return clash
 }
 
-func clashText(desc *pb.Namespace, clash *instance) string {
+func clashText(desc *Namespace, clash *instance) string {
 	other := clash.ns.desc
 	var diffs []string
-	if desc.TpSize != other.TpSize {
-		diffs = append(diffs, fmt.Sprintf("tp_size %d vs %d", desc.TpSize, other.TpSize))
+	if desc.TPSize != other.TPSize {
+		diffs = append(diffs, fmt.Sprintf("tp_size %d vs %d", desc.TPSize, other.TPSize))
 	}
 	if desc.BlockSize != other.BlockSize {
 		diffs = append(diffs, fmt.Sprintf("block_size %d vs %d", desc.BlockSize, other.BlockSize))
 	}
-	if desc.NumKvHeads != other.NumKvHeads {
-		diffs = append(diffs, fmt.Sprintf("num_kv_heads per rank %d vs %d", desc.NumKvHeads, other.NumKvHeads))
+	if desc.NumKVHeads != other.NumKVHeads {
+		diffs = append(diffs, fmt.Sprintf("num_kv_heads per rank %d vs %d", desc.NumKVHeads, other.NumKVHeads))
 	}
 	return fmt.Sprintf("instance %q (tp_size %d, block_size %d) serve model %q but differ in %s, so they could never "+
 		"share a KV block; P and D instances sharing a namespace must use the same TP size and block size "+
 		"(set a distinguishing namespace.extra key to keep separate deployments apart)",
-		clash.key.id, other.TpSize, other.BlockSize, desc.Model, strings.Join(diffs, ", "))
+		clash.key.id, other.TPSize, other.BlockSize, desc.Model, strings.Join(diffs, ", "))
 }

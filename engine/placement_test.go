@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -116,7 +117,7 @@ func TestRegisterDevicePlacement(t *testing.T) {
 				sid, err := e.OpenSession(step.instance)
 				require.NoError(t, err)
 				req.SessionId = sid
-				_, err = e.Register(req)
+				_, err = e.Register(context.Background(), req)
 				if i < len(tc.steps)-1 || tc.kind == nil {
 					require.NoError(t, err, "step %d", i)
 					continue
@@ -135,7 +136,7 @@ func TestRankFreesItsGPUWhenItsSessionEnds(t *testing.T) {
 		sid, err := e.OpenSession("P")
 		require.NoError(t, err)
 		req.SessionId = sid
-		_, err = e.Register(req)
+		_, err = e.Register(context.Background(), req)
 		return sid, err
 	}
 	old, err := register(0, gpuA)
@@ -181,7 +182,7 @@ func TestRegisterParallelismAcrossInstances(t *testing.T) {
 				require.NoError(t, err)
 				req.SessionId = sid
 				before := e.Stats().Namespaces
-				_, err = e.Register(req)
+				_, err = e.Register(context.Background(), req)
 				if i < len(tc.steps)-1 || tc.msg == "" {
 					require.NoError(t, err, "step %d", i)
 					continue
@@ -201,11 +202,11 @@ func TestParallelismCheckEndsWithTheInstance(t *testing.T) {
 	sid, err := e.OpenSession("D")
 	require.NoError(t, err)
 	d.SessionId = sid
-	_, err = e.Register(d)
+	_, err = e.Register(context.Background(), d)
 	require.ErrorIs(t, err, ErrPrecondition)
 	// Once P is gone, a redeployment at another TP size is no conflict.
 	e.CloseSession(p.session)
-	_, err = e.Register(d)
+	_, err = e.Register(context.Background(), d)
 	require.NoError(t, err)
 }
 
@@ -262,13 +263,13 @@ func TestOpenNamespaceFollowsTheRegistrationRule(t *testing.T) {
 	d := newWorker(t, e, "D", 0, 2, smallSpec)
 	d1 := regStep{instance: "D", rank: 1, tp: 2}.request(t)
 	d1.SessionId = d.session
-	_, err := e.Register(d1)
+	_, err := e.Register(context.Background(), d1)
 	require.NoError(t, err)
 	p := regStep{instance: "P", rank: 0, tp: 1}.request(t)
 	sid, err := e.OpenSession("P")
 	require.NoError(t, err)
 	p.SessionId = sid
-	_, err = e.Register(p)
+	_, err = e.Register(context.Background(), p)
 	require.ErrorIs(t, err, ErrPrecondition)
 
 	tests := []struct {

@@ -1,10 +1,12 @@
 package engine
 
 import (
+	"context"
 	"errors"
 	"fmt"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/internal/ids"
 	"github.com/pegaflow/pegaflow/native"
 )
 
@@ -52,7 +54,7 @@ func (e *Engine) OpenSession(name string) (string, error) {
 	if err := e.checkOpen(); err != nil {
 		return "", err
 	}
-	s := &session{id: newID("s-"), name: name, instances: map[instanceKey]*instance{}, leases: map[string]*lease{}}
+	s := &session{id: ids.New("s-"), name: name, instances: map[instanceKey]*instance{}, leases: map[string]*lease{}}
 	e.sessions[s.id] = s
 	e.log.Debug("session opened", "session", s.id, "client", name)
 	return s.id, nil
@@ -106,42 +108,29 @@ func (e *Engine) instanceLocked(sessionID, instanceID string, rank uint32) (*ins
 
 // Register registers one rank's KV memory. A registration of the same
 // (instance, rank) replaces the previous one, e.g. after a vLLM restart.
-func (e *Engine) Register(req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
-	layout, err := validateRegister(req, e.capacity())
+// A done ctx stops it before any memory is opened.
+func (e *Engine) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+	reg, err := validateRegister(req, e.capacity())
 	if err != nil {
 		return nil, err
 	}
-	e.mu.Lock()
-	if err := e.checkOpen(); err != nil {
-		e.mu.Unlock()
-		return nil, err
-	}
-	if _, err := e.sessionLocked(req.SessionId); err != nil {
-		e.mu.Unlock()
-		return nil, err
-	}
-	// Namespace and placement checks first, so a mismatch fails before
-	// opening memory (and before creating a namespace).
-	err = e.checkRegistrationLocked(req, layout)
-	var ns *namespace
-	if err == nil {
-		ns, err = e.openNamespaceLocked(req.Namespace)
-	}
-	if err == nil && ns.shape != nil {
-		err = ns.adoptShape(layout.blockShape(), layout.rankBytes)
-	}
-	e.mu.Unlock()
+	ns, err := e.preflightRegister(reg)
 	if err != nil {
 		return nil, err
 	}
-
-	regions, ev, err := e.openMemory(req, layout.regions)
+	// Opening CUDA IPC memory maps another process's device memory and
+	// cannot be interrupted: a caller that gave up gets none opened.
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	regions, ev, err := e.openMemory(reg)
 	if err != nil {
 		return nil, err
 	}
+	layout := reg.layout
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	s, err := e.sessionLocked(req.SessionId)
+	s, err := e.sessionLocked(reg.sessionID)
 	if err == nil {
 		err = e.checkOpen()
 	}
@@ -149,7 +138,7 @@ func (e *Engine) Register(req *pb.RegisterRequest) (*pb.RegisterResponse, error)
 		err = ns.adoptShape(layout.blockShape(), layout.rankBytes)
 	}
 	if err == nil {
-		err = e.checkRegistrationLocked(req, layout)
+		err = e.checkRegistrationLocked(reg)
 	}
 	if err != nil {
 		for _, r := range regions {
@@ -158,19 +147,47 @@ func (e *Engine) Register(req *pb.RegisterRequest) (*pb.RegisterResponse, error)
 		closeEvent(ev)
 		return nil, err
 	}
-	key := instanceKey{req.InstanceId, req.Rank}
+	key := instanceKey{reg.instanceID, reg.rank}
 	if old, ok := e.instances[key]; ok {
 		delete(old.session.instances, key)
 		old.close()
-		e.log.Info("instance re-registered", "instance", req.InstanceId, "rank", req.Rank)
+		e.log.Info("instance re-registered", "instance", reg.instanceID, "rank", reg.rank)
 	}
 	inst := &instance{key: key, session: s, ns: ns, layout: layout, regions: regions, event: ev, pool: e.poolFor(layout)}
 	e.instances[key] = inst
 	s.instances[key] = inst
-	e.log.Info("instance registered", "instance", req.InstanceId, "rank", req.Rank, "namespace", ns.id,
+	e.log.Info("instance registered", "instance", reg.instanceID, "rank", reg.rank, "namespace", ns.id,
 		"blocks", layout.numBlocks, "layers", len(layout.layers), "rank_block_bytes", layout.rankBytes, "device", layout.device,
 		"pool_numa_node", e.pools[inst.pool].node)
 	return &pb.RegisterResponse{NamespaceId: ns.id, BytesPerBlock: layout.rankBytes, CudaEvent: ev != nil}, nil
+}
+
+// preflightRegister runs Register's namespace and placement checks before
+// any memory is opened, so a mismatch fails cheaply, and opens (or
+// creates) the namespace. Register repeats the checks after opening the
+// memory, because e.mu is not held in between.
+func (e *Engine) preflightRegister(reg *registration) (*namespace, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.checkOpen(); err != nil {
+		return nil, err
+	}
+	if _, err := e.sessionLocked(reg.sessionID); err != nil {
+		return nil, err
+	}
+	if err := e.checkRegistrationLocked(reg); err != nil {
+		return nil, err
+	}
+	ns, err := e.openNamespaceLocked(reg.ns)
+	if err != nil {
+		return nil, err
+	}
+	if ns.shape != nil {
+		if err := ns.adoptShape(reg.layout.blockShape(), reg.layout.rankBytes); err != nil {
+			return nil, err
+		}
+	}
+	return ns, nil
 }
 
 func openRegions(specs []regionSpec) ([]*native.Region, error) {

@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"net/url"
 	"time"
+
+	"github.com/pegaflow/pegaflow/internal/retry"
 )
 
 type transferState uint8
@@ -109,6 +111,18 @@ func (t *transfer) check(e *Engine) {
 	}
 }
 
+// blockFailed drops b, a tagged block that will never seal, and fails the
+// transfer. b's pin by the transfer goes without re-admitting b to the
+// eviction queues: the caller frees it.
+func (t *transfer) blockFailed(e *Engine, b *block, why string) {
+	if _, ok := t.blocks[b]; ok {
+		delete(t.blocks, b)
+		t.pending--
+		b.pins--
+	}
+	t.settle(e, transferFailed, why)
+}
+
 // settle publishes the outcome once; later calls are no-ops.
 func (t *transfer) settle(e *Engine, state transferState, message string) {
 	if t.state != transferPending {
@@ -179,32 +193,31 @@ type readyReport struct {
 	Message    string `json:"message,omitempty"`
 }
 
-// notify POSTs the outcome to ready_url with bounded retries.
+// callbackRetry spaces the attempts of a ready_url POST: 50ms, 200ms,
+// 800ms between four attempts.
+var callbackRetry = retry.Policy{Attempts: 4, Backoff: 50 * time.Millisecond, Factor: 4}
+
+// notify POSTs the outcome to ready_url with bounded retries. Close stops
+// the retries (not a POST in flight, which CallbackTimeout bounds).
 func (e *Engine) notify(readyURL, id, token, status, message string) {
 	defer e.bg.Done()
 	body, _ := json.Marshal(readyReport{TransferID: id, Token: token, Status: status, Message: message})
-	backoff := 50 * time.Millisecond
-	for attempt := 1; attempt <= 4; attempt++ {
-		err := e.postReady(readyURL, body)
-		if err == nil {
-			return
+	_ = retry.Do(e.stopped, callbackRetry, nil, func(ctx context.Context, attempt int) error {
+		err := e.postReady(context.WithoutCancel(ctx), readyURL, body)
+		if err != nil && !retry.IsPermanent(err) {
+			e.log.Warn("kv_ready callback failed", "transfer", id, "url", readyURL, "attempt", attempt, "err", err)
 		}
-		e.log.Warn("kv_ready callback failed", "transfer", id, "url", readyURL, "attempt", attempt, "err", err)
-		select {
-		case <-e.stop:
-			return
-		case <-time.After(backoff):
-		}
-		backoff *= 4
-	}
+		return err
+	})
 }
 
-func (e *Engine) postReady(readyURL string, body []byte) error {
-	ctx, cancel := context.WithTimeout(context.Background(), e.cfg.CallbackTimeout)
+// postReady makes one POST; a 4xx answer is a permanent error.
+func (e *Engine) postReady(ctx context.Context, readyURL string, body []byte) error {
+	ctx, cancel := context.WithTimeout(ctx, e.cfg.CallbackTimeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, readyURL, bytes.NewReader(body))
 	if err != nil {
-		return err
+		return retry.Permanent(err)
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := e.http.Do(req)
@@ -218,7 +231,7 @@ func (e *Engine) postReady(readyURL string, body []byte) error {
 	case resp.StatusCode >= 400 && resp.StatusCode < 500:
 		// The router rejected it (unknown or wrong token): retrying won't help.
 		e.log.Warn("kv_ready callback rejected", "url", readyURL, "status", resp.StatusCode)
-		return nil
+		return retry.Permanent(fmt.Errorf("status %d", resp.StatusCode))
 	}
 	return fmt.Errorf("status %d", resp.StatusCode)
 }

@@ -79,7 +79,7 @@ func validateID(what, id string) error {
 	return nil
 }
 
-func validateNamespace(ns *pb.Namespace) error {
+func validateNamespace(ns *Namespace) error {
 	switch {
 	case ns == nil:
 		return invalid("namespace is missing")
@@ -87,26 +87,26 @@ func validateNamespace(ns *pb.Namespace) error {
 		return invalid("namespace.model is empty")
 	case ns.BlockSize == 0:
 		return invalid("namespace.block_size is 0")
-	case ns.TpSize == 0 || ns.TpSize > MaxTPSize:
-		return invalid("namespace.tp_size %d not in 1..%d", ns.TpSize, MaxTPSize)
+	case ns.TPSize == 0 || ns.TPSize > MaxTPSize:
+		return invalid("namespace.tp_size %d not in 1..%d", ns.TPSize, MaxTPSize)
 	case len(ns.HashSeedFingerprint) > MaxHashLen:
 		return invalid("namespace.hash_seed_fingerprint longer than %d bytes", MaxHashLen)
 	}
 	return nil
 }
 
-// validateRegister checks a registration without touching any state. The
-// pool size bounds a block's size.
-func validateRegister(req *pb.RegisterRequest, poolSize uint64) (*rankLayout, error) {
+// validateRegister checks a registration without touching any state and
+// turns it into engine terms. The pool size bounds a block's size.
+func validateRegister(req *pb.RegisterRequest, poolSize uint64) (*registration, error) {
 	if err := validateID("instance_id", req.GetInstanceId()); err != nil {
 		return nil, err
 	}
-	ns := req.GetNamespace()
+	ns := namespaceFromPB(req.GetNamespace())
 	if err := validateNamespace(ns); err != nil {
 		return nil, err
 	}
-	if req.Rank >= ns.TpSize {
-		return nil, invalid("rank %d out of range for tp_size %d", req.Rank, ns.TpSize)
+	if req.Rank >= ns.TPSize {
+		return nil, invalid("rank %d out of range for tp_size %d", req.Rank, ns.TPSize)
 	}
 	if req.NumBlocks == 0 {
 		return nil, invalid("num_blocks is 0")
@@ -177,10 +177,11 @@ func validateRegister(req *pb.RegisterRequest, poolSize uint64) (*rankLayout, er
 		layout.layers = append(layout.layers, spec)
 	}
 	layout.rankBytes = total
-	if hi, blockBytes := bits.Mul64(total, uint64(ns.TpSize)); hi != 0 || blockBytes > poolSize {
-		return nil, invalid("a block (%d bytes x %d ranks) does not fit the pool (%d bytes)", total, ns.TpSize, poolSize)
+	if hi, blockBytes := bits.Mul64(total, uint64(ns.TPSize)); hi != 0 || blockBytes > poolSize {
+		return nil, invalid("a block (%d bytes x %d ranks) does not fit the pool (%d bytes)", total, ns.TPSize, poolSize)
 	}
-	return layout, nil
+	return &registration{sessionID: req.SessionId, instanceID: req.InstanceId, rank: req.Rank, ns: ns, layout: layout,
+		event: req.GetCudaIpcEvent()}, nil
 }
 
 // validateBlocks checks block refs against an instance's block count.
@@ -207,4 +208,39 @@ func validateHash(i int, h []byte) error {
 		return invalid("hash %d has %d bytes, want %d..%d", i, len(h), MinHashLen, MaxHashLen)
 	}
 	return nil
+}
+
+// queryHashes returns the query's hashes from either encoding, validated.
+// Packed hashes are sliced in place, without copying.
+func queryHashes(req *pb.QueryRequest) ([][]byte, error) {
+	if len(req.PackedHashes) == 0 {
+		if len(req.Hashes) > MaxQueryHashes {
+			return nil, invalid("%d hashes in one query, max %d", len(req.Hashes), MaxQueryHashes)
+		}
+		for i, h := range req.Hashes {
+			if err := validateHash(i, h); err != nil {
+				return nil, err
+			}
+		}
+		return req.Hashes, nil
+	}
+	if len(req.Hashes) > 0 {
+		return nil, invalid("set hashes or packed_hashes, not both")
+	}
+	n := int(req.HashLen)
+	if n < MinHashLen || n > MaxHashLen {
+		return nil, invalid("hash_len %d, want %d..%d", n, MinHashLen, MaxHashLen)
+	}
+	if len(req.PackedHashes)%n != 0 {
+		return nil, invalid("packed_hashes has %d bytes, not a multiple of hash_len %d", len(req.PackedHashes), n)
+	}
+	count := len(req.PackedHashes) / n
+	if count > MaxQueryHashes {
+		return nil, invalid("%d hashes in one query, max %d", count, MaxQueryHashes)
+	}
+	out := make([][]byte, count)
+	for i := range out {
+		out[i] = req.PackedHashes[i*n : (i+1)*n : (i+1)*n]
+	}
+	return out, nil
 }

@@ -229,8 +229,8 @@ func (s *service) OpenNamespace(_ context.Context, req *pb.OpenNamespaceRequest)
 	return &pb.OpenNamespaceResponse{NamespaceId: id}, nil
 }
 
-func (s *service) Register(_ context.Context, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
-	resp, err := s.eng.Register(req)
+func (s *service) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+	resp, err := s.eng.Register(ctx, req)
 	return resp, toStatus(err)
 }
 
@@ -264,9 +264,9 @@ func (s *service) Release(_ context.Context, req *pb.ReleaseRequest) (*pb.Releas
 }
 
 func (s *service) Health(context.Context, *pb.HealthRequest) (*pb.HealthResponse, error) {
-	return s.eng.Health(), nil
+	return healthToPB(s.eng.Health()), nil
 }
 
 func (s *service) Stats(context.Context, *pb.StatsRequest) (*pb.StatsResponse, error) {
-	return s.eng.Stats(), nil
+	return statsToPB(s.eng.Stats()), nil
 }

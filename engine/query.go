@@ -1,0 +1,117 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/internal/ids"
+)
+
+// Query returns the longest sealed prefix of req.Hashes. With WaitMs it
+// waits (bounded by MaxQueryWait and ctx) for hashes whose save is in
+// flight and, with TransferId, for that transfer to settle.
+func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResponse, error) {
+	hashes, err := queryHashes(req)
+	if err != nil {
+		return nil, err
+	}
+	if req.TransferId != "" {
+		if err := validateTransfer(req.TransferId, "", ""); err != nil {
+			return nil, err
+		}
+	}
+	wait := min(time.Duration(req.WaitMs)*time.Millisecond, e.cfg.MaxQueryWait)
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.checkOpen(); err != nil {
+		return nil, err
+	}
+	s, err := e.sessionLocked(req.SessionId)
+	if err != nil {
+		return nil, err
+	}
+	ns, ok := e.namespaces[req.NamespaceId]
+	if !ok {
+		return nil, fmt.Errorf("%w: namespace %q", ErrNotFound, req.NamespaceId)
+	}
+	if req.TransferId != "" && wait > 0 {
+		t := e.transferLocked(req.TransferId)
+		done := t.done
+		e.mu.Unlock()
+		select {
+		case <-done:
+		case <-ctx.Done():
+		}
+		e.mu.Lock()
+		if err := e.checkOpen(); err != nil {
+			return nil, err
+		}
+	}
+	var hit, inflight int
+	for {
+		hit, inflight = e.prefixLocked(ns, hashes)
+		if inflight == 0 || wait == 0 {
+			break
+		}
+		changed := e.changed
+		e.mu.Unlock()
+		select {
+		case <-changed:
+		case <-ctx.Done():
+		}
+		e.mu.Lock()
+		if err := e.checkOpen(); err != nil {
+			return nil, err
+		}
+		if ctx.Err() != nil {
+			hit, inflight = e.prefixLocked(ns, hashes)
+			break
+		}
+	}
+	e.stats.hits += uint64(hit)
+	e.stats.misses += uint64(len(hashes) - hit)
+	resp := &pb.QueryResponse{NumHit: uint32(hit), NumInflight: uint32(inflight)}
+	if req.Lease && hit > 0 {
+		ttl := e.cfg.LeaseTTL
+		if req.LeaseTtlMs > 0 {
+			ttl = min(time.Duration(req.LeaseTtlMs)*time.Millisecond, 10*e.cfg.LeaseTTL)
+		}
+		l := &lease{session: s, ranks: ns.allRanks, expires: time.Now().Add(ttl), blocks: make([]*block, 0, hit)}
+		for _, h := range hashes[:hit] {
+			b := ns.blocks[string(h)]
+			e.pinLocked(b)
+			l.blocks = append(l.blocks, b)
+		}
+		id := ids.New("l-")
+		e.leases[id] = l
+		s.leases[id] = l
+		resp.LeaseId = id
+	}
+	return resp, nil
+}
+
+// prefixLocked counts the sealed prefix and, after it, the run of blocks
+// still being saved.
+func (e *Engine) prefixLocked(ns *namespace, hashes [][]byte) (hit, inflight int) {
+	for hit < len(hashes) {
+		b := ns.blocks[string(hashes[hit])]
+		if b == nil || !b.sealed {
+			break
+		}
+		e.policy.touch(b)
+		hit++
+	}
+	for i := hit; i < len(hashes); i++ {
+		b := ns.blocks[string(hashes[i])]
+		if b == nil || b.sealed || b.saving == 0 && b.saved == 0 {
+			break
+		}
+		inflight++
+	}
+	return hit, inflight
+}

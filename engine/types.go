@@ -1,0 +1,80 @@
+package engine
+
+import (
+	"bytes"
+	"maps"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+)
+
+// Namespace describes which KV blocks are interchangeable: the model, its
+// KV layout and parallelism, and the hash that names blocks. It is the
+// engine's own copy of a pegaflow.v1.Namespace, so the state the engine
+// keeps for as long as it runs holds no protobuf message.
+type Namespace struct {
+	Model, ModelRevision string
+	Dtype                string // e.g. "bfloat16"
+	KVLayout             string // e.g. "flash_attn", "flashinfer", "mla" (+ "_hnd")
+	BlockSize            uint32 // tokens per block
+	TPSize               uint32
+	NumLayers            uint32
+	NumKVHeads           uint32 // per rank
+	HeadSize             uint32
+	HashAlgo             string // "sha256", "sha256_cbor", "xxhash", ...
+	// HashSeedFingerprint is not part of the key: a different one in the
+	// same namespace is rejected instead of missing every lookup.
+	HashSeedFingerprint []byte
+	// Extra holds further compatibility keys; the id sorts them.
+	Extra map[string]string
+}
+
+func (ns *Namespace) clone() *Namespace {
+	c := *ns
+	c.HashSeedFingerprint = bytes.Clone(ns.HashSeedFingerprint)
+	c.Extra = maps.Clone(ns.Extra)
+	return &c
+}
+
+// Health is whether the engine serves requests ("ok" or "closed") and
+// what it is.
+type Health struct {
+	Status, Backend, Version string
+}
+
+// Stats is a snapshot of the engine's gauges (pool bytes, blocks by state,
+// live namespaces, instances and sessions) and monotonic counters.
+type Stats struct {
+	PoolCapacityBytes, PoolUsedBytes             uint64
+	ResidentBlocks, PinnedBlocks, InflightBlocks uint64
+	Hits, Misses, Saves, Loads                   uint64
+	Evictions, SaveFailures                      uint64
+	Namespaces, Instances, Sessions              uint64
+	BytesSaved, BytesLoaded                      uint64
+}
+
+// registration is a RegisterRequest in engine terms, validated: the rank
+// it registers, its namespace and its memory layout.
+type registration struct {
+	sessionID  string
+	instanceID string
+	rank       uint32
+	ns         *Namespace
+	layout     *rankLayout
+	// event is the worker's CUDA IPC event handle (empty: none sent).
+	event []byte
+}
+
+// namespaceFromPB is where a wire namespace becomes an engine one (nil
+// stays nil, for validateNamespace to report). The copy shares nothing
+// with the message.
+func namespaceFromPB(ns *pb.Namespace) *Namespace {
+	if ns == nil {
+		return nil
+	}
+	c := &Namespace{
+		Model: ns.Model, ModelRevision: ns.ModelRevision, Dtype: ns.Dtype, KVLayout: ns.KvLayout,
+		BlockSize: ns.BlockSize, TPSize: ns.TpSize, NumLayers: ns.NumLayers, NumKVHeads: ns.NumKvHeads,
+		HeadSize: ns.HeadSize, HashAlgo: ns.HashAlgo, HashSeedFingerprint: ns.HashSeedFingerprint, Extra: ns.Extra,
+	}
+	return c.clone()
+}
