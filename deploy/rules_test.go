@@ -46,15 +46,19 @@ func (rf ruleFile) alerts() map[string]string {
 	return out
 }
 
-// writeTestRules writes a copy with every `for:` removed, so an alert
-// fires at its first true evaluation: the test sees an alert that would
-// fire, without waiting out the production hold times.
+// testHold replaces every rule's `for:` in the test's copy: long enough
+// that one missed health poll on a loaded machine (the routers poll every
+// 500 ms) does not fire an alert, short enough not to wait out the
+// production hold times.
+const testHold = "3s"
+
+// writeTestRules writes the rules with testHold as every `for:`.
 func writeTestRules(t *testing.T, dir string) string {
 	t.Helper()
 	rf := loadRules(t)
 	for _, g := range rf.Groups {
 		for _, r := range g.Rules {
-			delete(r, "for")
+			r["for"] = testHold
 		}
 	}
 	raw, err := yaml.Marshal(rf)

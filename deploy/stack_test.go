@@ -35,7 +35,7 @@ var stackPortOffsets = []int{0, 10, 20, 21, 30, 31, promPortOffset}
 
 // TestMonitoringAgainstDemoStack runs the demo stack (deploy/demo-stack.sh:
 // the `make demo` topology with load) and a real Prometheus scraping it at
-// 1 s with the shipped config and rules, then checks through Prometheus's
+// 1 s with the shipped config and rules (hold times cut to testHold), then checks through Prometheus's
 // HTTP API that every dashboard panel query returns data, the dashboard's
 // variables list both routers and both modes, every rule evaluates and none
 // fires on the healthy run, and PegaflowNoHealthyDecodeBackend fires once
@@ -119,7 +119,13 @@ func TestMonitoringAgainstDemoStack(t *testing.T) {
 	}
 	active, err := prom.alerts(ctx)
 	require.NoError(t, err)
-	require.Empty(t, active, "alerts on the healthy run")
+	for _, a := range active {
+		if a.State == "firing" {
+			t.Errorf("alert firing on the healthy run: %v", a.Labels)
+		} else {
+			t.Logf("alert %s on the healthy run: %v", a.State, a.Labels)
+		}
+	}
 
 	// The D sim dies: the P/D router's health polls fail, the alert fires.
 	pid := readPid(t, filepath.Join(stackDir, "pids", "sim-d.pid"))
@@ -248,7 +254,7 @@ func startStack(t *testing.T, bin string, base int, dir string) {
 
 // startPrometheus runs Prometheus on the shipped config, rewritten for the
 // test: targets moved to the stack's port base, 1 s scrapes and rule
-// evaluation, and the rules without their `for:` hold times.
+// evaluation, and the rules' `for:` cut to testHold.
 func startPrometheus(t *testing.T, promBin, dir string, base int) promAPI {
 	t.Helper()
 	raw, err := os.ReadFile(promConfigPath)
