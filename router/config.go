@@ -198,11 +198,11 @@ func (c Config) Validate() error {
 		for _, u := range l.urls {
 			norm, err := normalizeBackendURL(u)
 			if err != nil {
-				add("%s %q: %v", l.flag, u, err)
+				add("%s %q: %v", l.flag, redactURL(u), err)
 				continue
 			}
 			if seen[norm] {
-				add("%s %q: given twice", l.flag, u)
+				add("%s %q: given twice", l.flag, redactURL(u))
 			}
 			seen[norm] = true
 		}
@@ -269,6 +269,42 @@ func normalizeBackendURL(raw string) (string, error) {
 		return "", errors.New("a base URL takes no query or fragment")
 	}
 	return strings.TrimRight(raw, "/"), nil
+}
+
+// redactURL is raw as it may be shown (metric labels, logs, error
+// messages, /health): any userinfo (user:password@, or a token as the
+// user) is replaced by "xxxxx". A URL that does not parse as one with a
+// host loses everything between its scheme and its last '@'.
+func redactURL(raw string) string {
+	const mask = "xxxxx"
+	u, err := url.Parse(raw)
+	switch {
+	case err == nil && u.User != nil:
+		u.User = url.User(mask)
+		return u.String()
+	case err == nil && u.Opaque == "":
+		return raw
+	}
+	at := strings.LastIndexByte(raw, '@')
+	if at < 0 {
+		return raw
+	}
+	start := 0
+	if i := strings.Index(raw, "://"); i >= 0 && i < at {
+		start = i + 3
+	}
+	return raw[:start] + mask + raw[at:]
+}
+
+// redactURLError redacts the request URL that http.Client's errors carry
+// (net/http masks the password, not the user name). The error stays a
+// *url.Error, so Timeout and Unwrap still answer.
+func redactURLError(err error) error {
+	ue, ok := err.(*url.Error) // as http.Client returns it, unwrapped
+	if !ok {
+		return err
+	}
+	return &url.Error{Op: ue.Op, URL: redactURL(ue.URL), Err: ue.Err}
 }
 
 // readyURL is the /kv_ready address put in the prefill leg's

@@ -56,6 +56,12 @@ func (f *fakeVLLM) requests() []map[string]any {
 	return append([]map[string]any(nil), f.bodies...)
 }
 
+func (f *fakeVLLM) requestHeaders() []http.Header {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]http.Header(nil), f.headers...)
+}
+
 func (f *fakeVLLM) serve(w http.ResponseWriter, r *http.Request) {
 	switch r.URL.Path {
 	case "/health":

@@ -1,14 +1,21 @@
 package router
 
 import (
+	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"io"
+	"log/slog"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/stretchr/testify/require"
 )
 
@@ -86,3 +93,97 @@ func BenchmarkCheckPromptNested(b *testing.B) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// syncBuffer collects log output from concurrent handlers.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// withCreds puts user:password@ into a backend URL.
+func withCreds(raw, user, pass string) string {
+	return strings.Replace(raw, "http://", "http://"+user+":"+pass+"@", 1)
+}
+
+// Credentials in backend URLs reach the backends and nothing else: not
+// /metrics, /health, error answers nor logs (the old code showed the URL
+// as given everywhere).
+func TestBackendCredentialsNeverShown(t *testing.T) {
+	secrets := []string{"alice", "s3cret", "bob", "t0psecret"}
+	requireClean := func(t *testing.T, what, text string) {
+		t.Helper()
+		for _, s := range secrets {
+			require.NotContains(t, text, s, "%s shows a credential", what)
+		}
+	}
+	var logs syncBuffer
+	logger := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	p := newFake(nil)
+	d := newFake(func(f *fakeVLLM) { f.failWith.Store(500); f.failN.Store(1) })
+	dead := newFake(nil)
+	dead.srv.Close()
+	h := startRouterDeps(t, []*fakeVLLM{p}, []*fakeVLLM{d}, func(c *Config) {
+		c.Prefill = []string{withCreds(p.srv.URL, "alice", "s3cret"), withCreds(dead.srv.URL, "bob", "t0psecret")}
+		c.Decode = []string{withCreds(d.srv.URL, "alice", "s3cret")}
+		c.DecodeAttempts, c.PrefillAttempts, c.FailThreshold = 1, 1, 1
+	}, Deps{Logger: logger})
+
+	// Round-robin: the first request prefills on the live P and fails on
+	// D (500), the second tries the dead P (connection refused).
+	resp, body := post(t, h.url+"/v1/completions", completionBody)
+	require.Equal(t, http.StatusBadGateway, resp.StatusCode, body)
+	require.Contains(t, body, "decode backend http://xxxxx@"+strings.TrimPrefix(d.srv.URL, "http://")+" answered 500")
+	requireClean(t, "a 502 from D", body)
+	resp, body = post(t, h.url+"/v1/completions", completionBody)
+	require.Equal(t, http.StatusBadGateway, resp.StatusCode, body)
+	require.Contains(t, body, "prefill backend http://xxxxx@"+strings.TrimPrefix(dead.srv.URL, "http://"))
+	requireClean(t, "a 502 from a dead P", body)
+
+	// The backend still got the credentials (no client Authorization).
+	require.Equal(t, "Basic "+base64.StdEncoding.EncodeToString([]byte("alice:s3cret")), d.requestHeaders()[0].Get("Authorization"))
+
+	rec := httptest.NewRecorder()
+	promhttp.HandlerFor(h.reg, promhttp.HandlerOpts{}).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	require.Contains(t, rec.Body.String(), `backend="http://xxxxx@`)
+	requireClean(t, "/metrics", rec.Body.String())
+
+	_, detail := h.r.Healthy()
+	health, err := json.Marshal(detail)
+	require.NoError(t, err)
+	require.Contains(t, string(health), "http://xxxxx@")
+	requireClean(t, "/health", string(health))
+
+	require.Contains(t, logs.String(), "backend ejected")
+	requireClean(t, "the log", logs.String())
+
+	err = Config{Prefill: []string{"http://alice:s3cret@h:1", "http://alice:s3cret@h:1"}, Decode: []string{"http://bob:t0psecret@h:2?q"}}.Validate()
+	require.ErrorContains(t, err, "given twice")
+	requireClean(t, "a config error", err.Error())
+}
+
+func TestRedactURL(t *testing.T) {
+	for in, want := range map[string]string{
+		"http://h:1":         "http://h:1",
+		"http://u:p@h:1/x":   "http://xxxxx@h:1/x",
+		"https://token@h":    "https://xxxxx@h",
+		"http://u:p@h:1/%zz": "http://xxxxx@h:1/%zz", // does not parse
+		"u:p@h:1/%zz":        "xxxxx@h:1/%zz",
+	} {
+		require.Equal(t, want, redactURL(in), in)
+	}
+	err := redactURLError(&url.Error{Op: "Post", URL: "http://u:***@h/v1", Err: context.DeadlineExceeded})
+	require.Equal(t, `Post "http://xxxxx@h/v1": context deadline exceeded`, err.Error())
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+}

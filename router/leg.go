@@ -33,7 +33,7 @@ type answerLeg struct {
 }
 
 func (r *Router) track(b *backend, delta int64) {
-	r.m.inflight.WithLabelValues(b.role, b.base).Set(float64(b.inflight.Add(delta)))
+	r.m.inflight.WithLabelValues(b.role, b.name).Set(float64(b.inflight.Add(delta)))
 }
 
 // send POSTs body to b. It returns the response when its status is 2xx,
@@ -50,7 +50,7 @@ func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body [
 	}
 	resp, err := r.client.Do(req)
 	if err != nil {
-		return nil, &attemptError{backend: b, err: causeOf(ctx, err)}
+		return nil, &attemptError{backend: b, err: causeOf(ctx, redactURLError(err))}
 	}
 	if resp.StatusCode/100 != 2 {
 		data, _ := io.ReadAll(io.LimitReader(resp.Body, maxSmallAnswer))
@@ -145,7 +145,7 @@ func (r *Router) runAnswer(c echo.Context, rq *clientRequest, body []byte) (stri
 		return outcomeCancelled, nil
 	case res.wrote:
 		b := res.err.backend
-		r.log.Warn("answer broke after the first byte", "role", b.role, "backend", b.base, "request_id", rq.reqID, "err", res.err)
+		r.log.Warn("answer broke after the first byte", "role", b.role, "backend", b.name, "request_id", rq.reqID, "err", res.err)
 		if rq.stream {
 			writeStreamError(c, res.err)
 		}
@@ -273,7 +273,7 @@ func (r *Router) getModels(c echo.Context, b *backend) ([]byte, string, *attempt
 	}
 	resp, err := r.client.Do(req)
 	if err != nil {
-		return nil, "", &attemptError{backend: b, err: err}
+		return nil, "", &attemptError{backend: b, err: redactURLError(err)}
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, maxSmallAnswer))

@@ -59,7 +59,7 @@ func TestRetryWaitHonoursContext(t *testing.T) {
 }
 
 func TestAttemptError(t *testing.T) {
-	b := &backend{role: roleDecode, base: "http://d:1"}
+	b := newBackend(roleDecode, "http://d:1")
 	cases := []struct {
 		name      string
 		err       *attemptError
@@ -166,7 +166,7 @@ func TestPoolSelection(t *testing.T) {
 }
 
 func TestPassiveHealth(t *testing.T) {
-	b := &backend{role: rolePrefill, base: "http://p:1"}
+	b := newBackend(rolePrefill, "http://p:1")
 	b.activeOK.Store(true)
 	t0 := time.Now()
 	require.False(t, b.report(false, 2, time.Second, t0))

@@ -132,8 +132,8 @@ func New(cfg Config, deps Deps) (*Router, error) {
 	var all []*backend
 	for _, p := range r.pools() {
 		for _, b := range p.backends {
-			m.healthy.WithLabelValues(b.role, b.base).Set(1)
-			m.inflight.WithLabelValues(b.role, b.base).Set(0)
+			m.healthy.WithLabelValues(b.role, b.name).Set(1)
+			m.inflight.WithLabelValues(b.role, b.name).Set(0)
 			all = append(all, b)
 		}
 	}
@@ -141,7 +141,7 @@ func New(cfg Config, deps Deps) (*Router, error) {
 		client: &http.Client{Transport: transport}, backends: all,
 		interval: cfg.HealthInterval, timeout: cfg.HealthTimeout,
 		onChange: func(b *backend, ok bool) {
-			r.log.Info("backend health changed", "role", b.role, "backend", b.base, "healthy", ok)
+			r.log.Info("backend health changed", "role", b.role, "backend", b.name, "healthy", ok)
 			r.setHealthGauge(b)
 		},
 	}
@@ -184,7 +184,7 @@ func (r *Router) Healthy() (bool, map[string]any) {
 	for _, p := range r.pools() {
 		states := map[string]bool{}
 		for _, b := range p.backends {
-			states[b.base] = b.healthy(now)
+			states[b.name] = b.healthy(now)
 		}
 		detail[p.role] = states
 		if p.healthyCount() == 0 {
