@@ -35,8 +35,11 @@ type fakeVLLM struct {
 	headerDelay  time.Duration // D: wait this long before the stream's headers
 	stallFirst   time.Duration // D: send the stream's headers, then wait this long before the first event
 	readySent    atomic.Int64  // unix nanos of the last /kv_ready POST
-	modelsFail   atomic.Int32  // status for GET /v1/models (0: the model list)
-	modelsCalls  atomic.Int32
+	// P: the raw kv_transfer_params of its answer instead of the
+	// connector's ("-": no kv_transfer_params at all, as a P without it).
+	rawParams   string
+	modelsFail  atomic.Int32 // status for GET /v1/models (0: the model list)
+	modelsCalls atomic.Int32
 }
 
 func newFake(mutate func(*fakeVLLM)) *fakeVLLM {
@@ -146,9 +149,17 @@ func (f *fakeVLLM) prefill(w http.ResponseWriter, kv map[string]any, chat bool) 
 	if chat {
 		choice = map[string]any{"index": 0, "message": map[string]any{"role": "assistant", "content": "Hello"}, "finish_reason": "length"}
 	}
-	_ = json.NewEncoder(w).Encode(map[string]any{"id": "cmpl-p", "choices": []any{choice},
+	answer := map[string]any{"id": "cmpl-p", "choices": []any{choice},
 		"kv_transfer_params": map[string]any{"do_remote_prefill": true, "do_remote_decode": false,
-			"pegaflow_transfer_id": kv["pegaflow_transfer_id"], "pegaflow_num_blocks": 3}})
+			"pegaflow_transfer_id": kv["pegaflow_transfer_id"], "pegaflow_num_blocks": 3}}
+	switch f.rawParams {
+	case "":
+	case "-":
+		delete(answer, "kv_transfer_params")
+	default:
+		answer["kv_transfer_params"] = json.RawMessage(f.rawParams)
+	}
+	_ = json.NewEncoder(w).Encode(answer)
 	if f.readyState != "none" && f.readyDelay >= 0 {
 		go func() {
 			time.Sleep(f.readyDelay)

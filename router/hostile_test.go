@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 )
 
@@ -186,4 +187,65 @@ func TestRedactURL(t *testing.T) {
 	err := redactURLError(&url.Error{Op: "Post", URL: "http://u:***@h/v1", Err: context.DeadlineExceeded})
 	require.Equal(t, `Post "http://xxxxx@h/v1": context deadline exceeded`, err.Error())
 	require.ErrorIs(t, err, context.DeadlineExceeded)
+}
+
+// A P without the PegaFlow connector (no pegaflow_transfer_id in its
+// kv_transfer_params) costs no KV-ready wait: D is called at once, the
+// answer is counted and the warning logged once per backend; a malformed
+// kv_transfer_params is a 502 at once. The old code waited the whole
+// --kv-ready-timeout (30 s here) for each, past the 5 s deadline.
+func TestPrefillWithoutPegaFlowParams(t *testing.T) {
+	start := func(t *testing.T, raw string, policy string) (*harness, *fakeVLLM, *fakeVLLM, *syncBuffer) {
+		var logs syncBuffer
+		p := newFake(func(f *fakeVLLM) { f.rawParams, f.readyState = raw, "none" })
+		d := newFake(nil)
+		h := startRouterDeps(t, []*fakeVLLM{p}, []*fakeVLLM{d}, func(c *Config) {
+			c.KVReadyTimeout = 30 * time.Second
+			c.OnKVTimeout = policy
+		}, Deps{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+		return h, p, d, &logs
+	}
+	for _, raw := range []string{"-", "null", `{"do_remote_prefill":true,"remote_block_ids":[1]}`} {
+		t.Run("decode at once: "+raw, func(t *testing.T) {
+			h, p, d, logs := start(t, raw, OnKVTimeoutDecodeAnyway)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			for i := 0; i < 2; i++ {
+				status, body := postCtx(t, ctx, h.url+"/v1/completions", completionBody)
+				require.Equal(t, http.StatusOK, status, body)
+				text, done := sseText(t, body, false)
+				require.Equal(t, "Hello, world!", text)
+				require.True(t, done)
+			}
+			name := h.r.prefill.backends[0].name
+			require.Equal(t, 2.0, testutil.ToFloat64(h.r.m.noKVParams.WithLabelValues(name)))
+			require.Zero(t, testutil.ToFloat64(h.r.m.kvTimeouts), "no wait, so no wait expired")
+			require.Equal(t, 1, strings.Count(logs.String(), "without PegaFlow kv_transfer_params"), "warned once per backend: %s", logs)
+			kv := d.requests()[0]["kv_transfer_params"].(map[string]any)
+			require.Equal(t, true, kv["do_remote_prefill"])
+			require.Equal(t, p.requests()[0]["kv_transfer_params"].(map[string]any)["pegaflow_transfer_id"], kv["pegaflow_transfer_id"])
+			require.Zero(t, h.r.transfers.liveCount())
+		})
+	}
+	failures := []struct {
+		name, raw, policy string
+		status            int
+		msg               string
+	}{
+		{"--on-kv-timeout fail answers 504 at once", "-", OnKVTimeoutFail, http.StatusGatewayTimeout, "returned no pegaflow_transfer_id"},
+		{"malformed kv_transfer_params: 502 at once: [1]", `[1]`, OnKVTimeoutDecodeAnyway, http.StatusBadGateway, "not a JSON object"},
+		{"malformed kv_transfer_params: 502 at once: string", `"x"`, OnKVTimeoutDecodeAnyway, http.StatusBadGateway, "not a JSON object"},
+		{"malformed kv_transfer_params: 502 at once: number", `7`, OnKVTimeoutFail, http.StatusBadGateway, "not a JSON object"},
+	}
+	for _, tc := range failures {
+		t.Run(tc.name, func(t *testing.T) {
+			h, _, d, _ := start(t, tc.raw, tc.policy)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			status, body := postCtx(t, ctx, h.url+"/v1/completions", completionBody)
+			require.Equal(t, tc.status, status, body)
+			require.Contains(t, body, tc.msg)
+			require.Empty(t, d.requests(), "D never called")
+		})
+	}
 }

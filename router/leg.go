@@ -61,16 +61,17 @@ func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body [
 }
 
 // runPrefill sends the prefill leg, each attempt on another P with its own
-// transfer, and returns the transfer of the attempt that succeeded with
-// P's kv_transfer_params. A fresh transfer per attempt keeps a late save
+// transfer, and returns the transfer of the attempt that succeeded, its P
+// and P's kv_transfer_params. A fresh transfer per attempt keeps a late save
 // of a failed attempt from passing for the retry's KV.
-func (r *Router) runPrefill(ctx context.Context, rq *clientRequest) (*transfer, json.RawMessage, error) {
+func (r *Router) runPrefill(ctx context.Context, rq *clientRequest) (*transfer, *backend, json.RawMessage, error) {
 	var (
 		t      *transfer
+		p      *backend
 		params json.RawMessage
 	)
 	err := r.try(ctx, &r.prefillLeg, rq.reqID, func(ctx context.Context, b *backend) error {
-		t = r.transfers.register(ids.Hex(16), ids.Hex(16))
+		t, p = r.transfers.register(ids.Hex(16), ids.Hex(16)), b
 		var aerr *attemptError
 		if params, aerr = r.prefillAttempt(ctx, b, rq, t); aerr != nil {
 			r.dropTransfer(t)
@@ -79,9 +80,9 @@ func (r *Router) runPrefill(ctx context.Context, rq *clientRequest) (*transfer, 
 		return nil
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return t, params, nil
+	return t, p, params, nil
 }
 
 func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientRequest, t *transfer) (json.RawMessage, *attemptError) {

@@ -424,7 +424,7 @@ func TestLegEncoding(t *testing.T) {
 	require.NotContains(t, cpre["kv_transfer_params"], kvReadyURL, "no URL when none is known")
 
 	fromP := json.RawMessage(`{"do_remote_prefill":false,"remote_block_ids":[1,2],"pegaflow_ready_token":"leak","pegaflow_ready_url":"u"}`)
-	dp, err := decodeParams(fromP, "tid-1")
+	dp, err := decodeParams(mustPrefillParams(t, fromP), "tid-1")
 	require.NoError(t, err)
 	var db bytes.Buffer
 	req.decodeBody(&db, dp)
@@ -436,16 +436,23 @@ func TestLegEncoding(t *testing.T) {
 		"remote_block_ids": []any{1.0, 2.0}}, dec["kv_transfer_params"], "P's params merged, router's keys win, no token")
 
 	for _, raw := range []json.RawMessage{nil, json.RawMessage("null")} {
-		dp, err := decodeParams(raw, "t")
+		dp, err := decodeParams(mustPrefillParams(t, raw), "t")
 		require.NoError(t, err)
 		require.JSONEq(t, `{"do_remote_prefill":true,"do_remote_decode":false,"pegaflow_transfer_id":"t"}`, string(dp))
 	}
-	_, err = decodeParams(json.RawMessage(`[1]`), "t")
+	_, err = parsePrefillParams(json.RawMessage(`[1]`))
 	require.Error(t, err)
 
 	var nb bytes.Buffer
 	req.decodeBody(&nb, nil)
 	require.NotContains(t, decodeJSON(t, nb.Bytes()), "kv_transfer_params")
+}
+
+func mustPrefillParams(t *testing.T, raw json.RawMessage) map[string]json.RawMessage {
+	t.Helper()
+	params, err := parsePrefillParams(raw)
+	require.NoError(t, err)
+	return params
 }
 
 func TestTransfersSettledIdempotency(t *testing.T) {

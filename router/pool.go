@@ -16,6 +16,9 @@ type backend struct {
 	name     string
 	inflight atomic.Int64
 	activeOK atomic.Bool
+	// warnedNoKVParams: the warning that this P answers without PegaFlow
+	// kv_transfer_params was logged (once per backend).
+	warnedNoKVParams atomic.Bool
 
 	mu           sync.Mutex
 	consecFails  int

@@ -376,15 +376,33 @@ func prefillParams(buf *bytes.Buffer, transferID, readyURL, token string) json.R
 	return buf.Bytes()
 }
 
-// decodeParams merges P's returned kv_transfer_params (raw, may be empty
-// or null) with the router's keys, which win. The ready token never goes
-// to D: it only authenticates the engine's report to the router.
-func decodeParams(fromP json.RawMessage, transferID string) (json.RawMessage, error) {
-	merged := map[string]json.RawMessage{}
+// parsePrefillParams reads the kv_transfer_params of P's answer (raw,
+// may be empty or null: none). Anything but an object is an error.
+func parsePrefillParams(fromP json.RawMessage) (map[string]json.RawMessage, error) {
+	params := map[string]json.RawMessage{}
 	if len(fromP) > 0 && !isNull(fromP) {
-		if err := json.Unmarshal(fromP, &merged); err != nil {
+		if err := json.Unmarshal(fromP, &params); err != nil {
 			return nil, fmt.Errorf("prefill kv_transfer_params is not a JSON object: %w", err)
 		}
+	}
+	return params, nil
+}
+
+// hasTransferID: P's kv_transfer_params carry pegaflow_transfer_id, which
+// the PegaFlow connector returns when it saved (or is saving) the prompt's
+// KV. A P without the connector returns none: no KV will ever come.
+func hasTransferID(fromP map[string]json.RawMessage) bool {
+	_, ok := fromP[kvTransferID]
+	return ok
+}
+
+// decodeParams merges P's kv_transfer_params (parsePrefillParams; nil:
+// none) with the router's keys, which win. The ready token never goes to
+// D: it only authenticates the engine's report to the router. merged is
+// changed.
+func decodeParams(merged map[string]json.RawMessage, transferID string) (json.RawMessage, error) {
+	if merged == nil {
+		merged = map[string]json.RawMessage{}
 	}
 	delete(merged, kvReadyToken)
 	delete(merged, kvReadyURL)
