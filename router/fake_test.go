@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -37,7 +38,11 @@ type fakeVLLM struct {
 	readySent    atomic.Int64  // unix nanos of the last /kv_ready POST
 	// P: the raw kv_transfer_params of its answer instead of the
 	// connector's ("-": no kv_transfer_params at all, as a P without it).
-	rawParams   string
+	rawParams string
+	// D: stream events of this many bytes until the router cancels the
+	// request, then set floodCut.
+	flood       int
+	floodCut    atomic.Bool
 	modelsFail  atomic.Int32 // status for GET /v1/models (0: the model list)
 	modelsCalls atomic.Int32
 }
@@ -176,6 +181,16 @@ func (f *fakeVLLM) stream(w http.ResponseWriter, r *http.Request, body map[strin
 		fl.Flush()
 		if !sleepCtx(r, f.stallFirst) {
 			return
+		}
+	}
+	if f.flood > 0 {
+		event := []byte("data: {\"choices\":[{\"index\":0,\"text\":\"" + strings.Repeat("x", f.flood) + "\"}]}\n\n")
+		for {
+			if _, err := w.Write(event); err != nil || r.Context().Err() != nil {
+				f.floodCut.Store(true)
+				return
+			}
+			fl.Flush()
 		}
 	}
 	for i, tok := range f.tokens {

@@ -5,13 +5,18 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httptrace"
 	"net/url"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -247,5 +252,91 @@ func TestPrefillWithoutPegaFlowParams(t *testing.T) {
 			require.Contains(t, body, tc.msg)
 			require.Empty(t, d.requests(), "D never called")
 		})
+	}
+}
+
+// dialNoRead opens a connection with a tiny receive buffer, sends one
+// request and never reads the answer: a client that stopped reading.
+func dialNoRead(t *testing.T, addr, path, body string) net.Conn {
+	t.Helper()
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+		return errors.Join(err, serr)
+	}}
+	conn, err := d.Dial("tcp", addr)
+	require.NoError(t, err)
+	t.Cleanup(func() { conn.Close() })
+	_, err = fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", path, len(body), body)
+	require.NoError(t, err)
+	return conn
+}
+
+// A client that never reads is cut after --client-write-timeout, although
+// --idle-stream-timeout and --decode-timeout are far off: the handler
+// ends (counted as client_stalled), D's request is cancelled, in-flight
+// is back to 0 and the transfer released. The old code sat in Write for
+// as long as the client kept the connection open.
+func TestClientThatStopsReadingIsCut(t *testing.T) {
+	cases := []struct {
+		name string
+		d    func(*fakeVLLM)
+		body string
+	}{
+		{"stream", func(f *fakeVLLM) { f.flood = 32 << 10 }, completionBody},
+		// A non-streaming answer is written in pieces, each under its own
+		// deadline: this one is far larger than the socket buffers.
+		{"non-streaming", func(f *fakeVLLM) { f.tokens = []string{strings.Repeat("x", 32<<20)} }, `{"model":"m","prompt":"x"}`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			p, d := newFake(nil), newFake(tc.d)
+			kv := &engineStub{delay: time.Millisecond}
+			h := startRouter(t, []*fakeVLLM{p}, []*fakeVLLM{d}, func(c *Config) {
+				c.ClientWriteTimeout = 300 * time.Millisecond
+			}, kv)
+			dialNoRead(t, strings.TrimPrefix(h.url, "http://"), "/v1/completions", tc.body)
+			require.Eventually(t, func() bool {
+				return testutil.ToFloat64(h.r.m.requests.WithLabelValues(outcomeStalled)) == 1
+			}, 15*time.Second, 10*time.Millisecond, "handler ended, the request counted as client_stalled")
+			dName := h.r.decode.backends[0].name
+			require.Zero(t, testutil.ToFloat64(h.r.m.inflight.WithLabelValues(roleDecode, dName)), "decode in-flight back to 0")
+			require.Zero(t, h.r.transfers.liveCount())
+			transfer := p.requests()[0]["kv_transfer_params"].(map[string]any)["pegaflow_transfer_id"].(string)
+			_, released := kv.released.Load(transfer)
+			require.True(t, released, "transfer released in the engine")
+			if tc.name == "stream" {
+				require.Eventually(t, d.floodCut.Load, 5*time.Second, 10*time.Millisecond, "D's request cancelled")
+			}
+		})
+	}
+}
+
+// The write deadline is the connection's: a keep-alive connection that
+// idled past --client-write-timeout still answers its next request, on a
+// router route or any other (here echo's 404).
+func TestWriteDeadlineSurvivesKeepAlive(t *testing.T) {
+	h := startRouter(t, []*fakeVLLM{newFake(nil)}, []*fakeVLLM{newFake(nil)}, func(c *Config) {
+		c.ClientWriteTimeout = 50 * time.Millisecond
+	}, nil)
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
+	defer client.CloseIdleConnections()
+	for i, path := range []string{"/v1/completions", "/v1/completions", "/no-such-route"} {
+		reused := false
+		trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) { reused = info.Reused }}
+		req, err := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), http.MethodPost, h.url+path, strings.NewReader(completionBody))
+		require.NoError(t, err)
+		resp, err := client.Do(req)
+		require.NoError(t, err, path)
+		_, err = io.ReadAll(resp.Body)
+		require.NoError(t, err)
+		resp.Body.Close()
+		require.Equal(t, i > 0, reused, "request %d on the kept-alive connection", i)
+		if path == "/no-such-route" {
+			require.Equal(t, http.StatusNotFound, resp.StatusCode)
+		} else {
+			require.Equal(t, http.StatusOK, resp.StatusCode)
+		}
+		time.Sleep(150 * time.Millisecond) // past the last deadline
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -141,6 +142,9 @@ func (r *Router) runAnswer(c echo.Context, rq *clientRequest, body []byte) (stri
 	switch {
 	case err == nil:
 		return outcomeOK, nil
+	case errors.Is(res.clientErr, os.ErrDeadlineExceeded):
+		r.log.Warn("client stopped reading: cut", "request_id", rq.reqID, "limit", r.cfg.ClientWriteTimeout)
+		return outcomeStalled, nil
 	case res.clientErr != nil || ctx.Err() != nil:
 		r.log.Debug("client went away", "request_id", rq.reqID)
 		return outcomeCancelled, nil

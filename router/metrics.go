@@ -28,7 +28,7 @@ func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 			Help:    "P/D latency breakdown: routing, prefill, kv_ready_wait, decode_first_byte, ttft (client-observed), itl, tpot, e2e.",
 			Buckets: prometheus.ExponentialBuckets(100e-6, 2, 20)}, []string{"phase"}),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "requests_total",
-			Help: "Requests by outcome: ok, failed, client_cancelled, rejected (bad input or auth)."}, []string{"outcome"}),
+			Help: "Requests by outcome: ok, failed, client_cancelled, client_stalled (stopped reading), rejected (bad input or auth)."}, []string{"outcome"}),
 		retries: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "retries_total",
 			Help: "Retried legs: prefill, decode."}, []string{"leg"}),
 		kvTimeouts: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "kv_ready_timeouts_total",

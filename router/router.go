@@ -20,6 +20,7 @@
 //   - request.go: the validated request and each leg's body;
 //   - handoff.go: transfers, /kv_ready reports and the KV-ready wait;
 //   - relay.go: the SSE relay, one complete event at a time;
+//   - clientwrite.go: the deadline on every write to a client;
 //   - labels.go: roles, modes and outcomes (metric labels);
 //   - router.go (this file): wiring and the request orchestration.
 //
@@ -158,8 +159,11 @@ func (r *Router) pools() []*pool {
 }
 
 // Register mounts the OpenAI endpoints (and /kv_ready in P/D mode, unless
-// it has its own address) on e.
+// it has its own address) on e, and gives every write of every route on e
+// the client write deadline (writeDeadlines: a deadline is the
+// connection's, so it cannot be the router routes' alone).
 func (r *Router) Register(e *echo.Echo) {
+	e.Use(r.writeDeadlines)
 	e.POST("/v1/completions", r.auth(r.handleCompletion("/v1/completions", false)))
 	e.POST("/v1/chat/completions", r.auth(r.handleCompletion("/v1/chat/completions", true)))
 	e.GET("/v1/models", r.auth(r.handleModels))
@@ -172,6 +176,7 @@ func (r *Router) Register(e *echo.Echo) {
 func (r *Router) InternalHandler() http.Handler {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
+	e.Use(r.writeDeadlines)
 	e.POST("/kv_ready", r.handleKVReady)
 	return e
 }
