@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"net/http/httptrace"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -339,4 +340,45 @@ func TestWriteDeadlineSurvivesKeepAlive(t *testing.T) {
 		}
 		time.Sleep(150 * time.Millisecond) // past the last deadline
 	}
+}
+
+// checkPrompt agrees with a decode-everything reference on every
+// well-formed JSON value (as parseRequest hands it one).
+func FuzzCheckPrompt(f *testing.F) {
+	for _, s := range []string{`"s"`, `""`, `[1,-2]`, `[]`, `["a"]`, `["a","b"]`, `[[1]]`, `[[]]`, `[["s"]]`, `[1.5]`,
+		`[ [ 1 , 2 ] ]`, `["\"]"]`, `null`, `{"a":1}`, `[[1],[2]]`, `[99999999999999999999]`, `[1,"a"]`} {
+		f.Add([]byte(s))
+	}
+	isIDs := func(v any) bool {
+		list, ok := v.([]any)
+		if !ok || len(list) == 0 {
+			return false
+		}
+		for _, e := range list {
+			n, ok := e.(json.Number)
+			if !ok {
+				return false
+			}
+			if _, err := strconv.ParseInt(n.String(), 10, 64); err != nil {
+				return false
+			}
+		}
+		return true
+	}
+	isText := func(v any) bool { s, ok := v.(string); return ok && s != "" }
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		if !json.Valid(raw) {
+			return
+		}
+		dec := json.NewDecoder(bytes.NewReader(raw))
+		dec.UseNumber()
+		var v any
+		if dec.Decode(&v) != nil {
+			return // deeper than encoding/json goes: parseRequest never gets here
+		}
+		list, _ := v.([]any)
+		want := isText(v) || isIDs(v) || len(list) == 1 && (isText(list[0]) || isIDs(list[0]))
+		err := checkPrompt(raw)
+		require.Equal(t, want, err == nil, "%s: %v", raw, err)
+	})
 }
