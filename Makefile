@@ -56,6 +56,7 @@ test-fuzz: native
 	$(GO) test -run '^$$' -fuzz '^FuzzValidateBlocks$$' -fuzztime $(FUZZ_TIME) ./engine/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime $(FUZZ_TIME) ./router/
 	$(GO) test -run '^$$' -fuzz '^FuzzRelayChunking$$' -fuzztime $(FUZZ_TIME) ./router/
+	$(GO) test -run '^$$' -fuzz '^FuzzCheckPrompt$$' -fuzztime $(FUZZ_TIME) ./router/
 
 bench: build $(BENCH_TARGETS)
 

@@ -54,6 +54,9 @@ type Config struct {
 	FirstByteTimeout  time.Duration // decode: until D's first response byte (first SSE event when streaming)
 	IdleStreamTimeout time.Duration // decode stream: longest gap between reads
 	DecodeTimeout     time.Duration // one whole decode attempt (caps non-streaming answers too)
+	// ClientWriteTimeout bounds every write (and flush) to a client: one
+	// that stops reading for this long is cut.
+	ClientWriteTimeout time.Duration
 
 	PrefillAttempts int           // attempts, each on another P
 	DecodeAttempts  int           // attempts before the first byte reached the client, each on another D
@@ -82,24 +85,25 @@ type Config struct {
 // DefaultConfig returns the defaults documented in docs/router.md.
 func DefaultConfig() Config {
 	return Config{
-		Handoff:           HandoffCallback,
-		KVReadyTimeout:    30 * time.Second,
-		OnKVTimeout:       OnKVTimeoutDecodeAnyway,
-		LB:                LBRoundRobin,
-		ConnectTimeout:    3 * time.Second,
-		PrefillTimeout:    2 * time.Minute,
-		FirstByteTimeout:  time.Minute,
-		IdleStreamTimeout: time.Minute,
-		DecodeTimeout:     30 * time.Minute,
-		PrefillAttempts:   3,
-		DecodeAttempts:    3,
-		RetryBackoff:      50 * time.Millisecond,
-		RetryBackoffMax:   time.Second,
-		HealthInterval:    5 * time.Second,
-		HealthTimeout:     2 * time.Second,
-		FailThreshold:     3,
-		Cooldown:          10 * time.Second,
-		MaxBodyBytes:      16 << 20,
+		Handoff:            HandoffCallback,
+		KVReadyTimeout:     30 * time.Second,
+		OnKVTimeout:        OnKVTimeoutDecodeAnyway,
+		LB:                 LBRoundRobin,
+		ConnectTimeout:     3 * time.Second,
+		PrefillTimeout:     2 * time.Minute,
+		FirstByteTimeout:   time.Minute,
+		IdleStreamTimeout:  time.Minute,
+		DecodeTimeout:      30 * time.Minute,
+		ClientWriteTimeout: 30 * time.Second,
+		PrefillAttempts:    3,
+		DecodeAttempts:     3,
+		RetryBackoff:       50 * time.Millisecond,
+		RetryBackoffMax:    time.Second,
+		HealthInterval:     5 * time.Second,
+		HealthTimeout:      2 * time.Second,
+		FailThreshold:      3,
+		Cooldown:           10 * time.Second,
+		MaxBodyBytes:       16 << 20,
 	}
 }
 
@@ -147,6 +151,7 @@ func BindFlags(fs *flag.FlagSet, c *Config) {
 	fs.DurationVar(&c.FirstByteTimeout, "first-byte-timeout", c.FirstByteTimeout, "decode: timeout until D's first byte (first SSE event when streaming)")
 	fs.DurationVar(&c.IdleStreamTimeout, "idle-stream-timeout", c.IdleStreamTimeout, "decode stream: longest gap between two reads from D")
 	fs.DurationVar(&c.DecodeTimeout, "decode-timeout", c.DecodeTimeout, "timeout of one whole decode attempt (bounds non-streaming answers)")
+	fs.DurationVar(&c.ClientWriteTimeout, "client-write-timeout", c.ClientWriteTimeout, "longest a write to a client may block (a client that stops reading is cut)")
 	fs.IntVar(&c.PrefillAttempts, "prefill-attempts", c.PrefillAttempts, "prefill attempts, each on another P (on connect error, timeout, 5xx, 429)")
 	fs.IntVar(&c.DecodeAttempts, "decode-attempts", c.DecodeAttempts, "decode attempts, each on another D, while no byte reached the client")
 	fs.DurationVar(&c.RetryBackoff, "retry-backoff", c.RetryBackoff, "delay before the first retry, doubled per retry (with jitter)")
@@ -198,11 +203,11 @@ func (c Config) Validate() error {
 		for _, u := range l.urls {
 			norm, err := normalizeBackendURL(u)
 			if err != nil {
-				add("%s %q: %v", l.flag, u, err)
+				add("%s %q: %v", l.flag, redactURL(u), err)
 				continue
 			}
 			if seen[norm] {
-				add("%s %q: given twice", l.flag, u)
+				add("%s %q: given twice", l.flag, redactURL(u))
 			}
 			seen[norm] = true
 		}
@@ -224,6 +229,7 @@ func (c Config) Validate() error {
 		{"--prefill-timeout", c.PrefillTimeout}, {"--first-byte-timeout", c.FirstByteTimeout},
 		{"--idle-stream-timeout", c.IdleStreamTimeout}, {"--decode-timeout", c.DecodeTimeout},
 		{"--health-timeout", c.HealthTimeout}, {"--cooldown", c.Cooldown},
+		{"--client-write-timeout", c.ClientWriteTimeout},
 	} {
 		if d.v <= 0 {
 			add("%s must be positive (got %s)", d.flag, d.v)
@@ -269,6 +275,42 @@ func normalizeBackendURL(raw string) (string, error) {
 		return "", errors.New("a base URL takes no query or fragment")
 	}
 	return strings.TrimRight(raw, "/"), nil
+}
+
+// redactURL is raw as it may be shown (metric labels, logs, error
+// messages, /health): any userinfo (user:password@, or a token as the
+// user) is replaced by "xxxxx". A URL that does not parse as one with a
+// host loses everything between its scheme and its last '@'.
+func redactURL(raw string) string {
+	const mask = "xxxxx"
+	u, err := url.Parse(raw)
+	switch {
+	case err == nil && u.User != nil:
+		u.User = url.User(mask)
+		return u.String()
+	case err == nil && u.Opaque == "":
+		return raw
+	}
+	at := strings.LastIndexByte(raw, '@')
+	if at < 0 {
+		return raw
+	}
+	start := 0
+	if i := strings.Index(raw, "://"); i >= 0 && i < at {
+		start = i + 3
+	}
+	return raw[:start] + mask + raw[at:]
+}
+
+// redactURLError redacts the request URL that http.Client's errors carry
+// (net/http masks the password, not the user name). The error stays a
+// *url.Error, so Timeout and Unwrap still answer.
+func redactURLError(err error) error {
+	ue, ok := err.(*url.Error) // as http.Client returns it, unwrapped
+	if !ok {
+		return err
+	}
+	return &url.Error{Op: ue.Op, URL: redactURL(ue.URL), Err: ue.Err}
 }
 
 // readyURL is the /kv_ready address put in the prefill leg's

@@ -25,11 +25,11 @@ type attemptError struct {
 func (e *attemptError) Error() string {
 	if e.status != 0 {
 		if msg := openai.ErrorMessage(e.body); msg != "" {
-			return fmt.Sprintf("%s backend %s answered %d: %s", e.backend.role, e.backend.base, e.status, msg)
+			return fmt.Sprintf("%s backend %s answered %d: %s", e.backend.role, e.backend.name, e.status, msg)
 		}
-		return fmt.Sprintf("%s backend %s answered %d", e.backend.role, e.backend.base, e.status)
+		return fmt.Sprintf("%s backend %s answered %d", e.backend.role, e.backend.name, e.status)
 	}
-	return fmt.Sprintf("%s backend %s: %v", e.backend.role, e.backend.base, e.err)
+	return fmt.Sprintf("%s backend %s: %v", e.backend.role, e.backend.name, e.err)
 }
 
 func (e *attemptError) Unwrap() error { return e.err }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,8 +36,15 @@ type fakeVLLM struct {
 	headerDelay  time.Duration // D: wait this long before the stream's headers
 	stallFirst   time.Duration // D: send the stream's headers, then wait this long before the first event
 	readySent    atomic.Int64  // unix nanos of the last /kv_ready POST
-	modelsFail   atomic.Int32  // status for GET /v1/models (0: the model list)
-	modelsCalls  atomic.Int32
+	// P: the raw kv_transfer_params of its answer instead of the
+	// connector's ("-": no kv_transfer_params at all, as a P without it).
+	rawParams string
+	// D: stream events of this many bytes until the router cancels the
+	// request, then set floodCut.
+	flood       int
+	floodCut    atomic.Bool
+	modelsFail  atomic.Int32 // status for GET /v1/models (0: the model list)
+	modelsCalls atomic.Int32
 }
 
 func newFake(mutate func(*fakeVLLM)) *fakeVLLM {
@@ -54,6 +62,12 @@ func (f *fakeVLLM) requests() []map[string]any {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return append([]map[string]any(nil), f.bodies...)
+}
+
+func (f *fakeVLLM) requestHeaders() []http.Header {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]http.Header(nil), f.headers...)
 }
 
 func (f *fakeVLLM) serve(w http.ResponseWriter, r *http.Request) {
@@ -140,9 +154,17 @@ func (f *fakeVLLM) prefill(w http.ResponseWriter, kv map[string]any, chat bool) 
 	if chat {
 		choice = map[string]any{"index": 0, "message": map[string]any{"role": "assistant", "content": "Hello"}, "finish_reason": "length"}
 	}
-	_ = json.NewEncoder(w).Encode(map[string]any{"id": "cmpl-p", "choices": []any{choice},
+	answer := map[string]any{"id": "cmpl-p", "choices": []any{choice},
 		"kv_transfer_params": map[string]any{"do_remote_prefill": true, "do_remote_decode": false,
-			"pegaflow_transfer_id": kv["pegaflow_transfer_id"], "pegaflow_num_blocks": 3}})
+			"pegaflow_transfer_id": kv["pegaflow_transfer_id"], "pegaflow_num_blocks": 3}}
+	switch f.rawParams {
+	case "":
+	case "-":
+		delete(answer, "kv_transfer_params")
+	default:
+		answer["kv_transfer_params"] = json.RawMessage(f.rawParams)
+	}
+	_ = json.NewEncoder(w).Encode(answer)
 	if f.readyState != "none" && f.readyDelay >= 0 {
 		go func() {
 			time.Sleep(f.readyDelay)
@@ -159,6 +181,16 @@ func (f *fakeVLLM) stream(w http.ResponseWriter, r *http.Request, body map[strin
 		fl.Flush()
 		if !sleepCtx(r, f.stallFirst) {
 			return
+		}
+	}
+	if f.flood > 0 {
+		event := []byte("data: {\"choices\":[{\"index\":0,\"text\":\"" + strings.Repeat("x", f.flood) + "\"}]}\n\n")
+		for {
+			if _, err := w.Write(event); err != nil || r.Context().Err() != nil {
+				f.floodCut.Store(true)
+				return
+			}
+			fl.Flush()
 		}
 	}
 	for i, tok := range f.tokens {

@@ -15,8 +15,8 @@ func (r *Router) passive(b *backend, aerr *attemptError) {
 		return // alive but shedding load: neither a failure nor a recovery
 	}
 	if b.report(ok, r.cfg.FailThreshold, r.cfg.Cooldown, time.Now()) {
-		r.log.Warn("backend ejected", "role", b.role, "backend", b.base, "cooldown", r.cfg.Cooldown)
-		r.m.ejections.WithLabelValues(b.role, b.base).Inc()
+		r.log.Warn("backend ejected", "role", b.role, "backend", b.name, "cooldown", r.cfg.Cooldown)
+		r.m.ejections.WithLabelValues(b.role, b.name).Inc()
 	}
 	r.setHealthGauge(b)
 }
@@ -26,7 +26,7 @@ func (r *Router) setHealthGauge(b *backend) {
 	if b.healthy(time.Now()) {
 		v = 1
 	}
-	r.m.healthy.WithLabelValues(b.role, b.base).Set(v)
+	r.m.healthy.WithLabelValues(b.role, b.name).Set(v)
 }
 
 // healthChecker polls GET <backend>/health (vLLM answers 200 when its

@@ -21,5 +21,6 @@ const (
 	outcomeOK        = "ok"
 	outcomeFailed    = "failed"
 	outcomeCancelled = "client_cancelled"
+	outcomeStalled   = "client_stalled" // the client stopped reading: a write passed --client-write-timeout
 	outcomeRejected  = "rejected"
 )

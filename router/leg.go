@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -33,7 +34,7 @@ type answerLeg struct {
 }
 
 func (r *Router) track(b *backend, delta int64) {
-	r.m.inflight.WithLabelValues(b.role, b.base).Set(float64(b.inflight.Add(delta)))
+	r.m.inflight.WithLabelValues(b.role, b.name).Set(float64(b.inflight.Add(delta)))
 }
 
 // send POSTs body to b. It returns the response when its status is 2xx,
@@ -50,7 +51,7 @@ func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body [
 	}
 	resp, err := r.client.Do(req)
 	if err != nil {
-		return nil, &attemptError{backend: b, err: causeOf(ctx, err)}
+		return nil, &attemptError{backend: b, err: causeOf(ctx, redactURLError(err))}
 	}
 	if resp.StatusCode/100 != 2 {
 		data, _ := io.ReadAll(io.LimitReader(resp.Body, maxSmallAnswer))
@@ -61,16 +62,17 @@ func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body [
 }
 
 // runPrefill sends the prefill leg, each attempt on another P with its own
-// transfer, and returns the transfer of the attempt that succeeded with
-// P's kv_transfer_params. A fresh transfer per attempt keeps a late save
+// transfer, and returns the transfer of the attempt that succeeded, its P
+// and P's kv_transfer_params. A fresh transfer per attempt keeps a late save
 // of a failed attempt from passing for the retry's KV.
-func (r *Router) runPrefill(ctx context.Context, rq *clientRequest) (*transfer, json.RawMessage, error) {
+func (r *Router) runPrefill(ctx context.Context, rq *clientRequest) (*transfer, *backend, json.RawMessage, error) {
 	var (
 		t      *transfer
+		p      *backend
 		params json.RawMessage
 	)
 	err := r.try(ctx, &r.prefillLeg, rq.reqID, func(ctx context.Context, b *backend) error {
-		t = r.transfers.register(ids.Hex(16), ids.Hex(16))
+		t, p = r.transfers.register(ids.Hex(16), ids.Hex(16)), b
 		var aerr *attemptError
 		if params, aerr = r.prefillAttempt(ctx, b, rq, t); aerr != nil {
 			r.dropTransfer(t)
@@ -79,9 +81,9 @@ func (r *Router) runPrefill(ctx context.Context, rq *clientRequest) (*transfer, 
 		return nil
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return t, params, nil
+	return t, p, params, nil
 }
 
 func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientRequest, t *transfer) (json.RawMessage, *attemptError) {
@@ -140,12 +142,15 @@ func (r *Router) runAnswer(c echo.Context, rq *clientRequest, body []byte) (stri
 	switch {
 	case err == nil:
 		return outcomeOK, nil
+	case errors.Is(res.clientErr, os.ErrDeadlineExceeded):
+		r.log.Warn("client stopped reading: cut", "request_id", rq.reqID, "limit", r.cfg.ClientWriteTimeout)
+		return outcomeStalled, nil
 	case res.clientErr != nil || ctx.Err() != nil:
 		r.log.Debug("client went away", "request_id", rq.reqID)
 		return outcomeCancelled, nil
 	case res.wrote:
 		b := res.err.backend
-		r.log.Warn("answer broke after the first byte", "role", b.role, "backend", b.base, "request_id", rq.reqID, "err", res.err)
+		r.log.Warn("answer broke after the first byte", "role", b.role, "backend", b.name, "request_id", rq.reqID, "err", res.err)
 		if rq.stream {
 			writeStreamError(c, res.err)
 		}
@@ -273,7 +278,7 @@ func (r *Router) getModels(c echo.Context, b *backend) ([]byte, string, *attempt
 	}
 	resp, err := r.client.Do(req)
 	if err != nil {
-		return nil, "", &attemptError{backend: b, err: err}
+		return nil, "", &attemptError{backend: b, err: redactURLError(err)}
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, maxSmallAnswer))

@@ -15,6 +15,7 @@ type metrics struct {
 	healthy     *prometheus.GaugeVec   // role, backend
 	ejections   *prometheus.CounterVec // role, backend
 	kvReadyWhen *prometheus.CounterVec // source: callback or engine
+	noKVParams  *prometheus.CounterVec // backend: P answers without pegaflow_transfer_id
 }
 
 func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
@@ -27,7 +28,7 @@ func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 			Help:    "P/D latency breakdown: routing, prefill, kv_ready_wait, decode_first_byte, ttft (client-observed), itl, tpot, e2e.",
 			Buckets: prometheus.ExponentialBuckets(100e-6, 2, 20)}, []string{"phase"}),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "requests_total",
-			Help: "Requests by outcome: ok, failed, client_cancelled, rejected (bad input or auth)."}, []string{"outcome"}),
+			Help: "Requests by outcome: ok, failed, client_cancelled, client_stalled (stopped reading), rejected (bad input or auth)."}, []string{"outcome"}),
 		retries: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "retries_total",
 			Help: "Retried legs: prefill, decode."}, []string{"leg"}),
 		kvTimeouts: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "kv_ready_timeouts_total",
@@ -42,11 +43,13 @@ func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 			Help: "Passive-health ejections per backend."}, []string{"role", "backend"}),
 		kvReadyWhen: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "kv_ready_total",
 			Help: "Transfers found ready, by source: callback (/kv_ready) or engine (in-process)."}, []string{"source"}),
+		noKVParams: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "prefill_without_kv_params_total",
+			Help: "Prefill answers without pegaflow_transfer_id in kv_transfer_params (a P without the PegaFlow connector): --on-kv-timeout applied at once, no KV-ready wait."}, []string{"backend"}),
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.phase, m.requests, m.retries, m.kvTimeouts, m.kvRejected, m.inflight, m.healthy, m.ejections, m.kvReadyWhen} {
+	for _, c := range []prometheus.Collector{m.phase, m.requests, m.retries, m.kvTimeouts, m.kvRejected, m.inflight, m.healthy, m.ejections, m.kvReadyWhen, m.noKVParams} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -59,7 +59,7 @@ func TestRetryWaitHonoursContext(t *testing.T) {
 }
 
 func TestAttemptError(t *testing.T) {
-	b := &backend{role: roleDecode, base: "http://d:1"}
+	b := newBackend(roleDecode, "http://d:1")
 	cases := []struct {
 		name      string
 		err       *attemptError
@@ -166,7 +166,7 @@ func TestPoolSelection(t *testing.T) {
 }
 
 func TestPassiveHealth(t *testing.T) {
-	b := &backend{role: rolePrefill, base: "http://p:1"}
+	b := newBackend(rolePrefill, "http://p:1")
 	b.activeOK.Store(true)
 	t0 := time.Now()
 	require.False(t, b.report(false, 2, time.Second, t0))
@@ -333,6 +333,19 @@ func TestParseRequest(t *testing.T) {
 		{"batch of token lists", `{"model":"m","prompt":[[1],[2]]}`, false, "batched", false},
 		{"bad prompt type", `{"model":"m","prompt":{"a":1}}`, false, "must be a string", false},
 		{"bad element", `{"model":"m","prompt":[{"a":1}]}`, false, "must be a string", false},
+		{"white space in lists", `{"model":"m","prompt": [ [ 1 , -2 ] ] }`, false, "", false},
+		{"white space in an id list", `{"model":"m","prompt":[ 1 ,2 ]}`, false, "", false},
+		{"escaped quotes", `{"model":"m","prompt":["a\\\"]\"",1]}`, false, "must be a string", false},
+		{"one empty string in a list", `{"model":"m","prompt":[""]}`, false, "empty", false},
+		{"one empty token list in a list", `{"model":"m","prompt":[[]]}`, false, "empty", false},
+		{"nested string list", `{"model":"m","prompt":[["s"]]}`, false, "must be a string", false},
+		{"three levels", `{"model":"m","prompt":[[[1]]]}`, false, "must be a string", false},
+		{"mixed list", `{"model":"m","prompt":[1,"a"]}`, false, "must be a string", false},
+		{"fractional id", `{"model":"m","prompt":[1.5]}`, false, "must be a string", false},
+		{"id beyond int64", `{"model":"m","prompt":[99999999999999999999]}`, false, "must be a string", false},
+		{"prompt not a value", `{"model":"m","prompt":true}`, false, "must be a string", false},
+		{"batch of three", `{"model":"m","prompt":["a","","c"]}`, false, "batched prompts (3)", false},
+		{"messages not objects", `{"model":"m","messages":[[{"role":"user"}]]}`, true, "message objects", false},
 		{"no messages", `{"model":"m"}`, true, "'messages'", false},
 		{"empty messages", `{"model":"m","messages":[]}`, true, "'messages'", false},
 	}
@@ -411,7 +424,7 @@ func TestLegEncoding(t *testing.T) {
 	require.NotContains(t, cpre["kv_transfer_params"], kvReadyURL, "no URL when none is known")
 
 	fromP := json.RawMessage(`{"do_remote_prefill":false,"remote_block_ids":[1,2],"pegaflow_ready_token":"leak","pegaflow_ready_url":"u"}`)
-	dp, err := decodeParams(fromP, "tid-1")
+	dp, err := decodeParams(mustPrefillParams(t, fromP), "tid-1")
 	require.NoError(t, err)
 	var db bytes.Buffer
 	req.decodeBody(&db, dp)
@@ -423,16 +436,23 @@ func TestLegEncoding(t *testing.T) {
 		"remote_block_ids": []any{1.0, 2.0}}, dec["kv_transfer_params"], "P's params merged, router's keys win, no token")
 
 	for _, raw := range []json.RawMessage{nil, json.RawMessage("null")} {
-		dp, err := decodeParams(raw, "t")
+		dp, err := decodeParams(mustPrefillParams(t, raw), "t")
 		require.NoError(t, err)
 		require.JSONEq(t, `{"do_remote_prefill":true,"do_remote_decode":false,"pegaflow_transfer_id":"t"}`, string(dp))
 	}
-	_, err = decodeParams(json.RawMessage(`[1]`), "t")
+	_, err = parsePrefillParams(json.RawMessage(`[1]`))
 	require.Error(t, err)
 
 	var nb bytes.Buffer
 	req.decodeBody(&nb, nil)
 	require.NotContains(t, decodeJSON(t, nb.Bytes()), "kv_transfer_params")
+}
+
+func mustPrefillParams(t *testing.T, raw json.RawMessage) map[string]json.RawMessage {
+	t.Helper()
+	params, err := parsePrefillParams(raw)
+	require.NoError(t, err)
+	return params
 }
 
 func TestTransfersSettledIdempotency(t *testing.T) {

@@ -9,14 +9,26 @@ import (
 // backend is one vLLM server. It is selectable when its last active health
 // poll passed (or none ran yet) and passive health has not ejected it.
 type backend struct {
-	role     string
-	base     string // URL without trailing slash
+	role string
+	base string // URL without trailing slash, credentials included: requests only
+	// name is base without credentials (redactURL): every metric label,
+	// log line, error message and /health entry shows this, never base.
+	name     string
 	inflight atomic.Int64
 	activeOK atomic.Bool
+	// warnedNoKVParams: the warning that this P answers without PegaFlow
+	// kv_transfer_params was logged (once per backend).
+	warnedNoKVParams atomic.Bool
 
 	mu           sync.Mutex
 	consecFails  int
 	ejectedUntil time.Time
+}
+
+// newBackend is the backend of role at base (a URL without trailing
+// slash), not yet selectable: newPool marks it so.
+func newBackend(role, base string) *backend {
+	return &backend{role: role, base: base, name: redactURL(base)}
 }
 
 func (b *backend) healthy(now time.Time) bool {
@@ -61,7 +73,7 @@ func newPool(role string, urls []string, lb string) *pool {
 	p := &pool{role: role, sel: newSelector(lb)}
 	for _, u := range urls {
 		base, _ := normalizeBackendURL(u)
-		b := &backend{role: role, base: base}
+		b := newBackend(role, base)
 		b.activeOK.Store(true) // optimistic until the first poll says otherwise
 		p.backends = append(p.backends, b)
 	}

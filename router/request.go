@@ -3,10 +3,9 @@ package router
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"slices"
-	"strings"
+	"strconv"
 	"sync"
 )
 
@@ -70,9 +69,8 @@ func parseRequest(body []byte, chat bool) (*openAIRequest, error) {
 		}
 	}
 	if chat {
-		var msgs []json.RawMessage
-		if err := json.Unmarshal(fields["messages"], &msgs); err != nil || len(msgs) == 0 {
-			return nil, invalid("'messages' is required (a non-empty array)")
+		if err := checkMessages(fields["messages"]); err != nil {
+			return nil, err
 		}
 	} else if err := checkPrompt(fields["prompt"]); err != nil {
 		return nil, err
@@ -85,39 +83,177 @@ func parseRequest(body []byte, chat bool) (*openAIRequest, error) {
 	return req, nil
 }
 
-// checkPrompt accepts one prompt: a non-empty string, a non-empty array of
-// token ids, or an array holding exactly one of those. More is a batch.
+// Prompt errors (400).
+var (
+	errPromptRequired = invalid("'prompt' is required (a string or an array of token ids)")
+	errPromptEmpty    = invalid("'prompt' is empty")
+	errPromptShape    = invalid("'prompt' must be a string or an array of token ids")
+)
+
+// checkPrompt accepts one prompt in a shape the OpenAI API defines: a
+// non-empty string, a non-empty array of token ids, or a one-element array
+// of either ("s", [ids], ["s"], [[ids]]); more elements are a batch. It is
+// one pass over raw that descends at most two levels, so any body is
+// judged in time linear in its size: deeper nesting is no prompt and is
+// refused where it starts, without looking further.
 func checkPrompt(raw json.RawMessage) error {
-	if len(raw) == 0 || isNull(raw) {
-		return invalid("'prompt' is required (a string or an array of token ids)")
-	}
-	var s string
-	if json.Unmarshal(raw, &s) == nil {
-		if s == "" {
-			return invalid("'prompt' is empty")
+	s := promptScanner{b: raw}
+	switch s.peek() {
+	case 0:
+		return errPromptRequired
+	case 'n':
+		if isNull(raw) {
+			return errPromptRequired
 		}
-		return nil
+		return errPromptShape
+	case '"':
+		empty, ok := s.str()
+		return s.end(1, empty, ok)
+	case '[':
+	default:
+		return errPromptShape
 	}
-	var ids []int64
-	if json.Unmarshal(raw, &ids) == nil {
-		if len(ids) == 0 {
-			return invalid("'prompt' is empty")
+	open := s.i
+	s.i++
+	switch s.peek() {
+	case ']':
+		return errPromptEmpty
+	case '"': // ["s", ...]
+		return s.end(s.prompts(s.str))
+	case '[': // [[ids], ...]
+		return s.end(s.prompts(func() (bool, bool) {
+			k, ok := s.ids()
+			return k == 0, ok
+		}))
+	}
+	s.i = open // [ids]
+	k, ok := s.ids()
+	return s.end(1, k == 0, ok)
+}
+
+// promptScanner walks a prompt's JSON (already known to be well formed,
+// but nothing below relies on it: malformed input is a shape error).
+type promptScanner struct {
+	b []byte
+	i int
+}
+
+// peek skips white space and returns the next byte (0 at the end).
+func (s *promptScanner) peek() byte {
+	for s.i < len(s.b) {
+		switch c := s.b[s.i]; c {
+		case ' ', '\t', '\n', '\r':
+			s.i++
+		default:
+			return c
 		}
-		return nil
 	}
-	var list []json.RawMessage
-	if json.Unmarshal(raw, &list) != nil {
-		return invalid("'prompt' must be a string or an array of token ids")
+	return 0
+}
+
+// str consumes the string at s.i; empty: it was "".
+func (s *promptScanner) str() (empty, ok bool) {
+	if s.peek() != '"' {
+		return false, false
 	}
-	if len(list) != 1 {
-		return invalid("batched prompts (%d) are not supported by the P/D router: send one prompt per request", len(list))
-	}
-	if err := checkPrompt(list[0]); err != nil {
-		var br *badRequest
-		if errors.As(err, &br) && !strings.HasPrefix(br.msg, "batched") {
-			return invalid("'prompt' must be a string or an array of token ids")
+	start := s.i
+	for s.i++; s.i < len(s.b); s.i++ {
+		switch s.b[s.i] {
+		case '\\':
+			s.i++
+		case '"':
+			s.i++
+			return s.i-start == 2, true
 		}
-		return err
+	}
+	return false, false
+}
+
+// ids consumes an array of integers (token ids, int64 as vLLM takes them)
+// at s.i and returns how many it held.
+func (s *promptScanner) ids() (n int, ok bool) {
+	if s.peek() != '[' {
+		return 0, false
+	}
+	s.i++
+	if s.peek() == ']' {
+		s.i++
+		return 0, true
+	}
+	ok = s.list(func() bool {
+		s.peek()
+		start := s.i
+		for s.i < len(s.b) && (s.b[s.i] == '-' || s.b[s.i] >= '0' && s.b[s.i] <= '9') {
+			s.i++
+		}
+		if _, err := strconv.ParseInt(string(s.b[start:s.i]), 10, 64); err != nil {
+			return false
+		}
+		n++
+		return true
+	})
+	return n, ok
+}
+
+// prompts consumes a list of prompts (its '[' already consumed), each
+// by one, and returns how many there were and whether the first was empty.
+func (s *promptScanner) prompts(one func() (empty, ok bool)) (n int, firstEmpty, ok bool) {
+	ok = s.list(func() bool {
+		empty, ok := one()
+		if n == 0 {
+			firstEmpty = empty
+		}
+		n++
+		return ok
+	})
+	return n, firstEmpty, ok
+}
+
+// list consumes "elem, elem, ... ]" (the '[' already consumed), elem
+// consuming one element.
+func (s *promptScanner) list(elem func() bool) bool {
+	for {
+		if !elem() {
+			return false
+		}
+		switch s.peek() {
+		case ',':
+			s.i++
+		case ']':
+			s.i++
+			return true
+		default:
+			return false
+		}
+	}
+}
+
+// end is checkPrompt's verdict once the value was consumed: n prompts
+// given, the first empty, ok when the shape held.
+func (s *promptScanner) end(n int, empty, ok bool) error {
+	switch {
+	case !ok || s.peek() != 0:
+		return errPromptShape
+	case n > 1:
+		return invalid("batched prompts (%d) are not supported by the P/D router: send one prompt per request", n)
+	case empty:
+		return errPromptEmpty
+	}
+	return nil
+}
+
+// checkMessages accepts a non-empty array of message objects. One level
+// is decoded (linear in the body); what a message holds is the backend's
+// to judge.
+func checkMessages(raw json.RawMessage) error {
+	var msgs []json.RawMessage
+	if err := json.Unmarshal(raw, &msgs); err != nil || len(msgs) == 0 {
+		return invalid("'messages' is required (a non-empty array)")
+	}
+	for _, m := range msgs {
+		if len(m) == 0 || m[0] != '{' {
+			return invalid("'messages' must be an array of message objects")
+		}
 	}
 	return nil
 }
@@ -240,15 +376,33 @@ func prefillParams(buf *bytes.Buffer, transferID, readyURL, token string) json.R
 	return buf.Bytes()
 }
 
-// decodeParams merges P's returned kv_transfer_params (raw, may be empty
-// or null) with the router's keys, which win. The ready token never goes
-// to D: it only authenticates the engine's report to the router.
-func decodeParams(fromP json.RawMessage, transferID string) (json.RawMessage, error) {
-	merged := map[string]json.RawMessage{}
+// parsePrefillParams reads the kv_transfer_params of P's answer (raw,
+// may be empty or null: none). Anything but an object is an error.
+func parsePrefillParams(fromP json.RawMessage) (map[string]json.RawMessage, error) {
+	params := map[string]json.RawMessage{}
 	if len(fromP) > 0 && !isNull(fromP) {
-		if err := json.Unmarshal(fromP, &merged); err != nil {
+		if err := json.Unmarshal(fromP, &params); err != nil {
 			return nil, fmt.Errorf("prefill kv_transfer_params is not a JSON object: %w", err)
 		}
+	}
+	return params, nil
+}
+
+// hasTransferID: P's kv_transfer_params carry pegaflow_transfer_id, which
+// the PegaFlow connector returns when it saved (or is saving) the prompt's
+// KV. A P without the connector returns none: no KV will ever come.
+func hasTransferID(fromP map[string]json.RawMessage) bool {
+	_, ok := fromP[kvTransferID]
+	return ok
+}
+
+// decodeParams merges P's kv_transfer_params (parsePrefillParams; nil:
+// none) with the router's keys, which win. The ready token never goes to
+// D: it only authenticates the engine's report to the router. merged is
+// changed.
+func decodeParams(merged map[string]json.RawMessage, transferID string) (json.RawMessage, error) {
+	if merged == nil {
+		merged = map[string]json.RawMessage{}
 	}
 	delete(merged, kvReadyToken)
 	delete(merged, kvReadyURL)

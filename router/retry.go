@@ -64,7 +64,7 @@ func (r *Router) try(ctx context.Context, l *legPolicy, reqID string, op func(ct
 		}
 		r.passive(b, aerr)
 		if retryableAttempt(err) {
-			r.log.Warn("attempt failed", "role", b.role, "backend", b.base, "attempt", attempt, "request_id", reqID, "err", err)
+			r.log.Warn("attempt failed", "role", b.role, "backend", b.name, "attempt", attempt, "request_id", reqID, "err", err)
 		}
 		return err
 	})

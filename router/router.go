@@ -20,6 +20,7 @@
 //   - request.go: the validated request and each leg's body;
 //   - handoff.go: transfers, /kv_ready reports and the KV-ready wait;
 //   - relay.go: the SSE relay, one complete event at a time;
+//   - clientwrite.go: the deadline on every write to a client;
 //   - labels.go: roles, modes and outcomes (metric labels);
 //   - router.go (this file): wiring and the request orchestration.
 //
@@ -34,6 +35,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/subtle"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -132,8 +134,8 @@ func New(cfg Config, deps Deps) (*Router, error) {
 	var all []*backend
 	for _, p := range r.pools() {
 		for _, b := range p.backends {
-			m.healthy.WithLabelValues(b.role, b.base).Set(1)
-			m.inflight.WithLabelValues(b.role, b.base).Set(0)
+			m.healthy.WithLabelValues(b.role, b.name).Set(1)
+			m.inflight.WithLabelValues(b.role, b.name).Set(0)
 			all = append(all, b)
 		}
 	}
@@ -141,7 +143,7 @@ func New(cfg Config, deps Deps) (*Router, error) {
 		client: &http.Client{Transport: transport}, backends: all,
 		interval: cfg.HealthInterval, timeout: cfg.HealthTimeout,
 		onChange: func(b *backend, ok bool) {
-			r.log.Info("backend health changed", "role", b.role, "backend", b.base, "healthy", ok)
+			r.log.Info("backend health changed", "role", b.role, "backend", b.name, "healthy", ok)
 			r.setHealthGauge(b)
 		},
 	}
@@ -157,8 +159,11 @@ func (r *Router) pools() []*pool {
 }
 
 // Register mounts the OpenAI endpoints (and /kv_ready in P/D mode, unless
-// it has its own address) on e.
+// it has its own address) on e, and gives every write of every route on e
+// the client write deadline (writeDeadlines: a deadline is the
+// connection's, so it cannot be the router routes' alone).
 func (r *Router) Register(e *echo.Echo) {
+	e.Use(r.writeDeadlines)
 	e.POST("/v1/completions", r.auth(r.handleCompletion("/v1/completions", false)))
 	e.POST("/v1/chat/completions", r.auth(r.handleCompletion("/v1/chat/completions", true)))
 	e.GET("/v1/models", r.auth(r.handleModels))
@@ -171,6 +176,7 @@ func (r *Router) Register(e *echo.Echo) {
 func (r *Router) InternalHandler() http.Handler {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
+	e.Use(r.writeDeadlines)
 	e.POST("/kv_ready", r.handleKVReady)
 	return e
 }
@@ -184,7 +190,7 @@ func (r *Router) Healthy() (bool, map[string]any) {
 	for _, p := range r.pools() {
 		states := map[string]bool{}
 		for _, b := range p.backends {
-			states[b.base] = b.healthy(now)
+			states[b.name] = b.healthy(now)
 		}
 		detail[p.role] = states
 		if p.healthyCount() == 0 {
@@ -301,7 +307,7 @@ func (r *Router) servePD(c echo.Context, rq *clientRequest) (string, error) {
 	ctx := c.Request().Context()
 	r.m.phase.WithLabelValues("routing").Observe(time.Since(rq.start).Seconds())
 	t0 := time.Now()
-	t, fromP, err := r.runPrefill(ctx, rq)
+	t, p, fromP, err := r.runPrefill(ctx, rq)
 	r.m.phase.WithLabelValues("prefill").Observe(time.Since(t0).Seconds())
 	if err != nil {
 		if ctx.Err() != nil {
@@ -313,24 +319,9 @@ func (r *Router) servePD(c echo.Context, rq *clientRequest) (string, error) {
 
 	kvParams := fromP // sync: P's params pass through unchanged
 	if r.cfg.Handoff == HandoffCallback {
-		t1 := time.Now()
-		w := awaitTransfer(ctx, t, r.kv, r.cfg.KVReadyTimeout)
-		r.m.phase.WithLabelValues("kv_ready_wait").Observe(time.Since(t1).Seconds())
-		switch w.outcome {
-		case waitCancelled:
-			return outcomeCancelled, nil
-		case waitReady:
-			r.m.kvReadyWhen.WithLabelValues(w.source).Inc()
-		default:
-			r.m.kvTimeouts.Inc()
-			r.log.Warn("transfer KV not ready", "transfer", t.id, "request_id", rq.reqID, "reason", w.reason, "policy", r.cfg.OnKVTimeout)
-			if r.cfg.OnKVTimeout == OnKVTimeoutFail {
-				return outcomeFailed, apiError(c, http.StatusGatewayTimeout, "timeout_error", "prefill KV was not ready: "+w.reason)
-			}
-			// decode-anyway: D loads what the engine has and recomputes the rest.
-		}
-		if kvParams, err = decodeParams(fromP, t.id); err != nil {
-			return outcomeFailed, apiError(c, http.StatusBadGateway, "upstream_error", err.Error())
+		var outcome string
+		if kvParams, outcome, err = r.awaitKV(c, rq, t, p, fromP); outcome != "" {
+			return outcome, err
 		}
 	} else if isNull(kvParams) {
 		kvParams = nil
@@ -339,4 +330,50 @@ func (r *Router) servePD(c echo.Context, rq *clientRequest) (string, error) {
 	body.Grow(len(kvParams) + 256)
 	rq.req.decodeBody(&body, kvParams)
 	return r.runAnswer(c, rq, body.Bytes())
+}
+
+// awaitKV is the callback handoff: it reads P's kv_transfer_params first
+// and acts on them at once (a malformed answer is a 502; an answer without
+// pegaflow_transfer_id, from a P without the PegaFlow connector, applies
+// --on-kv-timeout without waiting, since no KV will come), else waits
+// until the transfer is ready. It returns the decode leg's
+// kv_transfer_params, or the request's outcome (and answer) when it ends
+// here.
+func (r *Router) awaitKV(c echo.Context, rq *clientRequest, t *transfer, p *backend, fromP json.RawMessage) (json.RawMessage, string, error) {
+	params, err := parsePrefillParams(fromP)
+	if err != nil {
+		return nil, outcomeFailed, apiError(c, http.StatusBadGateway, "upstream_error", fmt.Sprintf("prefill backend %s: %v", p.name, err))
+	}
+	reason := ""
+	if hasTransferID(params) {
+		t1 := time.Now()
+		w := awaitTransfer(c.Request().Context(), t, r.kv, r.cfg.KVReadyTimeout)
+		r.m.phase.WithLabelValues("kv_ready_wait").Observe(time.Since(t1).Seconds())
+		switch w.outcome {
+		case waitCancelled:
+			return nil, outcomeCancelled, nil
+		case waitReady:
+			r.m.kvReadyWhen.WithLabelValues(w.source).Inc()
+		default:
+			r.m.kvTimeouts.Inc()
+			r.log.Warn("transfer KV not ready", "transfer", t.id, "request_id", rq.reqID, "reason", w.reason, "policy", r.cfg.OnKVTimeout)
+			reason = w.reason
+		}
+	} else {
+		reason = "prefill backend " + p.name + " returned no " + kvTransferID + " (no PegaFlow connector?)"
+		r.m.noKVParams.WithLabelValues(p.name).Inc()
+		if p.warnedNoKVParams.CompareAndSwap(false, true) { // once per backend: it is a deployment fault, not a request's
+			r.log.Warn("prefill answer without PegaFlow kv_transfer_params: decoding without waiting for KV; is P running the PegaFlow connector?",
+				"backend", p.name, "policy", r.cfg.OnKVTimeout)
+		}
+	}
+	if reason != "" && r.cfg.OnKVTimeout == OnKVTimeoutFail {
+		return nil, outcomeFailed, apiError(c, http.StatusGatewayTimeout, "timeout_error", "prefill KV was not ready: "+reason)
+	}
+	// Ready, or decode-anyway: D loads what the engine has and recomputes the rest.
+	kvParams, err := decodeParams(params, t.id)
+	if err != nil {
+		return nil, outcomeFailed, apiError(c, http.StatusBadGateway, "upstream_error", err.Error())
+	}
+	return kvParams, "", nil
 }

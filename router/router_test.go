@@ -31,6 +31,13 @@ type harness struct {
 
 func startRouter(t *testing.T, p, d []*fakeVLLM, mutate func(*Config), kv KVReadySource) *harness {
 	t.Helper()
+	return startRouterDeps(t, p, d, mutate, Deps{KVReady: kv})
+}
+
+// startRouterDeps is startRouter with the router's collaborators given
+// (a logger, say); the metrics registry is always the harness's own.
+func startRouterDeps(t *testing.T, p, d []*fakeVLLM, mutate func(*Config), deps Deps) *harness {
+	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	cfg := DefaultConfig()
@@ -48,7 +55,8 @@ func startRouter(t *testing.T, p, d []*fakeVLLM, mutate func(*Config), kv KVRead
 		mutate(&cfg)
 	}
 	reg := prometheus.NewRegistry()
-	r, err := New(cfg, Deps{Registerer: reg, KVReady: kv})
+	deps.Registerer = reg
+	r, err := New(cfg, deps)
 	require.NoError(t, err)
 	e := echo.New()
 	r.Register(e)
