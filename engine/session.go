@@ -80,6 +80,8 @@ func (e *Engine) CloseSession(id string) {
 	for lid, l := range s.leases {
 		e.releaseLeaseLocked(lid, l)
 	}
+	// Queries of the session that wait for in-flight saves answer now.
+	e.broadcastLocked()
 	e.log.Info("session closed", "session", id, "client", s.name, "instances", len(s.instances))
 }
 
