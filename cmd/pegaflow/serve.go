@@ -117,6 +117,10 @@ func runServe(ctx context.Context, args []string, _, stderr io.Writer) int {
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	if err := serve(ctx, f, log); err != nil {
 		log.Error("serve failed", "err", err)
+		if errors.Is(err, server.ErrUnsafeSocket) {
+			// The operator's setup to fix, like a bad flag.
+			return cli.ExitUsage
+		}
 		return 1
 	}
 	return 0
