@@ -54,7 +54,10 @@ type Config struct {
 	MaxQueryWait time.Duration
 	// CallbackTimeout bounds each POST to a transfer's ready_url.
 	CallbackTimeout time.Duration
-	Version         string
+	// ShmDir is the directory producers' shared-memory files must lie
+	// beneath (default DefaultShmDir); see openShmFile.
+	ShmDir  string
+	Version string
 	// Topology is the host's GPUs (topology.Discover); nil is CPU mode.
 	// Registrations are checked against it and it places the pools.
 	Topology *topology.Topology
@@ -87,6 +90,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.CallbackTimeout <= 0 {
 		c.CallbackTimeout = DefaultCallbackTimeout
+	}
+	if c.ShmDir == "" {
+		c.ShmDir = DefaultShmDir
 	}
 	if c.Version == "" {
 		c.Version = "dev"

@@ -41,6 +41,7 @@ func defaultSocket() string {
 
 type serveFlags struct {
 	socket, socketGroup, httpAddr, logLevel string
+	shmDir                                  string
 	socketMode                              string
 	poolSize                                cli.ByteSize
 	numaNode, copyThreads                   int
@@ -57,6 +58,7 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.StringVar(&f.socket, "socket", defaultSocket(), "engine API UNIX socket path")
 	fs.StringVar(&f.socketMode, "socket-mode", "0600", "socket file mode (octal)")
 	fs.StringVar(&f.socketGroup, "socket-group", "", "group (name or gid) owning the socket, e.g. to share it with vLLM running as another user")
+	fs.StringVar(&f.shmDir, "shm-dir", engine.DefaultShmDir, "clients may register only shared-memory files beneath this directory (tmpfs or hugetlbfs, owned by the registering user)")
 	fs.StringVar(&f.httpAddr, "http-addr", "127.0.0.1:8080", "HTTP address for /health, /metrics and, with backends, the OpenAI endpoints")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.Var(&f.poolSize, "pool-size", "pinned host memory of all pools together, split across NUMA nodes by GPU count (e.g. 8GiB)")
@@ -84,6 +86,10 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	if _, err := strconv.ParseUint(f.socketMode, 8, 32); err != nil {
 		return nil, fmt.Errorf("--socket-mode %q is not an octal mode", f.socketMode)
 	}
+	if !filepath.IsAbs(f.shmDir) {
+		return nil, fmt.Errorf("--shm-dir %q must be an absolute path", f.shmDir)
+	}
+	f.shmDir = filepath.Clean(f.shmDir)
 	if _, _, err := net.SplitHostPort(f.httpAddr); err != nil {
 		return nil, fmt.Errorf("--http-addr %q: %w", f.httpAddr, err)
 	}
@@ -144,7 +150,7 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 	eng, err := engine.New(engine.Config{
 		PoolSize: uint64(f.poolSize), NUMANode: f.numaNode, Device: -1, PoolFlags: poolFlags,
 		CopyThreads: f.copyThreads, LeaseTTL: f.leaseTTL, TransferTTL: f.transferTTL,
-		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, Version: version, Topology: topo,
+		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, ShmDir: f.shmDir, Version: version, Topology: topo,
 	}, log.With("component", "engine"), reg)
 	if err != nil {
 		return err

@@ -76,6 +76,7 @@ func New(cfg Config, eng *engine.Engine, log *slog.Logger, reg prometheus.Regist
 		}
 	}
 	s.grpc = grpc.NewServer(
+		grpc.Creds(peerCreds{}),
 		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
 		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
 		grpc.ChainUnaryInterceptor(s.observe),
@@ -133,6 +134,8 @@ func toStatus(err error) error {
 		code = codes.InvalidArgument
 	case errors.Is(err, engine.ErrNotFound):
 		code = codes.NotFound
+	case errors.Is(err, engine.ErrPermission):
+		code = codes.PermissionDenied
 	case errors.Is(err, engine.ErrPrecondition):
 		code = codes.FailedPrecondition
 	case errors.Is(err, engine.ErrExhausted):
@@ -179,6 +182,11 @@ func (s *service) OpenNamespace(_ context.Context, req *pb.OpenNamespaceRequest)
 }
 
 func (s *service) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+	// Shared-memory files must belong to the registering process's user.
+	ctx, err := withPeer(ctx)
+	if err != nil {
+		return nil, toStatus(err)
+	}
 	resp, err := s.eng.Register(ctx, req)
 	return resp, toStatus(err)
 }

@@ -87,6 +87,12 @@ int pf_pool_destroy(pf_pool *pool);
 /* Maps `size` bytes of a shared-memory file. Fails with PF_ERANGE when the
  * file is smaller than size. */
 int pf_region_open_shm(const char *path, uint64_t size, pf_region **out);
+/* pf_region_open_shm of a file the caller opened read-write (and checked:
+ * the engine opens it beneath its shm directory and checks the owner).
+ * It must be a regular file of at least size bytes (fstat), else PF_EIO or
+ * PF_ERANGE. The fd stays the caller's: close it after this returns (the
+ * mapping keeps the file alive). */
+int pf_region_open_shm_fd(int fd, uint64_t size, pf_region **out);
 /* Maps a device UUID to this process's CUDA ordinal (which depends on
  * CUDA_VISIBLE_DEVICES, the UUID does not). Accepts nvidia-smi's form
  * ("GPU-8e3c1a2b-...", also "MIG-..."), or the 32 hex digits alone; dashes

@@ -128,6 +128,25 @@ static void test_region_args(void) {
   CHECK(pf_region_size(r) == 100);
   CHECK_RC(pf_region_close(r), PF_OK);
 
+  /* The fd form: same checks, size from fstat, the fd stays the caller's. */
+  int fd = open(path, O_RDWR | O_CLOEXEC);
+  CHECK(fd >= 0);
+  CHECK_RC(pf_region_open_shm_fd(fd, 100, NULL), PF_EINVAL);
+  CHECK_RC(pf_region_open_shm_fd(-1, 100, &r), PF_EINVAL);
+  CHECK(r == NULL);
+  CHECK_RC(pf_region_open_shm_fd(fd, 0, &r), PF_EINVAL);
+  CHECK_RC(pf_region_open_shm_fd(fd, UINT64_MAX, &r), PF_EINVAL);
+  CHECK_RC(pf_region_open_shm_fd(fd, 101, &r), PF_ERANGE);
+  CHECK_RC(pf_region_open_shm_fd(fd, 100, &r), PF_OK);
+  CHECK(fcntl(fd, F_GETFD) >= 0); /* not closed for us */
+  close(fd);
+  CHECK(pf_region_size(r) == 100);
+  CHECK_RC(pf_region_close(r), PF_OK);
+  int dfd = open(tmpdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  CHECK(dfd >= 0);
+  CHECK_RC(pf_region_open_shm_fd(dfd, 10, &r), PF_EIO); /* not a regular file */
+  close(dfd);
+
   uint8_t handle[64] = {0};
   r = (pf_region *)1;
   if (!strcmp(pf_backend(), "cpu")) {
