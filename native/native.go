@@ -463,6 +463,22 @@ func (c *Copier) Copy(ctx context.Context, r *Region, p *Pool, dir Direction, op
 	return pend.err
 }
 
+// HoldForTest, for tests only, keeps the copy threads from starting any
+// more work while hold is true: submitted shm batches stay in flight, as
+// a copy stuck on a dead producer would, until HoldForTest(false).
+func (c *Copier) HoldForTest(hold bool) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.c == nil {
+		return
+	}
+	h := C.int(0)
+	if hold {
+		h = 1
+	}
+	C.pf_copier_test_hold(c.c, h)
+}
+
 // Close stops new submits, waits for in-flight batches (their Pendings are
 // done when it returns), then stops the copier. Concurrent and repeated
 // calls all wait and return the same result.

@@ -47,7 +47,7 @@ type serveFlags struct {
 	numaNode, copyThreads                   int
 	hugePages, mlock                        bool
 	leaseTTL, transferTTL, partialTTL       time.Duration
-	maxQueryWait                            time.Duration
+	maxQueryWait, copyTimeout               time.Duration
 	router                                  router.Config
 }
 
@@ -70,6 +70,7 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.DurationVar(&f.transferTTL, "transfer-ttl", engine.DefaultTransferTTL, "longest a P/D transfer waits for saves and pins its blocks")
 	fs.DurationVar(&f.partialTTL, "partial-ttl", engine.DefaultPartialTTL, "free blocks saved by some TP ranks but not all after this long")
 	fs.DurationVar(&f.maxQueryWait, "max-query-wait", engine.DefaultMaxQueryWait, "cap on the wait a query may ask for")
+	fs.DurationVar(&f.copyTimeout, "copy-timeout", engine.DefaultCopyTimeout, "cap on how long a save or load waits for its copies (and shutdown for copies still running); late copies fail their call, their memory is freed when they end")
 	router.BindFlags(fs, &f.router)
 	if err := cli.Parse(fs, args, nil); err != nil {
 		return nil, err
@@ -150,7 +151,7 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 	eng, err := engine.New(engine.Config{
 		PoolSize: uint64(f.poolSize), NUMANode: f.numaNode, Device: -1, PoolFlags: poolFlags,
 		CopyThreads: f.copyThreads, LeaseTTL: f.leaseTTL, TransferTTL: f.transferTTL,
-		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, ShmDir: f.shmDir, Version: version, Topology: topo,
+		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, ShmDir: f.shmDir, CopyTimeout: f.copyTimeout, Version: version, Topology: topo,
 	}, log.With("component", "engine"), reg)
 	if err != nil {
 		return err

@@ -127,6 +127,12 @@ int pf_copier_submit_after(pf_copier *copier, pf_region *region, pf_pool *pool, 
                            const pf_copy_op *ops, uint64_t n_ops, pf_event *after, uint64_t token);
 /* Waits for in-flight batches, then frees the copier. */
 int pf_copier_destroy(pf_copier *copier);
+/* Testing only: while hold is nonzero the host copy threads start no new
+ * slice, so accepted host-memory (shm) batches stay in flight and write no
+ * completion: a copy that does not finish, as one stuck on a dead
+ * producer's event would. hold = 0 lets them run. Device batches of the
+ * CUDA build are not held. pf_copier_destroy waits for held batches. */
+int pf_copier_test_hold(pf_copier *copier, int hold);
 
 /* Opens a producer's interprocess event (cudaIpcEventHandle_t bytes, from
  * an event created with cudaEventInterprocess | cudaEventDisableTiming, e.g.

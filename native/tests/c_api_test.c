@@ -339,6 +339,18 @@ static void test_copies(void) {
   pf_completion done;
   CHECK(read_completion(fds[0], &done, 5000) && done.token == 77 && done.status == PF_OK);
 
+  /* A held copier keeps an accepted batch in flight (no completion, the
+   * pool has a user) until released. */
+  CHECK_RC(pf_copier_test_hold(NULL, 1), PF_EINVAL);
+  CHECK_RC(pf_copier_test_hold(c, 1), PF_OK);
+  pf_copy_op held = {0, 0, 4096};
+  CHECK_RC(pf_copier_submit(c, r, pool, PF_DIR_REGION_TO_POOL, &held, 1, 78), PF_OK);
+  CHECK(!read_completion(fds[0], &done, 100));
+  CHECK(all_zero(pb, 4096));
+  CHECK_RC(pf_copier_test_hold(c, 0), PF_OK);
+  CHECK(read_completion(fds[0], &done, 5000) && done.token == 78 && done.status == PF_OK);
+  memset(pb, 0, 4096);
+
   /* 2000 batches against a 256-record pipe nobody reads for a while. */
   enum { N = 2000 };
   static unsigned char seen[N];
