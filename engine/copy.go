@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"fmt"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
 	"github.com/pegaflow/pegaflow/native"
@@ -73,19 +74,61 @@ func (e *Engine) planCopies(plans map[planKey]*copyPlan, inst *instance, b *bloc
 	}
 }
 
-// runCopies executes the plans concurrently and returns, per block index,
-// whether all of its copies succeeded. Once ctx is done it submits no more
-// batches (their blocks fail, and it returns ctx's error), but it waits for
-// every batch already submitted: the memory is in use until then. With
-// after set, the copies wait on the GPU for the producer's event first.
-func (e *Engine) runCopies(ctx context.Context, plans map[planKey]*copyPlan, dir native.Direction, n int, after *native.Event) ([]bool, error) {
-	ok := make([]bool, n)
-	for i := range ok {
-		ok[i] = true
+// copyResult is what runCopies saw of a call's batches by its deadline.
+type copyResult struct {
+	// ok[i]: every copy of block i completed. stuck[i]: a batch of block i
+	// was still running at the deadline, so its memory (pool extent and
+	// region) is still being read or written.
+	ok, stuck []bool
+	late      []*native.Pending
+	// err is set when the deadline (or the caller) ended the wait.
+	err error
+}
+
+// afterLate runs fn, holding e.mu, once every batch still running at the
+// deadline has really finished: only then may the memory they touch be
+// freed or reused. It ends the call's share of e.copies.
+func (e *Engine) afterLate(r *copyResult, fn func()) {
+	if len(r.late) == 0 {
+		fn()
+		e.copies.Done()
+		return
 	}
-	fail := func(p *copyPlan) {
+	go func() {
+		defer e.copies.Done()
+		for _, p := range r.late {
+			<-p.Done()
+		}
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		fn()
+		e.log.Warn("copies that outlived their call's deadline finished; their memory is free again", "batches", len(r.late))
+	}()
+}
+
+// copyDeadline bounds a Save's or Load's copies by the caller's deadline,
+// capped at Config.CopyTimeout.
+func (e *Engine) copyDeadline(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, e.cfg.CopyTimeout)
+}
+
+// runCopies executes the plans concurrently and reports, per block index,
+// whether all of its copies succeeded. Once ctx is done it submits no more
+// batches (their blocks fail) and stops waiting: batches still running then
+// are returned in late, their blocks marked stuck, and the call fails with
+// ctx's error, while the copier finishes them in the background (a copy
+// on a dead producer's event, or a slow file, may take very long). With
+// after set, the copies wait on the GPU for the producer's event first.
+// The caller ran e.copies.Add(1) at planning; afterLate ends it.
+func (e *Engine) runCopies(ctx context.Context, plans map[planKey]*copyPlan, dir native.Direction, n int, after *native.Event) *copyResult {
+	r := &copyResult{ok: make([]bool, n), stuck: make([]bool, n)}
+	for i := range r.ok {
+		r.ok[i] = true
+	}
+	mark := func(p *copyPlan, stuck bool) {
 		for _, i := range p.blocks {
-			ok[i] = false
+			r.ok[i] = false
+			r.stuck[i] = r.stuck[i] || stuck
 		}
 	}
 	type started struct {
@@ -93,26 +136,42 @@ func (e *Engine) runCopies(ctx context.Context, plans map[planKey]*copyPlan, dir
 		pending *native.Pending
 	}
 	var all []started
-	var cancelled error
 	for _, p := range plans {
-		if cancelled = ctx.Err(); cancelled != nil {
-			fail(p)
+		if r.err = ctx.Err(); r.err != nil {
+			mark(p, false)
 			continue
 		}
 		pending, err := e.copier.SubmitAfter(p.region, p.pool, dir, p.ops, after)
 		if err != nil {
 			e.log.Warn("copy submit failed", "err", err)
-			fail(p)
+			mark(p, false)
 			continue
 		}
 		all = append(all, started{p, pending})
 	}
 	for _, s := range all {
-		<-s.pending.Done()
-		if err := s.pending.Err(); err != nil {
-			e.log.Warn("copy failed", "err", err)
-			fail(s.plan)
+		if r.err == nil {
+			select {
+			case <-s.pending.Done():
+			case <-ctx.Done():
+				r.err = fmt.Errorf("copies did not finish in time (deadline: the call's, at most --copy-timeout %v): %w",
+					e.cfg.CopyTimeout, ctx.Err())
+			}
+		}
+		select {
+		case <-s.pending.Done():
+			if err := s.pending.Err(); err != nil {
+				e.log.Warn("copy failed", "err", err)
+				mark(s.plan, false)
+			}
+		default:
+			r.late = append(r.late, s.pending)
+			mark(s.plan, true)
 		}
 	}
-	return ok, cancelled
+	if len(r.late) > 0 {
+		e.log.Warn("copies outlived their call's deadline; their blocks failed, their memory stays reserved until they finish",
+			"batches", len(r.late), "err", r.err)
+	}
+	return r
 }

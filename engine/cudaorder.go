@@ -75,7 +75,7 @@ func openProducerEvent(log *slog.Logger, req *registration) *native.Event {
 // openMemory opens a registration's regions and, if the worker sent one,
 // its producer event.
 func (e *Engine) openMemory(req *registration) ([]*native.Region, *native.Event, error) {
-	regions, err := openRegions(req.layout.regions)
+	regions, err := openRegions(req.layout.regions, e.cfg.ShmDir, req.peer)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -54,7 +54,14 @@ type Config struct {
 	MaxQueryWait time.Duration
 	// CallbackTimeout bounds each POST to a transfer's ready_url.
 	CallbackTimeout time.Duration
-	Version         string
+	// CopyTimeout caps how long a Save or Load waits for its copies (the
+	// RPC's own deadline applies when shorter), and how long Close waits
+	// for copies still running.
+	CopyTimeout time.Duration
+	// ShmDir is the directory producers' shared-memory files must lie
+	// beneath (default DefaultShmDir); see openShmFile.
+	ShmDir  string
+	Version string
 	// Topology is the host's GPUs (topology.Discover); nil is CPU mode.
 	// Registrations are checked against it and it places the pools.
 	Topology *topology.Topology
@@ -67,6 +74,7 @@ const (
 	DefaultPartialTTL      = 60 * time.Second
 	DefaultMaxQueryWait    = 30 * time.Second
 	DefaultCallbackTimeout = 5 * time.Second
+	DefaultCopyTimeout     = 30 * time.Second
 )
 
 func (c *Config) setDefaults() {
@@ -87,6 +95,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.CallbackTimeout <= 0 {
 		c.CallbackTimeout = DefaultCallbackTimeout
+	}
+	if c.CopyTimeout <= 0 {
+		c.CopyTimeout = DefaultCopyTimeout
+	}
+	if c.ShmDir == "" {
+		c.ShmDir = DefaultShmDir
 	}
 	if c.Version == "" {
 		c.Version = "dev"
@@ -127,9 +141,16 @@ type Engine struct {
 
 	// stopped ends when Close begins: housekeeping and callback retries
 	// stop on it.
-	stopped  context.Context
-	stop     context.CancelFunc
-	bg       sync.WaitGroup
+	stopped context.Context
+	stop    context.CancelFunc
+	bg      sync.WaitGroup
+	// copies counts Save and Load calls from planning until every batch
+	// they submitted has finished (for a call past its deadline, after it
+	// returned). Add runs under mu while the engine is open.
+	copies sync.WaitGroup
+	// freed is closed once the copier and pools are gone (Close, or later
+	// when Close gave up waiting for copies).
+	freed    chan struct{}
 	closeErr error
 }
 
@@ -182,6 +203,7 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		leases:      map[string]*lease{},
 		transfers:   map[string]*transfer{},
 		changed:     make(chan struct{}),
+		freed:       make(chan struct{}),
 	}
 	if reg != nil {
 		m, err := newMetrics(e, reg)
@@ -235,7 +257,11 @@ func logPlacement(log *slog.Logger, topo *topology.Topology, p topology.Placemen
 func (e *Engine) Version() string { return e.cfg.Version }
 
 // Close stops the engine: waiters wake with ErrClosed, regions close after
-// their in-flight copies, and the pools are freed.
+// their in-flight copies, and the pools are freed. It waits for copies
+// still running at most Config.CopyTimeout: a copy that never ends (a dead
+// producer's event) must not hang shutdown. It then returns an error and
+// leaves the copier and pools to be freed when the copies end (never
+// while a copier may still touch them).
 func (e *Engine) Close() error {
 	e.mu.Lock()
 	if e.closed {
@@ -255,12 +281,35 @@ func (e *Engine) Close() error {
 	e.mu.Unlock()
 	e.bg.Wait()
 	e.policy.close()
+	idle := make(chan struct{})
+	go func() {
+		e.copies.Wait()
+		close(idle)
+	}()
+	select {
+	case <-idle:
+		e.closeErr = e.freeMemory()
+	case <-time.After(e.cfg.CopyTimeout):
+		e.closeErr = fmt.Errorf("%w: copies still running %v after close; the pools are freed when they end", ErrClosed, e.cfg.CopyTimeout)
+		e.log.Error("engine closed with copies still running", "waited", e.cfg.CopyTimeout)
+		go func() {
+			<-idle
+			if err := e.freeMemory(); err != nil {
+				e.log.Error("freeing the pools after late copies", "err", err)
+			}
+		}()
+	}
+	return e.closeErr
+}
+
+// freeMemory stops the copier and frees the pools, once no copy runs.
+func (e *Engine) freeMemory() error {
+	defer close(e.freed)
 	// The copier waits for in-flight batches before the pools go away.
 	err := e.copier.Close()
 	if perr := closePools(e.pools); err == nil {
 		err = perr
 	}
-	e.closeErr = err
 	return err
 }
 

@@ -29,7 +29,7 @@ func newTestEngine(t *testing.T, poolSize uint64) *Engine {
 
 func newCache(t *testing.T, spec kvtest.Spec) *kvtest.Cache {
 	t.Helper()
-	c, err := kvtest.New(t.TempDir(), "kv", spec)
+	c, err := kvtest.New(kvtest.TempShmDir(t), "kv", spec)
 	require.NoError(t, err)
 	t.Cleanup(c.Close)
 	return c
@@ -403,7 +403,7 @@ func TestRequestValidation(t *testing.T) {
 		{"relative shm path", func(r *pb.RegisterRequest) { r.Regions[0].Source = &pb.MemoryRegion_ShmPath{ShmPath: "kv"} }, ErrInvalid},
 		{"region bigger than file", func(r *pb.RegisterRequest) { r.Regions[0].Size *= 2; r.NumBlocks = 16 }, ErrInvalid},
 		{"missing file", func(r *pb.RegisterRequest) {
-			r.Regions[0].Source = &pb.MemoryRegion_ShmPath{ShmPath: "/nonexistent/kv"}
+			r.Regions[0].Source = &pb.MemoryRegion_ShmPath{ShmPath: kvtest.ShmDir() + "/pegaflow-nonexistent-kv"}
 		}, ErrInvalid},
 		{"layer count mismatch", func(r *pb.RegisterRequest) { r.Namespace.NumLayers = 3 }, ErrInvalid},
 		{"unknown session", func(r *pb.RegisterRequest) { r.SessionId = "nope" }, ErrNotFound},

@@ -9,6 +9,9 @@ var (
 	ErrInvalid = errors.New("invalid argument")
 	// ErrNotFound: an unknown session, instance, namespace or lease.
 	ErrNotFound = errors.New("not found")
+	// ErrPermission: the caller may not use what it named, e.g. a
+	// shared-memory file it does not own.
+	ErrPermission = errors.New("permission denied")
 	// ErrPrecondition: the request is well formed but conflicts with state,
 	// e.g. a hash-seed or geometry mismatch within a namespace.
 	ErrPrecondition = errors.New("failed precondition")
@@ -19,3 +22,13 @@ var (
 	// ErrTransferFailed: a transfer settled without all of its blocks.
 	ErrTransferFailed = errors.New("transfer failed")
 )
+
+// isEngineError reports whether err already wraps one of the kinds above.
+func isEngineError(err error) bool {
+	for _, kind := range []error{ErrInvalid, ErrNotFound, ErrPermission, ErrPrecondition, ErrExhausted, ErrClosed} {
+		if errors.Is(err, kind) {
+			return true
+		}
+	}
+	return false
+}

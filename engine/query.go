@@ -48,7 +48,7 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 		case <-ctx.Done():
 		}
 		e.mu.Lock()
-		if err := e.checkOpen(); err != nil {
+		if err := e.awakeLocked(s); err != nil {
 			return nil, err
 		}
 	}
@@ -65,7 +65,7 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 		case <-ctx.Done():
 		}
 		e.mu.Lock()
-		if err := e.checkOpen(); err != nil {
+		if err := e.awakeLocked(s); err != nil {
 			return nil, err
 		}
 		if ctx.Err() != nil {
@@ -93,6 +93,20 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 		resp.LeaseId = id
 	}
 	return resp, nil
+}
+
+// awakeLocked is what a Query re-checks after waiting without e.mu: the
+// engine may have closed, and its session may have ended, in which case
+// nothing may be leased for it any more (CloseSession already released
+// the session's leases and would never see one taken now).
+func (e *Engine) awakeLocked(s *session) error {
+	if err := e.checkOpen(); err != nil {
+		return err
+	}
+	if e.sessions[s.id] != s {
+		return fmt.Errorf("%w: session %q ended while the query waited", ErrNotFound, s.id)
+	}
+	return nil
 }
 
 // prefixLocked counts the sealed prefix and, after it, the run of blocks

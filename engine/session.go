@@ -80,6 +80,8 @@ func (e *Engine) CloseSession(id string) {
 	for lid, l := range s.leases {
 		e.releaseLeaseLocked(lid, l)
 	}
+	// Queries of the session that wait for in-flight saves answer now.
+	e.broadcastLocked()
 	e.log.Info("session closed", "session", id, "client", s.name, "instances", len(s.instances))
 }
 
@@ -114,6 +116,7 @@ func (e *Engine) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 	if err != nil {
 		return nil, err
 	}
+	reg.peer = peerFrom(ctx)
 	ns, err := e.preflightRegister(reg)
 	if err != nil {
 		return nil, err
@@ -190,7 +193,8 @@ func (e *Engine) preflightRegister(reg *registration) (*namespace, error) {
 	return ns, nil
 }
 
-func openRegions(specs []regionSpec) ([]*native.Region, error) {
+// openRegions opens a registration's memory on behalf of peer.
+func openRegions(specs []regionSpec, shmDir string, peer Peer) ([]*native.Region, error) {
 	regions := make([]*native.Region, 0, len(specs))
 	for i, spec := range specs {
 		var r *native.Region
@@ -205,11 +209,14 @@ func openRegions(specs []regionSpec) ([]*native.Region, error) {
 			}
 			r, err = native.OpenCUDAIPCRegion(spec.ipcHandle, dev, spec.size)
 		} else {
-			r, err = native.OpenShmRegion(spec.shmPath, spec.size)
+			r, err = openShmRegion(shmDir, spec.shmPath, spec.size, peer)
 		}
 		if err != nil {
 			for _, opened := range regions {
 				_ = opened.Close()
+			}
+			if isEngineError(err) {
+				return nil, fmt.Errorf("region %d: %w", i, err)
 			}
 			kind := ErrInvalid
 			if errors.Is(err, native.ErrNotSupported) {

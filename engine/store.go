@@ -25,7 +25,9 @@ type savePlan struct {
 // Save copies blocks from the caller's registered memory into the pool and
 // returns when the copies are done. Blocks already sealed, or already saved
 // by this rank, are skipped. With a transfer id the blocks are tagged and
-// pinned for the decode side.
+// pinned for the decode side. Copies not done by the deadline (ctx's,
+// capped at Config.CopyTimeout) fail the call and their blocks; their
+// pool extents stay reserved until the copier is really done with them.
 func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveResponse, error) {
 	start := time.Now()
 	if req.TransferId != "" {
@@ -36,14 +38,16 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	ctx, cancel := e.copyDeadline(ctx)
+	defer cancel()
 	p, err := e.planSave(req)
 	if err != nil {
 		return nil, err
 	}
-	ok, cancelled := e.runCopies(ctx, p.plans, native.RegionToPool, len(p.saving), p.after)
-	e.commitSave(p, ok, req.TransferLast, start)
-	if cancelled != nil {
-		return nil, cancelled
+	r := e.runCopies(ctx, p.plans, native.RegionToPool, len(p.saving), p.after)
+	e.commitSave(p, r, req.TransferLast, start)
+	if r.err != nil {
+		return nil, r.err
 	}
 	return p.resp, nil
 }
@@ -118,19 +122,30 @@ func (e *Engine) planSave(req *pb.SaveRequest) (*savePlan, error) {
 		e.planCopies(p.plans, inst, b, ref.BlockId, len(p.saving))
 		p.saving = append(p.saving, b)
 	}
+	e.copies.Add(1) // under e.mu, so never after Close's Wait began
 	return p, nil
 }
 
-// commitSave is Save's commit step: ok[i] says whether p.saving[i] was
-// copied.
-func (e *Engine) commitSave(p *savePlan, ok []bool, last bool, start time.Time) {
+// heldExtent is a pool extent a late copy still writes: no block owns it
+// any more, and it is freed when the copy ends.
+type heldExtent struct {
+	pool int
+	ext  extent
+}
+
+// commitSave is Save's commit step: r.ok[i] says whether p.saving[i] was
+// copied. A stuck block fails like a failed copy, but its share's extent
+// is detached from it and freed only when the late copy ends, so a new
+// save of the block (or any other) never gets memory the copier writes.
+func (e *Engine) commitSave(p *savePlan, r *copyResult, last bool, start time.Time) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	ns, rank, t, resp := p.inst.ns, p.inst.key.rank, p.transfer, p.resp
 	var bytes uint64
+	var held []heldExtent
 	for i, b := range p.saving {
 		b.saving &^= p.bit
-		if ok[i] {
+		if r.ok[i] {
 			b.saved |= p.bit
 			resp.Saved++
 			bytes += ns.rankBytes
@@ -143,7 +158,12 @@ func (e *Engine) commitSave(p *savePlan, ok []bool, last bool, start time.Time) 
 		resp.Failed++
 		e.stats.saveFailures++
 		// The rank may save the block again; it will allocate anew.
-		e.releaseShareLocked(&b.shares[rank])
+		if s := &b.shares[rank]; r.stuck[i] {
+			held = append(held, heldExtent{s.pool, s.ext})
+			s.ext = extent{}
+		} else {
+			e.releaseShareLocked(s)
+		}
 		e.unpinLocked(b)
 		if b.saved == 0 && b.saving == 0 {
 			e.failBlockLocked(b, "copy failed")
@@ -159,6 +179,11 @@ func (e *Engine) commitSave(p *savePlan, ok []bool, last bool, start time.Time) 
 	e.stats.bytesSaved += bytes
 	e.broadcastLocked()
 	e.m.observeSave(time.Since(start), bytes)
+	e.afterLate(r, func() {
+		for _, h := range held {
+			e.pools[h.pool].alloc.release(h.ext)
+		}
+	})
 }
 
 // loadPlan is what Load's plan step reserved: the sealed blocks it copies
@@ -173,20 +198,23 @@ type loadPlan struct {
 
 // Load copies sealed blocks into the caller's registered memory. Each
 // block's outcome is reported; missing and failed blocks are for the caller
-// to recompute.
+// to recompute. Copies not done by the deadline (as for Save) fail the
+// call; their blocks stay pinned until the copier is done reading them.
 func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadResponse, error) {
 	start := time.Now()
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	ctx, cancel := e.copyDeadline(ctx)
+	defer cancel()
 	p, err := e.planLoad(req)
 	if err != nil {
 		return nil, err
 	}
-	ok, cancelled := e.runCopies(ctx, p.plans, native.PoolToRegion, len(p.loading), nil)
-	e.commitLoad(p, ok, req.LeaseId, req.TransferId, start)
-	if cancelled != nil {
-		return nil, cancelled
+	r := e.runCopies(ctx, p.plans, native.PoolToRegion, len(p.loading), nil)
+	e.commitLoad(p, r, req.LeaseId, req.TransferId, start)
+	if r.err != nil {
+		return nil, r.err
 	}
 	return &pb.LoadResponse{Status: p.status}, nil
 }
@@ -213,21 +241,28 @@ func (e *Engine) planLoad(req *pb.LoadRequest) (*loadPlan, error) {
 		p.loading = append(p.loading, b)
 		p.index = append(p.index, i)
 	}
+	e.copies.Add(1) // under e.mu, so never after Close's Wait began
 	return p, nil
 }
 
-// commitLoad is Load's commit step: ok[j] says whether p.loading[j] was
+// commitLoad is Load's commit step: r.ok[j] says whether p.loading[j] was
 // copied. The rank counts as having loaded the lease's and transfer's
-// blocks either way: it will not ask again.
-func (e *Engine) commitLoad(p *loadPlan, ok []bool, leaseID, transferID string, start time.Time) {
+// blocks either way: it will not ask again. A stuck block keeps its pin
+// (and stays counted as loading) until the late copy stops reading it.
+func (e *Engine) commitLoad(p *loadPlan, r *copyResult, leaseID, transferID string, start time.Time) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	ns := p.inst.ns
 	var bytes uint64
+	var stuck []*block
 	for j, b := range p.loading {
-		b.loading--
-		e.unpinLocked(b)
-		if ok[j] {
+		if r.stuck[j] {
+			stuck = append(stuck, b)
+		} else {
+			b.loading--
+			e.unpinLocked(b)
+		}
+		if r.ok[j] {
 			p.status[p.index[j]] = pb.BlockStatus_BLOCK_STATUS_OK
 			bytes += ns.rankBytes
 		} else {
@@ -250,4 +285,10 @@ func (e *Engine) commitLoad(p *loadPlan, ok []bool, leaseID, transferID string, 
 	e.stats.loads += uint64(len(p.loading))
 	e.stats.bytesLoaded += bytes
 	e.m.observeLoad(time.Since(start), bytes)
+	e.afterLate(r, func() {
+		for _, b := range stuck {
+			b.loading--
+			e.unpinLocked(b)
+		}
+	})
 }

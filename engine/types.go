@@ -62,6 +62,8 @@ type registration struct {
 	layout     *rankLayout
 	// event is the worker's CUDA IPC event handle (empty: none sent).
 	event []byte
+	// peer registers: shared-memory files must be its own.
+	peer Peer
 }
 
 // namespaceFromPB is where a wire namespace becomes an engine one (nil

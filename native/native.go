@@ -157,6 +157,32 @@ func OpenShmRegion(path string, size uint64) (*Region, error) {
 	return &Region{r: r, size: size}, nil
 }
 
+// OpenShmRegionFile maps the first size bytes of a shared-memory file the
+// caller opened read-write (and checked). The size is checked against the
+// file's own (fstat): ErrRange when it is smaller. f stays the caller's to
+// close; the mapping outlives it.
+func OpenShmRegionFile(f *os.File, size uint64) (*Region, error) {
+	var r *C.pf_region
+	var rc C.int
+	// Control keeps the fd open and valid for the length of the call.
+	err := controlFd(f, func(fd uintptr) { rc = C.pf_region_open_shm_fd(C.int(fd), C.uint64_t(size), &r) })
+	if err != nil {
+		return nil, fmt.Errorf("%w: shm file %s: %w", ErrInvalid, f.Name(), err)
+	}
+	if rc != C.PF_OK {
+		return nil, codeErr(int64(rc), fmt.Sprintf("open shm region %q (%d bytes)", f.Name(), size))
+	}
+	return &Region{r: r, size: size}, nil
+}
+
+func controlFd(f *os.File, fn func(fd uintptr)) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	return rc.Control(fn)
+}
+
 // CUDADeviceByUUID returns the CUDA ordinal, in this process, of the device
 // with the given UUID ("GPU-8e3c1a2b-...", as nvidia-smi and the connector
 // print it). Ordinals depend on CUDA_VISIBLE_DEVICES; UUIDs do not. It fails
@@ -435,6 +461,22 @@ func (c *Copier) Copy(ctx context.Context, r *Region, p *Pool, dir Direction, op
 	}
 	<-pend.done
 	return pend.err
+}
+
+// HoldForTest, for tests only, keeps the copy threads from starting any
+// more work while hold is true: submitted shm batches stay in flight, as
+// a copy stuck on a dead producer would, until HoldForTest(false).
+func (c *Copier) HoldForTest(hold bool) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.c == nil {
+		return
+	}
+	h := C.int(0)
+	if hold {
+		h = 1
+	}
+	C.pf_copier_test_hold(c.c, h)
 }
 
 // Close stops new submits, waits for in-flight batches (their Pendings are

@@ -149,6 +149,35 @@ func TestBoundsViolationsCopyNothing(t *testing.T) {
 	require.ErrorIs(t, err, ErrInvalid)
 }
 
+// openFile opens path and maps it with OpenShmRegionFile (closing both).
+func openFile(t *testing.T, path string, size uint64) error {
+	t.Helper()
+	f, err := os.Open(path)
+	require.NoError(t, err)
+	defer f.Close()
+	r, err := OpenShmRegionFile(f, size)
+	if err == nil {
+		require.NoError(t, r.Close())
+	}
+	return err
+}
+
+func TestOpenShmRegionFile(t *testing.T) {
+	data := randomBytes(4096, 3)
+	f, err := os.OpenFile(shmFile(t, data), os.O_RDWR, 0)
+	require.NoError(t, err)
+	r, err := OpenShmRegionFile(f, uint64(len(data)))
+	require.NoError(t, err)
+	require.NoError(t, f.Close(), "the fd stays the caller's")
+	defer r.Close()
+	p := newPool(t, 1<<20, 0)
+	c, err := NewCopier(1)
+	require.NoError(t, err)
+	defer c.Close()
+	require.NoError(t, c.Copy(context.Background(), r, p, RegionToPool, []CopyOp{{RegionOffset: 0, PoolOffset: 512, Len: 4096}}))
+	require.Equal(t, data, p.Bytes()[512:512+4096], "the mapping outlives the closed fd")
+}
+
 func TestConstructorErrors(t *testing.T) {
 	path := shmFile(t, make([]byte, 100))
 	cases := []struct {
@@ -161,6 +190,9 @@ func TestConstructorErrors(t *testing.T) {
 		{"directory", func() error { _, err := OpenShmRegion(t.TempDir(), 10); return err }, ErrIO},
 		{"empty path", func() error { _, err := OpenShmRegion("", 10); return err }, ErrInvalid},
 		{"zero-size region", func() error { _, err := OpenShmRegion(path, 0); return err }, ErrInvalid},
+		{"file: region larger than file", func() error { return openFile(t, path, 101) }, ErrRange},
+		{"file: directory", func() error { return openFile(t, t.TempDir(), 10) }, ErrIO},
+		{"file: zero-size region", func() error { return openFile(t, path, 0) }, ErrInvalid},
 		{"zero-size pool", func() error { _, err := NewPool(0, -1, -1, 0); return err }, ErrInvalid},
 		{"unknown pool flag", func() error { _, err := NewPool(4096, -1, -1, 1<<7); return err }, ErrInvalid},
 		{"no copy threads", func() error { _, err := NewCopier(0); return err }, ErrInvalid},

@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pegaflow/pegaflow/bench"
+	"github.com/pegaflow/pegaflow/internal/kvtest"
 )
 
 type running struct {
@@ -65,7 +66,7 @@ func fastConfig() Config {
 	cfg.Geometry = Geometry{NumLayers: 2, NumBlocks: 256, BlockSize: 4, NumKVHeads: 2, HeadSize: 8}
 	cfg.Cost = CostModel{StepBase: time.Millisecond, PrefillPerToken: time.Microsecond}
 	cfg.MaxModelLen = 512
-	cfg.ShmDir = os.TempDir()
+	cfg.ShmDir = kvtest.ShmDir() // where the engine accepts shared memory
 	return cfg
 }
 

@@ -41,12 +41,13 @@ func defaultSocket() string {
 
 type serveFlags struct {
 	socket, socketGroup, httpAddr, logLevel string
+	shmDir                                  string
 	socketMode                              string
 	poolSize                                cli.ByteSize
 	numaNode, copyThreads                   int
 	hugePages, mlock                        bool
 	leaseTTL, transferTTL, partialTTL       time.Duration
-	maxQueryWait                            time.Duration
+	maxQueryWait, copyTimeout               time.Duration
 	router                                  router.Config
 }
 
@@ -57,6 +58,7 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.StringVar(&f.socket, "socket", defaultSocket(), "engine API UNIX socket path")
 	fs.StringVar(&f.socketMode, "socket-mode", "0600", "socket file mode (octal)")
 	fs.StringVar(&f.socketGroup, "socket-group", "", "group (name or gid) owning the socket, e.g. to share it with vLLM running as another user")
+	fs.StringVar(&f.shmDir, "shm-dir", engine.DefaultShmDir, "clients may register only shared-memory files beneath this directory (tmpfs or hugetlbfs, owned by the registering user)")
 	fs.StringVar(&f.httpAddr, "http-addr", "127.0.0.1:8080", "HTTP address for /health, /metrics and, with backends, the OpenAI endpoints")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.Var(&f.poolSize, "pool-size", "pinned host memory of all pools together, split across NUMA nodes by GPU count (e.g. 8GiB)")
@@ -68,6 +70,7 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.DurationVar(&f.transferTTL, "transfer-ttl", engine.DefaultTransferTTL, "longest a P/D transfer waits for saves and pins its blocks")
 	fs.DurationVar(&f.partialTTL, "partial-ttl", engine.DefaultPartialTTL, "free blocks saved by some TP ranks but not all after this long")
 	fs.DurationVar(&f.maxQueryWait, "max-query-wait", engine.DefaultMaxQueryWait, "cap on the wait a query may ask for")
+	fs.DurationVar(&f.copyTimeout, "copy-timeout", engine.DefaultCopyTimeout, "cap on how long a save or load waits for its copies (and shutdown for copies still running); late copies fail their call, their memory is freed when they end")
 	router.BindFlags(fs, &f.router)
 	if err := cli.Parse(fs, args, nil); err != nil {
 		return nil, err
@@ -84,6 +87,10 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	if _, err := strconv.ParseUint(f.socketMode, 8, 32); err != nil {
 		return nil, fmt.Errorf("--socket-mode %q is not an octal mode", f.socketMode)
 	}
+	if !filepath.IsAbs(f.shmDir) {
+		return nil, fmt.Errorf("--shm-dir %q must be an absolute path", f.shmDir)
+	}
+	f.shmDir = filepath.Clean(f.shmDir)
 	if _, _, err := net.SplitHostPort(f.httpAddr); err != nil {
 		return nil, fmt.Errorf("--http-addr %q: %w", f.httpAddr, err)
 	}
@@ -117,6 +124,10 @@ func runServe(ctx context.Context, args []string, _, stderr io.Writer) int {
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	if err := serve(ctx, f, log); err != nil {
 		log.Error("serve failed", "err", err)
+		if errors.Is(err, server.ErrUnsafeSocket) {
+			// The operator's setup to fix, like a bad flag.
+			return cli.ExitUsage
+		}
 		return 1
 	}
 	return 0
@@ -140,7 +151,7 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 	eng, err := engine.New(engine.Config{
 		PoolSize: uint64(f.poolSize), NUMANode: f.numaNode, Device: -1, PoolFlags: poolFlags,
 		CopyThreads: f.copyThreads, LeaseTTL: f.leaseTTL, TransferTTL: f.transferTTL,
-		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, Version: version, Topology: topo,
+		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, ShmDir: f.shmDir, CopyTimeout: f.copyTimeout, Version: version, Topology: topo,
 	}, log.With("component", "engine"), reg)
 	if err != nil {
 		return err

@@ -31,7 +31,7 @@ func TestPlacementErrorsMapToStatusCodes(t *testing.T) {
 	register := func(instance string, rank, tp, blockSize int, uuids ...string) error {
 		s := spec
 		s.BlockSize = blockSize
-		cache, err := kvtest.New(t.TempDir(), "kv", s)
+		cache, err := kvtest.New(kvtest.TempShmDir(t), "kv", s)
 		require.NoError(t, err)
 		t.Cleanup(cache.Close)
 		req := cache.RegisterRequest(instance, rank, s.Namespace("m", tp))

@@ -4,13 +4,10 @@ package server
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"os"
-	"os/user"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -79,6 +76,7 @@ func New(cfg Config, eng *engine.Engine, log *slog.Logger, reg prometheus.Regist
 		}
 	}
 	s.grpc = grpc.NewServer(
+		grpc.Creds(peerCreds{}),
 		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
 		grpc.MaxSendMsgSize(cfg.MaxMessageBytes),
 		grpc.ChainUnaryInterceptor(s.observe),
@@ -94,54 +92,6 @@ func New(cfg Config, eng *engine.Engine, log *slog.Logger, reg prometheus.Regist
 	)
 	pb.RegisterEngineServer(s.grpc, &service{eng: eng, log: log, closing: s.closing})
 	return s, nil
-}
-
-func listenUnix(cfg Config) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(cfg.SocketPath), 0o755); err != nil {
-		return nil, fmt.Errorf("socket dir: %w", err)
-	}
-	// A socket file left by a dead process blocks bind; a live one must not
-	// be stolen.
-	if fi, err := os.Lstat(cfg.SocketPath); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("%s exists and is not a socket", cfg.SocketPath)
-		}
-		if c, err := net.DialTimeout("unix", cfg.SocketPath, 200*time.Millisecond); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("%s is in use by another engine", cfg.SocketPath)
-		}
-		_ = os.Remove(cfg.SocketPath)
-	}
-	lis, err := net.Listen("unix", cfg.SocketPath)
-	if err != nil {
-		return nil, fmt.Errorf("listen %s: %w", cfg.SocketPath, err)
-	}
-	if err := os.Chmod(cfg.SocketPath, cfg.SocketMode); err != nil {
-		lis.Close()
-		return nil, fmt.Errorf("chmod socket: %w", err)
-	}
-	if cfg.SocketGroup != "" {
-		gid, err := lookupGroup(cfg.SocketGroup)
-		if err == nil {
-			err = os.Chown(cfg.SocketPath, -1, gid)
-		}
-		if err != nil {
-			lis.Close()
-			return nil, fmt.Errorf("socket group %q: %w", cfg.SocketGroup, err)
-		}
-	}
-	return lis, nil
-}
-
-func lookupGroup(name string) (int, error) {
-	if gid, err := strconv.Atoi(name); err == nil {
-		return gid, nil
-	}
-	g, err := user.LookupGroup(name)
-	if err != nil {
-		return 0, err
-	}
-	return strconv.Atoi(g.Gid)
 }
 
 // Serve serves until ctx ends, then stops gracefully (bounded).
@@ -184,6 +134,8 @@ func toStatus(err error) error {
 		code = codes.InvalidArgument
 	case errors.Is(err, engine.ErrNotFound):
 		code = codes.NotFound
+	case errors.Is(err, engine.ErrPermission):
+		code = codes.PermissionDenied
 	case errors.Is(err, engine.ErrPrecondition):
 		code = codes.FailedPrecondition
 	case errors.Is(err, engine.ErrExhausted):
@@ -230,6 +182,11 @@ func (s *service) OpenNamespace(_ context.Context, req *pb.OpenNamespaceRequest)
 }
 
 func (s *service) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
+	// Shared-memory files must belong to the registering process's user.
+	ctx, err := withPeer(ctx)
+	if err != nil {
+		return nil, toStatus(err)
+	}
 	resp, err := s.eng.Register(ctx, req)
 	return resp, toStatus(err)
 }

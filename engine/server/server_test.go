@@ -37,6 +37,8 @@ func TestMain(m *testing.M) {
 		os.Exit(runProducer())
 	case "lessee":
 		os.Exit(runLessee())
+	case "intruder":
+		os.Exit(runIntruder())
 	}
 	os.Exit(m.Run())
 }
@@ -155,7 +157,7 @@ func newConsumer(t *testing.T, sock string, rank, tp int) *consumer {
 	c, err := client.Dial(ctx, sock, "consumer")
 	require.NoError(t, err)
 	t.Cleanup(func() { c.Close() })
-	cache, err := kvtest.New(t.TempDir(), "consumer", spec)
+	cache, err := kvtest.New(kvtest.TempShmDir(t), "consumer", spec)
 	require.NoError(t, err)
 	t.Cleanup(cache.Close)
 	resp, err := c.Register(ctx, cache.RegisterRequest("consumer", rank, spec.Namespace("m", tp)))
@@ -179,7 +181,7 @@ func (cs *consumer) loadAndCompare(t *testing.T, seed uint64) {
 	}
 	resp, err := cs.c.Load(context.Background(), &pb.LoadRequest{InstanceId: "consumer", Rank: uint32(cs.rank), Blocks: blocks})
 	require.NoError(t, err)
-	want, err := kvtest.New(t.TempDir(), "want", spec)
+	want, err := kvtest.New(kvtest.TempShmDir(t), "want", spec)
 	require.NoError(t, err)
 	defer want.Close()
 	for i := range blocks {

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+	"testing"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
 )
@@ -236,4 +237,18 @@ func Hashes(seed string, n int) [][]byte {
 		out[i] = h
 	}
 	return out
+}
+
+// TempShmDir is a fresh directory under ShmDir for one test's caches,
+// removed when the test ends. The engine accepts only shared-memory files
+// beneath its shm directory (/dev/shm by default), so caches a test
+// registers live here, not in t.TempDir().
+func TempShmDir(tb testing.TB) string {
+	tb.Helper()
+	dir, err := os.MkdirTemp(ShmDir(), "pegaflow-test-")
+	if err != nil {
+		tb.Fatalf("shm temp dir: %v", err)
+	}
+	tb.Cleanup(func() { _ = os.RemoveAll(dir) })
+	return dir
 }

@@ -87,6 +87,12 @@ int pf_pool_destroy(pf_pool *pool);
 /* Maps `size` bytes of a shared-memory file. Fails with PF_ERANGE when the
  * file is smaller than size. */
 int pf_region_open_shm(const char *path, uint64_t size, pf_region **out);
+/* pf_region_open_shm of a file the caller opened read-write (and checked:
+ * the engine opens it beneath its shm directory and checks the owner).
+ * It must be a regular file of at least size bytes (fstat), else PF_EIO or
+ * PF_ERANGE. The fd stays the caller's: close it after this returns (the
+ * mapping keeps the file alive). */
+int pf_region_open_shm_fd(int fd, uint64_t size, pf_region **out);
 /* Maps a device UUID to this process's CUDA ordinal (which depends on
  * CUDA_VISIBLE_DEVICES, the UUID does not). Accepts nvidia-smi's form
  * ("GPU-8e3c1a2b-...", also "MIG-..."), or the 32 hex digits alone; dashes
@@ -121,6 +127,12 @@ int pf_copier_submit_after(pf_copier *copier, pf_region *region, pf_pool *pool, 
                            const pf_copy_op *ops, uint64_t n_ops, pf_event *after, uint64_t token);
 /* Waits for in-flight batches, then frees the copier. */
 int pf_copier_destroy(pf_copier *copier);
+/* Testing only: while hold is nonzero the host copy threads start no new
+ * slice, so accepted host-memory (shm) batches stay in flight and write no
+ * completion: a copy that does not finish, as one stuck on a dead
+ * producer's event would. hold = 0 lets them run. Device batches of the
+ * CUDA build are not held. pf_copier_destroy waits for held batches. */
+int pf_copier_test_hold(pf_copier *copier, int hold);
 
 /* Opens a producer's interprocess event (cudaIpcEventHandle_t bytes, from
  * an event created with cudaEventInterprocess | cudaEventDisableTiming, e.g.

@@ -109,17 +109,21 @@ int pf_region_open_shm(const char *path, uint64_t size, pf_region **out) {
   if (path == NULL || path[0] == '\0' || size == 0 || size > (uint64_t)SIZE_MAX / 2) return PF_EINVAL;
   int fd = open(path, O_RDWR | O_CLOEXEC | O_NOCTTY);
   if (fd < 0) return PF_EIO;
-  struct stat st;
-  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    close(fd);
-    return PF_EIO;
-  }
-  if (st.st_size < 0 || (uint64_t)st.st_size < size) {
-    close(fd);
-    return PF_ERANGE;
-  }
-  void *base = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  int rc = pf_region_open_shm_fd(fd, size, out);
   close(fd); /* the mapping keeps the file alive */
+  return rc;
+}
+
+int pf_region_open_shm_fd(int fd, uint64_t size, pf_region **out) {
+  if (out == NULL) return PF_EINVAL;
+  *out = NULL;
+  if (fd < 0 || size == 0 || size > (uint64_t)SIZE_MAX / 2) return PF_EINVAL;
+  /* The size comes from the file itself, never from the caller alone:
+   * mapping past its end would fault on every access. */
+  struct stat st;
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return PF_EIO;
+  if (st.st_size < 0 || (uint64_t)st.st_size < size) return PF_ERANGE;
+  void *base = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (base == MAP_FAILED) return PF_EIO;
   pf_region *r = pf__region_new(base, size, PF_MEM_HOST, -1, shm_release);
   if (r == NULL) {

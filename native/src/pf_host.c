@@ -164,7 +164,7 @@ static void *host_worker(void *arg) {
   pf_copier *c = arg;
   pthread_mutex_lock(&c->mu);
   for (;;) {
-    while (c->head == NULL && !c->exiting) pthread_cond_wait(&c->work, &c->mu);
+    while ((c->head == NULL || c->held) && !c->exiting) pthread_cond_wait(&c->work, &c->mu);
     if (c->head == NULL) break;
     pf_batch *b = c->head;
     uint64_t op = b->cur_op, off = b->cur_off, take = 0;
@@ -200,6 +200,15 @@ static void *host_worker(void *arg) {
   }
   pthread_mutex_unlock(&c->mu);
   return NULL;
+}
+
+int pf_copier_test_hold(pf_copier *c, int hold) {
+  if (c == NULL) return PF_EINVAL;
+  pthread_mutex_lock(&c->mu);
+  c->held = hold != 0;
+  pthread_cond_broadcast(&c->work);
+  pthread_mutex_unlock(&c->mu);
+  return PF_OK;
 }
 
 /* ---- copier lifecycle ---- */

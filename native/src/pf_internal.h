@@ -111,6 +111,7 @@ struct pf_copier {
   long active;           /* batches accepted and not completed */
   int stopping;          /* destroy started: no new submits */
   int exiting;           /* every batch done: threads leave */
+  int held;              /* pf_copier_test_hold: host threads start no slice */
   int notify_fd;
   int n_threads;
   pthread_t *threads;

@@ -128,6 +128,25 @@ static void test_region_args(void) {
   CHECK(pf_region_size(r) == 100);
   CHECK_RC(pf_region_close(r), PF_OK);
 
+  /* The fd form: same checks, size from fstat, the fd stays the caller's. */
+  int fd = open(path, O_RDWR | O_CLOEXEC);
+  CHECK(fd >= 0);
+  CHECK_RC(pf_region_open_shm_fd(fd, 100, NULL), PF_EINVAL);
+  CHECK_RC(pf_region_open_shm_fd(-1, 100, &r), PF_EINVAL);
+  CHECK(r == NULL);
+  CHECK_RC(pf_region_open_shm_fd(fd, 0, &r), PF_EINVAL);
+  CHECK_RC(pf_region_open_shm_fd(fd, UINT64_MAX, &r), PF_EINVAL);
+  CHECK_RC(pf_region_open_shm_fd(fd, 101, &r), PF_ERANGE);
+  CHECK_RC(pf_region_open_shm_fd(fd, 100, &r), PF_OK);
+  CHECK(fcntl(fd, F_GETFD) >= 0); /* not closed for us */
+  close(fd);
+  CHECK(pf_region_size(r) == 100);
+  CHECK_RC(pf_region_close(r), PF_OK);
+  int dfd = open(tmpdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  CHECK(dfd >= 0);
+  CHECK_RC(pf_region_open_shm_fd(dfd, 10, &r), PF_EIO); /* not a regular file */
+  close(dfd);
+
   uint8_t handle[64] = {0};
   r = (pf_region *)1;
   if (!strcmp(pf_backend(), "cpu")) {
@@ -319,6 +338,18 @@ static void test_copies(void) {
   CHECK_RC(pf_copier_submit(c, r, pool, 0, NULL, 0, 77), PF_OK);
   pf_completion done;
   CHECK(read_completion(fds[0], &done, 5000) && done.token == 77 && done.status == PF_OK);
+
+  /* A held copier keeps an accepted batch in flight (no completion, the
+   * pool has a user) until released. */
+  CHECK_RC(pf_copier_test_hold(NULL, 1), PF_EINVAL);
+  CHECK_RC(pf_copier_test_hold(c, 1), PF_OK);
+  pf_copy_op held = {0, 0, 4096};
+  CHECK_RC(pf_copier_submit(c, r, pool, PF_DIR_REGION_TO_POOL, &held, 1, 78), PF_OK);
+  CHECK(!read_completion(fds[0], &done, 100));
+  CHECK(all_zero(pb, 4096));
+  CHECK_RC(pf_copier_test_hold(c, 0), PF_OK);
+  CHECK(read_completion(fds[0], &done, 5000) && done.token == 78 && done.status == PF_OK);
+  memset(pb, 0, 4096);
 
   /* 2000 batches against a 256-record pipe nobody reads for a while. */
   enum { N = 2000 };

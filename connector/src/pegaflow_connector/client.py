@@ -22,6 +22,7 @@ import grpc
 
 from ._proto import engine_pb2 as pb
 from ._proto import engine_pb2_grpc as pb_grpc
+from .config import UnsafeSocketDir, check_socket_dir
 from .metrics import Metrics
 
 log = logging.getLogger("pegaflow_connector")
@@ -171,6 +172,12 @@ class EngineClient:
             backoff = min(backoff * 2, self._backoff_max)
 
     def _connect_once(self) -> bool:
+        try:
+            check_socket_dir(self.socket_path)
+        except UnsafeSocketDir as e:
+            # Checked on every attempt: the operator may fix it meanwhile.
+            self.warn_limited("pegaflow: %s: %s", self.client_name, e)
+            return False
         chan = grpc.insecure_channel("unix:" + self.socket_path, options=_CHANNEL_OPTIONS)
         stub = pb_grpc.EngineStub(chan)
         try:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,6 +26,39 @@ def default_socket_path() -> str:
     if runtime:
         return os.path.join(runtime, "pegaflow", "engine.sock")
     return f"/tmp/pegaflow-{os.getuid()}/engine.sock"
+
+
+class UnsafeSocketDir(ValueError):
+    """The engine socket's directory could let another user swap the socket."""
+
+
+def check_socket_dir(socket_path: str) -> None:
+    """Refuses a socket whose directory another user could change.
+
+    Whoever can write the directory can rename the engine's socket away and
+    bind their own, receiving this worker's registrations and KV bytes. The
+    engine creates the directory 0700 (0750 with --socket-group) and refuses
+    to start in an unsafe one; this is the same check on the client's side:
+    not a symlink, owned by root or by us, not group- or world-writable.
+    Raises UnsafeSocketDir naming the directory.
+    """
+    d = os.path.dirname(os.path.abspath(socket_path))
+    try:
+        st = os.lstat(d)
+    except OSError as e:
+        raise UnsafeSocketDir(f"engine socket directory {d}: {e.strerror}") from e
+    why = ""
+    if stat.S_ISLNK(st.st_mode):
+        why = "is a symlink"
+    elif not stat.S_ISDIR(st.st_mode):
+        why = "is not a directory"
+    elif st.st_uid not in (0, os.geteuid()):
+        why = f"is owned by uid {st.st_uid}, neither root nor us (uid {os.geteuid()})"
+    elif st.st_mode & 0o022:
+        why = f"is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
+    if why:
+        raise UnsafeSocketDir(f"engine socket directory {d} {why}: another user could replace the "
+                              f"socket; not connecting (fix the directory or the socket_path)")
 
 
 def _as_bool(v: Any) -> bool:
