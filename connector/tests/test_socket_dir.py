@@ -74,3 +74,17 @@ def test_client_does_not_connect_through_unsafe_dir(engine: Engine, make: Callab
     finally:
         client.close()
     assert any(d in r.getMessage() and "not connecting" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_socket_owner_trusts_the_engines_user(workdir: str) -> None:
+    """A dedicated engine user (deploy/systemd) owns /run/pegaflow: trusted only when named."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: makes a directory owned by another user")
+    d = _nobodys(workdir)
+    os.chmod(d, 0o755)
+    sock = os.path.join(d, "engine.sock")
+    with pytest.raises(UnsafeSocketDir, match="owned by uid 65534"):
+        check_socket_dir(sock)
+    check_socket_dir(sock, str(NOBODY))
+    with pytest.raises(UnsafeSocketDir, match="not a known user"):
+        check_socket_dir(sock, "no-such-user-pegaflow")

@@ -69,8 +69,9 @@ class EngineClient:
 
     def __init__(self, socket_path: str, client_name: str, metrics: Metrics | None = None,
                  connect_timeout_s: float = 2.0, backoff_min_s: float = 0.05,
-                 backoff_max_s: float = 5.0):
+                 backoff_max_s: float = 5.0, socket_owner: str | None = None):
         self.socket_path = socket_path
+        self.socket_owner = socket_owner
         self.client_name = client_name
         self.metrics = metrics or Metrics()
         self._connect_timeout = connect_timeout_s
@@ -173,7 +174,7 @@ class EngineClient:
 
     def _connect_once(self) -> bool:
         try:
-            check_socket_dir(self.socket_path)
+            check_socket_dir(self.socket_path, self.socket_owner)
         except UnsafeSocketDir as e:
             # Checked on every attempt: the operator may fix it meanwhile.
             self.warn_limited("pegaflow: %s: %s", self.client_name, e)

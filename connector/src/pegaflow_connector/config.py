@@ -32,16 +32,21 @@ class UnsafeSocketDir(ValueError):
     """The engine socket's directory could let another user swap the socket."""
 
 
-def check_socket_dir(socket_path: str) -> None:
+def check_socket_dir(socket_path: str, trusted_owner: str | None = None) -> None:
     """Refuses a socket whose directory another user could change.
 
     Whoever can write the directory can rename the engine's socket away and
     bind their own, receiving this worker's registrations and KV bytes. The
     engine creates the directory 0700 (0750 with --socket-group) and refuses
     to start in an unsafe one; this is the same check on the client's side:
-    not a symlink, owned by root or by us, not group- or world-writable.
+    not a symlink, owned by root, by us or by `trusted_owner` (a user name
+    or uid: the engine's own user when it runs as a dedicated one, as the
+    systemd unit in deploy/ does), not group- or world-writable.
     Raises UnsafeSocketDir naming the directory.
     """
+    trusted = {0, os.geteuid()}
+    if trusted_owner:
+        trusted.add(_uid_of(trusted_owner))
     d = os.path.dirname(os.path.abspath(socket_path))
     try:
         st = os.lstat(d)
@@ -52,13 +57,25 @@ def check_socket_dir(socket_path: str) -> None:
         why = "is a symlink"
     elif not stat.S_ISDIR(st.st_mode):
         why = "is not a directory"
-    elif st.st_uid not in (0, os.geteuid()):
-        why = f"is owned by uid {st.st_uid}, neither root nor us (uid {os.geteuid()})"
+    elif st.st_uid not in trusted:
+        why = (f"is owned by uid {st.st_uid}, not root, us (uid {os.geteuid()}) or the "
+               f"socket_owner ({trusted_owner or 'unset'})")
     elif st.st_mode & 0o022:
         why = f"is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})"
     if why:
         raise UnsafeSocketDir(f"engine socket directory {d} {why}: another user could replace the "
                               f"socket; not connecting (fix the directory or the socket_path)")
+
+
+def _uid_of(owner: str) -> int:
+    """A user name or numeric uid as a uid (UnsafeSocketDir for an unknown user)."""
+    if owner.isdigit():
+        return int(owner)
+    import pwd
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError as e:
+        raise UnsafeSocketDir(f"socket_owner {owner!r} is not a known user") from e
 
 
 def _as_bool(v: Any) -> bool:
@@ -97,6 +114,9 @@ class _Key:
 KEYS: tuple[_Key, ...] = (
     _Key("socket_path", "PEGAFLOW_SOCKET", None, str,
          "engine API UNIX socket (default: the engine's default socket)"),
+    _Key("socket_owner", "PEGAFLOW_CONNECTOR_SOCKET_OWNER", None, str,
+         "user (name or uid) trusted to own the socket's directory besides root and "
+         "vLLM's own user: the engine's user when it runs as a dedicated one"),
     _Key("instance_id", "PEGAFLOW_CONNECTOR_INSTANCE_ID", None, str,
          "stable name of this vLLM instance (default: `vllm-<engine_id>`)"),
     _Key("model_name", "PEGAFLOW_CONNECTOR_MODEL_NAME", None, str,
@@ -137,6 +157,7 @@ KEYS: tuple[_Key, ...] = (
 @dataclasses.dataclass
 class ConnectorConfig:
     socket_path: str
+    socket_owner: str | None = None
     instance_id: str | None = None
     model_name: str | None = None
     namespace_extra: dict[str, str] = dataclasses.field(default_factory=dict)

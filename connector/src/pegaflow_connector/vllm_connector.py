@@ -131,7 +131,8 @@ class PegaKVConnector(KVConnectorBase_V1):
             self._client = EngineClient(
                 cfg.socket_path, f"vllm-{role} pid={os.getpid()} instance={self.instance_id}",
                 self._metrics, connect_timeout_s=cfg.connect_timeout_ms / 1000,
-                backoff_min_s=cfg.reconnect_min_ms / 1000, backoff_max_s=cfg.reconnect_max_ms / 1000)
+                backoff_min_s=cfg.reconnect_min_ms / 1000, backoff_max_s=cfg.reconnect_max_ms / 1000,
+                socket_owner=cfg.socket_owner)
         if self._is_scheduler:
             self._sched = SchedulerCore(cfg, self._client, block_size=self.block_size,
                                         instance_id=self.instance_id,
