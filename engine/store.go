@@ -29,14 +29,21 @@ type savePlan struct {
 func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveResponse, error) {
 	start := time.Now()
 	if req.TransferId != "" {
-		if err := validateTransfer(req.TransferId, req.ReadyUrl, req.ReadyToken); err != nil {
+		if err := validateTransfer(req.TransferId, req.ReadyToken); err != nil {
 			return nil, err
+		}
+		if req.ReadyUrl != "" {
+			if err := e.checkReadyURL(req.ReadyUrl); err != nil {
+				return nil, err
+			}
 		}
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	p, err := e.planSave(req)
+	var held int64
+	defer func() { e.copies.release(held) }()
+	p, err := planWithBudget(ctx, e.copies, &held, func() (*savePlan, int64, error) { return e.planSave(req, &held) })
 	if err != nil {
 		return nil, err
 	}
@@ -48,20 +55,24 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 	return p.resp, nil
 }
 
-// planSave is Save's plan step.
-func (e *Engine) planSave(req *pb.SaveRequest) (*savePlan, error) {
+// planSave is Save's plan step; it needs the returned number of copy ops
+// of the budget (*held, see planWithBudget).
+func (e *Engine) planSave(req *pb.SaveRequest, held *int64) (*savePlan, int64, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	inst, err := e.copyInstanceLocked(req.SessionId, req.InstanceId, req.Rank, req.Blocks)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
+	}
+	if need, err := e.reserveOpsLocked(inst, len(req.Blocks), held); err != nil {
+		return nil, need, err
 	}
 	// Copying without the wait the worker asked for would read KV bytes
 	// its kernels may still be writing: refuse instead.
 	var after *native.Event
 	if req.WaitEvent {
 		if after = inst.event; after == nil {
-			return nil, fmt.Errorf("%w: wait_event set but instance %q rank %d has no CUDA event open "+
+			return nil, 0, fmt.Errorf("%w: wait_event set but instance %q rank %d has no CUDA event open "+
 				"(RegisterResponse.cuda_event was false)", ErrPrecondition, req.InstanceId, req.Rank)
 		}
 	}
@@ -70,8 +81,9 @@ func (e *Engine) planSave(req *pb.SaveRequest) (*savePlan, error) {
 		saving: make([]*block, 0, len(req.Blocks)), resp: &pb.SaveResponse{}}
 	var t *transfer
 	if req.TransferId != "" {
-		t = e.transferLocked(req.TransferId)
-		t.bind(ns, req.ReadyUrl, req.ReadyToken)
+		if t, err = e.transferLocked(req.TransferId, ns, req.ReadyUrl, req.ReadyToken); err != nil {
+			return nil, 0, err
+		}
 		p.transfer = t
 	}
 	now := time.Now()
@@ -118,7 +130,7 @@ func (e *Engine) planSave(req *pb.SaveRequest) (*savePlan, error) {
 		e.planCopies(p.plans, inst, b, ref.BlockId, len(p.saving))
 		p.saving = append(p.saving, b)
 	}
-	return p, nil
+	return p, 0, nil
 }
 
 // commitSave is Save's commit step: ok[i] says whether p.saving[i] was
@@ -179,7 +191,9 @@ func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadRespons
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	p, err := e.planLoad(req)
+	var held int64
+	defer func() { e.copies.release(held) }()
+	p, err := planWithBudget(ctx, e.copies, &held, func() (*loadPlan, int64, error) { return e.planLoad(req, &held) })
 	if err != nil {
 		return nil, err
 	}
@@ -191,13 +205,16 @@ func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadRespons
 	return &pb.LoadResponse{Status: p.status}, nil
 }
 
-// planLoad is Load's plan step.
-func (e *Engine) planLoad(req *pb.LoadRequest) (*loadPlan, error) {
+// planLoad is Load's plan step, budgeted like planSave.
+func (e *Engine) planLoad(req *pb.LoadRequest, held *int64) (*loadPlan, int64, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	inst, err := e.copyInstanceLocked(req.SessionId, req.InstanceId, req.Rank, req.Blocks)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
+	}
+	if need, err := e.reserveOpsLocked(inst, len(req.Blocks), held); err != nil {
+		return nil, need, err
 	}
 	p := &loadPlan{inst: inst, plans: map[planKey]*copyPlan{}, status: make([]pb.BlockStatus, len(req.Blocks))}
 	for i, ref := range req.Blocks {
@@ -213,7 +230,7 @@ func (e *Engine) planLoad(req *pb.LoadRequest) (*loadPlan, error) {
 		p.loading = append(p.loading, b)
 		p.index = append(p.index, i)
 	}
-	return p, nil
+	return p, 0, nil
 }
 
 // commitLoad is Load's commit step: ok[j] says whether p.loading[j] was
