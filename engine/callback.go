@@ -45,18 +45,23 @@ func CheckKVReadyAllow(entries []string) error {
 	return err
 }
 
-// parseKVReadyAllow turns Config.KVReadyAllow into rules; no entries
-// means loopback only, and "none" (alone) allows nothing.
+// parseKVReadyAllow turns Config.KVReadyAllow (entries may also be
+// comma-separated lists) into rules; no entries means loopback only, and
+// "none" (alone) allows nothing.
 func parseKVReadyAllow(entries []string) ([]callbackRule, error) {
-	if len(entries) == 0 {
+	var split []string
+	for _, e := range entries {
+		split = append(split, strings.Split(e, ",")...)
+	}
+	if len(split) == 0 {
 		return []callbackRule{{loopback: true}}, nil
 	}
 	var rules []callbackRule
-	for _, raw := range entries {
+	for _, raw := range split {
 		entry := strings.TrimSpace(raw)
 		switch {
 		case strings.EqualFold(entry, KVReadyNone):
-			if len(entries) > 1 {
+			if len(split) > 1 {
 				return nil, invalid("--kv-ready-allow %q: %q cannot be combined with other entries", raw, KVReadyNone)
 			}
 			return nil, nil

@@ -82,6 +82,7 @@ func TestKVReadyAllowRules(t *testing.T) {
 		{[]string{"http://router:8080/kv_ready"}, "http://router:80801/kv_ready", false},
 		{[]string{"none"}, "http://127.0.0.1:9/kv_ready", false},
 		{[]string{"loopback", "10.0.0.7:8080"}, "http://10.0.0.7:8080/kv_ready", true},
+		{[]string{"loopback,10.0.0.7:8080"}, "http://10.0.0.7:8080/kv_ready", true},
 	}
 	for _, tc := range cases {
 		t.Run(strings.Join(tc.allow, ",")+" "+tc.url, func(t *testing.T) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -150,4 +151,24 @@ func TestHostileLoadKeepsEngineMemoryBounded(t *testing.T) {
 	peak := vmHWM(t, cmd.Process.Pid)
 	t.Logf("engine VmHWM: %d MiB at start, %d MiB after the hostile loads", base>>20, peak>>20)
 	require.Less(t, peak, uint64(300<<20), "engine peak RSS must stay bounded by its configuration")
+}
+
+// The engine's callback allowlist defaults to the in-process router's
+// own /kv_ready, else loopback.
+func TestDefaultKVReadyAllow(t *testing.T) {
+	cases := []struct {
+		args []string
+		want []string
+	}{
+		{nil, []string{"loopback"}},
+		{[]string{"--prefill", "http://p:1", "--decode", "http://d:1", "--http-addr", "0.0.0.0:9000"}, []string{"127.0.0.1:9000"}},
+		{[]string{"--prefill", "http://p:1", "--decode", "http://d:1", "--kv-ready-addr", "10.0.0.5:9001"}, []string{"10.0.0.5:9001"}},
+		{[]string{"--prefill", "http://p:1", "--decode", "http://d:1", "--kv-ready-url", "http://r:80/kv_ready"}, []string{"http://r:80/kv_ready"}},
+		{[]string{"--kv-ready-allow", "r:1", "--kv-ready-allow", "loopback"}, []string{"r:1", "loopback"}},
+	}
+	for _, tc := range cases {
+		f, err := parseServeFlags(tc.args, io.Discard)
+		require.NoError(t, err, "%q", tc.args)
+		require.Equal(t, tc.want, []string(f.kvReadyAllow), "%q", tc.args)
+	}
 }
