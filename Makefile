@@ -49,9 +49,11 @@ test-go: native
 	$(GO) vet -tags '$(GO_TAGS)' ./...
 	$(GO) test -race -count=1 -tags '$(GO_TAGS)' ./...
 
-# Short fuzz runs of request validation (a regression net, not a campaign).
+# Short fuzz runs of request validation and of the live gRPC server (a
+# regression net, not a campaign; FUZZ_TIME=5m make test-fuzz for longer).
 FUZZ_TIME ?= 10s
 test-fuzz: native
+	$(GO) test -run '^$$' -fuzz '^FuzzServer$$' -fuzztime $(FUZZ_TIME) ./engine/server/
 	$(GO) test -run '^$$' -fuzz '^FuzzValidateRegister$$' -fuzztime $(FUZZ_TIME) ./engine/
 	$(GO) test -run '^$$' -fuzz '^FuzzValidateBlocks$$' -fuzztime $(FUZZ_TIME) ./engine/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime $(FUZZ_TIME) ./router/

@@ -31,6 +31,9 @@ func (e *Engine) copyInstanceLocked(sessionID, instanceID string, rank uint32, b
 	if err := validateBlocks(blocks, inst.layout.numBlocks); err != nil {
 		return nil, err
 	}
+	if err := checkRefs(blocks, inst.layout.numBlocks); err != nil {
+		return nil, err
+	}
 	return inst, nil
 }
 

@@ -52,6 +52,7 @@ func TestStuckCopiesFailAtTheDeadline(t *testing.T) {
 	st := e.Stats()
 	require.Greater(t, st.PoolUsedBytes, baseline, "the stuck save's extents stay reserved")
 	require.EqualValues(t, 2, st.PinnedBlocks, "the stuck load's blocks stay pinned")
+	require.False(t, e.budget.sem.TryAcquire(e.budget.max), "late copies still hold their copy ops")
 	begin = time.Now()
 	q := w.query(t, stuck, 5*time.Second, false)
 	require.Zero(t, q.NumHit)
@@ -78,4 +79,8 @@ func TestStuckCopiesFailAtTheDeadline(t *testing.T) {
 	require.Equal(t, baseline, st.PoolUsedBytes, "late copies' memory is free again")
 	require.Zero(t, st.PinnedBlocks)
 	require.Zero(t, st.InflightBlocks)
+	// The copy ops of the late calls go back to the budget only now that
+	// their copies ended, never when the calls gave up.
+	require.True(t, e.budget.sem.TryAcquire(e.budget.max), "every late call returned its copy ops")
+	e.budget.release(e.budget.max)
 }

@@ -60,8 +60,18 @@ type Config struct {
 	CopyTimeout time.Duration
 	// ShmDir is the directory producers' shared-memory files must lie
 	// beneath (default DefaultShmDir); see openShmFile.
-	ShmDir  string
-	Version string
+	ShmDir string
+	// KVReadyAllow lists where a transfer's ready_url may point: host:port,
+	// an http(s) URL prefix, KVReadyLoopback or (alone) KVReadyNone. Empty:
+	// loopback only. A Save naming another URL fails (callback.go).
+	KVReadyAllow []string
+	// MaxTransfers caps the transfer records and, separately, the ids
+	// waited for without a record (transferbound.go).
+	MaxTransfers int
+	// MaxCopyOps caps the copy operations in flight across all Save and
+	// Load calls, and so the memory their plans take (bounds.go).
+	MaxCopyOps int64
+	Version    string
 	// Topology is the host's GPUs (topology.Discover); nil is CPU mode.
 	// Registrations are checked against it and it places the pools.
 	Topology *topology.Topology
@@ -75,6 +85,11 @@ const (
 	DefaultMaxQueryWait    = 30 * time.Second
 	DefaultCallbackTimeout = 5 * time.Second
 	DefaultCopyTimeout     = 30 * time.Second
+	DefaultMaxTransfers    = 1 << 17
+	// DefaultMaxCopyOps bounds in-flight copy plans to roughly 300 MB (an
+	// op is held by the Go plan, the coalesced batch and the native
+	// layer); a 32k-token prompt of an 80-layer model needs 320k ops.
+	DefaultMaxCopyOps = 1 << 22
 )
 
 func (c *Config) setDefaults() {
@@ -102,6 +117,12 @@ func (c *Config) setDefaults() {
 	if c.ShmDir == "" {
 		c.ShmDir = DefaultShmDir
 	}
+	if c.MaxTransfers <= 0 {
+		c.MaxTransfers = DefaultMaxTransfers
+	}
+	if c.MaxCopyOps <= 0 {
+		c.MaxCopyOps = DefaultMaxCopyOps
+	}
 	if c.Version == "" {
 		c.Version = "dev"
 	}
@@ -123,6 +144,10 @@ type Engine struct {
 	copier    *native.Copier
 	http      *http.Client
 	m         *metrics
+	// readyAllow is Config.KVReadyAllow parsed; nil allows no callback.
+	readyAllow []callbackRule
+	// budget is the engine-wide budget of in-flight copy ops (bounds.go).
+	budget *copyBudget
 
 	mu         sync.Mutex
 	closed     bool
@@ -134,6 +159,12 @@ type Engine struct {
 	partial    map[*block]struct{} // unsealed blocks, for the partial reaper
 	leases     map[string]*lease
 	transfers  map[string]*transfer
+	// waits holds the waiters on transfers without a record; expiry is
+	// the records' FIFO in expiry order, live from expiryHead
+	// (transferbound.go).
+	waits      map[string]*transferWait
+	expiry     []transferExpiry
+	expiryHead int
 	// changed is closed and replaced whenever a block seals or a save
 	// fails, waking Query calls that wait for in-flight saves.
 	changed chan struct{}
@@ -162,6 +193,10 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 	}
 	if cfg.PoolSize < allocAlign {
 		return nil, fmt.Errorf("%w: pool size %d too small", ErrInvalid, cfg.PoolSize)
+	}
+	readyAllow, err := parseKVReadyAllow(cfg.KVReadyAllow)
+	if err != nil {
+		return nil, err
 	}
 	placement := cfg.Topology.PoolPlacement(cfg.NUMANode, cfg.PoolSize)
 	pools, def, err := openPools(placement, cfg.Device, cfg.PoolFlags)
@@ -194,7 +229,9 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		defaultPool: def,
 		placement:   placement,
 		copier:      copier,
-		http:        &http.Client{Timeout: cfg.CallbackTimeout},
+		http:        newCallbackClient(cfg.CallbackTimeout),
+		readyAllow:  readyAllow,
+		budget:      newCopyBudget(cfg.MaxCopyOps),
 		policy:      policy,
 		namespaces:  map[string]*namespace{},
 		sessions:    map[string]*session{},
@@ -202,6 +239,7 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		partial:     map[*block]struct{}{},
 		leases:      map[string]*lease{},
 		transfers:   map[string]*transfer{},
+		waits:       map[string]*transferWait{},
 		changed:     make(chan struct{}),
 		freed:       make(chan struct{}),
 	}
@@ -270,9 +308,7 @@ func (e *Engine) Close() error {
 	}
 	e.closed = true
 	e.stop()
-	for _, t := range e.transfers {
-		t.settle(e, transferFailed, "engine closed")
-	}
+	e.closeTransfersLocked()
 	for _, inst := range e.instances {
 		inst.close()
 	}
@@ -349,15 +385,7 @@ func (e *Engine) expire(now time.Time) {
 			e.releaseLeaseLocked(id, l)
 		}
 	}
-	for id, t := range e.transfers {
-		if now.After(t.expires) {
-			if t.state == transferPending {
-				t.settle(e, transferFailed, "timed out waiting for saves")
-			}
-			t.release(e)
-			delete(e.transfers, id)
-		}
-	}
+	e.expireTransfersLocked(now)
 	for b := range e.partial {
 		if b.saving == 0 && now.Sub(b.created) > e.cfg.PartialTTL {
 			e.failBlockLocked(b, "partially saved block expired")

@@ -522,8 +522,8 @@ func TestQueryPackedHashes(t *testing.T) {
 	}
 }
 
-// A transfer this engine never saw a save for (a waiter or a query made
-// the record) wakes its waiters on release but is not a failure on record;
+// A transfer this engine never saw a save for (only waiters, no record)
+// wakes its waiters on release but is not a failure on record;
 // one that had saves and is released unfinished is.
 func TestReleaseTransferUnseenVersusUnfinished(t *testing.T) {
 	reg := prometheus.NewRegistry()
@@ -553,7 +553,7 @@ func TestReleaseTransferUnseenVersusUnfinished(t *testing.T) {
 	require.Eventually(t, func() bool {
 		e.mu.Lock()
 		defer e.mu.Unlock()
-		_, ok := e.transfers["unseen"]
+		_, ok := e.waits["unseen"]
 		return ok
 	}, 5*time.Second, time.Millisecond)
 	e.ReleaseTransfer("unseen")

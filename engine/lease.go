@@ -46,9 +46,7 @@ func (e *Engine) Release(req *pb.ReleaseRequest) error {
 		e.releaseLeaseLocked(req.LeaseId, l)
 	}
 	if req.TransferId != "" {
-		if t, ok := e.transfers[req.TransferId]; ok {
-			t.release(e)
-		}
+		e.releaseTransferLocked(req.TransferId)
 	}
 	return nil
 }

@@ -51,6 +51,8 @@ func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
 		gauge("evictable_blocks", "Sealed, unpinned blocks.", func() float64 { return float64(e.policy.evictable) }),
 		gauge("leases", "Open query leases.", func() float64 { return float64(len(e.leases)) }),
 		gauge("transfers", "Tracked P/D transfers.", func() float64 { return float64(len(e.transfers)) }),
+		gauge("transfer_waits", "Transfer ids waited for that no save has named yet.", func() float64 { return float64(len(e.waits)) }),
+		gauge("copy_ops_limit", "Copy ops allowed in flight across all calls (--max-copy-ops).", func() float64 { return float64(e.budget.max) }),
 		gauge("sessions", "Attached clients.", func() float64 { return float64(len(e.sessions)) }),
 		gauge("instances", "Registered instance ranks.", func() float64 { return float64(len(e.instances)) }),
 		gauge("namespaces", "Namespaces.", func() float64 { return float64(len(e.namespaces)) }),

@@ -18,7 +18,7 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 		return nil, err
 	}
 	if req.TransferId != "" {
-		if err := validateTransfer(req.TransferId, "", ""); err != nil {
+		if err := validateTransfer(req.TransferId, ""); err != nil {
 			return nil, err
 		}
 	}
@@ -40,14 +40,17 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 		return nil, fmt.Errorf("%w: namespace %q", ErrNotFound, req.NamespaceId)
 	}
 	if req.TransferId != "" && wait > 0 {
-		t := e.transferLocked(req.TransferId)
-		done := t.done
+		w, err := e.joinTransferLocked(req.TransferId)
+		if err != nil {
+			return nil, err
+		}
 		e.mu.Unlock()
 		select {
-		case <-done:
+		case <-w.done:
 		case <-ctx.Done():
 		}
 		e.mu.Lock()
+		e.leaveTransferLocked(w)
 		if err := e.awakeLocked(s); err != nil {
 			return nil, err
 		}

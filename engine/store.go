@@ -14,6 +14,7 @@ import (
 // batches that copy them.
 type savePlan struct {
 	inst     *instance
+	held     int64 // copy ops of the engine's budget, returned when the copies end
 	bit      uint64
 	transfer *transfer
 	after    *native.Event
@@ -31,8 +32,13 @@ type savePlan struct {
 func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveResponse, error) {
 	start := time.Now()
 	if req.TransferId != "" {
-		if err := validateTransfer(req.TransferId, req.ReadyUrl, req.ReadyToken); err != nil {
+		if err := validateTransfer(req.TransferId, req.ReadyToken); err != nil {
 			return nil, err
+		}
+		if req.ReadyUrl != "" {
+			if err := e.checkReadyURL(req.ReadyUrl); err != nil {
+				return nil, err
+			}
 		}
 	}
 	if err := ctx.Err(); err != nil {
@@ -40,10 +46,13 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 	}
 	ctx, cancel := e.copyDeadline(ctx)
 	defer cancel()
-	p, err := e.planSave(req)
+	var held int64
+	p, err := planWithBudget(ctx, e.budget, &held, func() (*savePlan, int64, error) { return e.planSave(req, &held) })
 	if err != nil {
+		e.budget.release(held)
 		return nil, err
 	}
+	p.held = held
 	r := e.runCopies(ctx, p.plans, native.RegionToPool, len(p.saving), p.after)
 	e.commitSave(p, r, req.TransferLast, start)
 	if r.err != nil {
@@ -52,20 +61,24 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 	return p.resp, nil
 }
 
-// planSave is Save's plan step.
-func (e *Engine) planSave(req *pb.SaveRequest) (*savePlan, error) {
+// planSave is Save's plan step; it needs the returned number of copy ops
+// of the budget (*held, see planWithBudget).
+func (e *Engine) planSave(req *pb.SaveRequest, held *int64) (*savePlan, int64, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	inst, err := e.copyInstanceLocked(req.SessionId, req.InstanceId, req.Rank, req.Blocks)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
+	}
+	if need, err := e.reserveOpsLocked(inst, len(req.Blocks), held); err != nil {
+		return nil, need, err
 	}
 	// Copying without the wait the worker asked for would read KV bytes
 	// its kernels may still be writing: refuse instead.
 	var after *native.Event
 	if req.WaitEvent {
 		if after = inst.event; after == nil {
-			return nil, fmt.Errorf("%w: wait_event set but instance %q rank %d has no CUDA event open "+
+			return nil, 0, fmt.Errorf("%w: wait_event set but instance %q rank %d has no CUDA event open "+
 				"(RegisterResponse.cuda_event was false)", ErrPrecondition, req.InstanceId, req.Rank)
 		}
 	}
@@ -74,8 +87,9 @@ func (e *Engine) planSave(req *pb.SaveRequest) (*savePlan, error) {
 		saving: make([]*block, 0, len(req.Blocks)), resp: &pb.SaveResponse{}}
 	var t *transfer
 	if req.TransferId != "" {
-		t = e.transferLocked(req.TransferId)
-		t.bind(ns, req.ReadyUrl, req.ReadyToken)
+		if t, err = e.transferLocked(req.TransferId, ns, req.ReadyUrl, req.ReadyToken); err != nil {
+			return nil, 0, err
+		}
 		p.transfer = t
 	}
 	now := time.Now()
@@ -123,7 +137,7 @@ func (e *Engine) planSave(req *pb.SaveRequest) (*savePlan, error) {
 		p.saving = append(p.saving, b)
 	}
 	e.copies.Add(1) // under e.mu, so never after Close's Wait began
-	return p, nil
+	return p, 0, nil
 }
 
 // heldExtent is a pool extent a late copy still writes: no block owns it
@@ -183,6 +197,7 @@ func (e *Engine) commitSave(p *savePlan, r *copyResult, last bool, start time.Ti
 		for _, h := range held {
 			e.pools[h.pool].alloc.release(h.ext)
 		}
+		e.budget.release(p.held)
 	})
 }
 
@@ -190,6 +205,7 @@ func (e *Engine) commitSave(p *savePlan, r *copyResult, last bool, start time.Ti
 // out (pinned, loading counted) and, for each, its index in the request.
 type loadPlan struct {
 	inst    *instance
+	held    int64 // copy ops of the engine's budget, returned when the copies end
 	plans   map[planKey]*copyPlan
 	loading []*block
 	index   []int
@@ -207,10 +223,13 @@ func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadRespons
 	}
 	ctx, cancel := e.copyDeadline(ctx)
 	defer cancel()
-	p, err := e.planLoad(req)
+	var held int64
+	p, err := planWithBudget(ctx, e.budget, &held, func() (*loadPlan, int64, error) { return e.planLoad(req, &held) })
 	if err != nil {
+		e.budget.release(held)
 		return nil, err
 	}
+	p.held = held
 	r := e.runCopies(ctx, p.plans, native.PoolToRegion, len(p.loading), nil)
 	e.commitLoad(p, r, req.LeaseId, req.TransferId, start)
 	if r.err != nil {
@@ -219,13 +238,16 @@ func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadRespons
 	return &pb.LoadResponse{Status: p.status}, nil
 }
 
-// planLoad is Load's plan step.
-func (e *Engine) planLoad(req *pb.LoadRequest) (*loadPlan, error) {
+// planLoad is Load's plan step, budgeted like planSave.
+func (e *Engine) planLoad(req *pb.LoadRequest, held *int64) (*loadPlan, int64, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	inst, err := e.copyInstanceLocked(req.SessionId, req.InstanceId, req.Rank, req.Blocks)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
+	}
+	if need, err := e.reserveOpsLocked(inst, len(req.Blocks), held); err != nil {
+		return nil, need, err
 	}
 	p := &loadPlan{inst: inst, plans: map[planKey]*copyPlan{}, status: make([]pb.BlockStatus, len(req.Blocks))}
 	for i, ref := range req.Blocks {
@@ -242,7 +264,7 @@ func (e *Engine) planLoad(req *pb.LoadRequest) (*loadPlan, error) {
 		p.index = append(p.index, i)
 	}
 	e.copies.Add(1) // under e.mu, so never after Close's Wait began
-	return p, nil
+	return p, 0, nil
 }
 
 // commitLoad is Load's commit step: r.ok[j] says whether p.loading[j] was
@@ -290,5 +312,6 @@ func (e *Engine) commitLoad(p *loadPlan, r *copyResult, leaseID, transferID stri
 			b.loading--
 			e.unpinLocked(b)
 		}
+		e.budget.release(p.held)
 	})
 }

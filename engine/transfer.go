@@ -1,15 +1,9 @@
 package engine
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
-	"net/http"
-	"net/url"
 	"time"
-
-	"github.com/pegaflow/pegaflow/internal/retry"
 )
 
 type transferState uint8
@@ -53,15 +47,9 @@ type transfer struct {
 	released  bool
 }
 
-func validateTransfer(id, readyURL, token string) error {
+func validateTransfer(id, token string) error {
 	if err := validateID("transfer_id", id); err != nil {
 		return err
-	}
-	if readyURL != "" {
-		u, err := url.Parse(readyURL)
-		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			return invalid("ready_url %q is not an http(s) URL", readyURL)
-		}
 	}
 	if len(token) > MaxIDLen {
 		return invalid("ready_token longer than %d bytes", MaxIDLen)
@@ -69,24 +57,49 @@ func validateTransfer(id, readyURL, token string) error {
 	return nil
 }
 
-// transferLocked finds or creates a transfer record.
-func (e *Engine) transferLocked(id string) *transfer {
+// transferLocked finds or creates the record of a transfer a Save names,
+// bound to ns and (first binding wins) to readyURL and token. A new
+// record takes over the waiters of the id. Creation fails beyond
+// Config.MaxTransfers records.
+func (e *Engine) transferLocked(id string, ns *namespace, readyURL, token string) (*transfer, error) {
 	t, ok := e.transfers[id]
-	if !ok {
-		t = &transfer{id: id, blocks: map[*block]struct{}{}, done: make(chan struct{}),
-			expires: time.Now().Add(e.cfg.TransferTTL)}
-		e.transfers[id] = t
+	if ok {
+		return t, t.bind(ns, readyURL, token)
 	}
-	return t
+	if len(e.transfers) >= e.cfg.MaxTransfers {
+		return nil, fmt.Errorf("%w: %d transfers tracked, the engine's limit (--max-transfers); "+
+			"transfers are kept for --transfer-ttl %s", ErrExhausted, len(e.transfers), e.cfg.TransferTTL)
+	}
+	t = &transfer{id: id, blocks: map[*block]struct{}{}, done: make(chan struct{})}
+	if w, ok := e.waits[id]; ok {
+		t.done = w.done
+		w.t = t
+		delete(e.waits, id)
+	}
+	e.transfers[id] = t
+	e.scheduleExpiryLocked(t)
+	return t, t.bind(ns, readyURL, token)
 }
 
-func (t *transfer) bind(ns *namespace, readyURL, token string) {
+// bind sets the transfer's namespace and callback once. The first ready
+// URL and token win: a Save naming another one is refused, so that no
+// client can redirect the report (or learn its token) of a transfer it
+// does not own.
+func (t *transfer) bind(ns *namespace, readyURL, token string) error {
 	if t.ns == nil {
 		t.ns = ns
 	}
-	if readyURL != "" {
-		t.readyURL, t.token = readyURL, token
+	if readyURL == "" {
+		return nil
 	}
+	if t.readyURL == "" {
+		t.readyURL, t.token = readyURL, token
+		return nil
+	}
+	if t.readyURL != readyURL || t.token != token {
+		return invalid("transfer %q is already bound to another ready_url/ready_token (the first binding wins)", t.id)
+	}
+	return nil
 }
 
 // add tags b with the transfer and pins it.
@@ -130,7 +143,7 @@ func (t *transfer) settle(e *Engine, state transferState, message string) {
 	}
 	t.state, t.message = state, message
 	close(t.done)
-	t.expires = time.Now().Add(e.cfg.TransferTTL)
+	e.scheduleExpiryLocked(t)
 	if state == transferReady {
 		e.stats.transfersReady++
 	} else {
@@ -158,20 +171,6 @@ func (t *transfer) release(e *Engine) {
 	}
 	clear(t.blocks)
 	t.pending = 0
-	if t.state != transferPending {
-		return
-	}
-	if t.ns == nil {
-		// No save ever named this transfer: this engine holds nothing of
-		// it (a waiter or a query created the record; e.g. a router's
-		// in-process engine while vLLM saves into another one). Wake any
-		// waiter, but record no failure and log nothing: there was no
-		// transfer here to fail.
-		t.state, t.message = transferFailed, "released before any save reached this engine"
-		close(t.done)
-		t.expires = time.Now().Add(e.cfg.TransferTTL)
-		return
-	}
 	t.settle(e, transferFailed, "released before ready")
 }
 
@@ -182,58 +181,6 @@ func removeTransfer(ts []*transfer, t *transfer) []*transfer {
 		}
 	}
 	return ts
-}
-
-// readyReport is the body POSTed to a transfer's ready_url (the router's
-// /kv_ready contract).
-type readyReport struct {
-	TransferID string `json:"transfer_id"`
-	Token      string `json:"token"`
-	Status     string `json:"status"`
-	Message    string `json:"message,omitempty"`
-}
-
-// callbackRetry spaces the attempts of a ready_url POST: 50ms, 200ms,
-// 800ms between four attempts.
-var callbackRetry = retry.Policy{Attempts: 4, Backoff: 50 * time.Millisecond, Factor: 4}
-
-// notify POSTs the outcome to ready_url with bounded retries. Close stops
-// the retries (not a POST in flight, which CallbackTimeout bounds).
-func (e *Engine) notify(readyURL, id, token, status, message string) {
-	defer e.bg.Done()
-	body, _ := json.Marshal(readyReport{TransferID: id, Token: token, Status: status, Message: message})
-	_ = retry.Do(e.stopped, callbackRetry, nil, func(ctx context.Context, attempt int) error {
-		err := e.postReady(context.WithoutCancel(ctx), readyURL, body)
-		if err != nil && !retry.IsPermanent(err) {
-			e.log.Warn("kv_ready callback failed", "transfer", id, "url", readyURL, "attempt", attempt, "err", err)
-		}
-		return err
-	})
-}
-
-// postReady makes one POST; a 4xx answer is a permanent error.
-func (e *Engine) postReady(ctx context.Context, readyURL string, body []byte) error {
-	ctx, cancel := context.WithTimeout(ctx, e.cfg.CallbackTimeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, readyURL, bytes.NewReader(body))
-	if err != nil {
-		return retry.Permanent(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := e.http.Do(req)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	switch {
-	case resp.StatusCode < 300:
-		return nil
-	case resp.StatusCode >= 400 && resp.StatusCode < 500:
-		// The router rejected it (unknown or wrong token): retrying won't help.
-		e.log.Warn("kv_ready callback rejected", "url", readyURL, "status", resp.StatusCode)
-		return retry.Permanent(fmt.Errorf("status %d", resp.StatusCode))
-	}
-	return fmt.Errorf("status %d", resp.StatusCode)
 }
 
 // AwaitTransfer blocks until the transfer is ready (nil), failed (an error
@@ -248,27 +195,49 @@ func (e *Engine) AwaitTransfer(ctx context.Context, id string) error {
 		e.mu.Unlock()
 		return err
 	}
-	t := e.transferLocked(id)
-	done := t.done
+	w, err := e.joinTransferLocked(id)
 	e.mu.Unlock()
+	if err != nil {
+		return err
+	}
 	select {
 	case <-ctx.Done():
-		return ctx.Err()
-	case <-done:
+	case <-w.done:
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if t.state == transferReady {
-		return nil
+	e.leaveTransferLocked(w)
+	if err := ctx.Err(); err != nil {
+		select {
+		case <-w.done:
+		default:
+			return err
+		}
 	}
-	return fmt.Errorf("%w: %s: %s", ErrTransferFailed, id, t.message)
+	return w.result()
 }
 
 // ReleaseTransfer drops the pins of a transfer (e.g. its client went away).
 func (e *Engine) ReleaseTransfer(id string) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	e.releaseTransferLocked(id)
+}
+
+// releaseTransferLocked releases a transfer's record or, when no save
+// made one, wakes the waiters of the id.
+func (e *Engine) releaseTransferLocked(id string) {
 	if t, ok := e.transfers[id]; ok {
 		t.release(e)
+		return
+	}
+	if w, ok := e.waits[id]; ok {
+		// No save ever named this transfer: this engine holds nothing of
+		// it (e.g. a router's in-process engine while vLLM saves into
+		// another one). Wake the waiters, but record no failure and log
+		// nothing: there was no transfer here to fail.
+		w.released = true
+		close(w.done)
+		delete(e.waits, id)
 	}
 }

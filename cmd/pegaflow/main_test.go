@@ -73,6 +73,8 @@ func TestBadInvocationsExit2(t *testing.T) {
 		{"bad http addr", []string{"serve", "--http-addr", "nonsense"}, "--http-addr"},
 		{"bad socket mode", []string{"serve", "--socket-mode", "rw"}, "--socket-mode"},
 		{"stray argument", []string{"serve", "extra"}, "unexpected arguments"},
+		{"bad kv-ready-allow", []string{"serve", "--kv-ready-allow", "nonsense"}, "--kv-ready-allow"},
+		{"no transfers", []string{"serve", "--max-transfers", "0"}, "--max-transfers"},
 		{"demo: no prompts", []string{"demo", "--num-prompts", "0"}, "num-prompts"},
 		{"demo: bad rate", []string{"demo", "--request-rate", "-2"}, "rate"},
 		{"demo: stray argument", []string{"demo", "now"}, "unexpected arguments"},

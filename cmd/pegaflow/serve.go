@@ -48,6 +48,9 @@ type serveFlags struct {
 	hugePages, mlock                        bool
 	leaseTTL, transferTTL, partialTTL       time.Duration
 	maxQueryWait, copyTimeout               time.Duration
+	kvReadyAllow                            cli.StringList
+	maxTransfers                            int
+	maxCopyOps                              int64
 	router                                  router.Config
 }
 
@@ -71,6 +74,10 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.DurationVar(&f.partialTTL, "partial-ttl", engine.DefaultPartialTTL, "free blocks saved by some TP ranks but not all after this long")
 	fs.DurationVar(&f.maxQueryWait, "max-query-wait", engine.DefaultMaxQueryWait, "cap on the wait a query may ask for")
 	fs.DurationVar(&f.copyTimeout, "copy-timeout", engine.DefaultCopyTimeout, "cap on how long a save or load waits for its copies (and shutdown for copies still running); late copies fail their call, their memory is freed when they end")
+	fs.Var(&f.kvReadyAllow, "kv-ready-allow", "where a save's ready_url may point (repeatable): host:port, an http(s) URL prefix, "+
+		"\"loopback\" or \"none\" (default: the in-process router's /kv_ready address, else loopback)")
+	fs.IntVar(&f.maxTransfers, "max-transfers", engine.DefaultMaxTransfers, "most P/D transfers tracked (and, apart, most transfer ids waited for before a save)")
+	fs.Int64Var(&f.maxCopyOps, "max-copy-ops", engine.DefaultMaxCopyOps, "most copy operations in flight across all saves and loads (a block is layers x segments ops)")
 	router.BindFlags(fs, &f.router)
 	if err := cli.Parse(fs, args, nil); err != nil {
 		return nil, err
@@ -100,7 +107,37 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 			return nil, err
 		}
 	}
+	if f.maxTransfers < 1 || f.maxCopyOps < 1 {
+		return nil, errors.New("--max-transfers and --max-copy-ops must be at least 1")
+	}
+	if len(f.kvReadyAllow) == 0 {
+		f.kvReadyAllow = defaultKVReadyAllow(f.router)
+	}
+	if err := engine.CheckKVReadyAllow(f.kvReadyAllow); err != nil {
+		return nil, err
+	}
 	return f, nil
+}
+
+// defaultKVReadyAllow is where the engine may POST transfer readiness
+// unless --kv-ready-allow says: the in-process router's own /kv_ready
+// (as the router derives it for kv_transfer_params), else loopback.
+func defaultKVReadyAllow(rc router.Config) cli.StringList {
+	if !rc.Enabled() {
+		return cli.StringList{engine.KVReadyLoopback}
+	}
+	if rc.KVReadyURL != "" {
+		return cli.StringList{rc.KVReadyURL}
+	}
+	addr := rc.ListenAddr
+	if rc.InternalAddr != "" {
+		addr = rc.InternalAddr
+	}
+	host, port, _ := net.SplitHostPort(addr)
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	return cli.StringList{net.JoinHostPort(host, port)}
 }
 
 func parseLevel(s string) (slog.Level, error) {
@@ -152,6 +189,7 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 		PoolSize: uint64(f.poolSize), NUMANode: f.numaNode, Device: -1, PoolFlags: poolFlags,
 		CopyThreads: f.copyThreads, LeaseTTL: f.leaseTTL, TransferTTL: f.transferTTL,
 		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, ShmDir: f.shmDir, CopyTimeout: f.copyTimeout, Version: version, Topology: topo,
+		KVReadyAllow: f.kvReadyAllow, MaxTransfers: f.maxTransfers, MaxCopyOps: f.maxCopyOps,
 	}, log.With("component", "engine"), reg)
 	if err != nil {
 		return err

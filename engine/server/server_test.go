@@ -110,7 +110,7 @@ func startServer(t *testing.T) (string, *engine.Engine) {
 
 // startServerWith serves an engine built from cfg on a socket in a temp
 // dir; the test's cleanup stops both.
-func startServerWith(t *testing.T, cfg engine.Config) (string, *engine.Engine) {
+func startServerWith(t testing.TB, cfg engine.Config) (string, *engine.Engine) {
 	t.Helper()
 	eng, err := engine.New(cfg, nil, prometheus.NewRegistry())
 	require.NoError(t, err)

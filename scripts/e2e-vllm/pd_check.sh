@@ -79,8 +79,10 @@ SOCK="$RUN/engine.sock"
 export PYTHONHASHSEED=0 HF_HUB_OFFLINE=1
 
 start_engine() {  # the engine the vLLMs use; nothing else listens there
+  # It POSTs transfer readiness to the router's /kv_ready (P's ready_url),
+  # which runs in another process: allow exactly that address.
   setsid "$BIN" serve --socket "$SOCK" --http-addr "127.0.0.1:$EP" --pool-size 256MiB \
-    >>"$OUT/engine.log" 2>&1 &
+    --kv-ready-allow "127.0.0.1:$RP" >>"$OUT/engine.log" 2>&1 &
   PID[engine]=$!
   ALL+=("$!")
   local deadline=$((SECONDS + 30))

@@ -41,6 +41,24 @@ from .ready import FailureReporter
 log = logging.getLogger("pegaflow_connector")
 
 
+def _unique_refs(ids: list[int], hashes: list[bytes]) -> tuple[list[int], list[bytes]]:
+    """Drops repeated hashes and block ids (first wins): the engine refuses a
+    call that names either twice, and one step may batch several requests'
+    saves (identical prompts without prefix caching share hashes)."""
+    seen_ids: set[int] = set()
+    seen_hashes: set[bytes] = set()
+    out_ids: list[int] = []
+    out_hashes: list[bytes] = []
+    for b, h in zip(ids, hashes):
+        if b in seen_ids or h in seen_hashes:
+            continue
+        seen_ids.add(b)
+        seen_hashes.add(h)
+        out_ids.append(b)
+        out_hashes.append(h)
+    return out_ids, out_hashes
+
+
 @dataclasses.dataclass
 class _SaveJob:
     specs: list[SaveSpec]
@@ -315,8 +333,8 @@ class WorkerCore:
         for s in job.specs:
             groups.setdefault(s.transfer_id, []).append(s)
         for tid, specs in groups.items():
-            ids = [b for s in specs for b in s.block_ids]
-            hashes = [h for s in specs for h in s.hashes]
+            ids, hashes = _unique_refs([b for s in specs for b in s.block_ids],
+                                       [h for s in specs for h in s.hashes])
             last = any(s.transfer_last for s in specs)
             url = next((s.ready_url for s in specs if s.ready_url), "")
             token = next((s.ready_token for s in specs if s.ready_token), "")

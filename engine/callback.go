@@ -1,0 +1,203 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/pegaflow/pegaflow/internal/retry"
+)
+
+// A Save's ready_url makes the engine POST to an address a socket client
+// chose. So that this is not a request forgery from the engine's network
+// position, the engine only POSTs to URLs the operator allowed
+// (Config.KVReadyAllow, the --kv-ready-allow flag), never follows a
+// redirect, and keeps the first URL and token bound to a transfer id
+// (transfer.bind): a later Save cannot redirect the report or learn the
+// token.
+
+// KVReadyLoopback and KVReadyNone are the keywords of Config.KVReadyAllow
+// besides host:port and URL-prefix entries.
+const (
+	KVReadyLoopback = "loopback" // any port of localhost, 127.0.0.0/8 or ::1
+	KVReadyNone     = "none"     // no callbacks: a Save with ready_url fails
+)
+
+// callbackRule is one parsed KVReadyAllow entry. A URL matches when its
+// scheme (if the rule has one), host and port equal the rule's and its
+// path starts with the rule's path.
+type callbackRule struct {
+	loopback     bool
+	scheme, host string // host is hostname:port, lower case, port explicit
+	path         string
+}
+
+// CheckKVReadyAllow reports whether every entry is a valid KVReadyAllow
+// entry, for flag parsing.
+func CheckKVReadyAllow(entries []string) error {
+	_, err := parseKVReadyAllow(entries)
+	return err
+}
+
+// parseKVReadyAllow turns Config.KVReadyAllow (entries may also be
+// comma-separated lists) into rules; no entries means loopback only, and
+// "none" (alone) allows nothing.
+func parseKVReadyAllow(entries []string) ([]callbackRule, error) {
+	var split []string
+	for _, e := range entries {
+		split = append(split, strings.Split(e, ",")...)
+	}
+	if len(split) == 0 {
+		return []callbackRule{{loopback: true}}, nil
+	}
+	var rules []callbackRule
+	for _, raw := range split {
+		entry := strings.TrimSpace(raw)
+		switch {
+		case strings.EqualFold(entry, KVReadyNone):
+			if len(split) > 1 {
+				return nil, invalid("--kv-ready-allow %q: %q cannot be combined with other entries", raw, KVReadyNone)
+			}
+			return nil, nil
+		case strings.EqualFold(entry, KVReadyLoopback):
+			rules = append(rules, callbackRule{loopback: true})
+		case strings.Contains(entry, "://"):
+			u, err := url.Parse(entry)
+			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil ||
+				u.RawQuery != "" || u.Fragment != "" {
+				return nil, invalid("--kv-ready-allow %q: want host:port, an http(s) URL prefix like http://router:8080/kv_ready, %q or %q",
+					raw, KVReadyLoopback, KVReadyNone)
+			}
+			rules = append(rules, callbackRule{scheme: u.Scheme, host: canonicalHost(u), path: u.EscapedPath()})
+		default:
+			host, port, err := net.SplitHostPort(entry)
+			if err != nil || host == "" || port == "" {
+				return nil, invalid("--kv-ready-allow %q: want host:port, an http(s) URL prefix, %q or %q (%v)",
+					raw, KVReadyLoopback, KVReadyNone, err)
+			}
+			rules = append(rules, callbackRule{host: strings.ToLower(net.JoinHostPort(host, port))})
+		}
+	}
+	return rules, nil
+}
+
+// canonicalHost is u's host as lower-case hostname:port, the port made
+// explicit from the scheme when absent.
+func canonicalHost(u *url.URL) string {
+	port := u.Port()
+	if port == "" {
+		port = "80"
+		if u.Scheme == "https" {
+			port = "443"
+		}
+	}
+	return strings.ToLower(net.JoinHostPort(u.Hostname(), port))
+}
+
+func (r callbackRule) allows(u *url.URL) bool {
+	if r.loopback {
+		h := strings.ToLower(u.Hostname())
+		ip := net.ParseIP(h)
+		return h == "localhost" || (ip != nil && ip.IsLoopback())
+	}
+	if (r.scheme != "" && r.scheme != u.Scheme) || r.host != canonicalHost(u) {
+		return false
+	}
+	return strings.HasPrefix(u.EscapedPath(), r.path)
+}
+
+// checkReadyURL validates a Save's ready_url against the allowlist.
+func (e *Engine) checkReadyURL(readyURL string) error {
+	u, err := url.Parse(readyURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return invalid("ready_url %q is not an http(s) URL", readyURL)
+	}
+	if u.User == nil {
+		for _, r := range e.readyAllow {
+			if r.allows(u) {
+				return nil
+			}
+		}
+	}
+	return invalid("ready_url %q is not allowed by the engine's --kv-ready-allow (%s); "+
+		"start the engine with --kv-ready-allow naming the router's /kv_ready address",
+		readyURL, e.readyAllowText())
+}
+
+func (e *Engine) readyAllowText() string {
+	if len(e.cfg.KVReadyAllow) == 0 {
+		return KVReadyLoopback
+	}
+	return strings.Join(e.cfg.KVReadyAllow, ",")
+}
+
+// newCallbackClient never follows redirects: the allowlist vetted the
+// URL, not wherever it points on.
+func newCallbackClient(timeout time.Duration) *http.Client {
+	return &http.Client{Timeout: timeout, CheckRedirect: func(*http.Request, []*http.Request) error {
+		return http.ErrUseLastResponse
+	}}
+}
+
+// readyReport is the body POSTed to a transfer's ready_url (the router's
+// /kv_ready contract).
+type readyReport struct {
+	TransferID string `json:"transfer_id"`
+	Token      string `json:"token"`
+	Status     string `json:"status"`
+	Message    string `json:"message,omitempty"`
+}
+
+// callbackRetry spaces the attempts of a ready_url POST: 50ms, 200ms,
+// 800ms between four attempts.
+var callbackRetry = retry.Policy{Attempts: 4, Backoff: 50 * time.Millisecond, Factor: 4}
+
+// notify POSTs the outcome to ready_url with bounded retries. Close stops
+// the retries (not a POST in flight, which CallbackTimeout bounds).
+func (e *Engine) notify(readyURL, id, token, status, message string) {
+	defer e.bg.Done()
+	body, _ := json.Marshal(readyReport{TransferID: id, Token: token, Status: status, Message: message})
+	_ = retry.Do(e.stopped, callbackRetry, nil, func(ctx context.Context, attempt int) error {
+		err := e.postReady(context.WithoutCancel(ctx), readyURL, body)
+		if err != nil && !retry.IsPermanent(err) {
+			e.log.Warn("kv_ready callback failed", "transfer", id, "url", readyURL, "attempt", attempt, "err", err)
+		}
+		return err
+	})
+}
+
+// postReady makes one POST; a 3xx (not followed) or 4xx answer is a
+// permanent error.
+func (e *Engine) postReady(ctx context.Context, readyURL string, body []byte) error {
+	ctx, cancel := context.WithTimeout(ctx, e.cfg.CallbackTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, readyURL, bytes.NewReader(body))
+	if err != nil {
+		return retry.Permanent(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := e.http.Do(req)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	switch {
+	case resp.StatusCode < 300:
+		return nil
+	case resp.StatusCode < 400:
+		e.log.Warn("kv_ready callback redirected; redirects are not followed", "url", readyURL,
+			"status", resp.StatusCode, "location", resp.Header.Get("Location"))
+		return retry.Permanent(fmt.Errorf("status %d (redirect not followed)", resp.StatusCode))
+	case resp.StatusCode < 500:
+		// The router rejected it (unknown or wrong token): retrying won't help.
+		e.log.Warn("kv_ready callback rejected", "url", readyURL, "status", resp.StatusCode)
+		return retry.Permanent(fmt.Errorf("status %d", resp.StatusCode))
+	}
+	return fmt.Errorf("status %d", resp.StatusCode)
+}
