@@ -25,14 +25,21 @@ func (e *Engine) releaseLeaseLocked(id string, l *lease) {
 	delete(l.session.leases, id)
 }
 
-// Release drops a lease and/or a transfer's pins.
+// Release drops a lease and/or a transfer's pins. A lease may be released
+// only by the session that took it, and a transfer only by a session that
+// works in the transfer's namespace (session.uses: the decode side that
+// queries and loads it, or its producer): a client cannot blindly unpin
+// another namespace's transfers.
+// Either refusal is NotFound, as for an unknown id, so ids of others'
+// leases and transfers cannot be probed.
 func (e *Engine) Release(req *pb.ReleaseRequest) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if err := e.checkOpen(); err != nil {
 		return err
 	}
-	if _, err := e.sessionLocked(req.SessionId); err != nil {
+	s, err := e.sessionLocked(req.SessionId)
+	if err != nil {
 		return err
 	}
 	if req.LeaseId == "" && req.TransferId == "" {
@@ -40,12 +47,15 @@ func (e *Engine) Release(req *pb.ReleaseRequest) error {
 	}
 	if req.LeaseId != "" {
 		l, ok := e.leases[req.LeaseId]
-		if !ok {
+		if !ok || l.session != s {
 			return fmt.Errorf("%w: lease %q", ErrNotFound, req.LeaseId)
 		}
 		e.releaseLeaseLocked(req.LeaseId, l)
 	}
 	if req.TransferId != "" {
+		if t, ok := e.transfers[req.TransferId]; ok && t.ns != nil && !s.uses(t.ns) {
+			return fmt.Errorf("%w: transfer %q", ErrNotFound, req.TransferId)
+		}
 		e.releaseTransferLocked(req.TransferId)
 	}
 	return nil

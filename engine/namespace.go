@@ -161,7 +161,8 @@ func (e *Engine) OpenNamespace(sessionID string, wire *pb.Namespace) (string, er
 	if err := e.checkOpen(); err != nil {
 		return "", err
 	}
-	if _, err := e.sessionLocked(sessionID); err != nil {
+	s, err := e.sessionLocked(sessionID)
+	if err != nil {
 		return "", err
 	}
 	if err := e.checkOpenParallelismLocked(desc); err != nil {
@@ -171,5 +172,6 @@ func (e *Engine) OpenNamespace(sessionID string, wire *pb.Namespace) (string, er
 	if err != nil {
 		return "", err
 	}
+	s.opened[ns] = struct{}{}
 	return ns.id, nil
 }

@@ -39,6 +39,7 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 	if !ok {
 		return nil, fmt.Errorf("%w: namespace %q", ErrNotFound, req.NamespaceId)
 	}
+	s.opened[ns] = struct{}{}
 	if req.TransferId != "" && wait > 0 {
 		w, err := e.joinTransferLocked(req.TransferId)
 		if err != nil {

@@ -17,6 +17,23 @@ type session struct {
 	name      string
 	instances map[instanceKey]*instance
 	leases    map[string]*lease
+	// opened are the namespaces the session named in OpenNamespace or
+	// Query (a scheduler uses a namespace without an instance in it).
+	opened map[*namespace]struct{}
+}
+
+// uses reports whether the session works in namespace ns: it opened or
+// queried it, or has an instance in it.
+func (s *session) uses(ns *namespace) bool {
+	if _, ok := s.opened[ns]; ok {
+		return true
+	}
+	for _, inst := range s.instances {
+		if inst.ns == ns {
+			return true
+		}
+	}
+	return false
 }
 
 type instanceKey struct {
@@ -54,7 +71,7 @@ func (e *Engine) OpenSession(name string) (string, error) {
 	if err := e.checkOpen(); err != nil {
 		return "", err
 	}
-	s := &session{id: ids.New("s-"), name: name, instances: map[instanceKey]*instance{}, leases: map[string]*lease{}}
+	s := &session{id: ids.New("s-"), name: name, instances: map[instanceKey]*instance{}, leases: map[string]*lease{}, opened: map[*namespace]struct{}{}}
 	e.sessions[s.id] = s
 	e.log.Debug("session opened", "session", s.id, "client", name)
 	return s.id, nil
