@@ -14,4 +14,4 @@ bench-native: native
 check-native-cuda:
 	GO=$(GO) scripts/native-cuda-compile-check.sh
 
-$(NATIVE_LIB): $(wildcard native/tests/*.c)
+$(NATIVE_LIB): $(wildcard native/tests/*.c native/tests/*.h)
