@@ -21,6 +21,8 @@
  * the same record and path as the copier's (pegaflow_native.h). A peer that
  * dies fails its batches with PF_EPEER (the endpoints run in UCX's peer
  * error-handling mode); pf_xfer_cancel ends a batch with PF_ECANCELED.
+ * A peer has at most a window of GETs (256 ops, ~16 MiB) in flight; the
+ * rest of its batches wait in FIFO order and are posted as GETs complete.
  *
  * Threading: every call is thread-safe (one mutex per agent serialises the
  * UCX worker between callers and the progress thread). None may be called
@@ -94,8 +96,9 @@ int pf_xfer_peer_add_region(pf_xfer_peer *p, const uint8_t *rkey, uint64_t rkey_
                             uint64_t size, uint32_t *id);
 /* PF_OK while usable; PF_EPEER once the peer failed or was cancelled. */
 int pf_xfer_peer_status(pf_xfer_peer *p);
-/* Force-closes the endpoint (in-flight batches end with PF_ECANCELED), waits
- * until UCX released it and every batch on it completed, then frees it. */
+/* Ends the peer's batches (PF_ECANCELED): stops posting, waits up to a
+ * second for the GETs in flight, closes the endpoint, waits until UCX
+ * released it and every batch on it completed, then frees it. */
 int pf_xfer_peer_close(pf_xfer_peer *p);
 
 /* Reads ops from remote region `region` of p into local memory m. Every op
@@ -106,13 +109,18 @@ int pf_xfer_peer_close(pf_xfer_peer *p);
  * PF_EPEER (the peer failed), PF_ECANCELED or PF_ECOPY (UCX refused an op). */
 int pf_xfer_get(pf_xfer_peer *p, uint32_t region, pf_xfer_mem *m, const pf_xfer_op *ops, uint64_t n_ops,
                 uint64_t token);
-/* Ends the batch with this token: its completion says PF_ECANCELED, and no
- * byte lands in local memory after it was written. UCX cannot cancel a
- * single RMA request, so this force-closes the batch's endpoint: the other
- * batches on that peer fail with PF_EPEER and the peer must be reconnected
- * (a deadline usually means the peer is gone anyway). PF_OK also when the
- * batch had already completed (nothing to do). Returns without waiting. */
-int pf_xfer_cancel(pf_xfer_agent *a, uint64_t token);
+/* Ends the batch with this token; its completion says PF_ECANCELED, and no
+ * byte lands in local memory after that completion was written. Without
+ * force, the batch's unposted ops are dropped and the completion follows
+ * once its GETs already in flight (at most one window per peer) finished;
+ * the peer stays usable. With force (for a peer that stopped answering),
+ * the batch's endpoint is force-closed at once: UCX cannot cancel one RMA
+ * request, so the other batches on that peer fail with PF_EPEER and the
+ * peer must be reconnected. Over TCP, tearing an endpoint down under GETs
+ * the target is still answering can abort the target process (a UCX bug,
+ * see native/README.md), so force only after a graceful cancel timed out.
+ * PF_OK also when the batch already completed. Returns without waiting. */
+int pf_xfer_cancel(pf_xfer_agent *a, uint64_t token, int force);
 
 #ifdef __cplusplus
 }

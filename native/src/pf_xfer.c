@@ -16,6 +16,23 @@
  * Completions are queued under the mutex and written to the notify fd
  * after it is released (flush_done), so a slow reader never stalls the
  * worker while it holds the lock.
+ *
+ * Window: a peer has at most PF_XFER_WINDOW_OPS GETs and about
+ * PF_XFER_WINDOW_BYTES in flight; further ops wait in the peer's queue of
+ * batches (FIFO) and are posted as GETs complete. This bounds UCX's own
+ * queues on both sides (over TCP the target queues one reply per GET it
+ * received) and keeps one huge batch from delaying a later small one on
+ * the same peer by more than a window.
+ *
+ * Ending reads early: over TCP, UCX emulates a GET in software (the target
+ * answers with active messages, ucp/rma/rma_sw.c), and UCX (1.13 and still
+ * upstream) aborts the target process when the reader's endpoint goes away
+ * while the target is sending replies (ucs_fatal "unexpected error:
+ * Endpoint timeout", or an assertion in the TCP endpoint's pending purge).
+ * So cancel and peer close never tear an endpoint down under its own GETs
+ * if they can help it: they stop posting, wait (bounded, PF_XFER_DRAIN_MS)
+ * for the window in flight, and only then close. A forced cancel closes at
+ * once, for a peer that stopped answering.
  */
 #include "pf_internal.h"
 #include "pegaflow_xfer.h"
@@ -25,15 +42,35 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <ucp/api/ucp.h>
 
+#define PF_XFER_WINDOW_OPS 256u
+#define PF_XFER_WINDOW_BYTES (16ull << 20)
+
+typedef struct xfer_region {
+  ucp_rkey_h rkey; /* valid until the peer is freed */
+  uint64_t base, size;
+} xfer_region;
+
 typedef struct xfer_batch xfer_batch;
+
+/* One op of a batch; the GET's user data. */
+typedef struct xfer_slot {
+  pf_xfer_op op;
+  xfer_batch *batch;
+} xfer_slot;
+
 struct xfer_batch {
   xfer_batch *prev, *next; /* the agent's active list, then its done list */
+  xfer_batch *qnext;       /* the peer's queue of batches with ops to post */
   pf_xfer_peer *peer;
   pf_xfer_mem *mem;
+  xfer_region region; /* a copy: the peer's array may grow */
   uint64_t token;
-  uint64_t pending; /* GETs in flight, +1 while posting */
+  xfer_slot *slots; /* the batch's non-empty ops */
+  uint64_t n_slots, posted;
+  uint64_t pending; /* ops not completed (posted or not), +1 while submitting */
   int status;       /* PF_OK or the first failure */
   int cancelled;
 };
@@ -66,11 +103,6 @@ struct pf_xfer_mem {
   long active;   /* batches reading into it */
 };
 
-typedef struct xfer_region {
-  ucp_rkey_h rkey;
-  uint64_t base, size;
-} xfer_region;
-
 struct pf_xfer_peer {
   pf_xfer_agent *agent;
   pf_xfer_peer *prev, *next;
@@ -80,7 +112,9 @@ struct pf_xfer_peer {
   int ep_closed;    /* UCX released the endpoint */
   xfer_region *regions;
   uint32_t n_regions, cap_regions;
-  long active; /* batches on this peer */
+  long active;                /* batches on this peer */
+  xfer_batch *qhead, *qtail;  /* batches with ops not yet posted */
+  uint64_t inflight_ops, inflight_bytes;
 };
 
 const char *pf_xfer_backend(void) { return "ucx"; }
@@ -128,11 +162,75 @@ static void batch_fail(xfer_batch *b, ucs_status_t st) {
   else b->status = is_op_error(st) ? PF_ECOPY : PF_EPEER;
 }
 
-static void get_done(void *req, ucs_status_t st, void *user) {
-  xfer_batch *b = user;
-  if (st != UCS_OK) batch_fail(b, st);
-  ucp_request_free(req);
+static void op_done(xfer_batch *b, int failed, ucs_status_t st) {
+  if (failed) batch_fail(b, st);
   if (--b->pending == 0) batch_finish(b->peer->agent, b);
+}
+
+static void get_done(void *req, ucs_status_t st, void *user) {
+  xfer_slot *s = user;
+  pf_xfer_peer *p = s->batch->peer;
+  if (--p->inflight_ops == 0) pthread_cond_broadcast(&p->agent->changed); /* a drain waits for it */
+  p->inflight_bytes -= s->op.len;
+  ucp_request_free(req);
+  op_done(s->batch, st != UCS_OK, st);
+}
+
+static void queue_pop(pf_xfer_peer *p) {
+  p->qhead = p->qhead->qnext;
+  if (p->qhead == NULL) p->qtail = NULL;
+}
+
+/* Takes b off its peer's queue and ends its unposted ops (status set). */
+static void batch_unqueue(xfer_batch *b) {
+  pf_xfer_peer *p = b->peer;
+  xfer_batch **link = &p->qhead, *prev = NULL;
+  while (*link && *link != b) {
+    prev = *link;
+    link = &(*link)->qnext;
+  }
+  if (*link == NULL) return; /* every op posted already */
+  *link = b->qnext;
+  if (p->qtail == b) p->qtail = prev;
+  b->pending -= b->n_slots - b->posted;
+  b->posted = b->n_slots;
+  if (b->pending == 0) batch_finish(p->agent, b);
+}
+
+/* Posts queued ops while the window has room; on a closed or failed peer
+ * (or a failed batch) ends the unposted ops instead. Returns the number of
+ * GETs posted. */
+static unsigned peer_pump(pf_xfer_peer *p) {
+  unsigned posted = 0;
+  while (p->qhead) {
+    xfer_batch *b = p->qhead;
+    if (p->ep == NULL || p->fail_code != PF_OK || b->status != PF_OK) {
+      batch_fail(b, UCS_ERR_CANCELED);
+      batch_unqueue(b);
+      continue;
+    }
+    xfer_slot *s = &b->slots[b->posted];
+    if (p->inflight_ops > 0 &&
+        (p->inflight_ops >= PF_XFER_WINDOW_OPS || p->inflight_bytes + s->op.len > PF_XFER_WINDOW_BYTES))
+      break;
+    if (++b->posted == b->n_slots) queue_pop(p);
+    ucp_request_param_t prm = {
+        .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMH,
+        .cb.send = get_done,
+        .user_data = s,
+        .memh = b->mem->memh,
+    };
+    ucs_status_ptr_t sp = ucp_get_nbx(p->ep, b->mem->base + s->op.local_offset, (size_t)s->op.len,
+                                      b->region.base + s->op.remote_offset, b->region.rkey, &prm);
+    posted++;
+    if (UCS_PTR_IS_PTR(sp)) {
+      p->inflight_ops++;
+      p->inflight_bytes += s->op.len;
+    } else {
+      op_done(b, UCS_PTR_STATUS(sp) != UCS_OK, UCS_PTR_STATUS(sp));
+    }
+  }
+  return posted;
 }
 
 /* Writes the queued completions; called without the mutex. */
@@ -144,6 +242,7 @@ static void flush_done(pf_xfer_agent *a) {
   while (b) {
     xfer_batch *next = b->next;
     pf__write_completion(a->notify_fd, b->token, b->status);
+    free(b->slots);
     free(b);
     b = next;
   }
@@ -175,7 +274,28 @@ static void peer_close_ep(pf_xfer_peer *p, int code) {
   };
   ucs_status_ptr_t r = ucp_ep_close_nbx(ep, &prm);
   if (!UCS_PTR_IS_PTR(r)) p->ep_closed = 1;
+  peer_pump(p); /* ends the ops never posted */
   ucp_worker_signal(p->agent->worker);
+}
+
+/* Stops posting on p (queued ops end with code) and waits until its GETs
+ * in flight completed or PF_XFER_DRAIN_MS passed (the mutex is released
+ * while waiting). */
+#define PF_XFER_DRAIN_MS 1000
+static void peer_drain(pf_xfer_peer *p, int code) {
+  pf_xfer_agent *a = p->agent;
+  if (p->fail_code == PF_OK) p->fail_code = code;
+  peer_pump(p);
+  struct timespec until;
+  clock_gettime(CLOCK_MONOTONIC, &until);
+  until.tv_sec += PF_XFER_DRAIN_MS / 1000;
+  until.tv_nsec += (PF_XFER_DRAIN_MS % 1000) * 1000000L;
+  if (until.tv_nsec >= 1000000000L) {
+    until.tv_sec++;
+    until.tv_nsec -= 1000000000L;
+  }
+  while (p->inflight_ops > 0 && p->ep != NULL)
+    if (pthread_cond_timedwait(&a->changed, &a->mu, &until) == ETIMEDOUT) break;
 }
 
 /* UCX asks the owner of a failed endpoint to close it; that is done after
@@ -195,8 +315,10 @@ static void *progress_main(void *arg) {
   for (;;) {
     pthread_mutex_lock(&a->mu);
     unsigned n = ucp_worker_progress(a->worker);
-    for (pf_xfer_peer *p = a->peers; p; p = p->next)
+    for (pf_xfer_peer *p = a->peers; p; p = p->next) {
       if (p->close_wanted) peer_close_ep(p, PF_EPEER);
+      n += peer_pump(p);
+    }
     int stop = a->stopping;
     ucs_status_t st = UCS_OK;
     if (n == 0 && !stop) st = ucp_worker_arm(a->worker);
@@ -273,7 +395,11 @@ int pf_xfer_agent_create(int notify_fd, pf_xfer_agent **out) {
   pf_xfer_agent *a = calloc(1, sizeof *a);
   if (a == NULL) return PF_ENOMEM;
   pthread_mutex_init(&a->mu, NULL);
-  pthread_cond_init(&a->changed, NULL);
+  pthread_condattr_t ca; /* peer_drain waits on CLOCK_MONOTONIC */
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&a->changed, &ca);
+  pthread_condattr_destroy(&ca);
   a->notify_fd = notify_fd;
   int rc = agent_ucx_init(a);
   if (rc == PF_OK && pf__thread_create(&a->thread, progress_main, a) != 0) rc = PF_ENOMEM;
@@ -466,6 +592,7 @@ int pf_xfer_peer_close(pf_xfer_peer *p) {
   if (p == NULL) return PF_EINVAL;
   pf_xfer_agent *a = p->agent;
   pthread_mutex_lock(&a->mu);
+  peer_drain(p, PF_ECANCELED);
   peer_close_ep(p, PF_ECANCELED);
   while (!p->ep_closed || p->active > 0) pthread_cond_wait(&a->changed, &a->mu);
   for (uint32_t i = 0; i < p->n_regions; i++) ucp_rkey_destroy(p->regions[i].rkey);
@@ -485,42 +612,45 @@ int pf_xfer_get(pf_xfer_peer *p, uint32_t region, pf_xfer_mem *m, const pf_xfer_
   if (p == NULL || m == NULL || (ops == NULL && n_ops > 0) || n_ops > PF_XFER_MAX_OPS) return PF_EINVAL;
   pf_xfer_agent *a = p->agent;
   if (m->agent != a) return PF_EINVAL;
+  uint64_t n_slots = 0;
+  for (uint64_t i = 0; i < n_ops; i++) n_slots += ops[i].len != 0;
   xfer_batch *b = calloc(1, sizeof *b);
-  if (b == NULL) return PF_ENOMEM;
+  xfer_slot *slots = n_slots ? malloc((size_t)n_slots * sizeof *slots) : NULL;
+  if (b == NULL || (n_slots && slots == NULL)) {
+    free(b);
+    free(slots);
+    return PF_ENOMEM;
+  }
   pthread_mutex_lock(&a->mu);
   int rc = PF_OK;
   if (region >= p->n_regions) rc = PF_EINVAL;
   /* Every extent against the advertised remote size and the local size
    * before anything is posted: over TCP the remote side would not refuse
    * a read outside its registration. */
-  for (uint64_t i = 0; rc == PF_OK && i < n_ops; i++) {
+  for (uint64_t i = 0, j = 0; rc == PF_OK && i < n_ops; i++) {
     if (!pf__in_bounds(ops[i].remote_offset, ops[i].len, p->regions[region].size) ||
         !pf__in_bounds(ops[i].local_offset, ops[i].len, m->size))
       rc = PF_ERANGE;
+    else if (ops[i].len != 0)
+      slots[j++] = (xfer_slot){.op = ops[i], .batch = b};
   }
   if (rc == PF_OK && (p->ep == NULL || p->fail_code != PF_OK)) rc = PF_EPEER;
   if (rc != PF_OK) {
     pthread_mutex_unlock(&a->mu);
+    free(slots);
     free(b);
     return rc;
   }
-  const xfer_region *r = &p->regions[region];
-  *b = (xfer_batch){.peer = p, .mem = m, .token = token, .pending = 1, .status = PF_OK};
+  *b = (xfer_batch){.peer = p, .mem = m, .region = p->regions[region], .token = token, .slots = slots,
+                    .n_slots = n_slots, .pending = n_slots + 1, .status = PF_OK};
   LIST_PUSH(a->active, b);
   p->active++;
   m->active++;
-  ucp_request_param_t prm = {
-      .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMH,
-      .cb.send = get_done,
-      .user_data = b,
-      .memh = m->memh,
-  };
-  for (uint64_t i = 0; i < n_ops && b->status == PF_OK; i++) {
-    if (ops[i].len == 0) continue;
-    ucs_status_ptr_t sp = ucp_get_nbx(p->ep, m->base + ops[i].local_offset, (size_t)ops[i].len,
-                                      r->base + ops[i].remote_offset, r->rkey, &prm);
-    if (UCS_PTR_IS_PTR(sp)) b->pending++;
-    else if (UCS_PTR_STATUS(sp) != UCS_OK) batch_fail(b, UCS_PTR_STATUS(sp));
+  if (n_slots > 0) {
+    if (p->qtail) p->qtail->qnext = b;
+    else p->qhead = b;
+    p->qtail = b;
+    peer_pump(p);
   }
   if (--b->pending == 0) batch_finish(a, b);
   ucp_worker_signal(a->worker);
@@ -529,14 +659,15 @@ int pf_xfer_get(pf_xfer_peer *p, uint32_t region, pf_xfer_mem *m, const pf_xfer_
   return PF_OK;
 }
 
-int pf_xfer_cancel(pf_xfer_agent *a, uint64_t token) {
+int pf_xfer_cancel(pf_xfer_agent *a, uint64_t token, int force) {
   if (a == NULL) return PF_EINVAL;
   pthread_mutex_lock(&a->mu);
   for (xfer_batch *b = a->active; b; b = b->next) {
     if (b->token != token) continue;
     b->cancelled = 1;
     batch_fail(b, UCS_ERR_CANCELED);
-    peer_close_ep(b->peer, PF_EPEER);
+    if (force) peer_close_ep(b->peer, PF_EPEER);
+    else batch_unqueue(b);
     break;
   }
   pthread_mutex_unlock(&a->mu);
