@@ -24,14 +24,9 @@ import "C"
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
-	"os"
 	"sync"
-	"sync/atomic"
-	"syscall"
 	"unsafe"
 )
 
@@ -45,6 +40,8 @@ var (
 	ErrClosed       = errors.New("native: closed")
 	ErrCopy         = errors.New("native: copy failed")
 	ErrNoDevice     = errors.New("native: no visible CUDA device with that UUID")
+	ErrPeer         = errors.New("native: transfer peer failed or its connection was closed")
+	ErrCanceled     = errors.New("native: transfer cancelled")
 )
 
 func codeErr(code int64, what string) error {
@@ -68,6 +65,10 @@ func codeErr(code int64, what string) error {
 		kind = ErrCopy
 	case C.PF_ENODEV:
 		kind = ErrNoDevice
+	case C.PF_EPEER:
+		kind = ErrPeer
+	case C.PF_ECANCELED:
+		kind = ErrCanceled
 	default:
 		return fmt.Errorf("%w: %s: unknown native status %d", ErrCopy, what, code)
 	}
@@ -283,86 +284,31 @@ var (
 	_ [unsafe.Sizeof(C.pf_copy_op{}) - unsafe.Sizeof(CopyOp{})]struct{}
 )
 
-// Pending is a submitted batch.
-type Pending struct {
-	done chan struct{}
-	err  error
-}
-
-// Done is closed when the batch has finished and its memory is free again.
-func (p *Pending) Done() <-chan struct{} { return p.done }
-
-// Err is the batch's outcome (nil, or wrapping ErrCopy); valid after Done
-// is closed.
-func (p *Pending) Err() error { return p.err }
-
 // Copier runs batches on native copy threads (CPU) or streams (CUDA).
-// Completions come back as 16-byte records on a pipe read by one goroutine
-// through Go's poller, so no OS thread blocks per copy.
+// Completions come back on a pipe read through Go's poller (completions).
 type Copier struct {
-	mu      sync.RWMutex // held shared by submits, exclusively by Close
-	c       *C.pf_copier
-	readEnd *os.File
-	writeFd int
-	next    atomic.Uint64
-
-	pmu     sync.Mutex
-	pending map[uint64]*Pending
+	mu   sync.RWMutex // held shared by submits, exclusively by Close
+	c    *C.pf_copier
+	done *completions
 
 	closeOnce sync.Once
 	closeErr  error
-	reader    sync.WaitGroup
 }
 
 // NewCopier starts a copier with threads copy threads (CPU build) or
 // streams per direction and device (CUDA build), 1..256.
 func NewCopier(threads int) (*Copier, error) {
-	var fds [2]int
-	if err := syscall.Pipe2(fds[:], syscall.O_CLOEXEC); err != nil {
-		return nil, fmt.Errorf("%w: completion pipe: %w", ErrIO, err)
+	done, err := newCompletions("pegaflow-copy-completions")
+	if err != nil {
+		return nil, err
 	}
-	// Nonblocking read end: os.NewFile then registers it with the poller.
-	if err := syscall.SetNonblock(fds[0], true); err != nil {
-		syscall.Close(fds[0])
-		syscall.Close(fds[1])
-		return nil, fmt.Errorf("%w: completion pipe: %w", ErrIO, err)
-	}
-	cp := &Copier{
-		readEnd: os.NewFile(uintptr(fds[0]), "pegaflow-copy-completions"),
-		writeFd: fds[1],
-		pending: map[uint64]*Pending{},
-	}
-	if rc := C.pf_copier_create(C.int(threads), C.int(fds[1]), &cp.c); rc != C.PF_OK {
-		cp.readEnd.Close()
-		syscall.Close(fds[1])
+	cp := &Copier{done: done}
+	if rc := C.pf_copier_create(C.int(threads), C.int(done.writeFd), &cp.c); rc != C.PF_OK {
+		done.abort()
 		return nil, codeErr(int64(rc), fmt.Sprintf("copier with %d threads", threads))
 	}
-	cp.reader.Add(1)
-	go cp.readCompletions()
+	done.start()
 	return cp, nil
-}
-
-func (c *Copier) readCompletions() {
-	defer c.reader.Done()
-	var buf [unsafe.Sizeof(C.pf_completion{})]byte
-	for {
-		if _, err := io.ReadFull(c.readEnd, buf[:]); err != nil {
-			return // EOF: Close closed the write end after the last batch
-		}
-		token := binary.NativeEndian.Uint64(buf[0:8])
-		status := int64(binary.NativeEndian.Uint64(buf[8:16]))
-		c.pmu.Lock()
-		p := c.pending[token]
-		delete(c.pending, token)
-		c.pmu.Unlock()
-		if p == nil {
-			continue
-		}
-		if status != C.PF_OK {
-			p.err = codeErr(status, "copy batch")
-		}
-		close(p.done)
-	}
 }
 
 // coalesce merges ops adjacent in both the region and the pool. It never
@@ -432,17 +378,11 @@ func (c *Copier) SubmitAfter(r *Region, p *Pool, dir Direction, ops []CopyOp, af
 		ev = after.e
 	}
 
-	pend := &Pending{done: make(chan struct{})}
-	token := c.next.Add(1)
-	c.pmu.Lock()
-	c.pending[token] = pend
-	c.pmu.Unlock()
+	token, pend := c.done.add("copy batch")
 	// C copies the ops before returning, so the slice is not retained.
 	rc := C.pf_copier_submit_after(c.c, r.r, p.p, C.int(dir), opsPtr, C.uint64_t(len(ops)), ev, C.uint64_t(token))
 	if rc != C.PF_OK {
-		c.pmu.Lock()
-		delete(c.pending, token)
-		c.pmu.Unlock()
+		c.done.drop(token)
 		return nil, codeErr(int64(rc), fmt.Sprintf("submit %d ops", len(ops)))
 	}
 	return pend, nil
@@ -489,11 +429,7 @@ func (c *Copier) Close() error {
 		c.c = nil
 		c.mu.Unlock()
 		C.pf_copier_destroy(pc)
-		// Every completion is in the pipe now; closing the write end lets
-		// the reader drain it and stop at EOF.
-		syscall.Close(c.writeFd)
-		c.reader.Wait()
-		c.closeErr = c.readEnd.Close()
+		c.closeErr = c.done.close()
 	})
 	return c.closeErr
 }

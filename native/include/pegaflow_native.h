@@ -42,6 +42,8 @@ extern "C" {
 #define PF_ECLOSED (-6)  /* object is closing */
 #define PF_ECOPY (-7)    /* a copy failed at run time */
 #define PF_ENODEV (-8)   /* no CUDA device with that UUID is visible */
+#define PF_EPEER (-9)    /* xfer: the peer failed or its connection was closed */
+#define PF_ECANCELED (-10) /* xfer: the batch was cancelled */
 
 /* Copy directions. */
 #define PF_DIR_REGION_TO_POOL 0 /* save */

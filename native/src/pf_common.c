@@ -27,6 +27,8 @@ const char *pf_strerror(int code) {
     case PF_ECLOSED: return "object is closing";
     case PF_ECOPY: return "copy failed";
     case PF_ENODEV: return "no visible CUDA device with that UUID";
+    case PF_EPEER: return "peer failed or connection closed";
+    case PF_ECANCELED: return "cancelled";
     default: return "unknown error";
   }
 }
@@ -219,7 +221,7 @@ int pf__batch_new(pf_copier *c, pf_region *region, pf_pool *pool, int direction,
 /* One record per batch. 16 bytes is below PIPE_BUF, so on a pipe the write
  * is all or nothing; the loop still handles short writes on other fds. The
  * fd may be nonblocking: wait for room with poll. */
-static void write_completion(int fd, uint64_t token, int64_t status) {
+void pf__write_completion(int fd, uint64_t token, int64_t status) {
   pf_completion rec = {token, status};
   const uint8_t *p = (const uint8_t *)&rec;
   size_t left = sizeof rec;
@@ -261,7 +263,7 @@ void pf__batch_finish(pf_batch *b, int status) {
   pf_copier *c = b->copier;
   uint64_t token = b->token;
   batch_drop(b);
-  write_completion(c->notify_fd, token, status);
+  pf__write_completion(c->notify_fd, token, status);
   batch_done(c);
 }
 
@@ -273,14 +275,19 @@ void pf__batch_abort(pf_batch *b) {
 
 /* ---- threads ---- */
 
-int pf__thread_create(pthread_t *t, void *(*fn)(void *), void *arg) {
-  sigset_t block, old;
+void pf__block_async_signals(sigset_t *old) {
+  sigset_t block;
   sigfillset(&block);
   sigdelset(&block, SIGBUS);
   sigdelset(&block, SIGSEGV);
   sigdelset(&block, SIGFPE);
   sigdelset(&block, SIGILL);
-  pthread_sigmask(SIG_SETMASK, &block, &old);
+  pthread_sigmask(SIG_SETMASK, &block, old);
+}
+
+int pf__thread_create(pthread_t *t, void *(*fn)(void *), void *arg) {
+  sigset_t old;
+  pf__block_async_signals(&old);
   int rc = pthread_create(t, NULL, fn, arg);
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   return rc;

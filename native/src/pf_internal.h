@@ -13,6 +13,9 @@
  * pf_cuda_copier.c  CUDA build, the stream copier: per-device streams,
  *                   batched copies, completion threads; shm regions still
  *                   go through the host engine.
+ * pf_xfer.c         cross-host transfers over UCX (pegaflow_xfer.h; built
+ *                   when UCX is found): agent, registered memory, peers,
+ *                   batched GETs, a progress thread. Calls pf_common.c.
  *
  * Calls go one way: the backends call pf_host.c and pf_common.c, pf_host.c
  * calls pf_common.c, and pf_common.c calls only pf_ref.c.
@@ -25,6 +28,7 @@
 #endif
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -135,6 +139,10 @@ int pf__batch_new(pf_copier *c, pf_region *region, pf_pool *pool, int direction,
 /* Drops the batch's references, writes its completion record and frees it.
  * Must be called exactly once per batch, from a thread the copier owns. */
 void pf__batch_finish(pf_batch *b, int status);
+/* Writes one pf_completion record to fd (all or nothing on a pipe; waits
+ * with poll while a nonblocking fd is full; gives up once nobody reads).
+ * Shared by the copier and the xfer agent. */
+void pf__write_completion(int fd, uint64_t token, int64_t status);
 /* Frees a batch that was never started and drops its references without
  * writing a completion (submit failed after pf__batch_new). */
 void pf__batch_abort(pf_batch *b);
@@ -143,6 +151,11 @@ void pf__batch_abort(pf_batch *b);
  * for the host program (Go's preemption, SIGPIPE from a closed notify pipe)
  * are never delivered to it. Synchronous faults stay unblocked. */
 int pf__thread_create(pthread_t *t, void *(*fn)(void *), void *arg);
+/* Blocks every asynchronous signal on the calling thread (the mask
+ * pf__thread_create gives its threads), saving the old mask in *old. Code
+ * that lets a library start threads (UCX) runs between this and
+ * pthread_sigmask(SIG_SETMASK, old, NULL). */
+void pf__block_async_signals(sigset_t *old);
 
 /* ---- pf_host.c ---- */
 

@@ -4,6 +4,10 @@
 // region->pool and pool->region by the copier, and by one goroutine doing
 // Go `copy` over the same mapping and offsets. It prints GB/s and the
 // copier/memcpy ratio.
+//
+// With -xfer it measures the UCX transfer layer instead: XferPeer.Get
+// between two agents in this process next to a plain ucp_get_nbx loop over
+// the same memory and offsets, for 16 KiB to 2 MiB extents.
 package main
 
 import (
@@ -37,30 +41,45 @@ func main() {
 	threads := flag.Int("threads", 2, "copier threads")
 	dir := flag.String("dir", "", "directory for the region file (default /dev/shm, else the temp dir)")
 	jsonOut := flag.Bool("json", false, "print JSON instead of a table")
+	xfer := flag.Bool("xfer", false, "measure UCX transfers (XferPeer.Get vs plain ucp_get_nbx, UCX_TLS default tcp) instead of copies")
 	flag.Parse()
+	if *xfer {
+		if *batchMiB <= 0 || *iters <= 0 {
+			fmt.Fprintln(os.Stderr, "nativebench: need batch-mib > 0, iters > 0")
+			os.Exit(2)
+		}
+		results, err := runXfer(uint64(*batchMiB)<<20, *iters)
+		finish(results, err, *jsonOut, func(r []xferResult) { printXfer(r, *batchMiB) })
+		return
+	}
 	if *batchMiB <= 0 || *regionMiB < *batchMiB || *iters <= 0 || *threads <= 0 {
 		fmt.Fprintln(os.Stderr, "nativebench: need 0 < batch-mib <= region-mib, iters > 0, threads > 0")
 		os.Exit(2)
 	}
 	results, err := run(uint64(*regionMiB)<<20, uint64(*batchMiB)<<20, *iters, *threads, *dir)
+	finish(results, err, *jsonOut, func(results []result) {
+		fmt.Printf("native copier (%s, %d threads) vs Go copy, batches of %d MiB, %d CPUs\n",
+			native.Backend(), *threads, *batchMiB, runtimeCPUs())
+		tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintln(tw, "block\tdirection\tblocks/batch\tcopier GB/s\tmemcpy GB/s\tratio\t")
+		for _, r := range results {
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%.2f\t%.2f\t%.2fx\t\n", size(r.BlockBytes), r.Direction, r.Blocks, r.CopierGBps, r.MemcpyGBps, r.Ratio)
+		}
+		tw.Flush()
+	})
+}
+
+// finish exits on err, else prints results as JSON or with table.
+func finish[T any](results []T, err error, jsonOut bool, table func([]T)) {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "nativebench:", err)
 		os.Exit(1)
 	}
-	if *jsonOut {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		_ = enc.Encode(results)
+	if jsonOut {
+		printJSON(results)
 		return
 	}
-	fmt.Printf("native copier (%s, %d threads) vs Go copy, batches of %d MiB, %d CPUs\n",
-		native.Backend(), *threads, *batchMiB, runtimeCPUs())
-	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "block\tdirection\tblocks/batch\tcopier GB/s\tmemcpy GB/s\tratio\t")
-	for _, r := range results {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%.2f\t%.2f\t%.2fx\t\n", size(r.BlockBytes), r.Direction, r.Blocks, r.CopierGBps, r.MemcpyGBps, r.Ratio)
-	}
-	tw.Flush()
+	table(results)
 }
 
 func run(regionSize, batch uint64, iters, threads int, dir string) ([]result, error) {
@@ -156,6 +175,12 @@ func run(regionSize, batch uint64, iters, threads int, dir string) ([]result, er
 		}
 	}
 	return results, nil
+}
+
+func printJSON(v any) {
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
 }
 
 func dirName(d native.Direction) string {
