@@ -2,6 +2,7 @@
 # Component fragments in mk/*.mk append to TEST_EXTRA, BENCH_TARGETS and
 # define their own targets.
 SHELL := /bin/bash
+comma := ,
 GO ?= go
 PYTHON ?= python3
 BUILD_DIR ?= build
@@ -24,6 +25,17 @@ endif
 # go-nvml's cgo preamble uses NVML calls its headers mark deprecated; the
 # warnings say nothing about our code.
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
+
+# The UCX transfer layer (native/xfer.go, cross-host KV) links the system's
+# UCX when pkg-config finds it (Debian libucx-dev, HPC-X, DOCA); without it
+# the build takes the `noucx` stub, which answers "UCX not built", so a
+# machine without UCX still builds, tests and demos everything else.
+UCX ?= $(shell pkg-config --exists ucx 2>/dev/null && echo 1 || echo 0)
+ifeq ($(UCX),0)
+GO_TAGS := $(if $(GO_TAGS),$(GO_TAGS)$(comma))noucx
+NATIVE_CMAKE_FLAGS += -DPEGAFLOW_UCX=OFF
+$(info UCX not found by pkg-config: building without the cross-host transfer layer (apt-get install libucx-dev pkg-config))
+endif
 
 GO_BUILD_FLAGS := -tags '$(GO_TAGS)' -ldflags '-X main.version=$(VERSION)'
 TEST_EXTRA :=
