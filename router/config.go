@@ -34,6 +34,9 @@ const (
 	LBLeastInflight = "least-inflight" // power of two choices on in-flight count
 )
 
+// maxBodyLimit caps --max-body-bytes: a body's member offsets are int32.
+const maxBodyLimit = 1 << 30
+
 // maxBackends bounds each pool so selection can work on the stack.
 const maxBackends = 64
 
@@ -249,8 +252,8 @@ func (c Config) Validate() error {
 			add("%s must be at least 1 (got %d)", n.flag, n.v)
 		}
 	}
-	if c.MaxBodyBytes < 1024 {
-		add("--max-body-bytes must be at least 1KiB (got %d)", c.MaxBodyBytes)
+	if c.MaxBodyBytes < 1024 || c.MaxBodyBytes > maxBodyLimit {
+		add("--max-body-bytes must be between 1KiB and 1GiB (got %d)", c.MaxBodyBytes)
 	}
 	if c.KVReadyURL != "" {
 		if u, err := url.Parse(c.KVReadyURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {

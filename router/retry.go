@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/pegaflow/pegaflow/internal/retry"
 )
 
@@ -18,6 +20,8 @@ type legPolicy struct {
 	// its success is no passive-health recovery: a backend that lists its
 	// models may still fail every completion.
 	probe bool
+	// retries is retries_total of the leg's role (nil for a probe).
+	retries prometheus.Counter
 }
 
 // newLegPolicy is a leg on p with the configured backoff (doubled per
@@ -43,7 +47,7 @@ func (r *Router) try(ctx context.Context, l *legPolicy, reqID string, op func(ct
 	var last error = errNoBackend
 	return retry.Do(ctx, l.policy, retryableAttempt, func(ctx context.Context, attempt int) error {
 		if attempt > 1 && !l.probe {
-			r.m.retries.WithLabelValues(l.pool.role).Inc()
+			l.retries.Inc()
 		}
 		b := l.pool.pick(tried)
 		if b == nil {
