@@ -138,6 +138,18 @@ func (p *pool) pick(exclude []*backend) *backend {
 // through the selector interface, an allocation per pick.
 var candPool = sync.Pool{New: func() any { return new([maxBackends]*backend) }}
 
+// hasCandidate: a healthy backend not in exclude exists (pick would
+// find one), asked without consulting the selector.
+func (p *pool) hasCandidate(exclude []*backend) bool {
+	now := time.Now()
+	for _, b := range p.backends {
+		if !contains(exclude, b) && b.healthy(now) {
+			return true
+		}
+	}
+	return false
+}
+
 func contains(list []*backend, b *backend) bool {
 	for _, x := range list {
 		if x == b {
