@@ -42,6 +42,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -264,9 +265,12 @@ type clientRequest struct {
 func (r *Router) readRequest(c echo.Context, path string, chat bool) (*clientRequest, error) {
 	rq := &clientRequest{start: time.Now(), path: path}
 	hr := c.Request()
-	body, err := readBody(c, r.cfg.MaxBodyBytes)
+	body, err := r.readBody(c, r.cfg.MaxBodyBytes)
 	if err != nil {
 		var tooBig *http.MaxBytesError
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, r.bodyTimedOut(c)
+		}
 		if errors.As(err, &tooBig) {
 			return nil, apiError(c, http.StatusRequestEntityTooLarge, "invalid_request_error",
 				fmt.Sprintf("request body exceeds %d bytes (--max-body-bytes)", r.cfg.MaxBodyBytes))
@@ -301,10 +305,35 @@ func (r *Router) readRequest(c echo.Context, path string, chat bool) (*clientReq
 // jsonContentType is every leg's Content-Type (shared: read only).
 var jsonContentType = []string{echo.MIMEApplicationJSON}
 
+// bodyTimedOut answers a body that did not arrive within
+// --client-read-timeout.
+func (r *Router) bodyTimedOut(c echo.Context) error {
+	return apiError(c, http.StatusRequestTimeout, "invalid_request_error",
+		fmt.Sprintf("request body not received within %s (--client-read-timeout)", r.cfg.ClientReadTimeout))
+}
+
 // readBody reads the request body, at most limit bytes (a
-// *http.MaxBytesError beyond). With a Content-Length, into one buffer of
-// that size, not grown step by step.
-func readBody(c echo.Context, limit int64) ([]byte, error) {
+// *http.MaxBytesError beyond), within --client-read-timeout (an error
+// matching os.ErrDeadlineExceeded beyond). With a Content-Length, into
+// one buffer of that size, not grown step by step.
+//
+// The deadline is the connection's read deadline, set for the body alone
+// and cleared after it: http.Server.ReadTimeout would also bound net/http's
+// background read that watches for a client hang-up, cancelling every
+// long (streaming) request. When it passes, it stays, and the connection
+// closes after the answer: net/http would otherwise wait to drain the
+// rest of a body that is not coming.
+func (r *Router) readBody(c echo.Context, limit int64) (body []byte, err error) {
+	rc := http.NewResponseController(c.Response())
+	if rc.SetReadDeadline(time.Now().Add(r.cfg.ClientReadTimeout)) == nil {
+		defer func() {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				c.Response().Header().Set("Connection", "close")
+				return
+			}
+			_ = rc.SetReadDeadline(time.Time{})
+		}()
+	}
 	hr := c.Request()
 	rd := http.MaxBytesReader(c.Response(), hr.Body, limit)
 	if n := hr.ContentLength; n > 0 && n <= limit {
