@@ -261,15 +261,15 @@ func printTable(results []cellResult, serve *rss) {
 	us := func(d time.Duration) float64 { return float64(d) / 1e3 }
 	fmt.Println("Router vs the minimal httputil two-leg proxy (same backends, same run; proxies pinned to their own core)")
 	fmt.Println()
-	fmt.Println("| stream | clients | req/s router / base | CPU-s per 1k req router / base | ratio | allocs/req router / base | B/req router | added p50 us router / base | added p99 us router / base | VmHWM MiB router / base | ratio |")
+	fmt.Println("| stream | clients | req/s router / base | CPU-s per 1k req router / base | ratio | allocs/req router / base | B/req router / base | added p50 us router / base | added p99 us router / base | VmHWM MiB router / base | ratio |")
 	fmt.Println("|---|---|---|---|---|---|---|---|---|---|---|")
 	for _, c := range results {
 		r, b := c.Router, c.Baseline
 		addP50r, addP50b := us(r.P50-c.Direct.P50), us(b.P50-c.Direct.P50)
 		addP99r, addP99b := us(r.P99-c.Direct.P99), us(b.P99-c.Direct.P99)
-		fmt.Printf("| %v | %d | %.0f / %.0f | %.3f / %.3f | %s | %.0f / %.0f (%s) | %.0f | %.0f / %.0f | %.0f / %.0f | %.1f / %.1f | %s |\n",
+		fmt.Printf("| %v | %d | %.0f / %.0f | %.3f / %.3f | %s | %.0f / %.0f (%s) | %.0f / %.0f | %.0f / %.0f | %.0f / %.0f | %.1f / %.1f | %s |\n",
 			c.Stream, c.Clients, r.RPS, b.RPS, r.CPUPer1k, b.CPUPer1k, ratio(r.CPUPer1k, b.CPUPer1k),
-			r.Allocs, b.Allocs, ratio(r.Allocs, b.Allocs), r.Bytes, addP50r, addP50b, addP99r, addP99b,
+			r.Allocs, b.Allocs, ratio(r.Allocs, b.Allocs), r.Bytes, b.Bytes, addP50r, addP50b, addP99r, addP99b,
 			float64(r.HWMKiB)/1024, float64(b.HWMKiB)/1024, ratio(float64(r.HWMKiB), float64(b.HWMKiB)))
 		if r.Failed+b.Failed+c.Direct.Failed > 0 {
 			fmt.Printf("|   | failed: router %d, baseline %d, direct %d |\n", r.Failed, b.Failed, c.Direct.Failed)
