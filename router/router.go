@@ -18,6 +18,8 @@
 //   - errors.go: attemptError, which carries a backend's answer to the
 //     client, the router's deadline errors and the client's error answers;
 //   - request.go: the validated request and each leg's body;
+//   - jsonscan.go: the top-level JSON walk those are read and rewritten
+//     with (no decoding of prompts, messages or answers);
 //   - handoff.go: transfers, /kv_ready reports and the KV-ready wait;
 //   - relay.go: the SSE relay, one complete event at a time;
 //   - clientwrite.go: the deadline on every write to a client;

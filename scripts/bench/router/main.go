@@ -46,6 +46,7 @@ func main() {
 	routerCore := flag.Int("router-core", 1, "core the proxies are pinned to; backends and load on the others")
 	pegaflow := flag.String("pegaflow", "", "pegaflow binary: also measure a router-only `serve --engine=false`")
 	jsonOut := flag.String("json", "", "also write the results as JSON here")
+	routerEnv := flag.String("router-env", "", "extra environment of the router process, e.g. GOGC=400 (comma-separated)")
 	flag.Parse()
 
 	switch *role {
@@ -89,8 +90,12 @@ func main() {
 			if *profile != "" {
 				args = append(args, fmt.Sprintf("-profile=%s-%v-%d", *profile, stream, clients))
 			}
-			c.Router = measure([]int{*routerCore}, clients, *dur, body, stream, args...)
-			c.Baseline = measure([]int{*routerCore}, clients, *dur, body, stream, "-role=baseline", "-p="+pu, "-d="+du)
+			var env []string
+			if *routerEnv != "" {
+				env = strings.Split(*routerEnv, ",")
+			}
+			c.Router = measure([]int{*routerCore}, env, clients, *dur, body, stream, args...)
+			c.Baseline = measure([]int{*routerCore}, nil, clients, *dur, body, stream, "-role=baseline", "-p="+pu, "-d="+du)
 			results = append(results, c)
 			fmt.Fprintf(os.Stderr, "stream=%v clients=%d: router %.0f req/s, baseline %.0f req/s\n", stream, clients, c.Router.RPS, c.Baseline.RPS)
 		}
@@ -131,8 +136,8 @@ type cellResult struct {
 
 // measure starts a proxy (args) pinned to cores, warms it up, and measures
 // clients concurrent requests for dur.
-func measure(cores []int, clients int, dur time.Duration, body string, stream bool, args ...string) proxyRun {
-	px := start(cores, nil, args...)
+func measure(cores []int, env []string, clients int, dur time.Duration, body string, stream bool, args ...string) proxyRun {
+	px := start(cores, env, args...)
 	defer px.stop()
 	url := "http://" + px.addr
 	do := func() error { return post(url, body, stream) }
