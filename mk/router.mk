@@ -1,5 +1,7 @@
-# Router overhead benchmark against the same backends called directly.
+# Router benchmark: the router and the minimal httputil two-leg proxy
+# (the baseline) in front of the same fast backends, each proxy pinned to
+# its own core; ratios router / baseline (docs/router.md#benchmark).
 BENCH_TARGETS += bench-router
 .PHONY: bench-router
-bench-router:
-	$(GO) run ./scripts/bench/router
+bench-router: build
+	$(GO) run ./scripts/bench/router -pegaflow $(abspath $(BIN_DIR)/pegaflow)

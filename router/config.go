@@ -34,6 +34,9 @@ const (
 	LBLeastInflight = "least-inflight" // power of two choices on in-flight count
 )
 
+// maxBodyLimit caps --max-body-bytes: a body's member offsets are int32.
+const maxBodyLimit = 1 << 30
+
 // maxBackends bounds each pool so selection can work on the stack.
 const maxBackends = 64
 
@@ -57,6 +60,9 @@ type Config struct {
 	// ClientWriteTimeout bounds every write (and flush) to a client: one
 	// that stops reading for this long is cut.
 	ClientWriteTimeout time.Duration
+	// ClientReadTimeout bounds reading a request's body: a client that
+	// sends the headers and then stalls holds no handler longer.
+	ClientReadTimeout time.Duration
 
 	PrefillAttempts int           // attempts, each on another P
 	DecodeAttempts  int           // attempts before the first byte reached the client, each on another D
@@ -95,6 +101,7 @@ func DefaultConfig() Config {
 		IdleStreamTimeout:  time.Minute,
 		DecodeTimeout:      30 * time.Minute,
 		ClientWriteTimeout: 30 * time.Second,
+		ClientReadTimeout:  30 * time.Second,
 		PrefillAttempts:    3,
 		DecodeAttempts:     3,
 		RetryBackoff:       50 * time.Millisecond,
@@ -152,6 +159,7 @@ func BindFlags(fs *flag.FlagSet, c *Config) {
 	fs.DurationVar(&c.IdleStreamTimeout, "idle-stream-timeout", c.IdleStreamTimeout, "decode stream: longest gap between two reads from D")
 	fs.DurationVar(&c.DecodeTimeout, "decode-timeout", c.DecodeTimeout, "timeout of one whole decode attempt (bounds non-streaming answers)")
 	fs.DurationVar(&c.ClientWriteTimeout, "client-write-timeout", c.ClientWriteTimeout, "longest a write to a client may block (a client that stops reading is cut)")
+	fs.DurationVar(&c.ClientReadTimeout, "client-read-timeout", c.ClientReadTimeout, "longest a client may take to send a request body (408 beyond)")
 	fs.IntVar(&c.PrefillAttempts, "prefill-attempts", c.PrefillAttempts, "prefill attempts, each on another P (on connect error, timeout, 5xx, 429)")
 	fs.IntVar(&c.DecodeAttempts, "decode-attempts", c.DecodeAttempts, "decode attempts, each on another D, while no byte reached the client")
 	fs.DurationVar(&c.RetryBackoff, "retry-backoff", c.RetryBackoff, "delay before the first retry, doubled per retry (with jitter)")
@@ -229,7 +237,7 @@ func (c Config) Validate() error {
 		{"--prefill-timeout", c.PrefillTimeout}, {"--first-byte-timeout", c.FirstByteTimeout},
 		{"--idle-stream-timeout", c.IdleStreamTimeout}, {"--decode-timeout", c.DecodeTimeout},
 		{"--health-timeout", c.HealthTimeout}, {"--cooldown", c.Cooldown},
-		{"--client-write-timeout", c.ClientWriteTimeout},
+		{"--client-write-timeout", c.ClientWriteTimeout}, {"--client-read-timeout", c.ClientReadTimeout},
 	} {
 		if d.v <= 0 {
 			add("%s must be positive (got %s)", d.flag, d.v)
@@ -249,8 +257,8 @@ func (c Config) Validate() error {
 			add("%s must be at least 1 (got %d)", n.flag, n.v)
 		}
 	}
-	if c.MaxBodyBytes < 1024 {
-		add("--max-body-bytes must be at least 1KiB (got %d)", c.MaxBodyBytes)
+	if c.MaxBodyBytes < 1024 || c.MaxBodyBytes > maxBodyLimit {
+		add("--max-body-bytes must be between 1KiB and 1GiB (got %d)", c.MaxBodyBytes)
 	}
 	if c.KVReadyURL != "" {
 		if u, err := url.Parse(c.KVReadyURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {

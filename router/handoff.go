@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/subtle"
 	"encoding/json"
+	"errors"
 	"net/http"
+	"os"
 	"sync"
 	"time"
 
@@ -240,8 +242,15 @@ type kvReadyReport struct {
 
 func (r *Router) handleKVReady(c echo.Context) error {
 	var rep kvReadyReport
-	body := http.MaxBytesReader(c.Response(), c.Request().Body, 64<<10)
-	if err := json.NewDecoder(body).Decode(&rep); err != nil || rep.TransferID == "" || rep.Token == "" ||
+	body, err := r.readBody(c, 64<<10)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		r.m.kvRejected.WithLabelValues("bad_request").Inc()
+		return r.bodyTimedOut(c)
+	}
+	if err == nil {
+		err = json.Unmarshal(body, &rep)
+	}
+	if err != nil || rep.TransferID == "" || rep.Token == "" ||
 		(rep.Status != "ready" && rep.Status != "failed") {
 		r.m.kvRejected.WithLabelValues("bad_request").Inc()
 		return apiError(c, http.StatusBadRequest, "invalid_request_error", `want {"transfer_id", "token", "status": "ready"|"failed"}`)

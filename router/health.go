@@ -16,7 +16,7 @@ func (r *Router) passive(b *backend, aerr *attemptError) {
 	}
 	if b.report(ok, r.cfg.FailThreshold, r.cfg.Cooldown, time.Now()) {
 		r.log.Warn("backend ejected", "role", b.role, "backend", b.name, "cooldown", r.cfg.Cooldown)
-		r.m.ejections.WithLabelValues(b.role, b.name).Inc()
+		b.m.ejections.Inc()
 	}
 	r.setHealthGauge(b)
 }
@@ -26,7 +26,7 @@ func (r *Router) setHealthGauge(b *backend) {
 	if b.healthy(time.Now()) {
 		v = 1
 	}
-	r.m.healthy.WithLabelValues(b.role, b.name).Set(v)
+	b.m.healthy.Set(v)
 }
 
 // healthChecker polls GET <backend>/health (vLLM answers 200 when its

@@ -382,3 +382,32 @@ func FuzzCheckPrompt(f *testing.F) {
 		require.Equal(t, want, err == nil, "%s: %v", raw, err)
 	})
 }
+
+// A client that sends the headers and half its body, then stalls, holds
+// the handler no longer than --client-read-timeout: it gets 408 (and the
+// connection closes), on the completion route and on /kv_ready alike.
+func TestStalledBodyIsCutByReadTimeout(t *testing.T) {
+	h := startRouter(t, []*fakeVLLM{newFake(nil)}, []*fakeVLLM{newFake(nil)},
+		func(c *Config) { c.ClientReadTimeout = 200 * time.Millisecond }, nil)
+	for _, path := range []string{"/v1/completions", "/kv_ready"} {
+		t.Run(path, func(t *testing.T) {
+			conn, err := net.Dial("tcp", strings.TrimPrefix(h.url, "http://"))
+			require.NoError(t, err)
+			defer conn.Close()
+			body := completionBody
+			_, err = fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+				path, len(body), body[:len(body)/2])
+			require.NoError(t, err)
+			t0 := time.Now()
+			require.NoError(t, conn.SetReadDeadline(time.Now().Add(5*time.Second)))
+			answer, _ := io.ReadAll(conn) // until the router closes the connection
+			require.Less(t, time.Since(t0), 3*time.Second, "cut within the read timeout, not held")
+			require.True(t, strings.HasPrefix(string(answer), "HTTP/1.1 408"), "answer: %q", answer)
+			require.Contains(t, string(answer), "--client-read-timeout")
+		})
+	}
+	// A whole body in time still streams for as long as it takes: the
+	// deadline is the body's alone.
+	resp, body := post(t, h.url+"/v1/completions", completionBody)
+	require.Equal(t, http.StatusOK, resp.StatusCode, body)
+}

@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -34,24 +36,35 @@ type answerLeg struct {
 }
 
 func (r *Router) track(b *backend, delta int64) {
-	r.m.inflight.WithLabelValues(b.role, b.name).Set(float64(b.inflight.Add(delta)))
+	b.m.inflight.Set(float64(b.inflight.Add(delta)))
 }
 
 // send POSTs body to b. It returns the response when its status is 2xx,
 // else an attemptError holding the backend's answer.
+//
+// It calls the transport itself, as httputil.ReverseProxy does: a proxy
+// follows no redirects (a backend's 3xx is its answer), and http.Client's
+// per-request header copies and URL parsing are skipped. The URL is
+// parsed once per backend; the headers are the request's, shared by its
+// legs (the transport only reads them). Like http.Client, credentials in
+// a backend URL become Basic auth when the client sent no Authorization.
 func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body []byte) (*http.Response, *attemptError) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, b.base+rq.path, bytes.NewReader(body))
-	if err != nil {
-		return nil, &attemptError{backend: b, err: err}
+	u := b.endpoint(rq.path)
+	hdr := rq.header
+	if b.basicAuth != "" && rq.authz == "" {
+		hdr = hdr.Clone()
+		hdr["Authorization"] = []string{b.basicAuth}
 	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("X-Request-Id", rq.reqID)
-	if rq.authz != "" {
-		req.Header.Set("Authorization", rq.authz)
-	}
-	resp, err := r.client.Do(req)
+	req := (&http.Request{
+		Method: http.MethodPost, URL: u, Host: u.Host, Header: hdr,
+		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Body: legBody(body), ContentLength: int64(len(body)),
+		GetBody: func() (io.ReadCloser, error) { return legBody(body), nil },
+	}).WithContext(ctx)
+	resp, err := r.transport.RoundTrip(req)
 	if err != nil {
-		return nil, &attemptError{backend: b, err: causeOf(ctx, redactURLError(err))}
+		// The shape http.Client gives its errors, with the URL redacted.
+		return nil, &attemptError{backend: b, err: causeOf(ctx, &url.Error{Op: "Post", URL: b.name + rq.path, Err: err})}
 	}
 	if resp.StatusCode/100 != 2 {
 		data, _ := io.ReadAll(io.LimitReader(resp.Body, maxSmallAnswer))
@@ -59,6 +72,32 @@ func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body [
 		return nil, &attemptError{backend: b, status: resp.StatusCode, body: data, ctype: resp.Header.Get("Content-Type")}
 	}
 	return resp, nil
+}
+
+// legBody is a leg's request body. io.NopCloser over a *bytes.Reader is
+// what the transport unwraps to write the body with WriteTo; any other
+// reader makes it copy through a fresh 32 KiB buffer per request.
+func legBody(b []byte) io.ReadCloser { return io.NopCloser(bytes.NewReader(b)) }
+
+// readLimited appends r to buf until EOF or limit bytes (more is cut, as
+// io.LimitReader would), growing buf by doubling.
+func readLimited(buf *bytes.Buffer, r io.Reader, limit int64) error {
+	for int64(buf.Len()) < limit {
+		if buf.Available() < 512 {
+			buf.Grow(max(512, buf.Len()))
+		}
+		free := buf.AvailableBuffer()
+		free = free[:min(int64(cap(free)), limit-int64(buf.Len()))]
+		n, err := r.Read(free)
+		buf.Write(free[:n]) // in place: free is buf's own spare room
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // runPrefill sends the prefill leg, each attempt on another P with its own
@@ -90,8 +129,7 @@ func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientReque
 	actx, cancel := context.WithTimeoutCause(ctx, r.cfg.PrefillTimeout, r.errPrefillTimeout)
 	defer cancel()
 	params := getBuf()
-	var body bytes.Buffer // not pooled: the transport may read it after Do returns
-	body.Grow(256)
+	var body bytes.Buffer // not pooled: the transport may read it after RoundTrip returns
 	rq.req.prefillBody(&body, prefillParams(params, t.id, r.readyURL, t.token))
 	putBuf(params)
 
@@ -102,16 +140,23 @@ func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientReque
 		return nil, aerr
 	}
 	defer resp.Body.Close()
-	var out struct {
-		KV json.RawMessage `json:"kv_transfer_params"`
+	answer := getBuf()
+	defer putBuf(answer)
+	if resp.ContentLength > 0 && resp.ContentLength <= maxPrefillAnswer {
+		answer.Grow(int(resp.ContentLength))
 	}
-	if err := json.NewDecoder(io.LimitReader(resp.Body, maxPrefillAnswer)).Decode(&out); err != nil {
+	err := readLimited(answer, resp.Body, maxPrefillAnswer)
+	var kv json.RawMessage
+	if err == nil {
+		kv, err = prefillAnswerParams(answer.Bytes())
+	}
+	if err != nil {
 		if actx.Err() != nil {
 			return nil, &attemptError{backend: b, err: causeOf(actx, err)}
 		}
 		return nil, &attemptError{backend: b, err: fmt.Errorf("answer is not JSON: %w", err)}
 	}
-	return out.KV, nil
+	return bytes.Clone(kv), nil // answer goes back to the pool
 }
 
 // attemptResult is how one answer-leg attempt ended.
@@ -184,16 +229,24 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 	w := c.Response()
 
 	if !rq.stream {
-		data, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswerBytes))
-		if err != nil {
+		buf := getBuf()
+		defer putBuf(buf) // written to the client (copied) before return
+		if resp.ContentLength > 0 && resp.ContentLength <= maxAnswerBytes {
+			buf.Grow(int(resp.ContentLength))
+		}
+		if err := readLimited(buf, resp.Body, maxAnswerBytes); err != nil {
 			return attemptResult{err: &attemptError{backend: b, err: causeOf(actx, err)}}
 		}
+		data := buf.Bytes()
 		if r.answer.firstBytePhase {
-			r.m.phase.WithLabelValues("decode_first_byte").Observe(time.Since(t0).Seconds())
+			r.m.observe(phaseDecodeFirstByte, time.Since(t0).Seconds())
 		}
 		ct := resp.Header.Get("Content-Type")
 		if ct == "" {
 			ct = echo.MIMEApplicationJSON
+		}
+		if len(data) > 0 { // the client gets no chunked encoding to undo
+			w.Header()["Content-Length"] = []string{strconv.Itoa(len(data))}
 		}
 		if err := c.Blob(resp.StatusCode, ct, data); err != nil {
 			return attemptResult{wrote: true, clientErr: err}
@@ -209,7 +262,7 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 		begin: func() {
 			firstByte.Stop()
 			if r.answer.firstBytePhase {
-				r.m.phase.WithLabelValues("decode_first_byte").Observe(time.Since(t0).Seconds())
+				r.m.observe(phaseDecodeFirstByte, time.Since(t0).Seconds())
 			}
 			h := w.Header()
 			h.Set("Content-Type", "text/event-stream")
@@ -224,15 +277,15 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 			}
 			if firstTok.IsZero() {
 				firstTok = at
-				r.m.phase.WithLabelValues("ttft").Observe(at.Sub(rq.start).Seconds())
+				r.m.observe(phaseTTFT, at.Sub(rq.start).Seconds())
 			} else {
-				r.m.phase.WithLabelValues("itl").Observe(at.Sub(prevTok).Seconds())
+				r.m.observe(phaseITL, at.Sub(prevTok).Seconds())
 			}
 			prevTok = at
 		},
 	})
 	if res.tokens > 1 {
-		r.m.phase.WithLabelValues("tpot").Observe(prevTok.Sub(firstTok).Seconds() / float64(res.tokens-1))
+		r.m.observe(phaseTPOT, prevTok.Sub(firstTok).Seconds()/float64(res.tokens-1))
 	}
 	if err == nil {
 		return attemptResult{wrote: res.wrote}

@@ -16,6 +16,54 @@ type metrics struct {
 	ejections   *prometheus.CounterVec // role, backend
 	kvReadyWhen *prometheus.CounterVec // source: callback or engine
 	noKVParams  *prometheus.CounterVec // backend: P answers without pegaflow_transfer_id
+
+	// Series resolved once (New), so a request does no label lookup; a
+	// backend's own series are on the backend (backendSeries).
+	phases   [numPhases]prometheus.Observer // nil: the mode never observes it
+	outcomes map[string]prometheus.Counter  // requests_total by outcome; read-only after New
+	readyBy  map[string]prometheus.Counter  // kv_ready_total by source; read-only after New
+}
+
+// Phases of phase_seconds.
+type phase int
+
+const (
+	phaseRouting phase = iota
+	phasePrefill
+	phaseKVReadyWait
+	phaseDecodeFirstByte
+	phaseTTFT
+	phaseITL
+	phaseTPOT
+	phaseE2E
+	numPhases
+)
+
+var phaseNames = [numPhases]string{"routing", "prefill", "kv_ready_wait", "decode_first_byte", "ttft", "itl", "tpot", "e2e"}
+
+// observe records d seconds in phase p.
+func (m *metrics) observe(p phase, seconds float64) { m.phases[p].Observe(seconds) }
+
+// count adds one request with outcome.
+func (m *metrics) count(outcome string) { m.outcomes[outcome].Inc() }
+
+// backendSeries are one backend's series, resolved once.
+type backendSeries struct {
+	inflight, healthy prometheus.Gauge
+	ejections         prometheus.Counter
+	noKVParams        prometheus.Counter // prefill backends only
+}
+
+func (m *metrics) forBackend(b *backend) backendSeries {
+	s := backendSeries{
+		inflight:  m.inflight.WithLabelValues(b.role, b.name),
+		healthy:   m.healthy.WithLabelValues(b.role, b.name),
+		ejections: m.ejections.WithLabelValues(b.role, b.name),
+	}
+	if b.role == rolePrefill {
+		s.noKVParams = m.noKVParams.WithLabelValues(b.name)
+	}
+	return s
 }
 
 func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
@@ -45,6 +93,19 @@ func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 			Help: "Transfers found ready, by source: callback (/kv_ready) or engine (in-process)."}, []string{"source"}),
 		noKVParams: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "prefill_without_kv_params_total",
 			Help: "Prefill answers without pegaflow_transfer_id in kv_transfer_params (a P without the PegaFlow connector): --on-kv-timeout applied at once, no KV-ready wait."}, []string{"backend"}),
+	}
+	for p := range numPhases {
+		if mode == modePD || (p != phasePrefill && p != phaseKVReadyWait && p != phaseDecodeFirstByte) {
+			m.phases[p] = m.phase.WithLabelValues(phaseNames[p])
+		}
+	}
+	m.outcomes = map[string]prometheus.Counter{}
+	for _, o := range []string{outcomeOK, outcomeFailed, outcomeCancelled, outcomeStalled, outcomeRejected} {
+		m.outcomes[o] = m.requests.WithLabelValues(o)
+	}
+	m.readyBy = map[string]prometheus.Counter{}
+	for _, src := range []string{sourceCallback, sourceEngine} {
+		m.readyBy[src] = m.kvReadyWhen.WithLabelValues(src)
 	}
 	if reg == nil {
 		return m, nil

@@ -424,8 +424,7 @@ func TestLegEncoding(t *testing.T) {
 	require.NotContains(t, cpre["kv_transfer_params"], kvReadyURL, "no URL when none is known")
 
 	fromP := json.RawMessage(`{"do_remote_prefill":false,"remote_block_ids":[1,2],"pegaflow_ready_token":"leak","pegaflow_ready_url":"u"}`)
-	dp, err := decodeParams(mustPrefillParams(t, fromP), "tid-1")
-	require.NoError(t, err)
+	dp := decodeParams(mustPrefillParams(t, fromP), "tid-1")
 	var db bytes.Buffer
 	req.decodeBody(&db, dp)
 	dec := decodeJSON(t, db.Bytes())
@@ -436,8 +435,7 @@ func TestLegEncoding(t *testing.T) {
 		"remote_block_ids": []any{1.0, 2.0}}, dec["kv_transfer_params"], "P's params merged, router's keys win, no token")
 
 	for _, raw := range []json.RawMessage{nil, json.RawMessage("null")} {
-		dp, err := decodeParams(mustPrefillParams(t, raw), "t")
-		require.NoError(t, err)
+		dp := decodeParams(mustPrefillParams(t, raw), "t")
 		require.JSONEq(t, `{"do_remote_prefill":true,"do_remote_decode":false,"pegaflow_transfer_id":"t"}`, string(dp))
 	}
 	_, err = parsePrefillParams(json.RawMessage(`[1]`))
@@ -448,7 +446,7 @@ func TestLegEncoding(t *testing.T) {
 	require.NotContains(t, decodeJSON(t, nb.Bytes()), "kv_transfer_params")
 }
 
-func mustPrefillParams(t *testing.T, raw json.RawMessage) map[string]json.RawMessage {
+func mustPrefillParams(t *testing.T, raw json.RawMessage) prefillKV {
 	t.Helper()
 	params, err := parsePrefillParams(raw)
 	require.NoError(t, err)
@@ -636,8 +634,7 @@ func FuzzParseRequest(f *testing.F) {
 		require.Equal(t, "1", string(pre["max_tokens"]))
 		require.Equal(t, "false", string(pre["stream"]))
 		require.NotContains(t, pre, "stream_options")
-		dp, err := decodeParams(nil, "t")
-		require.NoError(t, err)
+		dp := decodeParams(prefillKV{}, "t")
 		var db bytes.Buffer
 		req.decodeBody(&db, dp)
 		var dec map[string]json.RawMessage
@@ -680,4 +677,55 @@ func FuzzRelayChunking(f *testing.F) {
 			require.Equal(t, len(wr), lastEventEnd([]byte(wr), 0), "a write ends on an event boundary: %q", wr)
 		}
 	})
+}
+
+// The legs rewrite keys by name as encoding/json reads them: escaped
+// keys and duplicates (the last counts) included, every other member
+// verbatim.
+func TestLegEncodingKeysAsDecoded(t *testing.T) {
+	const body = `{"model":"x","model":"m","prompt":"p","max_tokens":5,"max_tokens":7,"stre\u0061m":true,"kv_transfer_params":{"a":1},"kv_transfer_params":null,"x":[1, {"y":"}"}]}`
+	req, err := parseRequest([]byte(body), false)
+	require.NoError(t, err)
+	require.Equal(t, "m", req.model)
+	require.True(t, req.stream, "an escaped key is the key")
+
+	var pb, params bytes.Buffer
+	req.prefillBody(&pb, prefillParams(&params, "t", "", "k"))
+	var pre map[string]json.RawMessage
+	require.NoError(t, json.Unmarshal(pb.Bytes(), &pre))
+	require.Equal(t, "1", string(pre["max_tokens"]))
+	require.Equal(t, "false", string(pre["stream"]))
+	require.Equal(t, `[1, {"y":"}"}]`, string(pre["x"]), "other members verbatim")
+	require.Equal(t, 1, strings.Count(pb.String(), `"max_tokens"`), "every duplicate replaced")
+	require.NotContains(t, pb.String(), `stre\u0061m`)
+
+	var db bytes.Buffer
+	req.decodeBody(&db, nil)
+	var dec map[string]json.RawMessage
+	require.NoError(t, json.Unmarshal(db.Bytes(), &dec))
+	require.NotContains(t, dec, "kv_transfer_params")
+	require.Equal(t, "7", string(dec["max_tokens"]))
+}
+
+func TestPrefillAnswerParams(t *testing.T) {
+	cases := []struct {
+		answer, params, errPart string
+	}{
+		{`{"id":"p","kv_transfer_params":{"a":[1,"]"]}}`, `{"a":[1,"]"]}`, ""},
+		{` {"kv_transfer_params":1,"kv_transfer_params":{"b":2}} trailing`, `{"b":2}`, ""},
+		{`{"choices":[{"kv_transfer_params":{}}]}`, "", ""},
+		{`null`, "", ""},
+		{`[1]`, "", "array"},
+		{`{"a":`, "", "unexpected end"},
+		{``, "", "unexpected end"},
+	}
+	for _, tc := range cases {
+		params, err := prefillAnswerParams([]byte(tc.answer))
+		if tc.errPart != "" {
+			require.ErrorContains(t, err, tc.errPart, tc.answer)
+			continue
+		}
+		require.NoError(t, err, tc.answer)
+		require.Equal(t, tc.params, string(params), tc.answer)
+	}
 }

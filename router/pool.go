@@ -1,6 +1,8 @@
 package router
 
 import (
+	"encoding/base64"
+	"net/url"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,6 +21,12 @@ type backend struct {
 	// warnedNoKVParams: the warning that this P answers without PegaFlow
 	// kv_transfer_params was logged (once per backend).
 	warnedNoKVParams atomic.Bool
+	// endpoints are base+path parsed once, for the completion paths;
+	// basicAuth is the Authorization that base's userinfo gives ("" none).
+	endpoints map[string]*url.URL
+	basicAuth string
+	// m are its metric series, set by New before any request.
+	m backendSeries
 
 	mu           sync.Mutex
 	consecFails  int
@@ -28,7 +36,26 @@ type backend struct {
 // newBackend is the backend of role at base (a URL without trailing
 // slash), not yet selectable: newPool marks it so.
 func newBackend(role, base string) *backend {
-	return &backend{role: role, base: base, name: redactURL(base)}
+	b := &backend{role: role, base: base, name: redactURL(base), endpoints: map[string]*url.URL{}}
+	for _, path := range []string{pathCompletions, pathChatCompletions} {
+		if u, err := url.Parse(base + path); err == nil {
+			b.endpoints[path] = u
+		}
+	}
+	if u, err := url.Parse(base); err == nil && u.User != nil {
+		pw, _ := u.User.Password()
+		b.basicAuth = "Basic " + base64.StdEncoding.EncodeToString([]byte(u.User.Username()+":"+pw))
+	}
+	return b
+}
+
+// endpoint is the URL of path on b. The URL is shared: read it only.
+func (b *backend) endpoint(path string) *url.URL {
+	if u, ok := b.endpoints[path]; ok {
+		return u
+	}
+	u, _ := url.Parse(b.base + path) // base is validated; only the known paths come here
+	return u
 }
 
 func (b *backend) healthy(now time.Time) bool {
@@ -83,8 +110,15 @@ func newPool(role string, urls []string, lb string) *pool {
 // pick returns a healthy backend not in exclude, chosen by the pool's
 // selector, or nil when there is none.
 func (p *pool) pick(exclude []*backend) *backend {
-	var buf [maxBackends]*backend
-	cands := buf[:0]
+	if len(p.backends) == 1 { // the common small case, without a candidate list
+		if b := p.backends[0]; !contains(exclude, b) && b.healthy(time.Now()) {
+			return b
+		}
+		return nil
+	}
+	cp := candPool.Get().(*[maxBackends]*backend)
+	defer candPool.Put(cp)
+	cands := cp[:0]
 	now := time.Now()
 	for _, b := range p.backends {
 		if !contains(exclude, b) && b.healthy(now) {
@@ -98,6 +132,22 @@ func (p *pool) pick(exclude []*backend) *backend {
 		return cands[0]
 	}
 	return p.sel.choose(cands)
+}
+
+// candPool holds pick's candidate lists: one on the stack would escape
+// through the selector interface, an allocation per pick.
+var candPool = sync.Pool{New: func() any { return new([maxBackends]*backend) }}
+
+// hasCandidate: a healthy backend not in exclude exists (pick would
+// find one), asked without consulting the selector.
+func (p *pool) hasCandidate(exclude []*backend) bool {
+	now := time.Now()
+	for _, b := range p.backends {
+		if !contains(exclude, b) && b.healthy(now) {
+			return true
+		}
+	}
+	return false
 }
 
 func contains(list []*backend, b *backend) bool {

@@ -3,8 +3,8 @@ package router
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"slices"
 	"strconv"
 	"sync"
 )
@@ -18,14 +18,75 @@ const (
 	kvReadyToken      = "pegaflow_ready_token"
 )
 
-// openAIRequest is a validated client body kept as its top-level fields in
-// raw form: the router rewrites a few keys for each leg and never decodes
-// (or re-encodes) prompts and messages, which are most of the bytes.
+// Top-level keys of a client body the router reads or rewrites.
+type fieldKey uint8
+
+const (
+	keyOther fieldKey = iota
+	keyModel
+	keyStream
+	keyN
+	keyBestOf
+	keyPrompt
+	keyMessages
+	keyMaxTokens
+	keyMaxCompletionTokens
+	keyStreamOptions
+	keyKVTransferParams
+	numKeys
+)
+
+var keyNames = [numKeys]string{"", "model", "stream", "n", "best_of", "prompt", "messages",
+	"max_tokens", "max_completion_tokens", "stream_options", "kv_transfer_params"}
+
+// classifyKey names a raw key (between its quotes, as sent).
+func classifyKey(raw []byte) fieldKey {
+	name := string(raw) // no copy: compared only
+	if bytes.IndexByte(raw, '\\') >= 0 {
+		s, ok := unescapeKey(raw)
+		if !ok {
+			return keyOther
+		}
+		name = s
+	}
+	for k := keyModel; k < numKeys; k++ {
+		if name == keyNames[k] {
+			return k
+		}
+	}
+	return keyOther
+}
+
+// openAIRequest is a validated client body kept as it came, with the
+// place of each top-level member: the router rewrites a few keys for each
+// leg by copying the other members verbatim, and never decodes (or
+// re-encodes) prompts and messages, which are most of the bytes.
 type openAIRequest struct {
-	fields map[string]json.RawMessage
-	keys   []string // sorted, for deterministic encoding
+	body    []byte
+	members []reqMember
+	// last[k] is 1 + the index in members of the last member named k (0:
+	// absent); the last of duplicate keys is the one that counts, as with
+	// encoding/json and the backends' JSON parsers.
+	last   [numKeys]int
+	inline [12]reqMember // members' storage for ordinary bodies
 	model  string
 	stream bool
+}
+
+// reqMember is one top-level member: body[start:end] is `"key": value`,
+// body[val:end] the value.
+type reqMember struct {
+	key             fieldKey
+	start, val, end int32 // a body is at most --max-body-bytes, far below 2 GiB
+}
+
+// value is the raw value of the last member named k (nil: absent).
+func (r *openAIRequest) value(k fieldKey) []byte {
+	if r.last[k] == 0 {
+		return nil
+	}
+	m := r.members[r.last[k]-1]
+	return r.body[m.val:m.end]
 }
 
 // badRequest is a validation failure: 400 with message.
@@ -35,52 +96,87 @@ func (e *badRequest) Error() string { return e.msg }
 
 func invalid(format string, a ...any) error { return &badRequest{fmt.Sprintf(format, a...)} }
 
+// validObject checks that body (space trimmed) is a JSON object: linear,
+// and allocation-free unless it is not (the error names the fault).
+func validObject(body []byte) error {
+	if len(body) == 0 || body[0] != '{' {
+		return invalid("request body must be a JSON object")
+	}
+	if !json.Valid(body) {
+		var v json.RawMessage
+		return invalid("request body is not valid JSON: %v", json.Unmarshal(body, &v))
+	}
+	return nil
+}
+
 // parseRequest validates one /v1/completions (chat=false) or
 // /v1/chat/completions (chat=true) body. Batched prompts and n>1 are
-// rejected: one request is one P/D transfer.
+// rejected: one request is one P/D transfer. body is kept (not copied).
 func parseRequest(body []byte, chat bool) (*openAIRequest, error) {
 	body = bytes.TrimSpace(body)
-	if len(body) == 0 || body[0] != '{' {
-		return nil, invalid("request body must be a JSON object")
+	if err := validObject(body); err != nil {
+		return nil, err
 	}
-	fields := map[string]json.RawMessage{}
-	if err := json.Unmarshal(body, &fields); err != nil {
-		return nil, invalid("request body is not valid JSON: %v", err)
-	}
-	req := &openAIRequest{fields: fields}
-	if err := json.Unmarshal(fields["model"], &req.model); err != nil || req.model == "" {
+	req := &openAIRequest{body: body}
+	req.members = req.inline[:0]
+	eachMember(body, func(m jsonMember) bool {
+		k := classifyKey(m.key)
+		req.members = append(req.members, reqMember{key: k, start: int32(m.start), val: int32(m.val), end: int32(m.end)})
+		if k != keyOther {
+			req.last[k] = len(req.members)
+		}
+		return true
+	})
+	model := req.value(keyModel)
+	if len(model) < 3 || model[0] != '"' || !unquote(model, &req.model) || req.model == "" {
 		return nil, invalid("'model' is required (a non-empty string)")
 	}
-	if raw, ok := fields["stream"]; ok && !isNull(raw) {
-		if err := json.Unmarshal(raw, &req.stream); err != nil {
+	if raw := req.value(keyStream); raw != nil && !isNull(raw) {
+		switch string(raw) {
+		case "true":
+			req.stream = true
+		case "false":
+		default:
 			return nil, invalid("'stream' must be a boolean")
 		}
 	}
-	if raw, ok := fields["n"]; ok && !isNull(raw) {
-		var n float64
-		if err := json.Unmarshal(raw, &n); err != nil || n != 1 {
+	if raw := req.value(keyN); raw != nil && !isNull(raw) {
+		if n, ok := jsonNumber(raw); !ok || n != 1 {
 			return nil, invalid("'n' must be 1: the P/D router serves one completion per request")
 		}
 	}
-	if raw, ok := fields["best_of"]; ok && !isNull(raw) {
-		var n float64
-		if err := json.Unmarshal(raw, &n); err != nil || n > 1 {
+	if raw := req.value(keyBestOf); raw != nil && !isNull(raw) {
+		if n, ok := jsonNumber(raw); !ok || n > 1 {
 			return nil, invalid("'best_of' > 1 is not supported by the P/D router")
 		}
 	}
 	if chat {
-		if err := checkMessages(fields["messages"]); err != nil {
+		if err := checkMessages(req.value(keyMessages)); err != nil {
 			return nil, err
 		}
-	} else if err := checkPrompt(fields["prompt"]); err != nil {
+	} else if err := checkPrompt(req.value(keyPrompt)); err != nil {
 		return nil, err
 	}
-	req.keys = make([]string, 0, len(fields))
-	for k := range fields {
-		req.keys = append(req.keys, k)
-	}
-	slices.Sort(req.keys) // deterministic legs, as encoding/json would
 	return req, nil
+}
+
+// unquote decodes the valid JSON string raw into s.
+func unquote(raw []byte, s *string) bool {
+	if bytes.IndexByte(raw, '\\') < 0 {
+		*s = string(raw[1 : len(raw)-1])
+		return true
+	}
+	return json.Unmarshal(raw, s) == nil
+}
+
+// jsonNumber reads a valid JSON value as a float64, as encoding/json
+// would (ok false: not a number, or out of range).
+func jsonNumber(raw []byte) (float64, bool) {
+	if c := raw[0]; c != '-' && (c < '0' || c > '9') {
+		return 0, false
+	}
+	n, err := strconv.ParseFloat(string(raw), 64)
+	return n, err == nil
 }
 
 // Prompt errors (400).
@@ -243,16 +339,24 @@ func (s *promptScanner) end(n int, empty, ok bool) error {
 }
 
 // checkMessages accepts a non-empty array of message objects. One level
-// is decoded (linear in the body); what a message holds is the backend's
-// to judge.
-func checkMessages(raw json.RawMessage) error {
-	var msgs []json.RawMessage
-	if err := json.Unmarshal(raw, &msgs); err != nil || len(msgs) == 0 {
-		return invalid("'messages' is required (a non-empty array)")
+// is walked (linear in the body, nothing decoded); what a message holds
+// is the backend's to judge. raw is valid JSON (or nil: absent).
+func checkMessages(raw []byte) error {
+	errRequired := invalid("'messages' is required (a non-empty array)")
+	if len(raw) == 0 || raw[0] != '[' {
+		return errRequired
 	}
-	for _, m := range msgs {
-		if len(m) == 0 || m[0] != '{' {
+	i := skipSpace(raw, 1)
+	if i >= len(raw) || raw[i] == ']' {
+		return errRequired
+	}
+	for i < len(raw) && raw[i] != ']' {
+		if raw[i] != '{' {
 			return invalid("'messages' must be an array of message objects")
+		}
+		i = skipSpace(raw, skipValue(raw, i))
+		if i < len(raw) && raw[i] == ',' {
+			i = skipSpace(raw, i+1)
 		}
 	}
 	return nil
@@ -264,24 +368,27 @@ func checkMessages(raw json.RawMessage) error {
 // included: the body goes through unchanged.
 func parseAggregated(body []byte) (stream bool, err error) {
 	trimmed := bytes.TrimSpace(body)
-	if len(trimmed) == 0 || trimmed[0] != '{' {
-		return false, invalid("request body must be a JSON object")
+	if err := validObject(trimmed); err != nil {
+		return false, err
 	}
-	var probe struct {
-		Stream json.RawMessage `json:"stream"`
-	}
-	if err := json.Unmarshal(trimmed, &probe); err != nil {
-		return false, invalid("request body is not valid JSON: %v", err)
-	}
-	if len(probe.Stream) > 0 && !isNull(probe.Stream) {
-		if err := json.Unmarshal(probe.Stream, &stream); err != nil {
+	var raw []byte
+	eachMember(trimmed, func(m jsonMember) bool {
+		if keyIs(m.key, "stream") {
+			raw = trimmed[m.val:m.end]
+		}
+		return true
+	})
+	if raw != nil && !isNull(raw) {
+		switch string(raw) {
+		case "true":
+			return true, nil
+		case "false":
+		default:
 			return false, invalid("'stream' must be a boolean")
 		}
 	}
-	return stream, nil
+	return false, nil
 }
-
-func isNull(raw json.RawMessage) bool { return string(bytes.TrimSpace(raw)) == "null" }
 
 // Pre-encoded values for the legs.
 var (
@@ -291,51 +398,48 @@ var (
 )
 
 // encode writes the request as a JSON object into buf with overrides
-// applied (a nil override value removes the key). The client's keys come
-// sorted, new keys last in the order given.
+// applied (a nil override value removes the key): the client's other
+// members verbatim in their order, then the overrides' keys in the order
+// given. buf is grown once, to the leg's size.
 func (r *openAIRequest) encode(buf *bytes.Buffer, overrides ...override) {
+	var overridden [numKeys]bool
+	size := len(r.body) + 2
+	for _, o := range overrides {
+		overridden[o.key] = true
+		size += len(keyNames[o.key]) + len(o.value) + 4
+	}
+	buf.Grow(size)
 	buf.WriteByte('{')
 	first := true
-	writeField := func(k string, v json.RawMessage) {
+	sep := func() {
 		if !first {
 			buf.WriteByte(',')
 		}
 		first = false
-		writeJSONString(buf, k)
-		buf.WriteByte(':')
-		buf.Write(v)
 	}
-	for _, k := range r.keys {
-		v := r.fields[k]
-		if o, ok := findOverride(overrides, k); ok {
-			if o.value == nil {
-				continue
-			}
-			v = o.value
+	for _, m := range r.members {
+		if !overridden[m.key] {
+			sep()
+			buf.Write(r.body[m.start:m.end])
 		}
-		writeField(k, v)
 	}
 	for _, o := range overrides {
-		if _, exists := r.fields[o.key]; !exists && o.value != nil && !o.onlyIfPresent {
-			writeField(o.key, o.value)
+		if o.value == nil || (o.onlyIfPresent && r.last[o.key] == 0) {
+			continue
 		}
+		sep()
+		buf.WriteByte('"')
+		buf.WriteString(keyNames[o.key])
+		buf.WriteString(`":`)
+		buf.Write(o.value)
 	}
 	buf.WriteByte('}')
 }
 
 type override struct {
-	key           string
+	key           fieldKey
 	value         json.RawMessage // nil: drop the key
 	onlyIfPresent bool            // replace the key only when the client sent it
-}
-
-func findOverride(list []override, k string) (override, bool) {
-	for _, o := range list {
-		if o.key == k {
-			return o, true
-		}
-	}
-	return override{}, false
 }
 
 // prefillBody: the client's body with max_tokens=1 (and
@@ -343,22 +447,18 @@ func findOverride(list []override, k string) (override, bool) {
 // and the router's kv_transfer_params.
 func (r *openAIRequest) prefillBody(buf *bytes.Buffer, kvParams json.RawMessage) {
 	r.encode(buf,
-		override{key: "max_tokens", value: rawOne},
-		override{key: "max_completion_tokens", value: rawOne, onlyIfPresent: true},
-		override{key: "stream", value: rawFalse},
-		override{key: "stream_options"},
-		override{key: "kv_transfer_params", value: kvParams},
+		override{key: keyMaxTokens, value: rawOne},
+		override{key: keyMaxCompletionTokens, value: rawOne, onlyIfPresent: true},
+		override{key: keyStream, value: rawFalse},
+		override{key: keyStreamOptions},
+		override{key: keyKVTransferParams, value: kvParams},
 	)
 }
 
 // decodeBody: the client's body with the decode leg's kv_transfer_params
 // (nil: none).
 func (r *openAIRequest) decodeBody(buf *bytes.Buffer, kvParams json.RawMessage) {
-	if kvParams == nil {
-		r.encode(buf, override{key: "kv_transfer_params"})
-		return
-	}
-	r.encode(buf, override{key: "kv_transfer_params", value: kvParams})
+	r.encode(buf, override{key: keyKVTransferParams, value: kvParams})
 }
 
 // prefillParams is the prefill leg's kv_transfer_params.
@@ -376,41 +476,106 @@ func prefillParams(buf *bytes.Buffer, transferID, readyURL, token string) json.R
 	return buf.Bytes()
 }
 
+// prefillKV is the kv_transfer_params of P's answer: a JSON object, or
+// nothing (absent or null).
+type prefillKV struct{ obj []byte }
+
 // parsePrefillParams reads the kv_transfer_params of P's answer (raw,
-// may be empty or null: none). Anything but an object is an error.
-func parsePrefillParams(fromP json.RawMessage) (map[string]json.RawMessage, error) {
-	params := map[string]json.RawMessage{}
-	if len(fromP) > 0 && !isNull(fromP) {
-		if err := json.Unmarshal(fromP, &params); err != nil {
-			return nil, fmt.Errorf("prefill kv_transfer_params is not a JSON object: %w", err)
-		}
+// valid JSON as prefillAnswerParams returns it, may be empty or null:
+// none). Anything but an object is an error.
+func parsePrefillParams(fromP json.RawMessage) (prefillKV, error) {
+	if len(fromP) == 0 || isNull(fromP) {
+		return prefillKV{}, nil
 	}
-	return params, nil
+	if fromP[0] != '{' || !json.Valid(fromP) {
+		return prefillKV{}, errors.New("prefill kv_transfer_params is not a JSON object")
+	}
+	return prefillKV{obj: fromP}, nil
+}
+
+// each calls fn for each member of the params, in order.
+func (p prefillKV) each(fn func(m jsonMember) bool) {
+	if p.obj != nil {
+		eachMember(p.obj, fn)
+	}
 }
 
 // hasTransferID: P's kv_transfer_params carry pegaflow_transfer_id, which
 // the PegaFlow connector returns when it saved (or is saving) the prompt's
 // KV. A P without the connector returns none: no KV will ever come.
-func hasTransferID(fromP map[string]json.RawMessage) bool {
-	_, ok := fromP[kvTransferID]
-	return ok
+func hasTransferID(fromP prefillKV) bool {
+	found := false
+	fromP.each(func(m jsonMember) bool {
+		found = keyIs(m.key, kvTransferID)
+		return !found
+	})
+	return found
 }
 
-// decodeParams merges P's kv_transfer_params (parsePrefillParams; nil:
-// none) with the router's keys, which win. The ready token never goes to
-// D: it only authenticates the engine's report to the router. merged is
-// changed.
-func decodeParams(merged map[string]json.RawMessage, transferID string) (json.RawMessage, error) {
-	if merged == nil {
-		merged = map[string]json.RawMessage{}
+// decodeParams merges P's kv_transfer_params (parsePrefillParams) with
+// the router's keys, which win: P's other members verbatim, then the
+// router's. The ready token and URL never go to D: they only serve the
+// engine's report to the router.
+func decodeParams(fromP prefillKV, transferID string) json.RawMessage {
+	var buf bytes.Buffer
+	buf.Grow(len(fromP.obj) + len(transferID) + 96)
+	buf.WriteByte('{')
+	fromP.each(func(m jsonMember) bool {
+		for _, k := range [...]string{kvReadyToken, kvReadyURL, kvTransferID, kvDoRemotePrefill, kvDoRemoteDecode} {
+			if keyIs(m.key, k) {
+				return true
+			}
+		}
+		buf.Write(fromP.obj[m.start:m.end])
+		buf.WriteByte(',')
+		return true
+	})
+	buf.WriteString(`"pegaflow_transfer_id":`)
+	writeJSONString(&buf, transferID)
+	buf.WriteString(`,"do_remote_prefill":true,"do_remote_decode":false}`)
+	return buf.Bytes()
+}
+
+// prefillAnswerParams returns the kv_transfer_params of P's answer (nil:
+// none), found by walking the answer's top level, not decoding it. The
+// answer's first JSON value counts (as json.Decoder reads it); it must be
+// an object or null.
+func prefillAnswerParams(answer []byte) (json.RawMessage, error) {
+	v := firstValue(answer)
+	switch {
+	case v == nil:
+		var raw json.RawMessage
+		err := json.Unmarshal(bytes.TrimSpace(answer), &raw)
+		if err == nil {
+			err = errors.New("trailing data") // unreachable: firstValue took it
+		}
+		return nil, err
+	case isNull(v):
+		return nil, nil
+	case v[0] != '{':
+		return nil, fmt.Errorf("answer is a JSON %s, not an object", jsonKind(v[0]))
 	}
-	delete(merged, kvReadyToken)
-	delete(merged, kvReadyURL)
-	id, _ := json.Marshal(transferID)
-	merged[kvTransferID] = id
-	merged[kvDoRemotePrefill] = rawTrue
-	merged[kvDoRemoteDecode] = rawFalse
-	return json.Marshal(merged)
+	var params []byte
+	eachMember(v, func(m jsonMember) bool {
+		if keyIs(m.key, "kv_transfer_params") {
+			params = v[m.val:m.end] // the last one counts
+		}
+		return true
+	})
+	return params, nil
+}
+
+// jsonKind names the kind of JSON value that starts with c.
+func jsonKind(c byte) string {
+	switch c {
+	case '[':
+		return "array"
+	case '"':
+		return "string"
+	case 't', 'f':
+		return "boolean"
+	}
+	return "number"
 }
 
 var bufPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}

@@ -3,6 +3,9 @@ package router
 import (
 	"context"
 	"errors"
+	"syscall"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/pegaflow/pegaflow/internal/retry"
 )
@@ -18,6 +21,8 @@ type legPolicy struct {
 	// its success is no passive-health recovery: a backend that lists its
 	// models may still fail every completion.
 	probe bool
+	// retries is retries_total of the leg's role (nil for a probe).
+	retries prometheus.Counter
 }
 
 // newLegPolicy is a leg on p with the configured backoff (doubled per
@@ -43,7 +48,7 @@ func (r *Router) try(ctx context.Context, l *legPolicy, reqID string, op func(ct
 	var last error = errNoBackend
 	return retry.Do(ctx, l.policy, retryableAttempt, func(ctx context.Context, attempt int) error {
 		if attempt > 1 && !l.probe {
-			r.m.retries.WithLabelValues(l.pool.role).Inc()
+			l.retries.Inc()
 		}
 		b := l.pool.pick(tried)
 		if b == nil {
@@ -63,11 +68,26 @@ func (r *Router) try(ctx context.Context, l *legPolicy, reqID string, op func(ct
 			return err
 		}
 		r.passive(b, aerr)
-		if retryableAttempt(err) {
-			r.log.Warn("attempt failed", "role", b.role, "backend", b.name, "attempt", attempt, "request_id", reqID, "err", err)
+		if !retryableAttempt(err) {
+			return err
+		}
+		r.log.Warn("attempt failed", "role", b.role, "backend", b.name, "attempt", attempt, "request_id", reqID, "err", err)
+		if refused(aerr) && !l.pool.hasCandidate(tried) {
+			// Nothing listens there and no other backend is left: a retry
+			// would wait out the backoff only to find no backend, so the
+			// client hears at once (counted and ejecting as any failure).
+			// A timeout or a 5xx keeps the backoff: the backend is there and
+			// may be back by then, or another may have recovered.
+			return retry.Permanent(err)
 		}
 		return err
 	})
+}
+
+// refused: the backend's host refused the connection (ECONNREFUSED):
+// nothing listens on its port.
+func refused(aerr *attemptError) bool {
+	return aerr.status == 0 && errors.Is(aerr.err, syscall.ECONNREFUSED)
 }
 
 // retryableAttempt is try's verdict: a backend's retryable failure, not

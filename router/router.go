@@ -18,6 +18,8 @@
 //   - errors.go: attemptError, which carries a backend's answer to the
 //     client, the router's deadline errors and the client's error answers;
 //   - request.go: the validated request and each leg's body;
+//   - jsonscan.go: the top-level JSON walk those are read and rewritten
+//     with (no decoding of prompts, messages or answers);
 //   - handoff.go: transfers, /kv_ready reports and the KV-ready wait;
 //   - relay.go: the SSE relay, one complete event at a time;
 //   - clientwrite.go: the deadline on every write to a client;
@@ -42,12 +44,19 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/labstack/echo/v4"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/pegaflow/pegaflow/internal/ids"
+)
+
+// The completion endpoints, on the router and on every backend.
+const (
+	pathCompletions     = "/v1/completions"
+	pathChatCompletions = "/v1/chat/completions"
 )
 
 // Deps are the router's collaborators.
@@ -73,7 +82,8 @@ type Router struct {
 	answer     answerLeg
 	models     legPolicy
 	transfers  *transfers
-	client     *http.Client
+	transport  *http.Transport // the legs call it directly (send)
+	client     *http.Client    // GET /v1/models, on transport
 	checker    *healthChecker
 	readyURL   string
 
@@ -112,6 +122,7 @@ func New(cfg Config, deps Deps) (*Router, error) {
 	r := &Router{
 		cfg: cfg, log: log, kv: deps.KVReady, m: m,
 		transfers: newTransfers(),
+		transport: transport,
 		client:    &http.Client{Transport: transport},
 		readyURL:  cfg.readyURL(),
 
@@ -129,13 +140,18 @@ func New(cfg Config, deps Deps) (*Router, error) {
 		r.prefillLeg = newLegPolicy(cfg, r.prefill, cfg.PrefillAttempts)
 		r.answer = answerLeg{legPolicy: newLegPolicy(cfg, r.decode, cfg.DecodeAttempts), firstBytePhase: true}
 	}
+	if r.prefill != nil {
+		r.prefillLeg.retries = m.retries.WithLabelValues(rolePrefill)
+	}
+	r.answer.retries = m.retries.WithLabelValues(r.answer.pool.role)
 	r.models = r.answer.legPolicy
 	r.models.probe = true
 	var all []*backend
 	for _, p := range r.pools() {
 		for _, b := range p.backends {
-			m.healthy.WithLabelValues(b.role, b.name).Set(1)
-			m.inflight.WithLabelValues(b.role, b.name).Set(0)
+			b.m = m.forBackend(b)
+			b.m.healthy.Set(1)
+			b.m.inflight.Set(0)
 			all = append(all, b)
 		}
 	}
@@ -164,8 +180,8 @@ func (r *Router) pools() []*pool {
 // connection's, so it cannot be the router routes' alone).
 func (r *Router) Register(e *echo.Echo) {
 	e.Use(r.writeDeadlines)
-	e.POST("/v1/completions", r.auth(r.handleCompletion("/v1/completions", false)))
-	e.POST("/v1/chat/completions", r.auth(r.handleCompletion("/v1/chat/completions", true)))
+	e.POST(pathCompletions, r.auth(r.handleCompletion(pathCompletions, false)))
+	e.POST(pathChatCompletions, r.auth(r.handleCompletion(pathChatCompletions, true)))
 	e.GET("/v1/models", r.auth(r.handleModels))
 	if r.cfg.InternalAddr == "" && r.agg == nil {
 		e.POST("/kv_ready", r.handleKVReady)
@@ -220,7 +236,7 @@ func (r *Router) auth(next echo.HandlerFunc) echo.HandlerFunc {
 	want := "Bearer " + r.cfg.APIKey
 	return func(c echo.Context) error {
 		if !constantTimeEqual(c.Request().Header.Get("Authorization"), want) {
-			r.m.requests.WithLabelValues(outcomeRejected).Inc()
+			r.m.count(outcomeRejected)
 			return apiError(c, http.StatusUnauthorized, "authentication_error", "missing or invalid API key")
 		}
 		return next(c)
@@ -241,6 +257,9 @@ type clientRequest struct {
 	stream bool
 	raw    []byte         // the body as received (aggregated mode)
 	req    *openAIRequest // the parsed body (P/D mode)
+	// header is every leg's request header (Content-Type, X-Request-Id,
+	// the client's Authorization), built once; the transport only reads it.
+	header http.Header
 }
 
 // readRequest reads and validates a completion request, answering the
@@ -248,9 +267,12 @@ type clientRequest struct {
 func (r *Router) readRequest(c echo.Context, path string, chat bool) (*clientRequest, error) {
 	rq := &clientRequest{start: time.Now(), path: path}
 	hr := c.Request()
-	body, err := io.ReadAll(http.MaxBytesReader(c.Response(), hr.Body, r.cfg.MaxBodyBytes))
+	body, err := r.readBody(c, r.cfg.MaxBodyBytes)
 	if err != nil {
 		var tooBig *http.MaxBytesError
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, r.bodyTimedOut(c)
+		}
 		if errors.As(err, &tooBig) {
 			return nil, apiError(c, http.StatusRequestEntityTooLarge, "invalid_request_error",
 				fmt.Sprintf("request body exceeds %d bytes (--max-body-bytes)", r.cfg.MaxBodyBytes))
@@ -274,29 +296,77 @@ func (r *Router) readRequest(c echo.Context, path string, chat bool) (*clientReq
 	if rq.reqID == "" {
 		rq.reqID = ids.Hex(16)
 	}
-	c.Response().Header().Set("X-Request-Id", rq.reqID)
+	c.Response().Header()["X-Request-Id"] = []string{rq.reqID}
+	rq.header = http.Header{"Content-Type": jsonContentType, "X-Request-Id": {rq.reqID}}
+	if rq.authz != "" {
+		rq.header["Authorization"] = []string{rq.authz}
+	}
 	return rq, nil
+}
+
+// jsonContentType is every leg's Content-Type (shared: read only).
+var jsonContentType = []string{echo.MIMEApplicationJSON}
+
+// bodyTimedOut answers a body that did not arrive within
+// --client-read-timeout.
+func (r *Router) bodyTimedOut(c echo.Context) error {
+	return apiError(c, http.StatusRequestTimeout, "invalid_request_error",
+		fmt.Sprintf("request body not received within %s (--client-read-timeout)", r.cfg.ClientReadTimeout))
+}
+
+// readBody reads the request body, at most limit bytes (a
+// *http.MaxBytesError beyond), within --client-read-timeout (an error
+// matching os.ErrDeadlineExceeded beyond). With a Content-Length, into
+// one buffer of that size, not grown step by step.
+//
+// The deadline is the connection's read deadline, set for the body alone
+// and cleared after it: http.Server.ReadTimeout would also bound net/http's
+// background read that watches for a client hang-up, cancelling every
+// long (streaming) request. When it passes, it stays, and the connection
+// closes after the answer: net/http would otherwise wait to drain the
+// rest of a body that is not coming.
+func (r *Router) readBody(c echo.Context, limit int64) (body []byte, err error) {
+	rc := http.NewResponseController(c.Response())
+	if rc.SetReadDeadline(time.Now().Add(r.cfg.ClientReadTimeout)) == nil {
+		defer func() {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				c.Response().Header().Set("Connection", "close")
+				return
+			}
+			_ = rc.SetReadDeadline(time.Time{})
+		}()
+	}
+	hr := c.Request()
+	rd := http.MaxBytesReader(c.Response(), hr.Body, limit)
+	if n := hr.ContentLength; n > 0 && n <= limit {
+		body := make([]byte, n)
+		if _, err := io.ReadFull(rd, body); err != nil {
+			return nil, err
+		}
+		return body, nil
+	}
+	return io.ReadAll(rd)
 }
 
 func (r *Router) handleCompletion(path string, chat bool) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		rq, err := r.readRequest(c, path, chat)
 		if rq == nil {
-			r.m.requests.WithLabelValues(outcomeRejected).Inc()
+			r.m.count(outcomeRejected)
 			return err
 		}
 		var outcome string
 		if r.agg != nil {
-			r.m.phase.WithLabelValues("routing").Observe(time.Since(rq.start).Seconds())
+			r.m.observe(phaseRouting, time.Since(rq.start).Seconds())
 			outcome, err = r.runAnswer(c, rq, rq.raw)
 		} else {
 			outcome, err = r.servePD(c, rq)
 		}
 		// Counted after every cleanup (transfer released, legs closed), so
 		// the counter never runs ahead of the state it reports.
-		r.m.requests.WithLabelValues(outcome).Inc()
+		r.m.count(outcome)
 		if outcome == outcomeOK {
-			r.m.phase.WithLabelValues("e2e").Observe(time.Since(rq.start).Seconds())
+			r.m.observe(phaseE2E, time.Since(rq.start).Seconds())
 		}
 		return err
 	}
@@ -305,10 +375,10 @@ func (r *Router) handleCompletion(path string, chat bool) echo.HandlerFunc {
 // servePD runs the prefill leg, the KV-ready wait and the decode leg.
 func (r *Router) servePD(c echo.Context, rq *clientRequest) (string, error) {
 	ctx := c.Request().Context()
-	r.m.phase.WithLabelValues("routing").Observe(time.Since(rq.start).Seconds())
+	r.m.observe(phaseRouting, time.Since(rq.start).Seconds())
 	t0 := time.Now()
 	t, p, fromP, err := r.runPrefill(ctx, rq)
-	r.m.phase.WithLabelValues("prefill").Observe(time.Since(t0).Seconds())
+	r.m.observe(phasePrefill, time.Since(t0).Seconds())
 	if err != nil {
 		if ctx.Err() != nil {
 			return outcomeCancelled, nil
@@ -326,8 +396,7 @@ func (r *Router) servePD(c echo.Context, rq *clientRequest) (string, error) {
 	} else if isNull(kvParams) {
 		kvParams = nil
 	}
-	var body bytes.Buffer // not pooled: the transport may read it after Do returns
-	body.Grow(len(kvParams) + 256)
+	var body bytes.Buffer // not pooled: the transport may read it after RoundTrip returns
 	rq.req.decodeBody(&body, kvParams)
 	return r.runAnswer(c, rq, body.Bytes())
 }
@@ -348,12 +417,12 @@ func (r *Router) awaitKV(c echo.Context, rq *clientRequest, t *transfer, p *back
 	if hasTransferID(params) {
 		t1 := time.Now()
 		w := awaitTransfer(c.Request().Context(), t, r.kv, r.cfg.KVReadyTimeout)
-		r.m.phase.WithLabelValues("kv_ready_wait").Observe(time.Since(t1).Seconds())
+		r.m.observe(phaseKVReadyWait, time.Since(t1).Seconds())
 		switch w.outcome {
 		case waitCancelled:
 			return nil, outcomeCancelled, nil
 		case waitReady:
-			r.m.kvReadyWhen.WithLabelValues(w.source).Inc()
+			r.m.readyBy[w.source].Inc()
 		default:
 			r.m.kvTimeouts.Inc()
 			r.log.Warn("transfer KV not ready", "transfer", t.id, "request_id", rq.reqID, "reason", w.reason, "policy", r.cfg.OnKVTimeout)
@@ -361,7 +430,7 @@ func (r *Router) awaitKV(c echo.Context, rq *clientRequest, t *transfer, p *back
 		}
 	} else {
 		reason = "prefill backend " + p.name + " returned no " + kvTransferID + " (no PegaFlow connector?)"
-		r.m.noKVParams.WithLabelValues(p.name).Inc()
+		p.m.noKVParams.Inc()
 		if p.warnedNoKVParams.CompareAndSwap(false, true) { // once per backend: it is a deployment fault, not a request's
 			r.log.Warn("prefill answer without PegaFlow kv_transfer_params: decoding without waiting for KV; is P running the PegaFlow connector?",
 				"backend", p.name, "policy", r.cfg.OnKVTimeout)
@@ -371,9 +440,5 @@ func (r *Router) awaitKV(c echo.Context, rq *clientRequest, t *transfer, p *back
 		return nil, outcomeFailed, apiError(c, http.StatusGatewayTimeout, "timeout_error", "prefill KV was not ready: "+reason)
 	}
 	// Ready, or decode-anyway: D loads what the engine has and recomputes the rest.
-	kvParams, err := decodeParams(params, t.id)
-	if err != nil {
-		return nil, outcomeFailed, apiError(c, http.StatusBadGateway, "upstream_error", err.Error())
-	}
-	return kvParams, "", nil
+	return decodeParams(params, t.id), "", nil
 }

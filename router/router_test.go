@@ -539,3 +539,52 @@ func TestConfigValidate(t *testing.T) {
 }
 
 var _ = fmt.Sprintf
+
+// With no other backend to retry on, a refused connection fails at once
+// (counted, ejecting); a 5xx keeps the backoff before giving up. Over real
+// sockets: a closed port refuses, a fake answers 503.
+func TestFailFastWithNothingToRetryOn(t *testing.T) {
+	slowRetries := func(c *Config) {
+		c.RetryBackoff, c.RetryBackoffMax, c.FailThreshold = 2*time.Second, 2*time.Second, 1
+	}
+	closedPort := func() *fakeVLLM {
+		f := newFake(nil)
+		f.srv.Close()
+		return f
+	}
+	cases := []struct {
+		name     string
+		p, d     *fakeVLLM
+		role     string
+		fastest  time.Duration // lower bound on the answer's time
+		slowest  time.Duration // upper bound
+		wantCode int
+	}{
+		{"refused P", closedPort(), newFake(nil), rolePrefill, 0, time.Second, http.StatusBadGateway},
+		{"refused D", newFake(nil), closedPort(), roleDecode, 0, time.Second, http.StatusBadGateway},
+		{"503 P keeps the backoff", newFake(func(f *fakeVLLM) { f.failWith.Store(503); f.failN.Store(100) }), newFake(nil), rolePrefill,
+			time.Second, 10 * time.Second, http.StatusBadGateway},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h := startRouter(t, []*fakeVLLM{tc.p}, []*fakeVLLM{tc.d}, slowRetries, nil)
+			t0 := time.Now()
+			resp, body := post(t, h.url+"/v1/completions", completionBody)
+			took := time.Since(t0)
+			require.Equal(t, tc.wantCode, resp.StatusCode, body)
+			require.GreaterOrEqual(t, took, tc.fastest)
+			require.Less(t, took, tc.slowest)
+			require.Equal(t, 1.0, testutil.ToFloat64(h.r.m.requests.WithLabelValues(outcomeFailed)), "counted")
+			ok, detail := h.r.Healthy()
+			require.False(t, ok, "the failure ejects (fail threshold 1): %v", detail)
+		})
+	}
+	t.Run("refused with another P left retries there", func(t *testing.T) {
+		h := startRouter(t, []*fakeVLLM{closedPort(), newFake(nil)}, []*fakeVLLM{newFake(nil)},
+			func(c *Config) { c.RetryBackoff, c.RetryBackoffMax = time.Millisecond, time.Millisecond }, nil)
+		for i := 0; i < 3; i++ {
+			resp, body := post(t, h.url+"/v1/completions", completionBody)
+			require.Equal(t, http.StatusOK, resp.StatusCode, body)
+		}
+	})
+}

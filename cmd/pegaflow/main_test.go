@@ -6,8 +6,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -124,15 +126,7 @@ func TestServeProcess(t *testing.T) {
 	require.NoError(t, cmd.Start())
 	defer cmd.Process.Kill()
 
-	var health map[string]any
-	require.Eventually(t, func() bool {
-		resp, err := http.Get("http://" + addr + "/health")
-		if err != nil {
-			return false
-		}
-		defer resp.Body.Close()
-		return resp.StatusCode == 200 && json.NewDecoder(resp.Body).Decode(&health) == nil
-	}, 10*time.Second, 20*time.Millisecond, "serve never became healthy: %s", &logs)
+	health := awaitHealthy(t, addr, &logs)
 	require.Equal(t, "ok", health["status"])
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -172,4 +166,63 @@ func TestRouterFlagsValidated(t *testing.T) {
 	code = dispatch(context.Background(), []string{"serve", "--prefill", "http://p:1", "--decode", "http://d:1", "--lb", "random"}, io.Discard, &stderr)
 	require.Equal(t, 2, code)
 	require.Contains(t, stderr.String(), "--lb")
+}
+
+// A router alone (--engine=false) starts no engine: no socket, no pool
+// (no engine metrics), /health says engine "off" and reports the router,
+// and it needs backends.
+func TestServeRouterWithoutEngine(t *testing.T) {
+	var stderr bytes.Buffer
+	require.Equal(t, 2, dispatch(context.Background(), []string{"serve", "--engine=false"}, io.Discard, &stderr))
+	require.Contains(t, stderr.String(), "give it backends")
+
+	backend := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+	defer backend.Close()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := lis.Addr().String()
+	require.NoError(t, lis.Close())
+	sock := filepath.Join(t.TempDir(), "engine.sock")
+	f, err := parseServeFlags([]string{"--engine=false", "--socket", sock, "--http-addr", addr,
+		"--prefill", backend.URL, "--decode", backend.URL, "--health-interval", "0"}, io.Discard)
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- serve(ctx, f, slog.New(slog.DiscardHandler)) }()
+	defer func() {
+		cancel()
+		require.NoError(t, <-done)
+	}()
+
+	health := awaitHealthy(t, addr, &bytes.Buffer{})
+	require.Equal(t, "off", health["engine"])
+	require.Contains(t, health, "router")
+	_, err = os.Stat(sock)
+	require.True(t, os.IsNotExist(err), "no engine socket")
+
+	resp, err := http.Get("http://" + addr + "/metrics")
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.NotContains(t, string(body), "pegaflow_engine_pool_capacity_bytes", "no pool")
+	require.Contains(t, string(body), "pegaflow_router_requests_total")
+	resp, err = http.Get("http://" + addr + "/topology")
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusNotFound, resp.StatusCode)
+}
+
+// awaitHealthy waits until addr's /health answers 200 and returns it.
+func awaitHealthy(t *testing.T, addr string, logs fmt.Stringer) map[string]any {
+	t.Helper()
+	var health map[string]any
+	require.Eventually(t, func() bool {
+		resp, err := http.Get("http://" + addr + "/health")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		return resp.StatusCode == http.StatusOK && json.NewDecoder(resp.Body).Decode(&health) == nil
+	}, 10*time.Second, 20*time.Millisecond, "serve never became healthy: %s", logs)
+	return health
 }

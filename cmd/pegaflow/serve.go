@@ -46,6 +46,7 @@ type serveFlags struct {
 	poolSize                                cli.ByteSize
 	numaNode, copyThreads                   int
 	hugePages, mlock                        bool
+	engine                                  bool // false: router only (no engine, no pool, no socket)
 	leaseTTL, transferTTL, partialTTL       time.Duration
 	maxQueryWait, copyTimeout               time.Duration
 	kvReadyAllow                            cli.StringList
@@ -64,6 +65,7 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.StringVar(&f.shmDir, "shm-dir", engine.DefaultShmDir, "clients may register only shared-memory files beneath this directory (tmpfs or hugetlbfs, owned by the registering user)")
 	fs.StringVar(&f.httpAddr, "http-addr", "127.0.0.1:8080", "HTTP address for /health, /metrics and, with backends, the OpenAI endpoints")
 	fs.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.BoolVar(&f.engine, "engine", true, "run the engine (pool, socket API); false: a router alone, which needs backends and allocates no pool")
 	fs.Var(&f.poolSize, "pool-size", "pinned host memory of all pools together, split across NUMA nodes by GPU count (e.g. 8GiB)")
 	fs.IntVar(&f.numaNode, "numa-node", -1, "NUMA node for a single pool (-1: one pool per NUMA node with GPUs, from NVML; no binding without NVML)")
 	fs.IntVar(&f.copyThreads, "copy-threads", 2, "native copy threads (CPU build) or streams (CUDA build)")
@@ -102,6 +104,9 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 		return nil, fmt.Errorf("--http-addr %q: %w", f.httpAddr, err)
 	}
 	f.router.ListenAddr = f.httpAddr
+	if !f.engine && !f.router.Enabled() {
+		return nil, errors.New("--engine=false runs a router alone: give it backends (--prefill/--decode or --backend)")
+	}
 	if f.router.Enabled() {
 		if err := f.router.Validate(); err != nil {
 			return nil, err
@@ -175,7 +180,22 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 	defer cancel()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	eng, srv, err := startEngine(ctx, f, log, reg)
+	if err != nil {
+		return err
+	}
+	if eng != nil {
+		defer eng.Close()
+	}
+	return serveHTTP(ctx, cancel, f, log, reg, eng, srv)
+}
 
+// startEngine builds the engine and its socket API server, or nothing
+// with --engine=false (a router alone: no pool is allocated).
+func startEngine(ctx context.Context, f *serveFlags, log *slog.Logger, reg *prometheus.Registry) (*engine.Engine, *server.Server, error) {
+	if !f.engine {
+		return nil, nil, nil
+	}
 	var poolFlags native.PoolFlags
 	if f.hugePages {
 		poolFlags |= native.PoolHugePages
@@ -192,22 +212,33 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 		KVReadyAllow: f.kvReadyAllow, MaxTransfers: f.maxTransfers, MaxCopyOps: f.maxCopyOps,
 	}, log.With("component", "engine"), reg)
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	defer eng.Close()
 
 	mode, _ := strconv.ParseUint(f.socketMode, 8, 32)
 	srv, err := server.New(server.Config{SocketPath: f.socket, SocketMode: os.FileMode(mode), SocketGroup: f.socketGroup},
 		eng, log.With("component", "api"), reg)
 	if err != nil {
-		return err
+		eng.Close()
+		return nil, nil, err
 	}
+	return eng, srv, nil
+}
 
+// serveHTTP runs the HTTP side (and the engine's API server, if any)
+// until ctx ends. eng and srv are nil with --engine=false.
+func serveHTTP(ctx context.Context, cancel context.CancelFunc, f *serveFlags, log *slog.Logger, reg *prometheus.Registry,
+	eng *engine.Engine, srv *server.Server) error {
+	var kv router.KVReadySource // nil without an engine (a nil *engine.Engine in it would not be)
+	if eng != nil {
+		kv = eng
+	}
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	var rt *router.Router
 	if f.router.Enabled() {
-		rt, err = router.New(f.router, router.Deps{Logger: log.With("component", "router"), Registerer: reg, KVReady: eng})
+		var err error
+		rt, err = router.New(f.router, router.Deps{Logger: log.With("component", "router"), Registerer: reg, KVReady: kv})
 		if err != nil {
 			return err
 		}
@@ -215,9 +246,12 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 		rt.Register(e)
 	}
 	e.GET("/health", func(c echo.Context) error {
-		body := map[string]any{"status": "ok", "engine": eng.Health().Status, "backend": eng.Backend(), "version": version}
+		body := map[string]any{"status": "ok", "engine": "off", "version": version}
 		code := http.StatusOK
-		if eng.Health().Status != "ok" {
+		if eng != nil {
+			body["engine"], body["backend"] = eng.Health().Status, eng.Backend()
+		}
+		if eng != nil && eng.Health().Status != "ok" {
 			code = http.StatusServiceUnavailable
 			body["status"] = "unavailable"
 		}
@@ -232,7 +266,9 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 		return c.JSON(code, body)
 	})
 	e.GET("/metrics", echo.WrapHandler(promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})))
-	e.GET("/topology", topologyHandler(eng))
+	if eng != nil {
+		e.GET("/topology", topologyHandler(eng))
+	}
 
 	httpLis, err := net.Listen("tcp", f.httpAddr)
 	if err != nil {
@@ -252,7 +288,9 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 			}
 		}()
 	}
-	run(func() error { return srv.Serve(ctx) })
+	if srv != nil {
+		run(func() error { return srv.Serve(ctx) })
+	}
 	run(func() error { return httpSrv.Serve(httpLis) })
 	var internalSrv *http.Server
 	if rt != nil {

@@ -4,8 +4,9 @@
 //   - P/D: `pegaflow serve` (engine + router) in front of two `pegaflow sim`
 //     instances, one prefill (P) and one decode (D), sharing KV through the
 //     engine;
-//   - DP2: a second `pegaflow serve` routing round-robin (--backend) to two
-//     aggregated sims, the baseline the seed's table compares with.
+//   - DP2: a second `pegaflow serve --engine=false` (a router alone, no
+//     pool) routing round-robin (--backend) to two aggregated sims, the
+//     baseline the seed's table compares with.
 //
 // Every piece is a real process on real sockets; the demo only starts them,
 // waits until they are healthy, runs `pegaflow bench`'s measurement against
@@ -159,9 +160,7 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Report, error) {
 	}
 	pdRouter, p, d, dpRouter, a1, a2 := addrs[0], addrs[1], addrs[2], addrs[3], addrs[4], addrs[5]
 	sock := filepath.Join(cfg.WorkDir, "engine.sock")
-	dpSock := filepath.Join(cfg.WorkDir, "engine-dp2.sock")
 	_ = os.Remove(sock)
-	_ = os.Remove(dpSock)
 
 	type spec struct {
 		name string
@@ -182,8 +181,9 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Report, error) {
 		{"sim-d", d, sim(d, "--engine-socket", sock, "--instance-id", "d0")},
 		{"sim-agg1", a1, sim(a1)},
 		{"sim-agg2", a2, sim(a2)},
-		{"router-dp2", dpRouter, []string{"serve", "--socket", dpSock, "--http-addr", dpRouter,
-			"--pool-size", "16MiB", "--backend", "http://" + a1, "--backend", "http://" + a2,
+		// The DP2 router needs no engine: --engine=false allocates no pool.
+		{"router-dp2", dpRouter, []string{"serve", "--engine=false", "--http-addr", dpRouter,
+			"--backend", "http://" + a1, "--backend", "http://" + a2,
 			"--health-interval", routerHealthInterval, "--log-level", "warn"}},
 	}
 	fmt.Fprintf(progress, "demo: starting %d processes (logs in %s)\n", len(specs), logDir)

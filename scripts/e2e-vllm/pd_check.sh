@@ -2,7 +2,8 @@
 # P/D disaggregation end to end with the real vLLM engine on CPU:
 #
 #   engine  `pegaflow serve` (engine only) on its own socket; P and D use it
-#   router  `pegaflow serve --prefill P --decode D`: a second process, so the
+#   router  `pegaflow serve --engine=false --prefill P --decode D`: a second
+#           process (no engine, no pool), so the
 #           engine can be killed while the router keeps routing; the engine
 #           reaches it through the /kv_ready callback URL that P's connector
 #           gets in kv_transfer_params
@@ -92,10 +93,10 @@ start_engine() {  # the engine the vLLMs use; nothing else listens there
   done
 }
 start_router() {
-  # Its own (unused) engine socket; the vLLMs never see it. The transfers
-  # become ready through /kv_ready callbacks from the other engine.
-  setsid "$BIN" serve --socket "$RUN/router-engine.sock" --http-addr "127.0.0.1:$RP" \
-    --pool-size 16MiB --prefill "http://127.0.0.1:$PP" --decode "http://127.0.0.1:$DP" \
+  # A router alone (--engine=false: no engine, no pool, no socket). The
+  # transfers become ready through /kv_ready callbacks from the engine.
+  setsid "$BIN" serve --engine=false --http-addr "127.0.0.1:$RP" \
+    --prefill "http://127.0.0.1:$PP" --decode "http://127.0.0.1:$DP" \
     --kv-ready-timeout "${KV_READY_TIMEOUT}s" --on-kv-timeout decode-anyway \
     --health-interval 2s >"$OUT/router.log" 2>&1 &
   PID[router]=$!

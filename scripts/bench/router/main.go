@@ -1,195 +1,380 @@
-// Command router measures the router's overhead against the same fast
-// backends called directly, in one run: added latency per P/D request,
-// inter-token latency through the router vs direct, and P/D requests/s.
+// Command router measures the PegaFlow router against the limit: the
+// minimal two-leg proxy written with net/http/httputil (P then D, no
+// validation, no metrics), both in front of the same fast backends in the
+// same run, and both compared with the client calling P and D itself.
+//
+// Each proxy runs in its own process pinned to one core (taskset -c
+// -router-core); the backends and this load generator share the other
+// core, so the proxy's CPU is its own. Per cell (streaming or not; 1, 64,
+// 256 clients) it reports, for the router and the baseline: requests/s,
+// CPU-s per 1,000 requests (utime+stime from /proc/<pid>/stat), heap
+// allocations per request (runtime/metrics of the proxy process), p50/p99
+// latency added over the direct calls, and peak RSS (VmHWM); the ratio
+// column is router / baseline. With -pegaflow it also reports the RSS of
+// a router-only `pegaflow serve --engine=false`.
 package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/labstack/echo/v4"
-	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/pegaflow/pegaflow/router"
 )
 
-// readyNow is an in-process engine whose transfers are always ready: the
-// bench measures the router, not the KV wait.
-type readyNow struct{}
+func main() {
+	role := flag.String("role", "", "internal: backends, router or baseline")
+	pURL := flag.String("p", "", "internal: P base URL")
+	dURL := flag.String("d", "", "internal: D base URL")
+	profile := flag.String("profile", "", "write the router's CPU and alloc profiles to PREFIX-<cell>.cpu/.allocs")
+	dur := flag.Duration("load", 2*time.Second, "measured load per proxy and cell")
+	tokens := flag.Int("tokens", 8, "tokens per answer")
+	promptBytes := flag.Int("prompt-bytes", 1024, "size of the prompt string")
+	cells := flag.String("clients", "1,64,256", "client counts")
+	modes := flag.String("modes", "false,true", "stream values")
+	routerCore := flag.Int("router-core", 1, "core the proxies are pinned to; backends and load on the others")
+	pegaflow := flag.String("pegaflow", "", "pegaflow binary: also measure a router-only `serve --engine=false`")
+	jsonOut := flag.String("json", "", "also write the results as JSON here")
+	routerEnv := flag.String("router-env", "", "extra environment of the router process, e.g. GOGC=400 (comma-separated)")
+	flag.Parse()
 
-func (readyNow) AwaitTransfer(context.Context, string) error { return nil }
-func (readyNow) ReleaseTransfer(string)                      {}
+	switch *role {
+	case "backends":
+		runBackends(*tokens)
+		return
+	case "router":
+		runRouter(*pURL, *dURL, *profile)
+		return
+	case "baseline":
+		runBaseline(*pURL, *dURL)
+		return
+	}
+	otherCores := otherCPUs(*routerCore)
+	if err := pinSelf(otherCores); err != nil {
+		fmt.Fprintln(os.Stderr, "bench: taskset:", err, "(unpinned)")
+	}
+	be := start(otherCores, nil, "-role=backends", fmt.Sprintf("-tokens=%d", *tokens))
+	defer be.stop()
+	pu, du := "http://"+be.addr, "http://"+be.daddr
 
-const prefillAnswer = `{"id":"p","choices":[{"index":0,"text":"x","finish_reason":"length"}],"kv_transfer_params":{"do_remote_prefill":true,"pegaflow_num_blocks":3}}`
-
-func backend(tokens int, gap time.Duration) (string, func()) {
-	mux := http.NewServeMux()
-	mux.HandleFunc("/v1/completions", func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		if strings.Contains(string(body), `"do_remote_decode":true`) {
-			w.Header().Set("Content-Type", "application/json")
-			io.WriteString(w, prefillAnswer)
-			return
-		}
-		w.Header().Set("Content-Type", "text/event-stream")
-		fl := w.(http.Flusher)
-		for i := 0; i < tokens; i++ {
-			if i > 0 && gap > 0 {
-				time.Sleep(gap)
+	prompt := strings.Repeat("hello there ", *promptBytes/12+1)[:*promptBytes]
+	var results []cellResult
+	for _, m := range strings.Split(*modes, ",") {
+		stream := m == "true"
+		for _, cs := range strings.Split(*cells, ",") {
+			clients, _ := strconv.Atoi(cs)
+			body := fmt.Sprintf(`{"model":"m","prompt":%q,"max_tokens":%d,"temperature":0,"stream":%v}`, prompt, *tokens, stream)
+			if stream {
+				body = body[:len(body)-1] + `,"stream_options":{"include_usage":true}}`
 			}
-			io.WriteString(w, `data: {"choices":[{"index":0,"text":"tok"}]}`+"\n\n")
-			fl.Flush()
+			prefill := fmt.Sprintf(`{"model":"m","prompt":%q,"max_tokens":1,"stream":false,"kv_transfer_params":{"do_remote_decode":true}}`, prompt)
+			c := cellResult{Stream: stream, Clients: clients}
+			c.Direct = load(clients, *dur, func() error {
+				if err := post(pu, prefill, false); err != nil {
+					return err
+				}
+				return post(du, body, stream)
+			})
+			args := []string{"-role=router", "-p=" + pu, "-d=" + du}
+			if *profile != "" {
+				args = append(args, fmt.Sprintf("-profile=%s-%v-%d", *profile, stream, clients))
+			}
+			var env []string
+			if *routerEnv != "" {
+				env = strings.Split(*routerEnv, ",")
+			}
+			c.Router = measure([]int{*routerCore}, env, clients, *dur, body, stream, args...)
+			c.Baseline = measure([]int{*routerCore}, nil, clients, *dur, body, stream, "-role=baseline", "-p="+pu, "-d="+du)
+			results = append(results, c)
+			fmt.Fprintf(os.Stderr, "stream=%v clients=%d: router %.0f req/s, baseline %.0f req/s\n", stream, clients, c.Router.RPS, c.Baseline.RPS)
 		}
-		io.WriteString(w, "data: [DONE]\n\n")
-		fl.Flush()
-	})
-	lis, _ := net.Listen("tcp", "127.0.0.1:0")
-	srv := &http.Server{Handler: mux}
-	go srv.Serve(lis)
-	return "http://" + lis.Addr().String(), func() { srv.Close() }
+	}
+	var serveRSS *rss
+	if *pegaflow != "" {
+		serveRSS = measureServe(*pegaflow, *routerCore, pu, du, prompt, *dur)
+	}
+	printTable(results, serveRSS)
+	if *jsonOut != "" {
+		data, _ := json.MarshalIndent(results, "", " ")
+		_ = os.WriteFile(*jsonOut, data, 0o644)
+	}
+}
+
+type run struct {
+	N, Failed int
+	RPS       float64
+	P50, P99  time.Duration
+}
+
+type proxyRun struct {
+	run
+	CPUPer1k         float64 // CPU-s per 1,000 requests
+	Allocs, Bytes    float64 // per request
+	GCs              uint64
+	AddP50, AddP99   time.Duration
+	HWMKiB, RSSKiB   int
+	procCPU, procEnd float64
+}
+
+type cellResult struct {
+	Stream           bool
+	Clients          int
+	Direct           run
+	Router, Baseline proxyRun
+}
+
+// measure starts a proxy (args) pinned to cores, warms it up, and measures
+// clients concurrent requests for dur.
+func measure(cores []int, env []string, clients int, dur time.Duration, body string, stream bool, args ...string) proxyRun {
+	px := start(cores, env, args...)
+	defer px.stop()
+	url := "http://" + px.addr
+	do := func() error { return post(url, body, stream) }
+	load(clients, dur/4, do) // warm-up: connections, pools, heap
+	s0, cpu0 := px.stats(), px.cpu()
+	r := load(clients, dur, do)
+	s1, cpu1 := px.stats(), px.cpu()
+	out := proxyRun{run: r}
+	if r.N > 0 {
+		n := float64(r.N)
+		out.CPUPer1k = (cpu1 - cpu0) / n * 1000
+		out.Allocs = float64(s1.Objects-s0.Objects) / n
+		out.Bytes = float64(s1.Bytes-s0.Bytes) / n
+		out.GCs = s1.GCs - s0.GCs
+	}
+	out.HWMKiB, out.RSSKiB = px.memory()
+	return out
+}
+
+type rss struct{ hwm, rss int }
+
+// measureServe is the RSS of a router-only `pegaflow serve` under load.
+func measureServe(bin string, core int, pu, du, prompt string, dur time.Duration) *rss {
+	addr := freeAddr()
+	cmd := exec.Command("taskset", "-c", strconv.Itoa(core), bin, "serve", "--engine=false", "--http-addr", addr,
+		"--prefill", pu, "--decode", du, "--handoff", "sync", "--health-interval", "0", "--log-level", "error")
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintln(os.Stderr, "bench: pegaflow serve:", err)
+		return nil
+	}
+	px := &proc{cmd: cmd, addr: addr}
+	defer px.stop()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := http.Get("http://" + addr + "/health")
+		if err == nil {
+			resp.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			fmt.Fprintln(os.Stderr, "bench: pegaflow serve did not come up")
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	body := fmt.Sprintf(`{"model":"m","prompt":%q,"max_tokens":8}`, prompt)
+	r := load(64, dur, func() error { return post("http://"+addr, body, false) })
+	if r.Failed > 0 {
+		fmt.Fprintf(os.Stderr, "bench: pegaflow serve: %d of %d failed\n", r.Failed, r.N+r.Failed)
+	}
+	h, s := px.memory()
+	return &rss{h, s}
 }
 
 var client = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1024, MaxIdleConns: 4096}}
 
-// streamReq posts body and returns the arrival gaps between SSE events.
-func streamReq(url, body string) ([]time.Duration, error) {
-	resp, err := client.Post(url+"/v1/completions", "application/json", strings.NewReader(body))
+// post sends body to base/v1/completions and reads the answer whole.
+func post(base, body string, stream bool) error {
+	resp, err := client.Post(base+"/v1/completions", "application/json", strings.NewReader(body))
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return nil, fmt.Errorf("status %d", resp.StatusCode)
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
 	}
-	rd := bufio.NewReader(resp.Body)
-	var gaps []time.Duration
-	var prev time.Time
-	for {
-		line, err := rd.ReadString('\n')
-		if strings.HasPrefix(line, "data: {") {
-			now := time.Now()
-			if !prev.IsZero() {
-				gaps = append(gaps, now.Sub(prev))
-			}
-			prev = now
-		}
-		if err == io.EOF {
-			return gaps, nil
-		}
-		if err != nil {
-			return nil, err
-		}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("status %d: %s", resp.StatusCode, data)
 	}
+	if stream && !bytes.HasSuffix(data, []byte("data: [DONE]\n\n")) {
+		return fmt.Errorf("stream without [DONE]: %q", data)
+	}
+	return nil
 }
 
-func pct(v []time.Duration, p float64) time.Duration {
-	s := slices.Clone(v)
-	slices.Sort(s)
-	return s[min(len(s)-1, int(float64(len(s))*p/100))]
-}
-
-const reqBody = `{"model":"m","prompt":"hello there","max_tokens":8,"stream":true}`
-const prefillBody = `{"model":"m","prompt":"hello there","max_tokens":1,"stream":false,"kv_transfer_params":{"do_remote_decode":true}}`
-
-func main() {
-	n := flag.Int("requests", 2000, "sequential requests for latency")
-	dur := flag.Duration("load", 3*time.Second, "duration of the throughput run")
-	conc := flag.Int("concurrency", 64, "clients in the throughput run")
-	flag.Parse()
-
-	pURL, stopP := backend(8, 0)
-	defer stopP()
-	dURL, stopD := backend(8, 0)
-	defer stopD()
-	itlURL, stopITL := backend(50, 2*time.Millisecond)
-	defer stopITL()
-
-	start := func(decode string) string {
-		lis, _ := net.Listen("tcp", "127.0.0.1:0")
-		cfg := router.DefaultConfig()
-		cfg.Prefill, cfg.Decode, cfg.ListenAddr, cfg.HealthInterval = []string{pURL}, []string{decode}, lis.Addr().String(), 0
-		r, err := router.New(cfg, router.Deps{Registerer: prometheus.NewRegistry(), KVReady: readyNow{}})
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		e := echo.New()
-		r.Register(e)
-		go (&http.Server{Handler: e}).Serve(lis)
-		return "http://" + lis.Addr().String()
-	}
-	rURL := start(dURL)
-	rITL := start(itlURL)
-
-	// Added latency: one P/D request through the router vs the same two
-	// legs (prefill JSON + decode stream) called directly by the client.
-	var direct, routed []time.Duration
-	for i := 0; i < *n; i++ {
-		t0 := time.Now()
-		resp, err := client.Post(pURL+"/v1/completions", "application/json", strings.NewReader(prefillBody))
-		if err == nil {
-			io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-		}
-		if _, err := streamReq(dURL, reqBody); err != nil {
-			fmt.Fprintln(os.Stderr, "direct:", err)
-			os.Exit(1)
-		}
-		direct = append(direct, time.Since(t0))
-		t0 = time.Now()
-		if _, err := streamReq(rURL, reqBody); err != nil {
-			fmt.Fprintln(os.Stderr, "router:", err)
-			os.Exit(1)
-		}
-		routed = append(routed, time.Since(t0))
-	}
-	// ITL: 50-token streams with 2 ms gaps, direct vs through the router.
-	var itlDirect, itlRouted []time.Duration
-	for i := 0; i < 40; i++ {
-		g, _ := streamReq(itlURL, reqBody)
-		itlDirect = append(itlDirect, g...)
-		g, _ = streamReq(rITL, reqBody)
-		itlRouted = append(itlRouted, g...)
-	}
-	// Throughput: concurrent clients for a fixed time.
-	var done, failed atomic.Int64
-	ctx, cancel := context.WithTimeout(context.Background(), *dur)
+// load runs clients loops of do for dur and returns the latencies.
+func load(clients int, dur time.Duration, do func() error) run {
+	ctx, cancel := context.WithTimeout(context.Background(), dur)
 	defer cancel()
-	var wg sync.WaitGroup
+	var (
+		mu     sync.Mutex
+		lat    []time.Duration
+		failed atomic.Int64
+		wg     sync.WaitGroup
+		once   sync.Once
+	)
 	t0 := time.Now()
-	for c := 0; c < *conc; c++ {
+	for range clients {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			var mine []time.Duration
 			for ctx.Err() == nil {
-				if _, err := streamReq(rURL, reqBody); err != nil {
+				s := time.Now()
+				if err := do(); err != nil {
 					failed.Add(1)
+					once.Do(func() { fmt.Fprintln(os.Stderr, "bench: request failed:", err) })
 					continue
 				}
-				done.Add(1)
+				mine = append(mine, time.Since(s))
 			}
+			mu.Lock()
+			lat = append(lat, mine...)
+			mu.Unlock()
 		}()
 	}
 	wg.Wait()
-	rps := float64(done.Load()) / time.Since(t0).Seconds()
+	r := run{N: len(lat), Failed: int(failed.Load()), RPS: float64(len(lat)) / time.Since(t0).Seconds()}
+	if len(lat) > 0 {
+		slices.Sort(lat)
+		r.P50, r.P99 = lat[len(lat)/2], lat[min(len(lat)-1, len(lat)*99/100)]
+	}
+	return r
+}
 
-	us := func(d time.Duration) float64 { return float64(d.Microseconds()) }
-	fmt.Printf("Router benchmark (in-process fast backends, one run, %d sequential requests)\n\n", *n)
-	fmt.Println("| measure | direct | via router | added / ratio | target |")
-	fmt.Println("|---|---|---|---|---|")
-	fmt.Printf("| P/D request latency p50 | %.0f us | %.0f us | +%.0f us | < 1000 us |\n", us(pct(direct, 50)), us(pct(routed, 50)), us(pct(routed, 50))-us(pct(direct, 50)))
-	fmt.Printf("| P/D request latency p99 | %.0f us | %.0f us | +%.0f us | - |\n", us(pct(direct, 99)), us(pct(routed, 99)), us(pct(routed, 99))-us(pct(direct, 99)))
-	fmt.Printf("| ITL p99 (2 ms token gaps) | %.0f us | %.0f us | %.3fx | <= 1.05x |\n", us(pct(itlDirect, 99)), us(pct(itlRouted, 99)), float64(pct(itlRouted, 99))/float64(pct(itlDirect, 99)))
-	fmt.Printf("| P/D requests/s (%d clients, %s) | - | %.0f | %d failed | >= 2000 |\n", *conc, *dur, rps, failed.Load())
+func ratio(a, b float64) string {
+	if b <= 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2fx", a/b)
+}
+
+func printTable(results []cellResult, serve *rss) {
+	us := func(d time.Duration) float64 { return float64(d) / 1e3 }
+	fmt.Println("Router vs the minimal httputil two-leg proxy (same backends, same run; proxies pinned to their own core)")
+	fmt.Println()
+	fmt.Println("| stream | clients | req/s router / base | CPU-s per 1k req router / base | ratio | allocs/req router / base | B/req router / base | added p50 us router / base | added p99 us router / base | VmHWM MiB router / base | ratio |")
+	fmt.Println("|---|---|---|---|---|---|---|---|---|---|---|")
+	for _, c := range results {
+		r, b := c.Router, c.Baseline
+		addP50r, addP50b := us(r.P50-c.Direct.P50), us(b.P50-c.Direct.P50)
+		addP99r, addP99b := us(r.P99-c.Direct.P99), us(b.P99-c.Direct.P99)
+		fmt.Printf("| %v | %d | %.0f / %.0f | %.3f / %.3f | %s | %.0f / %.0f (%s) | %.0f / %.0f | %.0f / %.0f | %.0f / %.0f | %.1f / %.1f | %s |\n",
+			c.Stream, c.Clients, r.RPS, b.RPS, r.CPUPer1k, b.CPUPer1k, ratio(r.CPUPer1k, b.CPUPer1k),
+			r.Allocs, b.Allocs, ratio(r.Allocs, b.Allocs), r.Bytes, b.Bytes, addP50r, addP50b, addP99r, addP99b,
+			float64(r.HWMKiB)/1024, float64(b.HWMKiB)/1024, ratio(float64(r.HWMKiB), float64(b.HWMKiB)))
+		if r.Failed+b.Failed+c.Direct.Failed > 0 {
+			fmt.Printf("|   | failed: router %d, baseline %d, direct %d |\n", r.Failed, b.Failed, c.Direct.Failed)
+		}
+	}
+	if serve != nil {
+		fmt.Printf("\nRouter-only `pegaflow serve --engine=false` under 64 clients: VmHWM %.1f MiB, VmRSS %.1f MiB\n",
+			float64(serve.hwm)/1024, float64(serve.rss)/1024)
+	}
+}
+
+// proc is a child process of the bench.
+type proc struct {
+	cmd         *exec.Cmd
+	addr, daddr string
+}
+
+// start runs this binary with args, pinned to cores, and waits for the
+// address(es) it prints.
+func start(cores []int, env []string, args ...string) *proc {
+	exe, err := os.Executable()
+	if err != nil {
+		fatal(err)
+	}
+	cmd := exec.Command("taskset", append([]string{"-c", cpuList(cores), exe}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		fatal(err)
+	}
+	p := &proc{cmd: cmd}
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 2 && f[0] == "DADDR" {
+			p.daddr = f[1]
+		}
+		if len(f) == 2 && f[0] == "ADDR" {
+			p.addr = f[1]
+			break
+		}
+	}
+	if p.addr == "" {
+		fatal(fmt.Errorf("%v printed no address", args))
+	}
+	go func() { _, _ = io.Copy(io.Discard, out) }()
+	return p
+}
+
+func (p *proc) stop() {
+	_ = p.cmd.Process.Signal(os.Interrupt)
+	done := make(chan struct{})
+	go func() { _ = p.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-done
+	}
+}
+
+func (p *proc) stats() procStats {
+	var s procStats
+	resp, err := client.Get("http://" + p.addr + "/bench/stats")
+	if err != nil {
+		return s
+	}
+	defer resp.Body.Close()
+	_ = json.NewDecoder(resp.Body).Decode(&s)
+	return s
+}
+
+// cpu is the process's utime+stime in seconds.
+func (p *proc) cpu() float64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
+	if err != nil {
+		return 0
+	}
+	rest := string(data[bytes.LastIndexByte(data, ')')+2:])
+	f := strings.Fields(rest) // f[0] is field 3 (state): utime is field 14, stime 15
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / 100 // USER_HZ
+}
+
+// memory is VmHWM and VmRSS in KiB.
+func (p *proc) memory() (hwm, rssKiB int) {
+	data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 && f[0] == "VmHWM:" {
+			hwm, _ = strconv.Atoi(f[1])
+		}
+		if len(f) >= 2 && f[0] == "VmRSS:" {
+			rssKiB, _ = strconv.Atoi(f[1])
+		}
+	}
+	return hwm, rssKiB
 }
