@@ -93,7 +93,7 @@ start sim-p sim --http-addr "$p" --engine-socket "$work/engine.sock" --instance-
 start sim-d sim --http-addr "$d" --engine-socket "$work/engine.sock" --instance-id d0 "${sim_flags[@]}"
 start sim-agg1 sim --http-addr "$a1" "${sim_flags[@]}"
 start sim-agg2 sim --http-addr "$a2" "${sim_flags[@]}"
-start router-dp2 serve --socket "$work/engine-dp2.sock" --http-addr "$dp2" --pool-size 16MiB \
+start router-dp2 serve --engine=false --http-addr "$dp2" \
   --backend "http://$a1" --backend "http://$a2" "${router_flags[@]}"
 for s in "sim-p $p" "sim-d $d" "sim-agg1 $a1" "sim-agg2 $a2" "engine+router-pd $pd" "router-dp2 $dp2"; do
   wait_health $s # a router's /health is 200 once it can route
