@@ -466,6 +466,43 @@ class WorkerSpec:
     shm_prefix: str
     env: dict[str, str]
     preempt_ids: bool = False  # handle_preemptions(set of ids), as some vLLM releases
+    fail_at: str = ""  # a REGISTRATION_STEPS entry: that step raises in this worker
+
+
+# Every step of a worker's start-up and registration, in order; a test makes
+# one of them raise (see _inject_failure).
+REGISTRATION_STEPS = ("setup", "tensor_info", "detect", "describe_memory", "start_threads",
+                      "add_on_connect", "register_rpc")
+
+
+def _inject_failure(step: str) -> None:
+    """Makes one registration step raise, the way it can fail for real:
+    a bad config or unreachable library at start-up, an unsupported tensor,
+    a layout the connector refuses, shared memory it cannot map, no thread
+    to start, a broken engine client, an unexpected registration reply."""
+    from pegaflow_connector import client, layout, vllm_connector, worker
+
+    def boom(exc: BaseException) -> Callable[..., Any]:
+        def f(*_a: Any, **_k: Any) -> Any:
+            raise exc
+        return f
+
+    if step == "setup":
+        vllm_connector.EngineClient = boom(RuntimeError("injected: no engine client"))
+    elif step == "tensor_info":
+        worker.tensor_info = boom(TypeError("injected: unsupported tensor"))
+    elif step == "detect":
+        worker.detect = boom(layout.LayoutError("injected: unsupported layout"))
+    elif step == "describe_memory":
+        worker.describe_memory = boom(OSError(28, "injected: No space left on device"))
+    elif step == "start_threads":
+        worker.WorkerCore._start_threads = boom(RuntimeError("injected: can't start new thread"))
+    elif step == "add_on_connect":
+        client.EngineClient.add_on_connect = boom(RuntimeError("injected: client closed"))
+    elif step == "register_rpc":
+        client.EngineClient.register = boom(ValueError("injected: bad RegisterResponse"))
+    else:
+        raise ValueError(f"unknown registration step {step!r}")
 
 
 def _worker_main(conn: Any, spec: WorkerSpec) -> None:
@@ -474,6 +511,8 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
 
     logging.basicConfig(level=logging.WARNING,
                         format=f"[worker r{spec.rank} %(asctime)s %(levelname)s] %(message)s")
+    if spec.fail_at:
+        _inject_failure(spec.fail_at)
     from pegaflow_connector import PegaKVConnector
     from pegaflow_connector.compat import KVConnectorRole
 
@@ -514,6 +553,9 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
             elif op == "registered":
                 w = conn_.worker_core
                 conn.send(("ok", bool(w is not None and w.registered())))
+            elif op == "gave_up":
+                # Disabled, or a registration attempt failed.
+                conn.send(("ok", bool(conn_.disabled or conn_.metrics.get("register_failures"))))
             elif op == "read":
                 conn.send(("ok", [read_block(spec.cache, caches, b) for b in msg[1]]))
             elif op == "metrics":
@@ -593,7 +635,7 @@ class Instance:
                  kv_role: str = "kv_both", token_budget: int = 256, model: str = "test-model",
                  extra: dict[str, Any] | None = None, seed: str | None = "0",
                  worker_env: dict[str, str] | None = None, engine_id: str | None = None,
-                 preempt_ids: bool = False):
+                 preempt_ids: bool = False, fail_at: dict[int, str] | None = None):
         from pegaflow_connector import PegaKVConnector
         from pegaflow_connector.compat import KVConnectorRole
 
@@ -625,7 +667,7 @@ class Instance:
         shm = f"{SHM_PREFIX}-{name}-{uuid.uuid4().hex[:8]}"
         self.workers = [WorkerProc(WorkerSpec(r, tp, cache, model, kv_role, self.engine_id,
                                               self.extra, shm, {**env, **(worker_env or {})},
-                                              preempt_ids))
+                                              preempt_ids, (fail_at or {}).get(r, "")))
                         for r in range(tp)]
         # Scheduler state (vLLM's Scheduler, reduced to what the connector sees).
         self.free: collections.deque[int] = collections.deque(range(cache.num_blocks))
@@ -647,19 +689,23 @@ class Instance:
 
     # -------------------------------------------------------------- setup
 
-    def handshake(self, timeout_s: float = 20.0) -> None:
+    def handshake(self, timeout_s: float = 20.0, expect_disabled: bool = False) -> None:
         """vLLM's post-registration handshake, then wait until every rank and
-        the scheduler are connected and registered."""
+        the scheduler are connected and registered (`expect_disabled`: until
+        every rank registered or gave up, and without waiting for the
+        scheduler's namespace)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            if all(w.call("registered") for w in self.workers):
+            if all(w.call("registered") or (expect_disabled and w.call("gave_up"))
+                   for w in self.workers):
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: workers not registered")
             time.sleep(0.05)
         metas = {w.rank: w.call("handshake") for w in self.workers}
         self.connector.set_xfer_handshake_metadata(metas)
-        self.wait_scheduler_ready(max(deadline - time.monotonic(), 1))
+        if not expect_disabled:
+            self.wait_scheduler_ready(max(deadline - time.monotonic(), 1))
 
     def wait_scheduler_ready(self, timeout_s: float) -> None:
         core = self.connector.scheduler_core

@@ -105,6 +105,12 @@ class EngineClient:
         if connected:
             self._run_hook(hook)
 
+    def remove_on_connect(self, hook: Callable[[EngineClient], None]) -> None:
+        """Undoes add_on_connect (no-op if the hook is not there)."""
+        with self._lock:
+            if hook in self._hooks:
+                self._hooks.remove(hook)
+
     def start(self) -> None:
         with self._lock:
             if self._thread is not None:

@@ -31,7 +31,8 @@ from .compat import (
 from .config import ConnectorConfig
 from .metadata import LoadSpec, PegaConnectorMetadata, SaveSpec
 from .metrics import Metrics
-from .rendezvous import NamespacePoller
+from .ready import FailureReporter
+from .rendezvous import NamespacePoller, disabled_reason
 
 log = logging.getLogger("pegaflow_connector")
 
@@ -106,7 +107,25 @@ class SchedulerCore:
         self._ns_rejected = False
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pegaflow-sched")
         self._has_preempted_field: bool | None = None
+        self.disabled = ""
+        self._failure_reporter = FailureReporter()
+        # vLLM builds the scheduler after the workers registered: a rank
+        # that failed has left its marker already (older vLLM: no handshake).
+        if (reason := disabled_reason(instance_id)) is not None:
+            self.disable(reason)
         client.add_on_connect(self._on_connect)
+
+    def disable(self, reason: str) -> None:
+        """A worker rank could not start: stop planning saves and loads
+        (answer 0 matched tokens) for good; the workers' fallbacks settle
+        whatever was already handed out. Idempotent."""
+        if self.disabled:
+            return
+        self.disabled = reason
+        self.metrics.inc("connector_disabled")
+        log.error("pegaflow: CONNECTOR DISABLED for instance %s: a worker could not start (%s). "
+                  "vLLM keeps serving without PegaFlow (no cache hits, nothing saved); fix the "
+                  "cause in that worker's log and restart the instance.", self.instance_id, reason)
 
     # ------------------------------------------------------------ namespace
 
@@ -162,6 +181,8 @@ class SchedulerCore:
         if self._ns is None:
             # No handshake (older vLLM): rank 0's rendezvous file.
             ns = self._ns_poller.poll()
+            if self._ns_poller.disabled:
+                self.disable(self._ns_poller.disabled)
             if ns is not None:
                 self.set_namespace(ns)
         return None
@@ -200,7 +221,7 @@ class SchedulerCore:
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._state(request)
         st.last_num_computed = num_computed_tokens
-        if not self.load_enabled:
+        if not self.load_enabled or self.disabled:
             return 0, False
         hashes = request_block_hashes(request)
         # vLLM recomputes the last token itself: never claim it.
@@ -400,7 +421,7 @@ class SchedulerCore:
         return meta
 
     def _plan_saves(self, meta: PegaConnectorMetadata, st: _Req, num_computed: int, so: Any) -> None:
-        if not self.save_enabled:
+        if not self.save_enabled or self.disabled:
             return
         req = st.request
         n_sched = so.num_scheduled_tokens.get(st.req_id, 0)
@@ -471,6 +492,12 @@ class SchedulerCore:
                     self._release_after_send[st.req_id] = st.transfer_id
                 else:
                     self._release(transfer_id=st.transfer_id)
+                if self.disabled and not st.saved_any:
+                    # Nothing was saved and the engine may never have heard
+                    # of the transfer: tell the router, so D recomputes now.
+                    self._pool.submit(self._failure_reporter.report, st.ready_url, st.transfer_id,
+                                      st.ready_token, f"P's PegaFlow connector is disabled: "
+                                      f"{self.disabled}")
         if st.remote_transfer and not st.transfer_loaded:
             self._release(transfer_id=st.remote_transfer)
         delay = st.saved_any

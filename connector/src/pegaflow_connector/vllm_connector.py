@@ -35,10 +35,16 @@ from .compat import (
     tensor_parallel_rank,
 )
 from .config import ConnectorConfig, hash_seed_fingerprint
+from .disabled import DisabledWorker
 from .layout import LayoutError
 from .metadata import PegaConnectorMetadata, PegaHandshake
 from .metrics import Metrics
-from .rendezvous import namespace_from_handshakes
+from .rendezvous import (
+    clear_disabled,
+    disabled_from_handshakes,
+    namespace_from_handshakes,
+    publish_disabled,
+)
 from .scheduler import SchedulerCore
 from .worker import WorkerCore
 
@@ -80,16 +86,22 @@ class PegaKVConnector(KVConnectorBase_V1):
         init_connector_base(super().__init__, vllm_config, role, kv_cache_config)
         self._metrics = client.metrics if client is not None else Metrics()
         self._sched: SchedulerCore | None = None
-        self._worker: WorkerCore | None = None
+        self._worker: WorkerCore | DisabledWorker | None = None
         self._client: EngineClient | None = client
         self._is_scheduler = role_is_scheduler(role)
         self._disabled = ""
         self._kv_cache_config = kv_cache_config
+        self.instance_id = ""
+        self._rank = 0
         try:
             self._setup(vllm_config)
         except Exception as e:  # noqa: BLE001 - vLLM must start without us
-            self._disabled = str(e)
-            log.error("pegaflow: connector disabled: %s", e)
+            if self._is_scheduler:
+                self._disabled = str(e)
+                log.error("pegaflow: CONNECTOR DISABLED (scheduler): %s. vLLM keeps serving "
+                          "without PegaFlow.", e)
+            else:
+                self._disable_worker(f"start-up failed: {e}")
 
     # ------------------------------------------------------------ setup
 
@@ -126,7 +138,8 @@ class PegaKVConnector(KVConnectorBase_V1):
             model=cfg.model_name or str(mc.model), model_revision=str(getattr(mc, "revision", "") or ""),
             block_size=self.block_size, tp_size=tp, hash_algo=hash_algo,
             hash_seed_fingerprint=fp, extra=extra)
-        role = "scheduler" if self._is_scheduler else f"worker rank {_tp_rank(cfg)}"
+        self._rank = _tp_rank(cfg)
+        role = "scheduler" if self._is_scheduler else f"worker rank {self._rank}"
         if self._client is None:
             self._client = EngineClient(
                 cfg.socket_path, f"vllm-{role} pid={os.getpid()} instance={self.instance_id}",
@@ -138,7 +151,9 @@ class PegaKVConnector(KVConnectorBase_V1):
                                         load_enabled=self._load_enabled,
                                         save_enabled=self._save_enabled, metrics=self._metrics)
         else:
-            self._worker = WorkerCore(cfg, self._client, rank=_tp_rank(cfg), tp_size=tp,
+            # A marker left by an earlier run of this instance is stale now.
+            clear_disabled(self.instance_id, self._rank)
+            self._worker = WorkerCore(cfg, self._client, rank=self._rank, tp_size=tp,
                                       instance_id=self.instance_id, namespace=self._ns_template,
                                       metrics=self._metrics)
         self._client.start()
@@ -154,7 +169,12 @@ class PegaKVConnector(KVConnectorBase_V1):
         return self._client
 
     @property
-    def worker_core(self) -> WorkerCore | None:
+    def disabled(self) -> str:
+        """Why this process's connector is disabled ("" when it is not)."""
+        return self._disabled
+
+    @property
+    def worker_core(self) -> WorkerCore | DisabledWorker | None:
         return self._worker
 
     @property
@@ -163,17 +183,36 @@ class PegaKVConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------ worker side
 
-    @_guard(lambda self, *a, **k: None)
+    def _disable_worker(self, reason: str) -> None:
+        """From now on this rank runs a DisabledWorker, which settles every
+        delayed free and load vLLM still hands it; the scheduler learns it
+        from the handshake or the rendezvous marker."""
+        self._disabled = reason
+        self._worker = DisabledWorker(reason, self._rank, self._metrics)
+        if self.instance_id:
+            publish_disabled(self.instance_id, self._rank, reason)
+        log.error("pegaflow: CONNECTOR DISABLED on worker rank %d: %s. vLLM keeps serving "
+                  "without PegaFlow (requests are computed locally, nothing is saved).",
+                  self._rank, reason)
+
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        if self._worker is None:
+        """Any failure, at any registration step, disables this rank (never
+        raised into vLLM, never a half-registered worker)."""
+        worker = self._worker
+        if not isinstance(worker, WorkerCore):
             return
-        num_blocks = kv_cache_num_blocks(self._kv_cache_config)
         try:
-            self._worker.register_kv_caches(kv_caches, num_blocks, self.block_size)
-        except LayoutError as e:
-            self._disabled = str(e)
-            self._worker = None
-            log.error("pegaflow: cannot register KV caches, connector disabled: %s", e)
+            num_blocks = kv_cache_num_blocks(self._kv_cache_config)
+            worker.register_kv_caches(kv_caches, num_blocks, self.block_size)
+        except Exception as e:  # noqa: BLE001 - vLLM must serve without us
+            self._metrics.inc("register_failures")
+            try:
+                worker.abandon()
+            except Exception:  # noqa: BLE001 - abandon is best effort already
+                pass
+            what = "cannot describe the KV caches" if isinstance(e, LayoutError) \
+                else f"registration failed ({type(e).__name__})"
+            self._disable_worker(f"{what}: {e}")
 
     @_guard(lambda self, *a, **k: None)
     def handle_preemptions(self, kv_connector_metadata: Any = None, *args: Any, **kwargs: Any) -> None:
@@ -272,6 +311,8 @@ class PegaKVConnector(KVConnectorBase_V1):
     def set_xfer_handshake_metadata(self, metadata: dict[Any, Any]) -> None:
         if self._sched is None or not metadata:
             return
+        if (reason := disabled_from_handshakes(metadata.values())) is not None:
+            self._sched.disable(reason)
         ns = namespace_from_handshakes(metadata.values())
         if ns is not None:
             self._sched.set_namespace(ns)

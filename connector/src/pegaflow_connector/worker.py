@@ -135,8 +135,31 @@ class WorkerCore:
                               staging_dir=self.cfg.staging_dir, rank=self.rank)
         self.mode, self._staging, self._ipc_event = reg.mode, reg.staging, reg.ipc_event
         self._reg_req = req
+        # Last, so that a failure before leaves nothing running (abandon()
+        # undoes these two).
         self._start_threads()
         self.client.add_on_connect(self._register)
+
+    def abandon(self) -> None:
+        """Undoes a registration that failed part-way (best effort, never
+        raises): no more registrations, threads stopped, engine state and
+        staging released. The adapter then runs a DisabledWorker."""
+        self.client.remove_on_connect(self._register)
+        self._reg_req = None
+        self._closed = True
+        for q in (self._save_q, self._load_q):
+            q.put(None)
+        try:
+            if self.registered():
+                self.client.unregister(self._eng_instance, self._eng_rank, 2.0)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+        try:
+            if self._staging is not None:
+                self._staging.close()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+        self._staging = None
 
     def _register(self, client: EngineClient) -> None:
         req = self._reg_req
@@ -159,6 +182,12 @@ class WorkerCore:
             else:
                 self.metrics.inc("register_failures")
                 log.error("pegaflow: registration of rank %d failed: %s", self.rank, e)
+            return
+        except Exception as e:  # noqa: BLE001 - unregistered: saves drop, loads fail
+            self.metrics.inc("register_failures")
+            log.exception("pegaflow: registration of rank %d failed unexpectedly (saves are "
+                          "dropped and loads recomputed until the next reconnection): %s",
+                          self.rank, e)
             return
         with self._reg_lock:
             self._reg_gen = gen
