@@ -437,7 +437,8 @@ class KVConnectorOutput:
 
 
 def vllm_config(*, model: str, block_size: int, tp: int, kv_role: str, engine_id: str,
-                extra: dict[str, Any]) -> SimpleNamespace:
+                extra: dict[str, Any], dp: tuple[int, int] | None = None,
+                parallel: dict[str, Any] | None = None) -> SimpleNamespace:
     """The VllmConfig attributes the connector reads."""
     ktc = SimpleNamespace(kv_connector="PegaKVConnector", kv_role=kv_role, engine_id=engine_id,
                           kv_connector_module_path="pegaflow_connector",
@@ -448,7 +449,10 @@ def vllm_config(*, model: str, block_size: int, tp: int, kv_role: str, engine_id
         model_config=SimpleNamespace(model=model, revision=None, dtype="float16", use_mla=False),
         cache_config=SimpleNamespace(block_size=block_size, prefix_caching_hash_algo="sha256",
                                      cache_dtype="auto", enable_prefix_caching=True),
-        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=1))
+        parallel_config=SimpleNamespace(
+            tensor_parallel_size=tp, pipeline_parallel_size=1,
+            data_parallel_size=dp[1] if dp else 1, data_parallel_rank=dp[0] if dp else 0,
+            **(parallel or {})))
 
 
 # ------------------------------------------------------------------ workers
@@ -467,6 +471,7 @@ class WorkerSpec:
     env: dict[str, str]
     preempt_ids: bool = False  # handle_preemptions(set of ids), as some vLLM releases
     fail_at: str = ""  # a REGISTRATION_STEPS entry: that step raises in this worker
+    dp: tuple[int, int] | None = None  # (data-parallel rank, size)
 
 
 # Every step of a worker's start-up and registration, in order; a test makes
@@ -520,7 +525,7 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
     caches = allocate_caches(spec.cache, spec.tp, path)
     extra = dict(spec.extra, tp_rank=spec.rank)
     vc = vllm_config(model=spec.model, block_size=spec.cache.block_size, tp=spec.tp,
-                     kv_role=spec.kv_role, engine_id=spec.engine_id, extra=extra)
+                     kv_role=spec.kv_role, engine_id=spec.engine_id, extra=extra, dp=spec.dp)
     conn_ = PegaKVConnector(vc, KVConnectorRole.WORKER,
                             SimpleNamespace(num_blocks=spec.cache.num_blocks))
     conn_.register_kv_caches(caches)
@@ -635,7 +640,8 @@ class Instance:
                  kv_role: str = "kv_both", token_budget: int = 256, model: str = "test-model",
                  extra: dict[str, Any] | None = None, seed: str | None = "0",
                  worker_env: dict[str, str] | None = None, engine_id: str | None = None,
-                 preempt_ids: bool = False, fail_at: dict[int, str] | None = None):
+                 preempt_ids: bool = False, fail_at: dict[int, str] | None = None,
+                 dp: tuple[int, int] | None = None):
         from pegaflow_connector import PegaKVConnector
         from pegaflow_connector.compat import KVConnectorRole
 
@@ -658,7 +664,7 @@ class Instance:
             else:
                 os.environ["PYTHONHASHSEED"] = seed
             vc = vllm_config(model=model, block_size=self.bs, tp=tp, kv_role=kv_role,
-                             engine_id=self.engine_id, extra=self.extra)
+                             engine_id=self.engine_id, extra=self.extra, dp=dp)
             self.connector = PegaKVConnector(vc, KVConnectorRole.SCHEDULER,
                                              SimpleNamespace(num_blocks=cache.num_blocks))
         finally:
@@ -667,7 +673,7 @@ class Instance:
         shm = f"{SHM_PREFIX}-{name}-{uuid.uuid4().hex[:8]}"
         self.workers = [WorkerProc(WorkerSpec(r, tp, cache, model, kv_role, self.engine_id,
                                               self.extra, shm, {**env, **(worker_env or {})},
-                                              preempt_ids, (fail_at or {}).get(r, "")))
+                                              preempt_ids, (fail_at or {}).get(r, ""), dp))
                         for r in range(tp)]
         # Scheduler state (vLLM's Scheduler, reduced to what the connector sees).
         self.free: collections.deque[int] = collections.deque(range(cache.num_blocks))

@@ -15,6 +15,7 @@ what that release does. Attributes every release has (`request_id`,
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
@@ -139,6 +140,34 @@ def kv_cache_num_blocks(kv_cache_config: Any) -> int | None:
     (releases before PR #27887, see init_connector_base): layout detection
     then takes the block count from the tensors."""
     return getattr(kv_cache_config, "num_blocks", None)
+
+
+def data_parallel_rank(parallel_config: Any, engine_id: Any = None) -> int | None:
+    """This engine's DP rank, or None without data parallelism.
+
+    ParallelConfig.data_parallel_rank is reset to 0 for dense models run as
+    independent DP ranks (reconfigure_for_independent_dp_rank, 2026), which
+    keep the rank in data_parallel_index; releases before that field have
+    only data_parallel_rank. vLLM also appends `_dp<rank>` to
+    kv_transfer_config.engine_id whenever DP is on (every V1 release with
+    DP), which is the one signal left for rank 0 of a dense DP group.
+    """
+    size = int(getattr(parallel_config, "data_parallel_size", 1) or 1)
+    rank = getattr(parallel_config, "data_parallel_index", None)
+    if not isinstance(rank, int):
+        rank = int(getattr(parallel_config, "data_parallel_rank", 0) or 0)
+    tagged = isinstance(engine_id, str) and re.search(r"_dp\d+$", engine_id) is not None
+    if size > 1 or rank > 0 or tagged:
+        return rank
+    return None
+
+
+def context_parallel_sizes(parallel_config: Any) -> tuple[int, int]:
+    """(decode, prefill) context-parallel sizes; 1 on releases without
+    DCP (before 0.11) or PCP (before 0.12)."""
+    dcp = int(getattr(parallel_config, "decode_context_parallel_size", 1) or 1)
+    pcp = int(getattr(parallel_config, "prefill_context_parallel_size", 1) or 1)
+    return dcp, pcp
 
 
 def tensor_parallel_rank() -> int | None:

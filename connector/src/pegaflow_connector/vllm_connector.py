@@ -24,6 +24,8 @@ from ._proto import engine_pb2 as pb
 from .client import EngineClient
 from .compat import (
     KVConnectorBase_V1,
+    context_parallel_sizes,
+    data_parallel_rank,
     init_connector_base,
     kv_cache_num_blocks,
     kv_connector_extra_config,
@@ -69,6 +71,17 @@ def _guard(default: Callable[..., Any]) -> Callable[[Callable[..., T]], Callable
         return inner
 
     return wrap
+
+
+def instance_id_for(configured: str, engine_id: Any, dp_rank: int | None) -> str:
+    """The engine instance id: configured, else from vLLM's engine_id, else
+    the host name; with data parallelism `-dp<rank>` is appended unless the
+    base already carries the rank (vLLM's `_dp<rank>` engine_id), so DP
+    ranks sharing one configured id never register under the same name."""
+    base = configured or (f"vllm-{engine_id}" if engine_id else f"vllm-{socket.gethostname()}")
+    if dp_rank is None or (not configured and engine_id and str(engine_id).endswith(f"_dp{dp_rank}")):
+        return base
+    return f"{base}-dp{dp_rank}"
 
 
 def _tp_rank(cfg: ConnectorConfig) -> int:
@@ -122,10 +135,15 @@ class PegaKVConnector(KVConnectorBase_V1):
         self.block_size = int(cc.block_size)
         if int(getattr(pc, "pipeline_parallel_size", 1) or 1) > 1:
             raise ValueError("pipeline parallelism is not supported")
+        dcp, pcp = context_parallel_sizes(pc)
+        if dcp > 1 or pcp > 1:
+            raise ValueError(f"context parallelism is not supported (decode_context_parallel_size="
+                             f"{dcp}, prefill_context_parallel_size={pcp}): it splits each "
+                             "block's KV by token across ranks; run with DCP=PCP=1")
         tp = int(getattr(pc, "tensor_parallel_size", 1) or 1)
         engine_id = kv_engine_id(ktc)
-        self.instance_id = cfg.instance_id or (f"vllm-{engine_id}" if engine_id
-                                               else f"vllm-{socket.gethostname()}")
+        self.instance_id = instance_id_for(cfg.instance_id, engine_id,
+                                           data_parallel_rank(pc, engine_id))
         hash_algo = prefix_caching_hash_algo(cc)
         fp = hash_seed_fingerprint(hash_algo)
         if not fp:

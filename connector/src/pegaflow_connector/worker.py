@@ -179,6 +179,13 @@ class WorkerCore:
                           "shares a namespace with instances whose block hashes or layout differ "
                           "(check PYTHONHASHSEED, hash algorithm, block size); saves and loads "
                           "are disabled", self.rank, e.details)
+            elif e.code == grpc.StatusCode.ALREADY_EXISTS:
+                self.metrics.inc("instance_id_conflicts")
+                log.error("pegaflow: ENGINE REFUSED REGISTRATION of rank %d: instance id %r is "
+                          "already registered by another live vLLM process (%s). Give every "
+                          "vLLM instance its own instance_id (DP ranks get -dp<rank> "
+                          "appended automatically); saves and loads of this rank are disabled "
+                          "until it registers", self.rank, self._eng_instance, e.details)
             else:
                 self.metrics.inc("register_failures")
                 log.error("pegaflow: registration of rank %d failed: %s", self.rank, e)
