@@ -201,8 +201,9 @@ def _sha256(obj: Any) -> bytes:
 
 
 def none_hash(seed: str | None) -> bytes:
-    """vLLM's init_none_hash: random without PYTHONHASHSEED."""
-    return os.urandom(32) if seed is None else _sha256(seed)
+    """vLLM's init_none_hash for sha256 (0.32+): without PYTHONHASHSEED
+    the fixed DEFAULT_NONE_HASH_SEED (random only for xxhash)."""
+    return _sha256("vllm-none-hash" if seed is None else seed)
 
 
 def block_hashes(tokens: list[int], block_size: int, seed_hash: bytes, start: int = 0,

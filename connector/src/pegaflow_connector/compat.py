@@ -135,6 +135,45 @@ def prefix_caching_hash_algo(cache_config: Any) -> str:
     return str(getattr(cache_config, "prefix_caching_hash_algo", "sha256") or "sha256")
 
 
+# vLLM's DEFAULT_NONE_HASH_SEED (vllm/v1/core/kv_cache_utils.py, 0.32+).
+DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
+_NON_CRYPTO_HASH_ALGOS = frozenset({"xxhash", "xxhash_cbor"})
+
+
+def resolved_hash_seed(hash_algo: str, env: Any = None) -> str | None:
+    """The seed vLLM derives NONE_HASH (the root of every block-hash chain)
+    from, or None when it is random per process (nothing shareable).
+
+    Mirrors vLLM's resolve_none_hash_seed (0.32, 0.33): PYTHONHASHSEED if
+    set; else the fixed DEFAULT_NONE_HASH_SEED for sha256/sha256_cbor and
+    fresh random bytes for xxhash/xxhash_cbor. Releases without
+    resolve_none_hash_seed seeded NONE_HASH randomly whenever
+    PYTHONHASHSEED was unset. Computed rather than read from vLLM: the
+    scheduler connector is built before vLLM calls init_none_hash, and
+    workers never call it.
+    """
+    import os
+
+    env = os.environ if env is None else env
+    seed = env.get("PYTHONHASHSEED")
+    if seed is not None:
+        return str(seed)
+    if hash_algo in _NON_CRYPTO_HASH_ALGOS or not _vllm_has_default_seed():
+        return None
+    return DEFAULT_NONE_HASH_SEED
+
+
+def _vllm_has_default_seed() -> bool:
+    if not HAVE_VLLM:
+        return True  # stand-ins follow current vLLM
+    try:  # pragma: no cover - only where vLLM is installed
+        from vllm.v1.core import kv_cache_utils  # type: ignore
+
+        return hasattr(kv_cache_utils, "resolve_none_hash_seed")
+    except Exception:  # noqa: BLE001
+        return True
+
+
 def kv_cache_num_blocks(kv_cache_config: Any) -> int | None:
     """KVCacheConfig.num_blocks, or None where vLLM passed no KVCacheConfig
     (releases before PR #27887, see init_connector_base): layout detection

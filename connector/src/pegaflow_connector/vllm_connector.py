@@ -36,7 +36,7 @@ from .compat import (
     role_is_scheduler,
     tensor_parallel_rank,
 )
-from .config import ConnectorConfig, hash_seed_fingerprint
+from .config import ConnectorConfig, hash_seed_fingerprint, private_hash_seed_fingerprint
 from .disabled import DisabledWorker
 from .layout import LayoutError
 from .metadata import PegaConnectorMetadata, PegaHandshake
@@ -145,12 +145,19 @@ class PegaKVConnector(KVConnectorBase_V1):
         self.instance_id = instance_id_for(cfg.instance_id, engine_id,
                                            data_parallel_rank(pc, engine_id))
         hash_algo = prefix_caching_hash_algo(cc)
+        extra = {"kv_cache_dtype": str(getattr(cc, "cache_dtype", "auto"))}
         fp = hash_seed_fingerprint(hash_algo)
         if not fp:
-            log.warning("pegaflow: PYTHONHASHSEED is not set: vLLM seeds block hashes randomly "
-                        "per process, so no other process (P/D peer, restarted instance) can "
-                        "find this instance's blocks. Set the same PYTHONHASHSEED everywhere.")
-        extra = {"kv_cache_dtype": str(getattr(cc, "cache_dtype", "auto"))}
+            # vLLM seeds this instance's hashes randomly: no other process
+            # can match them, so sharing a namespace would only be a silent
+            # 0% hit rate (and, for xxhash, a known-seed collision risk).
+            fp = private_hash_seed_fingerprint(hash_algo, self.instance_id)
+            extra["hash_seed"] = f"random:{self.instance_id}"
+            if self._is_scheduler:
+                log.warning("pegaflow: vLLM seeds block hashes randomly per process (%s without "
+                            "PYTHONHASHSEED): this instance's blocks are kept private to it (no "
+                            "P/D, no sharing with other instances). Set the same PYTHONHASHSEED "
+                            "on every instance to share.", hash_algo)
         extra.update(cfg.namespace_extra)
         self._ns_template = pb.Namespace(
             model=cfg.model_name or str(mc.model), model_revision=str(getattr(mc, "revision", "") or ""),
