@@ -567,6 +567,8 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
             elif op == "metrics":
                 w = conn_.worker_core
                 conn.send(("ok", {**conn_.metrics.snapshot(), "_mode": w.mode if w else "disabled"}))
+            elif op == "stats":
+                conn.send(("ok", conn_.get_kv_connector_stats()))
             elif op == "flush":
                 w = conn_.worker_core
                 conn.send(("ok", w.flush(msg[1]) if w else True))
@@ -997,6 +999,17 @@ class Instance:
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         return all(w.call("flush", timeout_s, timeout_s=timeout_s + 5) for w in self.workers)
+
+
+def save_then_load(saver: Instance, loader: Instance, tokens: list[int], rid: str = "r") -> Request:
+    """`saver` computes and saves the prompt, then `loader` serves it; the
+    loader's request (its load_done_computed says what it loaded)."""
+    saver.add_request(rid, tokens)
+    saver.run()
+    assert saver.flush()
+    r = loader.add_request(rid, tokens)
+    loader.run()
+    return r
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness import CacheSpec, Engine, Instance, vllm_config
+from harness import CacheSpec, Engine, Instance, save_then_load, vllm_config
 from pegaflow_connector import PegaKVConnector
 from pegaflow_connector.compat import KVConnectorRole
 
@@ -46,12 +46,7 @@ def test_unset_seed_instances_share_like_vllm(engine: Engine) -> None:
     try:
         a.handshake()
         b.handshake()
-        tokens = prompt(100, 1)
-        a.add_request("r", tokens)
-        a.run()
-        assert a.flush()
-        r = b.add_request("r", tokens)
-        b.run()
+        r = save_then_load(a, b, prompt(100, 1))
         assert r.load_done_computed == 96
     finally:
         a.close()
@@ -65,7 +60,7 @@ def test_random_seed_keeps_blocks_private(workdir: str, monkeypatch: pytest.Monk
     vc = vllm_config(model="m", block_size=16, tp=1, kv_role="kv_both", engine_id="e1",
                      extra={"socket_path": f"{workdir}/none.sock"})
     vc.cache_config.prefix_caching_hash_algo = "xxhash"
-    with caplog.at_level(logging.WARNING, logger="pegaflow_connector"):
+    with caplog.at_level(logging.WARNING, logger="vllm.pegaflow_connector"):
         c = PegaKVConnector(vc, role, SimpleNamespace(num_blocks=8))
     try:
         ns = c._ns_template
@@ -78,7 +73,7 @@ def test_random_seed_keeps_blocks_private(workdir: str, monkeypatch: pytest.Monk
     # sha256 without PYTHONHASHSEED is vLLM's fixed seed: shared, no warning.
     caplog.clear()
     vc.cache_config.prefix_caching_hash_algo = "sha256"
-    with caplog.at_level(logging.WARNING, logger="pegaflow_connector"):
+    with caplog.at_level(logging.WARNING, logger="vllm.pegaflow_connector"):
         c = PegaKVConnector(vc, role, SimpleNamespace(num_blocks=8))
     try:
         assert "hash_seed" not in c._ns_template.extra

@@ -81,7 +81,7 @@ def test_context_parallel_is_refused_at_start(workdir: str, role: object, key: s
                                               caplog: pytest.LogCaptureFixture) -> None:
     vc = vllm_config(model="m", block_size=16, tp=1, kv_role="kv_both", engine_id="e",
                      extra={"socket_path": f"{workdir}/none.sock"}, parallel={key: 2})
-    with caplog.at_level(logging.ERROR, logger="pegaflow_connector"):
+    with caplog.at_level(logging.ERROR, logger="vllm.pegaflow_connector"):
         c = PegaKVConnector(vc, role, SimpleNamespace(num_blocks=8))
     try:
         assert "context parallelism is not supported" in c.disabled
@@ -104,7 +104,7 @@ def test_duplicate_live_instance_id_is_reported_clearly(caplog: pytest.LogCaptur
     w = WorkerCore(ConnectorConfig.load({}, env={}), cl, rank=1, tp_size=2,  # type: ignore[arg-type]
                    instance_id="fleet", namespace=pb.Namespace())
     w._reg_req = pb.RegisterRequest(instance_id="fleet", rank=1)
-    with caplog.at_level(logging.ERROR, logger="pegaflow_connector"):
+    with caplog.at_level(logging.ERROR, logger="vllm.pegaflow_connector"):
         w._register(cl)  # type: ignore[arg-type]
     assert cl.metrics.get("instance_id_conflicts") == 1
     assert "already registered by another live vLLM process" in caplog.text

@@ -20,11 +20,12 @@ from typing import Any
 
 import grpc
 
+from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
 from ._proto import engine_pb2_grpc as pb_grpc
 from .metrics import Metrics
 
-log = logging.getLogger("pegaflow_connector")
+log = logging.getLogger(LOGGER_NAME)
 
 
 class EngineError(Exception):

@@ -19,6 +19,11 @@ import re
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
+# Our lines go through vLLM's logger: vLLM configures the "vllm" logger
+# (handler, format, VLLM_LOGGING_LEVEL) and children propagate to it, so
+# the connector's messages land in vLLM's log like its own connectors'.
+LOGGER_NAME = "vllm.pegaflow_connector"
+
 # ---------------------------------------------------------------- base classes
 
 # vLLM is optional: absent in tests and tools, where the stand-ins below
@@ -69,6 +74,44 @@ except Exception:  # noqa: BLE001 - ImportError, or a broken vLLM/torch install
 
         def has_connector_metadata(self) -> bool:
             return self._connector_metadata is not None
+
+# KVConnectorStats / KVConnectorPromMetrics (v1/metrics.py) came with the
+# connector stats hooks (get_kv_connector_stats, build_kv_connector_stats,
+# build_prom_metrics; NIXL's stats, 0.10/0.11). Stand-ins keep the stats
+# class usable without vLLM (tests); without vLLM nothing calls the hooks.
+try:  # pragma: no cover
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (  # type: ignore
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+    )
+except Exception:  # noqa: BLE001
+    import dataclasses as _dc
+
+    @_dc.dataclass
+    class KVConnectorStats:  # type: ignore[no-redef]
+        """Stand-in for vLLM's stats base (a dataclass with `data`)."""
+
+        data: dict[str, Any] = _dc.field(default_factory=dict)
+
+    class KVConnectorPromMetrics:  # type: ignore[no-redef]
+        """Stand-in for vLLM's per-connector Prometheus base."""
+
+        def __init__(self, vllm_config: Any, metric_types: dict[Any, Any], labelnames: list[str],
+                     per_engine_labelvalues: dict[int, list[object]]):
+            self._kv_transfer_config = vllm_config.kv_transfer_config
+            self._counter_cls = next((v for k, v in metric_types.items()
+                                      if getattr(k, "__name__", "") == "Counter"), None)
+            self._labelnames = labelnames
+            self.per_engine_labelvalues = per_engine_labelvalues
+
+
+def prom_counter_cls(prom: Any, metric_types: dict[Any, Any]) -> Any:
+    """The Counter class vLLM hands build_prom_metrics (Ray wraps them)."""
+    cls = getattr(prom, "_counter_cls", None)
+    if cls is None:
+        cls = next(v for k, v in metric_types.items() if getattr(k, "__name__", "") == "Counter")
+    return cls
+
 
 # KVConnectorHandshakeMetadata came with the worker -> scheduler handshake
 # hooks (get_handshake_metadata / set_xfer_handshake_metadata, second half

@@ -30,10 +30,11 @@ import tempfile
 import time
 from collections.abc import Iterable
 
+from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
 from .metadata import PegaHandshake
 
-log = logging.getLogger("pegaflow_connector")
+log = logging.getLogger(LOGGER_NAME)
 
 POLL_INTERVAL_S = 1.0
 

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
 from .client import EngineClient, EngineError, EngineUnavailable
 from .compat import (
@@ -34,7 +35,7 @@ from .metrics import Metrics
 from .ready import FailureReporter
 from .rendezvous import NamespacePoller, disabled_reason
 
-log = logging.getLogger("pegaflow_connector")
+log = logging.getLogger(LOGGER_NAME)
 
 # kv_transfer_params keys (docs/design.md).
 K_DO_REMOTE_DECODE = "do_remote_decode"
@@ -361,6 +362,7 @@ class SchedulerCore:
             return
         st.load = LoadSpec(st.req_id, ids[start:end], [hash_bytes(h) for h in hashes[start:end]],
                            lease_id=st.memo_lease, transfer_id=st.remote_transfer)
+        self.metrics.inc("external_hit_tokens", num_external_tokens)
         st.memo_lease = ""  # the load's, released by the engine once every rank loaded
         st.memo_key = None
         st.transfer_loaded = bool(st.remote_transfer)

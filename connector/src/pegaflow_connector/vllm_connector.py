@@ -1,6 +1,8 @@
-"""PegaKVConnector: the thin vLLM adapter over the scheduler and worker cores.
+"""PegaFlowConnector: the thin vLLM adapter over the scheduler and worker cores.
 
-Load with:
+Load with (the plugin registers the name, plugin.py):
+    --kv-transfer-config '{"kv_connector": "PegaFlowConnector", "kv_role": "kv_both"}'
+or by module path, under either name (PegaKVConnector is the old one):
     --kv-transfer-config '{"kv_connector": "PegaKVConnector", "kv_role": "kv_both",
                            "kv_connector_module_path": "pegaflow_connector"}'
 
@@ -20,6 +22,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
 from .client import EngineClient
 from .compat import (
@@ -48,9 +51,10 @@ from .rendezvous import (
     publish_disabled,
 )
 from .scheduler import SchedulerCore
+from .stats import PegaFlowPromMetrics, PegaFlowStats, StatsTap
 from .worker import WorkerCore
 
-log = logging.getLogger("pegaflow_connector")
+log = logging.getLogger(LOGGER_NAME)
 
 T = TypeVar("T")
 
@@ -60,7 +64,7 @@ def _guard(default: Callable[..., Any]) -> Callable[[Callable[..., T]], Callable
 
     def wrap(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
-        def inner(self: PegaKVConnector, *args: Any, **kwargs: Any) -> T:
+        def inner(self: PegaFlowConnector, *args: Any, **kwargs: Any) -> T:
             try:
                 return fn(self, *args, **kwargs)
             except Exception as e:  # noqa: BLE001
@@ -91,13 +95,14 @@ def _tp_rank(cfg: ConnectorConfig) -> int:
     return 0 if rank is None else rank  # not in a vLLM worker (tests, tools)
 
 
-class PegaKVConnector(KVConnectorBase_V1):
+class PegaFlowConnector(KVConnectorBase_V1):
     """vLLM KV connector backed by a PegaFlow engine on the same host."""
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None,
                  *, client: EngineClient | None = None):
         init_connector_base(super().__init__, vllm_config, role, kv_cache_config)
         self._metrics = client.metrics if client is not None else Metrics()
+        self._stats_tap = StatsTap(self._metrics)
         self._sched: SchedulerCore | None = None
         self._worker: WorkerCore | DisabledWorker | None = None
         self._client: EngineClient | None = client
@@ -342,9 +347,31 @@ class PegaKVConnector(KVConnectorBase_V1):
         if ns is not None:
             self._sched.set_namespace(ns)
 
+    # ------------------------------------------------------------ vLLM stats
+
+    @_guard(lambda self, *a, **k: None)
+    def get_kv_connector_stats(self) -> PegaFlowStats | None:
+        """This process's counter deltas since the last call (vLLM asks
+        every worker after each step, and the scheduler)."""
+        data = self._stats_tap.take()
+        return PegaFlowStats(data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> PegaFlowStats:
+        return PegaFlowStats(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict[Any, Any], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> PegaFlowPromMetrics:
+        return PegaFlowPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def take_events(self) -> tuple[()]:
         return ()
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
         return None
+
+
+# The name before the plugin (kept for configs that load it by module path).
+PegaKVConnector = PegaFlowConnector

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from .compat import LOGGER_NAME
 from . import rendezvous
 from ._proto import engine_pb2 as pb
 from .client import EngineClient, EngineError, EngineUnavailable
@@ -38,7 +39,7 @@ from .metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from .metrics import Metrics
 from .ready import FailureReporter
 
-log = logging.getLogger("pegaflow_connector")
+log = logging.getLogger(LOGGER_NAME)
 
 
 @dataclasses.dataclass
@@ -76,6 +77,7 @@ class WorkerCore:
         self._lease_owner = True
         self._eng_instance = instance_id
         self._eng_rank = rank
+        self.bytes_per_block = 0  # this rank's, from the engine's RegisterResponse
         self.mode = "unregistered"  # "shm", "staging" or "cuda" once registered
         # CUDA: the interprocess event re-recorded after each step's forward
         # and the client generation whose engine opened it (-1: none did).
@@ -197,6 +199,7 @@ class WorkerCore:
                           self.rank, e)
             return
         with self._reg_lock:
+            self.bytes_per_block = int(resp.bytes_per_block)
             self._reg_gen = gen
             self._event_gen = gen if resp.cuda_event and self._ipc_event is not None else -1
             self.namespace_id = resp.namespace_id
@@ -405,6 +408,7 @@ class WorkerCore:
             self.metrics.inc("save_seconds", time.perf_counter() - t0)
             self.metrics.inc("save_calls")
             self.metrics.inc("blocks_saved", resp.saved)
+            self.metrics.inc("bytes_saved", resp.saved * self.bytes_per_block)
             self.metrics.inc("blocks_save_skipped", resp.skipped)
             if resp.failed:
                 self.metrics.inc("blocks_save_failed", resp.failed)
@@ -472,6 +476,7 @@ class WorkerCore:
             if len(resp.status) < len(ids):
                 failed.update(ids[len(resp.status):])
         self.metrics.inc("blocks_loaded", n - len(failed))
+        self.metrics.inc("bytes_loaded", (n - len(failed)) * self.bytes_per_block)
         if failed:
             self.metrics.inc("blocks_load_failed", len(failed))
         return failed
