@@ -24,7 +24,7 @@
 #   3. engine restarted on the same socket: connectors reconnect and D loads
 #      from the engine again (a third prompt set);
 #   4. D restarted with a registration that fails for real (its staging_dir
-#      does not exist): D's connector disables itself, every case is still
+#      is /dev/null, so no staging buffer can be made): D's connector disables itself, every case is still
 #      answered token-identically (recomputed), vLLM's /metrics says so.
 #
 # The connector is this tree's, installed (pip --target, the venv is left as
@@ -251,7 +251,7 @@ t=$SECONDS
 connector_messages | sed 's/^/[pd] connector said (phases 1-3): /'
 stop d
 mv "$OUT/d.log" "$OUT/d-phases1-3.log"
-start_vllm d "$DP" --kv-transfer-config "$(kvc kv_consumer e2e-decode "$RUN/no-such-dir")"
+start_vllm d "$DP" --kv-transfer-config "$(kvc kv_consumer e2e-decode /dev/null)"
 wait_healthy d "http://127.0.0.1:$DP"
 compare broken 3
 wait "$CMP" || true
