@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launches a one-host P/D deployment: the PegaFlow engine + router
 # (`pegaflow serve`) and two vLLM servers, a prefill (P) and a decode (D),
-# both loading PegaKVConnector. Clients talk to the router's OpenAI API.
+# both loading PegaFlowConnector (the plugin name). Clients talk to the router's OpenAI API.
 #
 #   scripts/vllm-pd-launch.sh MODEL [--dry-run]
 #
@@ -59,7 +59,7 @@ VLLM_ARGS="${VLLM_ARGS:-}"
 
 kv_config() { # role instance
   # recompute: a block the engine cannot deliver is recomputed, not an error.
-  printf '{"kv_connector":"PegaKVConnector","kv_role":"%s","kv_connector_module_path":"pegaflow_connector","kv_load_failure_policy":"recompute","kv_connector_extra_config":{"socket_path":"%s","instance_id":"%s"}}' \
+  printf '{"kv_connector":"PegaFlowConnector","kv_role":"%s","kv_load_failure_policy":"recompute","kv_connector_extra_config":{"socket_path":"%s","instance_id":"%s"}}' \
     "$1" "$SOCKET" "$2"
 }
 

@@ -201,8 +201,9 @@ def _sha256(obj: Any) -> bytes:
 
 
 def none_hash(seed: str | None) -> bytes:
-    """vLLM's init_none_hash: random without PYTHONHASHSEED."""
-    return os.urandom(32) if seed is None else _sha256(seed)
+    """vLLM's init_none_hash for sha256 (0.32+): without PYTHONHASHSEED
+    the fixed DEFAULT_NONE_HASH_SEED (random only for xxhash)."""
+    return _sha256("vllm-none-hash" if seed is None else seed)
 
 
 def block_hashes(tokens: list[int], block_size: int, seed_hash: bytes, start: int = 0,
@@ -437,7 +438,8 @@ class KVConnectorOutput:
 
 
 def vllm_config(*, model: str, block_size: int, tp: int, kv_role: str, engine_id: str,
-                extra: dict[str, Any]) -> SimpleNamespace:
+                extra: dict[str, Any], dp: tuple[int, int] | None = None,
+                parallel: dict[str, Any] | None = None) -> SimpleNamespace:
     """The VllmConfig attributes the connector reads."""
     ktc = SimpleNamespace(kv_connector="PegaKVConnector", kv_role=kv_role, engine_id=engine_id,
                           kv_connector_module_path="pegaflow_connector",
@@ -448,7 +450,10 @@ def vllm_config(*, model: str, block_size: int, tp: int, kv_role: str, engine_id
         model_config=SimpleNamespace(model=model, revision=None, dtype="float16", use_mla=False),
         cache_config=SimpleNamespace(block_size=block_size, prefix_caching_hash_algo="sha256",
                                      cache_dtype="auto", enable_prefix_caching=True),
-        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=1))
+        parallel_config=SimpleNamespace(
+            tensor_parallel_size=tp, pipeline_parallel_size=1,
+            data_parallel_size=dp[1] if dp else 1, data_parallel_rank=dp[0] if dp else 0,
+            **(parallel or {})))
 
 
 # ------------------------------------------------------------------ workers
@@ -466,6 +471,44 @@ class WorkerSpec:
     shm_prefix: str
     env: dict[str, str]
     preempt_ids: bool = False  # handle_preemptions(set of ids), as some vLLM releases
+    fail_at: str = ""  # a REGISTRATION_STEPS entry: that step raises in this worker
+    dp: tuple[int, int] | None = None  # (data-parallel rank, size)
+
+
+# Every step of a worker's start-up and registration, in order; a test makes
+# one of them raise (see _inject_failure).
+REGISTRATION_STEPS = ("setup", "tensor_info", "detect", "describe_memory", "start_threads",
+                      "add_on_connect", "register_rpc")
+
+
+def _inject_failure(step: str) -> None:
+    """Makes one registration step raise, the way it can fail for real:
+    a bad config or unreachable library at start-up, an unsupported tensor,
+    a layout the connector refuses, shared memory it cannot map, no thread
+    to start, a broken engine client, an unexpected registration reply."""
+    from pegaflow_connector import client, layout, vllm_connector, worker
+
+    def boom(exc: BaseException) -> Callable[..., Any]:
+        def f(*_a: Any, **_k: Any) -> Any:
+            raise exc
+        return f
+
+    if step == "setup":
+        vllm_connector.EngineClient = boom(RuntimeError("injected: no engine client"))
+    elif step == "tensor_info":
+        worker.tensor_info = boom(TypeError("injected: unsupported tensor"))
+    elif step == "detect":
+        worker.detect = boom(layout.LayoutError("injected: unsupported layout"))
+    elif step == "describe_memory":
+        worker.describe_memory = boom(OSError(28, "injected: No space left on device"))
+    elif step == "start_threads":
+        worker.WorkerCore._start_threads = boom(RuntimeError("injected: can't start new thread"))
+    elif step == "add_on_connect":
+        client.EngineClient.add_on_connect = boom(RuntimeError("injected: client closed"))
+    elif step == "register_rpc":
+        client.EngineClient.register = boom(ValueError("injected: bad RegisterResponse"))
+    else:
+        raise ValueError(f"unknown registration step {step!r}")
 
 
 def _worker_main(conn: Any, spec: WorkerSpec) -> None:
@@ -474,6 +517,8 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
 
     logging.basicConfig(level=logging.WARNING,
                         format=f"[worker r{spec.rank} %(asctime)s %(levelname)s] %(message)s")
+    if spec.fail_at:
+        _inject_failure(spec.fail_at)
     from pegaflow_connector import PegaKVConnector
     from pegaflow_connector.compat import KVConnectorRole
 
@@ -481,7 +526,7 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
     caches = allocate_caches(spec.cache, spec.tp, path)
     extra = dict(spec.extra, tp_rank=spec.rank)
     vc = vllm_config(model=spec.model, block_size=spec.cache.block_size, tp=spec.tp,
-                     kv_role=spec.kv_role, engine_id=spec.engine_id, extra=extra)
+                     kv_role=spec.kv_role, engine_id=spec.engine_id, extra=extra, dp=spec.dp)
     conn_ = PegaKVConnector(vc, KVConnectorRole.WORKER,
                             SimpleNamespace(num_blocks=spec.cache.num_blocks))
     conn_.register_kv_caches(caches)
@@ -514,11 +559,16 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
             elif op == "registered":
                 w = conn_.worker_core
                 conn.send(("ok", bool(w is not None and w.registered())))
+            elif op == "gave_up":
+                # Disabled, or a registration attempt failed.
+                conn.send(("ok", bool(conn_.disabled or conn_.metrics.get("register_failures"))))
             elif op == "read":
                 conn.send(("ok", [read_block(spec.cache, caches, b) for b in msg[1]]))
             elif op == "metrics":
                 w = conn_.worker_core
                 conn.send(("ok", {**conn_.metrics.snapshot(), "_mode": w.mode if w else "disabled"}))
+            elif op == "stats":
+                conn.send(("ok", conn_.get_kv_connector_stats()))
             elif op == "flush":
                 w = conn_.worker_core
                 conn.send(("ok", w.flush(msg[1]) if w else True))
@@ -593,7 +643,8 @@ class Instance:
                  kv_role: str = "kv_both", token_budget: int = 256, model: str = "test-model",
                  extra: dict[str, Any] | None = None, seed: str | None = "0",
                  worker_env: dict[str, str] | None = None, engine_id: str | None = None,
-                 preempt_ids: bool = False):
+                 preempt_ids: bool = False, fail_at: dict[int, str] | None = None,
+                 dp: tuple[int, int] | None = None):
         from pegaflow_connector import PegaKVConnector
         from pegaflow_connector.compat import KVConnectorRole
 
@@ -616,7 +667,7 @@ class Instance:
             else:
                 os.environ["PYTHONHASHSEED"] = seed
             vc = vllm_config(model=model, block_size=self.bs, tp=tp, kv_role=kv_role,
-                             engine_id=self.engine_id, extra=self.extra)
+                             engine_id=self.engine_id, extra=self.extra, dp=dp)
             self.connector = PegaKVConnector(vc, KVConnectorRole.SCHEDULER,
                                              SimpleNamespace(num_blocks=cache.num_blocks))
         finally:
@@ -625,7 +676,7 @@ class Instance:
         shm = f"{SHM_PREFIX}-{name}-{uuid.uuid4().hex[:8]}"
         self.workers = [WorkerProc(WorkerSpec(r, tp, cache, model, kv_role, self.engine_id,
                                               self.extra, shm, {**env, **(worker_env or {})},
-                                              preempt_ids))
+                                              preempt_ids, (fail_at or {}).get(r, ""), dp))
                         for r in range(tp)]
         # Scheduler state (vLLM's Scheduler, reduced to what the connector sees).
         self.free: collections.deque[int] = collections.deque(range(cache.num_blocks))
@@ -647,19 +698,23 @@ class Instance:
 
     # -------------------------------------------------------------- setup
 
-    def handshake(self, timeout_s: float = 20.0) -> None:
+    def handshake(self, timeout_s: float = 20.0, expect_disabled: bool = False) -> None:
         """vLLM's post-registration handshake, then wait until every rank and
-        the scheduler are connected and registered."""
+        the scheduler are connected and registered (`expect_disabled`: until
+        every rank registered or gave up, and without waiting for the
+        scheduler's namespace)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            if all(w.call("registered") for w in self.workers):
+            if all(w.call("registered") or (expect_disabled and w.call("gave_up"))
+                   for w in self.workers):
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: workers not registered")
             time.sleep(0.05)
         metas = {w.rank: w.call("handshake") for w in self.workers}
         self.connector.set_xfer_handshake_metadata(metas)
-        self.wait_scheduler_ready(max(deadline - time.monotonic(), 1))
+        if not expect_disabled:
+            self.wait_scheduler_ready(max(deadline - time.monotonic(), 1))
 
     def wait_scheduler_ready(self, timeout_s: float) -> None:
         core = self.connector.scheduler_core
@@ -944,6 +999,17 @@ class Instance:
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         return all(w.call("flush", timeout_s, timeout_s=timeout_s + 5) for w in self.workers)
+
+
+def save_then_load(saver: Instance, loader: Instance, tokens: list[int], rid: str = "r") -> Request:
+    """`saver` computes and saves the prompt, then `loader` serves it; the
+    loader's request (its load_done_computed says what it loaded)."""
+    saver.add_request(rid, tokens)
+    saver.run()
+    assert saver.flush()
+    r = loader.add_request(rid, tokens)
+    loader.run()
+    return r
 
 
 def free_port() -> int:

@@ -51,4 +51,10 @@ def test_hash_seed_fingerprint() -> None:
     assert a == hash_seed_fingerprint("sha256", {"PYTHONHASHSEED": "0"}) and len(a) == 16
     assert a != hash_seed_fingerprint("sha256", {"PYTHONHASHSEED": "1"})
     assert a != hash_seed_fingerprint("sha256_cbor", {"PYTHONHASHSEED": "0"})
-    assert hash_seed_fingerprint("sha256", {}) == b""  # random per process: nothing to check
+    # Unset: vLLM's fixed default seed for sha256/sha256_cbor (issue 17,
+    # item 4), a random one for xxhash (nothing shareable: empty).
+    unset = hash_seed_fingerprint("sha256", {})
+    assert unset and unset == hash_seed_fingerprint("sha256", {"PYTHONHASHSEED": "vllm-none-hash"})
+    assert unset != a and hash_seed_fingerprint("sha256_cbor", {})
+    assert hash_seed_fingerprint("xxhash", {}) == b""
+    assert hash_seed_fingerprint("xxhash", {"PYTHONHASHSEED": "0"})

@@ -23,7 +23,15 @@
 #      outputs still identical, every request answered, the later cases
 #      recomputed by D, each bounded by the router's KV-ready timeout;
 #   3. engine restarted on the same socket: connectors reconnect and D loads
-#      from the engine again (a third prompt set).
+#      from the engine again (a third prompt set);
+#   4. D restarted with a registration that fails for real (its staging_dir
+#      is /dev/null, so no staging buffer can be made): D's connector disables itself, every case is still
+#      answered token-identically (recomputed), vLLM's /metrics says so.
+#
+# The connector is this tree's, installed (pip --target, the venv is left as
+# it is) with its vllm.general_plugins entry point on PYTHONPATH: P and D
+# name "PegaFlowConnector" without kv_connector_module_path. Phase 1 also
+# checks the connector's stats in vLLM's own /metrics (vllm:pegaflow_*).
 #
 #   scripts/e2e-vllm/pd_check.sh [OUT_DIR]   (default build/e2e-vllm/pd)
 #
@@ -78,6 +86,11 @@ EP=$(free_port) RP=$(free_port) PP=$(free_port) DP=$(free_port) REF=$(free_port)
 ENGINE_URL="http://127.0.0.1:$EP" ROUTER_URL="http://127.0.0.1:$RP"
 SOCK="$RUN/engine.sock"
 export PYTHONHASHSEED=0 HF_HUB_OFFLINE=1
+# This tree's connector as an installed plugin (entry point metadata), first
+# on the path: ahead of any editable install the venv has.
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-input --no-deps --no-build-isolation \
+  --target "$RUN/site" "$ROOT/connector" >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log" >&2; exit 1; }
+export PYTHONPATH="$RUN/site${PYTHONPATH:+:$PYTHONPATH}"
 
 start_engine() {  # the engine the vLLMs use; nothing else listens there
   # It POSTs transfer readiness to the router's /kv_ready (P's ready_url),
@@ -104,9 +117,9 @@ start_router() {
 }
 COMMON=(--host 127.0.0.1 --dtype float32 --max-model-len 2048 --block-size 32
         --enforce-eager --kv-cache-memory-bytes 134217728 --seed 0)
-kvc() {  # ROLE INSTANCE
-  printf '{"kv_connector":"PegaKVConnector","kv_role":"%s","kv_connector_module_path":"pegaflow_connector","kv_load_failure_policy":"recompute","kv_connector_extra_config":{"socket_path":"%s","instance_id":"%s","staging_dir":"%s"}}' \
-    "$1" "$SOCK" "$2" "$SHM"
+kvc() {  # ROLE INSTANCE [STAGING_DIR]: the plugin's name, no module path
+  printf '{"kv_connector":"PegaFlowConnector","kv_role":"%s","kv_load_failure_policy":"recompute","kv_connector_extra_config":{"socket_path":"%s","instance_id":"%s","staging_dir":"%s"}}' \
+    "$1" "$SOCK" "$2" "${3:-$SHM}"
 }
 start_vllm() {  # NAME PORT [extra args]
   local name="$1" port="$2"
@@ -167,7 +180,9 @@ log "engine, router, P, D and reference up in ${T_UP} s"
 # blocks=256: the workers registered a 2 x 128-block staging buffer, not
 # vLLM's KV memory (private to the worker process).
 grep -h 'instance registered' "$OUT/engine.log" | sed -E 's/^.*msg="instance registered" component=engine /[pd]   engine: registered /' || true
-grep -h 'connector disabled\|cannot register' "$OUT/p.log" "$OUT/d.log" | sed 's/^/[pd]   FAIL /' && rc=1
+grep -hi 'connector disabled\|cannot register' "$OUT/p.log" "$OUT/d.log" | sed 's/^/[pd]   FAIL /' && rc=1
+"$PY" -c 'import pegaflow_connector, sys; sys.exit(0 if pegaflow_connector.__file__.startswith(sys.argv[1]) else 1)' "$RUN/site" ||
+  { log "FAIL vLLM would not import this tree's connector"; rc=1; }
 
 # ------------------------------------------------------------ 1. normal
 t=$SECONDS
@@ -234,6 +249,20 @@ snap restart-after
 log "phase 3 (engine restarted): $(tail -1 "$OUT/restart-compare.txt") in $((SECONDS - t)) s"
 evaluate restart || rc=1
 
+# ------------------------------------ 4. D's connector cannot register
+t=$SECONDS
+connector_messages | sed 's/^/[pd] connector said (phases 1-3): /'
+stop d
+mv "$OUT/d.log" "$OUT/d-phases1-3.log"
+start_vllm d "$DP" --kv-transfer-config "$(kvc kv_consumer e2e-decode /dev/null)"
+wait_healthy d "http://127.0.0.1:$DP"
+compare broken 3
+wait "$CMP" || true
+log "phase 4 (D's registration fails): $(tail -1 "$OUT/broken-compare.txt") in $((SECONDS - t)) s"
+grep -q ' 0 failed$' "$OUT/broken-compare.txt" || { log "FAIL phase 4: not every case answered identically"; rc=1; }
+grep -h 'CONNECTOR DISABLED' "$OUT/d.log" | head -1 | sed -E 's/.*(pegaflow: )/\1/' | cut -c1-240 | sed 's/^/[pd]   D: /'
+grep -q 'CONNECTOR DISABLED on worker' "$OUT/d.log" || { log "FAIL phase 4: D did not report its connector disabled"; rc=1; }
+"$PY" "$HERE/pd_eval.py" disabled "http://127.0.0.1:$DP" || rc=1
 connector_messages | sed 's/^/[pd] connector said: /'
 stop "${!PID[@]}"
 left=""

@@ -176,6 +176,23 @@ def check(args: argparse.Namespace) -> int:
                  f"{int(eng['loaded_bytes_total'])} bytes == {int(ext_blocks)} x {bb}")
         c.expect(eng["hits_total"] >= ext_blocks, f"engine hits {int(eng['hits_total'])} >= "
                  f"{int(ext_blocks)} loaded blocks")
+        # The connector's own stats, as vLLM exposes them (KVConnectorStats
+        # -> build_prom_metrics): D's hits are exactly vLLM's external tokens.
+        pf = {k: d(s_, f"vllm:pegaflow_{k}_total") for s_, k in
+              (("d", "hit_tokens"), ("d", "blocks_loaded"), ("d", "bytes_loaded"),
+               ("d", "load_calls"), ("p", "blocks_saved"), ("p", "bytes_saved"))}
+        c.line("vLLM /metrics (PegaFlow): D " + " ".join(
+            f"{k}={int(pf[k])}" for k in ("hit_tokens", "blocks_loaded", "bytes_loaded", "load_calls"))
+            + f"; P blocks_saved={int(pf['blocks_saved'])} bytes_saved={int(pf['bytes_saved'])}")
+        d_blocks = src["external_kv_transfer"] // bs
+        c.expect(pf["hit_tokens"] == src["external_kv_transfer"] and
+                 pf["blocks_loaded"] == d_blocks and pf["bytes_loaded"] == d_blocks * bb,
+                 f"vLLM's /metrics shows the connector's stats: D hit_tokens {int(pf['hit_tokens'])}"
+                 f" == external {int(src['external_kv_transfer'])}, blocks_loaded "
+                 f"{int(pf['blocks_loaded'])} == {int(d_blocks)}, bytes_loaded == blocks x {bb}")
+        c.expect(pf["blocks_saved"] > 0 and pf["bytes_saved"] == pf["blocks_saved"] * bb,
+                 f"vLLM's /metrics on P: blocks_saved {int(pf['blocks_saved'])} > 0, bytes_saved "
+                 f"== blocks x {bb}")
         c.expect(ready == n and tfail == 0, f"engine: {int(ready)} transfers ready, "
                  f"{int(tfail)} failed (want {n}, 0)")
         c.expect(cb == n and timeouts == 0,
@@ -200,6 +217,18 @@ def check(args: argparse.Namespace) -> int:
     return 0 if c.failed == 0 else 1
 
 
+def disabled(url: str) -> int:
+    """Phase 4: a D whose connector could not start says so in vLLM's own
+    /metrics (vllm:pegaflow_disabled_total) and claimed no hit."""
+    snap = {"d": scrape(url)}
+    dis = value(snap, "d", "vllm:pegaflow_disabled_total")
+    hit = value(snap, "d", "vllm:pegaflow_hit_tokens_total")
+    ok = dis >= 1 and hit == 0
+    print(f"[pd]   D /metrics: pegaflow_disabled_total={dis:.0f} pegaflow_hit_tokens_total="
+          f"{hit:.0f} -> {'ok' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -215,7 +244,11 @@ def main(argv: list[str]) -> int:
     k.add_argument("--block-size", type=int, default=32)
     k.add_argument("--stopped", action="store_true")
     k.add_argument("--kv-ready-timeout", type=float, default=5.0, help="router's, seconds")
+    x = sub.add_parser("disabled")
+    x.add_argument("url")
     args = ap.parse_args(argv)
+    if args.cmd == "disabled":
+        return disabled(args.url)
     if args.cmd == "snap":
         snap = {}
         for item in args.servers:

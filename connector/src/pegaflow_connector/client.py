@@ -20,12 +20,13 @@ from typing import Any
 
 import grpc
 
+from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
 from ._proto import engine_pb2_grpc as pb_grpc
 from .config import UnsafeSocketDir, check_socket_dir
 from .metrics import Metrics
 
-log = logging.getLogger("pegaflow_connector")
+log = logging.getLogger(LOGGER_NAME)
 
 
 class EngineError(Exception):
@@ -106,6 +107,12 @@ class EngineClient:
             connected = self._session is not None
         if connected:
             self._run_hook(hook)
+
+    def remove_on_connect(self, hook: Callable[[EngineClient], None]) -> None:
+        """Undoes add_on_connect (no-op if the hook is not there)."""
+        with self._lock:
+            if hook in self._hooks:
+                self._hooks.remove(hook)
 
     def start(self) -> None:
         with self._lock:

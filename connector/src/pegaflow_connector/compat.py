@@ -15,8 +15,14 @@ what that release does. Attributes every release has (`request_id`,
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
+
+# Our lines go through vLLM's logger: vLLM configures the "vllm" logger
+# (handler, format, VLLM_LOGGING_LEVEL) and children propagate to it, so
+# the connector's messages land in vLLM's log like its own connectors'.
+LOGGER_NAME = "vllm.pegaflow_connector"
 
 # ---------------------------------------------------------------- base classes
 
@@ -68,6 +74,44 @@ except Exception:  # noqa: BLE001 - ImportError, or a broken vLLM/torch install
 
         def has_connector_metadata(self) -> bool:
             return self._connector_metadata is not None
+
+# KVConnectorStats / KVConnectorPromMetrics (v1/metrics.py) came with the
+# connector stats hooks (get_kv_connector_stats, build_kv_connector_stats,
+# build_prom_metrics; NIXL's stats, 0.10/0.11). Stand-ins keep the stats
+# class usable without vLLM (tests); without vLLM nothing calls the hooks.
+try:  # pragma: no cover
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (  # type: ignore
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+    )
+except Exception:  # noqa: BLE001
+    import dataclasses as _dc
+
+    @_dc.dataclass
+    class KVConnectorStats:  # type: ignore[no-redef]
+        """Stand-in for vLLM's stats base (a dataclass with `data`)."""
+
+        data: dict[str, Any] = _dc.field(default_factory=dict)
+
+    class KVConnectorPromMetrics:  # type: ignore[no-redef]
+        """Stand-in for vLLM's per-connector Prometheus base."""
+
+        def __init__(self, vllm_config: Any, metric_types: dict[Any, Any], labelnames: list[str],
+                     per_engine_labelvalues: dict[int, list[object]]):
+            self._kv_transfer_config = vllm_config.kv_transfer_config
+            self._counter_cls = next((v for k, v in metric_types.items()
+                                      if getattr(k, "__name__", "") == "Counter"), None)
+            self._labelnames = labelnames
+            self.per_engine_labelvalues = per_engine_labelvalues
+
+
+def prom_counter_cls(prom: Any, metric_types: dict[Any, Any]) -> Any:
+    """The Counter class vLLM hands build_prom_metrics (Ray wraps them)."""
+    cls = getattr(prom, "_counter_cls", None)
+    if cls is None:
+        cls = next(v for k, v in metric_types.items() if getattr(k, "__name__", "") == "Counter")
+    return cls
+
 
 # KVConnectorHandshakeMetadata came with the worker -> scheduler handshake
 # hooks (get_handshake_metadata / set_xfer_handshake_metadata, second half
@@ -134,11 +178,78 @@ def prefix_caching_hash_algo(cache_config: Any) -> str:
     return str(getattr(cache_config, "prefix_caching_hash_algo", "sha256") or "sha256")
 
 
+# vLLM's DEFAULT_NONE_HASH_SEED (vllm/v1/core/kv_cache_utils.py, 0.32+).
+DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
+_NON_CRYPTO_HASH_ALGOS = frozenset({"xxhash", "xxhash_cbor"})
+
+
+def resolved_hash_seed(hash_algo: str, env: Any = None) -> str | None:
+    """The seed vLLM derives NONE_HASH (the root of every block-hash chain)
+    from, or None when it is random per process (nothing shareable).
+
+    Mirrors vLLM's resolve_none_hash_seed (0.32, 0.33): PYTHONHASHSEED if
+    set; else the fixed DEFAULT_NONE_HASH_SEED for sha256/sha256_cbor and
+    fresh random bytes for xxhash/xxhash_cbor. Releases without
+    resolve_none_hash_seed seeded NONE_HASH randomly whenever
+    PYTHONHASHSEED was unset. Computed rather than read from vLLM: the
+    scheduler connector is built before vLLM calls init_none_hash, and
+    workers never call it.
+    """
+    import os
+
+    env = os.environ if env is None else env
+    seed = env.get("PYTHONHASHSEED")
+    if seed is not None:
+        return str(seed)
+    if hash_algo in _NON_CRYPTO_HASH_ALGOS or not _vllm_has_default_seed():
+        return None
+    return DEFAULT_NONE_HASH_SEED
+
+
+def _vllm_has_default_seed() -> bool:
+    if not HAVE_VLLM:
+        return True  # stand-ins follow current vLLM
+    try:  # pragma: no cover - only where vLLM is installed
+        from vllm.v1.core import kv_cache_utils  # type: ignore
+
+        return hasattr(kv_cache_utils, "resolve_none_hash_seed")
+    except Exception:  # noqa: BLE001
+        return True
+
+
 def kv_cache_num_blocks(kv_cache_config: Any) -> int | None:
     """KVCacheConfig.num_blocks, or None where vLLM passed no KVCacheConfig
     (releases before PR #27887, see init_connector_base): layout detection
     then takes the block count from the tensors."""
     return getattr(kv_cache_config, "num_blocks", None)
+
+
+def data_parallel_rank(parallel_config: Any, engine_id: Any = None) -> int | None:
+    """This engine's DP rank, or None without data parallelism.
+
+    ParallelConfig.data_parallel_rank is reset to 0 for dense models run as
+    independent DP ranks (reconfigure_for_independent_dp_rank, 2026), which
+    keep the rank in data_parallel_index; releases before that field have
+    only data_parallel_rank. vLLM also appends `_dp<rank>` to
+    kv_transfer_config.engine_id whenever DP is on (every V1 release with
+    DP), which is the one signal left for rank 0 of a dense DP group.
+    """
+    size = int(getattr(parallel_config, "data_parallel_size", 1) or 1)
+    rank = getattr(parallel_config, "data_parallel_index", None)
+    if not isinstance(rank, int):
+        rank = int(getattr(parallel_config, "data_parallel_rank", 0) or 0)
+    tagged = isinstance(engine_id, str) and re.search(r"_dp\d+$", engine_id) is not None
+    if size > 1 or rank > 0 or tagged:
+        return rank
+    return None
+
+
+def context_parallel_sizes(parallel_config: Any) -> tuple[int, int]:
+    """(decode, prefill) context-parallel sizes; 1 on releases without
+    DCP (before 0.11) or PCP (before 0.12)."""
+    dcp = int(getattr(parallel_config, "decode_context_parallel_size", 1) or 1)
+    pcp = int(getattr(parallel_config, "prefill_context_parallel_size", 1) or 1)
+    return dcp, pcp
 
 
 def tensor_parallel_rank() -> int | None:

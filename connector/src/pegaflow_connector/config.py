@@ -17,6 +17,8 @@ import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .compat import resolved_hash_seed
+
 _FALSE = {"0", "false", "no", "off", ""}
 
 
@@ -213,18 +215,27 @@ class ConnectorConfig:
 
 
 def hash_seed_fingerprint(hash_algo: str, env: Mapping[str, str] | None = None) -> bytes:
-    """Fingerprint of what seeds vLLM's block-hash chain (NONE_HASH).
+    """Fingerprint of the seed vLLM roots its block-hash chain in (NONE_HASH).
 
-    vLLM derives NONE_HASH from PYTHONHASHSEED with the configured hash
-    algorithm; two instances produce equal block hashes only when both agree.
-    The fingerprint is computable in every process (workers never initialise
-    NONE_HASH), so scheduler and workers of one instance always agree.
-    Without PYTHONHASHSEED the chain is seeded randomly per process: nothing
-    can be shared, and an empty fingerprint tells the engine not to check.
+    Two instances produce equal block hashes only when both the hash
+    algorithm and that seed agree. The seed is resolved the way vLLM does
+    (compat.resolved_hash_seed: PYTHONHASHSEED, else vLLM's fixed default
+    for sha256/sha256_cbor), so scheduler and workers of one instance, and
+    instances started with or without PYTHONHASHSEED, agree exactly when
+    their hashes do. Empty when vLLM seeds randomly per process (xxhash
+    without PYTHONHASHSEED): nothing is shareable, the caller keeps the
+    instance's blocks private.
     """
-    env = os.environ if env is None else env
-    seed = env.get("PYTHONHASHSEED")
+    seed = resolved_hash_seed(hash_algo, env)
     if seed is None:
         return b""
     h = hashlib.sha256(b"pegaflow-hash-seed/v1\0" + hash_algo.encode() + b"\0" + seed.encode())
+    return h.digest()[:16]
+
+
+def private_hash_seed_fingerprint(hash_algo: str, instance_id: str) -> bytes:
+    """For a randomly seeded instance: a fingerprint (and namespace key)
+    no other instance has, so its blocks are reused only by itself."""
+    h = hashlib.sha256(b"pegaflow-hash-seed/v1\0" + hash_algo.encode() + b"\0random\0" +
+                       instance_id.encode())
     return h.digest()[:16]

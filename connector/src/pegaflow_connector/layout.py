@@ -38,9 +38,10 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
 
-log = logging.getLogger("pegaflow_connector")
+log = logging.getLogger(LOGGER_NAME)
 
 MAX_SEGMENTS = 16  # engine limit per layer
 

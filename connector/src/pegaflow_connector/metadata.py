@@ -54,8 +54,11 @@ class PegaConnectorMetadata(KVConnectorMetadata):
 @dataclasses.dataclass
 class PegaHandshake(KVConnectorHandshakeMetadata):
     """Worker -> scheduler, once after registration: the namespace the
-    worker's KV memory lives in, so the scheduler queries the same one."""
+    worker's KV memory lives in, so the scheduler queries the same one.
+    A rank whose connector could not start sends no namespace and the
+    reason in `disabled`: the scheduler then disables its side too."""
 
     namespace: bytes  # serialized pegaflow.v1.Namespace
     namespace_id: str
     rank: int
+    disabled: str = ""

@@ -16,7 +16,9 @@ import urllib.error
 import urllib.request
 from collections import OrderedDict
 
-log = logging.getLogger("pegaflow_connector")
+from .compat import LOGGER_NAME
+
+log = logging.getLogger(LOGGER_NAME)
 
 # Transfers already reported by this worker (a transfer's blocks may be
 # saved over several steps; one report is enough). Bounded: old ids go.

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
 from .client import EngineClient, EngineError, EngineUnavailable
 from .compat import (
@@ -31,9 +32,10 @@ from .compat import (
 from .config import ConnectorConfig
 from .metadata import LoadSpec, PegaConnectorMetadata, SaveSpec
 from .metrics import Metrics
-from .rendezvous import NamespacePoller
+from .ready import FailureReporter
+from .rendezvous import NamespacePoller, disabled_reason
 
-log = logging.getLogger("pegaflow_connector")
+log = logging.getLogger(LOGGER_NAME)
 
 # kv_transfer_params keys (docs/design.md).
 K_DO_REMOTE_DECODE = "do_remote_decode"
@@ -106,7 +108,25 @@ class SchedulerCore:
         self._ns_rejected = False
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pegaflow-sched")
         self._has_preempted_field: bool | None = None
+        self.disabled = ""
+        self._failure_reporter = FailureReporter()
+        # vLLM builds the scheduler after the workers registered: a rank
+        # that failed has left its marker already (older vLLM: no handshake).
+        if (reason := disabled_reason(instance_id)) is not None:
+            self.disable(reason)
         client.add_on_connect(self._on_connect)
+
+    def disable(self, reason: str) -> None:
+        """A worker rank could not start: stop planning saves and loads
+        (answer 0 matched tokens) for good; the workers' fallbacks settle
+        whatever was already handed out. Idempotent."""
+        if self.disabled:
+            return
+        self.disabled = reason
+        self.metrics.inc("connector_disabled")
+        log.error("pegaflow: CONNECTOR DISABLED for instance %s: a worker could not start (%s). "
+                  "vLLM keeps serving without PegaFlow (no cache hits, nothing saved); fix the "
+                  "cause in that worker's log and restart the instance.", self.instance_id, reason)
 
     # ------------------------------------------------------------ namespace
 
@@ -162,6 +182,8 @@ class SchedulerCore:
         if self._ns is None:
             # No handshake (older vLLM): rank 0's rendezvous file.
             ns = self._ns_poller.poll()
+            if self._ns_poller.disabled:
+                self.disable(self._ns_poller.disabled)
             if ns is not None:
                 self.set_namespace(ns)
         return None
@@ -200,7 +222,7 @@ class SchedulerCore:
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._state(request)
         st.last_num_computed = num_computed_tokens
-        if not self.load_enabled:
+        if not self.load_enabled or self.disabled:
             return 0, False
         hashes = request_block_hashes(request)
         # vLLM recomputes the last token itself: never claim it.
@@ -340,6 +362,7 @@ class SchedulerCore:
             return
         st.load = LoadSpec(st.req_id, ids[start:end], [hash_bytes(h) for h in hashes[start:end]],
                            lease_id=st.memo_lease, transfer_id=st.remote_transfer)
+        self.metrics.inc("external_hit_tokens", num_external_tokens)
         st.memo_lease = ""  # the load's, released by the engine once every rank loaded
         st.memo_key = None
         st.transfer_loaded = bool(st.remote_transfer)
@@ -400,7 +423,7 @@ class SchedulerCore:
         return meta
 
     def _plan_saves(self, meta: PegaConnectorMetadata, st: _Req, num_computed: int, so: Any) -> None:
-        if not self.save_enabled:
+        if not self.save_enabled or self.disabled:
             return
         req = st.request
         n_sched = so.num_scheduled_tokens.get(st.req_id, 0)
@@ -471,6 +494,12 @@ class SchedulerCore:
                     self._release_after_send[st.req_id] = st.transfer_id
                 else:
                     self._release(transfer_id=st.transfer_id)
+                if self.disabled and not st.saved_any:
+                    # Nothing was saved and the engine may never have heard
+                    # of the transfer: tell the router, so D recomputes now.
+                    self._pool.submit(self._failure_reporter.report, st.ready_url, st.transfer_id,
+                                      st.ready_token, f"P's PegaFlow connector is disabled: "
+                                      f"{self.disabled}")
         if st.remote_transfer and not st.transfer_loaded:
             self._release(transfer_id=st.remote_transfer)
         delay = st.saved_any

@@ -1,6 +1,8 @@
-"""PegaKVConnector: the thin vLLM adapter over the scheduler and worker cores.
+"""PegaFlowConnector: the thin vLLM adapter over the scheduler and worker cores.
 
-Load with:
+Load with (the plugin registers the name, plugin.py):
+    --kv-transfer-config '{"kv_connector": "PegaFlowConnector", "kv_role": "kv_both"}'
+or by module path, under either name (PegaKVConnector is the old one):
     --kv-transfer-config '{"kv_connector": "PegaKVConnector", "kv_role": "kv_both",
                            "kv_connector_module_path": "pegaflow_connector"}'
 
@@ -20,10 +22,13 @@ import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
 from .client import EngineClient
 from .compat import (
     KVConnectorBase_V1,
+    context_parallel_sizes,
+    data_parallel_rank,
     init_connector_base,
     kv_cache_num_blocks,
     kv_connector_extra_config,
@@ -34,15 +39,22 @@ from .compat import (
     role_is_scheduler,
     tensor_parallel_rank,
 )
-from .config import ConnectorConfig, hash_seed_fingerprint
+from .config import ConnectorConfig, hash_seed_fingerprint, private_hash_seed_fingerprint
+from .disabled import DisabledWorker
 from .layout import LayoutError
 from .metadata import PegaConnectorMetadata, PegaHandshake
 from .metrics import Metrics
-from .rendezvous import namespace_from_handshakes
+from .rendezvous import (
+    clear_disabled,
+    disabled_from_handshakes,
+    namespace_from_handshakes,
+    publish_disabled,
+)
 from .scheduler import SchedulerCore
+from .stats import PegaFlowPromMetrics, PegaFlowStats, StatsTap
 from .worker import WorkerCore
 
-log = logging.getLogger("pegaflow_connector")
+log = logging.getLogger(LOGGER_NAME)
 
 T = TypeVar("T")
 
@@ -52,7 +64,7 @@ def _guard(default: Callable[..., Any]) -> Callable[[Callable[..., T]], Callable
 
     def wrap(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
-        def inner(self: PegaKVConnector, *args: Any, **kwargs: Any) -> T:
+        def inner(self: PegaFlowConnector, *args: Any, **kwargs: Any) -> T:
             try:
                 return fn(self, *args, **kwargs)
             except Exception as e:  # noqa: BLE001
@@ -65,6 +77,17 @@ def _guard(default: Callable[..., Any]) -> Callable[[Callable[..., T]], Callable
     return wrap
 
 
+def instance_id_for(configured: str, engine_id: Any, dp_rank: int | None) -> str:
+    """The engine instance id: configured, else from vLLM's engine_id, else
+    the host name; with data parallelism `-dp<rank>` is appended unless the
+    base already carries the rank (vLLM's `_dp<rank>` engine_id), so DP
+    ranks sharing one configured id never register under the same name."""
+    base = configured or (f"vllm-{engine_id}" if engine_id else f"vllm-{socket.gethostname()}")
+    if dp_rank is None or (not configured and engine_id and str(engine_id).endswith(f"_dp{dp_rank}")):
+        return base
+    return f"{base}-dp{dp_rank}"
+
+
 def _tp_rank(cfg: ConnectorConfig) -> int:
     if cfg.tp_rank is not None:
         return cfg.tp_rank
@@ -72,24 +95,31 @@ def _tp_rank(cfg: ConnectorConfig) -> int:
     return 0 if rank is None else rank  # not in a vLLM worker (tests, tools)
 
 
-class PegaKVConnector(KVConnectorBase_V1):
+class PegaFlowConnector(KVConnectorBase_V1):
     """vLLM KV connector backed by a PegaFlow engine on the same host."""
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None,
                  *, client: EngineClient | None = None):
         init_connector_base(super().__init__, vllm_config, role, kv_cache_config)
         self._metrics = client.metrics if client is not None else Metrics()
+        self._stats_tap = StatsTap(self._metrics)
         self._sched: SchedulerCore | None = None
-        self._worker: WorkerCore | None = None
+        self._worker: WorkerCore | DisabledWorker | None = None
         self._client: EngineClient | None = client
         self._is_scheduler = role_is_scheduler(role)
         self._disabled = ""
         self._kv_cache_config = kv_cache_config
+        self.instance_id = ""
+        self._rank = 0
         try:
             self._setup(vllm_config)
         except Exception as e:  # noqa: BLE001 - vLLM must start without us
-            self._disabled = str(e)
-            log.error("pegaflow: connector disabled: %s", e)
+            if self._is_scheduler:
+                self._disabled = str(e)
+                log.error("pegaflow: CONNECTOR DISABLED (scheduler): %s. vLLM keeps serving "
+                          "without PegaFlow.", e)
+            else:
+                self._disable_worker(f"start-up failed: {e}")
 
     # ------------------------------------------------------------ setup
 
@@ -110,23 +140,36 @@ class PegaKVConnector(KVConnectorBase_V1):
         self.block_size = int(cc.block_size)
         if int(getattr(pc, "pipeline_parallel_size", 1) or 1) > 1:
             raise ValueError("pipeline parallelism is not supported")
+        dcp, pcp = context_parallel_sizes(pc)
+        if dcp > 1 or pcp > 1:
+            raise ValueError(f"context parallelism is not supported (decode_context_parallel_size="
+                             f"{dcp}, prefill_context_parallel_size={pcp}): it splits each "
+                             "block's KV by token across ranks; run with DCP=PCP=1")
         tp = int(getattr(pc, "tensor_parallel_size", 1) or 1)
         engine_id = kv_engine_id(ktc)
-        self.instance_id = cfg.instance_id or (f"vllm-{engine_id}" if engine_id
-                                               else f"vllm-{socket.gethostname()}")
+        self.instance_id = instance_id_for(cfg.instance_id, engine_id,
+                                           data_parallel_rank(pc, engine_id))
         hash_algo = prefix_caching_hash_algo(cc)
+        extra = {"kv_cache_dtype": str(getattr(cc, "cache_dtype", "auto"))}
         fp = hash_seed_fingerprint(hash_algo)
         if not fp:
-            log.warning("pegaflow: PYTHONHASHSEED is not set: vLLM seeds block hashes randomly "
-                        "per process, so no other process (P/D peer, restarted instance) can "
-                        "find this instance's blocks. Set the same PYTHONHASHSEED everywhere.")
-        extra = {"kv_cache_dtype": str(getattr(cc, "cache_dtype", "auto"))}
+            # vLLM seeds this instance's hashes randomly: no other process
+            # can match them, so sharing a namespace would only be a silent
+            # 0% hit rate (and, for xxhash, a known-seed collision risk).
+            fp = private_hash_seed_fingerprint(hash_algo, self.instance_id)
+            extra["hash_seed"] = f"random:{self.instance_id}"
+            if self._is_scheduler:
+                log.warning("pegaflow: vLLM seeds block hashes randomly per process (%s without "
+                            "PYTHONHASHSEED): this instance's blocks are kept private to it (no "
+                            "P/D, no sharing with other instances). Set the same PYTHONHASHSEED "
+                            "on every instance to share.", hash_algo)
         extra.update(cfg.namespace_extra)
         self._ns_template = pb.Namespace(
             model=cfg.model_name or str(mc.model), model_revision=str(getattr(mc, "revision", "") or ""),
             block_size=self.block_size, tp_size=tp, hash_algo=hash_algo,
             hash_seed_fingerprint=fp, extra=extra)
-        role = "scheduler" if self._is_scheduler else f"worker rank {_tp_rank(cfg)}"
+        self._rank = _tp_rank(cfg)
+        role = "scheduler" if self._is_scheduler else f"worker rank {self._rank}"
         if self._client is None:
             self._client = EngineClient(
                 cfg.socket_path, f"vllm-{role} pid={os.getpid()} instance={self.instance_id}",
@@ -139,7 +182,9 @@ class PegaKVConnector(KVConnectorBase_V1):
                                         load_enabled=self._load_enabled,
                                         save_enabled=self._save_enabled, metrics=self._metrics)
         else:
-            self._worker = WorkerCore(cfg, self._client, rank=_tp_rank(cfg), tp_size=tp,
+            # A marker left by an earlier run of this instance is stale now.
+            clear_disabled(self.instance_id, self._rank)
+            self._worker = WorkerCore(cfg, self._client, rank=self._rank, tp_size=tp,
                                       instance_id=self.instance_id, namespace=self._ns_template,
                                       metrics=self._metrics)
         self._client.start()
@@ -155,7 +200,12 @@ class PegaKVConnector(KVConnectorBase_V1):
         return self._client
 
     @property
-    def worker_core(self) -> WorkerCore | None:
+    def disabled(self) -> str:
+        """Why this process's connector is disabled ("" when it is not)."""
+        return self._disabled
+
+    @property
+    def worker_core(self) -> WorkerCore | DisabledWorker | None:
         return self._worker
 
     @property
@@ -164,17 +214,36 @@ class PegaKVConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------ worker side
 
-    @_guard(lambda self, *a, **k: None)
+    def _disable_worker(self, reason: str) -> None:
+        """From now on this rank runs a DisabledWorker, which settles every
+        delayed free and load vLLM still hands it; the scheduler learns it
+        from the handshake or the rendezvous marker."""
+        self._disabled = reason
+        self._worker = DisabledWorker(reason, self._rank, self._metrics)
+        if self.instance_id:
+            publish_disabled(self.instance_id, self._rank, reason)
+        log.error("pegaflow: CONNECTOR DISABLED on worker rank %d: %s. vLLM keeps serving "
+                  "without PegaFlow (requests are computed locally, nothing is saved).",
+                  self._rank, reason)
+
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        if self._worker is None:
+        """Any failure, at any registration step, disables this rank (never
+        raised into vLLM, never a half-registered worker)."""
+        worker = self._worker
+        if not isinstance(worker, WorkerCore):
             return
-        num_blocks = kv_cache_num_blocks(self._kv_cache_config)
         try:
-            self._worker.register_kv_caches(kv_caches, num_blocks, self.block_size)
-        except LayoutError as e:
-            self._disabled = str(e)
-            self._worker = None
-            log.error("pegaflow: cannot register KV caches, connector disabled: %s", e)
+            num_blocks = kv_cache_num_blocks(self._kv_cache_config)
+            worker.register_kv_caches(kv_caches, num_blocks, self.block_size)
+        except Exception as e:  # noqa: BLE001 - vLLM must serve without us
+            self._metrics.inc("register_failures")
+            try:
+                worker.abandon()
+            except Exception:  # noqa: BLE001 - abandon is best effort already
+                pass
+            what = "cannot describe the KV caches" if isinstance(e, LayoutError) \
+                else f"registration failed ({type(e).__name__})"
+            self._disable_worker(f"{what}: {e}")
 
     @_guard(lambda self, *a, **k: None)
     def handle_preemptions(self, kv_connector_metadata: Any = None, *args: Any, **kwargs: Any) -> None:
@@ -273,9 +342,29 @@ class PegaKVConnector(KVConnectorBase_V1):
     def set_xfer_handshake_metadata(self, metadata: dict[Any, Any]) -> None:
         if self._sched is None or not metadata:
             return
+        if (reason := disabled_from_handshakes(metadata.values())) is not None:
+            self._sched.disable(reason)
         ns = namespace_from_handshakes(metadata.values())
         if ns is not None:
             self._sched.set_namespace(ns)
+
+    # ------------------------------------------------------------ vLLM stats
+
+    @_guard(lambda self, *a, **k: None)
+    def get_kv_connector_stats(self) -> PegaFlowStats | None:
+        """This process's counter deltas since the last call (vLLM asks
+        every worker after each step, and the scheduler)."""
+        data = self._stats_tap.take()
+        return PegaFlowStats(data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> PegaFlowStats:
+        return PegaFlowStats(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict[Any, Any], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> PegaFlowPromMetrics:
+        return PegaFlowPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def take_events(self) -> tuple[()]:
         return ()
@@ -283,3 +372,7 @@ class PegaKVConnector(KVConnectorBase_V1):
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
         return None
+
+
+# The name before the plugin (kept for configs that load it by module path).
+PegaKVConnector = PegaFlowConnector

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from .compat import LOGGER_NAME
 from . import rendezvous
 from ._proto import engine_pb2 as pb
 from .client import EngineClient, EngineError, EngineUnavailable
@@ -38,7 +39,7 @@ from .metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from .metrics import Metrics
 from .ready import FailureReporter
 
-log = logging.getLogger("pegaflow_connector")
+log = logging.getLogger(LOGGER_NAME)
 
 
 def _unique_refs(ids: list[int], hashes: list[bytes]) -> tuple[list[int], list[bytes]]:
@@ -94,6 +95,7 @@ class WorkerCore:
         self._lease_owner = True
         self._eng_instance = instance_id
         self._eng_rank = rank
+        self.bytes_per_block = 0  # this rank's, from the engine's RegisterResponse
         self.mode = "unregistered"  # "shm", "staging" or "cuda" once registered
         # CUDA: the interprocess event re-recorded after each step's forward
         # and the client generation whose engine opened it (-1: none did).
@@ -153,8 +155,31 @@ class WorkerCore:
                               staging_dir=self.cfg.staging_dir, rank=self.rank)
         self.mode, self._staging, self._ipc_event = reg.mode, reg.staging, reg.ipc_event
         self._reg_req = req
+        # Last, so that a failure before leaves nothing running (abandon()
+        # undoes these two).
         self._start_threads()
         self.client.add_on_connect(self._register)
+
+    def abandon(self) -> None:
+        """Undoes a registration that failed part-way (best effort, never
+        raises): no more registrations, threads stopped, engine state and
+        staging released. The adapter then runs a DisabledWorker."""
+        self.client.remove_on_connect(self._register)
+        self._reg_req = None
+        self._closed = True
+        for q in (self._save_q, self._load_q):
+            q.put(None)
+        try:
+            if self.registered():
+                self.client.unregister(self._eng_instance, self._eng_rank, 2.0)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+        try:
+            if self._staging is not None:
+                self._staging.close()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+        self._staging = None
 
     def _register(self, client: EngineClient) -> None:
         req = self._reg_req
@@ -174,11 +199,25 @@ class WorkerCore:
                           "shares a namespace with instances whose block hashes or layout differ "
                           "(check PYTHONHASHSEED, hash algorithm, block size); saves and loads "
                           "are disabled", self.rank, e.details)
+            elif e.code == grpc.StatusCode.ALREADY_EXISTS:
+                self.metrics.inc("instance_id_conflicts")
+                log.error("pegaflow: ENGINE REFUSED REGISTRATION of rank %d: instance id %r is "
+                          "already registered by another live vLLM process (%s). Give every "
+                          "vLLM instance its own instance_id (DP ranks get -dp<rank> "
+                          "appended automatically); saves and loads of this rank are disabled "
+                          "until it registers", self.rank, self._eng_instance, e.details)
             else:
                 self.metrics.inc("register_failures")
                 log.error("pegaflow: registration of rank %d failed: %s", self.rank, e)
             return
+        except Exception as e:  # noqa: BLE001 - unregistered: saves drop, loads fail
+            self.metrics.inc("register_failures")
+            log.exception("pegaflow: registration of rank %d failed unexpectedly (saves are "
+                          "dropped and loads recomputed until the next reconnection): %s",
+                          self.rank, e)
+            return
         with self._reg_lock:
+            self.bytes_per_block = int(resp.bytes_per_block)
             self._reg_gen = gen
             self._event_gen = gen if resp.cuda_event and self._ipc_event is not None else -1
             self.namespace_id = resp.namespace_id
@@ -387,6 +426,7 @@ class WorkerCore:
             self.metrics.inc("save_seconds", time.perf_counter() - t0)
             self.metrics.inc("save_calls")
             self.metrics.inc("blocks_saved", resp.saved)
+            self.metrics.inc("bytes_saved", resp.saved * self.bytes_per_block)
             self.metrics.inc("blocks_save_skipped", resp.skipped)
             if resp.failed:
                 self.metrics.inc("blocks_save_failed", resp.failed)
@@ -454,6 +494,7 @@ class WorkerCore:
             if len(resp.status) < len(ids):
                 failed.update(ids[len(resp.status):])
         self.metrics.inc("blocks_loaded", n - len(failed))
+        self.metrics.inc("bytes_loaded", (n - len(failed)) * self.bytes_per_block)
         if failed:
             self.metrics.inc("blocks_load_failed", len(failed))
         return failed
