@@ -15,6 +15,9 @@ var (
 	// ErrPrecondition: the request is well formed but conflicts with state,
 	// e.g. a hash-seed or geometry mismatch within a namespace.
 	ErrPrecondition = errors.New("failed precondition")
+	// ErrAlreadyExists: another live session holds what the request names,
+	// e.g. an (instance, rank) registration.
+	ErrAlreadyExists = errors.New("already exists")
 	// ErrExhausted: the pool has no evictable space left.
 	ErrExhausted = errors.New("resource exhausted")
 	// ErrClosed: the engine is shutting down.
@@ -25,7 +28,7 @@ var (
 
 // isEngineError reports whether err already wraps one of the kinds above.
 func isEngineError(err error) bool {
-	for _, kind := range []error{ErrInvalid, ErrNotFound, ErrPermission, ErrPrecondition, ErrExhausted, ErrClosed} {
+	for _, kind := range []error{ErrInvalid, ErrNotFound, ErrPermission, ErrPrecondition, ErrAlreadyExists, ErrExhausted, ErrClosed} {
 		if errors.Is(err, kind) {
 			return true
 		}

@@ -50,3 +50,31 @@ func TestReleaseOnlyByOwner(t *testing.T) {
 	require.NoError(t, e.Release(&pb.ReleaseRequest{SessionId: sched, TransferId: "t-owned"}))
 	require.Zero(t, pins())
 }
+
+// Two live processes registering one (instance, rank), e.g. DP ranks
+// given the same instance_id, are refused instead of evicting each other;
+// the same session re-registers, and a new one may once the old ended.
+func TestDuplicateLiveInstanceIsRefused(t *testing.T) {
+	e := newTestEngine(t, 4<<20)
+	first := newWorker(t, e, "P", 0, 1, smallSpec)
+
+	c := newCache(t, smallSpec)
+	req := c.RegisterRequest("P", 0, smallSpec.Namespace("m", 1))
+	sid, err := e.OpenSession("P second process")
+	require.NoError(t, err)
+	req.SessionId = sid
+	_, err = e.Register(context.Background(), req)
+	require.ErrorIs(t, err, ErrAlreadyExists)
+	require.ErrorContains(t, err, `instance "P" rank 0 is registered by another live session`)
+	require.EqualValues(t, 1, e.Stats().Instances, "the first registration stands")
+	first.save(t, seq(0, 1), kvtest.Hashes("still-mine", 1), "", false)
+
+	again := c.RegisterRequest("P", 0, smallSpec.Namespace("m", 1))
+	again.SessionId = first.session
+	_, err = e.Register(context.Background(), again)
+	require.NoError(t, err, "the holder re-registers")
+
+	e.CloseSession(first.session)
+	_, err = e.Register(context.Background(), req)
+	require.NoError(t, err, "a restarted process registers once the old session ended")
+}

@@ -66,6 +66,21 @@ func (r regStep) request(t *testing.T) *pb.RegisterRequest {
 	return req
 }
 
+// restarter models a step that registers an (instance, rank) an earlier
+// step registered as that process's restart: the old session ends first
+// (as its Attach stream does when the process exits), since a live
+// session's registration is not replaced by another session's.
+func restarter(e *Engine) func(step regStep, sid string) {
+	held := map[instanceKey]string{}
+	return func(step regStep, sid string) {
+		key := instanceKey{step.instance, uint32(step.rank)}
+		if old, ok := held[key]; ok {
+			e.CloseSession(old)
+		}
+		held[key] = sid
+	}
+}
+
 func TestRegisterDevicePlacement(t *testing.T) {
 	tests := []struct {
 		name  string
@@ -112,10 +127,12 @@ func TestRegisterDevicePlacement(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			e, _ := newTopoEngine(t, tc.topo, -1)
+			restart := restarter(e)
 			for i, step := range tc.steps {
 				req := step.request(t)
 				sid, err := e.OpenSession(step.instance)
 				require.NoError(t, err)
+				restart(step, sid)
 				req.SessionId = sid
 				_, err = e.Register(context.Background(), req)
 				if i < len(tc.steps)-1 || tc.kind == nil {
@@ -176,10 +193,12 @@ func TestRegisterParallelismAcrossInstances(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			e, _ := newTopoEngine(t, topology.CPU("test"), -1)
+			restart := restarter(e)
 			for i, step := range tc.steps {
 				req := step.request(t)
 				sid, err := e.OpenSession(step.instance)
 				require.NoError(t, err)
+				restart(step, sid)
 				req.SessionId = sid
 				before := e.Stats().Namespaces
 				_, err = e.Register(context.Background(), req)

@@ -126,7 +126,12 @@ func (e *Engine) instanceLocked(sessionID, instanceID string, rank uint32) (*ins
 }
 
 // Register registers one rank's KV memory. A registration of the same
-// (instance, rank) replaces the previous one, e.g. after a vLLM restart.
+// (instance, rank) by the same session replaces the previous one (a
+// worker re-registering); one held by another live session is refused
+// with ErrAlreadyExists: two processes with one instance id (e.g. DP
+// ranks given the same id) would otherwise evict each other's
+// registration in a loop. A restarted vLLM registers again once its old
+// session ended (its Attach stream closes with the process).
 // A done ctx stops it before any memory is opened.
 func (e *Engine) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.RegisterResponse, error) {
 	reg, err := validateRegister(req, e.capacity())
@@ -160,6 +165,9 @@ func (e *Engine) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 	if err == nil {
 		err = e.checkRegistrationLocked(reg)
 	}
+	if err == nil {
+		err = e.checkInstanceFreeLocked(s, reg)
+	}
 	if err != nil {
 		for _, r := range regions {
 			_ = r.Close()
@@ -182,6 +190,18 @@ func (e *Engine) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 	return &pb.RegisterResponse{NamespaceId: ns.id, BytesPerBlock: layout.rankBytes, CudaEvent: ev != nil}, nil
 }
 
+// checkInstanceFreeLocked refuses an (instance, rank) that another live
+// session holds. Caller holds e.mu.
+func (e *Engine) checkInstanceFreeLocked(s *session, reg *registration) error {
+	old, ok := e.instances[instanceKey{reg.instanceID, reg.rank}]
+	if !ok || old.session == s {
+		return nil
+	}
+	return fmt.Errorf("%w: instance %q rank %d is registered by another live session %s (%s); "+
+		"give each vLLM process (each DP rank) its own instance_id", ErrAlreadyExists,
+		reg.instanceID, reg.rank, old.session.id, old.session.name)
+}
+
 // preflightRegister runs Register's namespace and placement checks before
 // any memory is opened, so a mismatch fails cheaply, and opens (or
 // creates) the namespace. Register repeats the checks after opening the
@@ -192,10 +212,14 @@ func (e *Engine) preflightRegister(reg *registration) (*namespace, error) {
 	if err := e.checkOpen(); err != nil {
 		return nil, err
 	}
-	if _, err := e.sessionLocked(reg.sessionID); err != nil {
+	s, err := e.sessionLocked(reg.sessionID)
+	if err != nil {
 		return nil, err
 	}
 	if err := e.checkRegistrationLocked(reg); err != nil {
+		return nil, err
+	}
+	if err := e.checkInstanceFreeLocked(s, reg); err != nil {
 		return nil, err
 	}
 	ns, err := e.openNamespaceLocked(reg.ns)

@@ -138,6 +138,8 @@ func toStatus(err error) error {
 		code = codes.PermissionDenied
 	case errors.Is(err, engine.ErrPrecondition):
 		code = codes.FailedPrecondition
+	case errors.Is(err, engine.ErrAlreadyExists):
+		code = codes.AlreadyExists
 	case errors.Is(err, engine.ErrExhausted):
 		code = codes.ResourceExhausted
 	case errors.Is(err, engine.ErrClosed):
