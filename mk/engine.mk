@@ -3,4 +3,4 @@
 BENCH_TARGETS += bench-engine
 .PHONY: bench-engine
 bench-engine: native
-	$(GO) run -tags '$(GO_TAGS)' ./scripts/bench/engine
+	$(GO) run -tags '$(GO_TAGS)' ./benchmarks/engine

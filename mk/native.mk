@@ -9,8 +9,8 @@ TEST_EXTRA += check-native-cuda
 endif
 .PHONY: bench-native check-native-cuda
 bench-native: native
-	$(GO) run -tags '$(GO_TAGS)' ./native/cmd/nativebench
-	$(GO) run -tags '$(GO_TAGS)' ./native/cmd/nativebench -xfer
+	$(GO) run -tags '$(GO_TAGS)' ./benchmarks/native
+	$(GO) run -tags '$(GO_TAGS)' ./benchmarks/native -xfer
 
 check-native-cuda:
 	GO=$(GO) scripts/native-cuda-compile-check.sh

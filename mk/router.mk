@@ -4,4 +4,4 @@
 BENCH_TARGETS += bench-router
 .PHONY: bench-router
 bench-router: build
-	$(GO) run ./scripts/bench/router -pegaflow $(abspath $(BIN_DIR)/pegaflow)
+	$(GO) run ./benchmarks/router -pegaflow $(abspath $(BIN_DIR)/pegaflow)
