@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -43,14 +44,32 @@ type engineProc struct {
 	cmd        *exec.Cmd
 	sock, http string
 	peerAddr   string
-	logs       *bytes.Buffer
+	logs       *lockedBuffer
 	done       chan struct{}
+}
+
+// lockedBuffer collects a process's stderr while the test reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func startPeerEngine(t *testing.T, bin, dir, peerAddr, tokenFile string) *engineProc {
 	t.Helper()
 	p := &engineProc{sock: filepath.Join(dir, fmt.Sprintf("engine-%d.sock", time.Now().UnixNano())), http: freeAddr(t),
-		peerAddr: peerAddr, logs: &bytes.Buffer{}, done: make(chan struct{})}
+		peerAddr: peerAddr, logs: &lockedBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(bin, "serve", "--socket", p.sock, "--http-addr", p.http, "--pool-size", "64MiB",
 		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--log-level", "debug")
 	p.cmd.Env = append(os.Environ(), "UCX_TLS=tcp")

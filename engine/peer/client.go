@@ -46,11 +46,11 @@ func (c *Client) Close() error {
 	return nil
 }
 
-func (c *Client) api(addr string) (pb.PeerClient, error) {
+func (c *Client) api(addr string) (pb.PeerClient, *grpc.ClientConn, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if conn := c.conns[addr]; conn != nil {
-		return pb.NewPeerClient(conn), nil
+		return pb.NewPeerClient(conn), conn, nil
 	}
 	if len(c.conns) >= maxConns {
 		for a, conn := range c.conns {
@@ -65,10 +65,25 @@ func (c *Client) api(addr string) (pb.PeerClient, error) {
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}),
 	)
 	if err != nil {
-		return nil, fmt.Errorf("%w: peer %s: %w", engine.ErrPeerUnavailable, addr, err)
+		return nil, nil, fmt.Errorf("%w: peer %s: %w", engine.ErrPeerUnavailable, addr, err)
 	}
 	c.conns[addr] = conn
-	return pb.NewPeerClient(conn), nil
+	return pb.NewPeerClient(conn), conn, nil
+}
+
+// failed maps a call's error and, when the peer was unreachable, forgets
+// the connection: gRPC would otherwise keep failing calls fast during its
+// reconnect backoff, long after a restarted peer is back.
+func (c *Client) failed(addr, method string, conn *grpc.ClientConn, err error) error {
+	if status.Code(err) == codes.Unavailable {
+		c.mu.Lock()
+		if c.conns[addr] == conn {
+			delete(c.conns, addr)
+			_ = conn.Close()
+		}
+		c.mu.Unlock()
+	}
+	return fromStatus(addr, method, err)
 }
 
 func (c *Client) outgoing(ctx context.Context) context.Context {
@@ -103,38 +118,38 @@ func fromStatus(addr, method string, err error) error {
 
 // Handshake implements engine.PeerControl.
 func (c *Client) Handshake(ctx context.Context, addr string) (*pb.PeerHandshakeResponse, error) {
-	api, err := c.api(addr)
+	api, conn, err := c.api(addr)
 	if err != nil {
 		return nil, err
 	}
 	resp, err := api.Handshake(c.outgoing(ctx), &pb.PeerHandshakeRequest{})
 	if err != nil {
-		return nil, fromStatus(addr, "handshake", err)
+		return nil, c.failed(addr, "handshake", conn, err)
 	}
 	return resp, nil
 }
 
 // OpenTransfer implements engine.PeerControl.
 func (c *Client) OpenTransfer(ctx context.Context, addr string, req *pb.PeerOpenTransferRequest) (*pb.PeerOpenTransferResponse, error) {
-	api, err := c.api(addr)
+	api, conn, err := c.api(addr)
 	if err != nil {
 		return nil, err
 	}
 	resp, err := api.OpenTransfer(c.outgoing(ctx), req)
 	if err != nil {
-		return nil, fromStatus(addr, "open transfer", err)
+		return nil, c.failed(addr, "open transfer", conn, err)
 	}
 	return resp, nil
 }
 
 // ReleaseTransfer implements engine.PeerControl.
 func (c *Client) ReleaseTransfer(ctx context.Context, addr, handle string) error {
-	api, err := c.api(addr)
+	api, conn, err := c.api(addr)
 	if err != nil {
 		return err
 	}
 	if _, err := api.ReleaseTransfer(c.outgoing(ctx), &pb.PeerReleaseTransferRequest{Handle: handle}); err != nil {
-		return fromStatus(addr, "release transfer", err)
+		return c.failed(addr, "release transfer", conn, err)
 	}
 	return nil
 }
