@@ -90,7 +90,7 @@ proto-go:
 	  --plugin=protoc-gen-go-grpc=$$($(GO) env GOPATH)/bin/protoc-gen-go-grpc \
 	  --go_out=. --go_opt=module=github.com/pegaflow/pegaflow \
 	  --go-grpc_out=. --go-grpc_opt=module=github.com/pegaflow/pegaflow \
-	  engine/api/proto/pegaflow/v1/engine.proto
+	  engine/api/proto/pegaflow/v1/engine.proto engine/api/proto/pegaflow/v1/peer.proto
 
 clean:
 	rm -rf $(BUILD_DIR) $(BIN_DIR)

@@ -30,6 +30,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/pegaflow/pegaflow/engine/topology"
+	"github.com/pegaflow/pegaflow/internal/ids"
 	"github.com/pegaflow/pegaflow/native"
 )
 
@@ -75,6 +76,18 @@ type Config struct {
 	// Topology is the host's GPUs (topology.Discover); nil is CPU mode.
 	// Registrations are checked against it and it places the pools.
 	Topology *topology.Topology
+	// Peers is the control plane to other engines (engine/peer.Client).
+	// When set, New starts the UCX transfer agent and registers the pools
+	// with it once: the engine serves peers (PeerHandshake,
+	// OpenPeerTransfer) and fetches from them (QueryRequest.source_engine).
+	// nil: neither, and UCX is never started.
+	Peers PeerControl
+	// PeerOpenTTL bounds how long a peer's open transfer pins blocks
+	// without a release (default DefaultPeerOpenTTL).
+	PeerOpenTTL time.Duration
+	// PeerFetchTimeout bounds a fetch for a Query that does not wait
+	// (a waiting Query's fetch ends within its wait).
+	PeerFetchTimeout time.Duration
 }
 
 // Defaults for Config.
@@ -90,6 +103,8 @@ const (
 	// op is held by the Go plan, the coalesced batch and the native
 	// layer); a 32k-token prompt of an 80-layer model needs 320k ops.
 	DefaultMaxCopyOps = 1 << 22
+	// DefaultPeerFetchTimeout: see Config.PeerFetchTimeout.
+	DefaultPeerFetchTimeout = 10 * time.Second
 )
 
 func (c *Config) setDefaults() {
@@ -123,6 +138,12 @@ func (c *Config) setDefaults() {
 	if c.MaxCopyOps <= 0 {
 		c.MaxCopyOps = DefaultMaxCopyOps
 	}
+	if c.PeerOpenTTL <= 0 {
+		c.PeerOpenTTL = DefaultPeerOpenTTL
+	}
+	if c.PeerFetchTimeout <= 0 {
+		c.PeerFetchTimeout = DefaultPeerFetchTimeout
+	}
 	if c.Version == "" {
 		c.Version = "dev"
 	}
@@ -148,6 +169,10 @@ type Engine struct {
 	readyAllow []callbackRule
 	// budget is the engine-wide budget of in-flight copy ops (bounds.go).
 	budget *copyBudget
+	// epoch is new on every start (peers see a restart by it).
+	epoch string
+	// xfer is the UCX side, nil without Config.Peers (peerlink.go).
+	xfer *xferState
 
 	mu         sync.Mutex
 	closed     bool
@@ -159,6 +184,8 @@ type Engine struct {
 	partial    map[*block]struct{} // unsealed blocks, for the partial reaper
 	leases     map[string]*lease
 	transfers  map[string]*transfer
+	// peerOpens are the transfers peers opened here (peer.go).
+	peerOpens map[string]*peerOpen
 	// waits holds the waiters on transfers without a record; expiry is
 	// the records' FIFO in expiry order, live from expiryHead
 	// (transferbound.go).
@@ -219,8 +246,20 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		_ = closePools(pools)
 		return nil, fmt.Errorf("eviction policy: %w", err)
 	}
+	var xfer *xferState
+	if cfg.Peers != nil {
+		if xfer, err = startXfer(pools, cfg.Peers, log.With("component", "peer")); err != nil {
+			policy.close()
+			_ = copier.Close()
+			_ = closePools(pools)
+			return nil, err
+		}
+	}
 	stopped, stop := context.WithCancel(context.Background())
 	e := &Engine{
+		epoch:       ids.New("ep-"),
+		xfer:        xfer,
+		peerOpens:   map[string]*peerOpen{},
 		stopped:     stopped,
 		stop:        stop,
 		cfg:         cfg,
@@ -253,7 +292,8 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 	}
 	e.bg.Add(1)
 	go e.housekeeping()
-	log.Info("engine started", "backend", native.Backend(), "pool_bytes", e.capacity(), "pools", len(pools), "copy_threads", cfg.CopyThreads)
+	log.Info("engine started", "backend", native.Backend(), "pool_bytes", e.capacity(), "pools", len(pools), "copy_threads", cfg.CopyThreads,
+		"epoch", e.epoch, "peer_transfers", xfer != nil)
 	return e, nil
 }
 
@@ -343,6 +383,12 @@ func (e *Engine) freeMemory() error {
 	defer close(e.freed)
 	// The copier waits for in-flight batches before the pools go away.
 	err := e.copier.Close()
+	if e.xfer != nil {
+		// The pools cannot be freed while registered with UCX.
+		if xerr := e.xfer.close(); err == nil {
+			err = xerr
+		}
+	}
 	if perr := closePools(e.pools); err == nil {
 		err = perr
 	}
@@ -386,6 +432,7 @@ func (e *Engine) expire(now time.Time) {
 		}
 	}
 	e.expireTransfersLocked(now)
+	e.expirePeerOpensLocked(now)
 	for b := range e.partial {
 		if b.saving == 0 && now.Sub(b.created) > e.cfg.PartialTTL {
 			e.failBlockLocked(b, "partially saved block expired")

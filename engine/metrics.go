@@ -14,6 +14,10 @@ type metrics struct {
 	saveDuration, loadDuration prometheus.Histogram
 	saveBytes, loadBytes       prometheus.Histogram
 	transfers                  *prometheus.CounterVec
+	// Peer fetches (fetch.go); failures resolved per reason at start.
+	fetchBlocks, fetchBytes prometheus.Counter
+	fetchDuration           prometheus.Histogram
+	fetchFailures           map[string]prometheus.Counter
 }
 
 func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
@@ -29,6 +33,18 @@ func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
 			Help: "Bytes copied out of the pool per Load call.", Buckets: prometheus.ExponentialBuckets(4096, 4, 12)}),
 		transfers: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "transfers_total",
 			Help: "P/D transfers settled, by outcome."}, []string{"status"}),
+		fetchBlocks: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "peer_fetch_blocks_total",
+			Help: "Blocks fetched from peer engines and sealed here."}),
+		fetchBytes: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "peer_fetch_bytes_total",
+			Help: "Bytes of the blocks fetched from peer engines, all ranks' shares."}),
+		fetchDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "peer_fetch_duration_seconds",
+			Help: "Duration of fetches from peer engines (handshake, open, reads, seal).", Buckets: prometheus.ExponentialBuckets(100e-6, 2, 18)}),
+		fetchFailures: map[string]prometheus.Counter{},
+	}
+	failures := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "peer_fetch_failures_total",
+		Help: "Fetches from peer engines that ended short of what was asked, by reason."}, []string{"reason"})
+	for _, r := range fetchFailureReasons() {
+		m.fetchFailures[r] = failures.WithLabelValues(r)
 	}
 	locked := func(f func() float64) func() float64 {
 		return func() float64 {
@@ -45,6 +61,8 @@ func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
 	}
 	collectors := []prometheus.Collector{
 		m.saveDuration, m.loadDuration, m.saveBytes, m.loadBytes, m.transfers,
+		m.fetchBlocks, m.fetchBytes, m.fetchDuration, failures,
+		gauge("peer_transfers_open", "Transfers peers opened here (blocks pinned for their reads).", func() float64 { return float64(len(e.peerOpens)) }),
 		gauge("pool_capacity_bytes", "Pool capacity, all NUMA nodes' pools together.", func() float64 { return float64(e.capacity()) }),
 		gauge("pool_used_bytes", "Pool bytes held by blocks, all pools together.", func() float64 { return float64(e.usedLocked()) }),
 		gauge("resident_blocks", "Blocks in the pool, sealed or being saved.", func() float64 { return float64(e.numBlocks) }),
@@ -129,4 +147,17 @@ func (m *metrics) observeTransfer(s transferState) {
 		return
 	}
 	m.transfers.WithLabelValues(s.String()).Inc()
+}
+
+// observeFetch records a fetch; reason is empty when it got all it asked.
+func (m *metrics) observeFetch(blocks int, bytes uint64, d time.Duration, reason string) {
+	if m == nil {
+		return
+	}
+	m.fetchBlocks.Add(float64(blocks))
+	m.fetchBytes.Add(float64(bytes))
+	m.fetchDuration.Observe(d.Seconds())
+	if reason != "" {
+		m.fetchFailures[reason].Inc()
+	}
 }

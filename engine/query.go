@@ -22,8 +22,18 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 			return nil, err
 		}
 	}
+	if req.SourceEngine != "" {
+		if err := validatePeerAddr("source_engine", req.SourceEngine); err != nil {
+			return nil, err
+		}
+	}
 	wait := min(time.Duration(req.WaitMs)*time.Millisecond, e.cfg.MaxQueryWait)
-	ctx, cancel := context.WithTimeout(ctx, wait)
+	deadline := time.Now().Add(wait)
+	if req.SourceEngine != "" {
+		// Within the wait; same-host queries never get here.
+		e.fetchFromPeer(ctx, req.SourceEngine, req, hashes, wait)
+	}
+	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 
 	e.mu.Lock()
@@ -40,7 +50,8 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 		return nil, fmt.Errorf("%w: namespace %q", ErrNotFound, req.NamespaceId)
 	}
 	s.opened[ns] = struct{}{}
-	if req.TransferId != "" && wait > 0 {
+	// With a source engine the transfer is the peer's: nothing here to wait for.
+	if req.TransferId != "" && wait > 0 && req.SourceEngine == "" {
 		w, err := e.joinTransferLocked(req.TransferId)
 		if err != nil {
 			return nil, err

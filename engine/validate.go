@@ -3,6 +3,7 @@ package engine
 import (
 	"fmt"
 	"math/bits"
+	"net"
 	"path/filepath"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
@@ -199,6 +200,17 @@ func validateBlocks(blocks []*pb.BlockRef, numBlocks uint32) error {
 		if err := validateHash(i, b.Hash); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// validatePeerAddr checks a peer engine address: host:port.
+func validatePeerAddr(what, addr string) error {
+	if len(addr) > MaxIDLen {
+		return invalid("%s longer than %d bytes", what, MaxIDLen)
+	}
+	if host, port, err := net.SplitHostPort(addr); err != nil || host == "" || port == "" {
+		return invalid("%s %q is not host:port", what, addr)
 	}
 	return nil
 }

@@ -5,12 +5,16 @@ package native
 import (
 	"context"
 	"fmt"
+	"time"
 	"unsafe"
 )
 
 // XferBuilt reports whether this build has the UCX transfer component; the
 // `noucx` build tag leaves it out and every call fails with ErrNotSupported.
 const XferBuilt = false
+
+// XferCancelGrace mirrors xfer.go's (callers budget for it).
+const XferCancelGrace = time.Second
 
 var errNoUCX = fmt.Errorf("%w: UCX not built (noucx build tag)", ErrNotSupported)
 

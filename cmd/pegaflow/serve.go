@@ -53,6 +53,7 @@ type serveFlags struct {
 	maxTransfers                            int
 	maxCopyOps                              int64
 	router                                  router.Config
+	peer                                    peerFlags
 }
 
 func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
@@ -81,6 +82,7 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.IntVar(&f.maxTransfers, "max-transfers", engine.DefaultMaxTransfers, "most P/D transfers tracked (and, apart, most transfer ids waited for before a save)")
 	fs.Int64Var(&f.maxCopyOps, "max-copy-ops", engine.DefaultMaxCopyOps, "most copy operations in flight across all saves and loads (a block is layers x segments ops)")
 	router.BindFlags(fs, &f.router)
+	bindPeerFlags(fs, &f.peer)
 	if err := cli.Parse(fs, args, nil); err != nil {
 		return nil, err
 	}
@@ -119,6 +121,9 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 		f.kvReadyAllow = defaultKVReadyAllow(f.router)
 	}
 	if err := engine.CheckKVReadyAllow(f.kvReadyAllow); err != nil {
+		return nil, err
+	}
+	if err := f.peer.check(); err != nil {
 		return nil, err
 	}
 	return f, nil
@@ -205,7 +210,13 @@ func startEngine(ctx context.Context, f *serveFlags, log *slog.Logger, reg *prom
 	}
 	topoLog := log.With("component", "topology")
 	topo := topology.Discover(ctx, topology.NewNVML(topoLog), topoLog)
+	var peers engine.PeerControl
+	if pc := f.peer.control(); pc != nil {
+		defer pc.Close()
+		peers = pc
+	}
 	eng, err := engine.New(engine.Config{
+		Peers:    peers,
 		PoolSize: uint64(f.poolSize), NUMANode: f.numaNode, Device: -1, PoolFlags: poolFlags,
 		CopyThreads: f.copyThreads, LeaseTTL: f.leaseTTL, TransferTTL: f.transferTTL,
 		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, ShmDir: f.shmDir, CopyTimeout: f.copyTimeout, Version: version, Topology: topo,
@@ -270,6 +281,10 @@ func serveHTTP(ctx context.Context, cancel context.CancelFunc, f *serveFlags, lo
 		e.GET("/topology", topologyHandler(eng))
 	}
 
+	peerSrv, err := f.peer.listen(eng, log)
+	if err != nil {
+		return err
+	}
 	httpLis, err := net.Listen("tcp", f.httpAddr)
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", f.httpAddr, err)
@@ -292,6 +307,9 @@ func serveHTTP(ctx context.Context, cancel context.CancelFunc, f *serveFlags, lo
 		run(func() error { return srv.Serve(ctx) })
 	}
 	run(func() error { return httpSrv.Serve(httpLis) })
+	if peerSrv != nil {
+		run(func() error { return peerSrv.Serve(ctx) })
+	}
 	var internalSrv *http.Server
 	if rt != nil {
 		run(func() error { return rt.Run(ctx) })

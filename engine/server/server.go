@@ -229,3 +229,7 @@ func (s *service) Health(context.Context, *pb.HealthRequest) (*pb.HealthResponse
 func (s *service) Stats(context.Context, *pb.StatsRequest) (*pb.StatsResponse, error) {
 	return statsToPB(s.eng.Stats()), nil
 }
+
+// Status maps an engine error to its gRPC status, as this API does (for
+// other services of the engine, e.g. engine/peer).
+func Status(err error) error { return toStatus(err) }

@@ -1286,8 +1286,15 @@ type QueryRequest struct {
 	// Alternative to `hashes` for large queries: the hashes concatenated,
 	// each hash_len bytes. One field instead of one per hash makes a
 	// 1000-hash query several times cheaper to encode and decode.
-	PackedHashes  []byte `protobuf:"bytes,8,opt,name=packed_hashes,json=packedHashes,proto3" json:"packed_hashes,omitempty"`
-	HashLen       uint32 `protobuf:"varint,9,opt,name=hash_len,json=hashLen,proto3" json:"hash_len,omitempty"`
+	PackedHashes []byte `protobuf:"bytes,8,opt,name=packed_hashes,json=packedHashes,proto3" json:"packed_hashes,omitempty"`
+	HashLen      uint32 `protobuf:"varint,9,opt,name=hash_len,json=hashLen,proto3" json:"hash_len,omitempty"`
+	// The peer address (host:port of its --peer-addr) of the engine that
+	// holds these blocks, when it is another host's (cross-host P/D). When
+	// set and this engine's sealed prefix is shorter than asked, the engine
+	// first fetches the blocks it does not hold from that peer (within
+	// wait_ms), seals them, and then answers as usual. transfer_id then names
+	// the peer's transfer and is not waited for here. Empty: local only.
+	SourceEngine  string `protobuf:"bytes,10,opt,name=source_engine,json=sourceEngine,proto3" json:"source_engine,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1383,6 +1390,13 @@ func (x *QueryRequest) GetHashLen() uint32 {
 		return x.HashLen
 	}
 	return 0
+}
+
+func (x *QueryRequest) GetSourceEngine() string {
+	if x != nil {
+		return x.SourceEngine
+	}
+	return ""
 }
 
 type QueryResponse struct {
@@ -1949,7 +1963,7 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\vtransfer_id\x18\x06 \x01(\tR\n" +
 	"transferId\"@\n" +
 	"\fLoadResponse\x120\n" +
-	"\x06status\x18\x01 \x03(\x0e2\x18.pegaflow.v1.BlockStatusR\x06status\"\x9a\x02\n" +
+	"\x06status\x18\x01 \x03(\x0e2\x18.pegaflow.v1.BlockStatusR\x06status\"\xbf\x02\n" +
 	"\fQueryRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12!\n" +
@@ -1962,7 +1976,9 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\vtransfer_id\x18\a \x01(\tR\n" +
 	"transferId\x12#\n" +
 	"\rpacked_hashes\x18\b \x01(\fR\fpackedHashes\x12\x19\n" +
-	"\bhash_len\x18\t \x01(\rR\ahashLen\"f\n" +
+	"\bhash_len\x18\t \x01(\rR\ahashLen\x12#\n" +
+	"\rsource_engine\x18\n" +
+	" \x01(\tR\fsourceEngine\"f\n" +
 	"\rQueryResponse\x12\x17\n" +
 	"\anum_hit\x18\x01 \x01(\rR\x06numHit\x12\x19\n" +
 	"\blease_id\x18\x02 \x01(\tR\aleaseId\x12!\n" +

@@ -221,7 +221,7 @@ class LoadResponse(_message.Message):
     def __init__(self, status: _Optional[_Iterable[_Union[BlockStatus, str]]] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("session_id", "namespace_id", "hashes", "wait_ms", "lease", "lease_ttl_ms", "transfer_id", "packed_hashes", "hash_len")
+    __slots__ = ("session_id", "namespace_id", "hashes", "wait_ms", "lease", "lease_ttl_ms", "transfer_id", "packed_hashes", "hash_len", "source_engine")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,7 @@ class QueryRequest(_message.Message):
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     PACKED_HASHES_FIELD_NUMBER: _ClassVar[int]
     HASH_LEN_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ENGINE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     namespace_id: str
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
@@ -240,7 +241,8 @@ class QueryRequest(_message.Message):
     transfer_id: str
     packed_hashes: bytes
     hash_len: int
-    def __init__(self, session_id: _Optional[str] = ..., namespace_id: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., wait_ms: _Optional[int] = ..., lease: bool = ..., lease_ttl_ms: _Optional[int] = ..., transfer_id: _Optional[str] = ..., packed_hashes: _Optional[bytes] = ..., hash_len: _Optional[int] = ...) -> None: ...
+    source_engine: str
+    def __init__(self, session_id: _Optional[str] = ..., namespace_id: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., wait_ms: _Optional[int] = ..., lease: bool = ..., lease_ttl_ms: _Optional[int] = ..., transfer_id: _Optional[str] = ..., packed_hashes: _Optional[bytes] = ..., hash_len: _Optional[int] = ..., source_engine: _Optional[str] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
     __slots__ = ("num_hit", "lease_id", "num_inflight")

@@ -1,0 +1,366 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/native"
+)
+
+// A Query naming a source engine first fetches, from that peer, the run of
+// hashes after the local sealed prefix that this engine holds in no state
+// at all (a block some local rank is saving, or another query is fetching,
+// is waited for as usual instead). Like Save it runs plan -> copy ->
+// commit, e.mu never held across the network:
+//
+//  1. plan (locked): the missing run and the pool each rank's share goes
+//     to; the local prefix is pinned so fetching cannot evict it;
+//  2. OpenTransfer on the peer pins its sealed prefix of the run and says
+//     where the shares lie; the shares get fresh local extents and the
+//     blocks are entered unsealed, every rank "saving", pinned;
+//  3. copy (unlocked): UCX GETs, in chunks of whole blocks, each chunk at
+//     most MaxXferOps ops per Get;
+//  4. commit (locked): the leading blocks whose every share arrived are
+//     sealed; the rest are freed. A Get returns only once no byte of it
+//     can land any more (native.XferPeer.Get), so freed extents are never
+//     written late, and nothing half-fetched is ever sealed.
+//
+// Every failure (peer unreachable or refusing, epoch changed, blocks
+// evicted there, connection lost, deadline, local pool full) ends the
+// fetch with the prefix actually fetched; the Query then answers as usual.
+
+var (
+	errPeerMissing  = errors.New("the peer holds fewer of the blocks than asked")
+	errPoolFull     = errors.New("no room in the local pool: every block with a share there is pinned")
+	errPeerMismatch = errors.New("the peer's blocks do not match this namespace")
+)
+
+// fetchChunkBytes is about how many bytes one chunk of whole blocks reads:
+// small enough that a deadline leaves most of what arrived usable, large
+// enough to keep the peer's window (256 GETs, ~16 MiB) full.
+const fetchChunkBytes = 8 << 20
+
+// fetchRange is what a fetch's plan step found missing.
+type fetchRange struct {
+	ns     *namespace
+	hashes [][]byte
+	pools  []int    // local pool of each rank's share
+	local  []*block // the local sealed prefix, pinned during the fetch
+}
+
+// fetchDeadline is how long a fetch may take within a Query's wait: the
+// wait (Config.PeerFetchTimeout when the query does not wait) less the
+// grace a cancelled Get may take, so the Query still answers in time when
+// the peer stopped answering.
+func (e *Engine) fetchDeadline(wait time.Duration) time.Duration {
+	if wait <= 0 {
+		wait = e.cfg.PeerFetchTimeout
+	}
+	return max(wait-native.XferCancelGrace, wait/2)
+}
+
+// fetchFromPeer fetches what req is missing from the peer at addr, within
+// wait. It never fails the Query: errors only shorten what it fetched.
+func (e *Engine) fetchFromPeer(ctx context.Context, addr string, req *pb.QueryRequest, hashes [][]byte, wait time.Duration) {
+	if e.xfer == nil {
+		return
+	}
+	f := e.planFetchRange(req.SessionId, req.NamespaceId, hashes)
+	if f == nil {
+		return
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(ctx, e.fetchDeadline(wait))
+	defer cancel()
+	stop := context.AfterFunc(e.stopped, cancel)
+	defer stop()
+	var n int
+	var err error
+	if f.ns.rankBytes == 0 {
+		err = fmt.Errorf("%w: no rank registered the namespace's layout here yet", errPeerMismatch)
+	} else {
+		n, err = e.fetch(ctx, addr, req.TransferId, f)
+	}
+	e.mu.Lock()
+	for _, b := range f.local {
+		e.unpinLocked(b)
+	}
+	e.mu.Unlock()
+	bytes := uint64(n) * f.ns.rankBytes * uint64(len(f.pools))
+	reason := ""
+	if err != nil {
+		reason = failureReason(err)
+		e.log.Warn("peer fetch ended short", "peer", addr, "namespace", f.ns.id, "asked", len(f.hashes), "fetched", n,
+			"reason", reason, "err", err)
+	}
+	e.m.observeFetch(n, bytes, time.Since(start), reason)
+}
+
+// planFetchRange finds the missing run; nil when nothing is missing or the
+// query is bad (Query reports that).
+func (e *Engine) planFetchRange(sessionID, nsID string, hashes [][]byte) *fetchRange {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.checkOpen() != nil {
+		return nil
+	}
+	if _, err := e.sessionLocked(sessionID); err != nil {
+		return nil
+	}
+	ns := e.namespaces[nsID]
+	if ns == nil {
+		return nil
+	}
+	lo := 0
+	for lo < len(hashes) {
+		b := ns.blocks[string(hashes[lo])]
+		if b == nil || !b.sealed {
+			break
+		}
+		lo++
+	}
+	hi := lo
+	for hi < len(hashes) && ns.blocks[string(hashes[hi])] == nil {
+		hi++
+	}
+	if hi == lo {
+		return nil
+	}
+	f := &fetchRange{ns: ns, hashes: hashes[lo:hi], pools: make([]int, ns.desc.TPSize), local: make([]*block, 0, lo)}
+	for r := range f.pools {
+		f.pools[r] = e.rankPoolLocked(ns, uint32(r))
+	}
+	for _, h := range hashes[:lo] {
+		b := ns.blocks[string(h)]
+		e.pinLocked(b)
+		f.local = append(f.local, b)
+	}
+	return f
+}
+
+// rankPoolLocked is the pool rank r of ns saves into here (so loads by
+// that rank stay on its node): a registered instance's, else the default.
+func (e *Engine) rankPoolLocked(ns *namespace, r uint32) int {
+	for k, inst := range e.instances {
+		if k.rank == r && inst.ns == ns {
+			return inst.pool
+		}
+	}
+	return e.defaultPool
+}
+
+// fetch opens the transfer on the peer, reads it and seals what arrived;
+// it returns how many of f.hashes are now sealed here by it.
+func (e *Engine) fetch(ctx context.Context, addr, transferID string, f *fetchRange) (int, error) {
+	x := e.xfer
+	l, err := x.link(ctx, addr)
+	if err != nil {
+		return 0, err
+	}
+	ttl := uint32(time.Until(deadlineOf(ctx))/time.Millisecond) + 5000
+	open := func(l *peerLink) (*pb.PeerOpenTransferResponse, error) {
+		return x.ctl.OpenTransfer(ctx, addr, &pb.PeerOpenTransferRequest{Epoch: l.epoch, NamespaceId: f.ns.id,
+			TransferId: transferID, Hashes: f.hashes, TtlMs: ttl})
+	}
+	resp, err := open(l)
+	if errors.Is(err, ErrPeerEpoch) {
+		// The peer restarted since the handshake and nothing was read
+		// yet: handshake with the new process and ask it once.
+		x.drop(l)
+		if l, err = x.link(ctx, addr); err == nil {
+			resp, err = open(l)
+		}
+	}
+	if err != nil {
+		return 0, err
+	}
+	if resp.Handle != "" {
+		defer func() {
+			// Off the query's path; the peer's TTL covers a lost release.
+			go func() {
+				rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				if err := x.ctl.ReleaseTransfer(rctx, addr, resp.Handle); err != nil {
+					x.log.Debug("peer release failed", "peer", addr, "handle", resp.Handle, "err", err)
+				}
+			}()
+		}()
+	}
+	if resp.Epoch != l.epoch {
+		x.drop(l)
+		return 0, fmt.Errorf("%w: handshake at %q, transfer opened at %q", ErrPeerEpoch, l.epoch, resp.Epoch)
+	}
+	if err := checkPeerBlocks(resp, f, len(l.regions)); err != nil {
+		return 0, err
+	}
+	ops := int64(len(resp.Blocks) * len(f.pools))
+	if ops > e.budget.max {
+		resp.Blocks = resp.Blocks[:e.budget.max/int64(len(f.pools))]
+		ops = int64(len(resp.Blocks) * len(f.pools))
+	}
+	if err := e.budget.sem.Acquire(ctx, ops); err != nil {
+		return 0, err
+	}
+	defer e.budget.release(ops)
+	got, reads, planErr := e.planFetch(f, resp.Blocks)
+	if len(got) == 0 {
+		return 0, planErr
+	}
+	n, err := e.readBlocks(ctx, l, reads, len(f.pools))
+	if errors.Is(err, native.ErrPeer) {
+		x.drop(l)
+	}
+	e.commitFetch(f.ns, got, n)
+	switch {
+	case err != nil:
+		return n, err
+	case planErr != nil:
+		return n, planErr
+	case len(resp.Blocks) < len(f.hashes):
+		return n, fmt.Errorf("%w: %d of %d", errPeerMissing, len(resp.Blocks), len(f.hashes))
+	}
+	return n, nil
+}
+
+func deadlineOf(ctx context.Context) time.Time {
+	d, _ := ctx.Deadline()
+	return d
+}
+
+// checkPeerBlocks checks the peer's answer against the namespace here.
+// The extents themselves are bounds-checked against the peer's advertised
+// pool sizes by the native layer before anything is read.
+func checkPeerBlocks(resp *pb.PeerOpenTransferResponse, f *fetchRange, pools int) error {
+	if len(resp.Blocks) > len(f.hashes) {
+		return fmt.Errorf("%w: %d blocks for %d hashes", errPeerMismatch, len(resp.Blocks), len(f.hashes))
+	}
+	if len(resp.Blocks) > 0 && resp.RankBytes != f.ns.rankBytes {
+		return fmt.Errorf("%w: a rank's share is %d bytes there, %d here", errPeerMismatch, resp.RankBytes, f.ns.rankBytes)
+	}
+	for i, b := range resp.Blocks {
+		if len(b.Shares) != len(f.pools) {
+			return fmt.Errorf("%w: block %d has %d shares, TP size is %d", errPeerMismatch, i, len(b.Shares), len(f.pools))
+		}
+		for _, s := range b.Shares {
+			if int(s.Pool) >= pools || s.Length != f.ns.rankBytes {
+				return fmt.Errorf("%w: block %d: share in pool %d of %d, %d bytes", errPeerMismatch, i, s.Pool, pools, s.Length)
+			}
+		}
+	}
+	return nil
+}
+
+// fetchRead is one share to read: from the peer's pool into a local one.
+type fetchRead struct {
+	remotePool, localPool int
+	op                    native.XferOp
+}
+
+// planFetch enters the blocks the peer holds, in order, as unsealed
+// blocks every rank of which is saving, with fresh extents; it stops at a
+// hash that appeared here meanwhile or whose shares do not fit.
+// reads[i] are block i's shares.
+func (e *Engine) planFetch(f *fetchRange, remote []*pb.PeerBlock) ([]*block, [][]fetchRead, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.checkOpen(); err != nil {
+		return nil, nil, err
+	}
+	ns, now := f.ns, time.Now()
+	got := make([]*block, 0, len(remote))
+	reads := make([][]fetchRead, 0, len(remote))
+	for i, rb := range remote {
+		h := string(f.hashes[i])
+		if ns.blocks[h] != nil {
+			break // saved or fetched meanwhile: the answer counts it as usual
+		}
+		b := newBlock(ns, h, now)
+		rs := make([]fetchRead, len(rb.Shares))
+		for r, s := range rb.Shares {
+			ext, ok := e.allocateLocked(f.pools[r], ns.rankBytes)
+			if !ok {
+				for q := range r {
+					e.releaseShareLocked(&b.shares[q])
+				}
+				return got, reads, fmt.Errorf("%w (pool on NUMA node %d)", errPoolFull, e.pools[f.pools[r]].node)
+			}
+			b.shares[r].pool, b.shares[r].ext = f.pools[r], ext
+			rs[r] = fetchRead{int(s.Pool), f.pools[r], native.XferOp{RemoteOffset: s.Offset, LocalOffset: ext.off, Len: s.Length}}
+		}
+		ns.blocks[h] = b
+		e.numBlocks++
+		e.partial[b] = struct{}{}
+		b.saving = ns.allRanks
+		e.pinLocked(b)
+		got = append(got, b)
+		reads = append(reads, rs)
+	}
+	if len(got) > 0 {
+		e.copies.Add(1) // under e.mu, so never after Close's Wait began; commitFetch ends it
+	}
+	return got, reads, nil
+}
+
+// readBlocks reads the blocks in chunks of whole blocks, all chunks
+// submitted at once (the native layer keeps them in FIFO order per peer),
+// and returns how many leading blocks arrived whole and the error that
+// ended the first chunk that did not.
+func (e *Engine) readBlocks(ctx context.Context, l *peerLink, reads [][]fetchRead, tp int) (int, error) {
+	per := max(1, min(fetchChunkBytes/max(1, int(reads[0][0].op.Len)*tp), native.MaxXferOps/tp))
+	chunks := (len(reads) + per - 1) / per
+	errs := make([]error, chunks)
+	var wg sync.WaitGroup
+	for c := range chunks {
+		wg.Go(func() {
+			errs[c] = e.readChunk(ctx, l, reads[c*per:min((c+1)*per, len(reads))])
+		})
+	}
+	wg.Wait()
+	for c, err := range errs {
+		if err != nil {
+			return c * per, err
+		}
+	}
+	return len(reads), nil
+}
+
+// readChunk reads a chunk's shares, one Get per (peer pool, local pool).
+func (e *Engine) readChunk(ctx context.Context, l *peerLink, reads [][]fetchRead) error {
+	type pair struct{ remote, local int }
+	groups := map[pair][]native.XferOp{}
+	for _, rs := range reads {
+		for _, r := range rs {
+			k := pair{r.remotePool, r.localPool}
+			groups[k] = append(groups[k], r.op)
+		}
+	}
+	for k, ops := range groups {
+		if err := l.xp.Get(ctx, l.regions[k.remote], e.xfer.mems[k.local], ops); err != nil {
+			return fmt.Errorf("read %d shares from %s: %w", len(ops), l.addr, err)
+		}
+	}
+	return nil
+}
+
+// commitFetch seals the first n blocks of got and frees the rest.
+func (e *Engine) commitFetch(ns *namespace, got []*block, n int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	defer e.copies.Done()
+	for i, b := range got {
+		b.saving = 0
+		if i < n {
+			b.saved = ns.allRanks
+			e.sealLocked(b)
+			e.unpinLocked(b)
+			continue
+		}
+		e.unpinLocked(b)
+		e.failBlockLocked(b, "peer fetch did not complete")
+	}
+	e.broadcastLocked()
+}
