@@ -39,6 +39,9 @@ type fakeVLLM struct {
 	// P: the raw kv_transfer_params of its answer instead of the
 	// connector's ("-": no kv_transfer_params at all, as a P without it).
 	rawParams string
+	// P: source_engine in its /kv_ready report, and
+	// pegaflow_source_engine in its kv_transfer_params ("": none).
+	readySource, paramsSource string
 	// D: stream events of this many bytes until the router cancels the
 	// request, then set floodCut.
 	flood       int
@@ -136,7 +139,11 @@ func (f *fakeVLLM) serve(w http.ResponseWriter, r *http.Request) {
 }
 
 func (f *fakeVLLM) postReady(kv map[string]any) {
-	rep, _ := json.Marshal(map[string]any{"transfer_id": kv["pegaflow_transfer_id"], "token": kv["pegaflow_ready_token"], "status": f.readyState})
+	report := map[string]any{"transfer_id": kv["pegaflow_transfer_id"], "token": kv["pegaflow_ready_token"], "status": f.readyState}
+	if f.readySource != "" {
+		report["source_engine"] = f.readySource
+	}
+	rep, _ := json.Marshal(report)
 	url, _ := kv["pegaflow_ready_url"].(string)
 	f.readySent.Store(time.Now().UnixNano())
 	resp, err := http.Post(url, "application/json", bytes.NewReader(rep))
@@ -157,6 +164,9 @@ func (f *fakeVLLM) prefill(w http.ResponseWriter, kv map[string]any, chat bool) 
 	answer := map[string]any{"id": "cmpl-p", "choices": []any{choice},
 		"kv_transfer_params": map[string]any{"do_remote_prefill": true, "do_remote_decode": false,
 			"pegaflow_transfer_id": kv["pegaflow_transfer_id"], "pegaflow_num_blocks": 3}}
+	if f.paramsSource != "" {
+		answer["kv_transfer_params"].(map[string]any)["pegaflow_source_engine"] = f.paramsSource
+	}
 	switch f.rawParams {
 	case "":
 	case "-":

@@ -424,7 +424,7 @@ func TestLegEncoding(t *testing.T) {
 	require.NotContains(t, cpre["kv_transfer_params"], kvReadyURL, "no URL when none is known")
 
 	fromP := json.RawMessage(`{"do_remote_prefill":false,"remote_block_ids":[1,2],"pegaflow_ready_token":"leak","pegaflow_ready_url":"u"}`)
-	dp := decodeParams(mustPrefillParams(t, fromP), "tid-1")
+	dp := decodeParams(mustPrefillParams(t, fromP), "tid-1", "")
 	var db bytes.Buffer
 	req.decodeBody(&db, dp)
 	dec := decodeJSON(t, db.Bytes())
@@ -435,7 +435,7 @@ func TestLegEncoding(t *testing.T) {
 		"remote_block_ids": []any{1.0, 2.0}}, dec["kv_transfer_params"], "P's params merged, router's keys win, no token")
 
 	for _, raw := range []json.RawMessage{nil, json.RawMessage("null")} {
-		dp := decodeParams(mustPrefillParams(t, raw), "t")
+		dp := decodeParams(mustPrefillParams(t, raw), "t", "")
 		require.JSONEq(t, `{"do_remote_prefill":true,"do_remote_decode":false,"pegaflow_transfer_id":"t"}`, string(dp))
 	}
 	_, err = parsePrefillParams(json.RawMessage(`[1]`))
@@ -634,7 +634,7 @@ func FuzzParseRequest(f *testing.F) {
 		require.Equal(t, "1", string(pre["max_tokens"]))
 		require.Equal(t, "false", string(pre["stream"]))
 		require.NotContains(t, pre, "stream_options")
-		dp := decodeParams(prefillKV{}, "t")
+		dp := decodeParams(prefillKV{}, "t", "")
 		var db bytes.Buffer
 		req.decodeBody(&db, dp)
 		var dec map[string]json.RawMessage

@@ -439,6 +439,11 @@ func (r *Router) awaitKV(c echo.Context, rq *clientRequest, t *transfer, p *back
 	if reason != "" && r.cfg.OnKVTimeout == OnKVTimeoutFail {
 		return nil, outcomeFailed, apiError(c, http.StatusGatewayTimeout, "timeout_error", "prefill KV was not ready: "+reason)
 	}
-	// Ready, or decode-anyway: D loads what the engine has and recomputes the rest.
-	return decodeParams(params, t.id), "", nil
+	// Ready, or decode-anyway: D loads what the engine has and recomputes
+	// the rest. Where the KV is: the report says, else P's params.
+	source := t.reportedSource()
+	if source == "" {
+		source = params.sourceEngine()
+	}
+	return decodeParams(params, t.id, source), "", nil
 }
