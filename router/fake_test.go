@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -50,12 +51,22 @@ type fakeVLLM struct {
 	modelsCalls atomic.Int32
 }
 
-func newFake(mutate func(*fakeVLLM)) *fakeVLLM {
+func newFake(mutate func(*fakeVLLM)) *fakeVLLM { return newFakeOn(nil, mutate) }
+
+// newFakeOn is newFake serving on lis (nil: a fresh loopback port).
+func newFakeOn(lis net.Listener, mutate func(*fakeVLLM)) *fakeVLLM {
 	f := &fakeVLLM{tokens: []string{"Hello", ",", " world", "!"}, readyState: "ready"}
 	if mutate != nil {
 		mutate(f)
 	}
-	f.srv = httptest.NewServer(http.HandlerFunc(f.serve))
+	if lis == nil {
+		f.srv = httptest.NewServer(http.HandlerFunc(f.serve))
+		return f
+	}
+	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
+	f.srv.Listener.Close()
+	f.srv.Listener = lis
+	f.srv.Start()
 	return f
 }
 

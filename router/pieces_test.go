@@ -104,22 +104,22 @@ func TestPoolSelection(t *testing.T) {
 		p2c     bool
 		repeats int
 	}{
-		{"skips an unhealthy backend", func(p *pool) []*backend { p.backends[0].activeOK.Store(false); return nil }, []int{1, 2}, false, 10},
+		{"skips an unhealthy backend", func(p *pool) []*backend { p.backends()[0].activeOK.Store(false); return nil }, []int{1, 2}, false, 10},
 		{"skips an ejected backend", func(p *pool) []*backend {
-			p.backends[1].ejectedUntil = now.Add(time.Hour)
+			p.backends()[1].ejectedUntil = now.Add(time.Hour)
 			return nil
 		}, []int{0, 2}, false, 10},
-		{"skips excluded", func(p *pool) []*backend { return []*backend{p.backends[0], p.backends[2]} }, []int{1}, false, 10},
+		{"skips excluded", func(p *pool) []*backend { return []*backend{p.backends()[0], p.backends()[2]} }, []int{1}, false, 10},
 		{"nothing left", func(p *pool) []*backend {
-			p.backends[0].activeOK.Store(false)
-			return []*backend{p.backends[1], p.backends[2]}
+			p.backends()[0].activeOK.Store(false)
+			return []*backend{p.backends()[1], p.backends()[2]}
 		}, nil, false, 3},
 		{"p2c takes the less loaded", func(p *pool) []*backend {
-			p.backends[0].inflight.Store(5)
-			p.backends[2].inflight.Store(7)
+			p.backends()[0].inflight.Store(5)
+			p.backends()[2].inflight.Store(7)
 			return nil
 		}, []int{0, 1}, true, 50},
-		{"p2c skips excluded", func(p *pool) []*backend { return []*backend{p.backends[1]} }, []int{0, 2}, true, 20},
+		{"p2c skips excluded", func(p *pool) []*backend { return []*backend{p.backends()[1]} }, []int{0, 2}, true, 20},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -128,7 +128,7 @@ func TestPoolSelection(t *testing.T) {
 				lb = LBLeastInflight
 			}
 			p := newPool(rolePrefill, []string{"http://a:1", "http://b:2/", "http://c:3"}, lb)
-			require.Equal(t, "http://b:2", p.backends[1].base)
+			require.Equal(t, "http://b:2", p.backends()[1].base)
 			exclude := tc.setup(p)
 			for i := 0; i < tc.repeats; i++ {
 				got := p.pick(exclude)
@@ -138,7 +138,7 @@ func TestPoolSelection(t *testing.T) {
 				}
 				require.NotNil(t, got)
 				idx := -1
-				for j, b := range p.backends {
+				for j, b := range p.backends() {
 					if b == got {
 						idx = j
 					}
@@ -158,9 +158,9 @@ func TestPoolSelection(t *testing.T) {
 	})
 	t.Run("p2c with two candidates always takes the lesser", func(t *testing.T) {
 		p := newPool(roleDecode, []string{"http://a:1", "http://b:2"}, LBLeastInflight)
-		p.backends[0].inflight.Store(3)
+		p.backends()[0].inflight.Store(3)
 		for i := 0; i < 20; i++ {
-			require.Same(t, p.backends[1], p.pick(nil))
+			require.Same(t, p.backends()[1], p.pick(nil))
 		}
 	})
 }
