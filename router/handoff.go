@@ -144,14 +144,9 @@ const (
 	reportBadToken
 )
 
-// report delivers one /kv_ready report without a source engine.
-func (ts *transfers) report(id, token string, ready bool, reason string, now time.Time) reportResult {
-	return ts.reportFrom(id, token, ready, reason, "", now)
-}
-
-// reportFrom delivers one /kv_ready report; source is its source_engine
+// report delivers one /kv_ready report; source is its source_engine
 // (validated, "" none). Tokens compare in constant time.
-func (ts *transfers) reportFrom(id, token string, ready bool, reason, source string, now time.Time) reportResult {
+func (ts *transfers) report(id, token string, ready bool, reason, source string, now time.Time) reportResult {
 	ts.mu.Lock()
 	t, live := ts.live[id]
 	var want string
@@ -287,7 +282,7 @@ func (r *Router) handleKVReady(c echo.Context) error {
 			return apiError(c, http.StatusBadRequest, "invalid_request_error", "source_engine: "+err.Error())
 		}
 	}
-	switch r.transfers.reportFrom(rep.TransferID, rep.Token, rep.Status == "ready", rep.Message, rep.SourceEngine, time.Now()) {
+	switch r.transfers.report(rep.TransferID, rep.Token, rep.Status == "ready", rep.Message, rep.SourceEngine, time.Now()) {
 	case reportUnknown:
 		r.m.kvRejected.WithLabelValues("unknown_transfer").Inc()
 		return apiError(c, http.StatusNotFound, "not_found_error", "unknown transfer id")

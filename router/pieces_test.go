@@ -463,16 +463,16 @@ func TestTransfersSettledIdempotency(t *testing.T) {
 		want  reportResult
 		ready bool
 	}{
-		{"wrong token while live", func() reportResult { return ts.report("t-1", "guess", true, "", now) }, reportBadToken, false},
-		{"first report settles", func() reportResult { return ts.report("t-1", "secret", true, "", now) }, reportAccepted, true},
-		{"repeat while live", func() reportResult { return ts.report("t-1", "secret", false, "late failure", now) }, reportAccepted, true},
+		{"wrong token while live", func() reportResult { return ts.report("t-1", "guess", true, "", "", now) }, reportBadToken, false},
+		{"first report settles", func() reportResult { return ts.report("t-1", "secret", true, "", "", now) }, reportAccepted, true},
+		{"repeat while live", func() reportResult { return ts.report("t-1", "secret", false, "late failure", "", now) }, reportAccepted, true},
 		{"repeat after finish", func() reportResult {
 			ts.finish(tr, now)
-			return ts.report("t-1", "secret", true, "", now.Add(time.Minute))
+			return ts.report("t-1", "secret", true, "", "", now.Add(time.Minute))
 		}, reportAccepted, true},
-		{"wrong token after finish", func() reportResult { return ts.report("t-1", "guess", true, "", now) }, reportBadToken, true},
-		{"after the settled TTL", func() reportResult { return ts.report("t-1", "secret", true, "", now.Add(settledTTL)) }, reportUnknown, true},
-		{"never registered", func() reportResult { return ts.report("t-9", "secret", true, "", now) }, reportUnknown, true},
+		{"wrong token after finish", func() reportResult { return ts.report("t-1", "guess", true, "", "", now) }, reportBadToken, true},
+		{"after the settled TTL", func() reportResult { return ts.report("t-1", "secret", true, "", "", now.Add(settledTTL)) }, reportUnknown, true},
+		{"never registered", func() reportResult { return ts.report("t-9", "secret", true, "", "", now) }, reportUnknown, true},
 	}
 	for _, s := range steps {
 		require.Equal(t, s.want, s.do(), s.name)
@@ -489,7 +489,7 @@ func TestTransfersSettledIdempotency(t *testing.T) {
 	// finish of a transfer that is not (or no longer) live changes nothing.
 	ts.finish(tr, now)
 	ts.finish(&transfer{id: "t-1"}, now)
-	require.Equal(t, reportAccepted, ts.report("t-1", "secret", true, "", now))
+	require.Equal(t, reportAccepted, ts.report("t-1", "secret", true, "", "", now))
 
 	// Memory stays bounded: the oldest settled transfers are forgotten.
 	big := newTransfers()
@@ -506,14 +506,14 @@ func TestAwaitTransfer(t *testing.T) {
 	t.Run("report before the wait returns at once", func(t *testing.T) {
 		ts := newTransfers()
 		tr := ts.register("t", "k")
-		ts.report("t", "k", true, "", time.Now())
+		ts.report("t", "k", true, "", "", time.Now())
 		res := awaitTransfer(context.Background(), tr, &engineStub{delay: time.Hour}, time.Hour)
 		require.Equal(t, waitResult{outcome: waitReady, source: sourceCallback}, res)
 	})
 	t.Run("failed report", func(t *testing.T) {
 		ts := newTransfers()
 		tr := ts.register("t", "k")
-		ts.report("t", "k", false, "", time.Now())
+		ts.report("t", "k", false, "", "", time.Now())
 		res := awaitTransfer(context.Background(), tr, nil, time.Hour)
 		require.Equal(t, waitFailed, res.outcome)
 		require.Equal(t, "reported failed", res.reason)
