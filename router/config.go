@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -43,14 +44,19 @@ const maxBackends = 64
 // Config of the router. DefaultConfig gives the documented defaults; New
 // rejects a Config that fails Validate.
 type Config struct {
-	Prefill, Decode []string // P/D backend base URLs, e.g. http://p1:8100
+	// Prefill and Decode are the P/D backends: base URLs (http://p1:8100)
+	// or DNS names re-resolved every ResolveInterval, each address a
+	// backend (dns://pegaflow-prefill.ns.svc.cluster.local:8100).
+	Prefill, Decode []string
 	// Backends are aggregated (non-disaggregated) servers: each request goes
 	// whole to one of them, no prefill leg. Exclusive with Prefill/Decode.
-	Backends       []string
-	Handoff        string // HandoffCallback or HandoffSync
-	KVReadyTimeout time.Duration
-	OnKVTimeout    string // OnKVTimeoutDecodeAnyway or OnKVTimeoutFail
-	LB             string // LBRoundRobin or LBLeastInflight
+	// Same forms as Prefill.
+	Backends        []string
+	ResolveInterval time.Duration // how often dns:// backends are re-resolved
+	Handoff         string        // HandoffCallback or HandoffSync
+	KVReadyTimeout  time.Duration
+	OnKVTimeout     string // OnKVTimeoutDecodeAnyway or OnKVTimeoutFail
+	LB              string // LBRoundRobin or LBLeastInflight
 
 	ConnectTimeout    time.Duration // dialing a backend
 	PrefillTimeout    time.Duration // one whole prefill attempt (P answers after its prefill)
@@ -111,6 +117,7 @@ func DefaultConfig() Config {
 		FailThreshold:      3,
 		Cooldown:           10 * time.Second,
 		MaxBodyBytes:       16 << 20,
+		ResolveInterval:    5 * time.Second,
 	}
 }
 
@@ -146,9 +153,10 @@ func (b byteSizeFlag) Set(v string) error {
 // List flags repeat (--prefill a --prefill b) and, through cli.Parse, take a
 // comma-separated PEGAFLOW_PREFILL / PEGAFLOW_DECODE.
 func BindFlags(fs *flag.FlagSet, c *Config) {
-	fs.Var((*cli.StringList)(&c.Prefill), "prefill", "prefill (P) backend base URL, e.g. http://p1:8100; repeatable")
-	fs.Var((*cli.StringList)(&c.Decode), "decode", "decode (D) backend base URL; repeatable")
-	fs.Var((*cli.StringList)(&c.Backends), "backend", "aggregated backend base URL (whole requests, no P/D); repeatable; not with --prefill/--decode")
+	fs.Var((*cli.StringList)(&c.Prefill), "prefill", "prefill (P) backend base URL, e.g. http://p1:8100, or dns://name:port (every address it resolves to, re-resolved); repeatable")
+	fs.Var((*cli.StringList)(&c.Decode), "decode", "decode (D) backend base URL or dns://name:port; repeatable")
+	fs.Var((*cli.StringList)(&c.Backends), "backend", "aggregated backend base URL or dns://name:port (whole requests, no P/D); repeatable; not with --prefill/--decode")
+	fs.DurationVar(&c.ResolveInterval, "resolve-interval", c.ResolveInterval, "how often dns:// backends are re-resolved")
 	fs.StringVar(&c.Handoff, "handoff", c.Handoff, "callback (decode once the KV is ready) or sync (decode right after P answered; P's kv_transfer_params passed through)")
 	fs.DurationVar(&c.KVReadyTimeout, "kv-ready-timeout", c.KVReadyTimeout, "longest wait for a transfer's KV to be ready (callback handoff)")
 	fs.StringVar(&c.OnKVTimeout, "on-kv-timeout", c.OnKVTimeout, "when the KV is not ready in time or the transfer failed: decode-anyway (D recomputes what is missing) or fail (504)")
@@ -210,6 +218,12 @@ func (c Config) Validate() error {
 		seen := map[string]bool{}
 		for _, u := range l.urls {
 			norm, err := normalizeBackendURL(u)
+			if isDNSTarget(u) {
+				var t *dnsTarget
+				if t, err = parseDNSTarget(u); err == nil {
+					norm = t.key()
+				}
+			}
 			if err != nil {
 				add("%s %q: %v", l.flag, redactURL(u), err)
 				continue
@@ -238,6 +252,7 @@ func (c Config) Validate() error {
 		{"--idle-stream-timeout", c.IdleStreamTimeout}, {"--decode-timeout", c.DecodeTimeout},
 		{"--health-timeout", c.HealthTimeout}, {"--cooldown", c.Cooldown},
 		{"--client-write-timeout", c.ClientWriteTimeout}, {"--client-read-timeout", c.ClientReadTimeout},
+		{"--resolve-interval", c.ResolveInterval},
 	} {
 		if d.v <= 0 {
 			add("%s must be positive (got %s)", d.flag, d.v)
@@ -277,7 +292,7 @@ func (c Config) Validate() error {
 func normalizeBackendURL(raw string) (string, error) {
 	u, err := url.Parse(raw)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return "", errors.New("want an http(s) base URL like http://host:8100")
+		return "", errors.New("want an http(s) base URL like http://host:8100, or dns://name:port")
 	}
 	if u.RawQuery != "" || u.Fragment != "" {
 		return "", errors.New("a base URL takes no query or fragment")
@@ -339,4 +354,37 @@ func (c Config) readyURL() string {
 		host = "127.0.0.1"
 	}
 	return "http://" + net.JoinHostPort(host, port) + "/kv_ready"
+}
+
+// maxHostPortLen bounds a host:port the router accepts from the network
+// (a DNS name is at most 253 bytes, a port 5 digits).
+const maxHostPortLen = 261
+
+// checkHostPort accepts host:port with a DNS name or IP literal (IPv6 in
+// brackets) for host and a port in 1..65535: what a dialer needs, and
+// nothing a URL or a log line could be confused by.
+func checkHostPort(s string) error {
+	if len(s) > maxHostPortLen {
+		return fmt.Errorf("longer than %d bytes", maxHostPortLen)
+	}
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return errors.New("want host:port")
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 || port[0] == '+' {
+		return fmt.Errorf("port %q: want 1..65535", port)
+	}
+	if host == "" {
+		return errors.New("want host:port, the host is empty")
+	}
+	if net.ParseIP(host) != nil {
+		return nil
+	}
+	for i := 0; i < len(host); i++ {
+		c := host[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
+			return fmt.Errorf("host %q: want a DNS name or an IP address", host)
+		}
+	}
+	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -39,6 +40,9 @@ type fakeVLLM struct {
 	// P: the raw kv_transfer_params of its answer instead of the
 	// connector's ("-": no kv_transfer_params at all, as a P without it).
 	rawParams string
+	// P: source_engine in its /kv_ready report, and
+	// pegaflow_source_engine in its kv_transfer_params ("": none).
+	readySource, paramsSource string
 	// D: stream events of this many bytes until the router cancels the
 	// request, then set floodCut.
 	flood       int
@@ -47,12 +51,22 @@ type fakeVLLM struct {
 	modelsCalls atomic.Int32
 }
 
-func newFake(mutate func(*fakeVLLM)) *fakeVLLM {
+func newFake(mutate func(*fakeVLLM)) *fakeVLLM { return newFakeOn(nil, mutate) }
+
+// newFakeOn is newFake serving on lis (nil: a fresh loopback port).
+func newFakeOn(lis net.Listener, mutate func(*fakeVLLM)) *fakeVLLM {
 	f := &fakeVLLM{tokens: []string{"Hello", ",", " world", "!"}, readyState: "ready"}
 	if mutate != nil {
 		mutate(f)
 	}
-	f.srv = httptest.NewServer(http.HandlerFunc(f.serve))
+	if lis == nil {
+		f.srv = httptest.NewServer(http.HandlerFunc(f.serve))
+		return f
+	}
+	f.srv = httptest.NewUnstartedServer(http.HandlerFunc(f.serve))
+	f.srv.Listener.Close()
+	f.srv.Listener = lis
+	f.srv.Start()
 	return f
 }
 
@@ -136,7 +150,11 @@ func (f *fakeVLLM) serve(w http.ResponseWriter, r *http.Request) {
 }
 
 func (f *fakeVLLM) postReady(kv map[string]any) {
-	rep, _ := json.Marshal(map[string]any{"transfer_id": kv["pegaflow_transfer_id"], "token": kv["pegaflow_ready_token"], "status": f.readyState})
+	report := map[string]any{"transfer_id": kv["pegaflow_transfer_id"], "token": kv["pegaflow_ready_token"], "status": f.readyState}
+	if f.readySource != "" {
+		report["source_engine"] = f.readySource
+	}
+	rep, _ := json.Marshal(report)
 	url, _ := kv["pegaflow_ready_url"].(string)
 	f.readySent.Store(time.Now().UnixNano())
 	resp, err := http.Post(url, "application/json", bytes.NewReader(rep))
@@ -157,6 +175,9 @@ func (f *fakeVLLM) prefill(w http.ResponseWriter, kv map[string]any, chat bool) 
 	answer := map[string]any{"id": "cmpl-p", "choices": []any{choice},
 		"kv_transfer_params": map[string]any{"do_remote_prefill": true, "do_remote_decode": false,
 			"pegaflow_transfer_id": kv["pegaflow_transfer_id"], "pegaflow_num_blocks": 3}}
+	if f.paramsSource != "" {
+		answer["kv_transfer_params"].(map[string]any)["pegaflow_source_engine"] = f.paramsSource
+	}
 	switch f.rawParams {
 	case "":
 	case "-":

@@ -32,6 +32,8 @@ const (
 
 // transfer is one prefill attempt's handoff: the id and token put in
 // kv_transfer_params, and the first ready/failed report received.
+// ready, reason and source are written once, before done closes, and read
+// only after it closed.
 type transfer struct {
 	id, token string
 
@@ -39,16 +41,30 @@ type transfer struct {
 	done   chan struct{} // closed by the first report
 	ready  bool
 	reason string
+	source string // the report's source_engine (host:port of P's engine peer address), "" none
 }
 
-func (t *transfer) settle(ready bool, reason string) bool {
+func (t *transfer) settle(ready bool, reason, source string) bool {
 	first := false
 	t.once.Do(func() {
-		t.ready, t.reason = ready, reason
+		t.ready, t.reason, t.source = ready, reason, source
 		close(t.done)
 		first = true
 	})
 	return first
+}
+
+// reportedSource is the source_engine of the /kv_ready report that
+// settled t ("" when none came, or it named none). A transfer found ready
+// by the in-process engine may still be settled by a report concurrently:
+// done decides what may be read.
+func (t *transfer) reportedSource() string {
+	select {
+	case <-t.done:
+		return t.source
+	default:
+		return ""
+	}
 }
 
 // transfers matches /kv_ready reports to transfers by id and token. A
@@ -128,8 +144,9 @@ const (
 	reportBadToken
 )
 
-// report delivers one /kv_ready report. Tokens compare in constant time.
-func (ts *transfers) report(id, token string, ready bool, reason string, now time.Time) reportResult {
+// report delivers one /kv_ready report; source is its source_engine
+// (validated, "" none). Tokens compare in constant time.
+func (ts *transfers) report(id, token string, ready bool, reason, source string, now time.Time) reportResult {
 	ts.mu.Lock()
 	t, live := ts.live[id]
 	var want string
@@ -146,7 +163,7 @@ func (ts *transfers) report(id, token string, ready bool, reason string, now tim
 		return reportBadToken
 	}
 	if live {
-		t.settle(ready, reason)
+		t.settle(ready, reason, source)
 	}
 	return reportAccepted
 }
@@ -238,6 +255,10 @@ type kvReadyReport struct {
 	Token      string `json:"token"`
 	Status     string `json:"status"`
 	Message    string `json:"message"`
+	// SourceEngine is the peer address (host:port of --peer-addr) of the
+	// engine holding the KV, optional: D's engine fetches from there when
+	// P and D do not share one.
+	SourceEngine string `json:"source_engine"`
 }
 
 func (r *Router) handleKVReady(c echo.Context) error {
@@ -255,7 +276,13 @@ func (r *Router) handleKVReady(c echo.Context) error {
 		r.m.kvRejected.WithLabelValues("bad_request").Inc()
 		return apiError(c, http.StatusBadRequest, "invalid_request_error", `want {"transfer_id", "token", "status": "ready"|"failed"}`)
 	}
-	switch r.transfers.report(rep.TransferID, rep.Token, rep.Status == "ready", rep.Message, time.Now()) {
+	if rep.SourceEngine != "" {
+		if err := checkHostPort(rep.SourceEngine); err != nil {
+			r.m.kvRejected.WithLabelValues("bad_request").Inc()
+			return apiError(c, http.StatusBadRequest, "invalid_request_error", "source_engine: "+err.Error())
+		}
+	}
+	switch r.transfers.report(rep.TransferID, rep.Token, rep.Status == "ready", rep.Message, rep.SourceEngine, time.Now()) {
 	case reportUnknown:
 		r.m.kvRejected.WithLabelValues("unknown_transfer").Inc()
 		return apiError(c, http.StatusNotFound, "not_found_error", "unknown transfer id")

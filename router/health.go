@@ -34,7 +34,7 @@ func (r *Router) setHealthGauge(b *backend) {
 // passing poll makes it selectable again; passive ejection is separate.
 type healthChecker struct {
 	client   *http.Client
-	backends []*backend
+	backends func() []*backend // the current members, read each round
 	interval time.Duration
 	timeout  time.Duration
 	onChange func(b *backend, ok bool)
@@ -62,7 +62,7 @@ func (h *healthChecker) run(ctx context.Context) {
 // nobody else's verdict beyond the poll timeout.
 func (h *healthChecker) checkAll(ctx context.Context) {
 	var wg sync.WaitGroup
-	for _, b := range h.backends {
+	for _, b := range h.backends() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

@@ -33,15 +33,26 @@ import (
 // test when ctx ends first.
 func postCtx(t *testing.T, ctx context.Context, url, body string) (int, string) {
 	t.Helper()
+	status, answer, err := postErr(ctx, url, body)
+	require.NoError(t, err, "no answer before the deadline")
+	return status, answer
+}
+
+// postErr posts a JSON body and reads the answer whole (safe off the
+// test's goroutine: it fails nothing itself).
+func postErr(ctx context.Context, url, body string) (int, string, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, strings.NewReader(body))
-	require.NoError(t, err)
+	if err != nil {
+		return 0, "", err
+	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := http.DefaultClient.Do(req)
-	require.NoError(t, err, "no answer before the deadline")
+	if err != nil {
+		return 0, "", err
+	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	return resp.StatusCode, string(data)
+	return resp.StatusCode, string(data), err
 }
 
 // nestedPrompt is a body whose prompt is depth nested arrays around a
@@ -223,7 +234,7 @@ func TestPrefillWithoutPegaFlowParams(t *testing.T) {
 				require.Equal(t, "Hello, world!", text)
 				require.True(t, done)
 			}
-			name := h.r.prefill.backends[0].name
+			name := h.r.prefill.backends()[0].name
 			require.Equal(t, 2.0, testutil.ToFloat64(h.r.m.noKVParams.WithLabelValues(name)))
 			require.Zero(t, testutil.ToFloat64(h.r.m.kvTimeouts), "no wait, so no wait expired")
 			require.Equal(t, 1, strings.Count(logs.String(), "without PegaFlow kv_transfer_params"), "warned once per backend: %s", logs)
@@ -300,7 +311,7 @@ func TestClientThatStopsReadingIsCut(t *testing.T) {
 			require.Eventually(t, func() bool {
 				return testutil.ToFloat64(h.r.m.requests.WithLabelValues(outcomeStalled)) == 1
 			}, 15*time.Second, 10*time.Millisecond, "handler ended, the request counted as client_stalled")
-			dName := h.r.decode.backends[0].name
+			dName := h.r.decode.backends()[0].name
 			require.Zero(t, testutil.ToFloat64(h.r.m.inflight.WithLabelValues(roleDecode, dName)), "decode in-flight back to 0")
 			require.Zero(t, h.r.transfers.liveCount())
 			transfer := p.requests()[0]["kv_transfer_params"].(map[string]any)["pegaflow_transfer_id"].(string)

@@ -6,16 +6,17 @@ import (
 
 // metrics is the P/D latency breakdown and outcome counters.
 type metrics struct {
-	phase       *prometheus.HistogramVec // routing, prefill, kv_ready_wait, decode_first_byte, ttft, itl, tpot, e2e
-	requests    *prometheus.CounterVec   // outcome
-	retries     *prometheus.CounterVec   // leg
-	kvTimeouts  prometheus.Counter
-	kvRejected  *prometheus.CounterVec // reason
-	inflight    *prometheus.GaugeVec   // role, backend
-	healthy     *prometheus.GaugeVec   // role, backend
-	ejections   *prometheus.CounterVec // role, backend
-	kvReadyWhen *prometheus.CounterVec // source: callback or engine
-	noKVParams  *prometheus.CounterVec // backend: P answers without pegaflow_transfer_id
+	phase         *prometheus.HistogramVec // routing, prefill, kv_ready_wait, decode_first_byte, ttft, itl, tpot, e2e
+	requests      *prometheus.CounterVec   // outcome
+	retries       *prometheus.CounterVec   // leg
+	kvTimeouts    prometheus.Counter
+	kvRejected    *prometheus.CounterVec // reason
+	inflight      *prometheus.GaugeVec   // role, backend
+	healthy       *prometheus.GaugeVec   // role, backend
+	ejections     *prometheus.CounterVec // role, backend
+	kvReadyWhen   *prometheus.CounterVec // source: callback or engine
+	noKVParams    *prometheus.CounterVec // backend: P answers without pegaflow_transfer_id
+	resolveErrors *prometheus.CounterVec // target: dns:// lookups that failed (last good addresses kept)
 
 	// Series resolved once (New), so a request does no label lookup; a
 	// backend's own series are on the backend (backendSeries).
@@ -66,6 +67,26 @@ func (m *metrics) forBackend(b *backend) backendSeries {
 	return s
 }
 
+// attach gives b its series (a backend that joined a pool), selectable
+// and idle.
+func (m *metrics) attach(b *backend) {
+	b.m = m.forBackend(b)
+	b.m.healthy.Set(1)
+	b.m.inflight.Set(0)
+}
+
+// detach drops b's series (a backend that left its pool): its in-flight
+// requests finish on series no longer exported, and a backend joining at
+// the same address later starts fresh ones.
+func (m *metrics) detach(b *backend) {
+	m.inflight.DeleteLabelValues(b.role, b.name)
+	m.healthy.DeleteLabelValues(b.role, b.name)
+	m.ejections.DeleteLabelValues(b.role, b.name)
+	if b.role == rolePrefill {
+		m.noKVParams.DeleteLabelValues(b.name)
+	}
+}
+
 func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 	const ns = "pegaflow_router"
 	if reg != nil {
@@ -93,6 +114,8 @@ func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 			Help: "Transfers found ready, by source: callback (/kv_ready) or engine (in-process)."}, []string{"source"}),
 		noKVParams: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "prefill_without_kv_params_total",
 			Help: "Prefill answers without pegaflow_transfer_id in kv_transfer_params (a P without the PegaFlow connector): --on-kv-timeout applied at once, no KV-ready wait."}, []string{"backend"}),
+		resolveErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "resolve_errors_total",
+			Help: "Failed lookups of a dns:// backend target (error, no such host, no address): its last good addresses were kept."}, []string{"target"}),
 	}
 	for p := range numPhases {
 		if mode == modePD || (p != phasePrefill && p != phaseKVReadyWait && p != phaseDecodeFirstByte) {
@@ -110,7 +133,7 @@ func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.phase, m.requests, m.retries, m.kvTimeouts, m.kvRejected, m.inflight, m.healthy, m.ejections, m.kvReadyWhen, m.noKVParams} {
+	for _, c := range []prometheus.Collector{m.phase, m.requests, m.retries, m.kvTimeouts, m.kvRejected, m.inflight, m.healthy, m.ejections, m.kvReadyWhen, m.noKVParams, m.resolveErrors} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

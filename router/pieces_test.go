@@ -104,22 +104,22 @@ func TestPoolSelection(t *testing.T) {
 		p2c     bool
 		repeats int
 	}{
-		{"skips an unhealthy backend", func(p *pool) []*backend { p.backends[0].activeOK.Store(false); return nil }, []int{1, 2}, false, 10},
+		{"skips an unhealthy backend", func(p *pool) []*backend { p.backends()[0].activeOK.Store(false); return nil }, []int{1, 2}, false, 10},
 		{"skips an ejected backend", func(p *pool) []*backend {
-			p.backends[1].ejectedUntil = now.Add(time.Hour)
+			p.backends()[1].ejectedUntil = now.Add(time.Hour)
 			return nil
 		}, []int{0, 2}, false, 10},
-		{"skips excluded", func(p *pool) []*backend { return []*backend{p.backends[0], p.backends[2]} }, []int{1}, false, 10},
+		{"skips excluded", func(p *pool) []*backend { return []*backend{p.backends()[0], p.backends()[2]} }, []int{1}, false, 10},
 		{"nothing left", func(p *pool) []*backend {
-			p.backends[0].activeOK.Store(false)
-			return []*backend{p.backends[1], p.backends[2]}
+			p.backends()[0].activeOK.Store(false)
+			return []*backend{p.backends()[1], p.backends()[2]}
 		}, nil, false, 3},
 		{"p2c takes the less loaded", func(p *pool) []*backend {
-			p.backends[0].inflight.Store(5)
-			p.backends[2].inflight.Store(7)
+			p.backends()[0].inflight.Store(5)
+			p.backends()[2].inflight.Store(7)
 			return nil
 		}, []int{0, 1}, true, 50},
-		{"p2c skips excluded", func(p *pool) []*backend { return []*backend{p.backends[1]} }, []int{0, 2}, true, 20},
+		{"p2c skips excluded", func(p *pool) []*backend { return []*backend{p.backends()[1]} }, []int{0, 2}, true, 20},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -128,7 +128,7 @@ func TestPoolSelection(t *testing.T) {
 				lb = LBLeastInflight
 			}
 			p := newPool(rolePrefill, []string{"http://a:1", "http://b:2/", "http://c:3"}, lb)
-			require.Equal(t, "http://b:2", p.backends[1].base)
+			require.Equal(t, "http://b:2", p.backends()[1].base)
 			exclude := tc.setup(p)
 			for i := 0; i < tc.repeats; i++ {
 				got := p.pick(exclude)
@@ -138,7 +138,7 @@ func TestPoolSelection(t *testing.T) {
 				}
 				require.NotNil(t, got)
 				idx := -1
-				for j, b := range p.backends {
+				for j, b := range p.backends() {
 					if b == got {
 						idx = j
 					}
@@ -158,9 +158,9 @@ func TestPoolSelection(t *testing.T) {
 	})
 	t.Run("p2c with two candidates always takes the lesser", func(t *testing.T) {
 		p := newPool(roleDecode, []string{"http://a:1", "http://b:2"}, LBLeastInflight)
-		p.backends[0].inflight.Store(3)
+		p.backends()[0].inflight.Store(3)
 		for i := 0; i < 20; i++ {
-			require.Same(t, p.backends[1], p.pick(nil))
+			require.Same(t, p.backends()[1], p.pick(nil))
 		}
 	})
 }
@@ -424,7 +424,7 @@ func TestLegEncoding(t *testing.T) {
 	require.NotContains(t, cpre["kv_transfer_params"], kvReadyURL, "no URL when none is known")
 
 	fromP := json.RawMessage(`{"do_remote_prefill":false,"remote_block_ids":[1,2],"pegaflow_ready_token":"leak","pegaflow_ready_url":"u"}`)
-	dp := decodeParams(mustPrefillParams(t, fromP), "tid-1")
+	dp := decodeParams(mustPrefillParams(t, fromP), "tid-1", "")
 	var db bytes.Buffer
 	req.decodeBody(&db, dp)
 	dec := decodeJSON(t, db.Bytes())
@@ -435,7 +435,7 @@ func TestLegEncoding(t *testing.T) {
 		"remote_block_ids": []any{1.0, 2.0}}, dec["kv_transfer_params"], "P's params merged, router's keys win, no token")
 
 	for _, raw := range []json.RawMessage{nil, json.RawMessage("null")} {
-		dp := decodeParams(mustPrefillParams(t, raw), "t")
+		dp := decodeParams(mustPrefillParams(t, raw), "t", "")
 		require.JSONEq(t, `{"do_remote_prefill":true,"do_remote_decode":false,"pegaflow_transfer_id":"t"}`, string(dp))
 	}
 	_, err = parsePrefillParams(json.RawMessage(`[1]`))
@@ -463,16 +463,16 @@ func TestTransfersSettledIdempotency(t *testing.T) {
 		want  reportResult
 		ready bool
 	}{
-		{"wrong token while live", func() reportResult { return ts.report("t-1", "guess", true, "", now) }, reportBadToken, false},
-		{"first report settles", func() reportResult { return ts.report("t-1", "secret", true, "", now) }, reportAccepted, true},
-		{"repeat while live", func() reportResult { return ts.report("t-1", "secret", false, "late failure", now) }, reportAccepted, true},
+		{"wrong token while live", func() reportResult { return ts.report("t-1", "guess", true, "", "", now) }, reportBadToken, false},
+		{"first report settles", func() reportResult { return ts.report("t-1", "secret", true, "", "", now) }, reportAccepted, true},
+		{"repeat while live", func() reportResult { return ts.report("t-1", "secret", false, "late failure", "", now) }, reportAccepted, true},
 		{"repeat after finish", func() reportResult {
 			ts.finish(tr, now)
-			return ts.report("t-1", "secret", true, "", now.Add(time.Minute))
+			return ts.report("t-1", "secret", true, "", "", now.Add(time.Minute))
 		}, reportAccepted, true},
-		{"wrong token after finish", func() reportResult { return ts.report("t-1", "guess", true, "", now) }, reportBadToken, true},
-		{"after the settled TTL", func() reportResult { return ts.report("t-1", "secret", true, "", now.Add(settledTTL)) }, reportUnknown, true},
-		{"never registered", func() reportResult { return ts.report("t-9", "secret", true, "", now) }, reportUnknown, true},
+		{"wrong token after finish", func() reportResult { return ts.report("t-1", "guess", true, "", "", now) }, reportBadToken, true},
+		{"after the settled TTL", func() reportResult { return ts.report("t-1", "secret", true, "", "", now.Add(settledTTL)) }, reportUnknown, true},
+		{"never registered", func() reportResult { return ts.report("t-9", "secret", true, "", "", now) }, reportUnknown, true},
 	}
 	for _, s := range steps {
 		require.Equal(t, s.want, s.do(), s.name)
@@ -489,7 +489,7 @@ func TestTransfersSettledIdempotency(t *testing.T) {
 	// finish of a transfer that is not (or no longer) live changes nothing.
 	ts.finish(tr, now)
 	ts.finish(&transfer{id: "t-1"}, now)
-	require.Equal(t, reportAccepted, ts.report("t-1", "secret", true, "", now))
+	require.Equal(t, reportAccepted, ts.report("t-1", "secret", true, "", "", now))
 
 	// Memory stays bounded: the oldest settled transfers are forgotten.
 	big := newTransfers()
@@ -506,14 +506,14 @@ func TestAwaitTransfer(t *testing.T) {
 	t.Run("report before the wait returns at once", func(t *testing.T) {
 		ts := newTransfers()
 		tr := ts.register("t", "k")
-		ts.report("t", "k", true, "", time.Now())
+		ts.report("t", "k", true, "", "", time.Now())
 		res := awaitTransfer(context.Background(), tr, &engineStub{delay: time.Hour}, time.Hour)
 		require.Equal(t, waitResult{outcome: waitReady, source: sourceCallback}, res)
 	})
 	t.Run("failed report", func(t *testing.T) {
 		ts := newTransfers()
 		tr := ts.register("t", "k")
-		ts.report("t", "k", false, "", time.Now())
+		ts.report("t", "k", false, "", "", time.Now())
 		res := awaitTransfer(context.Background(), tr, nil, time.Hour)
 		require.Equal(t, waitFailed, res.outcome)
 		require.Equal(t, "reported failed", res.reason)
@@ -634,7 +634,7 @@ func FuzzParseRequest(f *testing.F) {
 		require.Equal(t, "1", string(pre["max_tokens"]))
 		require.Equal(t, "false", string(pre["stream"]))
 		require.NotContains(t, pre, "stream_options")
-		dp := decodeParams(prefillKV{}, "t")
+		dp := decodeParams(prefillKV{}, "t", "")
 		var db bytes.Buffer
 		req.decodeBody(&db, dp)
 		var dec map[string]json.RawMessage

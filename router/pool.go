@@ -3,6 +3,7 @@ package router
 import (
 	"encoding/base64"
 	"net/url"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -86,32 +87,106 @@ func (b *backend) report(ok bool, threshold int, cooldown time.Duration, now tim
 }
 
 // pool holds the backends of one role and picks among the selectable
-// ones with its selector. Invariant: at most maxBackends backends
-// (Validate), so candidate lists live on the stack.
+// ones with its selector. Its members are the static backends (http(s)
+// URLs) and those its dns:// targets resolved to (discovery.go), published
+// whole: a request reads one snapshot, and a published slice is never
+// modified. Invariant: at most maxBackends members (Validate bounds the
+// static ones, update the rest), so candidate lists live on the stack.
 type pool struct {
-	role     string
-	backends []*backend
-	sel      selector
+	role    string
+	sel     selector
+	members atomic.Pointer[[]*backend]
+	static  []string     // bases of the http(s) entries, in the order given
+	targets []*dnsTarget // the dns:// entries (discovery.go)
+	// attach gives a new backend its metric series before it is
+	// published; detach drops them once it left. nil: neither (tests).
+	attach, detach func(*backend)
 }
 
-// newPool builds the pool of role from urls and lb, both validated by
-// Config.Validate.
-func newPool(role string, urls []string, lb string) *pool {
+// newPool builds the pool of role from entries (http(s) base URLs and
+// dns://name:port targets) and lb, all validated by Config.Validate. The
+// static backends are members at once; a target's join when it resolves.
+func newPool(role string, entries []string, lb string) *pool {
 	p := &pool{role: role, sel: newSelector(lb)}
-	for _, u := range urls {
-		base, _ := normalizeBackendURL(u)
-		b := newBackend(role, base)
-		b.activeOK.Store(true) // optimistic until the first poll says otherwise
-		p.backends = append(p.backends, b)
+	for _, e := range entries {
+		if isDNSTarget(e) {
+			t, _ := parseDNSTarget(e)
+			p.targets = append(p.targets, t)
+			continue
+		}
+		base, _ := normalizeBackendURL(e)
+		p.static = append(p.static, base)
 	}
+	p.update(p.static)
 	return p
+}
+
+// backends is the current member list (read only).
+func (p *pool) backends() []*backend {
+	if m := p.members.Load(); m != nil {
+		return *m
+	}
+	return nil
+}
+
+// update makes bases (duplicates ignored, at most maxBackends kept) the
+// pool's members and returns who joined and who left. A base already a
+// member keeps its backend object, so its health, ejection and in-flight
+// count go on; a new one is a fresh backend (optimistically selectable
+// until its first health poll, as at start); one that left gets no new
+// requests, and those it has finish on the object they hold. Callers are
+// serialized (New, then the discovery loop alone).
+func (p *pool) update(bases []string) (joined, left []*backend, dropped int) {
+	old := p.backends()
+	byBase := make(map[string]*backend, len(old))
+	for _, b := range old {
+		byBase[b.base] = b
+	}
+	next := make([]*backend, 0, min(len(bases), maxBackends))
+	kept := make(map[string]bool, len(bases))
+	for _, base := range bases {
+		if kept[base] {
+			continue
+		}
+		if len(next) == maxBackends {
+			dropped++
+			continue
+		}
+		kept[base] = true
+		b := byBase[base]
+		if b == nil {
+			b = newBackend(p.role, base)
+			b.activeOK.Store(true) // optimistic until the first poll says otherwise
+			if p.attach != nil {
+				p.attach(b)
+			}
+			joined = append(joined, b)
+		}
+		next = append(next, b)
+	}
+	for _, b := range old {
+		if !kept[b.base] {
+			left = append(left, b)
+		}
+	}
+	if old != nil && slices.Equal(next, old) {
+		return nil, nil, dropped // the same members in the same order
+	}
+	p.members.Store(&next)
+	for _, b := range left {
+		if p.detach != nil {
+			p.detach(b)
+		}
+	}
+	return joined, left, dropped
 }
 
 // pick returns a healthy backend not in exclude, chosen by the pool's
 // selector, or nil when there is none.
 func (p *pool) pick(exclude []*backend) *backend {
-	if len(p.backends) == 1 { // the common small case, without a candidate list
-		if b := p.backends[0]; !contains(exclude, b) && b.healthy(time.Now()) {
+	members := p.backends()
+	if len(members) == 1 { // the common small case, without a candidate list
+		if b := members[0]; !contains(exclude, b) && b.healthy(time.Now()) {
 			return b
 		}
 		return nil
@@ -120,7 +195,7 @@ func (p *pool) pick(exclude []*backend) *backend {
 	defer candPool.Put(cp)
 	cands := cp[:0]
 	now := time.Now()
-	for _, b := range p.backends {
+	for _, b := range members {
 		if !contains(exclude, b) && b.healthy(now) {
 			cands = append(cands, b)
 		}
@@ -142,7 +217,7 @@ var candPool = sync.Pool{New: func() any { return new([maxBackends]*backend) }}
 // find one), asked without consulting the selector.
 func (p *pool) hasCandidate(exclude []*backend) bool {
 	now := time.Now()
-	for _, b := range p.backends {
+	for _, b := range p.backends() {
 		if !contains(exclude, b) && b.healthy(now) {
 			return true
 		}
@@ -163,7 +238,7 @@ func contains(list []*backend, b *backend) bool {
 func (p *pool) healthyCount() int {
 	now := time.Now()
 	n := 0
-	for _, b := range p.backends {
+	for _, b := range p.backends() {
 		if b.healthy(now) {
 			n++
 		}

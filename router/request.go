@@ -16,6 +16,10 @@ const (
 	kvTransferID      = "pegaflow_transfer_id"
 	kvReadyURL        = "pegaflow_ready_url"
 	kvReadyToken      = "pegaflow_ready_token"
+	// kvSourceEngine is the peer address (host:port) of the engine that
+	// holds the prefill's KV, for D's engine to fetch from when P and D do
+	// not share one: from the /kv_ready report, else P's params.
+	kvSourceEngine = "pegaflow_source_engine"
 )
 
 // Top-level keys of a client body the router reads or rewrites.
@@ -512,16 +516,35 @@ func hasTransferID(fromP prefillKV) bool {
 	return found
 }
 
+// sourceEngine is P's pegaflow_source_engine (the last one counts) when
+// it is a string naming a valid host:port, else "".
+func (p prefillKV) sourceEngine() string {
+	var raw []byte
+	p.each(func(m jsonMember) bool {
+		if keyIs(m.key, kvSourceEngine) {
+			raw = p.obj[m.val:m.end]
+		}
+		return true
+	})
+	var s string
+	if len(raw) < 2 || raw[0] != '"' || !unquote(raw, &s) || checkHostPort(s) != nil {
+		return ""
+	}
+	return s
+}
+
 // decodeParams merges P's kv_transfer_params (parsePrefillParams) with
 // the router's keys, which win: P's other members verbatim, then the
 // router's. The ready token and URL never go to D: they only serve the
-// engine's report to the router.
-func decodeParams(fromP prefillKV, transferID string) json.RawMessage {
+// engine's report to the router. source ("" unknown) becomes
+// pegaflow_source_engine; P's own is dropped (the caller chose source,
+// falling back to P's).
+func decodeParams(fromP prefillKV, transferID, source string) json.RawMessage {
 	var buf bytes.Buffer
-	buf.Grow(len(fromP.obj) + len(transferID) + 96)
+	buf.Grow(len(fromP.obj) + len(transferID) + len(source) + 128)
 	buf.WriteByte('{')
 	fromP.each(func(m jsonMember) bool {
-		for _, k := range [...]string{kvReadyToken, kvReadyURL, kvTransferID, kvDoRemotePrefill, kvDoRemoteDecode} {
+		for _, k := range [...]string{kvReadyToken, kvReadyURL, kvTransferID, kvDoRemotePrefill, kvDoRemoteDecode, kvSourceEngine} {
 			if keyIs(m.key, k) {
 				return true
 			}
@@ -532,7 +555,12 @@ func decodeParams(fromP prefillKV, transferID string) json.RawMessage {
 	})
 	buf.WriteString(`"pegaflow_transfer_id":`)
 	writeJSONString(&buf, transferID)
-	buf.WriteString(`,"do_remote_prefill":true,"do_remote_decode":false}`)
+	buf.WriteString(`,"do_remote_prefill":true,"do_remote_decode":false`)
+	if source != "" {
+		buf.WriteString(`,"pegaflow_source_engine":`)
+		writeJSONString(&buf, source)
+	}
+	buf.WriteByte('}')
 	return buf.Bytes()
 }
 

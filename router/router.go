@@ -11,6 +11,8 @@
 //   - config.go: Config, its flags and validation;
 //   - pool.go: backends and their pools; selector.go: backend selection
 //     (--lb: round-robin, power of two choices), one type per policy;
+//   - discovery.go: dns://name:port backends, re-resolved every
+//     --resolve-interval (Resolver; each address a backend);
 //   - health.go: active GET /health polling and passive health;
 //   - retry.go: the one retry loop every leg runs under (attempt limit,
 //     retryable verdict, capped jittered backoff; internal/retry);
@@ -64,6 +66,7 @@ type Deps struct {
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer // nil: metrics are kept but not exported
 	KVReady    KVReadySource         // nil: only /kv_ready reports count
+	Resolver   Resolver              // dns:// backends; nil: net.DefaultResolver
 }
 
 // Router proxies OpenAI requests to P/D or aggregated backends. It is safe
@@ -85,6 +88,7 @@ type Router struct {
 	transport  *http.Transport // the legs call it directly (send)
 	client     *http.Client    // GET /v1/models, on transport
 	checker    *healthChecker
+	resolver   Resolver
 	readyURL   string
 
 	// Causes of the router's own deadlines, so a client reads which
@@ -146,17 +150,21 @@ func New(cfg Config, deps Deps) (*Router, error) {
 	r.answer.retries = m.retries.WithLabelValues(r.answer.pool.role)
 	r.models = r.answer.legPolicy
 	r.models.probe = true
-	var all []*backend
+	r.resolver = deps.Resolver
+	if r.resolver == nil {
+		r.resolver = net.DefaultResolver
+	}
 	for _, p := range r.pools() {
-		for _, b := range p.backends {
-			b.m = m.forBackend(b)
-			b.m.healthy.Set(1)
-			b.m.inflight.Set(0)
-			all = append(all, b)
+		p.attach, p.detach = m.attach, m.detach
+		for _, b := range p.backends() {
+			m.attach(b)
+		}
+		for _, t := range p.targets {
+			t.errors = m.resolveErrors.WithLabelValues(t.name)
 		}
 	}
 	r.checker = &healthChecker{
-		client: &http.Client{Transport: transport}, backends: all,
+		client: &http.Client{Transport: transport}, backends: r.allBackends,
 		interval: cfg.HealthInterval, timeout: cfg.HealthTimeout,
 		onChange: func(b *backend, ok bool) {
 			r.log.Info("backend health changed", "role", b.role, "backend", b.name, "healthy", ok)
@@ -164,6 +172,15 @@ func New(cfg Config, deps Deps) (*Router, error) {
 		},
 	}
 	return r, nil
+}
+
+// allBackends are the current members of every pool.
+func (r *Router) allBackends() []*backend {
+	var all []*backend
+	for _, p := range r.pools() {
+		all = append(all, p.backends()...)
+	}
+	return all
 }
 
 // pools are the backend pools of the router's mode.
@@ -205,7 +222,7 @@ func (r *Router) Healthy() (bool, map[string]any) {
 	now := time.Now()
 	for _, p := range r.pools() {
 		states := map[string]bool{}
-		for _, b := range p.backends {
+		for _, b := range p.backends() {
 			states[b.name] = b.healthy(now)
 		}
 		detail[p.role] = states
@@ -216,9 +233,17 @@ func (r *Router) Healthy() (bool, map[string]any) {
 	return ok, detail
 }
 
-// Run polls backend health until ctx ends.
+// Run polls backend health and re-resolves dns:// backends until ctx
+// ends. Until a dns:// target first resolves, its pool holds only its
+// static backends (none: 503, and /health says so).
 func (r *Router) Run(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		r.discover(ctx)
+	}()
 	r.checker.run(ctx)
+	<-done
 	return nil
 }
 
@@ -439,6 +464,11 @@ func (r *Router) awaitKV(c echo.Context, rq *clientRequest, t *transfer, p *back
 	if reason != "" && r.cfg.OnKVTimeout == OnKVTimeoutFail {
 		return nil, outcomeFailed, apiError(c, http.StatusGatewayTimeout, "timeout_error", "prefill KV was not ready: "+reason)
 	}
-	// Ready, or decode-anyway: D loads what the engine has and recomputes the rest.
-	return decodeParams(params, t.id), "", nil
+	// Ready, or decode-anyway: D loads what the engine has and recomputes
+	// the rest. Where the KV is: the report says, else P's params.
+	source := t.reportedSource()
+	if source == "" {
+		source = params.sourceEngine()
+	}
+	return decodeParams(params, t.id, source), "", nil
 }

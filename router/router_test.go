@@ -286,7 +286,7 @@ func TestClientCancelStopsBothLegsAndReleases(t *testing.T) {
 	transfer := p.requests()[0]["kv_transfer_params"].(map[string]any)["pegaflow_transfer_id"].(string)
 	_, released := kv.released.Load(transfer)
 	require.True(t, released, "transfer released in the engine")
-	require.Eventually(t, func() bool { return h.r.decode.backends[0].inflight.Load() == 0 }, 5*time.Second, 10*time.Millisecond,
+	require.Eventually(t, func() bool { return h.r.decode.backends()[0].inflight.Load() == 0 }, 5*time.Second, 10*time.Millisecond,
 		"decode leg cancelled")
 }
 
