@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -31,11 +32,15 @@ const (
 
 // callbackRule is one parsed KVReadyAllow entry. A URL matches when its
 // scheme (if the rule has one), host and port equal the rule's and its
-// path starts with the rule's path.
+// path starts with the rule's path; a CIDR rule (CIDR:port, for routers
+// whose pod IPs change) matches an IP literal inside the prefix on that
+// port.
 type callbackRule struct {
 	loopback     bool
 	scheme, host string // host is hostname:port, lower case, port explicit
 	path         string
+	cidr         *net.IPNet
+	port         string // of a CIDR rule
 }
 
 // CheckKVReadyAllow reports whether every entry is a valid KVReadyAllow
@@ -75,6 +80,17 @@ func parseKVReadyAllow(entries []string) ([]callbackRule, error) {
 					raw, KVReadyLoopback, KVReadyNone)
 			}
 			rules = append(rules, callbackRule{scheme: u.Scheme, host: canonicalHost(u), path: u.EscapedPath()})
+		case strings.Contains(entry, "/"):
+			i := strings.LastIndex(entry, ":")
+			var cidr *net.IPNet
+			var err error
+			if i > 0 {
+				_, cidr, err = net.ParseCIDR(strings.Trim(entry[:i], "[]"))
+			}
+			if i <= 0 || err != nil || !validPort(entry[i+1:]) {
+				return nil, invalid("--kv-ready-allow %q: a CIDR entry is CIDR:port, e.g. 10.244.0.0/16:8000", raw)
+			}
+			rules = append(rules, callbackRule{cidr: cidr, port: entry[i+1:]})
 		default:
 			host, port, err := net.SplitHostPort(entry)
 			if err != nil || host == "" || port == "" {
@@ -100,7 +116,19 @@ func canonicalHost(u *url.URL) string {
 	return strings.ToLower(net.JoinHostPort(u.Hostname(), port))
 }
 
+// validPort: a decimal port 1..65535.
+func validPort(p string) bool {
+	n, err := strconv.Atoi(p)
+	return err == nil && n >= 1 && n <= 65535 && strconv.Itoa(n) == p
+}
+
 func (r callbackRule) allows(u *url.URL) bool {
+	if r.cidr != nil {
+		// An IP literal only: a name could resolve anywhere later.
+		ip := net.ParseIP(u.Hostname())
+		_, port, _ := net.SplitHostPort(canonicalHost(u))
+		return ip != nil && r.cidr.Contains(ip) && port == r.port
+	}
 	if r.loopback {
 		h := strings.ToLower(u.Hostname())
 		ip := net.ParseIP(h)

@@ -83,6 +83,12 @@ func TestKVReadyAllowRules(t *testing.T) {
 		{[]string{"none"}, "http://127.0.0.1:9/kv_ready", false},
 		{[]string{"loopback", "10.0.0.7:8080"}, "http://10.0.0.7:8080/kv_ready", true},
 		{[]string{"loopback,10.0.0.7:8080"}, "http://10.0.0.7:8080/kv_ready", true},
+		// Router pods behind a Deployment: any IP of the pod network, one port.
+		{[]string{"10.244.0.0/16:8000"}, "http://10.244.3.17:8000/kv_ready", true},
+		{[]string{"10.244.0.0/16:8000"}, "http://10.245.0.1:8000/kv_ready", false},
+		{[]string{"10.244.0.0/16:8000"}, "http://10.244.3.17:8001/kv_ready", false},
+		{[]string{"10.244.0.0/16:8000"}, "http://router.ns.svc:8000/kv_ready", false},
+		{[]string{"[fd00::/8]:8000"}, "http://[fd12::5]:8000/kv_ready", true},
 	}
 	for _, tc := range cases {
 		t.Run(strings.Join(tc.allow, ",")+" "+tc.url, func(t *testing.T) {
@@ -96,7 +102,8 @@ func TestKVReadyAllowRules(t *testing.T) {
 			}
 		})
 	}
-	for _, bad := range [][]string{{"nonsense"}, {"ftp://x/y"}, {"none", "loopback"}, {"http://u:p@router/kv_ready"}} {
+	for _, bad := range [][]string{{"nonsense"}, {"ftp://x/y"}, {"none", "loopback"}, {"http://u:p@router/kv_ready"},
+		{"10.0.0.0/33:80"}, {"10.0.0.0/8"}, {"10.0.0.0/8:0"}, {"10.0.0.0/8:x"}} {
 		require.ErrorIs(t, CheckKVReadyAllow(bad), ErrInvalid, "%q", bad)
 	}
 }
