@@ -99,6 +99,9 @@ func printPlan(o options) {
 			human(size), o.reps, n, o.totalMiB/o.batchMiB, o.perftest, strings.Join(p.serverArgs(13337), " "),
 			o.perftest, strings.Join(p.clientArgs(o.host, 13337), " "))
 	}
+	if o.lineRateGbps > 0 {
+		fmt.Printf("table: peer fetch also as a fraction of %g Gb/s line rate\n", o.lineRateGbps)
+	}
 }
 
 func run(ctx context.Context, o options) error {
@@ -127,7 +130,7 @@ func run(ctx context.Context, o options) error {
 	var loop map[int]float64
 	if lookErr != nil {
 		fmt.Fprintf(os.Stderr, "bench-peer: %s not found (apt-get install ucx-utils): the baseline is benchmarks/native's ucp_get_nbx loop\n", o.perftest)
-		baseline = "plain ucp_get_nbx loop (benchmarks/native)"
+		baseline = "plain ucp_get_nbx loop (benchmarks/native, run once before the fetches)"
 		if loop, err = runNativeLoop(ctx, o.goTool, o.goTags, o.totalMiB); err != nil {
 			fmt.Fprintln(os.Stderr, "bench-peer: no bare UCX baseline:", err)
 		}
@@ -157,7 +160,7 @@ func run(ctx context.Context, o options) error {
 		rows = append(rows, makeRow(best, bare, o.lineRateGbps))
 	}
 	fmt.Printf("Peer fetch: engine B fetching from engine A over UCX (%s, peer API on %s), %d MiB per size in queries of %d MiB,\n"+
-		"vs bare UCX: %s, same sizes, same run; best of %d alternating repetitions each; %d CPUs, one run\n\n",
+		"vs bare UCX: %s, same sizes, same run; best of %d repetitions (ucx_perftest alternating with the fetches); %d CPUs, one run\n\n",
 		ucxEnv(), o.host, o.totalMiB, o.batchMiB, baseline, o.reps, runtime.NumCPU())
 	printTable(os.Stdout, rows, o.lineRateGbps)
 	if o.jsonOut != "" {

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -64,7 +65,8 @@ func printTable(w io.Writer, rows []row, lineRateGbps float64) {
 	for _, r := range rows {
 		bare, ratio := "-", "-"
 		if r.BareGBps > 0 {
-			bare, ratio = fmt.Sprintf("%.2f", r.BareGBps), fmt.Sprintf("%.2f", r.Ratio)
+			// Rounded down, so a ratio shown as 0.80 never reads MISS.
+			bare, ratio = fmt.Sprintf("%.2f", r.BareGBps), fmt.Sprintf("%.2f", math.Floor(r.Ratio*100)/100)
 		}
 		metric := fmt.Sprintf("%.2f", r.MetricGBps)
 		if !r.MetricsMatch {
