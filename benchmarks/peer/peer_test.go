@@ -2,12 +2,15 @@ package main
 
 import (
 	"bytes"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/pegaflow/pegaflow/native"
 )
 
 func TestParsePerftestCSV(t *testing.T) {
@@ -133,7 +136,11 @@ func TestRDMAScriptDryRun(t *testing.T) {
 	}
 	script, err := filepath.Abs("../../scripts/bench-peer-rdma")
 	require.NoError(t, err)
-	out, err := exec.Command(script, "--dry-run", "--net-devices", "mlx5_0:1", "--line-rate-gbps", "400", "--", "-sizes", "256,2048").CombinedOutput()
+	cmd := exec.Command(script, "--dry-run", "--net-devices", "mlx5_0:1", "--line-rate-gbps", "400", "--", "-sizes", "256,2048")
+	if !native.XferBuilt { // the benchmark must compile without UCX here too
+		cmd.Env = append(os.Environ(), "GO_TAGS=noucx")
+	}
+	out, err := cmd.CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	s := string(out)
 	for _, want := range []string{
