@@ -1,0 +1,164 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pegaflow/pegaflow/native"
+)
+
+func TestParsePerftestCSV(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		out  string
+		gbps float64
+		ok   bool
+	}{
+		{"one row", "iterations,50.0_percentile_lat,avg_lat,overall_lat,avg_bw,overall_bw,avg_mr,overall_mr\n" +
+			" 500,1127.666,1455.388,1455.388,171.78,1000.00,687,687\n", 1000 * 1048576 / 1e9, true},
+		{"warnings around", "[1700000000.0] WARN something\niterations,overall_bw\n\n128,2000\ntrailer\n", 2000 * 1048576 / 1e9, true},
+		{"no header", "500,1,2,3\n", 0, false},
+		{"header only", "iterations,overall_bw\n", 0, false},
+		{"empty", "", 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := parsePerftestCSV([]byte(tc.out))
+			if !tc.ok {
+				require.Error(t, err)
+				return
+			}
+			require.NoError(t, err)
+			require.InDelta(t, tc.gbps, got, 1e-9)
+		})
+	}
+}
+
+func TestPlanPerftest(t *testing.T) {
+	for _, tc := range []struct {
+		size, total                int
+		iters, warmup, outstanding int
+	}{
+		{16 << 10, 256 << 20, 16384, 1638, 256},
+		{256 << 10, 256 << 20, 1024, 102, 64},
+		{2 << 20, 256 << 20, 128, 12, 8},
+		{32 << 20, 1 << 20, 1, 1, 1}, // a size over the window and the total
+	} {
+		p := planPerftest(tc.size, tc.total)
+		require.Equal(t, perftestPlan{size: tc.size, iters: tc.iters, warmup: tc.warmup, outstanding: tc.outstanding}, p)
+	}
+	p := planPerftest(1<<20, 64<<20)
+	require.Equal(t, []string{"10.0.0.1", "-p", "9", "-t", "ucp_get", "-s", "1048576", "-n", "64", "-w", "6", "-O", "16", "-v"},
+		p.clientArgs("10.0.0.1", 9))
+	require.Equal(t, []string{"-p", "9"}, p.serverArgs(9))
+}
+
+func TestMakeRow(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		share      int
+		peer, bare float64
+		line       float64
+		ratio      float64
+		target     string
+		ofLine     float64
+	}{
+		{"small, no target", 64 << 10, 1, 2, 0, 0.5, "-", 0},
+		{"met", 256 << 10, 1.6, 2, 0, 0.8, ">= 0.80 ok", 0},
+		{"missed", 2 << 20, 1, 2, 0, 0.5, ">= 0.80 MISS", 0},
+		{"no baseline", 1 << 20, 1, 0, 0, 0, ">= 0.80 no baseline", 0},
+		{"line rate", 1 << 20, 40, 50, 400, 0.8, ">= 0.80 ok", 0.8},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := makeRow(fetchResult{ShareBytes: tc.share, FetchGBps: tc.peer}, tc.bare, tc.line)
+			require.InDelta(t, tc.ratio, r.Ratio, 1e-9)
+			require.Equal(t, tc.target, r.Target)
+			require.InDelta(t, tc.ofLine, r.OfLine, 1e-9)
+		})
+	}
+}
+
+func TestPrintTable(t *testing.T) {
+	rows := []row{
+		makeRow(fetchResult{ShareBytes: 16 << 10, FetchGBps: 1, Blocks: 2048, MetricGBps: 1.1, MetricsMatch: true}, 2, 0),
+		makeRow(fetchResult{ShareBytes: 2 << 20, FetchGBps: 1.8, Blocks: 16, MetricBytes: 5, MetricGBps: 1.9}, 0, 0),
+		makeRow(fetchResult{ShareBytes: 1 << 20, FetchGBps: 1.9954, Blocks: 32, QueryP50ms: 17.46, MetricsMatch: true}, 2.5, 0),
+	}
+	var b bytes.Buffer
+	printTable(&b, rows, 0)
+	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
+	require.Len(t, lines, 5)
+	require.True(t, strings.HasPrefix(lines[0], "| size | peer fetch GB/s | bare UCX GB/s | ratio | target |"))
+	require.Equal(t, "| 16 KiB | 1.00 | 2.00 | 0.50 | - | 2048 | 0.0 ms | 1.10 |", lines[2])
+	require.Equal(t, "| 2 MiB | 1.80 | - | - | >= 0.80 no baseline | 16 | 0.0 ms | 1.90 (counted 5 B: mismatch) |", lines[3])
+	require.Equal(t, "| 1 MiB | 2.00 | 2.50 | 0.79 | >= 0.80 MISS | 32 | 17.5 ms | 0.00 |", lines[4], "0.798 shows as 0.79, not 0.80 MISS")
+
+	b.Reset()
+	printTable(&b, []row{makeRow(fetchResult{ShareBytes: 1 << 20, FetchGBps: 25}, 40, 400)}, 400)
+	require.Contains(t, b.String(), "of 400 Gb/s line rate |")
+	require.Contains(t, b.String(), " 0.50 |\n")
+}
+
+func TestParseSizes(t *testing.T) {
+	got, err := parseSizes("16, 64,2048")
+	require.NoError(t, err)
+	require.Equal(t, []int{16 << 10, 64 << 10, 2 << 20}, got)
+	for _, bad := range []string{"", "0", "-4", "16,x", "2097152"} {
+		_, err := parseSizes(bad)
+		require.Error(t, err, bad)
+	}
+}
+
+func TestSpecFor(t *testing.T) {
+	for _, size := range []int{16 << 10, 64 << 10, 256 << 10, 1 << 20, 2 << 20} {
+		require.Equal(t, size, specFor(size, 4).BlockBytes(), human(size))
+	}
+}
+
+func TestParsePeerMetrics(t *testing.T) {
+	body := []byte("# HELP x\npegaflow_engine_peer_fetch_bytes_total 3.3554432e+07\n" +
+		"pegaflow_engine_peer_fetch_duration_seconds_sum 0.25\npegaflow_engine_peer_fetch_duration_seconds_count 8\n" +
+		"pegaflow_engine_peer_fetch_bytes_totalx 1\n")
+	require.Equal(t, peerMetrics{bytes: 32 << 20, seconds: 0.25, fetches: 8}, parsePeerMetrics(body))
+	require.Equal(t, peerMetrics{}, parsePeerMetrics(nil))
+}
+
+// The RDMA script cannot run here (no RDMA); its dry run must name the
+// environment and pass the line rate through to the benchmark's plan.
+func TestRDMAScriptDryRun(t *testing.T) {
+	if testing.Short() {
+		t.Skip("compiles the benchmark")
+	}
+	script, err := filepath.Abs("../../scripts/bench-peer-rdma")
+	require.NoError(t, err)
+	cmd := exec.Command(script, "--dry-run", "--net-devices", "mlx5_0:1", "--line-rate-gbps", "400", "--", "-sizes", "256,2048")
+	if !native.XferBuilt { // the benchmark must compile without UCX here too
+		cmd.Env = append(os.Environ(), "GO_TAGS=noucx")
+	}
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	s := string(out)
+	for _, want := range []string{
+		"env: UCX_TLS=rc UCX_NET_DEVICES=mlx5_0:1",
+		"bench-peer dry run (UCX_TLS=rc UCX_NET_DEVICES=mlx5_0:1)",
+		"--peer-addr 127.0.0.1:PORT --peer-token-file",
+		"ucx_perftest 127.0.0.1 -p 13337 -t ucp_get -s 262144",
+		"ucx_perftest 127.0.0.1 -p 13337 -t ucp_get -s 2097152",
+		"fraction of 400 Gb/s line rate",
+	} {
+		require.Contains(t, s, want)
+	}
+	require.NotContains(t, s, "-s 16384", "-sizes reached the benchmark")
+
+	for _, args := range [][]string{{"--dry-run"}, {"--dry-run", "--net-devices", "x", "--line-rate-gbps", "fast"}, {"--bogus"}} {
+		err := exec.Command(script, args...).Run()
+		var ee *exec.ExitError
+		require.ErrorAs(t, err, &ee, "%v", args)
+		require.Equal(t, 2, ee.ExitCode(), "%v", args)
+	}
+}

@@ -1,0 +1,111 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// targetRatio is the issue's goal for peer fetch / bare UCX, from
+// targetFrom bytes per share up; smaller shares are dominated by per-block
+// bookkeeping and get no target.
+const (
+	targetRatio = 0.8
+	targetFrom  = 256 << 10
+)
+
+// row is one size's line of the table; BareGBps 0 means no baseline.
+type row struct {
+	fetchResult
+	BareGBps float64 `json:"bare_ucx_gbps"`
+	Ratio    float64 `json:"ratio"`
+	Target   string  `json:"target"`
+	OfLine   float64 `json:"of_line_rate,omitempty"`
+}
+
+// makeRow fills in the ratio and the verdict; lineRateGbps > 0 adds the
+// fraction of line rate (Gbit/s, so /8 for GB/s).
+func makeRow(f fetchResult, bare, lineRateGbps float64) row {
+	r := row{fetchResult: f, BareGBps: bare, Target: "-"}
+	if bare > 0 {
+		r.Ratio = f.FetchGBps / bare
+	}
+	if f.ShareBytes >= targetFrom {
+		verdict := "no baseline"
+		switch {
+		case bare <= 0:
+		case r.Ratio >= targetRatio:
+			verdict = "ok"
+		default:
+			verdict = "MISS"
+		}
+		r.Target = fmt.Sprintf(">= %.2f %s", targetRatio, verdict)
+	}
+	if lineRateGbps > 0 {
+		r.OfLine = f.FetchGBps / (lineRateGbps / 8)
+	}
+	return r
+}
+
+// printTable writes the markdown table: the issue's five columns, then B's
+// metrics as a cross-check and, against a line rate, the fraction of it.
+func printTable(w io.Writer, rows []row, lineRateGbps float64) {
+	head := "| size | peer fetch GB/s | bare UCX GB/s | ratio | target | blocks/query | query p50 | B metrics GB/s |"
+	sep := "|---|---|---|---|---|---|---|---|"
+	if lineRateGbps > 0 {
+		head += fmt.Sprintf(" of %g Gb/s line rate |", lineRateGbps)
+		sep += "---|"
+	}
+	fmt.Fprintln(w, head)
+	fmt.Fprintln(w, sep)
+	for _, r := range rows {
+		bare, ratio := "-", "-"
+		if r.BareGBps > 0 {
+			// Rounded down, so a ratio shown as 0.80 never reads MISS.
+			bare, ratio = fmt.Sprintf("%.2f", r.BareGBps), fmt.Sprintf("%.2f", math.Floor(r.Ratio*100)/100)
+		}
+		metric := fmt.Sprintf("%.2f", r.MetricGBps)
+		if !r.MetricsMatch {
+			metric += fmt.Sprintf(" (counted %.0f B: mismatch)", r.MetricBytes)
+		}
+		line := fmt.Sprintf("| %s | %.2f | %s | %s | %s | %d | %.1f ms | %s |", human(r.ShareBytes), r.FetchGBps, bare, ratio,
+			r.Target, r.Blocks, r.QueryP50ms, metric)
+		if lineRateGbps > 0 {
+			line += fmt.Sprintf(" %.2f |", r.OfLine)
+		}
+		fmt.Fprintln(w, line)
+	}
+}
+
+func human(n int) string {
+	if n >= 1<<20 && n%(1<<20) == 0 {
+		return fmt.Sprintf("%d MiB", n>>20)
+	}
+	return fmt.Sprintf("%d KiB", n>>10)
+}
+
+// parseSizes reads a comma-separated list of sizes in KiB.
+func parseSizes(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		k, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || k <= 0 || k > 1<<20 {
+			return nil, fmt.Errorf("size %q: want KiB in 1..%d", f, 1<<20)
+		}
+		out = append(out, k<<10)
+	}
+	return out, nil
+}
+
+func p50(ds []time.Duration) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
