@@ -58,7 +58,8 @@ func (d *directPeers) ReleaseTransfer(_ context.Context, addr, handle string) er
 
 func newPeerEngine(t *testing.T, ctl *directPeers, addr string, poolSize uint64) *Engine {
 	t.Helper()
-	e, err := New(Config{PoolSize: poolSize, NUMANode: -1, Device: -1, CopyThreads: 2, PartialTTL: time.Hour, Peers: ctl},
+	e, err := New(Config{PoolSize: poolSize, NUMANode: -1, Device: -1, CopyThreads: 2, PartialTTL: time.Hour, Peers: ctl,
+		PeerAddress: addr, PeerAllow: []string{"a:1", "b:1", "nowhere:1"}},
 		nil, prometheus.NewRegistry())
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, e.Close()) })

@@ -71,7 +71,7 @@ func startPeerEngine(t *testing.T, bin, dir, peerAddr, tokenFile string) *engine
 	p := &engineProc{sock: filepath.Join(dir, fmt.Sprintf("engine-%d.sock", time.Now().UnixNano())), http: freeAddr(t),
 		peerAddr: peerAddr, logs: &lockedBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(bin, "serve", "--socket", p.sock, "--http-addr", p.http, "--pool-size", "64MiB",
-		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--log-level", "debug")
+		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--peer-allow", "loopback", "--log-level", "debug")
 	p.cmd.Env = append(os.Environ(), "UCX_TLS=tcp")
 	p.cmd.Stderr = p.logs
 	require.NoError(t, p.cmd.Start())
