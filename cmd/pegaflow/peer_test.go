@@ -112,6 +112,18 @@ func (p *engineProc) metric(t *testing.T, name string) float64 {
 	return v
 }
 
+// skipUnlessPeerProcs skips a test that runs engines with peers as
+// processes: in -short runs (why says what it does) and without UCX.
+func skipUnlessPeerProcs(t *testing.T, why string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip(why)
+	}
+	if !native.XferBuilt {
+		t.Skip("UCX not built")
+	}
+}
+
 // kvClient is one rank's cache registered with an engine.
 type kvClient struct {
 	c     *client.Client
@@ -185,12 +197,7 @@ func (k *kvClient) loadAndVerify(t *testing.T, ctx context.Context, prod *kvClie
 // naming A, byte-exact; a local hit fetches nothing; the token is
 // required; A killed mid-fetch and restarted (new epoch).
 func TestPeerFetchAcrossEngines(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds the binary, runs two engines")
-	}
-	if !native.XferBuilt {
-		t.Skip("UCX not built")
-	}
+	skipUnlessPeerProcs(t, "builds the binary, runs two engines")
 	bin := testBinary(t)
 	dir := t.TempDir()
 	tokenFile := filepath.Join(dir, "peer-token")
