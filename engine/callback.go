@@ -130,14 +130,19 @@ func (r callbackRule) allows(u *url.URL) bool {
 		return ip != nil && r.cidr.Contains(ip) && port == r.port
 	}
 	if r.loopback {
-		h := strings.ToLower(u.Hostname())
-		ip := net.ParseIP(h)
-		return h == "localhost" || (ip != nil && ip.IsLoopback())
+		return loopbackHost(u.Hostname())
 	}
 	if (r.scheme != "" && r.scheme != u.Scheme) || r.host != canonicalHost(u) {
 		return false
 	}
 	return strings.HasPrefix(u.EscapedPath(), r.path)
+}
+
+// loopbackHost reports whether a host (name or address) is this host's
+// loopback: localhost, 127.0.0.0/8 or ::1.
+func loopbackHost(host string) bool {
+	ip := net.ParseIP(host)
+	return strings.EqualFold(host, "localhost") || (ip != nil && ip.IsLoopback())
 }
 
 // checkReadyURL validates a Save's ready_url against the allowlist.
@@ -180,6 +185,9 @@ type readyReport struct {
 	Token      string `json:"token"`
 	Status     string `json:"status"`
 	Message    string `json:"message,omitempty"`
+	// SourceEngine is this engine's peer address (Config.PeerAddress),
+	// for the router to pass to D as pegaflow_source_engine.
+	SourceEngine string `json:"source_engine,omitempty"`
 }
 
 // callbackRetry spaces the attempts of a ready_url POST: 50ms, 200ms,
@@ -190,7 +198,8 @@ var callbackRetry = retry.Policy{Attempts: 4, Backoff: 50 * time.Millisecond, Fa
 // the retries (not a POST in flight, which CallbackTimeout bounds).
 func (e *Engine) notify(readyURL, id, token, status, message string) {
 	defer e.bg.Done()
-	body, _ := json.Marshal(readyReport{TransferID: id, Token: token, Status: status, Message: message})
+	body, _ := json.Marshal(readyReport{TransferID: id, Token: token, Status: status, Message: message,
+		SourceEngine: e.cfg.PeerAddress})
 	_ = retry.Do(e.stopped, callbackRetry, nil, func(ctx context.Context, attempt int) error {
 		err := e.postReady(context.WithoutCancel(ctx), readyURL, body)
 		if err != nil && !retry.IsPermanent(err) {

@@ -169,3 +169,24 @@ func TestTransferFirstBindingWins(t *testing.T) {
 	time.Sleep(100 * time.Millisecond)
 	require.Zero(t, thief.hits.Load())
 }
+
+// With a peer address the report names it as the source engine, for the
+// router to pass to D; without, the field is absent.
+func TestReadyReportNamesSourceEngine(t *testing.T) {
+	for _, addr := range []string{"", "10.0.0.5:7400"} {
+		sink := newReadySink(t, nil)
+		e, err := New(Config{PoolSize: 4 << 20, NUMANode: -1, Device: -1, PartialTTL: time.Hour, PeerAddress: addr}, nil, prometheus.NewRegistry())
+		require.NoError(t, err)
+		t.Cleanup(func() { require.NoError(t, e.Close()) })
+		p := newWorker(t, e, "P", 0, 1, smallSpec)
+		require.NoError(t, p.saveTransfer(seq(0, 1), kvtest.Hashes("src"+addr, 1), "t-src", sink.URL+"/kv_ready", "tok", true))
+		select {
+		case rep := <-sink.reports:
+			require.Equal(t, readyReport{TransferID: "t-src", Token: "tok", Status: "ready", SourceEngine: addr}, rep)
+		case <-time.After(5 * time.Second):
+			t.Fatal("no report")
+		}
+	}
+	_, err := New(Config{PoolSize: 4 << 20, NUMANode: -1, Device: -1, PeerAddress: "nonsense"}, nil, prometheus.NewRegistry())
+	require.ErrorIs(t, err, ErrInvalid)
+}

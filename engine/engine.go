@@ -88,6 +88,15 @@ type Config struct {
 	// PeerFetchTimeout bounds a fetch for a Query that does not wait
 	// (a waiting Query's fetch ends within its wait).
 	PeerFetchTimeout time.Duration
+	// PeerAddress is the address peers reach this engine's peer API at
+	// (--peer-advertise, else --peer-addr): sent in the Attach event and
+	// the /kv_ready report so that D's side can name it as source_engine.
+	// A Query naming it is local. Empty: the engine serves no peers.
+	PeerAddress string
+	// PeerAllow lists the source engines a Query may name (peerallow.go):
+	// host:port, a subnet, or PeerAllowLoopback. Empty: none; a Query
+	// naming another source fails ErrInvalid before anything is dialled.
+	PeerAllow []string
 }
 
 // Defaults for Config.
@@ -167,6 +176,8 @@ type Engine struct {
 	m         *metrics
 	// readyAllow is Config.KVReadyAllow parsed; nil allows no callback.
 	readyAllow []callbackRule
+	// peerAllow is Config.PeerAllow parsed; nil allows no source engine.
+	peerAllow []peerRule
 	// budget is the engine-wide budget of in-flight copy ops (bounds.go).
 	budget *copyBudget
 	// epoch is new on every start (peers see a restart by it).
@@ -225,6 +236,15 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 	if err != nil {
 		return nil, err
 	}
+	peerAllow, err := parsePeerAllow(cfg.PeerAllow)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.PeerAddress != "" {
+		if err := validatePeerAddr("peer address", cfg.PeerAddress); err != nil {
+			return nil, err
+		}
+	}
 	placement := cfg.Topology.PoolPlacement(cfg.NUMANode, cfg.PoolSize)
 	pools, def, err := openPools(placement, cfg.Device, cfg.PoolFlags)
 	if err != nil {
@@ -270,6 +290,7 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		copier:      copier,
 		http:        newCallbackClient(cfg.CallbackTimeout),
 		readyAllow:  readyAllow,
+		peerAllow:   peerAllow,
 		budget:      newCopyBudget(cfg.MaxCopyOps),
 		policy:      policy,
 		namespaces:  map[string]*namespace{},
@@ -330,6 +351,10 @@ func logPlacement(log *slog.Logger, topo *topology.Topology, p topology.Placemen
 			"gpus", len(topo.Devices))
 	}
 }
+
+// PeerAddress is where peers reach this engine (Config.PeerAddress);
+// empty when it serves none.
+func (e *Engine) PeerAddress() string { return e.cfg.PeerAddress }
 
 // Version is the build version given in Config.
 func (e *Engine) Version() string { return e.cfg.Version }

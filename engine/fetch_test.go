@@ -58,7 +58,8 @@ func (d *directPeers) ReleaseTransfer(_ context.Context, addr, handle string) er
 
 func newPeerEngine(t *testing.T, ctl *directPeers, addr string, poolSize uint64) *Engine {
 	t.Helper()
-	e, err := New(Config{PoolSize: poolSize, NUMANode: -1, Device: -1, CopyThreads: 2, PartialTTL: time.Hour, Peers: ctl},
+	e, err := New(Config{PoolSize: poolSize, NUMANode: -1, Device: -1, CopyThreads: 2, PartialTTL: time.Hour, Peers: ctl,
+		PeerAddress: addr, PeerAllow: []string{"a:1", "b:1", "nowhere:1"}},
 		nil, prometheus.NewRegistry())
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, e.Close()) })
@@ -174,4 +175,29 @@ func TestFetchEndsShortOnEveryFailure(t *testing.T) {
 	require.EqualValues(t, 0, d.queryFrom(t, "a:1", more, 2*time.Second).NumHit)
 	require.Less(t, time.Since(start), 3*time.Second)
 	require.Equal(t, "ok", b.Health().Status)
+}
+
+// A reader that fetched a P/D transfer releases it on the peer with its
+// open: P's blocks are not left pinned until the transfer TTL (a busy P
+// would fill its pool with them).
+func TestFetchedTransferIsReleasedOnThePeer(t *testing.T) {
+	if !native.XferBuilt {
+		t.Skip("UCX not built")
+	}
+	t.Setenv("UCX_TLS", "tcp")
+	ctl := &directPeers{peers: map[string]*Engine{}}
+	a := newPeerEngine(t, ctl, "a:1", 8<<20)
+	b := newPeerEngine(t, ctl, "b:1", 8<<20)
+	p := newWorker(t, a, "P", 0, 1, smallSpec)
+	d := newWorker(t, b, "D", 0, 1, smallSpec)
+	hashes := kvtest.Hashes("consumed", 4)
+	p.save(t, seq(0, 4), hashes, "t-consumed", true)
+	require.EqualValues(t, 4, a.Stats().PinnedBlocks, "the transfer pins its blocks for D")
+	resp, err := b.Query(context.Background(), &pb.QueryRequest{SessionId: d.session, NamespaceId: d.nsID, Hashes: hashes,
+		WaitMs: 2000, TransferId: "t-consumed", SourceEngine: "a:1"})
+	require.NoError(t, err)
+	require.EqualValues(t, 4, resp.NumHit)
+	require.Eventually(t, func() bool { return a.Stats().PinnedBlocks == 0 }, 5*time.Second, 10*time.Millisecond,
+		"the open and the transfer are released")
+	require.EqualValues(t, 4, a.Stats().ResidentBlocks, "the blocks stay, unpinned")
 }

@@ -49,10 +49,12 @@ type PeerControl interface {
 // when the reader asks for no TTL; a reader's TTL is capped at 10x it.
 const DefaultPeerOpenTTL = 30 * time.Second
 
-// peerOpen is a transfer a reader opened: the blocks it pinned.
+// peerOpen is a transfer a reader opened: the blocks it pinned, and the
+// P/D transfer it named (released with it: see ReleasePeerTransfer).
 type peerOpen struct {
-	blocks  []*block
-	expires time.Time
+	blocks     []*block
+	expires    time.Time
+	transferID string
 }
 
 // Epoch changes on every engine start.
@@ -124,7 +126,7 @@ func (e *Engine) OpenPeerTransfer(ctx context.Context, req *pb.PeerOpenTransferR
 	if req.TtlMs > 0 {
 		ttl = min(time.Duration(req.TtlMs)*time.Millisecond, 10*e.cfg.PeerOpenTTL)
 	}
-	o := &peerOpen{blocks: make([]*block, 0, hit), expires: time.Now().Add(ttl)}
+	o := &peerOpen{blocks: make([]*block, 0, hit), expires: time.Now().Add(ttl), transferID: req.TransferId}
 	resp.Blocks = make([]*pb.PeerBlock, hit)
 	for i, h := range req.Hashes[:hit] {
 		b := ns.blocks[string(h)]
@@ -156,7 +158,11 @@ func (e *Engine) peerNamespaceLocked(nsID, transferID string) (*namespace, error
 }
 
 // ReleasePeerTransfer unpins an open peer transfer; ErrNotFound when it
-// is unknown, released or expired.
+// is unknown, released or expired. A P/D transfer the open named is
+// released too: the reader consumed it, as a local D's Release would
+// (else its blocks stay pinned here until the transfer TTL, and a busy P
+// fills its pool with them). An open that merely expired (the reader died
+// or was cut off) leaves the transfer to its own TTL.
 func (e *Engine) ReleasePeerTransfer(handle string) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -165,6 +171,9 @@ func (e *Engine) ReleasePeerTransfer(handle string) error {
 		return fmt.Errorf("%w: peer transfer %q", ErrNotFound, handle)
 	}
 	e.releasePeerOpenLocked(handle, o)
+	if o.transferID != "" {
+		e.releaseTransferLocked(o.transferID)
+	}
 	return nil
 }
 

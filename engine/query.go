@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
@@ -22,16 +23,15 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 			return nil, err
 		}
 	}
-	if req.SourceEngine != "" {
-		if err := validatePeerAddr("source_engine", req.SourceEngine); err != nil {
-			return nil, err
-		}
+	source, err := e.sourceOf(req)
+	if err != nil {
+		return nil, err
 	}
 	wait := min(time.Duration(req.WaitMs)*time.Millisecond, e.cfg.MaxQueryWait)
 	deadline := time.Now().Add(wait)
-	if req.SourceEngine != "" {
+	if source != "" {
 		// Within the wait; same-host queries never get here.
-		e.fetchFromPeer(ctx, req.SourceEngine, req, hashes, wait)
+		e.fetchFromPeer(ctx, source, req, hashes, wait)
 	}
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
@@ -50,8 +50,10 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 		return nil, fmt.Errorf("%w: namespace %q", ErrNotFound, req.NamespaceId)
 	}
 	s.opened[ns] = struct{}{}
-	// With a source engine the transfer is the peer's: nothing here to wait for.
-	if req.TransferId != "" && wait > 0 && req.SourceEngine == "" {
+	// With a source engine the transfer is the peer's: nothing here to
+	// wait for (unless the source is this engine).
+	localTransfer := req.SourceEngine == "" || (source == "" && e.xfer != nil)
+	if req.TransferId != "" && wait > 0 && localTransfer {
 		w, err := e.joinTransferLocked(req.TransferId)
 		if err != nil {
 			return nil, err
@@ -108,6 +110,26 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 		resp.LeaseId = id
 	}
 	return resp, nil
+}
+
+// sourceOf is the peer a Query fetches from: its source_engine, checked
+// against PeerAllow, or "" when it names none or this engine itself (P
+// and D on one host in a multi-host deployment: the transfer is local).
+// An engine without peers ignores the source, as before it had any.
+func (e *Engine) sourceOf(req *pb.QueryRequest) (string, error) {
+	if req.SourceEngine == "" {
+		return "", nil
+	}
+	if err := validatePeerAddr("source_engine", req.SourceEngine); err != nil {
+		return "", err
+	}
+	if e.xfer == nil || strings.EqualFold(req.SourceEngine, e.cfg.PeerAddress) {
+		return "", nil
+	}
+	if err := e.checkSourceEngine(req.SourceEngine); err != nil {
+		return "", err
+	}
+	return req.SourceEngine, nil
 }
 
 // awakeLocked is what a Query re-checks after waiting without e.mu: the

@@ -39,9 +39,15 @@ type pdEnv struct {
 // serveEngine starts an engine on sock; stop ends it (idempotent).
 func serveEngine(t *testing.T, sock string) (eng *engine.Engine, stop func()) {
 	t.Helper()
-	reg := prometheus.NewRegistry()
+	return serveEngineWith(t, sock, engine.Config{}, prometheus.NewRegistry())
+}
+
+// serveEngineWith is serveEngine with cfg's peer settings.
+func serveEngineWith(t *testing.T, sock string, peers engine.Config, reg *prometheus.Registry) (eng *engine.Engine, stop func()) {
+	t.Helper()
 	log := testLogger(t).With("component", "engine")
-	eng, err := engine.New(engine.Config{PoolSize: 64 << 20, NUMANode: -1, Device: -1, CopyThreads: 2, MaxQueryWait: 10 * time.Second}, log, reg)
+	eng, err := engine.New(engine.Config{PoolSize: 64 << 20, NUMANode: -1, Device: -1, CopyThreads: 2, MaxQueryWait: 10 * time.Second,
+		Peers: peers.Peers, PeerAddress: peers.PeerAddress, PeerAllow: peers.PeerAllow}, log, reg)
 	require.NoError(t, err)
 	srv, err := server.New(server.Config{SocketPath: sock}, eng, log, reg)
 	require.NoError(t, err)
@@ -260,6 +266,7 @@ func TestPDProtocolLegs(t *testing.T) {
 	body := map[string]any{"prompt": promptOf(18, "legs"), "max_tokens": 3}
 	params := env.prefill(t, p, "/v1/completions", body)
 	require.EqualValues(t, 4, params["pegaflow_num_blocks"])
+	require.NotContains(t, params, kvSourceEngine, "an engine without peers names no source")
 	code, got := post(t, d.url+"/v1/completions", decodeBody(body, params))
 	require.Equal(t, 200, code)
 	require.EqualValues(t, 16, got["usage"].(map[string]any)["prompt_tokens_details"].(map[string]any)["cached_tokens"])

@@ -40,6 +40,17 @@ func (e *engineLink) get() (*client.Client, string, error) {
 	return e.c, e.nsID, nil
 }
 
+// peerAddress is the connected engine's peer address ("" when it serves
+// no peers or no engine is connected).
+func (e *engineLink) peerAddress() string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.c == nil {
+		return ""
+	}
+	return e.c.PeerAddress()
+}
+
 func (e *engineLink) connected() bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()

@@ -333,6 +333,11 @@ func (s *Sim) observe(arrival time.Time, toks []token) {
 	s.m.success.WithLabelValues("length").Inc()
 }
 
+// kvSourceEngine is the kv_transfer_params key naming P's engine (its
+// peer address): P returns it, the router passes it to D, D's query names
+// it as source_engine. Absent when P's engine serves no peers (same host).
+const kvSourceEngine = "pegaflow_source_engine"
+
 // preparePrefill makes q save its prompt's full blocks when it finishes
 // and returns the kv_transfer_params for the decode leg.
 func (s *Sim) preparePrefill(q *seq, p *parsed) map[string]any {
@@ -351,6 +356,10 @@ func (s *Sim) preparePrefill(q *seq, p *parsed) map[string]any {
 	out := map[string]any{"do_remote_prefill": true, "do_remote_decode": false, "pegaflow_num_blocks": len(hashes)}
 	if tid != "" {
 		out["pegaflow_transfer_id"] = tid
+	}
+	if src := s.engine.peerAddress(); src != "" {
+		// Where D's engine fetches the KV from when D is on another host.
+		out[kvSourceEngine] = src
 	}
 	return out
 }
@@ -422,7 +431,7 @@ func (s *Sim) loadRemote(ctx context.Context, q *seq, p *parsed) (int, error) {
 	qctx, cancel := context.WithTimeout(ctx, s.cfg.KVQueryWait+s.cfg.EngineTimeout)
 	qr, err := c.Query(qctx, &pb.QueryRequest{
 		NamespaceId: nsID, Hashes: hashes, WaitMs: uint32(s.cfg.KVQueryWait / time.Millisecond),
-		Lease: true, TransferId: tid,
+		Lease: true, TransferId: tid, SourceEngine: str(p.params[kvSourceEngine]),
 	})
 	cancel()
 	if err != nil {

@@ -17,8 +17,11 @@
 //   - do_remote_decode (P): prefill, answer with one token at once, then
 //     save the prompt's full blocks through the engine API tagged with
 //     pegaflow_transfer_id (transfer_last, ready_url/ready_token), and return
-//     kv_transfer_params for the decode leg;
-//   - do_remote_prefill (D): query the engine (bounded wait, lease), load the
+//     kv_transfer_params for the decode leg (with pegaflow_source_engine,
+//     the engine's peer address, when it serves peers);
+//   - do_remote_prefill (D): query the engine (bounded wait, lease; naming
+//     pegaflow_source_engine as the query's source_engine, so that an
+//     engine on another host than P's fetches the KV from P's), load the
 //     hit blocks, verify every loaded byte against what the tokens imply (a
 //     mismatch fails the request with HTTP 500 and counts in
 //     sim_kv_verify_failures_total), skip their prefill cost, and decode;

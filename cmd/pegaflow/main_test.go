@@ -77,6 +77,10 @@ func TestBadInvocationsExit2(t *testing.T) {
 		{"stray argument", []string{"serve", "extra"}, "unexpected arguments"},
 		{"bad kv-ready-allow", []string{"serve", "--kv-ready-allow", "nonsense"}, "--kv-ready-allow"},
 		{"no transfers", []string{"serve", "--max-transfers", "0"}, "--max-transfers"},
+		{"peer: every address, no advertise", []string{"serve", "--peer-addr", "0.0.0.0:7400", "--peer-insecure"}, "--peer-advertise"},
+		{"peer: unspecified advertise", []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-advertise", "[::]:7400"}, "--peer-advertise"},
+		{"peer: bad allow", []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-allow", "10.0.0.7"}, "--peer-allow"},
+		{"peer: allow without addr", []string{"serve", "--peer-allow", "loopback"}, "need --peer-addr"},
 		{"demo: no prompts", []string{"demo", "--num-prompts", "0"}, "num-prompts"},
 		{"demo: bad rate", []string{"demo", "--request-rate", "-2"}, "rate"},
 		{"demo: stray argument", []string{"demo", "now"}, "unexpected arguments"},
@@ -98,6 +102,20 @@ func TestEnvSetsFlags(t *testing.T) {
 	require.NoError(t, err)
 	require.EqualValues(t, 64<<20, f.poolSize)
 	require.Equal(t, "warn", f.logLevel, "command line wins")
+}
+
+// --peer-advertise defaults to --peer-addr; a bind to every address needs it.
+func TestPeerAdvertise(t *testing.T) {
+	tok := filepath.Join(t.TempDir(), "token")
+	require.NoError(t, os.WriteFile(tok, []byte(peerTestToken), 0o600))
+	f, err := parseServeFlags([]string{"--peer-addr", "127.0.0.1:7400", "--peer-insecure"}, io.Discard)
+	require.NoError(t, err)
+	require.Equal(t, "127.0.0.1:7400", f.peer.advertise)
+	f, err = parseServeFlags([]string{"--peer-addr", "0.0.0.0:7400", "--peer-token-file", tok, "--peer-advertise", "10.0.0.5:7400",
+		"--peer-allow", "10.0.0.6:7400,10.0.1.0/24"}, io.Discard)
+	require.NoError(t, err)
+	require.Equal(t, "10.0.0.5:7400", f.peer.advertise)
+	require.Equal(t, []string{"10.0.0.6:7400,10.0.1.0/24"}, []string(f.peer.allow))
 }
 
 func TestVersion(t *testing.T) {

@@ -71,7 +71,7 @@ func startPeerEngine(t *testing.T, bin, dir, peerAddr, tokenFile string) *engine
 	p := &engineProc{sock: filepath.Join(dir, fmt.Sprintf("engine-%d.sock", time.Now().UnixNano())), http: freeAddr(t),
 		peerAddr: peerAddr, logs: &lockedBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(bin, "serve", "--socket", p.sock, "--http-addr", p.http, "--pool-size", "64MiB",
-		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--log-level", "debug")
+		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--peer-allow", "loopback", "--log-level", "debug")
 	p.cmd.Env = append(os.Environ(), "UCX_TLS=tcp")
 	p.cmd.Stderr = p.logs
 	require.NoError(t, p.cmd.Start())
@@ -110,6 +110,18 @@ func (p *engineProc) metric(t *testing.T, name string) float64 {
 	v, err := strconv.ParseFloat(string(m[1]), 64)
 	require.NoError(t, err)
 	return v
+}
+
+// skipUnlessPeerProcs skips a test that runs engines with peers as
+// processes: in -short runs (why says what it does) and without UCX.
+func skipUnlessPeerProcs(t *testing.T, why string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip(why)
+	}
+	if !native.XferBuilt {
+		t.Skip("UCX not built")
+	}
 }
 
 // kvClient is one rank's cache registered with an engine.
@@ -185,12 +197,7 @@ func (k *kvClient) loadAndVerify(t *testing.T, ctx context.Context, prod *kvClie
 // naming A, byte-exact; a local hit fetches nothing; the token is
 // required; A killed mid-fetch and restarted (new epoch).
 func TestPeerFetchAcrossEngines(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds the binary, runs two engines")
-	}
-	if !native.XferBuilt {
-		t.Skip("UCX not built")
-	}
+	skipUnlessPeerProcs(t, "builds the binary, runs two engines")
 	bin := testBinary(t)
 	dir := t.TempDir()
 	tokenFile := filepath.Join(dir, "peer-token")

@@ -144,7 +144,7 @@ func defaultKVReadyAllow(rc router.Config) cli.StringList {
 		addr = rc.InternalAddr
 	}
 	host, port, _ := net.SplitHostPort(addr)
-	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+	if unspecifiedHost(host) {
 		host = "127.0.0.1"
 	}
 	return cli.StringList{net.JoinHostPort(host, port)}
@@ -216,7 +216,7 @@ func startEngine(ctx context.Context, f *serveFlags, log *slog.Logger, reg *prom
 		peers = pc
 	}
 	eng, err := engine.New(engine.Config{
-		Peers:    peers,
+		Peers: peers, PeerAddress: f.peer.advertise, PeerAllow: f.peer.allow,
 		PoolSize: uint64(f.poolSize), NUMANode: f.numaNode, Device: -1, PoolFlags: poolFlags,
 		CopyThreads: f.copyThreads, LeaseTTL: f.leaseTTL, TransferTTL: f.transferTTL,
 		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, ShmDir: f.shmDir, CopyTimeout: f.copyTimeout, Version: version, Topology: topo,

@@ -1,16 +1,22 @@
 package main
 
 import (
+	"errors"
 	"flag"
+	"fmt"
 	"log/slog"
+	"net"
 
 	"github.com/pegaflow/pegaflow/engine"
 	"github.com/pegaflow/pegaflow/engine/peer"
+	"github.com/pegaflow/pegaflow/internal/cli"
 )
 
 // peerFlags are serve's cross-host flags (docs/multi-host.md).
 type peerFlags struct {
 	addr, tokenFile string
+	advertise       string // where peers reach addr; check defaults it to addr
+	allow           cli.StringList
 	insecure        bool
 	token           []byte // loaded from tokenFile by check
 }
@@ -20,12 +26,26 @@ func bindPeerFlags(fs *flag.FlagSet, f *peerFlags) {
 		"also starts UCX and lets queries fetch from peers (source_engine). Empty: no peers, no UCX")
 	fs.StringVar(&f.tokenFile, "peer-token-file", "", "file holding the shared peer token (mode 0600, >= 32 bytes) that every engine of the deployment sends and expects")
 	fs.BoolVar(&f.insecure, "peer-insecure", false, "serve the peer API without a token: only on a loopback --peer-addr (tests, one-host trials)")
+	fs.StringVar(&f.advertise, "peer-advertise", "", "HOST:PORT other engines reach --peer-addr at, reported to clients (Attach) and in /kv_ready "+
+		"as the source engine (default --peer-addr; required when it binds every address, e.g. 0.0.0.0:7400)")
+	fs.Var(&f.allow, "peer-allow", "source engines a query may fetch from (repeatable): a peer's host:port, a subnet like 10.1.0.0/24, or \"loopback\" "+
+		"(default: none). The engine sends its peer token to the source a query names, so list only peer engines")
 }
 
-// check loads the token and refuses a peer service without one.
+// check loads the token and refuses a peer service without one, and
+// settles the advertised address.
 func (f *peerFlags) check() error {
+	if err := engine.CheckPeerAllow(f.allow); err != nil {
+		return err
+	}
 	if f.addr == "" {
+		if f.advertise != "" || len(f.allow) > 0 {
+			return errors.New("--peer-advertise and --peer-allow need --peer-addr (an engine without it never fetches from peers)")
+		}
 		return nil
+	}
+	if err := f.checkAdvertise(); err != nil {
+		return err
 	}
 	if f.tokenFile != "" {
 		tok, err := peer.LoadToken(f.tokenFile)
@@ -35,6 +55,33 @@ func (f *peerFlags) check() error {
 		f.token = tok
 	}
 	return f.config().Validate()
+}
+
+// checkAdvertise defaults --peer-advertise to --peer-addr, which must
+// then name one address, and refuses an advertised address peers cannot
+// dial.
+func (f *peerFlags) checkAdvertise() error {
+	host, _, err := net.SplitHostPort(f.addr)
+	if err != nil {
+		return fmt.Errorf("--peer-addr %q: %w", f.addr, err)
+	}
+	if f.advertise == "" {
+		if unspecifiedHost(host) {
+			return fmt.Errorf("--peer-addr %q binds every address: give --peer-advertise HOST:PORT, the address peer engines reach this one at", f.addr)
+		}
+		f.advertise = f.addr
+		return nil
+	}
+	ahost, aport, err := net.SplitHostPort(f.advertise)
+	if err != nil || aport == "" || unspecifiedHost(ahost) {
+		return fmt.Errorf("--peer-advertise %q: want the HOST:PORT peer engines dial (not an unspecified address)", f.advertise)
+	}
+	return nil
+}
+
+func unspecifiedHost(host string) bool {
+	ip := net.ParseIP(host)
+	return host == "" || (ip != nil && ip.IsUnspecified())
 }
 
 func (f *peerFlags) config() peer.Config {

@@ -22,8 +22,10 @@ type Client struct {
 	api     pb.EngineClient
 	session string
 	backend string
-	cancel  context.CancelFunc
-	ended   chan struct{}
+	// peerAddress is the Attach event's peer_address.
+	peerAddress string
+	cancel      context.CancelFunc
+	ended       chan struct{}
 }
 
 // Dial connects to the engine at socketPath and opens a session. ctx bounds
@@ -78,7 +80,8 @@ func Dial(ctx context.Context, socketPath, clientName string) (*Client, error) {
 		conn.Close()
 		return nil, fmt.Errorf("attach to engine %s: %w", socketPath, err)
 	}
-	c := &Client{conn: conn, api: api, session: ev.SessionId, backend: ev.Backend, cancel: cancel, ended: make(chan struct{})}
+	c := &Client{conn: conn, api: api, session: ev.SessionId, backend: ev.Backend, peerAddress: ev.PeerAddress,
+		cancel: cancel, ended: make(chan struct{})}
 	go func() {
 		// The stream carries no further events; it ends with the session.
 		for {
@@ -99,6 +102,10 @@ func (c *Client) SessionID() string { return c.session }
 
 // Backend is the engine's copy backend ("cpu" or "cuda").
 func (c *Client) Backend() string { return c.backend }
+
+// PeerAddress is where other engines reach this engine's peer API (a
+// prefill side's pegaflow_source_engine); empty when it serves no peers.
+func (c *Client) PeerAddress() string { return c.peerAddress }
 
 // Ended is closed when the session is gone (engine exit or Close).
 func (c *Client) Ended() <-chan struct{} { return c.ended }

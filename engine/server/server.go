@@ -165,7 +165,8 @@ func (s *service) Attach(req *pb.AttachRequest, stream grpc.ServerStreamingServe
 		return toStatus(err)
 	}
 	defer s.eng.CloseSession(id)
-	if err := stream.Send(&pb.SessionEvent{SessionId: id, EngineVersion: s.eng.Version(), Backend: s.eng.Backend()}); err != nil {
+	if err := stream.Send(&pb.SessionEvent{SessionId: id, EngineVersion: s.eng.Version(), Backend: s.eng.Backend(),
+		PeerAddress: s.eng.PeerAddress()}); err != nil {
 		return err
 	}
 	select {

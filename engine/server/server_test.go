@@ -273,3 +273,15 @@ func TestDialHonoursContextWithoutEngine(t *testing.T) {
 	require.Error(t, err)
 	require.Less(t, time.Since(start), 5*time.Second)
 }
+
+// The Attach event tells a client where peers reach its engine (P's
+// connector returns it as pegaflow_source_engine); empty without peers.
+func TestAttachReportsPeerAddress(t *testing.T) {
+	for _, addr := range []string{"", "10.0.0.5:7400"} {
+		sock, _ := startServerWith(t, engine.Config{PoolSize: 4 << 20, NUMANode: -1, Device: -1, PeerAddress: addr})
+		c, err := client.Dial(context.Background(), sock, "attach")
+		require.NoError(t, err)
+		require.Equal(t, addr, c.PeerAddress())
+		c.Close()
+	}
+}

@@ -131,7 +131,13 @@ type SessionEvent struct {
 	// Engine build, for compatibility diagnostics.
 	EngineVersion string `protobuf:"bytes,2,opt,name=engine_version,json=engineVersion,proto3" json:"engine_version,omitempty"`
 	// "cpu" or "cuda".
-	Backend       string `protobuf:"bytes,3,opt,name=backend,proto3" json:"backend,omitempty"`
+	Backend string `protobuf:"bytes,3,opt,name=backend,proto3" json:"backend,omitempty"`
+	// The address other engines reach this engine's peer API at (its
+	// --peer-advertise, else --peer-addr); empty when it serves no peers.
+	// A prefill worker returns it to the router as pegaflow_source_engine
+	// in kv_transfer_params, so that a decode worker on another host can
+	// name it as QueryRequest.source_engine.
+	PeerAddress   string `protobuf:"bytes,4,opt,name=peer_address,json=peerAddress,proto3" json:"peer_address,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -183,6 +189,13 @@ func (x *SessionEvent) GetEngineVersion() string {
 func (x *SessionEvent) GetBackend() string {
 	if x != nil {
 		return x.Backend
+	}
+	return ""
+}
+
+func (x *SessionEvent) GetPeerAddress() string {
+	if x != nil {
+		return x.PeerAddress
 	}
 	return ""
 }
@@ -1858,12 +1871,13 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\x18pegaflow/v1/engine.proto\x12\vpegaflow.v1\"0\n" +
 	"\rAttachRequest\x12\x1f\n" +
 	"\vclient_name\x18\x01 \x01(\tR\n" +
-	"clientName\"n\n" +
+	"clientName\"\x91\x01\n" +
 	"\fSessionEvent\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12%\n" +
 	"\x0eengine_version\x18\x02 \x01(\tR\rengineVersion\x12\x18\n" +
-	"\abackend\x18\x03 \x01(\tR\abackend\"\xd5\x03\n" +
+	"\abackend\x18\x03 \x01(\tR\abackend\x12!\n" +
+	"\fpeer_address\x18\x04 \x01(\tR\vpeerAddress\"\xd5\x03\n" +
 	"\tNamespace\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12%\n" +
 	"\x0emodel_revision\x18\x02 \x01(\tR\rmodelRevision\x12\x14\n" +

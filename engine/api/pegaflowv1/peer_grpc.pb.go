@@ -45,8 +45,9 @@ type PeerClient interface {
 	// sealed and returns, for each block of it in order, every rank's share
 	// extent. The blocks stay pinned until ReleaseTransfer or the TTL.
 	OpenTransfer(ctx context.Context, in *PeerOpenTransferRequest, opts ...grpc.CallOption) (*PeerOpenTransferResponse, error)
-	// ReleaseTransfer unpins an open transfer. NotFound when unknown,
-	// released or expired.
+	// ReleaseTransfer unpins an open transfer, and releases the P/D
+	// transfer it was opened for (transfer_id), which the reader consumed.
+	// NotFound when unknown, released or expired.
 	ReleaseTransfer(ctx context.Context, in *PeerReleaseTransferRequest, opts ...grpc.CallOption) (*PeerReleaseTransferResponse, error)
 }
 
@@ -100,8 +101,9 @@ type PeerServer interface {
 	// sealed and returns, for each block of it in order, every rank's share
 	// extent. The blocks stay pinned until ReleaseTransfer or the TTL.
 	OpenTransfer(context.Context, *PeerOpenTransferRequest) (*PeerOpenTransferResponse, error)
-	// ReleaseTransfer unpins an open transfer. NotFound when unknown,
-	// released or expired.
+	// ReleaseTransfer unpins an open transfer, and releases the P/D
+	// transfer it was opened for (transfer_id), which the reader consumed.
+	// NotFound when unknown, released or expired.
 	ReleaseTransfer(context.Context, *PeerReleaseTransferRequest) (*PeerReleaseTransferResponse, error)
 	mustEmbedUnimplementedPeerServer()
 }

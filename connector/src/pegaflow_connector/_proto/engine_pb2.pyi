@@ -24,14 +24,16 @@ class AttachRequest(_message.Message):
     def __init__(self, client_name: _Optional[str] = ...) -> None: ...
 
 class SessionEvent(_message.Message):
-    __slots__ = ("session_id", "engine_version", "backend")
+    __slots__ = ("session_id", "engine_version", "backend", "peer_address")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     engine_version: str
     backend: str
-    def __init__(self, session_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+    peer_address: str
+    def __init__(self, session_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., backend: _Optional[str] = ..., peer_address: _Optional[str] = ...) -> None: ...
 
 class Namespace(_message.Message):
     __slots__ = ("model", "model_revision", "dtype", "kv_layout", "block_size", "tp_size", "num_layers", "num_kv_heads", "head_size", "hash_algo", "hash_seed_fingerprint", "extra")
