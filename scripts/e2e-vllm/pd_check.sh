@@ -170,11 +170,14 @@ for n in ref p d; do
   case $n in ref) port=$REF ;; p) port=$PP ;; d) port=$DP ;; esac
   wait_healthy "$n" "http://127.0.0.1:$port"
 done
-deadline=$((SECONDS + 30))
-until curl -sf "$ROUTER_URL/health" >/dev/null; do
-  ((SECONDS < deadline)) || { echo "router not healthy after 30 s" >&2; tail -20 "$OUT/router.log" >&2; exit 1; }
-  sleep 0.5
-done
+wait_router() {  # until the router sees a healthy P and D (its /health is 200 then)
+  local deadline=$((SECONDS + 30))
+  until curl -sf "$ROUTER_URL/health" >/dev/null; do
+    ((SECONDS < deadline)) || { echo "router not healthy after 30 s" >&2; tail -20 "$OUT/router.log" >&2; exit 1; }
+    sleep 0.5
+  done
+}
+wait_router
 T_UP=$((SECONDS - T0))
 log "engine, router, P, D and reference up in ${T_UP} s"
 # blocks=256: the workers registered a 2 x 128-block staging buffer, not
@@ -256,6 +259,7 @@ stop d
 mv "$OUT/d.log" "$OUT/d-phases1-3.log"
 start_vllm d "$DP" --kv-transfer-config "$(kvc kv_consumer e2e-decode /dev/null)"
 wait_healthy d "http://127.0.0.1:$DP"
+wait_router  # the router's health poll must have seen the new D, or the first case gets 503
 compare broken 3
 wait "$CMP" || true
 log "phase 4 (D's registration fails): $(tail -1 "$OUT/broken-compare.txt") in $((SECONDS - t)) s"
