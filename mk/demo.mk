@@ -5,3 +5,10 @@ DEMO_FLAGS ?=
 .PHONY: demo
 demo: build
 	$(BIN_DIR)/pegaflow demo --work-dir $(BUILD_DIR)/demo --json $(BUILD_DIR)/demo/report.json $(DEMO_FLAGS)
+
+# P/D on one host against P/D across two "hosts" (two network namespaces
+# joined by a veth pair, D's engine fetching P's KV over UCX tcp). Needs
+# root and a build with UCX; DEMO_FLAGS as for `make demo`.
+.PHONY: demo-multihost
+demo-multihost: build
+	$(BIN_DIR)/pegaflow demo --hosts 2 --work-dir $(BUILD_DIR)/demo-multihost --json $(BUILD_DIR)/demo-multihost/report.json $(DEMO_FLAGS)

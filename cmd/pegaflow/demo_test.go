@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/pegaflow/pegaflow/internal/demo"
+	"github.com/pegaflow/pegaflow/internal/netlab"
 )
 
 // TestDemoProcess runs `pegaflow demo` as `make demo` does, on a small
@@ -25,21 +28,8 @@ func TestDemoProcess(t *testing.T) {
 	bin := testBinary(t)
 	dir := t.TempDir()
 	reportPath := filepath.Join(dir, "report.json")
-	cmd := exec.Command(bin, "demo", "--work-dir", dir, "--json", reportPath, "--num-prompts", "8",
+	out := runDemoProcess(t, bin, "demo", "--work-dir", dir, "--json", reportPath, "--num-prompts", "8",
 		"--random-input-len", "200", "--random-output-len", "12", "--request-rate", "20", "--progress=false")
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	done := make(chan error, 1)
-	require.NoError(t, cmd.Start())
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		require.NoError(t, err, "stdout:\n%s\nstderr:\n%s", &stdout, &stderr)
-	case <-time.After(2 * time.Minute):
-		_ = cmd.Process.Kill()
-		t.Fatalf("demo did not finish in 2 minutes: %s", &stderr)
-	}
-	out := stdout.String()
 	require.Contains(t, out, "| P/D 1P+1D ")
 	require.Contains(t, out, "| DP2 2x aggregated ")
 	require.Contains(t, out, "hit ratio 100.0%")
@@ -61,4 +51,97 @@ func TestDemoProcess(t *testing.T) {
 
 	ps, _ := exec.Command("pgrep", "-f", dir).Output()
 	require.Empty(t, strings.TrimSpace(string(ps)), "processes of the demo are still running")
+}
+
+// TestDemoTwoHosts runs `pegaflow demo --hosts 2` as `make
+// demo-multihost` does, on 6 prompts: P/D on one host and across two
+// network namespaces serve every request, D's engine fetches every prompt
+// block from P's engine and D verifies it, and neither a process nor a
+// namespace outlives the demo.
+func TestDemoTwoHosts(t *testing.T) {
+	skipUnlessPeerProcs(t, "builds the binary, runs two hosts in network namespaces")
+	if err := netlab.Check(); err != nil {
+		t.Skipf("demo --hosts 2: %v; run as root to include it", err)
+	}
+	probe, err := netlab.New(context.Background(), "pft")
+	if err != nil {
+		t.Skipf("demo --hosts 2: network namespaces unavailable: %v", err)
+	}
+	require.NoError(t, probe.Close())
+	bin := testBinary(t)
+	dir := t.TempDir()
+	reportPath := filepath.Join(dir, "report.json")
+	nsBefore := demoNamespaces(t)
+
+	out := runDemoProcess(t, bin, "demo", "--hosts", "2", "--num-prompts", "6", "--work-dir", dir, "--json", reportPath, "--progress=false")
+	require.Contains(t, out, "| P/D 1P+1D ")
+	require.Contains(t, out, "| P/D 2 hosts (UCX) ")
+	require.Contains(t, out, "| 2 hosts / 1 host ")
+	require.Regexp(t, `D: [1-9][0-9]* blocks fetched from the peer engine`, out)
+
+	raw, err := os.ReadFile(reportPath)
+	require.NoError(t, err)
+	var rep demo.Report
+	require.NoError(t, json.Unmarshal(raw, &rep))
+	for _, s := range []demo.Setup{rep.PD, rep.TwoHosts} {
+		require.NotNil(t, s.Result, s.Name)
+		require.Equal(t, 6, s.Result.Completed, s.Name)
+		require.Zero(t, s.Result.Failed+s.Result.NotSent, s.Name)
+	}
+	x := rep.TwoHostsEngine
+	require.Positive(t, x.PeerFetchedBlocks, "D's engine fetched from P's")
+	require.Positive(t, x.PeerFetchedBytes)
+	require.Equal(t, x.PeerFetchedBlocks, x.DBlocksLoaded, "every fetched block loaded by D")
+	require.Zero(t, x.DVerifyFailures, "nothing corrupt across hosts")
+	require.Zero(t, rep.Engine.DVerifyFailures, "nothing corrupt on one host")
+	require.Positive(t, rep.Engine.DBlocksLoaded)
+
+	require.Equal(t, nsBefore, demoNamespaces(t), "the demo's namespaces are deleted")
+	ps, _ := exec.Command("pgrep", "-f", dir).Output()
+	require.Empty(t, strings.TrimSpace(string(ps)), "processes of the demo are still running")
+}
+
+// runDemoProcess runs bin with args, requires exit status 0 within 2
+// minutes and returns its stdout. A demo past the limit is interrupted
+// (so it stops its processes and deletes its namespaces), killed if it
+// does not exit within 30 s more.
+func runDemoProcess(t *testing.T, bin string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	done := make(chan error, 1)
+	require.NoError(t, cmd.Start())
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		require.NoError(t, err, "stdout:\n%s\nstderr:\n%s", &stdout, &stderr)
+	case <-time.After(2 * time.Minute):
+		_ = cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+		t.Fatalf("%s did not finish in 2 minutes: %s", strings.Join(args, " "), &stderr)
+	}
+	return stdout.String()
+}
+
+// demoNamespaces lists the namespaces named like the demo's.
+func demoNamespaces(t *testing.T) []string {
+	t.Helper()
+	entries, err := os.ReadDir("/var/run/netns")
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	require.NoError(t, err)
+	var names []string
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), demo.NetlabPrefix) {
+			names = append(names, e.Name())
+		}
+	}
+	return names
 }

@@ -84,6 +84,7 @@ func TestBadInvocationsExit2(t *testing.T) {
 		{"demo: no prompts", []string{"demo", "--num-prompts", "0"}, "num-prompts"},
 		{"demo: bad rate", []string{"demo", "--request-rate", "-2"}, "rate"},
 		{"demo: stray argument", []string{"demo", "now"}, "unexpected arguments"},
+		{"demo: bad hosts", []string{"demo", "--hosts", "3"}, "hosts 3: want 1 or 2"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

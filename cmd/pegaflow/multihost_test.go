@@ -52,14 +52,14 @@ const (
 )
 
 func (l *mhLab) startEngineA(t *testing.T) {
-	l.engA = l.h.a.start(t, l.bin, "serve", "--socket", filepath.Join(l.dir, "a.sock"), "--http-addr", l.h.a.addr(mhEngineHTTP),
-		"--pool-size", "256MiB", "--peer-addr", l.h.a.addr(mhPeerPort), "--peer-token-file", l.tokenFile,
-		"--kv-ready-allow", l.h.a.addr(mhRouterPort), "--log-level", "debug")
-	l.h.a.awaitHTTP(t, "http://"+l.h.a.addr(mhEngineHTTP)+"/health", l.engA)
+	l.engA = l.h.a.start(t, l.bin, "serve", "--socket", filepath.Join(l.dir, "a.sock"), "--http-addr", l.h.a.Addr(mhEngineHTTP),
+		"--pool-size", "256MiB", "--peer-addr", l.h.a.Addr(mhPeerPort), "--peer-token-file", l.tokenFile,
+		"--kv-ready-allow", l.h.a.Addr(mhRouterPort), "--log-level", "debug")
+	l.h.a.awaitHTTP(t, "http://"+l.h.a.Addr(mhEngineHTTP)+"/health", l.engA)
 }
 
 func (l *mhLab) simArgs(host nsHost, sock, id string) []string {
-	return []string{"sim", "--http-addr", host.addr(mhSimPort), "--engine-socket", filepath.Join(l.dir, sock), "--instance-id", id,
+	return []string{"sim", "--http-addr", host.Addr(mhSimPort), "--engine-socket", filepath.Join(l.dir, sock), "--instance-id", id,
 		"--num-layers", "4", "--num-kv-heads", "4", "--head-size", "128", "--block-size", "16", "--num-blocks", "320",
 		"--kv-query-wait", mhQueryWait.String(), "--engine-timeout", "5s", "--log-level", "debug"}
 }
@@ -70,24 +70,24 @@ func startMHLab(t *testing.T) *mhLab {
 	l.tokenFile = filepath.Join(l.dir, "peer-token")
 	require.NoError(t, os.WriteFile(l.tokenFile, []byte(peerTestToken+"\n"), 0o600))
 	l.startEngineA(t)
-	l.engB = h.b.start(t, l.bin, "serve", "--socket", filepath.Join(l.dir, "b.sock"), "--http-addr", h.b.addr(mhEngineHTTP),
-		"--pool-size", "256MiB", "--peer-addr", h.b.addr(mhPeerPort), "--peer-token-file", l.tokenFile,
-		"--peer-allow", h.a.addr(mhPeerPort), "--log-level", "debug")
-	h.b.awaitHTTP(t, "http://"+h.b.addr(mhEngineHTTP)+"/health", l.engB)
+	l.engB = h.b.start(t, l.bin, "serve", "--socket", filepath.Join(l.dir, "b.sock"), "--http-addr", h.b.Addr(mhEngineHTTP),
+		"--pool-size", "256MiB", "--peer-addr", h.b.Addr(mhPeerPort), "--peer-token-file", l.tokenFile,
+		"--peer-allow", h.a.Addr(mhPeerPort), "--log-level", "debug")
+	h.b.awaitHTTP(t, "http://"+h.b.Addr(mhEngineHTTP)+"/health", l.engB)
 	l.simP = h.a.start(t, l.bin, l.simArgs(h.a, "a.sock", "P")...)
 	l.simD = h.b.start(t, l.bin, l.simArgs(h.b, "b.sock", "D")...)
-	h.a.awaitHTTP(t, "http://"+h.a.addr(mhSimPort)+"/health", l.simP)
-	h.b.awaitHTTP(t, "http://"+h.b.addr(mhSimPort)+"/health", l.simD)
+	h.a.awaitHTTP(t, "http://"+h.a.Addr(mhSimPort)+"/health", l.simP)
+	h.b.awaitHTTP(t, "http://"+h.b.Addr(mhSimPort)+"/health", l.simD)
 	// One P and one D: decode retries ride out a short outage of the link
 	// instead of ejecting D, and no active health polling: P's /health is
 	// 503 while its engine is gone (by design), which would make the
 	// router refuse requests rather than show D recomputing.
-	l.router = h.a.start(t, l.bin, "serve", "--engine=false", "--http-addr", h.a.addr(mhRouterPort),
-		"--prefill", "http://"+h.a.addr(mhSimPort), "--decode", "http://"+h.b.addr(mhSimPort),
-		"--kv-ready-url", "http://"+h.a.addr(mhRouterPort)+"/kv_ready", "--kv-ready-timeout", mhKVReadyTimeout.String(),
+	l.router = h.a.start(t, l.bin, "serve", "--engine=false", "--http-addr", h.a.Addr(mhRouterPort),
+		"--prefill", "http://"+h.a.Addr(mhSimPort), "--decode", "http://"+h.b.Addr(mhSimPort),
+		"--kv-ready-url", "http://"+h.a.Addr(mhRouterPort)+"/kv_ready", "--kv-ready-timeout", mhKVReadyTimeout.String(),
 		"--connect-timeout", "1s", "--decode-attempts", "6", "--retry-backoff", "200ms", "--retry-backoff-max", "1s",
 		"--fail-threshold", "100", "--health-interval", "0", "--log-level", "debug")
-	h.a.awaitHTTP(t, "http://"+h.a.addr(mhRouterPort)+"/health", l.router)
+	h.a.awaitHTTP(t, "http://"+h.a.Addr(mhRouterPort)+"/health", l.router)
 	t.Cleanup(func() {
 		// PEGAFLOW_MH_LOGS=DIR keeps every process's whole log there.
 		keep := os.Getenv("PEGAFLOW_MH_LOGS")
@@ -117,8 +117,8 @@ type mhCounters struct {
 }
 
 func (l *mhLab) counters(t *testing.T) mhCounters {
-	eb := metrics(t, l.clientB, l.h.b.addr(mhEngineHTTP))
-	d := metrics(t, l.clientB, l.h.b.addr(mhSimPort))
+	eb := metrics(t, l.clientB, l.h.b.Addr(mhEngineHTTP))
+	d := metrics(t, l.clientB, l.h.b.Addr(mhSimPort))
 	c := mhCounters{fetched: eb["pegaflow_engine_peer_fetch_blocks_total"], fetchBytes: eb["pegaflow_engine_peer_fetch_bytes_total"],
 		loaded: d["sim_kv_blocks_loaded_total"], verifyFails: d["sim_kv_verify_failures_total"],
 		computed: d["sim_prefill_tokens_computed_total"], failures: map[string]float64{}}
@@ -178,7 +178,7 @@ func (l *mhLab) complete(tag string) (int, time.Duration) {
 	}
 	body, _ := json.Marshal(map[string]any{"model": "pegaflow-sim", "prompt": strings.Join(words, " "), "max_tokens": 4})
 	t0 := time.Now()
-	resp, err := l.clientA.Post("http://"+l.h.a.addr(mhRouterPort)+"/v1/completions", "application/json", bytes.NewReader(body))
+	resp, err := l.clientA.Post("http://"+l.h.a.Addr(mhRouterPort)+"/v1/completions", "application/json", bytes.NewReader(body))
 	if err != nil {
 		return 0, time.Since(t0)
 	}
@@ -241,8 +241,8 @@ func TestMultiHostPD(t *testing.T) {
 		// A -> B carries the GETs' data: 50 mbit/s is ~0.7 s for one
 		// request's 4 MiB, 4 in flight share it; the fetch deadline
 		// (the query's wait less the 1 s cancel grace) cuts some short.
-		a.sh(t, "tc", "qdisc", "add", "dev", a.veth, "root", "tbf", "rate", "50mbit", "burst", "32kbit", "latency", "400ms")
-		defer a.sh(t, "tc", "qdisc", "del", "dev", a.veth, "root")
+		a.sh(t, "tc", "qdisc", "add", "dev", a.Veth, "root", "tbf", "rate", "50mbit", "burst", "32kbit", "latency", "400ms")
+		defer a.sh(t, "tc", "qdisc", "del", "dev", a.Veth, "root")
 		_, d := l.phase(t, "rate-limit", 3*time.Second, nil)
 		require.Positive(t, d.fetched, "blocks still arrive")
 	})
@@ -253,7 +253,7 @@ func TestMultiHostPD(t *testing.T) {
 		}
 		b.sh(t, "nft", "add", "table", "inet", "pfloss")
 		b.sh(t, "nft", "add chain inet pfloss in { type filter hook input priority 0; }")
-		b.sh(t, "nft", "add rule inet pfloss in iifname "+b.veth+" numgen random mod 10 < 1 drop")
+		b.sh(t, "nft", "add rule inet pfloss in iifname "+b.Veth+" numgen random mod 10 < 1 drop")
 		defer b.sh(t, "nft", "delete", "table", "inet", "pfloss")
 		_, d := l.phase(t, "loss-10%", 3*time.Second, nil)
 		require.Positive(t, d.fetched)
@@ -262,9 +262,9 @@ func TestMultiHostPD(t *testing.T) {
 	t.Run("link-down", func(t *testing.T) {
 		l.phase(t, "link-down", 4*time.Second, func() {
 			time.Sleep(time.Second)
-			a.sh(t, "ip", "link", "set", a.veth, "down")
+			a.sh(t, "ip", "link", "set", a.Veth, "down")
 			time.Sleep(1500 * time.Millisecond)
-			a.sh(t, "ip", "link", "set", a.veth, "up")
+			a.sh(t, "ip", "link", "set", a.Veth, "up")
 		})
 	})
 
@@ -278,7 +278,7 @@ func TestMultiHostPD(t *testing.T) {
 
 	t.Run("engine-A-restarted", func(t *testing.T) {
 		l.startEngineA(t)
-		a.awaitHTTP(t, "http://"+a.addr(mhSimPort)+"/health", l.simP) // P registered again
+		a.awaitHTTP(t, "http://"+a.Addr(mhSimPort)+"/health", l.simP) // P registered again
 		res, d := l.phase(t, "A-restart", 2*time.Second, nil)
 		require.EqualValues(t, res.n*16, d.fetched, "the new epoch serves again: B handshakes anew")
 		require.EqualValues(t, res.n*16, d.loaded)

@@ -8,10 +8,16 @@
 //     pool) routing round-robin (--backend) to two aggregated sims, the
 //     baseline the seed's table compares with.
 //
+// With Hosts 2 (`pegaflow demo --hosts 2`) the comparison is P/D on one
+// host against P/D across two (twohosts.go): two network namespaces
+// joined by a veth pair, D's engine fetching P's KV from P's engine over
+// UCX.
+//
 // Every piece is a real process on real sockets; the demo only starts them,
 // waits until they are healthy, runs `pegaflow bench`'s measurement against
 // each router in turn, and reads the engine's and sims' /metrics. Whatever
-// happens (failure, Ctrl-C), every process it started is stopped.
+// happens (failure, Ctrl-C), every process it started is stopped, and every
+// namespace it created is deleted.
 package demo
 
 import (
@@ -20,12 +26,14 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/pegaflow/pegaflow/bench"
+	"github.com/pegaflow/pegaflow/internal/netlab"
 )
 
 // routerHealthInterval: the routers re-poll their backends this often, so
@@ -52,6 +60,9 @@ type Config struct {
 	StartTimeout time.Duration
 	// StopGrace is how long a process gets to exit after SIGTERM.
 	StopGrace time.Duration
+	// Hosts is 1 (P/D against DP2 on this machine) or 2 (P/D on one host
+	// against P/D across two network namespaces; needs root and UCX).
+	Hosts int
 }
 
 // DefaultConfig is the seed's workload (random dataset, 5000 input / 200
@@ -78,6 +89,7 @@ func DefaultConfig() Config {
 		PoolSize:     "1GiB",
 		StartTimeout: 30 * time.Second,
 		StopGrace:    5 * time.Second,
+		Hosts:        1,
 	}
 }
 
@@ -92,6 +104,9 @@ func (c *Config) Validate() error {
 	if c.StartTimeout <= 0 || c.StopGrace <= 0 {
 		return errors.New("start timeout and stop grace must be positive")
 	}
+	if c.Hosts != 1 && c.Hosts != 2 {
+		return fmt.Errorf("hosts %d: want 1 or 2", c.Hosts)
+	}
 	w := c.Workload
 	w.BaseURL = "http://127.0.0.1:1" // set per setup; only the rest is checked here
 	return w.Validate()
@@ -103,7 +118,14 @@ type Setup struct {
 	Result *bench.Result `json:"result"`
 }
 
-// EngineStats is what the P/D engine did during the P/D run.
+// failed reports whether the setup did not run or lost a request.
+func (s Setup) failed() bool {
+	return s.Result == nil || s.Result.Failed > 0 || s.Result.NotSent > 0
+}
+
+// EngineStats is what the engines and D did during a P/D run. Across two
+// hosts, the save side (SavedBytes, TransfersReady) is engine A's and the
+// rest engine B's, D's engine.
 type EngineStats struct {
 	QueriedBlocks   float64 `json:"queried_blocks"`
 	HitBlocks       float64 `json:"hit_blocks"`
@@ -113,6 +135,31 @@ type EngineStats struct {
 	DBlocksLoaded   float64 `json:"d_blocks_loaded"`   // D sim: prompt blocks loaded from the engine
 	DPrefillTokens  float64 `json:"d_prefill_tokens"`  // D sim: prompt tokens it computed itself
 	DVerifyFailures float64 `json:"d_verify_failures"` // D sim: loaded KV that did not match the prompt
+	// Across two hosts: what D's engine fetched from P's engine.
+	PeerFetchedBlocks float64 `json:"peer_fetched_blocks,omitempty"`
+	PeerFetchedBytes  float64 `json:"peer_fetched_bytes,omitempty"`
+	PeerFetches       float64 `json:"peer_fetches,omitempty"`        // fetches (each of one query's missing blocks)
+	PeerFetchFailures float64 `json:"peer_fetch_failures,omitempty"` // fetches that ended short, any reason
+}
+
+// engineStats reads a P/D run's counters: saver is the engine P saves to,
+// loader the one D queries and loads from (the same engine on one host),
+// d is D's sim.
+func engineStats(saver, loader, d sample) EngineStats {
+	return EngineStats{
+		QueriedBlocks:     loader["pegaflow_engine_hits_total"] + loader["pegaflow_engine_misses_total"],
+		HitBlocks:         loader["pegaflow_engine_hits_total"],
+		SavedBytes:        saver["pegaflow_engine_saved_bytes_total"],
+		LoadedBytes:       loader["pegaflow_engine_loaded_bytes_total"],
+		TransfersReady:    saver[`pegaflow_engine_transfers_total{status="ready"}`],
+		DBlocksLoaded:     d["sim_kv_blocks_loaded_total"],
+		DPrefillTokens:    d["sim_prefill_tokens_computed_total"],
+		DVerifyFailures:   d["sim_kv_verify_failures_total"],
+		PeerFetchedBlocks: loader["pegaflow_engine_peer_fetch_blocks_total"],
+		PeerFetchedBytes:  loader["pegaflow_engine_peer_fetch_bytes_total"],
+		PeerFetches:       loader["pegaflow_engine_peer_fetch_duration_seconds_count"],
+		PeerFetchFailures: loader["pegaflow_engine_peer_fetch_failures_total"],
+	}
 }
 
 // HitRatio is hit blocks / queried blocks (NaN when nothing was queried).
@@ -123,20 +170,35 @@ func (e EngineStats) HitRatio() float64 {
 	return e.HitBlocks / e.QueriedBlocks
 }
 
-// Report is the outcome of a demo run.
+// Report is the outcome of a demo run: P/D and, compared with it, DP2
+// (Hosts 1) or P/D across two hosts (Hosts 2).
 type Report struct {
 	PD     Setup       `json:"pd"`
-	DP2    Setup       `json:"dp2"`
-	Engine EngineStats `json:"engine"`
+	DP2    Setup       `json:"dp2,omitzero"`
+	Engine EngineStats `json:"engine"` // during the P/D run
+	// TwoHosts is P/D across the two namespaces; TwoHostsEngine what its
+	// engines and D did.
+	TwoHosts       Setup       `json:"two_hosts,omitzero"`
+	TwoHostsEngine EngineStats `json:"two_hosts_engine,omitzero"`
 }
 
-// Failed reports whether any request of either setup failed.
-func (r *Report) Failed() bool {
-	return r.PD.Result == nil || r.DP2.Result == nil || r.PD.Result.Failed > 0 || r.DP2.Result.Failed > 0 ||
-		r.PD.Result.NotSent > 0 || r.DP2.Result.NotSent > 0
+// twoHosts reports whether the report compares one host with two.
+func (r *Report) twoHosts() bool { return r.TwoHosts.Name != "" }
+
+// compared is the setup P/D is compared with.
+func (r *Report) compared() Setup {
+	if r.twoHosts() {
+		return r.TwoHosts
+	}
+	return r.DP2
 }
 
-// Run starts the two setups, benchmarks P/D then DP2, and stops everything.
+// Failed reports whether any request of either setup failed, or a setup
+// did not run.
+func (r *Report) Failed() bool { return r.PD.failed() || r.compared().failed() }
+
+// Run starts the setups, benchmarks P/D then the one it is compared with
+// (DP2, or with Hosts 2 P/D across two hosts), and stops everything.
 // progress (may be nil) receives step messages and the benchmark progress.
 // The report is returned even when a benchmark failed part-way, as long as
 // it ran.
@@ -151,6 +213,9 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Report, error) {
 	if err := os.MkdirAll(logDir, 0o755); err != nil {
 		return nil, fmt.Errorf("work dir: %w", err)
 	}
+	if cfg.Hosts == 2 {
+		return runTwoHosts(ctx, cfg, progress, logDir)
+	}
 	g := newGroup(logDir)
 	defer g.stop(cfg.StopGrace)
 
@@ -162,106 +227,169 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Report, error) {
 	sock := filepath.Join(cfg.WorkDir, "engine.sock")
 	_ = os.Remove(sock)
 
-	type spec struct {
-		name string
-		addr string
-		args []string
-	}
-	sim := func(addr string, extra ...string) []string {
-		args := append([]string{"sim", "--http-addr", addr, "--log-level", "warn"}, cfg.SimFlags...)
-		return append(args, extra...)
-	}
-	// Order matters: the engine first (the P/D sims register with it),
-	// routers last (their health checks need live backends).
-	specs := []spec{
-		{"engine+router-pd", pdRouter, []string{"serve", "--socket", sock, "--http-addr", pdRouter,
-			"--pool-size", cfg.PoolSize, "--prefill", "http://" + p, "--decode", "http://" + d,
-			"--health-interval", routerHealthInterval, "--log-level", "warn"}},
-		{"sim-p", p, sim(p, "--engine-socket", sock, "--instance-id", "p0")},
-		{"sim-d", d, sim(d, "--engine-socket", sock, "--instance-id", "d0")},
-		{"sim-agg1", a1, sim(a1)},
-		{"sim-agg2", a2, sim(a2)},
+	specs := append(pdSpecs(cfg, sock, pdRouter, p, d),
+		spec{name: "sim-agg1", addr: a1, args: simArgs(cfg, a1)},
+		spec{name: "sim-agg2", addr: a2, args: simArgs(cfg, a2)},
 		// The DP2 router needs no engine: --engine=false allocates no pool.
-		{"router-dp2", dpRouter, []string{"serve", "--engine=false", "--http-addr", dpRouter,
+		spec{name: "router-dp2", addr: dpRouter, router: true, args: []string{"serve", "--engine=false", "--http-addr", dpRouter,
 			"--backend", "http://" + a1, "--backend", "http://" + a2,
-			"--health-interval", routerHealthInterval, "--log-level", "warn"}},
-	}
-	fmt.Fprintf(progress, "demo: starting %d processes (logs in %s)\n", len(specs), logDir)
-	procs := map[string]*process{}
-	for _, s := range specs {
-		proc, err := g.start(s.name, cfg.Binary, s.args...)
-		if err != nil {
-			return nil, err
-		}
-		procs[s.name] = proc
-	}
-	for _, s := range specs {
-		if err := waitHealthy(ctx, procs[s.name], "http://"+s.addr+"/health", cfg.StartTimeout); err != nil {
-			return nil, err
-		}
-	}
-	for _, r := range []struct{ name, addr string }{{"engine+router-pd", pdRouter}, {"router-dp2", dpRouter}} {
-		if err := waitRouterReady(ctx, procs[r.name], "http://"+r.addr, cfg.StartTimeout); err != nil {
-			return nil, err
-		}
-	}
-
-	rep := &Report{PD: Setup{Name: "P/D 1P+1D"}, DP2: Setup{Name: "DP2 2x aggregated"}}
-	run := func(name, addr string) (*bench.Result, error) {
-		w := cfg.Workload
-		w.BaseURL = "http://" + addr
-		fmt.Fprintf(progress, "demo: benchmarking %s (%d prompts, %d in / %d out tokens, rate %s req/s)\n",
-			name, w.NumPrompts, w.InputLen, w.OutputLen, rateString(w.RequestRate))
-		res, err := bench.Run(ctx, w, progress)
-		if res != nil {
-			slug := strings.ToLower(strings.SplitN(name, " ", 2)[0])
-			slug = strings.ReplaceAll(slug, "/", "")
-			_ = res.WriteJSONFile(filepath.Join(cfg.WorkDir, slug+".json"))
-			_ = res.WriteSVGFile(filepath.Join(cfg.WorkDir, slug+"-latency.svg"))
-		}
-		return res, err
-	}
-
-	engineBefore, err := scrape(ctx, "http://"+pdRouter)
-	if err != nil {
+			"--health-interval", routerHealthInterval, "--log-level", "warn"}})
+	if err := startAll(ctx, g, cfg, specs, progress, logDir); err != nil {
 		return nil, err
 	}
-	dBefore, err := scrape(ctx, "http://"+d)
+
+	rep := &Report{PD: Setup{Name: pdName}, DP2: Setup{Name: "DP2 2x aggregated"}}
+	rep.PD.Result, rep.Engine, err = measurePD(ctx, cfg, progress, rep.PD.Name, http.DefaultClient, "http://"+pdRouter,
+		sameHostProbe(http.DefaultClient, "http://"+pdRouter, "http://"+d))
 	if err != nil {
-		return nil, err
-	}
-	rep.PD.Result, err = run(rep.PD.Name, pdRouter)
-	// The engine figures are read even after an interrupted run (with a
-	// fresh deadline: ctx may be the cancelled one).
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	engineAfter, serr := scrape(sctx, "http://"+pdRouter)
-	dAfter, derr := scrape(sctx, "http://"+d)
-	if serr == nil && derr == nil {
-		e, ds := engineAfter.delta(engineBefore), dAfter.delta(dBefore)
-		rep.Engine = EngineStats{
-			QueriedBlocks:   e["pegaflow_engine_hits_total"] + e["pegaflow_engine_misses_total"],
-			HitBlocks:       e["pegaflow_engine_hits_total"],
-			SavedBytes:      e["pegaflow_engine_saved_bytes_total"],
-			LoadedBytes:     e["pegaflow_engine_loaded_bytes_total"],
-			TransfersReady:  e[`pegaflow_engine_transfers_total{status="ready"}`],
-			DBlocksLoaded:   ds["sim_kv_blocks_loaded_total"],
-			DPrefillTokens:  ds["sim_prefill_tokens_computed_total"],
-			DVerifyFailures: ds["sim_kv_verify_failures_total"],
-		}
-	}
-	if err != nil {
-		return rep, fmt.Errorf("P/D benchmark: %w", err)
-	}
-	if err := errors.Join(serr, derr); err != nil {
 		return rep, err
 	}
-
-	rep.DP2.Result, err = run(rep.DP2.Name, dpRouter)
+	rep.DP2.Result, err = runBench(ctx, cfg, progress, rep.DP2.Name, http.DefaultClient, "http://"+dpRouter)
 	if err != nil {
 		return rep, fmt.Errorf("DP2 benchmark: %w", err)
 	}
 	return rep, nil
+}
+
+// pdName is the same-host P/D setup's row.
+const pdName = "P/D 1P+1D"
+
+// spec is one process of a setup. host nil: this machine's network;
+// else the process runs in host's namespace, UCX on its veth.
+type spec struct {
+	name   string
+	addr   string // host:port its /health answers on
+	args   []string
+	router bool // a router: wait until it sees every backend healthy
+	host   *netlab.Host
+}
+
+// simArgs is `pegaflow sim` on addr with the demo's sim flags, then extra.
+func simArgs(cfg Config, addr string, extra ...string) []string {
+	args := append([]string{"sim", "--http-addr", addr, "--log-level", "warn"}, cfg.SimFlags...)
+	return append(args, extra...)
+}
+
+// pdSpecs is same-host P/D: one `serve` (engine + router) on sock and the
+// P and D sims sharing its engine. Order matters: the engine first (the
+// sims register with it).
+func pdSpecs(cfg Config, sock, router, p, d string) []spec {
+	return []spec{
+		{name: "engine+router-pd", addr: router, router: true, args: []string{"serve", "--socket", sock, "--http-addr", router,
+			"--pool-size", cfg.PoolSize, "--prefill", "http://" + p, "--decode", "http://" + d,
+			"--health-interval", routerHealthInterval, "--log-level", "warn"}},
+		{name: "sim-p", addr: p, args: simArgs(cfg, p, "--engine-socket", sock, "--instance-id", "p0")},
+		{name: "sim-d", addr: d, args: simArgs(cfg, d, "--engine-socket", sock, "--instance-id", "d0")},
+	}
+}
+
+// startAll starts specs in order into g, waits until each answers
+// /health, then until each router sees its backends healthy (a router's
+// health checks need live backends, so routers are waited for last).
+func startAll(ctx context.Context, g *group, cfg Config, specs []spec, progress io.Writer, logDir string) error {
+	fmt.Fprintf(progress, "demo: starting %d processes (logs in %s)\n", len(specs), logDir)
+	procs := make([]*process, len(specs))
+	for i, s := range specs {
+		var err error
+		if s.host == nil {
+			procs[i], err = g.start(s.name, cfg.Binary, s.args...)
+		} else {
+			cmd := s.host.Command(cfg.Binary, s.args...)
+			cmd.Env = append(os.Environ(), s.host.UCXEnv()...)
+			procs[i], err = g.startCmd(s.name, cmd, s.host.HTTPClient(0))
+		}
+		if err != nil {
+			return err
+		}
+	}
+	for i, s := range specs {
+		if err := waitHealthy(ctx, procs[i], "http://"+s.addr+"/health", cfg.StartTimeout); err != nil {
+			return err
+		}
+	}
+	for i, s := range specs {
+		if s.router {
+			if err := waitRouterReady(ctx, procs[i], "http://"+s.addr, cfg.StartTimeout); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// runBench runs the workload against the router at baseURL (reached with
+// hc) and keeps its result and latency plot in the work directory, named
+// after the setup's first word.
+func runBench(ctx context.Context, cfg Config, progress io.Writer, name string, hc *http.Client, baseURL string) (*bench.Result, error) {
+	w := cfg.Workload
+	w.BaseURL = baseURL
+	if hc != http.DefaultClient {
+		w.HTTPClient = hc
+	}
+	fmt.Fprintf(progress, "demo: benchmarking %s (%d prompts, %d in / %d out tokens, rate %s req/s)\n",
+		name, w.NumPrompts, w.InputLen, w.OutputLen, rateString(w.RequestRate))
+	res, err := bench.Run(ctx, w, progress)
+	if res != nil {
+		_ = res.WriteJSONFile(filepath.Join(cfg.WorkDir, slug(name)+".json"))
+		_ = res.WriteSVGFile(filepath.Join(cfg.WorkDir, slug(name)+"-latency.svg"))
+	}
+	return res, err
+}
+
+// slug names a setup's files: "P/D 1P+1D" -> "pd", "P/D 2 hosts" ->
+// "pd-2hosts", "DP2 2x aggregated" -> "dp2".
+func slug(name string) string {
+	if strings.Contains(name, "2 hosts") {
+		return "pd-2hosts"
+	}
+	s := strings.ToLower(strings.SplitN(name, " ", 2)[0])
+	return strings.ReplaceAll(s, "/", "")
+}
+
+// pdSamples is one reading of a P/D setup's /metrics pages: the engine P
+// saves to, the one D loads from (the same on one host), and D.
+type pdSamples struct{ saver, loader, d sample }
+
+// probe reads a P/D setup's pages; a run's figures are the difference of
+// a reading after it and one before.
+type probe func(ctx context.Context) (pdSamples, error)
+
+// sameHostProbe reads the one engine (its /metrics at engineURL) and D.
+func sameHostProbe(hc *http.Client, engineURL, dURL string) probe {
+	return func(ctx context.Context) (pdSamples, error) {
+		e, err := scrape(ctx, hc, engineURL)
+		if err != nil {
+			return pdSamples{}, err
+		}
+		d, err := scrape(ctx, hc, dURL)
+		if err != nil {
+			return pdSamples{}, err
+		}
+		return pdSamples{saver: e, loader: e, d: d}, nil
+	}
+}
+
+// measurePD benchmarks a P/D setup and what its engines and D did. The
+// figures are read even after an interrupted run (with a fresh deadline:
+// ctx may be the cancelled one).
+func measurePD(ctx context.Context, cfg Config, progress io.Writer, name string, hc *http.Client, routerURL string,
+	read probe) (*bench.Result, EngineStats, error) {
+	before, err := read(ctx)
+	if err != nil {
+		return nil, EngineStats{}, err
+	}
+	res, err := runBench(ctx, cfg, progress, name, hc, routerURL)
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	after, serr := read(sctx)
+	var stats EngineStats
+	if serr == nil {
+		stats = engineStats(after.saver.delta(before.saver), after.loader.delta(before.loader), after.d.delta(before.d))
+	}
+	if err != nil {
+		return res, stats, fmt.Errorf("%s benchmark: %w", name, err)
+	}
+	return res, stats, serr
 }
 
 func rateString(r float64) string {

@@ -2,6 +2,7 @@ package demo
 
 import (
 	"bytes"
+	"encoding/json"
 	"math"
 	"strings"
 	"testing"
@@ -103,6 +104,7 @@ func TestValidate(t *testing.T) {
 		{"no start timeout", func(c *Config) { c.StartTimeout = 0 }, "timeout"},
 		{"bad workload", func(c *Config) { c.Workload.NumPrompts = 0 }, "num-prompts"},
 		{"bad rate", func(c *Config) { c.Workload.RequestRate = -1 }, "rate"},
+		{"bad hosts", func(c *Config) { c.Hosts = 3 }, "hosts 3"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -116,4 +118,44 @@ func TestValidate(t *testing.T) {
 	c.Binary = "/bin/true"
 	c.StopGrace = time.Second
 	require.NoError(t, c.Validate())
+}
+
+func TestWriteTableTwoHosts(t *testing.T) {
+	w := DefaultConfig().Workload
+	rep := &Report{
+		PD: Setup{Name: pdName, Result: &bench.Result{Completed: 10, RequestThroughput: 1.5,
+			TTFT: stats(200, 300), TPOT: stats(10, 12), ITL: stats(10, 20), E2EL: stats(1700, 1900)}},
+		TwoHosts: Setup{Name: twoHostsName, Result: &bench.Result{Completed: 10, RequestThroughput: 1.5,
+			TTFT: stats(300, 400), TPOT: stats(10, 12), ITL: stats(15, 30), E2EL: stats(1800, 2000)}},
+		Engine: EngineStats{QueriedBlocks: 100, HitBlocks: 100, DBlocksLoaded: 100},
+		TwoHostsEngine: EngineStats{QueriedBlocks: 100, HitBlocks: 100, SavedBytes: 2 << 20, LoadedBytes: 2 << 20, TransfersReady: 10,
+			DBlocksLoaded: 100, DPrefillTokens: 80, PeerFetchedBlocks: 100, PeerFetchedBytes: 2 << 20, PeerFetches: 10},
+	}
+	var b bytes.Buffer
+	require.NoError(t, rep.WriteTable(&b, w))
+	out := b.String()
+	for _, want := range []string{
+		"; P/D on one host and across two (network namespaces, UCX tcp)",
+		"| P/D 1P+1D         |    200.00 |",
+		"| P/D 2 hosts (UCX) |    300.00 |     10.00 |    12.00 |    30.00 |   1800.00 |  1.50 |  10 |      0 |",
+		"| 2 hosts / 1 host  |     1.50x |     1.00x |    1.00x |    1.50x |     1.06x |",
+		"Engines during the P/D run across 2 hosts: A saved 2.0 MiB, 10 transfers ready; B hit ratio 100.0% (100 of 100 queried blocks), loaded 2.0 MiB",
+		"D: 100 blocks fetched from the peer engine (2.0 MiB in 10 fetches, 0 ended short), 100 prompt blocks loaded from engine B, 80 prompt tokens computed itself, 0 KV verify failures",
+	} {
+		require.Contains(t, out, want)
+	}
+	require.NotContains(t, out, "DP2")
+	require.False(t, rep.Failed(), "DP2 is not part of a two-host run")
+	rep.TwoHosts.Result = nil
+	require.True(t, rep.Failed(), "the two-host run did not run")
+
+	// A one-host report's JSON has no two-host part, a two-host one no DP2.
+	one, err := json.Marshal(&Report{PD: rep.PD, DP2: Setup{Name: "DP2 2x aggregated"}})
+	require.NoError(t, err)
+	require.NotContains(t, string(one), "two_hosts")
+	require.NotContains(t, string(one), "peer_fetched")
+	two, err := json.Marshal(rep)
+	require.NoError(t, err)
+	require.NotContains(t, string(two), `"dp2"`)
+	require.Contains(t, string(two), `"two_hosts"`)
 }

@@ -61,15 +61,15 @@ func parseMetrics(r io.Reader) (sample, error) {
 	return s, nil
 }
 
-// scrape fetches and parses baseURL/metrics.
-func scrape(ctx context.Context, baseURL string) (sample, error) {
+// scrape fetches and parses baseURL/metrics with hc.
+func scrape(ctx context.Context, hc *http.Client, baseURL string) (sample, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+"/metrics", nil)
 	if err != nil {
 		return nil, err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := hc.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("scrape %s: %w", baseURL, err)
 	}

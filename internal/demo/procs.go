@@ -22,6 +22,7 @@ type process struct {
 	name    string
 	cmd     *exec.Cmd
 	logPath string
+	hc      *http.Client  // reaches the process over HTTP (its network namespace's); no Timeout
 	done    chan struct{} // closed when the process has exited
 	err     error         // Wait's result, valid after done
 }
@@ -48,20 +49,27 @@ type group struct {
 
 func newGroup(logDir string) *group { return &group{logDir: logDir} }
 
+// start runs bin on this machine's network.
 func (g *group) start(name, bin string, args ...string) (*process, error) {
+	return g.startCmd(name, exec.Command(bin, args...), http.DefaultClient)
+}
+
+// startCmd starts cmd (built, not started; its output and SysProcAttr
+// are set here) as name; hc is how the demo reaches it over HTTP (a
+// client without Timeout: each call brings its own deadline).
+func (g *group) startCmd(name string, cmd *exec.Cmd, hc *http.Client) (*process, error) {
 	logPath := filepath.Join(g.logDir, name+".log")
 	logFile, err := os.Create(logPath)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		logFile.Close()
-		return nil, fmt.Errorf("start %s (%s): %w", name, bin, err)
+		return nil, fmt.Errorf("start %s (%s): %w", name, cmd.Path, err)
 	}
-	p := &process{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
+	p := &process{name: name, cmd: cmd, logPath: logPath, hc: hc, done: make(chan struct{})}
 	go func() {
 		p.err = cmd.Wait()
 		logFile.Close()
@@ -96,29 +104,36 @@ func (g *group) stop(grace time.Duration) {
 	}
 }
 
-// pollHealth GETs url every 50 ms until ready accepts an answer (status and
-// body), the process exits, or the timeout passes. ready also returns what
-// it saw, for the timeout's message.
+// pollHealth GETs url (with p's client, 1 s a try) every 50 ms until
+// ready accepts an answer (status and body), the process exits, or the
+// timeout passes. ready also returns what it saw, for the timeout's
+// message.
 func pollHealth(ctx context.Context, p *process, url string, timeout time.Duration,
 	ready func(status int, body io.Reader) (bool, string)) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	hc := &http.Client{Timeout: time.Second}
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	last := "no answer"
+	try := func() bool {
+		tctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		req, _ := http.NewRequestWithContext(tctx, http.MethodGet, url, nil)
+		resp, err := p.hc.Do(req)
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		ok, seen := ready(resp.StatusCode, io.LimitReader(resp.Body, 1<<20))
+		last = seen
+		return ok
+	}
 	for {
 		if done, err := p.exited(); done {
 			return fmt.Errorf("%s exited (%v); see %s", p.name, err, p.logPath)
 		}
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		if resp, err := hc.Do(req); err == nil {
-			ok, seen := ready(resp.StatusCode, io.LimitReader(resp.Body, 1<<20))
-			resp.Body.Close()
-			if ok {
-				return nil
-			}
-			last = seen
+		if try() {
+			return nil
 		}
 		select {
 		case <-ctx.Done():

@@ -10,12 +10,16 @@ import (
 )
 
 // WriteTable prints the comparison in the shape of the seed's table (TTFT
-// mean, TPOT mean and p99, ITL p99), a P/D-over-DP2 ratio row, and what the
-// engine moved during the P/D run.
+// mean, TPOT mean and p99, ITL p99), a ratio row (P/D over DP2, or two
+// hosts over one), and what the engines moved during the P/D runs.
 func (r *Report) WriteTable(w io.Writer, workload bench.Config) error {
 	var b strings.Builder
-	fmt.Fprintf(&b, "PegaFlow demo: %d prompts, %d input / %d output tokens, %s req/s, seed %d (random dataset, pegaflow sim)\n\n",
-		workload.NumPrompts, workload.InputLen, workload.OutputLen, rateString(workload.RequestRate), workload.Seed)
+	where := ""
+	if r.twoHosts() {
+		where = "; P/D on one host and across two (network namespaces, UCX tcp)"
+	}
+	fmt.Fprintf(&b, "PegaFlow demo: %d prompts, %d input / %d output tokens, %s req/s, seed %d (random dataset, pegaflow sim)%s\n\n",
+		workload.NumPrompts, workload.InputLen, workload.OutputLen, rateString(workload.RequestRate), workload.Seed, where)
 	cols := []string{"setup", "TTFT mean", "TPOT mean", "TPOT p99", "ITL p99", "E2EL mean", "req/s", "ok", "failed"}
 	fmt.Fprintf(&b, "| %-17s | %9s | %9s | %8s | %8s | %9s | %5s | %3s | %6s |\n", toAny(cols)...)
 	fmt.Fprintf(&b, "|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|%s:|\n", dashes(19), dashes(10), dashes(10), dashes(9),
@@ -31,13 +35,19 @@ func (r *Report) WriteTable(w io.Writer, workload bench.Config) error {
 			msCell(p99(res.TPOT), res.TPOT.Count), msCell(p99(res.ITL), res.ITL.Count),
 			msCell(res.E2EL.Mean, res.E2EL.Count), res.RequestThroughput, res.Completed, res.Failed+res.NotSent)
 	}
+	other := r.compared()
 	row(r.PD)
-	row(r.DP2)
-	if r.PD.Result != nil && r.DP2.Result != nil {
-		pd, dp := r.PD.Result, r.DP2.Result
-		fmt.Fprintf(&b, "| %-17s | %9s | %9s | %8s | %8s | %9s | %5s | %3s | %6s |\n", "P/D / DP2",
-			ratio(pd.TTFT.Mean, dp.TTFT.Mean), ratio(pd.TPOT.Mean, dp.TPOT.Mean), ratio(p99(pd.TPOT), p99(dp.TPOT)),
-			ratio(p99(pd.ITL), p99(dp.ITL)), ratio(pd.E2EL.Mean, dp.E2EL.Mean), "", "", "")
+	row(other)
+	// The ratio is the first row over the second, except across hosts:
+	// two hosts over one, what crossing the link costs.
+	num, den, label := r.PD.Result, other.Result, "P/D / DP2"
+	if r.twoHosts() {
+		num, den, label = other.Result, r.PD.Result, "2 hosts / 1 host"
+	}
+	if num != nil && den != nil {
+		fmt.Fprintf(&b, "| %-17s | %9s | %9s | %8s | %8s | %9s | %5s | %3s | %6s |\n", label,
+			ratio(num.TTFT.Mean, den.TTFT.Mean), ratio(num.TPOT.Mean, den.TPOT.Mean), ratio(p99(num.TPOT), p99(den.TPOT)),
+			ratio(p99(num.ITL), p99(den.ITL)), ratio(num.E2EL.Mean, den.E2EL.Mean), "", "", "")
 	}
 	b.WriteString("(latencies in ms)\n\n")
 	e := r.Engine
@@ -45,7 +55,14 @@ func (r *Report) WriteTable(w io.Writer, workload bench.Config) error {
 		percent(e.HitRatio()), e.HitBlocks, e.QueriedBlocks, mib(e.SavedBytes), mib(e.LoadedBytes), e.TransfersReady)
 	fmt.Fprintf(&b, "D: %.0f prompt blocks loaded from the engine, %.0f prompt tokens computed itself (partial last blocks), %.0f KV verify failures\n",
 		e.DBlocksLoaded, e.DPrefillTokens, e.DVerifyFailures)
-	for _, s := range []Setup{r.PD, r.DP2} {
+	if r.twoHosts() && r.TwoHosts.Result != nil {
+		x := r.TwoHostsEngine
+		fmt.Fprintf(&b, "\nEngines during the P/D run across 2 hosts: A saved %s, %.0f transfers ready; B hit ratio %s (%.0f of %.0f queried blocks), loaded %s\n",
+			mib(x.SavedBytes), x.TransfersReady, percent(x.HitRatio()), x.HitBlocks, x.QueriedBlocks, mib(x.LoadedBytes))
+		fmt.Fprintf(&b, "D: %.0f blocks fetched from the peer engine (%s in %.0f fetches, %.0f ended short), %.0f prompt blocks loaded from engine B, %.0f prompt tokens computed itself, %.0f KV verify failures\n",
+			x.PeerFetchedBlocks, mib(x.PeerFetchedBytes), x.PeerFetches, x.PeerFetchFailures, x.DBlocksLoaded, x.DPrefillTokens, x.DVerifyFailures)
+	}
+	for _, s := range []Setup{r.PD, other} {
 		if s.Result == nil {
 			continue
 		}
