@@ -4,10 +4,13 @@ save/load throughput as seen from Python.
 
     make bench-connector            # or: PEGAFLOW_BIN=bin/pegaflow python3 connector/bench_connector.py
 
-Scheduler: microseconds per `get_num_new_matched_tokens` call for a miss,
-a hit (with its lease), a repeated call (memoised) and a request with
-nothing to ask (< 1 block), next to a bare Health RPC (the floor of any
-engine round trip from Python).
+Scheduler: microseconds of vLLM's scheduler thread per request spent in
+`get_num_new_matched_tokens` (every call until it answers, plus
+`on_new_request` where vLLM calls it) for a miss, a hit (with its lease), a
+repeated call (memoised) and a request with nothing to ask (< 1 block), in
+the synchronous mode (`async_query=false`, the RPC on the scheduler thread)
+and the default asynchronous one, next to a bare Health RPC (the floor of
+any engine round trip from Python).
 
 Worker: a rank's KV caches in /dev/shm (FlashAttention layout, bf16-sized
 elements), steps' saves handed to the background thread and waited for,
@@ -174,37 +177,72 @@ def main() -> int:
         run_save(list(range(n_hash)), hit_hashes)
 
         # ---------------------------------------------------------- scheduler
+        # Scheduler-thread time per request: every get_num_new_matched_tokens
+        # call until it answers (async mode answers None while the query runs
+        # on the pool; vLLM asks again next step, the gap is not counted),
+        # plus on_new_request where vLLM has it (0.32+). "sync" is the
+        # synchronous RPC on the scheduler thread (async_query=false, the
+        # behaviour before issue 17 item 9), measured in the same run.
         print()
-        print(f"{'get_num_new_matched_tokens':34} {'hashes':>7} {'mean us':>9} {'p50 us':>8} {'p99 us':>8}")
+        print(f"{'get_num_new_matched_tokens':46} {'hashes':>7} {'us/req':>8} {'p50':>7} {'p99':>8} "
+              f"{'calls':>6}")
 
-        def bench(label: str, make: callable, n: int, repeat_same: bool = False) -> None:
-            times = []
+        def bench(core: SchedulerCore, label: str, make: callable, n: int, repeat_same: bool = False,
+                  announce: bool = False) -> None:
+            per_req, calls = [], 0
             r = make(0)
-            sched.get_num_new_matched_tokens(r, 0)
+            while core.get_num_new_matched_tokens(r, 0)[0] is None:
+                time.sleep(0.0002)
             for i in range(args.calls):
                 if not repeat_same:
                     r = make(i + 1)
-                t0 = time.perf_counter()
-                got = sched.get_num_new_matched_tokens(r, 0)
-                times.append(time.perf_counter() - t0)
+                spent = 0.0
+                if announce:
+                    t0 = time.perf_counter()
+                    core.on_new_request(r)
+                    spent += time.perf_counter() - t0
+                while True:
+                    t0 = time.perf_counter()
+                    got = core.get_num_new_matched_tokens(r, 0)
+                    spent += time.perf_counter() - t0
+                    calls += 1
+                    if got[0] is not None:
+                        break
+                    time.sleep(0.0002)  # the next scheduler step
+                per_req.append(spent)
                 if not repeat_same:
-                    sched.request_finished(r, [])
-            print(f"{label:34} {n:>7} {statistics.mean(times) * 1e6:>9.1f} "
-                  f"{pct(times, 0.5) * 1e6:>8.1f} {pct(times, 0.99) * 1e6:>8.1f}   -> {got}")
+                    core.request_finished(r, [])
+            print(f"{label:46} {n:>7} {statistics.mean(per_req) * 1e6:>8.1f} "
+                  f"{pct(per_req, 0.5) * 1e6:>7.1f} {pct(per_req, 0.99) * 1e6:>8.1f} "
+                  f"{calls / args.calls:>6.2f}   -> {got}")
 
         miss_prompts = [tokens(n_hash * bs + 1) for _ in range(args.calls + 1)]
-        bench("miss (1 Query RPC)", lambda i: Req(f"m{i}", miss_prompts[i], bs, seed), n_hash)
-        bench("hit (Query RPC + lease; bg release)", lambda i: Req(f"h{i}", hit_prompt, bs, seed), n_hash)
-        bench("repeated call (memoised)", lambda i: Req("rep", hit_prompt, bs, seed), n_hash,
-              repeat_same=True)
-        bench("nothing to ask (< 1 block)", lambda i: Req(f"s{i}", tokens(bs - 1), bs, seed), 0)
+        sync_cfg = ConnectorConfig.load({"socket_path": engine.socket, "async_query": False}, env={})
+        ssync = SchedulerCore(sync_cfg, sclient, block_size=bs, instance_id="bench",
+                              load_enabled=True, save_enabled=True)
+        ssync.set_namespace(worker.namespace)
+        while ssync.namespace_id() is None:
+            assert time.monotonic() < deadline + 10, "scheduler has no namespace"
+            time.sleep(0.01)
+        modes = (("sync", ssync, False), ("async", sched, False), ("async+on_new_req", sched, True))
+        for mode, core, announce in modes:
+            tag = f"[{mode}] "
+            bench(core, tag + "miss", lambda i: Req(f"m{mode}{i}", miss_prompts[i], bs, seed), n_hash,
+                  announce=announce)
+            bench(core, tag + "hit + lease", lambda i: Req(f"h{mode}{i}", hit_prompt, bs, seed), n_hash,
+                  announce=announce)
+            bench(core, tag + "repeated call (memoised)", lambda i: Req(f"rep{mode}", hit_prompt, bs, seed),
+                  n_hash, repeat_same=True)
+            bench(core, tag + "nothing to ask (< 1 block)",
+                  lambda i: Req(f"s{mode}{i}", tokens(bs - 1), bs, seed), 0, announce=announce)
+        ssync.shutdown()
         times = []
         for _ in range(args.calls):
             t0 = time.perf_counter()
             sclient.health()
             times.append(time.perf_counter() - t0)
-        print(f"{'(floor: bare Health RPC)':34} {0:>7} {statistics.mean(times) * 1e6:>9.1f} "
-              f"{pct(times, 0.5) * 1e6:>8.1f} {pct(times, 0.99) * 1e6:>8.1f}")
+        print(f"{'(floor: bare Health RPC)':46} {0:>7} {statistics.mean(times) * 1e6:>8.1f} "
+              f"{pct(times, 0.5) * 1e6:>7.1f} {pct(times, 0.99) * 1e6:>8.1f}")
         print(f"\n(one block hash hashed here: {len(hit_hashes)} hashes built in "
               f"{_hash_cost(hit_prompt, bs, seed) * 1e6:.0f} us by vLLM's own hasher, for scale)")
         worker.shutdown()

@@ -644,11 +644,12 @@ class Instance:
                  extra: dict[str, Any] | None = None, seed: str | None = "0",
                  worker_env: dict[str, str] | None = None, engine_id: str | None = None,
                  preempt_ids: bool = False, fail_at: dict[int, str] | None = None,
-                 dp: tuple[int, int] | None = None):
+                 dp: tuple[int, int] | None = None, announce: bool = True):
         from pegaflow_connector import PegaKVConnector
         from pegaflow_connector.compat import KVConnectorRole
 
         self.name = name
+        self.announce = announce  # call on_new_request (vLLM 0.32+) or not (older)
         self.tp = tp
         self.cache = cache
         self.bs = cache.block_size
@@ -744,6 +745,8 @@ class Instance:
         req = Request(rid, prompt, max_tokens, self.bs, self.seed_hash, kv_transfer_params)
         self.requests[rid] = req
         self.waiting.append(req)
+        if self.announce:
+            self.connector.on_new_request(req)  # vLLM 0.32+: Scheduler.add_request
         return req
 
     def _alloc(self, rid: str, n_tokens: int) -> list[int] | None:
@@ -999,6 +1002,19 @@ class Instance:
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         return all(w.call("flush", timeout_s, timeout_s=timeout_s + 5) for w in self.workers)
+
+
+def ask(connector: Any, req: Any, num_computed: int = 0,
+        timeout_s: float = 10.0) -> tuple[int | None, bool]:
+    """get_num_new_matched_tokens asked again until it answers (vLLM asks
+    once per step while the connector answers None)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = connector.get_num_new_matched_tokens(req, num_computed)
+        if got[0] is not None:
+            return got
+        assert time.monotonic() < deadline, "connector never answered"
+        time.sleep(0.001)
 
 
 def save_then_load(saver: Instance, loader: Instance, tokens: list[int], rid: str = "r") -> Request:

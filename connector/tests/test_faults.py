@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 import pytest
 
-from harness import CacheSpec, Engine, Instance, ReadyServer, expected_block
+from harness import CacheSpec, Engine, Instance, ReadyServer, Request, ask, expected_block
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -43,6 +43,7 @@ def test_engine_killed_mid_save_then_restarted(engine: Engine, ready_server: Rea
         req = p.add_request("r1", tokens, max_tokens=1, kv_transfer_params={
             "do_remote_decode": True, "pegaflow_transfer_id": tid,
             "pegaflow_ready_url": ready_server.url, "pegaflow_ready_token": "t"})
+        ask(p.connector, req)  # its cache query answered before the engine stalls
         engine.pause()  # the saves of this step get stuck in the engine
         p.step()
         assert req.is_finished() and "r1" in p.delayed, "blocks must stay while saves run"
@@ -91,6 +92,7 @@ def test_engine_killed_mid_load(engine: Engine) -> None:
         a.run()
         assert a.flush()
         req = b.add_request("dst", tokens, max_tokens=2)
+        ask(b.connector, req)  # the query's answer is ready for the step
         step = b.schedule()  # query hits, blocks allocated, load in the metadata
         assert step.meta.loads and req.status == "WAITING_FOR_REMOTE_KVS"
         load_ids = list(step.meta.loads[0].block_ids)
@@ -118,6 +120,7 @@ def test_block_free_waits_for_saves(engine: Engine) -> None:
         b.handshake()
         tokens = prompt(150, 4)
         req = a.add_request("r", tokens, max_tokens=1)
+        ask(a.connector, req)  # its cache query answered before the engine stalls
         engine.pause()
         a.step()
         assert req.is_finished()
@@ -151,6 +154,10 @@ def test_preemption_does_not_corrupt_a_save(engine: Engine, preempt_ids: bool) -
         d.handshake()
         ta, tb = prompt(70, 5), prompt(70, 6)  # 4 full blocks + 6 tokens each
         ra = a.add_request("A", ta, max_tokens=4)
+        # Both cache queries answered (misses) before the engine stalls; B
+        # joins the queue only after A's prefill.
+        ask(a.connector, ra)
+        ask(a.connector, Request("B", tb, 1, a.bs, a.seed_hash))
         engine.pause()
         a.step()  # A's prefill; its 4 full blocks are being saved (stuck)
         a_blocks = list(a.blocks["A"])

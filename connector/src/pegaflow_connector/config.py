@@ -141,8 +141,9 @@ KEYS: tuple[_Key, ...] = (
     _Key("reconnect_max_ms", "PEGAFLOW_CONNECTOR_RECONNECT_MAX_MS", 5000, int,
          "largest reconnect backoff"),
     _Key("async_query", "PEGAFLOW_CONNECTOR_ASYNC_QUERY", True, _as_bool,
-         "run waiting P/D queries off the scheduler thread and answer `None` "
-         "(\"ask again next step\") meanwhile; false blocks the scheduler"),
+         "run every cache query off vLLM's scheduler thread and answer `None` "
+         "(\"ask again next step\") meanwhile; false queries on the scheduler "
+         "thread (the synchronous behaviour, kept for benchmarks)"),
     _Key("save_decode_blocks", "PEGAFLOW_CONNECTOR_SAVE_DECODE_BLOCKS", True, _as_bool,
          "also save full blocks of generated tokens (multi-turn reuse)"),
     _Key("staging_blocks", "PEGAFLOW_CONNECTOR_STAGING_BLOCKS", 128, int,

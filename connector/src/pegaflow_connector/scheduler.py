@@ -70,6 +70,7 @@ class _Req:
     memo_time: float = 0.0
     pending: Future | None = None
     pending_key: tuple[int, int, int] | None = None
+    pending_prefetch: bool = False  # started by on_new_request, from block 0
     last_num_computed: int = 0
     # Load handed to workers (at most one per request).
     load: LoadSpec | None = None
@@ -219,9 +220,34 @@ class SchedulerCore:
             st.request = request
         return st
 
+    def on_new_request(self, request: Any) -> None:
+        """vLLM (0.32+) announces a request when it arrives: its query starts
+        now, on the pool, so that the first get_num_new_matched_tokens
+        usually finds the answer ready. Asked from block 0 (the local prefix
+        hit is not known yet); a later ask whose local prefix ends within the
+        hit takes it (see _accepts)."""
+        if not self.cfg.async_query or not self.load_enabled or self.disabled:
+            return
+        st = self._state(request)
+        if st.pending is not None or st.memo_key is not None:
+            return
+        hashes = request_block_hashes(request)
+        usable = min(len(hashes), max(request.num_tokens - 1, 0) // self.bs)
+        ns_id = self.namespace_id() if usable > 0 else None
+        if ns_id is not None:
+            self._submit_query(st, ns_id, hashes, (0, usable, self.client.generation))
+            st.pending_prefetch = True
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Never waits for the engine (async_query, the default): a question
+        not answered yet starts its query on the pool and answers None, which
+        vLLM takes as "ask again next step"; the result is memoised with its
+        lease. async_query=false answers from a synchronous RPC (up to
+        query_timeout_ms, or query_wait_ms for a P/D wait) on this thread."""
         st = self._state(request)
         st.last_num_computed = num_computed_tokens
+        if st.pending is not None and not st.pending.done():
+            return None, False  # the cheapest answer: vLLM polls while the query runs
         if not self.load_enabled or self.disabled:
             return 0, False
         hashes = request_block_hashes(request)
@@ -229,6 +255,7 @@ class SchedulerCore:
         usable = min(len(hashes), max(request.num_tokens - 1, 0) // self.bs)
         start = num_computed_tokens // self.bs
         if usable <= start:
+            self._forget_query(st)
             return 0, False
         ns_id = self.namespace_id()
         if ns_id is None:
@@ -236,30 +263,53 @@ class SchedulerCore:
             return 0, False
         key = (start, usable, self.client.generation)
 
-        if st.pending is not None:
-            if not st.pending.done():
-                return None, False
-            fut, st.pending = st.pending, None
-            if st.pending_key == key:
-                self._take_result(st, key, fut)
-            else:
-                self._release_result(fut)
+        if st.pending is not None:  # done (checked above)
+            fut, pkey, prefetch = st.pending, st.pending_key, st.pending_prefetch
+            st.pending, st.pending_prefetch = None, False
+            result = _future_result(fut)
+            if pkey is not None and _accepts(pkey, key, result, prefetch):
+                self._take_result(st, key, result, pkey[0])
+            elif result is not None and result[1]:
+                self._release(lease_id=result[1])
         if st.memo_key != key or time.monotonic() - st.memo_time > self.cfg.lease_ttl_ms / 2000:
             self._drop_lease(st)
-            if st.remote_transfer and not st.transfer_waited and self.cfg.query_wait_ms > 0:
-                fut = self._pool.submit(self._query, ns_id, hashes, start, usable,
-                                        st.remote_transfer, self.cfg.query_wait_ms)
-                if self.cfg.async_query:
-                    st.pending, st.pending_key = fut, key
-                    return None, False
-                self._take_result(st, key, fut)
-            else:
-                self._take_result(st, key, None, self._query(ns_id, hashes, start, usable, "", 0))
+            if self.cfg.async_query:
+                self._submit_query(st, ns_id, hashes, key)
+                return None, False
+            wait_ms = self._wait_ms(st)
+            self._take_result(st, key, self._query(ns_id, hashes, start, usable,
+                                                   st.remote_transfer if wait_ms else "", wait_ms))
         tokens = st.memo_hit * self.bs - num_computed_tokens
         if tokens <= 0:
-            self._drop_lease(st)
+            # The answer stays memoised (asked again: 0 at once); the lease
+            # of a hit the local prefix already covers is not needed.
+            if st.memo_lease:
+                self._release(lease_id=st.memo_lease)
+                st.memo_lease = ""
             return 0, False
         return tokens, True
+
+    def _wait_ms(self, st: _Req) -> int:
+        """How long the engine may hold this query: a decode leg's first
+        query waits for its prefill's transfer, every other query not at all."""
+        if st.remote_transfer and not st.transfer_waited:
+            return self.cfg.query_wait_ms
+        return 0
+
+    def _submit_query(self, st: _Req, ns_id: str, hashes: list[Any], key: tuple[int, int, int]) -> None:
+        start, usable, _ = key
+        wait_ms = self._wait_ms(st)
+        st.pending = self._pool.submit(self._query, ns_id, hashes, start, usable,
+                                       st.remote_transfer if wait_ms else "", wait_ms)
+        st.pending_key, st.pending_prefetch = key, False
+
+    def _forget_query(self, st: _Req) -> None:
+        """Nothing to load after all (the local prefix covers what could
+        be): a query still running gives its lease back when it ends."""
+        if st.pending is not None:
+            st.pending.add_done_callback(self._release_result)
+            st.pending = None
+        self._drop_lease(st)
 
     def _query(self, ns_id: str, hashes: list[Any], start: int, usable: int, transfer_id: str,
                wait_ms: int) -> tuple[int, str, int] | None:
@@ -286,23 +336,17 @@ class SchedulerCore:
         self.metrics.inc("query_hit_blocks", resp.num_hit)
         return resp.num_hit, resp.lease_id, resp.num_inflight
 
-    def _take_result(self, st: _Req, key: tuple[int, int, int], fut: Future | None,
-                     result: tuple[int, str, int] | None = None) -> None:
-        if fut is not None:
-            try:
-                result = fut.result()
-            except Exception as e:  # noqa: BLE001
-                log.warning("pegaflow: query failed: %s", e)
-                result = None
+    def _take_result(self, st: _Req, key: tuple[int, int, int], result: tuple[int, str, int] | None,
+                     asked_from: int | None = None) -> None:
+        """Memoises a query's answer for `key`; `asked_from` is the block the
+        query started at when it differs from key's (a prefetch from 0)."""
         start, usable, _ = key
-        if result is None:
-            hit, lease = 0, ""
-        else:
-            hit, lease = result[0], result[1]
+        base = start if asked_from is None else asked_from
+        hit, lease = (0, "") if result is None else (result[0], result[1])
         if st.remote_transfer and not st.transfer_waited:
             st.transfer_waited = True
-            self._check_transfer(st, hit, usable - start)
-        st.memo_key, st.memo_hit, st.memo_lease = key, start + hit, lease
+            self._check_transfer(st, hit, usable - base)
+        st.memo_key, st.memo_hit, st.memo_lease = key, base + hit, lease
         st.memo_time = time.monotonic()
 
     def _check_transfer(self, st: _Req, hit: int, asked: int) -> None:
@@ -520,6 +564,27 @@ class SchedulerCore:
 
     def num_tracked(self) -> int:
         return len(self._reqs)
+
+
+def _future_result(fut: Future) -> tuple[int, str, int] | None:
+    try:
+        res: tuple[int, str, int] | None = fut.result()
+        return res
+    except Exception as e:  # noqa: BLE001 - _query catches engine errors itself
+        log.warning("pegaflow: query failed: %s", e)
+        return None
+
+
+def _accepts(asked: tuple[int, int, int], key: tuple[int, int, int],
+             result: tuple[int, str, int] | None, prefetch: bool) -> bool:
+    """Whether a finished query answers the question `key`: the same one,
+    or (a prefetch from block 0) the same blocks and session with a local
+    prefix that ends within the hit, so the hit's continuation is exact."""
+    if asked == key:
+        return True
+    if not prefetch or result is None or asked[1:] != key[1:]:
+        return False
+    return asked[0] <= key[0] <= asked[0] + result[0]
 
 
 def _fill_hashes(req: pb.QueryRequest, hs: list[bytes]) -> None:

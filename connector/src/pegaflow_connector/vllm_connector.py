@@ -311,6 +311,12 @@ class PegaFlowConnector(KVConnectorBase_V1):
         return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
 
     @_guard(lambda self, *a, **k: None)
+    def on_new_request(self, request: Any) -> None:
+        """vLLM 0.32+: a request arrived; its cache query starts now."""
+        if self._sched is not None:
+            self._sched.on_new_request(request)
+
+    @_guard(lambda self, *a, **k: None)
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         if self._sched is not None:
             self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
