@@ -180,7 +180,7 @@ def main() -> int:
         # Scheduler-thread time per request: every get_num_new_matched_tokens
         # call until it answers (async mode answers None while the query runs
         # on the pool; vLLM asks again next step, the gap is not counted),
-        # plus on_new_request where vLLM has it (0.32+). "sync" is the
+        # plus on_new_request where vLLM has it (0.22+). "sync" is the
         # synchronous RPC on the scheduler thread (async_query=false, the
         # behaviour before issue 17 item 9), measured in the same run.
         print()

@@ -12,7 +12,7 @@ PROTO_PY_TOOLS ?= grpcio-tools==1.71.0
 PROTO_PY_VENV := $(BUILD_DIR)/proto-py
 CONNECTOR_PIP := $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore
 
-.PHONY: proto-python connector-deps test-connector bench-connector
+.PHONY: proto-python connector-deps test-connector bench-connector vllm-compat
 # protoc writes an absolute import of the proto package (`from pegaflow.v1
 # import engine_pb2`); the sed makes it relative to our package, and the greps
 # fail the target if the generated form ever changes.
@@ -41,3 +41,11 @@ test-connector: build connector-deps
 
 bench-connector: build connector-deps
 	PEGAFLOW_BIN=$(abspath $(BIN_DIR)/pegaflow) $(PYTHON) connector/bench_connector.py
+
+# The connector against base.py of every supported vLLM release, by `ast`, no
+# GPU, no vLLM import (scripts/vllm-compat; table in docs/connector.md). Not in
+# `make test`: the first run downloads one ~0.3 GB wheel per release (kept:
+# three files each in build/vllm-compat); once that cache exists,
+# test-connector also runs it offline (0.2 s).
+vllm-compat:
+	$(PYTHON) scripts/vllm-compat

@@ -649,7 +649,7 @@ class Instance:
         from pegaflow_connector.compat import KVConnectorRole
 
         self.name = name
-        self.announce = announce  # call on_new_request (vLLM 0.32+) or not (older)
+        self.announce = announce  # call on_new_request (vLLM 0.22+) or not (older)
         self.tp = tp
         self.cache = cache
         self.bs = cache.block_size
@@ -746,7 +746,7 @@ class Instance:
         self.requests[rid] = req
         self.waiting.append(req)
         if self.announce:
-            self.connector.on_new_request(req)  # vLLM 0.32+: Scheduler.add_request
+            self.connector.on_new_request(req)  # vLLM 0.22+: Scheduler.add_request
         return req
 
     def _alloc(self, rid: str, n_tokens: int) -> list[int] | None:

@@ -88,3 +88,62 @@ def test_namespace_from_handshakes_takes_the_lowest_rank() -> None:
     assert rendezvous.namespace_from_handshakes(metas) == a
     assert rendezvous.namespace_from_handshakes([object()]) is None
     assert isinstance(metas[0], PegaHandshake)
+
+
+@pytest.mark.parametrize("version,want", [
+    ("0.11.1", (0, 11, 1)), ("0.33.0+cu128", (0, 33, 0)), ("0.12.0rc1", (0, 12, 0)),
+    ("0.11.1.dev42+g1234", (0, 11, 1)), ("0.9", (0, 9, 0)), ("main", ()),
+])
+def test_release_tuple(version: str, want: tuple[int, ...]) -> None:
+    assert compat.release_tuple(version) == want
+
+
+def test_unsupported_vllm_reason() -> None:
+    assert compat.unsupported_vllm_reason(None) is None  # no vLLM: stand-ins
+    assert compat.unsupported_vllm_reason("0.11.1") is None
+    assert compat.unsupported_vllm_reason("0.33.0") is None
+    old = compat.unsupported_vllm_reason("0.11.0")
+    assert old is not None and "older than 0.11.1" in old and "load" in old
+    broken = compat.unsupported_vllm_reason("0.33.0", "ImportError: no torch")
+    assert broken is not None and "cannot be imported" in broken and "no torch" in broken
+    odd = compat.unsupported_vllm_reason("unknown")
+    assert odd is not None and compat.VLLM_CHECK_ENV in odd
+
+
+_FAKE_VLLM_START = r"""
+import sys, types
+from types import SimpleNamespace
+from pegaflow_connector import PegaFlowConnector
+from pegaflow_connector.compat import KVConnectorRole, UnsupportedVLLM
+vc = SimpleNamespace(kv_transfer_config=SimpleNamespace(kv_role="kv_both",
+                     kv_connector_extra_config={"socket_path": "/nonexistent/s"}))
+try:
+    PegaFlowConnector(vc, KVConnectorRole.SCHEDULER, None)
+except UnsupportedVLLM as e:
+    print("REFUSED", e)
+else:
+    print("STARTED")
+"""
+
+
+@pytest.mark.parametrize("version,env,want", [
+    ("0.10.2", {}, "REFUSED pegaflow connector: vLLM 0.10.2 is older than 0.11.1"),
+    ("0.33.0", {}, "REFUSED pegaflow connector: vLLM 0.33.0 is installed but its KV connector API"),
+    ("0.10.2", {"PEGAFLOW_CONNECTOR_VLLM_CHECK": "0"}, "STARTED"),
+])
+def test_unsupported_vllm_fails_start_with_one_message(tmp_path: Any, version: str,
+                                                       env: dict[str, str], want: str) -> None:
+    """A vLLM outside the range (here a stand-in package that has only a
+    version) stops start-up with the reason, instead of stand-in classes."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "vllm"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    run_env = {**os.environ, **env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{src}"}
+    out = subprocess.run([sys.executable, "-c", _FAKE_VLLM_START], env=run_env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith(want), out.stdout + out.stderr

@@ -2,7 +2,12 @@
 
 The engine-facing core never imports vLLM or torch. The adapter subclasses
 vLLM's real base classes when vLLM is importable and small stand-ins with
-the same names otherwise (tests, tools), so one code path serves both.
+the same names where vLLM is not installed at all (tests, tools), so one
+code path serves both. Supported: vLLM MIN_VLLM (0.11.1) to
+NEWEST_CHECKED_VLLM (0.33.0), checked per release by scripts/vllm-compat;
+the connector refuses to start on an older vLLM, or on one whose API
+cannot be imported (require_supported_vllm). Fallbacks below for releases
+older than 0.11.1 predate the range; they are kept because they are cheap.
 
 The rest of the package imports vLLM symbols, and reads attributes whose
 presence or shape differs between vLLM releases, only through this module.
@@ -24,12 +29,39 @@ from typing import Any
 # the connector's messages land in vLLM's log like its own connectors'.
 LOGGER_NAME = "vllm.pegaflow_connector"
 
-# ---------------------------------------------------------------- base classes
+# ---------------------------------------------------------------- version range
 
-# vLLM is optional: absent in tests and tools, where the stand-ins below
-# carry the bits of the base classes the adapter relies on. A broken vLLM or
-# torch install (any import error, not only ImportError) is treated as
-# absent, so the connector module stays importable for diagnostics.
+# The oldest vLLM the connector runs on, and why (checked against each
+# release's wheel by scripts/vllm-compat): 0.11.1 is the first release
+# with get_block_ids_with_load_errors (a block the engine cannot deliver
+# is recomputed instead of read as garbage), the kv_cache_config
+# constructor argument and the worker -> scheduler handshake hooks;
+# `None` from get_num_new_matched_tokens is tolerated since 0.10.2 and
+# Request.block_hashes exists since 0.10.1. scripts/vllm-compat also checks
+# every release up to NEWEST_CHECKED_VLLM against our class.
+MIN_VLLM = (0, 11, 1)
+NEWEST_CHECKED_VLLM = (0, 33, 0)
+MIN_VLLM_WHY = ("it is the first release where a connector can report blocks it failed to load "
+                "(get_block_ids_with_load_errors), so that vLLM recomputes them")
+# Set to 0 to start on a vLLM this module refuses (e.g. a source build
+# whose version string is not a release number); unsupported, at your risk.
+VLLM_CHECK_ENV = "PEGAFLOW_CONNECTOR_VLLM_CHECK"
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except Exception:  # noqa: BLE001 - a broken vllm package is still "installed"
+        return True
+
+
+VLLM_INSTALLED = _vllm_installed()
+# Why vLLM's connector API could not be imported although vLLM is
+# installed ("" otherwise): the connector then refuses to start.
+VLLM_IMPORT_ERROR = ""
+
 try:  # pragma: no cover - exercised only where vLLM is installed
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore
         KVConnectorBase_V1,
@@ -38,8 +70,14 @@ try:  # pragma: no cover - exercised only where vLLM is installed
     )
 
     HAVE_VLLM = True
-except Exception:  # noqa: BLE001 - ImportError, or a broken vLLM/torch install
+except Exception as _e:  # noqa: BLE001 - ImportError, or a broken vLLM/torch install
+    # No vLLM at all: the stand-ins below serve tests and tools. vLLM
+    # installed but its API not importable (broken install, a release that
+    # moved it): remembered, and the connector refuses to start with it
+    # (require_supported_vllm) rather than run on stand-ins.
     HAVE_VLLM = False
+    if VLLM_INSTALLED:
+        VLLM_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
 
     class KVConnectorRole(enum.Enum):  # type: ignore[no-redef]
         SCHEDULER = 0
@@ -147,6 +185,68 @@ def role_is_scheduler(role: Any) -> bool:
     stand-in above, and some callers pass the role's name as a string."""
     name = getattr(role, "name", str(role))
     return str(name).upper().endswith("SCHEDULER")
+
+
+class UnsupportedVLLM(RuntimeError):
+    """This vLLM cannot run the connector; the message says why and what to do."""
+
+
+def release_tuple(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a vLLM version string: "0.11.1",
+    "0.12.0rc1", "0.11.1.dev42+g1234.cu128" -> (0, 11, 1); () when the
+    string does not start with a release number. Pre-releases and dev
+    builds count as their release (a dev build of main is newer than the
+    last release, never older than the one it leads to)."""
+    m = re.match(r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?", version or "")
+    if m is None:
+        return ()
+    return tuple(int(x) for x in m.groups(default="0"))
+
+
+def vllm_version() -> str | None:
+    """vllm.__version__, or None where vLLM is not installed."""
+    if not VLLM_INSTALLED:
+        return None
+    try:
+        import vllm  # type: ignore
+
+        return str(getattr(vllm, "__version__", "") or "")
+    except Exception as e:  # noqa: BLE001
+        return f"unimportable ({type(e).__name__}: {e})"
+
+
+def unsupported_vllm_reason(version: str | None, import_error: str = "") -> str | None:
+    """Why this vLLM cannot run the connector, or None when it can (or
+    when vLLM is absent: tests and tools use the stand-ins)."""
+    if version is None:
+        return None
+    oldest = ".".join(map(str, MIN_VLLM))
+    rel = release_tuple(version)
+    if not rel:
+        return (f"vLLM version {version!r} is not a release number, so the connector cannot tell "
+                f"whether it is at least {oldest}; set {VLLM_CHECK_ENV}=0 to start anyway")
+    if rel < MIN_VLLM:
+        return (f"vLLM {version} is older than {oldest}, the oldest release the connector supports "
+                f"({MIN_VLLM_WHY}); upgrade vLLM")
+    if import_error:
+        return (f"vLLM {version} is installed but its KV connector API "
+                f"(vllm.distributed.kv_transfer.kv_connector.v1.base) cannot be imported: "
+                f"{import_error}")
+    return None
+
+
+def require_supported_vllm(env: Any = None) -> None:
+    """Raises UnsupportedVLLM, with one clear message, on a vLLM the
+    connector does not support; called when vLLM builds the connector."""
+    import os
+
+    env = os.environ if env is None else env
+    if str(env.get(VLLM_CHECK_ENV, "1")).strip().lower() in ("0", "false", "no", "off"):
+        return
+    reason = unsupported_vllm_reason(vllm_version(), VLLM_IMPORT_ERROR)
+    if reason is not None:
+        raise UnsupportedVLLM(f"pegaflow connector: {reason}. (Without the connector, remove "
+                              f"--kv-transfer-config.)")
 
 
 # ---------------------------------------------------------------- config objects

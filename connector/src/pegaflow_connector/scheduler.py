@@ -221,7 +221,7 @@ class SchedulerCore:
         return st
 
     def on_new_request(self, request: Any) -> None:
-        """vLLM (0.32+) announces a request when it arrives: its query starts
+        """vLLM (0.22+) announces a request when it arrives: its query starts
         now, on the pool, so that the first get_num_new_matched_tokens
         usually finds the answer ready. Asked from block 0 (the local prefix
         hit is not known yet); a later ask whose local prefix ends within the

@@ -36,6 +36,7 @@ from .compat import (
     kv_load_failure_policy,
     preemption_ids_arg,
     prefix_caching_hash_algo,
+    require_supported_vllm,
     role_is_scheduler,
     tensor_parallel_rank,
 )
@@ -100,6 +101,9 @@ class PegaFlowConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None,
                  *, client: EngineClient | None = None):
+        # An unsupported vLLM fails vLLM's start with one message, before
+        # anything half-works (the only failure the connector raises).
+        require_supported_vllm()
         init_connector_base(super().__init__, vllm_config, role, kv_cache_config)
         self._metrics = client.metrics if client is not None else Metrics()
         self._stats_tap = StatsTap(self._metrics)
@@ -312,7 +316,7 @@ class PegaFlowConnector(KVConnectorBase_V1):
 
     @_guard(lambda self, *a, **k: None)
     def on_new_request(self, request: Any) -> None:
-        """vLLM 0.32+: a request arrived; its cache query starts now."""
+        """vLLM 0.22+: a request arrived; its cache query starts now."""
         if self._sched is not None:
             self._sched.on_new_request(request)
 
