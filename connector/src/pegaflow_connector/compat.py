@@ -143,6 +143,17 @@ except Exception:  # noqa: BLE001
             self.per_engine_labelvalues = per_engine_labelvalues
 
 
+# CacheHitSource (vllm/v1/metrics/cache_hit_source.py, 2026) labels where
+# external hits came from; releases before it never call
+# get_external_cache_hit_sources, and the stand-in keeps the value.
+try:  # pragma: no cover
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource  # type: ignore
+except Exception:  # noqa: BLE001
+
+    class CacheHitSource(str, enum.Enum):  # type: ignore[no-redef]
+        HOST = "host"
+
+
 def prom_counter_cls(prom: Any, metric_types: dict[Any, Any]) -> Any:
     """The Counter class vLLM hands build_prom_metrics (Ray wraps them)."""
     cls = getattr(prom, "_counter_cls", None)

@@ -98,6 +98,7 @@ class SchedulerCore:
         self._reqs: dict[str, _Req] = {}
         self._to_load: list[_Req] = []
         self._delayed: set[str] = set()
+        self._sending: set[str] = set()  # delayed frees not reported done yet
         # Abandoned transfers to fail once the request's saves are done (a
         # Release that overtook an in-flight tagged save would be undone by it).
         self._release_after_send: dict[str, str] = {}
@@ -128,6 +129,30 @@ class SchedulerCore:
         log.error("pegaflow: CONNECTOR DISABLED for instance %s: a worker could not start (%s). "
                   "vLLM keeps serving without PegaFlow (no cache hits, nothing saved); fix the "
                   "cause in that worker's log and restart the instance.", self.instance_id, reason)
+
+    def reset_cache(self) -> bool:
+        """vLLM's reset_prefix_cache(reset_connector=True), typically after a
+        weight update. One instance can neither empty the shared namespace
+        (other instances use it) nor tell old KV from new (the namespace key
+        holds the model name and revision, not the weights): serving it would
+        hand out KV of the old weights, saving would mix new KV into it. So
+        this instance stops loading and saving for good and answers False
+        (the PegaFlow cache was not reset); a restart with a new
+        `model_revision` or `namespace_extra` (e.g. `weights=<version>`)
+        uses a fresh namespace."""
+        if not self.disabled:
+            self.disabled = "reset_cache: the KV cache was reset (weights updated?)"
+            self.metrics.inc("cache_resets_refused")
+            log.error("pegaflow: reset_cache requested: PegaFlow cannot invalidate a shared "
+                      "namespace, so instance %s stops loading and saving (no stale KV is "
+                      "served). Restart it with a new model_revision or namespace_extra (e.g. "
+                      "weights=<version>) to use PegaFlow again.", self.instance_id)
+        return False
+
+    def has_pending_block_frees(self) -> bool:
+        """Whether blocks of finished requests come back once their saves
+        end (vLLM then waits for them instead of preempting)."""
+        return bool(self._sending)
 
     # ------------------------------------------------------------ namespace
 
@@ -500,6 +525,7 @@ class SchedulerCore:
         st.next_save = max(st.next_save, limit)
 
     def update_connector_output(self, output: Any) -> None:
+        self._sending.difference_update(getattr(output, "finished_sending", None) or ())
         if self._release_after_send:
             for rid in getattr(output, "finished_sending", None) or ():
                 tid = self._release_after_send.pop(rid, None)
@@ -549,6 +575,7 @@ class SchedulerCore:
         delay = st.saved_any
         if delay:
             self._delayed.add(st.req_id)
+            self._sending.add(st.req_id)
         return delay, params
 
     def _release_result(self, fut: Future) -> None:

@@ -26,6 +26,7 @@ from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
 from .client import EngineClient
 from .compat import (
+    CacheHitSource,
     KVConnectorBase_V1,
     context_parallel_sizes,
     data_parallel_rank,
@@ -99,6 +100,9 @@ def _tp_rank(cfg: ConnectorConfig) -> int:
 class PegaFlowConnector(KVConnectorBase_V1):
     """vLLM KV connector backed by a PegaFlow engine on the same host."""
 
+    # Hits come from the engine's pinned host memory (vLLM's metrics label).
+    _cache_hit_source = CacheHitSource.HOST
+
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None,
                  *, client: EngineClient | None = None):
         # An unsupported vLLM fails vLLM's start with one message, before
@@ -112,6 +116,7 @@ class PegaFlowConnector(KVConnectorBase_V1):
         self._client: EngineClient | None = client
         self._is_scheduler = role_is_scheduler(role)
         self._disabled = ""
+        self._role_name = "kv_both"
         self._kv_cache_config = kv_cache_config
         self.instance_id = ""
         self._rank = 0
@@ -138,6 +143,7 @@ class PegaFlowConnector(KVConnectorBase_V1):
                         "engine cannot deliver (evicted, engine restarted) fails its request. Set "
                         "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config to "
                         "recompute such blocks instead.")
+        self._role_name = role_name
         self._load_enabled = role_name in ("kv_both", "kv_consumer")
         self._save_enabled = role_name in ("kv_both", "kv_producer")
         mc, cc, pc = vc.model_config, vc.cache_config, vc.parallel_config
@@ -357,6 +363,51 @@ class PegaFlowConnector(KVConnectorBase_V1):
         ns = namespace_from_handshakes(metadata.values())
         if ns is not None:
             self._sched.set_namespace(ns)
+
+    # ------------------------------------------------------------ vLLM 0.33 hooks
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """Only a kv_producer hands KV off (vLLM's default). A kv_both
+        instance is a best-effort cache (a dropped save is a later miss) and
+        its P/D saves are protected by the preemption wait, so vLLM need not
+        recompute its preempted requests."""
+        return self._role_name == "kv_producer"
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """No: the engine maps the rank's KV memory (shared file or CUDA IPC
+        handle of the allocation) at registration; sleep frees and remaps
+        it, and a stale mapping would copy freed memory. vLLM then refuses
+        sleep mode with this connector at start-up, with its own message."""
+        return False
+
+    def unregister_kv_caches(self) -> None:
+        """Never called (sleep mode is refused, see supports_sleep_mode)."""
+        return
+
+    def restore_kv_caches(self) -> None:
+        """Never called (sleep mode is refused, see supports_sleep_mode)."""
+        return
+
+    def finish_forward(self) -> None:
+        """Nothing to do: saves read the KV after the event recorded in
+        wait_for_save, loads finish before their request is scheduled."""
+        return
+
+    @_guard(lambda self, *a, **k: False)
+    def has_pending_block_frees(self) -> bool:
+        return self._sched.has_pending_block_frees() if self._sched is not None else False
+
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[Any, int]:
+        """Every external token comes from the engine's host memory."""
+        return {CacheHitSource.HOST: num_external_tokens} if num_external_tokens else {}
+
+    @_guard(lambda self, *a, **k: False)
+    def reset_cache(self) -> bool | None:
+        """False: see SchedulerCore.reset_cache (stops using the shared
+        cache rather than serve KV of the old weights)."""
+        return self._sched.reset_cache() if self._sched is not None else False
 
     # ------------------------------------------------------------ vLLM stats
 

@@ -41,6 +41,11 @@ from .ready import FailureReporter
 
 log = logging.getLogger(LOGGER_NAME)
 
+# Whether the engine's Load can wait on the rank's CUDA event itself, as
+# Save does (SaveRequest.wait_event); until the API has the field, loads
+# after async-scheduled steps are ordered by a host sync on the load thread.
+LOAD_WAIT_EVENT = "wait_event" in pb.LoadRequest.DESCRIPTOR.fields_by_name
+
 
 def _unique_refs(ids: list[int], hashes: list[bytes]) -> tuple[list[int], list[bytes]]:
     """Drops repeated hashes and block ids (first wins): the engine refuses a
@@ -113,7 +118,7 @@ class WorkerCore:
         self._errors: set[int] = set()
         self._last_meta: PegaConnectorMetadata | None = None
         self._save_q: queue.Queue[_SaveJob | None] = queue.Queue()
-        self._load_q: queue.Queue[LoadSpec | None] = queue.Queue()
+        self._load_q: queue.Queue[tuple[LoadSpec, Any] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._closed = False
 
@@ -261,10 +266,16 @@ class WorkerCore:
             self._delayed |= meta.delayed_free
         if meta.preempted:
             self._wait_saves(meta.preempted, self.cfg.preemption_wait_ms / 1000)
+        # Async scheduling: this step's loads may target blocks the previous
+        # step's forward, still running on the GPU, writes (a block freed and
+        # reused). The event recorded here orders the load after that work:
+        # the engine's copy would wait on it (LoadRequest.wait_event, not in
+        # this engine's API yet), else the load thread syncs it on the host.
+        event = _record_cuda_event() if self.mode == "cuda" and meta.loads else None
         for spec in meta.loads:
             with self._lock:
                 self._loads_inflight += 1
-            self._load_q.put(spec)
+            self._load_q.put((spec, event))
 
     def end_step(self, meta: PegaConnectorMetadata | None) -> None:
         """After the forward pass (vLLM's wait_for_save): queue this step's
@@ -437,11 +448,15 @@ class WorkerCore:
 
     def _load_loop(self) -> None:
         while True:
-            spec = self._load_q.get()
-            if spec is None:
+            item = self._load_q.get()
+            if item is None:
                 return
+            spec, event = item
             failed: set[int] = set(spec.block_ids)
             try:
+                if event is not None and not LOAD_WAIT_EVENT:
+                    event.synchronize()  # this thread waits, never vLLM's loop
+                    self.metrics.inc("load_host_syncs")
                 failed = self._run_load(spec)
             except Exception as e:  # noqa: BLE001
                 log.error("pegaflow: load failed unexpectedly: %s", e)
