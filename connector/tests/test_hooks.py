@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import random
 import time
 from typing import Any
 
 import pytest
 from harness import CacheSpec, Engine, Instance, Request, ask
 from test_cuda_event import FakeClient, FakeEvent, make_core
+from test_scheduler import pair, prompt  # noqa: F401 - the fixture
 
 from pegaflow_connector import worker as worker_mod
 from pegaflow_connector._proto import engine_pb2 as pb
 from pegaflow_connector.compat import CacheHitSource
 from pegaflow_connector.metadata import LoadSpec, PegaConnectorMetadata
 from pegaflow_connector.vllm_connector import PegaFlowConnector
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1, 50000) for _ in range(n)]
-
-
-@pytest.fixture
-def pair(engine: Engine) -> Any:
-    cache = CacheSpec("flash_attn", num_layers=2)
-    a = Instance(engine, name="a", tp=1, cache=cache)
-    b = Instance(engine, name="b", tp=1, cache=cache)
-    try:
-        a.handshake()
-        b.handshake()
-        yield a, b
-    finally:
-        a.close()
-        b.close()
 
 
 def test_reset_cache_never_serves_old_kv(pair: Any, engine: Engine) -> None:
