@@ -38,6 +38,18 @@ func TestProducerEventFallback(t *testing.T) {
 		Blocks: refs([]int{0, 1}, hashes)})
 	require.NoError(t, err)
 	require.Equal(t, uint32(2), saved.Saved)
+
+	// A Load asking to wait for the event (async scheduling: the previous
+	// step may still use a reused block) is refused the same way, and pins
+	// nothing; without the wait it loads.
+	_, err = e.Load(context.Background(), &pb.LoadRequest{SessionId: sid, InstanceId: "inst", Rank: 0,
+		Blocks: refs([]int{2, 3}, hashes), WaitEvent: true})
+	require.ErrorIs(t, err, ErrPrecondition)
+	require.Zero(t, e.Stats().PinnedBlocks)
+	loaded, err := e.Load(context.Background(), &pb.LoadRequest{SessionId: sid, InstanceId: "inst", Rank: 0,
+		Blocks: refs([]int{2, 3}, hashes)})
+	require.NoError(t, err)
+	require.Equal(t, allOK(2), loaded.Status)
 }
 
 func TestCUDADeviceResolution(t *testing.T) {

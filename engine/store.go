@@ -29,6 +29,8 @@ type savePlan struct {
 // pinned for the decode side. Copies not done by the deadline (ctx's,
 // capped at Config.CopyTimeout) fail the call and their blocks; their
 // pool extents stay reserved until the copier is really done with them.
+// A call whose ctx ended before its commit seals nothing, even where the
+// copies completed: a caller that gave up may already reuse its blocks.
 func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveResponse, error) {
 	start := time.Now()
 	if req.TransferId != "" {
@@ -54,6 +56,17 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 	}
 	p.held = held
 	r := e.runCopies(ctx, p.plans, native.RegionToPool, len(p.saving), p.after)
+	if err := ctx.Err(); err != nil {
+		// The caller gave up (cancelled, or its deadline passed) after the
+		// copies: it may be reusing those KV blocks already (a preempted
+		// request), so what was copied is not trusted. Nothing is sealed.
+		for i := range r.ok {
+			r.ok[i] = false
+		}
+		if r.err == nil {
+			r.err = err
+		}
+	}
 	e.commitSave(p, r, req.TransferLast, start)
 	if r.err != nil {
 		return nil, r.err
@@ -73,14 +86,9 @@ func (e *Engine) planSave(req *pb.SaveRequest, held *int64) (*savePlan, int64, e
 	if need, err := e.reserveOpsLocked(inst, len(req.Blocks), held); err != nil {
 		return nil, need, err
 	}
-	// Copying without the wait the worker asked for would read KV bytes
-	// its kernels may still be writing: refuse instead.
-	var after *native.Event
-	if req.WaitEvent {
-		if after = inst.event; after == nil {
-			return nil, 0, fmt.Errorf("%w: wait_event set but instance %q rank %d has no CUDA event open "+
-				"(RegisterResponse.cuda_event was false)", ErrPrecondition, req.InstanceId, req.Rank)
-		}
+	after, err := waitEventOf(inst, req.WaitEvent)
+	if err != nil {
+		return nil, 0, err
 	}
 	ns := inst.ns
 	p := &savePlan{inst: inst, bit: uint64(1) << inst.key.rank, after: after, plans: map[planKey]*copyPlan{},
@@ -138,6 +146,21 @@ func (e *Engine) planSave(req *pb.SaveRequest, held *int64) (*savePlan, int64, e
 	}
 	e.copies.Add(1) // under e.mu, so never after Close's Wait began
 	return p, 0, nil
+}
+
+// waitEventOf is the event a Save's or Load's copies wait for when the
+// caller set wait_event. Copying without the wait the worker asked for
+// would read KV bytes its kernels may still be writing (Save), or write
+// blocks they may still read or write (Load): refuse instead.
+func waitEventOf(inst *instance, want bool) (*native.Event, error) {
+	if !want {
+		return nil, nil
+	}
+	if inst.event == nil {
+		return nil, fmt.Errorf("%w: wait_event set but instance %q rank %d has no CUDA event open "+
+			"(RegisterResponse.cuda_event was false)", ErrPrecondition, inst.key.id, inst.key.rank)
+	}
+	return inst.event, nil
 }
 
 // heldExtent is a pool extent a late copy still writes: no block owns it
@@ -205,6 +228,7 @@ func (e *Engine) commitSave(p *savePlan, r *copyResult, last bool, start time.Ti
 // out (pinned, loading counted) and, for each, its index in the request.
 type loadPlan struct {
 	inst    *instance
+	after   *native.Event // the copies wait for it on the GPU (wait_event)
 	held    int64 // copy ops of the engine's budget, returned when the copies end
 	plans   map[planKey]*copyPlan
 	loading []*block
@@ -230,7 +254,7 @@ func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadRespons
 		return nil, err
 	}
 	p.held = held
-	r := e.runCopies(ctx, p.plans, native.PoolToRegion, len(p.loading), nil)
+	r := e.runCopies(ctx, p.plans, native.PoolToRegion, len(p.loading), p.after)
 	e.commitLoad(p, r, req.LeaseId, req.TransferId, start)
 	if r.err != nil {
 		return nil, r.err
@@ -249,7 +273,11 @@ func (e *Engine) planLoad(req *pb.LoadRequest, held *int64) (*loadPlan, int64, e
 	if need, err := e.reserveOpsLocked(inst, len(req.Blocks), held); err != nil {
 		return nil, need, err
 	}
-	p := &loadPlan{inst: inst, plans: map[planKey]*copyPlan{}, status: make([]pb.BlockStatus, len(req.Blocks))}
+	after, err := waitEventOf(inst, req.WaitEvent)
+	if err != nil {
+		return nil, 0, err
+	}
+	p := &loadPlan{inst: inst, after: after, plans: map[planKey]*copyPlan{}, status: make([]pb.BlockStatus, len(req.Blocks))}
 	for i, ref := range req.Blocks {
 		b := inst.ns.blocks[string(ref.Hash)]
 		if b == nil || !b.sealed {

@@ -70,27 +70,37 @@ def test_sleep_mode_refused_and_hits_counted_as_host() -> None:
 
 
 class LoadingClient(FakeClient):
+    def __init__(self, cuda_event: bool) -> None:
+        super().__init__(cuda_event)
+        self.loads: list[pb.LoadRequest] = []
+
     def load(self, req: pb.LoadRequest, timeout_s: float) -> pb.LoadResponse:
+        self.loads.append(req)
         return pb.LoadResponse(status=[pb.BlockStatus.BLOCK_STATUS_OK] * len(req.blocks))
 
     def unregister(self, instance_id: str, rank: int, timeout_s: float) -> None:
         return
 
 
-def test_cuda_load_waits_for_the_previous_steps_gpu_work(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("engine_opened_event", [True, False])
+def test_cuda_load_waits_for_the_previous_steps_gpu_work(monkeypatch: pytest.MonkeyPatch,
+                                                         engine_opened_event: bool) -> None:
     """Async scheduling: a load must not start before the GPU work queued
-    so far (the previous step's forward may write a reused block). The
-    engine's Load cannot wait on an event yet, so the load thread syncs an
-    event recorded in start_step (counted), never vLLM's thread."""
-    recorded: list[FakeEvent] = []
+    so far (the previous step's forward may write a reused block). start_step
+    records the rank's interprocess event; when the engine opened it, the
+    Load asks the engine's copies to wait for it on the GPU (wait_event) and
+    no thread blocks; else the load thread syncs it (counted), never vLLM's."""
+    assert worker_mod.LOAD_WAIT_EVENT, "the API has LoadRequest.wait_event"
+    recorded: list[Any] = []
 
-    def record(ipc_event: Any = None) -> FakeEvent:
-        recorded.append(FakeEvent())
+    def record(ipc_event: Any = None) -> Any:
+        recorded.append(ipc_event if ipc_event is not None else FakeEvent())
         return recorded[-1]
 
     monkeypatch.setattr(worker_mod, "_record_cuda_event", record)
-    client = LoadingClient(cuda_event=True)
-    core = make_core(client, FakeEvent())
+    client = LoadingClient(cuda_event=engine_opened_event)
+    ipc = FakeEvent()
+    core = make_core(client, ipc)
     core._bases = []
     core._start_threads()
     try:
@@ -100,8 +110,11 @@ def test_cuda_load_waits_for_the_previous_steps_gpu_work(monkeypatch: pytest.Mon
         while not core.get_finished(set())[1]:
             assert time.monotonic() < deadline, "load never finished"
             time.sleep(0.01)
-        assert len(recorded) == 1 and recorded[0].syncs == (0 if worker_mod.LOAD_WAIT_EVENT else 1)
-        assert client.metrics.get("load_host_syncs") == (0 if worker_mod.LOAD_WAIT_EVENT else 1)
+        assert recorded == [ipc], "the rank's interprocess event is what is recorded"
+        assert [r.wait_event for r in client.loads] == [engine_opened_event]
+        syncs = 0 if engine_opened_event else 1
+        assert ipc.syncs == syncs
+        assert client.metrics.get("load_host_syncs") == syncs
         core.start_step(PegaConnectorMetadata())  # no loads: nothing recorded
         assert len(recorded) == 1
     finally:

@@ -120,7 +120,7 @@ func (fx *fuzzEngine) call(ctx context.Context, f *fuzzBytes) error {
 			lease = fx.leases[f.pick(len(fx.leases))]
 		}
 		_, err := fx.c.Load(ctx, &pb.LoadRequest{InstanceId: instance, Rank: rank, Blocks: fx.refs(f, f.pick(9)),
-			LeaseId: pickOf(f, lease, "l-junk"), TransferId: pickOf(f, fuzzTransfers...)})
+			LeaseId: pickOf(f, lease, "l-junk"), TransferId: pickOf(f, fuzzTransfers...), WaitEvent: f.pick(8) == 0})
 		return err
 	case 3:
 		ns, err := fx.c.OpenNamespace(ctx, fuzzSpec.Namespace("m", 1))

@@ -42,8 +42,10 @@ from .ready import FailureReporter
 log = logging.getLogger(LOGGER_NAME)
 
 # Whether the engine's Load can wait on the rank's CUDA event itself, as
-# Save does (SaveRequest.wait_event); until the API has the field, loads
-# after async-scheduled steps are ordered by a host sync on the load thread.
+# Save does (LoadRequest.wait_event, like SaveRequest.wait_event). Without
+# it (stubs of an older API), or when the engine did not open the rank's
+# event, loads after async-scheduled steps are ordered by a host sync on
+# the load thread.
 LOAD_WAIT_EVENT = "wait_event" in pb.LoadRequest.DESCRIPTOR.fields_by_name
 
 
@@ -269,9 +271,11 @@ class WorkerCore:
         # Async scheduling: this step's loads may target blocks the previous
         # step's forward, still running on the GPU, writes (a block freed and
         # reused). The event recorded here orders the load after that work:
-        # the engine's copy would wait on it (LoadRequest.wait_event, not in
-        # this engine's API yet), else the load thread syncs it on the host.
-        event = _record_cuda_event() if self.mode == "cuda" and meta.loads else None
+        # on the rank's interprocess event the engine's copy streams wait for
+        # it on the GPU (LoadRequest.wait_event); else the load thread syncs
+        # it on the host.
+        event = (_record_cuda_event(self._ipc_event if LOAD_WAIT_EVENT else None)
+                 if self.mode == "cuda" and meta.loads else None)
         for spec in meta.loads:
             with self._lock:
                 self._loads_inflight += 1
@@ -454,10 +458,12 @@ class WorkerCore:
             spec, event = item
             failed: set[int] = set(spec.block_ids)
             try:
-                if event is not None and not LOAD_WAIT_EVENT:
+                gpu_wait = (event is not None and event is self._ipc_event
+                            and self._event_gen == self.client.generation)
+                if event is not None and not gpu_wait:
                     event.synchronize()  # this thread waits, never vLLM's loop
                     self.metrics.inc("load_host_syncs")
-                failed = self._run_load(spec)
+                failed = self._run_load(spec, wait_event=gpu_wait)
             except Exception as e:  # noqa: BLE001
                 log.error("pegaflow: load failed unexpectedly: %s", e)
             with self._cond:
@@ -465,8 +471,10 @@ class WorkerCore:
                 self._loads_inflight -= 1
                 self._cond.notify_all()
 
-    def _run_load(self, spec: LoadSpec) -> set[int]:
-        """Loads a request's blocks; returns the ids that did not load."""
+    def _run_load(self, spec: LoadSpec, wait_event: bool = False) -> set[int]:
+        """Loads a request's blocks; returns the ids that did not load.
+        wait_event: the engine's copies wait for the rank's interprocess
+        event (recorded before the load was queued) on the GPU."""
         all_ids = set(spec.block_ids)
         if not self.registered():
             self.metrics.inc("loads_failed")
@@ -488,7 +496,8 @@ class WorkerCore:
             else:
                 refs = [pb.BlockRef(block_id=b, hash=h) for b, h in zip(ids, hashes)]
             req = pb.LoadRequest(instance_id=self._eng_instance, rank=self._eng_rank, blocks=refs,
-                                 lease_id=lease if final else "", transfer_id=tid if final else "")
+                                 lease_id=lease if final else "", transfer_id=tid if final else "",
+                                 wait_event=wait_event)
             t0 = time.perf_counter()
             try:
                 resp = self.client.load(req, self.cfg.rpc_timeout_ms / 1000)

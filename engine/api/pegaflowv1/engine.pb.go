@@ -1163,7 +1163,14 @@ type LoadRequest struct {
 	// Lease taken by Query; the lease ends once every rank has loaded.
 	LeaseId string `protobuf:"bytes,5,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
 	// Transfer whose pin ends once every rank of the loader has loaded.
-	TransferId    string `protobuf:"bytes,6,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
+	TransferId string `protobuf:"bytes,6,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
+	// Make the copies into the caller's blocks wait, on the GPU, for the
+	// rank's registered interprocess event (RegisterRequest.cuda_ipc_event),
+	// which the worker records after the previous step's kernels: with async
+	// scheduling a reused block may still be written by them. Only valid
+	// after a RegisterResponse with cuda_event = true (else
+	// FAILED_PRECONDITION), as for SaveRequest.wait_event.
+	WaitEvent     bool `protobuf:"varint,7,opt,name=wait_event,json=waitEvent,proto3" json:"wait_event,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1238,6 +1245,13 @@ func (x *LoadRequest) GetTransferId() string {
 		return x.TransferId
 	}
 	return ""
+}
+
+func (x *LoadRequest) GetWaitEvent() bool {
+	if x != nil {
+		return x.WaitEvent
+	}
+	return false
 }
 
 type LoadResponse struct {
@@ -1965,7 +1979,7 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\fSaveResponse\x12\x14\n" +
 	"\x05saved\x18\x01 \x01(\rR\x05saved\x12\x18\n" +
 	"\askipped\x18\x02 \x01(\rR\askipped\x12\x16\n" +
-	"\x06failed\x18\x03 \x01(\rR\x06failed\"\xcc\x01\n" +
+	"\x06failed\x18\x03 \x01(\rR\x06failed\"\xeb\x01\n" +
 	"\vLoadRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1f\n" +
@@ -1975,7 +1989,9 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\x06blocks\x18\x04 \x03(\v2\x15.pegaflow.v1.BlockRefR\x06blocks\x12\x19\n" +
 	"\blease_id\x18\x05 \x01(\tR\aleaseId\x12\x1f\n" +
 	"\vtransfer_id\x18\x06 \x01(\tR\n" +
-	"transferId\"@\n" +
+	"transferId\x12\x1d\n" +
+	"\n" +
+	"wait_event\x18\a \x01(\bR\twaitEvent\"@\n" +
 	"\fLoadResponse\x120\n" +
 	"\x06status\x18\x01 \x03(\x0e2\x18.pegaflow.v1.BlockStatusR\x06status\"\xbf\x02\n" +
 	"\fQueryRequest\x12\x1d\n" +

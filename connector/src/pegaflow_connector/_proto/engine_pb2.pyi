@@ -201,20 +201,22 @@ class SaveResponse(_message.Message):
     def __init__(self, saved: _Optional[int] = ..., skipped: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("session_id", "instance_id", "rank", "blocks", "lease_id", "transfer_id")
+    __slots__ = ("session_id", "instance_id", "rank", "blocks", "lease_id", "transfer_id", "wait_event")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_EVENT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     instance_id: str
     rank: int
     blocks: _containers.RepeatedCompositeFieldContainer[BlockRef]
     lease_id: str
     transfer_id: str
-    def __init__(self, session_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockRef, _Mapping]]] = ..., lease_id: _Optional[str] = ..., transfer_id: _Optional[str] = ...) -> None: ...
+    wait_event: bool
+    def __init__(self, session_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., rank: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockRef, _Mapping]]] = ..., lease_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., wait_event: bool = ...) -> None: ...
 
 class LoadResponse(_message.Message):
     __slots__ = ("status",)
