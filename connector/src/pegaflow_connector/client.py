@@ -86,6 +86,7 @@ class EngineClient:
         self._generation = 0  # bumps on every new session
         self._backend = ""
         self._version = ""
+        self._peer_address = ""
         self._hooks: list[Callable[[EngineClient], None]] = []
         self._lost = threading.Event()
         self._lost.set()
@@ -144,6 +145,12 @@ class EngineClient:
     def generation(self) -> int:
         """Changes whenever a new session starts (state from before is gone)."""
         return self._generation
+
+    @property
+    def peer_address(self) -> str:
+        """The engine's advertised peer address (host:port; "" without
+        --peer-addr): other engines fetch this engine's KV from there."""
+        return self._peer_address
 
     @property
     def backend(self) -> str:
@@ -226,6 +233,7 @@ class EngineClient:
             self._channel, self._stub = chan, stub
             self._session = ev.session_id
             self._backend, self._version = ev.backend, ev.engine_version
+            self._peer_address = ev.peer_address
             self._generation += 1
             self._stream = stream
             self._lost.clear()

@@ -45,6 +45,9 @@ K_READY_URL = "pegaflow_ready_url"
 K_READY_TOKEN = "pegaflow_ready_token"
 K_NUM_BLOCKS = "pegaflow_num_blocks"
 K_NAMESPACE = "pegaflow_namespace_id"
+# P's engine's peer address (its --peer-advertise): D's engine fetches the
+# transfer from there when P and D do not share an engine (docs/multi-host.md).
+K_SOURCE_ENGINE = "pegaflow_source_engine"
 
 
 @dataclasses.dataclass
@@ -61,6 +64,7 @@ class _Req:
     remote_transfer: str = ""
     remote_blocks: int | None = None
     remote_namespace: str = ""
+    remote_source: str = ""  # P's engine when it is not ours (host:port)
     transfer_waited: bool = False
     transfer_loaded: bool = False
     # Query memo: the answer for (start block, usable blocks, session).
@@ -230,6 +234,8 @@ class SchedulerCore:
                 n = params.get(K_NUM_BLOCKS)
                 st.remote_blocks = int(n) if isinstance(n, (int, str)) and str(n).isdigit() else None
                 st.remote_namespace = str(params.get(K_NAMESPACE) or "")
+                src = params.get(K_SOURCE_ENGINE)
+                st.remote_source = src if isinstance(src, str) else ""
             elif tid and params.get(K_DO_REMOTE_DECODE):
                 if self.save_enabled:
                     st.transfer_id = tid
@@ -303,7 +309,8 @@ class SchedulerCore:
                 return None, False
             wait_ms = self._wait_ms(st)
             self._take_result(st, key, self._query(ns_id, hashes, start, usable,
-                                                   st.remote_transfer if wait_ms else "", wait_ms))
+                                                   st.remote_transfer if wait_ms else "", wait_ms,
+                                                   st.remote_source if wait_ms else ""))
         tokens = st.memo_hit * self.bs - num_computed_tokens
         if tokens <= 0:
             # The answer stays memoised (asked again: 0 at once); the lease
@@ -325,7 +332,8 @@ class SchedulerCore:
         start, usable, _ = key
         wait_ms = self._wait_ms(st)
         st.pending = self._pool.submit(self._query, ns_id, hashes, start, usable,
-                                       st.remote_transfer if wait_ms else "", wait_ms)
+                                       st.remote_transfer if wait_ms else "", wait_ms,
+                                       st.remote_source if wait_ms else "")
         st.pending_key, st.pending_prefetch = key, False
 
     def _forget_query(self, st: _Req) -> None:
@@ -337,11 +345,13 @@ class SchedulerCore:
         self._drop_lease(st)
 
     def _query(self, ns_id: str, hashes: list[Any], start: int, usable: int, transfer_id: str,
-               wait_ms: int) -> tuple[int, str, int] | None:
-        """One Query RPC; (hit blocks, lease, inflight) or None on failure."""
+               wait_ms: int, source_engine: str = "") -> tuple[int, str, int] | None:
+        """One Query RPC; (hit blocks, lease, inflight) or None on failure.
+        source_engine: P's engine, from which ours fetches what it lacks."""
         hs = [hash_bytes(h) for h in hashes[start:usable]]
         req = pb.QueryRequest(namespace_id=ns_id, wait_ms=wait_ms, lease=True,
-                              lease_ttl_ms=self.cfg.lease_ttl_ms, transfer_id=transfer_id)
+                              lease_ttl_ms=self.cfg.lease_ttl_ms, transfer_id=transfer_id,
+                              source_engine=source_engine)
         _fill_hashes(req, hs)
         timeout = (wait_ms + self.cfg.query_timeout_ms) / 1000
         t0 = time.perf_counter()
@@ -555,6 +565,8 @@ class SchedulerCore:
                           K_TRANSFER_ID: st.transfer_id, K_NUM_BLOCKS: st.prompt_blocks}
                 if self._ns_id:
                     params[K_NAMESPACE] = self._ns_id
+                if self.client.peer_address:
+                    params[K_SOURCE_ENGINE] = self.client.peer_address
             else:
                 # The prefill ended before its prompt was saved (abort, error):
                 # fail the transfer so the router stops waiting - after the
