@@ -26,10 +26,17 @@ type engineProc struct {
 	done     chan struct{}
 }
 
-// engineArgs is the command line of one engine (printed by -dry-run).
+// engineArgs is the command line of one engine (printed by -dry-run). The
+// engines may fetch from peers on host only (--peer-allow, as a one-address
+// subnet: the peer's port is not known before it starts).
 func engineArgs(sock, httpAddr, peerAddr, tokenFile string, poolMiB int) []string {
+	host, _, _ := net.SplitHostPort(peerAddr)
+	allow := host + "/32"
+	if ip := net.ParseIP(host); ip != nil && ip.To4() == nil {
+		allow = host + "/128"
+	}
 	return []string{"serve", "--socket", sock, "--http-addr", httpAddr, "--pool-size", fmt.Sprintf("%dMiB", poolMiB),
-		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--log-level", "warn"}
+		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--peer-allow", allow, "--log-level", "warn"}
 }
 
 // freePort returns a TCP port on host that was free a moment ago.
