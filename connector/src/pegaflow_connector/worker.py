@@ -34,7 +34,7 @@ from . import rendezvous
 from ._proto import engine_pb2 as pb
 from .client import EngineClient, EngineError, EngineUnavailable
 from .config import ConnectorConfig
-from .layout import ModelLayout, StagingBuffer, describe_memory, detect, tensor_info
+from .layout import LayoutError, ModelLayout, StagingBuffer, describe_memory, detect, tensor_info
 from .metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from .metrics import Metrics
 from .ready import FailureReporter
@@ -78,8 +78,11 @@ class WorkerCore:
     """One TP rank's connector state. Thread-safe where vLLM needs it."""
 
     def __init__(self, cfg: ConnectorConfig, client: EngineClient, *, rank: int, tp_size: int,
-                 instance_id: str, namespace: pb.Namespace, metrics: Metrics | None = None):
+                 instance_id: str, namespace: pb.Namespace, metrics: Metrics | None = None,
+                 layers: frozenset[str] | None = None):
         self.cfg = cfg
+        # The stored KV cache group's layers (groups.py); None: all of them.
+        self._layers = layers
         self.client = client
         self.metrics = metrics or client.metrics
         self.rank = rank
@@ -130,6 +133,13 @@ class WorkerCore:
         connected, and again after every reconnection). Raises LayoutError
         when the caches cannot be described; the adapter then disables the
         connector instead of failing vLLM."""
+        if self._layers is not None:
+            # A hybrid model: only the stored group's layers are registered
+            # (their block ids are that group's, scheduler side).
+            caches = {name: t for name, t in caches.items() if name in self._layers}
+            if not caches:
+                raise LayoutError("hybrid model: no KV cache group PegaFlow can store (see the "
+                                  "scheduler's log)")
         infos = [(name, tensor_info(t)) for name, t in caches.items()]
         layout = detect(infos, num_blocks, block_size or self._ns_template.block_size)
         self.layout = layout
