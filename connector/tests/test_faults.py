@@ -279,3 +279,46 @@ def test_pd_block_size_mismatch_is_rejected(engine: Engine) -> None:
     finally:
         p.close()
         d.close()
+
+
+def test_timed_out_preemption_wait_cancels_the_save(engine: Engine) -> None:
+    """A preempted request's save that cannot finish within
+    preemption_wait_ms (the engine is stopped) is cancelled: its blocks now
+    hold another request's KV, so the engine must seal none of its hashes."""
+    cache = CacheSpec("flash_attn", num_layers=2, num_blocks=6)
+    a = Instance(engine, name="a", tp=1, cache=cache, token_budget=512,
+                 extra={"query_timeout_ms": 100, "preemption_wait_ms": 300})
+    d = Instance(engine, name="d", tp=1, cache=CacheSpec("flash_attn", num_layers=2))
+    try:
+        a.handshake()
+        d.handshake()
+        ta, tb = prompt(70, 31), prompt(70, 32)
+        ra = a.add_request("A", ta, max_tokens=4)
+        ask(a.connector, ra)
+        ask(a.connector, Request("B", tb, 1, a.bs, a.seed_hash))
+        engine.pause()
+        a.step()  # A's prefill; the save of its 4 full blocks is stuck
+        rb = a.add_request("B", tb, max_tokens=1)
+        step = a.schedule(preempt=["A"], preempt_to_back=True)
+        assert "A" in step.meta.preempted
+        t0 = time.monotonic()
+        a.update(step, a.execute(step))  # waits 300 ms, cancels A's save, B overwrites
+        assert time.monotonic() - t0 < 5
+        assert wm(a, "preemption_wait_timeouts") == 1 and wm(a, "preempted_saves_cancelled") == 1
+        engine.resume()
+        assert a.flush()
+        assert wm(a, "saves_cancelled_blocks") >= 4
+        # Nothing of A's was sealed (Query: 0 hits for its hashes).
+        assert ask(d.connector, Request("probe0", ta, 1, d.bs, d.seed_hash)) == (0, False)
+        # A, recomputed, saves again: now its own KV.
+        a.run()
+        assert ra.num_preemptions == 1 and len(ra.output_token_ids) == 4 and rb.is_finished()
+        assert a.flush()
+        probe = d.add_request("probe", ta, max_tokens=1)
+        d.run()
+        assert probe.load_done_computed == 64
+        assert_blocks_are(d, d.last_blocks["probe"], ta, 4)
+    finally:
+        engine.resume()
+        a.close()
+        d.close()

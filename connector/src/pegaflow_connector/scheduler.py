@@ -492,6 +492,11 @@ class SchedulerCore:
             st = self._reqs.get(rid)
             if st is not None:
                 st.block_ids = []
+                # Its recomputed blocks are saved again on resume: a save
+                # cut off by a timed-out preemption wait sealed nothing (the
+                # engine skips blocks it already holds).
+                if not st.transfer_id:
+                    st.next_save = 0
                 if st.saved_any:
                     meta.preempted.add(rid)
         meta.delayed_free, self._delayed = self._delayed, set()
