@@ -27,6 +27,14 @@ def assert_blocks_are(inst: Instance, block_ids: list[int], tokens: list[int], n
                 assert np.array_equal(got[i][layer], want[layer]), (rank, i, layer)
 
 
+def assert_loads(inst: Instance, rid: str, tokens: list[int], n: int) -> None:
+    """A new request for `tokens` loads n full blocks, byte-exact."""
+    r = inst.add_request(rid, tokens, max_tokens=1)
+    inst.run()
+    assert r.load_done_computed == n * inst.bs
+    assert_blocks_are(inst, inst.last_blocks[rid], tokens, n)
+
+
 def wm(inst: Instance, key: str) -> float:
     return sum(m.get(key, 0) for m in inst.worker_metrics())
 
@@ -71,10 +79,7 @@ def test_engine_killed_mid_save_then_restarted(engine: Engine, ready_server: Rea
         p.add_request("r3", tokens, max_tokens=1)
         p.run()
         assert p.flush()
-        r4 = d.add_request("r4", tokens, max_tokens=1)
-        d.run()
-        assert r4.load_done_computed == 144
-        assert_blocks_are(d, d.last_blocks["r4"], tokens, 9)
+        assert_loads(d, "r4", tokens, 9)
     finally:
         p.close()
         d.close()
@@ -171,10 +176,7 @@ def test_preemption_does_not_corrupt_a_save(engine: Engine, preempt_ids: bool) -
         a.run()
         assert ra.num_preemptions == 1 and len(ra.output_token_ids) == 4 and rb.is_finished()
         # What the engine stored under A's hashes is A's KV, not B's.
-        probe = d.add_request("probe", ta, max_tokens=1)
-        d.run()
-        assert probe.load_done_computed == 64
-        assert_blocks_are(d, d.last_blocks["probe"], ta, 4)
+        assert_loads(d, "probe", ta, 4)
     finally:
         a.close()
         d.close()
@@ -314,10 +316,7 @@ def test_timed_out_preemption_wait_cancels_the_save(engine: Engine) -> None:
         a.run()
         assert ra.num_preemptions == 1 and len(ra.output_token_ids) == 4 and rb.is_finished()
         assert a.flush()
-        probe = d.add_request("probe", ta, max_tokens=1)
-        d.run()
-        assert probe.load_done_computed == 64
-        assert_blocks_are(d, d.last_blocks["probe"], ta, 4)
+        assert_loads(d, "probe", ta, 4)
     finally:
         engine.resume()
         a.close()
