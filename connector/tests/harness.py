@@ -250,9 +250,64 @@ class CacheSpec:
     num_kv_heads: int = 4  # total; each rank holds num_kv_heads / tp
     head_size: int = 32
     in_shm: bool = True  # False: private memory (a real vLLM CPU worker)
+    # Hybrid models (vLLM's KV cache groups): the kind of each group, each
+    # with num_layers layers and its own block table; () is one group.
+    groups: tuple[str, ...] = ()
 
     def heads_per_rank(self, tp: int) -> int:
         return 1 if self.layout == "mla" else self.num_kv_heads // tp
+
+
+@dataclasses.dataclass(frozen=True)
+class FullAttentionSpec:
+    """vLLM's KVCacheSpec classes, as far as the connector reads them."""
+
+    block_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingWindowSpec:
+    block_size: int
+    sliding_window: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaSpec:
+    block_size: int
+
+
+_GROUP_SPECS = {"full_attention": FullAttentionSpec, "sliding_window": SlidingWindowSpec,
+                "mamba": MambaSpec}
+
+
+def layer_name(i: int) -> str:
+    return f"model.layers.{i}.self_attn.attn"
+
+
+def group_layers(spec: CacheSpec, g: int) -> list[str]:
+    return [layer_name(g * spec.num_layers + i) for i in range(spec.num_layers)]
+
+
+def kv_cache_config(spec: CacheSpec) -> SimpleNamespace:
+    """vLLM's KVCacheConfig: the block count, and the groups of a hybrid model."""
+    if not spec.groups:
+        return SimpleNamespace(num_blocks=spec.num_blocks)
+    return SimpleNamespace(num_blocks=spec.num_blocks, kv_cache_groups=[
+        SimpleNamespace(layer_names=group_layers(spec, g),
+                        kv_cache_spec=_GROUP_SPECS[kind](spec.block_size))
+        for g, kind in enumerate(spec.groups)])
+
+
+def group_block_id(spec: CacheSpec, g: int, b: int) -> int:
+    """Group g's block for the request's block held as `b` in group 0: each
+    group has its own block table (a fixed bijection here), so a connector
+    that mixes up groups reads the wrong block."""
+    return b if g == 0 else (spec.num_blocks - 1 - b + g - 1) % spec.num_blocks
+
+
+def per_group(spec: CacheSpec, ids: list[int]) -> tuple[list[int], ...]:
+    """Block ids as vLLM passes them: one list per KV cache group."""
+    return tuple([group_block_id(spec, g, b) for b in ids] for g in range(max(len(spec.groups), 1)))
 
 
 def allocate_caches(spec: CacheSpec, tp: int, path: str | None) -> dict[str, np.ndarray]:
@@ -270,28 +325,31 @@ def allocate_caches(spec: CacheSpec, tp: int, path: str | None) -> dict[str, np.
     else:
         raise ValueError(spec.layout)
     layer_elems = math.prod(phys)
-    total = layer_elems * spec.num_layers
+    n_layers = spec.num_layers * max(len(spec.groups), 1)
+    total = layer_elems * n_layers
     if path is not None:
         buf = np.memmap(path, dtype=np.float16, mode="w+", shape=(total,))
     else:
         buf = np.zeros(total, dtype=np.float16)
     caches = {}
-    for i in range(spec.num_layers):
+    for i in range(n_layers):
         flat = buf[i * layer_elems:(i + 1) * layer_elems]
-        caches[f"model.layers.{i}.self_attn.attn"] = flat.reshape(phys).transpose(perm)
+        caches[layer_name(i)] = flat.reshape(phys).transpose(perm)
     return caches
 
 
 def write_tokens(spec: CacheSpec, caches: dict[str, np.ndarray], rank: int, tokens: list[int],
-                 block_ids: list[int], start: int, end: int) -> None:
-    """The 'forward pass': KV of positions [start, end) into their slots."""
+                 block_ids: list[int] | tuple[list[int], ...], start: int, end: int) -> None:
+    """The 'forward pass': KV of positions [start, end) into their slots
+    (block_ids: one list per group for a hybrid model)."""
     if end <= start:
         return
     keys = token_keys(tokens[:end])[start:end]
     pos = np.arange(start, end)
-    blks = np.asarray(block_ids)[pos // spec.block_size]
+    groups = block_ids if isinstance(block_ids, tuple) else (block_ids,)
     offs = pos % spec.block_size
     for li, cache in enumerate(caches.values()):
+        blks = np.asarray(groups[li // spec.num_layers])[pos // spec.block_size]
         u = cache.view(np.uint16)
         if spec.layout == "mla":
             u[blks, offs] = kv_values(keys, li, 0, 0, spec.head_size)
@@ -305,9 +363,12 @@ def write_tokens(spec: CacheSpec, caches: dict[str, np.ndarray], rank: int, toke
                 u[kv, blks, offs] = vals
 
 
-def read_block(spec: CacheSpec, caches: dict[str, np.ndarray], block_id: int) -> list[np.ndarray]:
+def read_block(spec: CacheSpec, caches: dict[str, np.ndarray], block_id: int,
+               layers: list[str] | None = None) -> list[np.ndarray]:
     out = []
-    for cache in caches.values():
+    for name, cache in caches.items():
+        if layers is not None and name not in layers:
+            continue
         u = cache.view(np.uint16)
         if spec.layout == "mla" or spec.layout == "flashinfer":
             out.append(np.array(u[block_id]))
@@ -389,10 +450,13 @@ class Request:
 
 
 class KVCacheBlocks:
-    def __init__(self, ids: list[int]):
+    def __init__(self, ids: list[int], spec: CacheSpec | None = None):
         self._ids = ids
+        self._spec = spec
 
     def get_block_ids(self) -> tuple[list[int], ...]:
+        if self._spec is not None:
+            return per_group(self._spec, self._ids)
         return (list(self._ids),)
 
 
@@ -527,8 +591,7 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
     extra = dict(spec.extra, tp_rank=spec.rank)
     vc = vllm_config(model=spec.model, block_size=spec.cache.block_size, tp=spec.tp,
                      kv_role=spec.kv_role, engine_id=spec.engine_id, extra=extra, dp=spec.dp)
-    conn_ = PegaKVConnector(vc, KVConnectorRole.WORKER,
-                            SimpleNamespace(num_blocks=spec.cache.num_blocks))
+    conn_ = PegaKVConnector(vc, KVConnectorRole.WORKER, kv_cache_config(spec.cache))
     conn_.register_kv_caches(caches)
     while True:
         try:
@@ -564,6 +627,20 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
                 conn.send(("ok", bool(conn_.disabled or conn_.metrics.get("register_failures"))))
             elif op == "read":
                 conn.send(("ok", [read_block(spec.cache, caches, b) for b in msg[1]]))
+            elif op == "read_group":
+                layers = group_layers(spec.cache, msg[1])
+                conn.send(("ok", [read_block(spec.cache, caches, b, layers) for b in msg[2]]))
+            elif op == "load_direct":
+                # A load handed straight to the worker core (block ids,
+                # hashes); answers the ids that failed.
+                from pegaflow_connector.metadata import LoadSpec, PegaConnectorMetadata
+
+                w = conn_.worker_core
+                assert w is not None
+                w.start_step(PegaConnectorMetadata(loads=[LoadSpec("direct", msg[1], msg[2])]))
+                w.flush(20)
+                _, _ = w.get_finished(set())
+                conn.send(("ok", w.load_errors()))
             elif op == "metrics":
                 w = conn_.worker_core
                 conn.send(("ok", {**conn_.metrics.snapshot(), "_mode": w.mode if w else "disabled"}))
@@ -669,8 +746,7 @@ class Instance:
                 os.environ["PYTHONHASHSEED"] = seed
             vc = vllm_config(model=model, block_size=self.bs, tp=tp, kv_role=kv_role,
                              engine_id=self.engine_id, extra=self.extra, dp=dp)
-            self.connector = PegaKVConnector(vc, KVConnectorRole.SCHEDULER,
-                                             SimpleNamespace(num_blocks=cache.num_blocks))
+            self.connector = PegaKVConnector(vc, KVConnectorRole.SCHEDULER, kv_cache_config(cache))
         finally:
             os.environ.clear()
             os.environ.update(saved)
@@ -793,8 +869,13 @@ class Instance:
         req.status = RequestStatus.FINISHED_ABORTED
         self._finish(req, keep_blocks=loading)
 
+    def _groups(self, ids: list[int]) -> tuple[list[int], ...]:
+        return per_group(self.cache, ids)
+
     def _finish(self, req: Request, keep_blocks: bool = False) -> None:
-        delay, params = self.connector.request_finished(req, self.blocks.get(req.request_id, []))
+        # vLLM 0.33 calls a SupportsHMA connector with every group's blocks.
+        delay, params = self.connector.request_finished_all_groups(
+            req, self._groups(self.blocks.get(req.request_id, [])))
         req.finished_params = params
         self.events.append(("finished", req.request_id))
         self.finished[req.request_id] = req
@@ -835,7 +916,7 @@ class Instance:
             if new is None:
                 continue
             cached.req_ids.append(req.request_id)
-            cached.new_block_ids.append((new,))
+            cached.new_block_ids.append(self._groups(new))
             cached.num_computed_tokens.append(req.num_computed_tokens)
             cached.num_output_tokens.append(len(req.output_token_ids))
             cached.new_token_ids.append([])
@@ -862,28 +943,30 @@ class Instance:
                 assert ext > 0 and ext % self.bs == 0, ext
                 if self._alloc(rid, computed) is None:
                     break
-                self.connector.update_state_after_alloc(req, KVCacheBlocks(self.blocks[rid]), ext)
+                self.connector.update_state_after_alloc(req, KVCacheBlocks(self.blocks[rid], self.cache),
+                                                        ext)
                 req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
                 self.events.append(("loading", rid))
                 continue
             n = min(req.num_tokens - computed, budget)
             if self._alloc(rid, computed + n) is None:
                 break
-            self.connector.update_state_after_alloc(req, KVCacheBlocks(self.blocks[rid]), ext)
+            self.connector.update_state_after_alloc(req, KVCacheBlocks(self.blocks[rid], self.cache),
+                                                    ext)
             self.waiting.remove(req)
             self.running.append(req)
             req.status = RequestStatus.RUNNING
             if resumed:
                 cached.req_ids.append(rid)
                 cached.resumed_req_ids.add(rid)
-                cached.new_block_ids.append((list(self.blocks[rid]),))
+                cached.new_block_ids.append(self._groups(list(self.blocks[rid])))
                 cached.num_computed_tokens.append(computed)
                 cached.num_output_tokens.append(len(req.output_token_ids))
                 cached.new_token_ids.append([])
                 cached.all_token_ids[rid] = req.all_token_ids
             else:
-                new_reqs.append(NewRequestData(rid, req.prompt_token_ids, (list(self.blocks[rid]),),
-                                               computed))
+                new_reqs.append(NewRequestData(rid, req.prompt_token_ids,
+                                               self._groups(list(self.blocks[rid])), computed))
             req.num_computed_tokens = computed
             num_sched[rid] = n
             budget -= n
@@ -898,7 +981,9 @@ class Instance:
         for rid, n in num_sched.items():
             req = self.requests[rid]
             start = req.num_computed_tokens
-            fwd.append((rid, list(self.blocks[rid]), start, start + n, req.all_token_ids[:start + n]))
+            ids = list(self.blocks[rid])
+            fwd.append((rid, self._groups(ids) if self.cache.groups else ids, start, start + n,
+                        req.all_token_ids[:start + n]))
             req.num_computed_tokens += n
             if req.num_computed_tokens >= req.num_tokens:
                 sampled.append(rid)

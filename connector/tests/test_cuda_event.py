@@ -39,7 +39,7 @@ class FakeClient:
         self.saves: list[pb.SaveRequest] = []
         self.cuda_event = cuda_event
 
-    def save(self, req: pb.SaveRequest, timeout_s: float) -> pb.SaveResponse:
+    def save(self, req: pb.SaveRequest, timeout_s: float, handle: object = None) -> pb.SaveResponse:
         self.saves.append(req)
         return pb.SaveResponse(saved=len(req.blocks))
 

@@ -27,6 +27,14 @@ def assert_blocks_are(inst: Instance, block_ids: list[int], tokens: list[int], n
                 assert np.array_equal(got[i][layer], want[layer]), (rank, i, layer)
 
 
+def assert_loads(inst: Instance, rid: str, tokens: list[int], n: int) -> None:
+    """A new request for `tokens` loads n full blocks, byte-exact."""
+    r = inst.add_request(rid, tokens, max_tokens=1)
+    inst.run()
+    assert r.load_done_computed == n * inst.bs
+    assert_blocks_are(inst, inst.last_blocks[rid], tokens, n)
+
+
 def wm(inst: Instance, key: str) -> float:
     return sum(m.get(key, 0) for m in inst.worker_metrics())
 
@@ -71,10 +79,7 @@ def test_engine_killed_mid_save_then_restarted(engine: Engine, ready_server: Rea
         p.add_request("r3", tokens, max_tokens=1)
         p.run()
         assert p.flush()
-        r4 = d.add_request("r4", tokens, max_tokens=1)
-        d.run()
-        assert r4.load_done_computed == 144
-        assert_blocks_are(d, d.last_blocks["r4"], tokens, 9)
+        assert_loads(d, "r4", tokens, 9)
     finally:
         p.close()
         d.close()
@@ -171,10 +176,7 @@ def test_preemption_does_not_corrupt_a_save(engine: Engine, preempt_ids: bool) -
         a.run()
         assert ra.num_preemptions == 1 and len(ra.output_token_ids) == 4 and rb.is_finished()
         # What the engine stored under A's hashes is A's KV, not B's.
-        probe = d.add_request("probe", ta, max_tokens=1)
-        d.run()
-        assert probe.load_done_computed == 64
-        assert_blocks_are(d, d.last_blocks["probe"], ta, 4)
+        assert_loads(d, "probe", ta, 4)
     finally:
         a.close()
         d.close()
@@ -278,4 +280,44 @@ def test_pd_block_size_mismatch_is_rejected(engine: Engine) -> None:
         assert rd.is_finished() and rd.load_done_computed is None
     finally:
         p.close()
+        d.close()
+
+
+def test_timed_out_preemption_wait_cancels_the_save(engine: Engine) -> None:
+    """A preempted request's save that cannot finish within
+    preemption_wait_ms (the engine is stopped) is cancelled: its blocks now
+    hold another request's KV, so the engine must seal none of its hashes."""
+    cache = CacheSpec("flash_attn", num_layers=2, num_blocks=6)
+    a = Instance(engine, name="a", tp=1, cache=cache, token_budget=512,
+                 extra={"query_timeout_ms": 100, "preemption_wait_ms": 300})
+    d = Instance(engine, name="d", tp=1, cache=CacheSpec("flash_attn", num_layers=2))
+    try:
+        a.handshake()
+        d.handshake()
+        ta, tb = prompt(70, 31), prompt(70, 32)
+        ra = a.add_request("A", ta, max_tokens=4)
+        ask(a.connector, ra)
+        ask(a.connector, Request("B", tb, 1, a.bs, a.seed_hash))
+        engine.pause()
+        a.step()  # A's prefill; the save of its 4 full blocks is stuck
+        rb = a.add_request("B", tb, max_tokens=1)
+        step = a.schedule(preempt=["A"], preempt_to_back=True)
+        assert "A" in step.meta.preempted
+        t0 = time.monotonic()
+        a.update(step, a.execute(step))  # waits 300 ms, cancels A's save, B overwrites
+        assert time.monotonic() - t0 < 5
+        assert wm(a, "preemption_wait_timeouts") == 1 and wm(a, "preempted_saves_cancelled") == 1
+        engine.resume()
+        assert a.flush()
+        assert wm(a, "saves_cancelled_blocks") >= 4
+        # Nothing of A's was sealed (Query: 0 hits for its hashes).
+        assert ask(d.connector, Request("probe0", ta, 1, d.bs, d.seed_hash)) == (0, False)
+        # A, recomputed, saves again: now its own KV.
+        a.run()
+        assert ra.num_preemptions == 1 and len(ra.output_token_ids) == 4 and rb.is_finished()
+        assert a.flush()
+        assert_loads(d, "probe", ta, 4)
+    finally:
+        engine.resume()
+        a.close()
         d.close()

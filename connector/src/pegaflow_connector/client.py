@@ -45,6 +45,36 @@ class EngineUnavailable(EngineError):
         super().__init__(grpc.StatusCode.UNAVAILABLE, details, method)
 
 
+class CallCancelled(EngineError):
+    """The caller cancelled the RPC through its CallHandle (the session is fine)."""
+
+    def __init__(self, method: str = ""):
+        super().__init__(grpc.StatusCode.CANCELLED, "cancelled by the connector", method)
+
+
+class CallHandle:
+    """Lets another thread cancel an RPC in flight (and any later call made
+    with the handle: a cancelled handle fails them at once). The engine seals
+    nothing of a Save cancelled before its commit. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._future: Any = None
+        self.cancelled = False
+
+    def _attach(self, future: Any) -> bool:
+        with self._lock:
+            self._future = future
+            return not self.cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            fut = self._future
+        if fut is not None:
+            fut.cancel()
+
+
 # Codes that mean the session or connection is gone rather than that the
 # request was wrong.
 _LOST = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
@@ -281,7 +311,7 @@ class EngineClient:
 
     # ------------------------------------------------------------ calls
 
-    def _call(self, method: str, req: Any, timeout_s: float) -> Any:
+    def _call(self, method: str, req: Any, timeout_s: float, handle: CallHandle | None = None) -> Any:
         if os.getpid() != self._pid:
             raise EngineUnavailable("client used across fork", method)
         with self._lock:
@@ -291,8 +321,17 @@ class EngineClient:
         if hasattr(req, "session_id"):
             req.session_id = session
         try:
-            return getattr(stub, method)(req, timeout=timeout_s)
+            if handle is None:
+                return getattr(stub, method)(req, timeout=timeout_s)
+            fut = getattr(stub, method).future(req, timeout=timeout_s)
+            if not handle._attach(fut):
+                fut.cancel()
+            return fut.result()
+        except grpc.FutureCancelledError:
+            raise CallCancelled(method) from None
         except grpc.RpcError as e:
+            if handle is not None and handle.cancelled:
+                raise CallCancelled(method) from None
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
             details = e.details() if hasattr(e, "details") else str(e)
             if code in _LOST or (code == grpc.StatusCode.NOT_FOUND and "session" in (details or "")):
@@ -311,8 +350,10 @@ class EngineClient:
     def unregister(self, instance_id: str, rank: int, timeout_s: float) -> None:
         self._call("Unregister", pb.UnregisterRequest(instance_id=instance_id, rank=rank), timeout_s)
 
-    def save(self, req: pb.SaveRequest, timeout_s: float) -> pb.SaveResponse:
-        return self._call("Save", req, timeout_s)
+    def save(self, req: pb.SaveRequest, timeout_s: float, handle: CallHandle | None = None
+             ) -> pb.SaveResponse:
+        """`handle` lets another thread cancel the save (CallCancelled)."""
+        return self._call("Save", req, timeout_s, handle)
 
     def load(self, req: pb.LoadRequest, timeout_s: float) -> pb.LoadResponse:
         return self._call("Load", req, timeout_s)

@@ -113,6 +113,19 @@ except Exception as _e:  # noqa: BLE001 - ImportError, or a broken vLLM/torch in
         def has_connector_metadata(self) -> bool:
             return self._connector_metadata is not None
 
+# SupportsHMA (base.py, with request_finished_all_groups) came with the
+# hybrid KV cache manager's connector support (0.10.2/0.11): a connector
+# without it gets the hybrid allocator switched off, so Mamba hybrids fail
+# to start and sliding-window models lose KV capacity. The stand-in is a
+# plain mixin (nothing checks it without vLLM).
+try:  # pragma: no cover
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA  # type: ignore
+except Exception:  # noqa: BLE001
+
+    class SupportsHMA:  # type: ignore[no-redef]
+        """Stand-in for vLLM's hybrid-allocator marker base."""
+
+
 # KVConnectorStats / KVConnectorPromMetrics (v1/metrics.py) came with the
 # connector stats hooks (get_kv_connector_stats, build_kv_connector_stats,
 # build_prom_metrics; NIXL's stats, 0.10/0.11). Stand-ins keep the stats
@@ -328,6 +341,43 @@ def _vllm_has_default_seed() -> bool:
         return True
 
 
+# KVCacheSpec classes whose blocks hold every token's KV for good (what a
+# hash-addressed store can serve). Exact names: subclasses such as RSWASpec
+# or SinkFullAttentionSpec evict or add blocks and count as other kinds.
+_FULL_ATTENTION_SPECS = frozenset({"FullAttentionSpec", "MLAAttentionSpec"})
+_SPEC_KINDS = {"SlidingWindowSpec": "sliding_window", "SlidingWindowMLASpec": "sliding_window",
+               "ChunkedLocalAttentionSpec": "chunked_local", "MambaSpec": "mamba"}
+
+
+def _spec_kind(spec: Any) -> str:
+    name = type(spec).__name__
+    if name == "UniformTypeKVCacheSpecs":  # one group of same-kind layers
+        kinds = {_spec_kind(s) for s in (getattr(spec, "kv_cache_specs", None) or {}).values()}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+    if name in _FULL_ATTENTION_SPECS:
+        return "full_attention"
+    return _SPEC_KINDS.get(name, name.removesuffix("Spec").lower() or "unknown")
+
+
+def kv_cache_groups(kv_cache_config: Any) -> list[tuple[str, int, list[str], bool]] | None:
+    """(kind, block_size, layer names, transferable) per KVCacheConfig
+    group, in vLLM's group order (the order of per-group block-id lists);
+    None where vLLM passed no KVCacheConfig (releases before PR #27887, or
+    tools): then there is one group holding every layer. `kind` is
+    "full_attention", "sliding_window", "chunked_local", "mamba" or the
+    spec's class name; `transferable` is KVCacheGroupSpec.enable_kv_transfer
+    (2026; False for replicas vLLM rebuilds after a load, True before)."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None)
+    if not groups:
+        return None
+    out = []
+    for g in groups:
+        spec = g.kv_cache_spec
+        out.append((_spec_kind(spec), int(getattr(spec, "block_size", 0) or 0),
+                    list(g.layer_names), bool(getattr(g, "enable_kv_transfer", True))))
+    return out
+
+
 def kv_cache_num_blocks(kv_cache_config: Any) -> int | None:
     """KVCacheConfig.num_blocks, or None where vLLM passed no KVCacheConfig
     (releases before PR #27887, see init_connector_base): layout detection
@@ -429,6 +479,18 @@ def num_publishable_block_hashes(request: Any) -> int | None:
     cap beyond the computed tokens)."""
     publishable = getattr(request, "num_publishable_block_hashes", None)
     return publishable if isinstance(publishable, int) else None
+
+
+def group_block_ids(block_ids: Any, group: int = 0) -> list[int]:
+    """The block ids of KV cache group `group` (first_group for group 0);
+    [] where vLLM passed fewer groups (a group without new blocks)."""
+    if block_ids is None:
+        return []
+    if hasattr(block_ids, "get_block_ids"):
+        block_ids = block_ids.get_block_ids()
+    if isinstance(block_ids, (tuple, list)) and block_ids and isinstance(block_ids[0], (list, tuple)):
+        return list(block_ids[group]) if group < len(block_ids) else []
+    return list(block_ids) if group == 0 else []
 
 
 def first_group(block_ids: Any) -> list[int]:

@@ -20,7 +20,7 @@ from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
 from .client import EngineClient, EngineError, EngineUnavailable
 from .compat import (
-    first_group,
+    group_block_ids,
     hash_bytes,
     kv_transfer_params,
     num_prompt_tokens,
@@ -91,8 +91,13 @@ class SchedulerCore:
 
     def __init__(self, cfg: ConnectorConfig, client: EngineClient, *, block_size: int,
                  instance_id: str, load_enabled: bool, save_enabled: bool,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, group: int = 0, hits_usable: bool = True):
         self.cfg = cfg
+        # The KV cache group whose blocks are saved and loaded, and whether
+        # vLLM can use a hit on it alone (groups.py); with False every
+        # request is answered 0 matched tokens.
+        self.group = group
+        self.hits_usable = hits_usable
         self.client = client
         self.bs = block_size
         self.instance_id = instance_id
@@ -257,7 +262,8 @@ class SchedulerCore:
         usually finds the answer ready. Asked from block 0 (the local prefix
         hit is not known yet); a later ask whose local prefix ends within the
         hit takes it (see _accepts)."""
-        if not self.cfg.async_query or not self.load_enabled or self.disabled:
+        if not self.cfg.async_query or not self.load_enabled or self.disabled \
+                or not self.hits_usable:
             return
         st = self._state(request)
         if st.pending is not None or st.memo_key is not None:
@@ -279,7 +285,7 @@ class SchedulerCore:
         st.last_num_computed = num_computed_tokens
         if st.pending is not None and not st.pending.done():
             return None, False  # the cheapest answer: vLLM polls while the query runs
-        if not self.load_enabled or self.disabled:
+        if not self.load_enabled or self.disabled or not self.hits_usable:
             return 0, False
         hashes = request_block_hashes(request)
         # vLLM recomputes the last token itself: never claim it.
@@ -431,7 +437,7 @@ class SchedulerCore:
             if st.load is None and not st.loading:
                 self._drop_lease(st)
             return
-        ids = first_group(blocks)
+        ids = group_block_ids(blocks, self.group)
         start = st.last_num_computed // self.bs
         end = (st.last_num_computed + num_external_tokens) // self.bs
         hashes = request_block_hashes(request)
@@ -463,7 +469,7 @@ class SchedulerCore:
             if st is None:
                 continue
             scheduled.add(new.req_id)
-            st.block_ids = first_group(new.block_ids)
+            st.block_ids = group_block_ids(new.block_ids, self.group)
             if not st.seen:
                 st.seen = True
                 # P/D saves start at block 0 so that every prompt block,
@@ -480,9 +486,9 @@ class SchedulerCore:
                 scheduled.add(rid)
                 new_ids = cached.new_block_ids[i] if i < len(cached.new_block_ids) else None
                 if rid in resumed:
-                    st.block_ids = first_group(new_ids)
+                    st.block_ids = group_block_ids(new_ids, self.group)
                 elif new_ids is not None:
-                    st.block_ids.extend(first_group(new_ids))
+                    st.block_ids.extend(group_block_ids(new_ids, self.group))
                 self._plan_saves(meta, st, cached.num_computed_tokens[i], so)
         preempted = preempted_req_ids(so)
         if preempted is None:
@@ -496,6 +502,11 @@ class SchedulerCore:
             st = self._reqs.get(rid)
             if st is not None:
                 st.block_ids = []
+                # Its recomputed blocks are saved again on resume: a save
+                # cut off by a timed-out preemption wait sealed nothing (the
+                # engine skips blocks it already holds).
+                if not st.transfer_id:
+                    st.next_save = 0
                 if st.saved_any:
                     meta.preempted.add(rid)
         meta.delayed_free, self._delayed = self._delayed, set()

@@ -32,6 +32,8 @@ EXPORTED: dict[str, tuple[str, str]] = {
     "save_calls": ("save_calls", "Save RPCs"),
     "blocks_load_failed": ("load_failed_blocks", "Blocks that did not load (vLLM recomputes them)"),
     "saves_dropped": ("save_dropped_blocks", "Blocks whose save was dropped"),
+    "preempted_saves_cancelled": ("preempted_saves_cancelled",
+                                  "Preempted requests whose save was cancelled (wait timed out)"),
     "queries_failed": ("query_failures", "Query RPCs that failed"),
     "connector_disabled": ("disabled", "Processes whose connector could not start"),
 }

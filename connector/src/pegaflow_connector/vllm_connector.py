@@ -28,6 +28,7 @@ from .client import EngineClient
 from .compat import (
     CacheHitSource,
     KVConnectorBase_V1,
+    SupportsHMA,
     context_parallel_sizes,
     data_parallel_rank,
     init_connector_base,
@@ -43,6 +44,7 @@ from .compat import (
 )
 from .config import ConnectorConfig, hash_seed_fingerprint, private_hash_seed_fingerprint
 from .disabled import DisabledWorker
+from .groups import GroupPlan, plan_groups
 from .layout import LayoutError
 from .metadata import PegaConnectorMetadata, PegaHandshake
 from .metrics import Metrics
@@ -97,8 +99,12 @@ def _tp_rank(cfg: ConnectorConfig) -> int:
     return 0 if rank is None else rank  # not in a vLLM worker (tests, tools)
 
 
-class PegaFlowConnector(KVConnectorBase_V1):
-    """vLLM KV connector backed by a PegaFlow engine on the same host."""
+class PegaFlowConnector(KVConnectorBase_V1, SupportsHMA):
+    """vLLM KV connector backed by a PegaFlow engine on the same host.
+
+    SupportsHMA: vLLM keeps its hybrid KV cache allocator on; the connector
+    stores one full-attention group and claims hits only where vLLM can use
+    them (groups.py)."""
 
     # Hits come from the engine's pinned host memory (vLLM's metrics label).
     _cache_hit_source = CacheHitSource.HOST
@@ -118,6 +124,7 @@ class PegaFlowConnector(KVConnectorBase_V1):
         self._disabled = ""
         self._role_name = "kv_both"
         self._kv_cache_config = kv_cache_config
+        self._groups = GroupPlan()
         self.instance_id = ""
         self._rank = 0
         try:
@@ -173,6 +180,14 @@ class PegaFlowConnector(KVConnectorBase_V1):
                             "PYTHONHASHSEED): this instance's blocks are kept private to it (no "
                             "P/D, no sharing with other instances). Set the same PYTHONHASHSEED "
                             "on every instance to share.", hash_algo)
+        self._groups = groups = plan_groups(self._kv_cache_config, self.block_size)
+        if groups.hybrid:
+            # Only instances with this very group structure share blocks.
+            extra["kv_groups"] = groups.label
+            if self._is_scheduler:
+                self._log_groups(groups)
+        if groups.stored is None:
+            self._load_enabled = self._save_enabled = False
         extra.update(cfg.namespace_extra)
         self._ns_template = pb.Namespace(
             model=cfg.model_name or str(mc.model), model_revision=str(getattr(mc, "revision", "") or ""),
@@ -190,16 +205,31 @@ class PegaFlowConnector(KVConnectorBase_V1):
             self._sched = SchedulerCore(cfg, self._client, block_size=self.block_size,
                                         instance_id=self.instance_id,
                                         load_enabled=self._load_enabled,
-                                        save_enabled=self._save_enabled, metrics=self._metrics)
+                                        save_enabled=self._save_enabled, metrics=self._metrics,
+                                        group=groups.stored or 0,
+                                        hits_usable=groups.hits_usable)
         else:
             # A marker left by an earlier run of this instance is stale now.
             clear_disabled(self.instance_id, self._rank)
             self._worker = WorkerCore(cfg, self._client, rank=self._rank, tp_size=tp,
                                       instance_id=self.instance_id, namespace=self._ns_template,
-                                      metrics=self._metrics)
+                                      metrics=self._metrics, layers=groups.layers)
         self._client.start()
         log.info("pegaflow: %s connector for %s (%s, instance %s, socket %s)", role, mc.model,
                  role_name, self.instance_id, cfg.socket_path)
+
+    @staticmethod
+    def _log_groups(groups: GroupPlan) -> None:
+        if groups.stored is None:
+            log.warning("pegaflow: hybrid KV cache groups [%s]: %s, so nothing is saved or "
+                        "loaded", groups.label, groups.why)
+        elif not groups.hits_usable:
+            log.warning("pegaflow: hybrid KV cache groups [%s]: group %d (full attention) is "
+                        "saved, but a hit on it alone is not usable (%s): PegaFlow answers 0 "
+                        "matched tokens for this model", groups.label, groups.stored, groups.why)
+        else:
+            log.info("pegaflow: KV cache groups [%s]: group %d is saved and loaded",
+                     groups.label, groups.stored)
 
     @property
     def metrics(self) -> Metrics:
@@ -353,6 +383,18 @@ class PegaFlowConnector(KVConnectorBase_V1):
             # Unsure whether saves are in flight: keep the blocks; the
             # workers report the request once its saves are done.
             return self._save_enabled, None
+
+    def request_finished_all_groups(self, request: Any, block_ids: Any = None
+                                    ) -> tuple[bool, dict[str, Any] | None]:
+        """SupportsHMA's request_finished (one block-id list per group):
+        only the stored group's blocks were saved; delaying the free keeps
+        every group's blocks, which vLLM frees together."""
+        return self.request_finished(request, block_ids)
+
+    def get_loaded_kv_cache_group_ids(self, request: Any) -> tuple[int, ...]:
+        """A load restores the stored group only (claimed only when it is
+        the model's one transferable group, groups.py)."""
+        return () if self._groups.stored is None else (self._groups.stored,)
 
     @_guard(lambda self, *a, **k: None)
     def set_xfer_handshake_metadata(self, metadata: dict[Any, Any]) -> None:

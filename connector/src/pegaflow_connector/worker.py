@@ -32,9 +32,9 @@ from typing import Any
 from .compat import LOGGER_NAME
 from . import rendezvous
 from ._proto import engine_pb2 as pb
-from .client import EngineClient, EngineError, EngineUnavailable
+from .client import CallCancelled, CallHandle, EngineClient, EngineError, EngineUnavailable
 from .config import ConnectorConfig
-from .layout import ModelLayout, StagingBuffer, describe_memory, detect, tensor_info
+from .layout import LayoutError, ModelLayout, StagingBuffer, describe_memory, detect, tensor_info
 from .metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from .metrics import Metrics
 from .ready import FailureReporter
@@ -74,14 +74,18 @@ class _SaveJob:
     # The event is the rank's registered interprocess event: the engine can
     # wait for it on the GPU (if the engine that gets the Save opened it).
     ipc: bool = False
+    seq: int = 0  # order of end_step calls (see WorkerCore._cancel_upto)
 
 
 class WorkerCore:
     """One TP rank's connector state. Thread-safe where vLLM needs it."""
 
     def __init__(self, cfg: ConnectorConfig, client: EngineClient, *, rank: int, tp_size: int,
-                 instance_id: str, namespace: pb.Namespace, metrics: Metrics | None = None):
+                 instance_id: str, namespace: pb.Namespace, metrics: Metrics | None = None,
+                 layers: frozenset[str] | None = None):
         self.cfg = cfg
+        # The stored KV cache group's layers (groups.py); None: all of them.
+        self._layers = layers
         self.client = client
         self.metrics = metrics or client.metrics
         self.rank = rank
@@ -120,6 +124,13 @@ class WorkerCore:
         self._errors: set[int] = set()
         self._last_meta: PegaConnectorMetadata | None = None
         self._save_q: queue.Queue[_SaveJob | None] = queue.Queue()
+        # Preempted requests whose saves were given up (the preemption wait
+        # timed out): their specs in jobs up to this seq are dropped and their
+        # Save RPCs in flight cancelled, so the engine seals none of those
+        # hashes (the blocks may hold another request's KV by then).
+        self._job_seq = 0
+        self._cancel_upto: dict[str, int] = {}
+        self._save_handles: dict[str, set[CallHandle]] = {}
         self._load_q: queue.Queue[tuple[LoadSpec, Any] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -132,6 +143,13 @@ class WorkerCore:
         connected, and again after every reconnection). Raises LayoutError
         when the caches cannot be described; the adapter then disables the
         connector instead of failing vLLM."""
+        if self._layers is not None:
+            # A hybrid model: only the stored group's layers are registered
+            # (their block ids are that group's, scheduler side).
+            caches = {name: t for name, t in caches.items() if name in self._layers}
+            if not caches:
+                raise LayoutError("hybrid model: no KV cache group PegaFlow can store (see the "
+                                  "scheduler's log)")
         infos = [(name, tensor_info(t)) for name, t in caches.items()]
         layout = detect(infos, num_blocks, block_size or self._ns_template.block_size)
         self.layout = layout
@@ -292,8 +310,10 @@ class WorkerCore:
         with self._lock:
             for rid in {s.req_id for s in meta.saves}:
                 self._pending[rid] += 1
+            self._job_seq += 1
+            seq = self._job_seq
         self._save_q.put(_SaveJob(list(meta.saves), event, event is not None
-                                  and event is self._ipc_event))
+                                  and event is self._ipc_event, seq))
 
     def get_finished(self, finished_req_ids: Iterable[str]) -> tuple[set[str] | None, set[str] | None]:
         with self._lock:
@@ -332,13 +352,25 @@ class WorkerCore:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.metrics.inc("preemption_wait_timeouts")
+                    self._cancel_saves_locked({r for r in ids if self._pending.get(r, 0)})
                     log.error("pegaflow: preempted requests %s still saving after %.1fs; their "
-                              "blocks may be overwritten while the engine copies them",
-                              sorted(ids), timeout_s)
+                              "saves are cancelled (the engine seals none of their blocks, "
+                              "which may be overwritten now)", sorted(ids), timeout_s)
                     return False
                 self._cond.wait(left)
         self.metrics.inc("preemption_wait_seconds", time.perf_counter() - t0)
         return True
+
+    def _cancel_saves_locked(self, req_ids: set[str]) -> None:
+        """Gives up these requests' saves: queued ones are dropped, those in
+        flight cancelled (the engine fails their blocks instead of sealing).
+        Another request's blocks in the same Save RPC fail with it (a later
+        miss, never wrong KV). Called with self._lock held."""
+        for rid in req_ids:
+            self._cancel_upto[rid] = self._job_seq
+            self.metrics.inc("preempted_saves_cancelled")
+            for h in self._save_handles.get(rid, ()):
+                h.cancel()
 
     def flush(self, timeout_s: float) -> bool:
         """Waits until every queued save and load finished."""
@@ -368,6 +400,7 @@ class WorkerCore:
                         self._pending[rid] -= 1
                         if self._pending[rid] <= 0:
                             del self._pending[rid]
+                            self._cancel_upto.pop(rid, None)
                             if rid in self._finished_waiting:
                                 self._finished_waiting.discard(rid)
                                 self._done_sending.add(rid)
@@ -384,7 +417,12 @@ class WorkerCore:
             job.event.synchronize()
             self.metrics.inc("save_host_syncs")
         groups: dict[str, list[SaveSpec]] = {}
+        with self._lock:
+            cancelled = {r for r, upto in self._cancel_upto.items() if job.seq <= upto}
         for s in job.specs:
+            if s.req_id in cancelled:
+                self.metrics.inc("saves_cancelled_blocks", len(s.block_ids))
+                continue
             groups.setdefault(s.transfer_id, []).append(s)
         for tid, specs in groups.items():
             ids, hashes = _unique_refs([b for s in specs for b in s.block_ids],
@@ -394,7 +432,23 @@ class WorkerCore:
             token = next((s.ready_token for s in specs if s.ready_token), "")
             if not ids and not last:
                 continue
-            self._save_blocks(ids, hashes, tid, last, url, token, gpu_wait)
+            rids = {s.req_id for s in specs}
+            handle = CallHandle()
+            with self._lock:
+                for rid in rids:
+                    self._save_handles.setdefault(rid, set()).add(handle)
+                if any(job.seq <= self._cancel_upto.get(rid, 0) for rid in rids):
+                    handle.cancel()  # given up since the job started
+            try:
+                self._save_blocks(ids, hashes, tid, last, url, token, gpu_wait, handle)
+            finally:
+                with self._lock:
+                    for rid in rids:
+                        hs = self._save_handles.get(rid)
+                        if hs is not None:
+                            hs.discard(handle)
+                            if not hs:
+                                del self._save_handles[rid]
 
     def _report_failed(self, url: str, tid: str, token: str, message: str) -> None:
         # The engine cannot settle the transfer any more; tell the router so
@@ -403,7 +457,7 @@ class WorkerCore:
             self.metrics.inc("transfers_reported_failed")
 
     def _save_blocks(self, ids: list[int], hashes: list[bytes], tid: str, last: bool, url: str,
-                     token: str, wait_event: bool = False) -> None:
+                     token: str, wait_event: bool = False, handle: CallHandle | None = None) -> None:
         if not self.registered():
             self.metrics.inc("saves_dropped", max(len(ids), 1))
             self.client.warn_limited("pegaflow: engine unavailable, dropping saves (rank %d)",
@@ -426,7 +480,12 @@ class WorkerCore:
                                  ready_token=token, wait_event=wait_event)
             t0 = time.perf_counter()
             try:
-                resp = self.client.save(req, self.cfg.rpc_timeout_ms / 1000)
+                resp = self.client.save(req, self.cfg.rpc_timeout_ms / 1000, handle)
+            except CallCancelled:
+                self.metrics.inc("saves_cancelled_blocks", len(ids) - lo)
+                self._report_failed(url, tid, token, "P's save was cancelled (its request was "
+                                    "preempted and the save did not finish in time)")
+                return
             except EngineUnavailable as e:
                 self.metrics.inc("saves_dropped", len(ids) - lo or 1)
                 self.client.warn_limited("pegaflow: engine went away during a save, %d blocks "
