@@ -79,16 +79,9 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 func (e *Engine) planSave(req *pb.SaveRequest, held *int64) (*savePlan, int64, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	inst, err := e.copyInstanceLocked(req.SessionId, req.InstanceId, req.Rank, req.Blocks)
+	inst, after, need, err := e.beginCopyLocked(req.SessionId, req.InstanceId, req.Rank, req.Blocks, held, req.WaitEvent)
 	if err != nil {
-		return nil, 0, err
-	}
-	if need, err := e.reserveOpsLocked(inst, len(req.Blocks), held); err != nil {
 		return nil, need, err
-	}
-	after, err := waitEventOf(inst, req.WaitEvent)
-	if err != nil {
-		return nil, 0, err
 	}
 	ns := inst.ns
 	p := &savePlan{inst: inst, bit: uint64(1) << inst.key.rank, after: after, plans: map[planKey]*copyPlan{},
@@ -146,6 +139,25 @@ func (e *Engine) planSave(req *pb.SaveRequest, held *int64) (*savePlan, int64, e
 	}
 	e.copies.Add(1) // under e.mu, so never after Close's Wait began
 	return p, 0, nil
+}
+
+// beginCopyLocked is the common start of Save's and Load's plan steps:
+// the caller's instance, the call's copy ops reserved from the budget
+// (need > 0 with errNeedBudget: wait for that many, see planWithBudget),
+// and the event the copies wait for when the caller set wait_event.
+// Caller holds e.mu.
+func (e *Engine) beginCopyLocked(sessionID, instanceID string, rank uint32, blocks []*pb.BlockRef, held *int64,
+	wantEvent bool) (inst *instance, after *native.Event, need int64, err error) {
+	if inst, err = e.copyInstanceLocked(sessionID, instanceID, rank, blocks); err != nil {
+		return nil, nil, 0, err
+	}
+	if need, err = e.reserveOpsLocked(inst, len(blocks), held); err != nil {
+		return nil, nil, need, err
+	}
+	if after, err = waitEventOf(inst, wantEvent); err != nil {
+		return nil, nil, 0, err
+	}
+	return inst, after, 0, nil
 }
 
 // waitEventOf is the event a Save's or Load's copies wait for when the
@@ -229,7 +241,7 @@ func (e *Engine) commitSave(p *savePlan, r *copyResult, last bool, start time.Ti
 type loadPlan struct {
 	inst    *instance
 	after   *native.Event // the copies wait for it on the GPU (wait_event)
-	held    int64 // copy ops of the engine's budget, returned when the copies end
+	held    int64         // copy ops of the engine's budget, returned when the copies end
 	plans   map[planKey]*copyPlan
 	loading []*block
 	index   []int
@@ -266,16 +278,9 @@ func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadRespons
 func (e *Engine) planLoad(req *pb.LoadRequest, held *int64) (*loadPlan, int64, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	inst, err := e.copyInstanceLocked(req.SessionId, req.InstanceId, req.Rank, req.Blocks)
+	inst, after, need, err := e.beginCopyLocked(req.SessionId, req.InstanceId, req.Rank, req.Blocks, held, req.WaitEvent)
 	if err != nil {
-		return nil, 0, err
-	}
-	if need, err := e.reserveOpsLocked(inst, len(req.Blocks), held); err != nil {
 		return nil, need, err
-	}
-	after, err := waitEventOf(inst, req.WaitEvent)
-	if err != nil {
-		return nil, 0, err
 	}
 	p := &loadPlan{inst: inst, after: after, plans: map[planKey]*copyPlan{}, status: make([]pb.BlockStatus, len(req.Blocks))}
 	for i, ref := range req.Blocks {
