@@ -26,7 +26,11 @@
 #      from the engine again (a third prompt set);
 #   4. D restarted with a registration that fails for real (its staging_dir
 #      is /dev/null, so no staging buffer can be made): D's connector disables itself, every case is still
-#      answered token-identically (recomputed), vLLM's /metrics says so.
+#      answered token-identically (recomputed), vLLM's /metrics says so;
+#   5. a hybrid model (the tiny model with a sliding-window second layer):
+#      vLLM keeps its hybrid allocator (two KV cache groups), P saves the
+#      full-attention group, D claims no hit and recomputes, and every case
+#      is token-identical to a plain vLLM on the same hybrid model.
 #
 # The connector is this tree's, installed (pip --target, the venv is left as
 # it is) with its vllm.general_plugins entry point on PYTHONPATH: P and D
@@ -267,7 +271,46 @@ grep -q ' 0 failed$' "$OUT/broken-compare.txt" || { log "FAIL phase 4: not every
 grep -h 'CONNECTOR DISABLED' "$OUT/d.log" | head -1 | sed -E 's/.*(pegaflow: )/\1/' | cut -c1-240 | sed 's/^/[pd]   D: /'
 grep -q 'CONNECTOR DISABLED on worker' "$OUT/d.log" || { log "FAIL phase 4: D did not report its connector disabled"; rc=1; }
 "$PY" "$HERE/pd_eval.py" disabled "http://127.0.0.1:$DP" || rc=1
-connector_messages | sed 's/^/[pd] connector said: /'
+connector_messages | sed 's/^/[pd] connector said (phase 4): /'
+
+# ------------- 5. a hybrid model: full + sliding-window attention layers
+# The tiny model with its second layer made sliding-window (64 tokens):
+# vLLM runs it with two KV cache groups (the hybrid allocator, which our
+# SupportsHMA keeps on). P saves the full-attention group; D may claim no
+# hit (vLLM would need the window's KV too), so it recomputes: outputs
+# must still equal the reference's on the same hybrid model.
+t=$SECONDS
+stop ref p d
+for n in ref p d; do mv "$OUT/$n.log" "$OUT/$n-phases1-4.log"; done
+HYBRID="$RUN/tiny-hybrid"
+cp -r "$MODEL" "$HYBRID"
+"$PY" - "$HYBRID/config.json" <<'EOF'
+import json
+import sys
+
+c = json.load(open(sys.argv[1], encoding="utf-8"))
+c["layer_types"] = ["full_attention"] + ["sliding_attention"] * (c["num_hidden_layers"] - 1)
+c["sliding_window"] = 64
+json.dump(c, open(sys.argv[1], "w", encoding="utf-8"), indent=2)
+EOF
+MODEL="$HYBRID"
+start_vllm ref "$REF"
+start_vllm p "$PP" --kv-transfer-config "$(kvc "$P_ROLE" e2e-prefill-hybrid)"
+start_vllm d "$DP" --kv-transfer-config "$(kvc kv_consumer e2e-decode-hybrid)"
+for n in ref p d; do
+  case $n in ref) port=$REF ;; p) port=$PP ;; d) port=$DP ;; esac
+  wait_healthy "$n" "http://127.0.0.1:$port"
+done
+wait_router
+compare hybrid 4
+wait "$CMP" || true
+log "phase 5 (hybrid: full + sliding-window layers): $(tail -1 "$OUT/hybrid-compare.txt") in $((SECONDS - t)) s"
+grep -q ' 0 failed$' "$OUT/hybrid-compare.txt" || { log "FAIL phase 5: not every case answered identically"; rc=1; }
+grep -q 'kv cache group sizes (32, 32)' "$OUT/p.log" ||
+  { log "FAIL phase 5: P did not run vLLM's hybrid allocator (two KV cache groups)"; rc=1; }
+grep -q 'hybrid KV cache groups' "$OUT/p.log" || { log "FAIL phase 5: P's connector did not see the groups"; rc=1; }
+"$PY" "$HERE/pd_eval.py" hybrid "http://127.0.0.1:$PP" "http://127.0.0.1:$DP" || rc=1
+connector_messages | sed 's/^/[pd] connector said (phase 5): /'
 stop "${!PID[@]}"
 left=""
 for g in "${ALL[@]}"; do kill -0 -- "-$g" 2>/dev/null && left+=" $g"; done

@@ -229,6 +229,19 @@ def disabled(url: str) -> int:
     return 0 if ok else 1
 
 
+def hybrid(p_url: str, d_url: str) -> int:
+    """Phase 5: a hybrid model (full + sliding-window attention) runs with the
+    connector; P saves its full-attention group, and D claims no hit (vLLM
+    would need the sliding-window group's KV too, which is not stored)."""
+    snap = {"p": scrape(p_url), "d": scrape(d_url)}
+    saved = value(snap, "p", "vllm:pegaflow_blocks_saved_total")
+    hit = value(snap, "d", "vllm:pegaflow_hit_tokens_total")
+    ok = saved > 0 and hit == 0
+    print(f"[pd]   P /metrics: pegaflow_blocks_saved_total={saved:.0f}; D /metrics: "
+          f"pegaflow_hit_tokens_total={hit:.0f} -> {'ok' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -246,9 +259,14 @@ def main(argv: list[str]) -> int:
     k.add_argument("--kv-ready-timeout", type=float, default=5.0, help="router's, seconds")
     x = sub.add_parser("disabled")
     x.add_argument("url")
+    h = sub.add_parser("hybrid")
+    h.add_argument("p_url")
+    h.add_argument("d_url")
     args = ap.parse_args(argv)
     if args.cmd == "disabled":
         return disabled(args.url)
+    if args.cmd == "hybrid":
+        return hybrid(args.p_url, args.d_url)
     if args.cmd == "snap":
         snap = {}
         for item in args.servers:
