@@ -19,7 +19,8 @@
 //   - leg.go: the legs: prefill, answer (decode or aggregated), /v1/models;
 //   - errors.go: attemptError, which carries a backend's answer to the
 //     client, the router's deadline errors and the client's error answers;
-//   - request.go: the validated request and each leg's body;
+//   - request.go: the validated request; prompt.go: the linear prompt and
+//     messages checks; legbody.go: each leg's body and kv_transfer_params;
 //   - jsonscan.go: the top-level JSON walk those are read and rewritten
 //     with (no decoding of prompts, messages or answers);
 //   - handoff.go: transfers, /kv_ready reports and the KV-ready wait;
