@@ -117,47 +117,33 @@ const (
 )
 
 func (c *Config) setDefaults() {
-	if c.CopyThreads <= 0 {
-		c.CopyThreads = 2
-	}
-	if c.LeaseTTL <= 0 {
-		c.LeaseTTL = DefaultLeaseTTL
-	}
-	if c.TransferTTL <= 0 {
-		c.TransferTTL = DefaultTransferTTL
-	}
-	if c.PartialTTL <= 0 {
-		c.PartialTTL = DefaultPartialTTL
-	}
-	if c.MaxQueryWait <= 0 {
-		c.MaxQueryWait = DefaultMaxQueryWait
-	}
-	if c.CallbackTimeout <= 0 {
-		c.CallbackTimeout = DefaultCallbackTimeout
-	}
-	if c.CopyTimeout <= 0 {
-		c.CopyTimeout = DefaultCopyTimeout
-	}
+	orDefault(&c.CopyThreads, 2)
+	orDefault(&c.LeaseTTL, DefaultLeaseTTL)
+	orDefault(&c.TransferTTL, DefaultTransferTTL)
+	orDefault(&c.PartialTTL, DefaultPartialTTL)
+	orDefault(&c.MaxQueryWait, DefaultMaxQueryWait)
+	orDefault(&c.CallbackTimeout, DefaultCallbackTimeout)
+	orDefault(&c.CopyTimeout, DefaultCopyTimeout)
+	orDefault(&c.MaxTransfers, DefaultMaxTransfers)
+	orDefault(&c.MaxCopyOps, DefaultMaxCopyOps)
+	orDefault(&c.PeerOpenTTL, DefaultPeerOpenTTL)
+	orDefault(&c.PeerFetchTimeout, DefaultPeerFetchTimeout)
 	if c.ShmDir == "" {
 		c.ShmDir = DefaultShmDir
-	}
-	if c.MaxTransfers <= 0 {
-		c.MaxTransfers = DefaultMaxTransfers
-	}
-	if c.MaxCopyOps <= 0 {
-		c.MaxCopyOps = DefaultMaxCopyOps
-	}
-	if c.PeerOpenTTL <= 0 {
-		c.PeerOpenTTL = DefaultPeerOpenTTL
-	}
-	if c.PeerFetchTimeout <= 0 {
-		c.PeerFetchTimeout = DefaultPeerFetchTimeout
 	}
 	if c.Version == "" {
 		c.Version = "dev"
 	}
 	if c.Topology == nil {
 		c.Topology = topology.CPU("no topology given")
+	}
+}
+
+// orDefault sets *v to def unless it is positive (zero and negative
+// values mean "not set" for every numeric Config field).
+func orDefault[T int | int64 | time.Duration](v *T, def T) {
+	if *v <= 0 {
+		*v = def
 	}
 }
 
