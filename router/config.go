@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/pegaflow/pegaflow/internal/cli"
+
+	"github.com/pegaflow/pegaflow/router/upstream"
 )
 
 // Handoff modes.
@@ -296,6 +298,9 @@ func normalizeBackendURL(raw string) (string, error) {
 	}
 	if u.RawQuery != "" || u.Fragment != "" {
 		return "", errors.New("a base URL takes no query or fragment")
+	}
+	if _, err := upstream.NewTarget(u); err != nil {
+		return "", err
 	}
 	return strings.TrimRight(raw, "/"), nil
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/pegaflow/pegaflow/internal/ids"
 	"github.com/pegaflow/pegaflow/internal/retry"
+	"github.com/pegaflow/pegaflow/router/upstream"
 )
 
 // Bounds on what the router buffers from a backend.
@@ -40,44 +41,27 @@ func (r *Router) track(b *backend, delta int64) {
 }
 
 // send POSTs body to b. It returns the response when its status is 2xx,
-// else an attemptError holding the backend's answer.
-//
-// It calls the transport itself, as httputil.ReverseProxy does: a proxy
-// follows no redirects (a backend's 3xx is its answer), and http.Client's
-// per-request header copies and URL parsing are skipped. The URL is
-// parsed once per backend; the headers are the request's, shared by its
-// legs (the transport only reads them). Like http.Client, credentials in
-// a backend URL become Basic auth when the client sent no Authorization.
-func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body []byte) (*http.Response, *attemptError) {
-	u := b.endpoint(rq.path)
+// else an attemptError holding the backend's answer. A proxy follows no
+// redirects: a backend's 3xx is its answer. Like http.Client, credentials
+// in a backend URL become Basic auth when the client sent no
+// Authorization.
+func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body []byte) (*upstream.Response, *attemptError) {
 	hdr := rq.header
-	if b.basicAuth != "" && rq.authz == "" {
-		hdr = hdr.Clone()
-		hdr["Authorization"] = []string{b.basicAuth}
+	if b.authLine != nil && rq.authz == "" {
+		hdr = append(hdr[:len(hdr):len(hdr)], b.authLine...)
 	}
-	req := (&http.Request{
-		Method: http.MethodPost, URL: u, Host: u.Host, Header: hdr,
-		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
-		Body: legBody(body), ContentLength: int64(len(body)),
-		GetBody: func() (io.ReadCloser, error) { return legBody(body), nil },
-	}).WithContext(ctx)
-	resp, err := r.transport.RoundTrip(req)
+	resp, err := r.up.Post(ctx, &upstream.Request{Target: b.endpoint(rq.path), Header: hdr, Body: body})
 	if err != nil {
 		// The shape http.Client gives its errors, with the URL redacted.
 		return nil, &attemptError{backend: b, err: causeOf(ctx, &url.Error{Op: "Post", URL: b.name + rq.path, Err: err})}
 	}
 	if resp.StatusCode/100 != 2 {
-		data, _ := io.ReadAll(io.LimitReader(resp.Body, maxSmallAnswer))
-		resp.Body.Close()
-		return nil, &attemptError{backend: b, status: resp.StatusCode, body: data, ctype: resp.Header.Get("Content-Type")}
+		data, _ := io.ReadAll(io.LimitReader(resp, maxSmallAnswer))
+		resp.Close()
+		return nil, &attemptError{backend: b, status: resp.StatusCode, body: data, ctype: resp.ContentType}
 	}
 	return resp, nil
 }
-
-// legBody is a leg's request body. io.NopCloser over a *bytes.Reader is
-// what the transport unwraps to write the body with WriteTo; any other
-// reader makes it copy through a fresh 32 KiB buffer per request.
-func legBody(b []byte) io.ReadCloser { return io.NopCloser(bytes.NewReader(b)) }
 
 // readLimited appends r to buf until EOF or limit bytes (more is cut, as
 // io.LimitReader would), growing buf by doubling.
@@ -129,8 +113,9 @@ func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientReque
 	actx, cancel := context.WithTimeoutCause(ctx, r.cfg.PrefillTimeout, r.errPrefillTimeout)
 	defer cancel()
 	params := getBuf()
-	var body bytes.Buffer // not pooled: the transport may read it after RoundTrip returns
-	rq.req.prefillBody(&body, prefillParams(params, t.id, r.readyURL, t.token))
+	body := getBuf() // upstream.Post has written it when it returns
+	defer putBuf(body)
+	rq.req.prefillBody(body, prefillParams(params, t.id, r.readyURL, t.token))
 	putBuf(params)
 
 	r.track(b, 1)
@@ -139,13 +124,13 @@ func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientReque
 	if aerr != nil {
 		return nil, aerr
 	}
-	defer resp.Body.Close()
+	defer resp.Close()
 	answer := getBuf()
 	defer putBuf(answer)
 	if resp.ContentLength > 0 && resp.ContentLength <= maxPrefillAnswer {
 		answer.Grow(int(resp.ContentLength))
 	}
-	err := readLimited(answer, resp.Body, maxPrefillAnswer)
+	err := readLimited(answer, resp, maxPrefillAnswer)
 	var kv json.RawMessage
 	if err == nil {
 		kv, err = prefillAnswerParams(answer.Bytes())
@@ -208,24 +193,23 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 	ctx := c.Request().Context()
 	actx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	actx, cancelT := context.WithTimeoutCause(actx, r.cfg.DecodeTimeout, r.errDecodeTimeout)
-	defer cancelT()
+	// A non-streaming answer comes whole, after the generation: only
+	// --decode-timeout bounds it. A stream must show its first event
+	// within --first-byte-timeout, and then never stall longer than
+	// --idle-stream-timeout.
+	clock := newLegClock(cancel, r.cfg.DecodeTimeout, r.errDecodeTimeout)
+	defer clock.stop()
+	if rq.stream {
+		clock.firstEventWithin(r.cfg.FirstByteTimeout, r.errFirstByteTimeout)
+	}
 	t0 := time.Now()
 	r.track(b, 1)
 	defer r.track(b, -1)
-	// A non-streaming answer comes whole, after the generation: only
-	// --decode-timeout bounds it. A stream must show its first event
-	// within --first-byte-timeout.
-	var firstByte *time.Timer
-	if rq.stream {
-		firstByte = time.AfterFunc(r.cfg.FirstByteTimeout, func() { cancel(r.errFirstByteTimeout) })
-		defer firstByte.Stop()
-	}
 	resp, aerr := r.send(actx, b, rq, body)
 	if aerr != nil {
 		return attemptResult{err: aerr}
 	}
-	defer resp.Body.Close()
+	defer resp.Close()
 	w := c.Response()
 
 	if !rq.stream {
@@ -234,14 +218,14 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 		if resp.ContentLength > 0 && resp.ContentLength <= maxAnswerBytes {
 			buf.Grow(int(resp.ContentLength))
 		}
-		if err := readLimited(buf, resp.Body, maxAnswerBytes); err != nil {
+		if err := readLimited(buf, resp, maxAnswerBytes); err != nil {
 			return attemptResult{err: &attemptError{backend: b, err: causeOf(actx, err)}}
 		}
 		data := buf.Bytes()
 		if r.answer.firstBytePhase {
 			r.m.observe(phaseDecodeFirstByte, time.Since(t0).Seconds())
 		}
-		ct := resp.Header.Get("Content-Type")
+		ct := resp.ContentType
 		if ct == "" {
 			ct = echo.MIMEApplicationJSON
 		}
@@ -254,13 +238,12 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 		return attemptResult{wrote: true}
 	}
 
-	idle := time.AfterFunc(r.cfg.IdleStreamTimeout, func() { cancel(r.errIdleTimeout) })
-	defer idle.Stop()
+	clock.idleWithin(r.cfg.IdleStreamTimeout, r.errIdleTimeout)
 	rc := http.NewResponseController(w)
 	var firstTok, prevTok time.Time
-	res, err := relaySSE(w, rc.Flush, resp.Body, relayHooks{
+	res, err := relaySSE(w, rc.Flush, resp, relayHooks{
 		begin: func() {
-			firstByte.Stop()
+			clock.firstEventSent()
 			if r.answer.firstBytePhase {
 				r.m.observe(phaseDecodeFirstByte, time.Since(t0).Seconds())
 			}
@@ -270,7 +253,7 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 			h.Set("X-Accel-Buffering", "no") // no buffering in a fronting nginx
 			w.WriteHeader(http.StatusOK)
 		},
-		afterRead: func(int) { idle.Reset(r.cfg.IdleStreamTimeout) },
+		afterRead: func(int) { clock.read() },
 		onEvent: func(kind eventKind, at time.Time) {
 			if kind != eventToken {
 				return

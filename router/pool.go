@@ -7,6 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/pegaflow/pegaflow/router/upstream"
 )
 
 // backend is one vLLM server. It is selectable when its last active health
@@ -23,9 +25,10 @@ type backend struct {
 	// kv_transfer_params was logged (once per backend).
 	warnedNoKVParams atomic.Bool
 	// endpoints are base+path parsed once, for the completion paths;
-	// basicAuth is the Authorization that base's userinfo gives ("" none).
-	endpoints map[string]*url.URL
-	basicAuth string
+	// authLine is the Authorization header line that base's userinfo
+	// gives ("" none).
+	endpoints map[string]*upstream.Target
+	authLine  []byte
 	// m are its metric series, set by New before any request.
 	m backendSeries
 
@@ -37,26 +40,26 @@ type backend struct {
 // newBackend is the backend of role at base (a URL without trailing
 // slash), not yet selectable: newPool marks it so.
 func newBackend(role, base string) *backend {
-	b := &backend{role: role, base: base, name: redactURL(base), endpoints: map[string]*url.URL{}}
+	b := &backend{role: role, base: base, name: redactURL(base), endpoints: map[string]*upstream.Target{}}
 	for _, path := range []string{pathCompletions, pathChatCompletions} {
 		if u, err := url.Parse(base + path); err == nil {
-			b.endpoints[path] = u
+			if t, err := upstream.NewTarget(u); err == nil {
+				b.endpoints[path] = t
+			}
 		}
 	}
 	if u, err := url.Parse(base); err == nil && u.User != nil {
 		pw, _ := u.User.Password()
-		b.basicAuth = "Basic " + base64.StdEncoding.EncodeToString([]byte(u.User.Username()+":"+pw))
+		// base64 output needs no header validation.
+		b.authLine, _ = upstream.AppendHeader(nil, "Authorization", "Basic "+base64.StdEncoding.EncodeToString([]byte(u.User.Username()+":"+pw)))
 	}
 	return b
 }
 
-// endpoint is the URL of path on b. The URL is shared: read it only.
-func (b *backend) endpoint(path string) *url.URL {
-	if u, ok := b.endpoints[path]; ok {
-		return u
-	}
-	u, _ := url.Parse(b.base + path) // base is validated; only the known paths come here
-	return u
+// endpoint is the target of path on b (nil when base+path is not a
+// usable URL; Config.Validate keeps such bases out). Shared: read only.
+func (b *backend) endpoint(path string) *upstream.Target {
+	return b.endpoints[path]
 }
 
 func (b *backend) healthy(now time.Time) bool {
