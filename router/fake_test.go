@@ -49,6 +49,9 @@ type fakeVLLM struct {
 	floodCut    atomic.Bool
 	modelsFail  atomic.Int32 // status for GET /v1/models (0: the model list)
 	modelsCalls atomic.Int32
+	// legConns counts the completion requests per client connection
+	// (remote address).
+	legConns map[string]int
 }
 
 func newFake(mutate func(*fakeVLLM)) *fakeVLLM { return newFakeOn(nil, mutate) }
@@ -85,6 +88,14 @@ func (f *fakeVLLM) requestHeaders() []http.Header {
 }
 
 func (f *fakeVLLM) serve(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodPost && r.URL.Path != "/kv_ready" {
+		f.mu.Lock()
+		if f.legConns == nil {
+			f.legConns = map[string]int{}
+		}
+		f.legConns[r.RemoteAddr]++
+		f.mu.Unlock()
+	}
 	switch r.URL.Path {
 	case "/health":
 		if f.unhealthy.Load() {

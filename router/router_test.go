@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"strings"
@@ -587,4 +588,31 @@ func TestFailFastWithNothingToRetryOn(t *testing.T) {
 			require.Equal(t, http.StatusOK, resp.StatusCode, body)
 		}
 	})
+}
+
+// The legs keep their backend connections alive: sequential requests,
+// streaming or not, reuse one connection per backend.
+func TestLegsReuseConnections(t *testing.T) {
+	p, d := newFake(nil), newFake(nil)
+	h := startRouter(t, []*fakeVLLM{p}, []*fakeVLLM{d}, nil, nil)
+	const n = 20
+	for i := range n {
+		body := completionBody
+		if i%2 == 1 {
+			body = strings.Replace(completionBody, `"stream":true`, `"stream":false`, 1)
+		}
+		resp, out := post(t, h.url+"/v1/completions", body)
+		require.Equal(t, http.StatusOK, resp.StatusCode, out)
+	}
+	for _, f := range []*fakeVLLM{p, d} {
+		f.mu.Lock()
+		conns := maps.Clone(f.legConns)
+		f.mu.Unlock()
+		total := 0
+		for _, c := range conns {
+			total += c
+		}
+		require.Equal(t, n, total)
+		require.Len(t, conns, 1, "one kept-alive connection for %d sequential legs: %v", n, conns)
+	}
 }

@@ -14,9 +14,6 @@ import (
 // answer (on a reused connection: its idle timeout raced the request).
 var errNoAnswer = errors.New("backend closed the connection before answering")
 
-// aLongTimeAgo as a deadline fails pending and later I/O at once.
-var aLongTimeAgo = time.Unix(1, 0)
-
 // conn is one connection to a backend, used by one request at a time:
 // the goroutine that holds it (between get and put or close) is the only
 // one that reads or writes it; abort, run by a request's context, only
@@ -51,7 +48,8 @@ func newConn(c *Client, key string, nc net.Conn, sc syscall.Conn) *conn {
 	return cn
 }
 
-func (cn *conn) abort() { _ = cn.nc.SetDeadline(aLongTimeAgo) }
+// abort fails pending and later I/O on cn at once (a deadline long past).
+func (cn *conn) abort() { _ = cn.nc.SetDeadline(time.Unix(1, 0)) }
 
 func (cn *conn) close() { _ = cn.nc.Close() }
 

@@ -85,26 +85,50 @@ func (r *Response) failure(err error) error {
 	return err
 }
 
-// Close ends the response. A body not read to its end is drained from
-// what has already arrived (the end of a stream is often there: the
-// router stops reading at data: [DONE]); when that does not reach the
-// end, the connection is closed, not waited on.
+// lateDrain bounds the wait, off the caller's path, for the end of a body
+// the caller stopped reading: a stream's last chunk follows its
+// data: [DONE] by microseconds, and catching it keeps the connection.
+const (
+	lateDrain      = 100 * time.Millisecond
+	lateDrainBytes = 64 << 10
+)
+
+// Close ends the response; it never blocks. A body not read to its end
+// is drained on another goroutine, for up to lateDrain and
+// lateDrainBytes: the connection goes back to the pool when the end is
+// reached, and is closed otherwise. (Draining only what is already
+// buffered would need a read that cannot wait, and a timed-out read can
+// leave the framing half-parsed.) The Response must not be used after
+// Close.
 func (r *Response) Close() error {
 	if r.closed {
 		return nil
 	}
 	r.closed = true
-	if r.err == nil {
-		r.drainBuffered()
-	}
-	stopped := r.stopAbort()
 	cn := r.cn
-	if r.err == io.EOF && stopped && !r.closeAfter && cn.nc.SetDeadline(time.Time{}) == nil {
-		cn.client.put(cn)
+	if !r.stopAbort() || r.closeAfter {
+		cn.close()
 		return nil
 	}
-	cn.close()
+	if r.err == nil && r.mode != bodyToClose {
+		go func() {
+			r.drain(time.Now().Add(lateDrain), lateDrainBytes)
+			r.release()
+		}()
+		return nil
+	}
+	r.release()
 	return nil
+}
+
+// release pools the connection when the body ended, else closes it.
+func (r *Response) release() {
+	cn := r.cn
+	if r.err == io.EOF && cn.nc.SetDeadline(time.Time{}) == nil {
+		cn.client.put(cn)
+		return
+	}
+	cn.close()
 }
 
 // stopAbort stops the context's abort; false when it ran (or runs): then
@@ -113,15 +137,11 @@ func (r *Response) stopAbort() bool {
 	return r.stop == nil || r.stop()
 }
 
-// drainBuffered reads on while bytes are already buffered: a read that
-// would wait for the network fails at once (a deadline in the past), so
-// Close never blocks.
-func (r *Response) drainBuffered() {
-	if r.mode == bodyToClose {
-		return
-	}
-	_ = r.cn.nc.SetReadDeadline(aLongTimeAgo)
-	for budget := 64 << 10; budget > 0 && r.err == nil; {
+// drain reads the body on until its end, an error, budget bytes or the
+// deadline.
+func (r *Response) drain(deadline time.Time, budget int) {
+	_ = r.cn.nc.SetReadDeadline(deadline)
+	for budget > 0 && r.err == nil {
 		n, _ := r.Read(r.cn.scratch[:])
 		budget -= n
 	}
