@@ -2,6 +2,7 @@ package router
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
@@ -72,26 +73,42 @@ func (t *transfer) reportedSource() string {
 // before P's HTTP answer is kept on the transfer and the later wait returns
 // at once. Finished transfers are remembered (bounded by settledTTL and
 // settledMax) so repeats stay idempotent.
+//
+// A settled transfer is kept as digests of its id and token: ~124 bytes
+// of heap each (map and FIFO included) where the strings took ~236. At
+// settledMax entries (7.7 vs 14.7 MiB) that is the router's largest
+// standing memory.
 type transfers struct {
 	mu      sync.Mutex
 	live    map[string]*transfer
-	settled map[string]settledEntry
+	settled map[digest]settledEntry
 	order   []settledKey // FIFO of settled, for expiry; order[head:] is live
 	head    int
+	epoch   time.Time // expiries count from it (monotonic)
+}
+
+// digest is the first 128 bits of a SHA-256: collision- and
+// preimage-resistant, so a report cannot pass for another transfer's id
+// or token.
+type digest [16]byte
+
+func digestOf(s string) digest {
+	sum := sha256.Sum256([]byte(s))
+	return digest(sum[:16])
 }
 
 type settledEntry struct {
-	token   string
-	expires time.Time
+	token   digest
+	expires time.Duration // since epoch
 }
 
 type settledKey struct {
-	id      string
-	expires time.Time
+	id      digest
+	expires time.Duration
 }
 
 func newTransfers() *transfers {
-	return &transfers{live: map[string]*transfer{}, settled: map[string]settledEntry{}}
+	return &transfers{live: map[string]*transfer{}, settled: map[digest]settledEntry{}, epoch: time.Now()}
 }
 
 func (ts *transfers) register(id, token string) *transfer {
@@ -110,13 +127,15 @@ func (ts *transfers) finish(t *transfer, now time.Time) {
 		return
 	}
 	delete(ts.live, t.id)
-	exp := now.Add(settledTTL)
-	ts.settled[t.id] = settledEntry{token: t.token, expires: exp}
-	ts.order = append(ts.order, settledKey{t.id, exp})
+	at := now.Sub(ts.epoch)
+	exp := at + settledTTL
+	id := digestOf(t.id)
+	ts.settled[id] = settledEntry{token: digestOf(t.token), expires: exp}
+	ts.order = append(ts.order, settledKey{id, exp})
 	// Expire from the front; the FIFO is in expiry order.
-	for ts.head < len(ts.order) && (len(ts.order)-ts.head > settledMax || !now.Before(ts.order[ts.head].expires)) {
+	for ts.head < len(ts.order) && (len(ts.order)-ts.head > settledMax || at >= ts.order[ts.head].expires) {
 		k := ts.order[ts.head]
-		if e, ok := ts.settled[k.id]; ok && e.expires.Equal(k.expires) {
+		if e, ok := ts.settled[k.id]; ok && e.expires == k.expires {
 			delete(ts.settled, k.id)
 		}
 		ts.order[ts.head] = settledKey{}
@@ -149,17 +168,18 @@ const (
 func (ts *transfers) report(id, token string, ready bool, reason, source string, now time.Time) reportResult {
 	ts.mu.Lock()
 	t, live := ts.live[id]
-	var want string
+	var want, got digest
 	if live {
-		want = t.token
-	} else if e, ok := ts.settled[id]; ok && now.Before(e.expires) {
+		want = digestOf(t.token)
+	} else if e, ok := ts.settled[digestOf(id)]; ok && now.Sub(ts.epoch) < e.expires {
 		want = e.token
 	} else {
 		ts.mu.Unlock()
 		return reportUnknown
 	}
 	ts.mu.Unlock()
-	if subtle.ConstantTimeCompare([]byte(want), []byte(token)) != 1 {
+	got = digestOf(token)
+	if subtle.ConstantTimeCompare(want[:], got[:]) != 1 {
 		return reportBadToken
 	}
 	if live {

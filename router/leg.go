@@ -56,9 +56,10 @@ func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body [
 		return nil, &attemptError{backend: b, err: causeOf(ctx, &url.Error{Op: "Post", URL: b.name + rq.path, Err: err})}
 	}
 	if resp.StatusCode/100 != 2 {
-		data, _ := io.ReadAll(io.LimitReader(resp, maxSmallAnswer))
+		aerr := &attemptError{backend: b, status: resp.StatusCode, ctype: resp.ContentType}
+		aerr.body, _ = io.ReadAll(io.LimitReader(resp, maxSmallAnswer))
 		resp.Close()
-		return nil, &attemptError{backend: b, status: resp.StatusCode, body: data, ctype: resp.ContentType}
+		return nil, aerr
 	}
 	return resp, nil
 }
