@@ -183,6 +183,9 @@ type Engine struct {
 	transfers  map[string]*transfer
 	// peerOpens are the transfers peers opened here (peer.go).
 	peerOpens map[string]*peerOpen
+	// fetchesReading are this engine's fetches from peers between their
+	// plan and their seal (fetch.go): UCX GETs posted or about to be.
+	fetchesReading int
 	// waits holds the waiters on transfers without a record; expiry is
 	// the records' FIFO in expiry order, live from expiryHead
 	// (transferbound.go).

@@ -301,6 +301,7 @@ func (e *Engine) planFetch(f *fetchRange, remote []*pb.PeerBlock) ([]*block, [][
 	}
 	if len(got) > 0 {
 		e.copies.Add(1) // under e.mu, so never after Close's Wait began; commitFetch ends it
+		e.fetchesReading++
 	}
 	return got, reads, nil
 }
@@ -351,6 +352,7 @@ func (e *Engine) commitFetch(ns *namespace, got []*block, n int) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	defer e.copies.Done()
+	e.fetchesReading--
 	for i, b := range got {
 		b.saving = 0
 		if i < n {

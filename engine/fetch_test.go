@@ -105,6 +105,9 @@ func TestFetchFromPeerEngine(t *testing.T) {
 			require.EqualValues(t, 6, ds[0].queryFrom(t, "a:1", hashes, 5*time.Second).NumHit)
 			require.EqualValues(t, fetched+6, testutil.ToFloat64(b.m.fetchBlocks))
 			require.EqualValues(t, missing+1, testutil.ToFloat64(b.m.fetchFailures["missing"]))
+			b.mu.Lock()
+			require.Zero(t, b.fetchesReading, "the fetch left its read phase")
+			b.mu.Unlock()
 			for r, d := range ds {
 				dst := []int{9, 3, 12, 0, 7, 5}
 				require.Equal(t, allOK(6), d.load(t, dst, hashes[:6], "", ""))

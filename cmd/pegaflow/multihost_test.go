@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -51,8 +53,18 @@ const (
 	mhRouterPort = 8080
 )
 
-func (l *mhLab) startEngineA(t *testing.T) {
-	l.engA = l.h.a.start(t, l.bin, "serve", "--socket", filepath.Join(l.dir, "a.sock"), "--http-addr", l.h.a.Addr(mhEngineHTTP),
+// mhSendBuf is engine A's UCX socket send buffer in engine-A-killed.
+// With the kernel's autotuning a whole request's GET replies (2 MiB) sit
+// in A's kernel by the time B's fetch is under way, and they still reach
+// B after A is killed; a fixed 64 KiB keeps all but ~128 KiB of them in
+// A's process, so killing A mid-fetch loses the GETs in flight. Only
+// there: a small window makes TCP recover from loss by timeouts, which
+// would starve the packet-loss phase.
+const mhSendBuf = "UCX_TCP_SNDBUF=64k"
+
+// startEngineA starts engine A, env added to its environment.
+func (l *mhLab) startEngineA(t *testing.T, env ...string) {
+	l.engA = l.h.a.startEnv(t, env, l.bin, "serve", "--socket", filepath.Join(l.dir, "a.sock"), "--http-addr", l.h.a.Addr(mhEngineHTTP),
 		"--pool-size", "256MiB", "--peer-addr", l.h.a.Addr(mhPeerPort), "--peer-token-file", l.tokenFile,
 		"--kv-ready-allow", l.h.a.Addr(mhRouterPort), "--log-level", "debug")
 	l.h.a.awaitHTTP(t, "http://"+l.h.a.Addr(mhEngineHTTP)+"/health", l.engA)
@@ -216,6 +228,51 @@ func (l *mhLab) phase(t *testing.T, name string, dur time.Duration, fault func()
 	return res, d
 }
 
+// killAMidFetch polls engine B's fetches in their read phase and kills
+// engine A as soon as that count rises: a fetch entered its reads (its
+// GETs posted) since the previous poll. It returns how long the kill
+// came after that poll's predecessor, or an error when no fetch began
+// reading within limit (A is killed anyway, so the phase still ends).
+func (l *mhLab) killAMidFetch(limit time.Duration) (time.Duration, error) {
+	url := "http://" + l.h.b.Addr(mhEngineHTTP) + "/metrics"
+	const gauge = "pegaflow_engine_peer_fetches_inflight "
+	reading := func() (float64, error) {
+		resp, err := l.clientB.Get(url)
+		if err != nil {
+			return 0, err
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil {
+			return 0, err
+		}
+		for line := range strings.SplitSeq(string(body), "\n") {
+			if v, ok := strings.CutPrefix(line, gauge); ok {
+				return strconv.ParseFloat(v, 64)
+			}
+		}
+		return 0, fmt.Errorf("engine B exports no %s", strings.TrimSpace(gauge))
+	}
+	defer l.engA.kill()
+	prev, err := reading()
+	if err != nil {
+		return 0, err
+	}
+	for start, t0 := time.Now(), time.Now(); time.Since(start) < limit; {
+		time.Sleep(5 * time.Millisecond)
+		n, err := reading()
+		if err != nil {
+			return 0, err
+		}
+		if n > prev {
+			l.engA.kill()
+			return time.Since(t0), nil
+		}
+		prev, t0 = n, time.Now()
+	}
+	return 0, fmt.Errorf("no fetch on engine B began reading within %v", limit)
+}
+
 // P/D across two hosts: two network namespaces joined by a veth pair,
 // an engine, a sim on each, the router on A. D's engine fetches P's KV
 // from A's engine over UCX (tcp on the veth); D verifies every loaded
@@ -269,10 +326,28 @@ func TestMultiHostPD(t *testing.T) {
 	})
 
 	t.Run("engine-A-killed", func(t *testing.T) {
-		res, d := l.phase(t, "A-killed", 3*time.Second, func() {
-			time.Sleep(500 * time.Millisecond)
-			l.engA.kill()
-		})
+		if _, err := exec.LookPath("tc"); err != nil {
+			t.Skip("tc not installed: the kill cannot be timed into a fetch")
+		}
+		// A -> B slowed so that one request's 2 MiB takes ~0.8 s: a fetch
+		// caught entering its reads is still mid-GET when A dies (A's
+		// replies wait in A's process, mhSendBuf), and the queue's 50 ms
+		// bound lets what A's kernel still sends, then its FIN, reach B
+		// well before the fetch's 1 s deadline: the GETs fail on the lost
+		// peer, not on the deadline. So A runs with mhSendBuf in this
+		// phase (a new epoch: B's first fetch handshakes again).
+		l.engA.kill()
+		l.startEngineA(t, mhSendBuf)
+		a.awaitHTTP(t, "http://"+a.Addr(mhSimPort)+"/health", l.simP) // P registered again
+		a.sh(t, "tc", "qdisc", "add", "dev", a.Veth, "root", "tbf", "rate", "20mbit", "burst", "32kbit", "latency", "50ms")
+		defer a.sh(t, "tc", "qdisc", "del", "dev", a.Veth, "root")
+		var killed time.Duration
+		var killErr error
+		res, d := l.phase(t, "A-killed", 3*time.Second, func() { killed, killErr = l.killAMidFetch(3 * time.Second) })
+		require.NoError(t, killErr)
+		t.Logf("A killed %v after a fetch on B began its reads", killed.Round(time.Millisecond))
+		require.Positive(t, d.failures["connection"], "the fetch that was reading ends on the lost peer (failures %v)", d.failures)
+		require.Zero(t, metrics(t, l.clientB, b.Addr(mhEngineHTTP))["pegaflow_engine_peer_fetches_inflight"], "no fetch left reading")
 		require.Greater(t, d.computed, float64(res.n), "D recomputes what A's engine can no longer serve")
 	})
 

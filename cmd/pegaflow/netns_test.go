@@ -52,9 +52,15 @@ func (x nsHost) sh(t *testing.T, name string, args ...string) {
 // it kills bin), UCX bound to x's veth.
 func (x nsHost) start(t *testing.T, bin string, args ...string) *proc {
 	t.Helper()
+	return x.startEnv(t, nil, bin, args...)
+}
+
+// startEnv is start with env added to the process's environment.
+func (x nsHost) startEnv(t *testing.T, env []string, bin string, args ...string) *proc {
+	t.Helper()
 	p := &proc{logs: &lockedBuffer{}, done: make(chan struct{})}
 	p.cmd = x.Command(bin, args...)
-	p.cmd.Env = append(os.Environ(), x.UCXEnv()...)
+	p.cmd.Env = append(append(os.Environ(), x.UCXEnv()...), env...)
 	p.cmd.Stderr = p.logs
 	require.NoError(t, p.cmd.Start())
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
