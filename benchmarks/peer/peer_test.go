@@ -217,6 +217,7 @@ func TestRDMAScriptDryRun(t *testing.T) {
 		"--peer-addr 127.0.0.1:PORT --peer-token-file",
 		"ucx_perftest 127.0.0.1 -p 13337 -t ucp_get -s 262144",
 		"ucx_perftest 127.0.0.1 -p 13337 -t ucp_get -s 2097152",
+		"nativebench -ucx-get-target -region-mib 512 | nativebench -ucx-get-initiator -extent-kib 256 -batch-mib 32 -iters 8 -window 64",
 		"fraction of 400 Gb/s line rate",
 	} {
 		require.Contains(t, s, want)
