@@ -1,7 +1,8 @@
 # Cross-host KV fetch benchmark: engine B fetching engine A's blocks over
-# UCX (tcp on loopback) vs bare UCX (ucx_perftest from Debian ucx-utils,
-# else benchmarks/native's ucp_get_nbx loop) in the same run; without UCX
-# in the build it prints why and passes (docs/multi-host.md#benchmark).
+# UCX (tcp on loopback) vs bare UCX in the same run: benchmarks/native's
+# two-process ucp_get_nbx reader (the target's baseline) and, as a
+# cache-hot reference, ucx_perftest from Debian ucx-utils; without UCX in
+# the build it prints why and passes (docs/multi-host.md#benchmark).
 # RDMA hosts: scripts/bench-peer-rdma.
 BENCH_TARGETS += bench-peer
 .PHONY: bench-peer

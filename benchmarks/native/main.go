@@ -8,6 +8,14 @@
 // With -xfer it measures the UCX transfer layer instead: XferPeer.Get
 // between two agents in this process next to a plain ucp_get_nbx loop over
 // the same memory and offsets, for 16 KiB to 2 MiB extents.
+//
+// -ucx-get-target and -ucx-get-initiator are the two processes of
+// benchmarks/peer's bare-UCX baseline (plain ucp.h, no PegaFlow code): the
+// target registers -region-mib and prints its worker address and rkey as
+// one JSON line, then serves until stdin closes; the initiator reads that
+// line from stdin and GETs -iters batches of -batch-mib (after one
+// warm-up) in -extent-kib extents from advancing remote offsets, -window
+// outstanding, and prints the GB/s as JSON.
 package main
 
 import (
@@ -42,7 +50,31 @@ func main() {
 	dir := flag.String("dir", "", "directory for the region file (default /dev/shm, else the temp dir)")
 	jsonOut := flag.Bool("json", false, "print JSON instead of a table")
 	xfer := flag.Bool("xfer", false, "measure UCX transfers (XferPeer.Get vs plain ucp_get_nbx, UCX_TLS default tcp) instead of copies")
+	target := flag.Bool("ucx-get-target", false, "serve a -region-mib region to one -ucx-get-initiator until stdin closes")
+	initiator := flag.Bool("ucx-get-initiator", false, "read -iters batches of -batch-mib from the target on stdin; print JSON")
+	extentKiB := flag.Int("extent-kib", 256, "-ucx-get-initiator: bytes per GET, KiB")
+	window := flag.Int("window", 64, "-ucx-get-initiator: GETs outstanding")
 	flag.Parse()
+	switch {
+	case *target:
+		if *regionMiB <= 0 {
+			fmt.Fprintln(os.Stderr, "nativebench: need region-mib > 0")
+			os.Exit(2)
+		}
+		if err := runUCXGetTarget(uint64(*regionMiB) << 20); err != nil {
+			fmt.Fprintln(os.Stderr, "nativebench:", err)
+			os.Exit(1)
+		}
+		return
+	case *initiator:
+		if *batchMiB <= 0 || *iters <= 0 || *extentKiB <= 0 || *extentKiB > *batchMiB<<10 || *window <= 0 {
+			fmt.Fprintln(os.Stderr, "nativebench: need batch-mib > 0, iters > 0, 0 < extent-kib <= batch-mib*1024, window > 0")
+			os.Exit(2)
+		}
+		r, err := runUCXGetInitiator(uint64(*extentKiB)<<10, uint64(*batchMiB)<<20, *iters, *window)
+		finish([]ucxGetResult{r}, err, true, nil)
+		return
+	}
 	if *xfer {
 		if *batchMiB <= 0 || *iters <= 0 {
 			fmt.Fprintln(os.Stderr, "nativebench: need batch-mib > 0, iters > 0")

@@ -5,10 +5,11 @@
 // (B fetching the whole batch from A's pools over UCX) gives the peer fetch
 // GB/s per share size. B's pegaflow_engine_peer_fetch_* metrics over the
 // same queries are the cross-check. Next to it, in the same run, the bare
-// UCX figure for the same sizes: `ucx_perftest -t ucp_get` (server and
-// client, the same UCX environment, as many GETs outstanding as the
-// transfer agent's window), or, without ucx_perftest, the plain
-// ucp_get_nbx loop of benchmarks/native.
+// UCX figure the target is measured against: benchmarks/native's
+// two-process ucp_get_nbx reader (bareucx.go), the same bytes over the
+// same memory footprint and window as the fetch; and, as a second,
+// cache-hot reference, `ucx_perftest -t ucp_get` (server and client, the
+// same UCX environment and window) when it is installed.
 //
 // UCX_TLS defaults to tcp (loopback here); scripts/bench-peer-rdma runs the
 // same with UCX_TLS=rc and UCX_NET_DEVICES against a line rate. Without
@@ -42,14 +43,14 @@ func main() {
 	sizes := flag.String("sizes", "16,64,256,1024,2048", "share sizes per block, KiB")
 	flag.StringVar(&o.pegaflow, "pegaflow", "bin/pegaflow", "pegaflow binary (make build)")
 	flag.StringVar(&o.host, "host", "127.0.0.1", "address the engines' peer API and ucx_perftest use (the KV network's on RDMA hosts)")
-	flag.StringVar(&o.perftest, "ucx-perftest", "ucx_perftest", "ucx_perftest binary (Debian ucx-utils); missing: the benchmarks/native ucp_get_nbx loop")
-	flag.StringVar(&o.goTool, "go", "go", "go tool, for the benchmarks/native fallback")
-	flag.StringVar(&o.goTags, "go-tags", "", "build tags for the benchmarks/native fallback")
+	flag.StringVar(&o.perftest, "ucx-perftest", "ucx_perftest", "ucx_perftest binary (Debian ucx-utils) for the cache-hot reference column; missing: no such column")
+	flag.StringVar(&o.goTool, "go", "go", "go tool, to build benchmarks/native (the bare-UCX baseline)")
+	flag.StringVar(&o.goTags, "go-tags", "", "build tags for benchmarks/native")
 	flag.StringVar(&o.jsonOut, "json", "", "also write the rows as JSON here")
 	flag.IntVar(&o.totalMiB, "total-mib", 256, "bytes fetched per size (timed), MiB")
 	flag.IntVar(&o.batchMiB, "batch-mib", 32, "bytes per query, MiB")
 	flag.IntVar(&o.poolMiB, "pool-mib", 512, "pool size of each engine, MiB")
-	flag.IntVar(&o.reps, "reps", 5, "alternating repetitions of peer fetch and baseline per size; the best of each is reported")
+	flag.IntVar(&o.reps, "reps", 5, "alternating repetitions of peer fetch and baselines per size; the best of each is reported")
 	flag.Float64Var(&o.lineRateGbps, "line-rate-gbps", 0, "also print the peer fetch as a fraction of this line rate (Gbit/s)")
 	dryRun := flag.Bool("dry-run", false, "print what it would run; start nothing")
 	flag.Parse()
@@ -95,9 +96,11 @@ func printPlan(o options) {
 	for _, size := range o.sizes {
 		n := max((o.batchMiB<<20)/size, 1)
 		p := planPerftest(size, o.totalMiB<<20)
-		fmt.Printf("%s: %d x {save %d blocks into A, query B (source_engine A) x %d timed + 1 warm-up; %s %s & %s %s}\n",
-			human(size), o.reps, n, o.totalMiB/o.batchMiB, o.perftest, strings.Join(p.serverArgs(13337), " "),
-			o.perftest, strings.Join(p.clientArgs(o.host, 13337), " "))
+		u := planBareUCX(size, o.batchMiB, o.totalMiB, o.poolMiB)
+		fmt.Printf("%s: %d x {save %d blocks into A, query B (source_engine A) x %d timed + 1 warm-up; "+
+			"nativebench %s | nativebench %s; %s %s & %s %s}\n",
+			human(size), o.reps, n, o.totalMiB/o.batchMiB, strings.Join(u.targetArgs(), " "), strings.Join(u.initiatorArgs(), " "),
+			o.perftest, strings.Join(p.serverArgs(13337), " "), o.perftest, strings.Join(p.clientArgs(o.host, 13337), " "))
 	}
 	if o.lineRateGbps > 0 {
 		fmt.Printf("table: peer fetch also as a fraction of %g Gb/s line rate\n", o.lineRateGbps)
@@ -114,6 +117,15 @@ func run(ctx context.Context, o options) error {
 	if err := os.WriteFile(tokenFile, []byte(ids.Hex(32)+"\n"), 0o600); err != nil {
 		return err
 	}
+	// Built before the engines start: the compile would slow nothing timed.
+	nativeBench, err := buildNativeBench(ctx, o.goTool, o.goTags, dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench-peer: no bare UCX baseline:", err)
+	}
+	perftest, lookErr := exec.LookPath(o.perftest)
+	if lookErr != nil {
+		fmt.Fprintf(os.Stderr, "bench-peer: %s not found (apt-get install ucx-utils): no cache-hot reference column\n", o.perftest)
+	}
 	a, err := startEngine(ctx, o.pegaflow, dir, "A", o.host, tokenFile, o.poolMiB)
 	if err != nil {
 		return err
@@ -125,22 +137,12 @@ func run(ctx context.Context, o options) error {
 	}
 	defer b.stop()
 
-	perftest, lookErr := exec.LookPath(o.perftest)
-	baseline := "ucx_perftest -t ucp_get"
-	var loop map[int]float64
-	if lookErr != nil {
-		fmt.Fprintf(os.Stderr, "bench-peer: %s not found (apt-get install ucx-utils): the baseline is benchmarks/native's ucp_get_nbx loop\n", o.perftest)
-		baseline = "plain ucp_get_nbx loop (benchmarks/native, run once before the fetches)"
-		if loop, err = runNativeLoop(ctx, o.goTool, o.goTags, o.totalMiB); err != nil {
-			fmt.Fprintln(os.Stderr, "bench-peer: no bare UCX baseline:", err)
-		}
-	}
 	var rows []row
 	for _, size := range o.sizes {
-		// Peer fetch and baseline alternate, best of each kept: on a shared
-		// machine load only ever slows a measurement down.
+		// Peer fetch and baselines alternate, best of each kept: on a
+		// shared machine load only ever slows a measurement down.
 		var best fetchResult
-		bare := loop[size]
+		var bare, hot float64
 		for rep := range o.reps {
 			f, err := measureFetch(ctx, a, b, size, o.batchMiB<<20, o.totalMiB/o.batchMiB, rep)
 			if err != nil {
@@ -149,19 +151,27 @@ func run(ctx context.Context, o options) error {
 			if f.FetchGBps > best.FetchGBps {
 				best = f
 			}
-			if lookErr == nil {
-				g, err := runPerftest(ctx, perftest, o.host, planPerftest(size, o.totalMiB<<20))
+			if nativeBench != "" {
+				g, err := runBareUCX(ctx, nativeBench, planBareUCX(size, o.batchMiB, o.totalMiB, o.poolMiB))
 				if err != nil {
-					fmt.Fprintf(os.Stderr, "bench-peer: %s baseline: %v\n", human(size), err)
+					fmt.Fprintf(os.Stderr, "bench-peer: %s bare UCX baseline: %v\n", human(size), err)
 				}
 				bare = max(bare, g)
 			}
+			if lookErr == nil {
+				g, err := runPerftest(ctx, perftest, o.host, planPerftest(size, o.totalMiB<<20))
+				if err != nil {
+					fmt.Fprintf(os.Stderr, "bench-peer: %s ucx_perftest: %v\n", human(size), err)
+				}
+				hot = max(hot, g)
+			}
 		}
-		rows = append(rows, makeRow(best, bare, o.lineRateGbps))
+		rows = append(rows, makeRow(best, bare, hot, o.lineRateGbps))
 	}
 	fmt.Printf("Peer fetch: engine B fetching from engine A over UCX (%s, peer API on %s), %d MiB per size in queries of %d MiB,\n"+
-		"vs bare UCX: %s, same sizes, same run; best of %d repetitions (ucx_perftest alternating with the fetches); %d CPUs, one run\n\n",
-		ucxEnv(), o.host, o.totalMiB, o.batchMiB, baseline, o.reps, runtime.NumCPU())
+		"vs bare UCX: two processes of plain ucp_get_nbx (benchmarks/native -ucx-get-*), the same batches, window and %d MiB remote footprint;\n"+
+		"and ucx_perftest -t ucp_get (one buffer each side, cache-hot), same sizes and window; all alternating, best of %d repetitions; %d CPUs, one run\n\n",
+		ucxEnv(), o.host, o.totalMiB, o.batchMiB, o.poolMiB, o.reps, runtime.NumCPU())
 	printTable(os.Stdout, rows, o.lineRateGbps)
 	if o.jsonOut != "" {
 		js, _ := json.MarshalIndent(rows, "", "  ")

@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os/exec"
@@ -27,10 +26,12 @@ type perftestPlan struct {
 	size, iters, warmup, outstanding int
 }
 
+// agentWindow is how many GETs of size bytes the agent keeps in flight.
+func agentWindow(size int) int { return min(agentWindowOps, max(agentWindowBytes/size, 1)) }
+
 func planPerftest(size, totalBytes int) perftestPlan {
 	iters := max(totalBytes/size, 1)
-	return perftestPlan{size: size, iters: iters, warmup: max(iters/10, 1),
-		outstanding: min(agentWindowOps, max(agentWindowBytes/size, 1))}
+	return perftestPlan{size: size, iters: iters, warmup: max(iters/10, 1), outstanding: agentWindow(size)}
 }
 
 func (p perftestPlan) serverArgs(port int) []string { return []string{"-p", strconv.Itoa(port)} }
@@ -68,7 +69,10 @@ func parsePerftestCSV(out []byte) (float64, error) {
 }
 
 // runPerftest runs one ucx_perftest server and client on host (the UCX
-// environment inherited) and returns the client's overall GB/s.
+// environment inherited) and returns the client's overall GB/s. It reads
+// one size-byte buffer into one size-byte buffer over and over (it has no
+// option to spread them), so both ends stay cache-hot: a reference, not
+// the baseline of the target (bareucx.go is).
 func runPerftest(ctx context.Context, bin, host string, p perftestPlan) (float64, error) {
 	port, err := freePort(host)
 	if err != nil {
@@ -97,32 +101,6 @@ func runPerftest(ctx context.Context, bin, host string, p perftestPlan) (float64
 		return 0, fmt.Errorf("ucx_perftest client: %w: %s / server: %s", err, lastLines(out, 5), lastLines(srvOut.Bytes(), 5))
 	}
 	return parsePerftestCSV(out)
-}
-
-// nativeXfer is the part of `benchmarks/native -xfer -json` this reads.
-type nativeXfer struct {
-	ExtentBytes int     `json:"extent_bytes"`
-	UCXGBps     float64 `json:"ucp_get_nbx_gbps"`
-}
-
-// runNativeLoop is the fallback baseline when ucx_perftest is missing: the
-// plain ucp_get_nbx loop of benchmarks/native, GB/s by extent size.
-func runNativeLoop(ctx context.Context, goTool, goTags string, totalMiB int) (map[int]float64, error) {
-	cmd := exec.CommandContext(ctx, goTool, "run", "-tags", goTags, "./benchmarks/native", "-xfer", "-json",
-		"-batch-mib", "64", "-iters", strconv.Itoa(max(totalMiB/64, 1)))
-	out, err := cmd.Output()
-	if err != nil {
-		return nil, fmt.Errorf("benchmarks/native -xfer: %w", err)
-	}
-	var rs []nativeXfer
-	if err := json.Unmarshal(out, &rs); err != nil {
-		return nil, fmt.Errorf("benchmarks/native -xfer output: %w", err)
-	}
-	m := map[int]float64{}
-	for _, r := range rs {
-		m[r.ExtentBytes] = r.UCXGBps
-	}
-	return m, nil
 }
 
 func lastLines(b []byte, n int) string {

@@ -18,21 +18,28 @@ const (
 	targetFrom  = 256 << 10
 )
 
-// row is one size's line of the table; BareGBps 0 means no baseline.
+// row is one size's line of the table: the target is judged against the
+// two-process bare-UCX figure (BareGBps), ucx_perftest's cache-hot one
+// (HotGBps) is a reference beside it; 0 means that baseline is missing.
 type row struct {
 	fetchResult
 	BareGBps float64 `json:"bare_ucx_gbps"`
 	Ratio    float64 `json:"ratio"`
 	Target   string  `json:"target"`
+	HotGBps  float64 `json:"ucx_perftest_gbps"`
+	HotRatio float64 `json:"ucx_perftest_ratio"`
 	OfLine   float64 `json:"of_line_rate,omitempty"`
 }
 
-// makeRow fills in the ratio and the verdict; lineRateGbps > 0 adds the
+// makeRow fills in the ratios and the verdict; lineRateGbps > 0 adds the
 // fraction of line rate (Gbit/s, so /8 for GB/s).
-func makeRow(f fetchResult, bare, lineRateGbps float64) row {
-	r := row{fetchResult: f, BareGBps: bare, Target: "-"}
+func makeRow(f fetchResult, bare, hot, lineRateGbps float64) row {
+	r := row{fetchResult: f, BareGBps: bare, HotGBps: hot, Target: "-"}
 	if bare > 0 {
 		r.Ratio = f.FetchGBps / bare
+	}
+	if hot > 0 {
+		r.HotRatio = f.FetchGBps / hot
 	}
 	if f.ShareBytes >= targetFrom {
 		verdict := "no baseline"
@@ -51,11 +58,13 @@ func makeRow(f fetchResult, bare, lineRateGbps float64) row {
 	return r
 }
 
-// printTable writes the markdown table: the issue's five columns, then B's
-// metrics as a cross-check and, against a line rate, the fraction of it.
+// printTable writes the markdown table: the issue's five columns, the
+// cache-hot ucx_perftest reference, then B's metrics as a cross-check and,
+// against a line rate, the fraction of it.
 func printTable(w io.Writer, rows []row, lineRateGbps float64) {
-	head := "| size | peer fetch GB/s | bare UCX GB/s | ratio | target | blocks/query | query p50 | B metrics GB/s |"
-	sep := "|---|---|---|---|---|---|---|---|"
+	head := "| size | peer fetch GB/s | bare UCX GB/s | ratio | target | ucx_perftest GB/s (cache-hot) | ratio to it |" +
+		" blocks/query | query p50 | B metrics GB/s |"
+	sep := "|---|---|---|---|---|---|---|---|---|---|"
 	if lineRateGbps > 0 {
 		head += fmt.Sprintf(" of %g Gb/s line rate |", lineRateGbps)
 		sep += "---|"
@@ -63,22 +72,28 @@ func printTable(w io.Writer, rows []row, lineRateGbps float64) {
 	fmt.Fprintln(w, head)
 	fmt.Fprintln(w, sep)
 	for _, r := range rows {
-		bare, ratio := "-", "-"
-		if r.BareGBps > 0 {
-			// Rounded down, so a ratio shown as 0.80 never reads MISS.
-			bare, ratio = fmt.Sprintf("%.2f", r.BareGBps), fmt.Sprintf("%.2f", math.Floor(r.Ratio*100)/100)
-		}
+		bare, ratio := gbpsAndRatio(r.BareGBps, r.Ratio)
+		hot, hotRatio := gbpsAndRatio(r.HotGBps, r.HotRatio)
 		metric := fmt.Sprintf("%.2f", r.MetricGBps)
 		if !r.MetricsMatch {
 			metric += fmt.Sprintf(" (counted %.0f B: mismatch)", r.MetricBytes)
 		}
-		line := fmt.Sprintf("| %s | %.2f | %s | %s | %s | %d | %.1f ms | %s |", human(r.ShareBytes), r.FetchGBps, bare, ratio,
-			r.Target, r.Blocks, r.QueryP50ms, metric)
+		line := fmt.Sprintf("| %s | %.2f | %s | %s | %s | %s | %s | %d | %.1f ms | %s |", human(r.ShareBytes), r.FetchGBps, bare,
+			ratio, r.Target, hot, hotRatio, r.Blocks, r.QueryP50ms, metric)
 		if lineRateGbps > 0 {
 			line += fmt.Sprintf(" %.2f |", r.OfLine)
 		}
 		fmt.Fprintln(w, line)
 	}
+}
+
+// gbpsAndRatio formats a baseline's cells, "-" for a missing one; the
+// ratio is rounded down, so one shown as 0.80 never reads MISS.
+func gbpsAndRatio(gbps, ratio float64) (string, string) {
+	if gbps <= 0 {
+		return "-", "-"
+	}
+	return fmt.Sprintf("%.2f", gbps), fmt.Sprintf("%.2f", math.Floor(ratio*100)/100)
 }
 
 func human(n int) string {
