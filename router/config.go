@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/pegaflow/pegaflow/internal/cli"
-
 	"github.com/pegaflow/pegaflow/router/upstream"
 )
 
