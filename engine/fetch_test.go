@@ -124,16 +124,31 @@ func TestFetchFromPeerEngine(t *testing.T) {
 	}
 }
 
-func TestFetchEndsShortOnEveryFailure(t *testing.T) {
+// peerPair is two peer engines, a (address a:1) and b (b:1), over UCX
+// tcp, with a one-rank producer p on a and consumer d on b.
+type peerPair struct {
+	ctl  *directPeers
+	a, b *Engine
+	p, d *worker
+}
+
+// newPeerPair skips without UCX in the build.
+func newPeerPair(t *testing.T) peerPair {
+	t.Helper()
 	if !native.XferBuilt {
 		t.Skip("UCX not built")
 	}
 	t.Setenv("UCX_TLS", "tcp")
-	ctl := &directPeers{peers: map[string]*Engine{}}
-	a := newPeerEngine(t, ctl, "a:1", 8<<20)
-	b := newPeerEngine(t, ctl, "b:1", 8<<20)
-	p := newWorker(t, a, "P", 0, 1, smallSpec)
-	d := newWorker(t, b, "D", 0, 1, smallSpec)
+	pp := peerPair{ctl: &directPeers{peers: map[string]*Engine{}}}
+	pp.a = newPeerEngine(t, pp.ctl, "a:1", 8<<20)
+	pp.b = newPeerEngine(t, pp.ctl, "b:1", 8<<20)
+	pp.p, pp.d = newWorker(t, pp.a, "P", 0, 1, smallSpec), newWorker(t, pp.b, "D", 0, 1, smallSpec)
+	return pp
+}
+
+func TestFetchEndsShortOnEveryFailure(t *testing.T) {
+	pp := newPeerPair(t)
+	ctl, a, b, p, d := pp.ctl, pp.a, pp.b, pp.p, pp.d
 	hashes := kvtest.Hashes("fail", 4)
 	p.save(t, seq(0, 4), hashes, "", false)
 
@@ -184,15 +199,8 @@ func TestFetchEndsShortOnEveryFailure(t *testing.T) {
 // open: P's blocks are not left pinned until the transfer TTL (a busy P
 // would fill its pool with them).
 func TestFetchedTransferIsReleasedOnThePeer(t *testing.T) {
-	if !native.XferBuilt {
-		t.Skip("UCX not built")
-	}
-	t.Setenv("UCX_TLS", "tcp")
-	ctl := &directPeers{peers: map[string]*Engine{}}
-	a := newPeerEngine(t, ctl, "a:1", 8<<20)
-	b := newPeerEngine(t, ctl, "b:1", 8<<20)
-	p := newWorker(t, a, "P", 0, 1, smallSpec)
-	d := newWorker(t, b, "D", 0, 1, smallSpec)
+	pp := newPeerPair(t)
+	a, b, p, d := pp.a, pp.b, pp.p, pp.d
 	hashes := kvtest.Hashes("consumed", 4)
 	p.save(t, seq(0, 4), hashes, "t-consumed", true)
 	require.EqualValues(t, 4, a.Stats().PinnedBlocks, "the transfer pins its blocks for D")

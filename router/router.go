@@ -132,10 +132,9 @@ func New(cfg Config, deps Deps) (*Router, error) {
 	r := &Router{
 		cfg: cfg, log: log, kv: deps.KVReady, m: m,
 		transfers: newTransfers(),
-		up: upstream.New(upstream.Config{DialTimeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second,
-			IdleTimeout: 90 * time.Second, MaxIdlePerHost: 1024}),
-		client:   &http.Client{Transport: transport},
-		readyURL: cfg.readyURL(),
+		up:        upstream.New(upstream.Config{DialTimeout: cfg.ConnectTimeout}), // keep-alive 30 s, 1024 idle per backend for 90 s
+		client:    &http.Client{Transport: transport},
+		readyURL:  cfg.readyURL(),
 
 		errPrefillTimeout:   deadlineErrorf("no prefill answer within %s (--prefill-timeout)", cfg.PrefillTimeout),
 		errFirstByteTimeout: deadlineErrorf("no first event within %s (--first-byte-timeout)", cfg.FirstByteTimeout),

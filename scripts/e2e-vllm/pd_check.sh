@@ -140,6 +140,16 @@ wait_healthy() {  # NAME URL
     sleep 1
   done
 }
+start_trio() {  # INSTANCE_SUFFIX: the reference vLLM, P and D of $MODEL, each until healthy
+  start_vllm ref "$REF"
+  start_vllm p "$PP" --kv-transfer-config "$(kvc "$P_ROLE" "e2e-prefill$1")"
+  start_vllm d "$DP" --kv-transfer-config "$(kvc kv_consumer "e2e-decode$1")"
+  local n port
+  for n in ref p d; do
+    case $n in ref) port=$REF ;; p) port=$PP ;; d) port=$DP ;; esac
+    wait_healthy "$n" "http://127.0.0.1:$port"
+  done
+}
 snap() { "$PY" "$HERE/pd_eval.py" snap "$OUT/$1.json" engine="$ENGINE_URL" router="$ROUTER_URL" \
   p="http://127.0.0.1:$PP" d="http://127.0.0.1:$DP"; }
 compare() {  # NAME VARIANT: a compare pass against the router, in the background
@@ -167,13 +177,7 @@ rc=0
 log "bin $BIN ($("$BIN" version 2>/dev/null || echo '?')), vllm $("$PY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)"
 start_engine
 start_router
-start_vllm ref "$REF"
-start_vllm p "$PP" --kv-transfer-config "$(kvc "$P_ROLE" e2e-prefill)"
-start_vllm d "$DP" --kv-transfer-config "$(kvc kv_consumer e2e-decode)"
-for n in ref p d; do
-  case $n in ref) port=$REF ;; p) port=$PP ;; d) port=$DP ;; esac
-  wait_healthy "$n" "http://127.0.0.1:$port"
-done
+start_trio ""
 wait_router() {  # until the router sees a healthy P and D (its /health is 200 then)
   local deadline=$((SECONDS + 30))
   until curl -sf "$ROUTER_URL/health" >/dev/null; do
@@ -294,13 +298,7 @@ c["sliding_window"] = 64
 json.dump(c, open(sys.argv[1], "w", encoding="utf-8"), indent=2)
 EOF
 MODEL="$HYBRID"
-start_vllm ref "$REF"
-start_vllm p "$PP" --kv-transfer-config "$(kvc "$P_ROLE" e2e-prefill-hybrid)"
-start_vllm d "$DP" --kv-transfer-config "$(kvc kv_consumer e2e-decode-hybrid)"
-for n in ref p d; do
-  case $n in ref) port=$REF ;; p) port=$PP ;; d) port=$DP ;; esac
-  wait_healthy "$n" "http://127.0.0.1:$port"
-done
+start_trio -hybrid
 wait_router
 compare hybrid 4
 wait "$CMP" || true
