@@ -24,16 +24,23 @@ func testConfig(base string, prompts ...string) Config {
 	return cfg
 }
 
-// within asserts got is want up to the scheduling noise of a loaded 2-core
-// machine; scripted gaps are 100 ms multiples so the noise cannot be
-// mistaken for a wrong definition (which would be off by >= 50 ms).
+// scriptUnit is the time unit of TestMetricsOnScriptedBackend's script:
+// its gaps are multiples of 100 units (200 ms), so a wrong definition
+// moves a figure by >= 100 ms, while scheduling on a loaded 2-core CI
+// machine only ever delays chunks, by tens of ms.
+const scriptUnit = 2 * time.Millisecond
+
+// within asserts got (ms) is want (script units) up to that noise: never
+// early (but for the clock's granularity), at most 90 ms late.
 func within(t *testing.T, want, got float64, what string) {
 	t.Helper()
-	require.InDelta(t, want, got, 25, "%s: want %.1f ms, got %.1f ms", what, want, got)
+	want *= float64(scriptUnit) / float64(time.Millisecond)
+	require.GreaterOrEqual(t, got, want-5, "%s: want %.1f ms, got %.1f ms (early)", what, want, got)
+	require.LessOrEqual(t, got, want+90, "%s: want %.1f ms, got %.1f ms (late)", what, want, got)
 }
 
-// The timings below are scripted exactly; the expected values are computed
-// by hand from the definitions in the package doc.
+// The timings below are scripted exactly, in script units; the expected
+// values are computed by hand from the definitions in the package doc.
 //
 //	A: TTFT 100, chunks at 100, 200, 300; usage 3 tokens, prompt 10
 //	   -> ITL [100, 100], E2EL 300, TPOT (300-100)/2 = 100
@@ -52,16 +59,16 @@ func TestMetricsOnScriptedBackend(t *testing.T) {
 		t.Run(endpoint, func(t *testing.T) {
 			srv := newScripted(t, map[string]script{
 				"A": {done: true, steps: []step{
-					{wait: 100 * ms1, text: "a"}, {wait: 100 * ms1, text: "b"}, {wait: 100 * ms1, text: "c"},
+					{wait: 100 * scriptUnit, text: "a"}, {wait: 100 * scriptUnit, text: "b"}, {wait: 100 * scriptUnit, text: "c"},
 					{usage: usage(10, 3)},
 				}},
 				"B": {done: true, steps: []step{
 					{wait: 0, text: ""}, // role chunk: carries no text, not a token
-					{wait: 200 * ms1, text: "x"}, {wait: 300 * ms1, text: "yyyy"},
+					{wait: 200 * scriptUnit, text: "x"}, {wait: 300 * scriptUnit, text: "yyyy"},
 					{raw: `{"choices":[{"index":0,"text":"","delta":{},"finish_reason":"length"}]}`},
 					{usage: usage(20, 5)},
 				}},
-				"C": {done: true, steps: []step{{wait: 400 * ms1, text: "z"}, {usage: usage(30, 1)}}},
+				"C": {done: true, steps: []step{{wait: 400 * scriptUnit, text: "z"}, {usage: usage(30, 1)}}},
 			})
 			cfg := testConfig(srv.URL, "A", "B", "C")
 			cfg.Endpoint = endpoint

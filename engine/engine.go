@@ -77,11 +77,19 @@ type Config struct {
 	// Registrations are checked against it and it places the pools.
 	Topology *topology.Topology
 	// Peers is the control plane to other engines (engine/peer.Client).
-	// When set, New starts the UCX transfer agent and registers the pools
-	// with it once: the engine serves peers (PeerHandshake,
-	// OpenPeerTransfer) and fetches from them (QueryRequest.source_engine).
-	// nil: neither, and UCX is never started.
+	// When set, the engine serves peers (PeerHandshake, OpenPeerTransfer,
+	// OpenPeerRead) and fetches from them (QueryRequest.source_engine).
+	// nil: neither.
 	Peers PeerControl
+	// PeerTransport is how fetched bytes move: PeerTransportTCP (default,
+	// the validated stream) or PeerTransportRDMA (UCX one-sided reads; New
+	// starts the UCX agent and registers the pools remote-read-only, and
+	// refuses to unless UCX_TLS names RDMA transports only).
+	PeerTransport string
+	// ucxOverTCP lets this package's tests run PeerTransportRDMA over
+	// UCX's tcp transport, the only one a test machine has; nothing
+	// outside the package can set it.
+	ucxOverTCP bool
 	// PeerOpenTTL bounds how long a peer's open transfer pins blocks
 	// without a release (default DefaultPeerOpenTTL).
 	PeerOpenTTL time.Duration
@@ -168,8 +176,8 @@ type Engine struct {
 	budget *copyBudget
 	// epoch is new on every start (peers see a restart by it).
 	epoch string
-	// xfer is the UCX side, nil without Config.Peers (peerlink.go).
-	xfer *xferState
+	// peers is the cross-host side, nil without Config.Peers (peerlink.go).
+	peers *peerState
 
 	mu         sync.Mutex
 	closed     bool
@@ -255,9 +263,9 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		_ = closePools(pools)
 		return nil, fmt.Errorf("eviction policy: %w", err)
 	}
-	var xfer *xferState
+	var peers *peerState
 	if cfg.Peers != nil {
-		if xfer, err = startXfer(pools, cfg.Peers, log.With("component", "peer")); err != nil {
+		if peers, err = startPeers(pools, &cfg, log.With("component", "peer")); err != nil {
 			policy.close()
 			_ = copier.Close()
 			_ = closePools(pools)
@@ -267,7 +275,7 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 	stopped, stop := context.WithCancel(context.Background())
 	e := &Engine{
 		epoch:       ids.New("ep-"),
-		xfer:        xfer,
+		peers:       peers,
 		peerOpens:   map[string]*peerOpen{},
 		stopped:     stopped,
 		stop:        stop,
@@ -303,7 +311,7 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 	e.bg.Add(1)
 	go e.housekeeping()
 	log.Info("engine started", "backend", native.Backend(), "pool_bytes", e.capacity(), "pools", len(pools), "copy_threads", cfg.CopyThreads,
-		"epoch", e.epoch, "peer_transfers", xfer != nil)
+		"epoch", e.epoch, "peer_transfers", peers != nil)
 	return e, nil
 }
 
@@ -397,9 +405,9 @@ func (e *Engine) freeMemory() error {
 	defer close(e.freed)
 	// The copier waits for in-flight batches before the pools go away.
 	err := e.copier.Close()
-	if e.xfer != nil {
+	if e.peers != nil {
 		// The pools cannot be freed while registered with UCX.
-		if xerr := e.xfer.close(); err == nil {
+		if xerr := e.peers.close(); err == nil {
 			err = xerr
 		}
 	}

@@ -66,7 +66,7 @@ func (e *Engine) fetchDeadline(wait time.Duration) time.Duration {
 // fetchFromPeer fetches what req is missing from the peer at addr, within
 // wait. It never fails the Query: errors only shorten what it fetched.
 func (e *Engine) fetchFromPeer(ctx context.Context, addr string, req *pb.QueryRequest, hashes [][]byte, wait time.Duration) {
-	if e.xfer == nil {
+	if e.peers == nil {
 		return
 	}
 	f := e.planFetchRange(req.SessionId, req.NamespaceId, hashes)
@@ -124,7 +124,7 @@ func (e *Engine) planFetchRange(sessionID, nsID string, hashes [][]byte) *fetchR
 		lo++
 	}
 	hi := lo
-	for hi < len(hashes) && ns.blocks[string(hashes[hi])] == nil {
+	for hi < len(hashes) && hi-lo < MaxPeerOpenHashes && ns.blocks[string(hashes[hi])] == nil {
 		hi++
 	}
 	if hi == lo {
@@ -156,7 +156,7 @@ func (e *Engine) rankPoolLocked(ns *namespace, r uint32) int {
 // fetch opens the transfer on the peer, reads it and seals what arrived;
 // it returns how many of f.hashes are now sealed here by it.
 func (e *Engine) fetch(ctx context.Context, addr, transferID string, f *fetchRange) (int, error) {
-	x := e.xfer
+	x := e.peers
 	l, err := x.link(ctx, addr)
 	if err != nil {
 		return 0, err
@@ -194,7 +194,11 @@ func (e *Engine) fetch(ctx context.Context, addr, transferID string, f *fetchRan
 		x.drop(l)
 		return 0, fmt.Errorf("%w: handshake at %q, transfer opened at %q", ErrPeerEpoch, l.epoch, resp.Epoch)
 	}
-	if err := checkPeerBlocks(resp, f, len(l.regions)); err != nil {
+	pools := -1 // the validated stream: the peer checks the pool of every extent
+	if l.xp != nil {
+		pools = len(l.regions)
+	}
+	if err := checkPeerBlocks(resp, f, pools); err != nil {
 		return 0, err
 	}
 	ops := int64(len(resp.Blocks) * len(f.pools))
@@ -210,7 +214,7 @@ func (e *Engine) fetch(ctx context.Context, addr, transferID string, f *fetchRan
 	if len(got) == 0 {
 		return 0, planErr
 	}
-	n, err := e.readBlocks(ctx, l, reads, len(f.pools))
+	n, err := e.readBlocks(ctx, l, resp.Handle, reads, len(f.pools))
 	if errors.Is(err, native.ErrPeer) {
 		x.drop(l)
 	}
@@ -231,9 +235,11 @@ func deadlineOf(ctx context.Context) time.Time {
 	return d
 }
 
-// checkPeerBlocks checks the peer's answer against the namespace here.
-// The extents themselves are bounds-checked against the peer's advertised
-// pool sizes by the native layer before anything is read.
+// checkPeerBlocks checks the peer's answer against the namespace here,
+// and each extent's pool against the peer's pools (pools < 0: not known
+// here). With UCX the extents themselves are bounds-checked against the
+// peer's advertised pool sizes by the native layer before anything is
+// read; the validated stream's peer checks them against the transfer.
 func checkPeerBlocks(resp *pb.PeerOpenTransferResponse, f *fetchRange, pools int) error {
 	if len(resp.Blocks) > len(f.hashes) {
 		return fmt.Errorf("%w: %d blocks for %d hashes", errPeerMismatch, len(resp.Blocks), len(f.hashes))
@@ -246,7 +252,7 @@ func checkPeerBlocks(resp *pb.PeerOpenTransferResponse, f *fetchRange, pools int
 			return fmt.Errorf("%w: block %d has %d shares, TP size is %d", errPeerMismatch, i, len(b.Shares), len(f.pools))
 		}
 		for _, s := range b.Shares {
-			if int(s.Pool) >= pools || s.Length != f.ns.rankBytes {
+			if (pools >= 0 && int(s.Pool) >= pools) || s.Length != f.ns.rankBytes {
 				return fmt.Errorf("%w: block %d: share in pool %d of %d, %d bytes", errPeerMismatch, i, s.Pool, pools, s.Length)
 			}
 		}
@@ -310,14 +316,14 @@ func (e *Engine) planFetch(f *fetchRange, remote []*pb.PeerBlock) ([]*block, [][
 // submitted at once (the native layer keeps them in FIFO order per peer),
 // and returns how many leading blocks arrived whole and the error that
 // ended the first chunk that did not.
-func (e *Engine) readBlocks(ctx context.Context, l *peerLink, reads [][]fetchRead, tp int) (int, error) {
-	per := max(1, min(fetchChunkBytes/max(1, int(reads[0][0].op.Len)*tp), native.MaxXferOps/tp))
+func (e *Engine) readBlocks(ctx context.Context, l *peerLink, handle string, reads [][]fetchRead, tp int) (int, error) {
+	per := max(1, min(fetchChunkBytes/max(1, int(reads[0][0].op.Len)*tp), min(native.MaxXferOps, MaxPeerReadExtents)/tp))
 	chunks := (len(reads) + per - 1) / per
 	errs := make([]error, chunks)
 	var wg sync.WaitGroup
 	for c := range chunks {
 		wg.Go(func() {
-			errs[c] = e.readChunk(ctx, l, reads[c*per:min((c+1)*per, len(reads))])
+			errs[c] = e.readChunk(ctx, l, handle, reads[c*per:min((c+1)*per, len(reads))])
 		})
 	}
 	wg.Wait()
@@ -329,8 +335,20 @@ func (e *Engine) readBlocks(ctx context.Context, l *peerLink, reads [][]fetchRea
 	return len(reads), nil
 }
 
-// readChunk reads a chunk's shares, one Get per (peer pool, local pool).
-func (e *Engine) readChunk(ctx context.Context, l *peerLink, reads [][]fetchRead) error {
+// readChunk reads a chunk's shares: one validated read of them all, or
+// with UCX one Get per (peer pool, local pool). Either returns only once
+// no byte of the chunk can land any more.
+func (e *Engine) readChunk(ctx context.Context, l *peerLink, handle string, reads [][]fetchRead) error {
+	if l.xp == nil {
+		rs := make([]PeerShareRead, 0, len(reads)*len(reads[0]))
+		for _, shares := range reads {
+			for _, r := range shares {
+				dst := e.pools[r.localPool].mem.Bytes()[r.op.LocalOffset : r.op.LocalOffset+r.op.Len]
+				rs = append(rs, PeerShareRead{Ext: PeerExtent{Pool: uint32(r.remotePool), Offset: r.op.RemoteOffset, Len: r.op.Len}, Dst: dst})
+			}
+		}
+		return e.peers.ctl.Read(ctx, l.addr, handle, rs)
+	}
 	type pair struct{ remote, local int }
 	groups := map[pair][]native.XferOp{}
 	for _, rs := range reads {
@@ -340,7 +358,7 @@ func (e *Engine) readChunk(ctx context.Context, l *peerLink, reads [][]fetchRead
 		}
 	}
 	for k, ops := range groups {
-		if err := l.xp.Get(ctx, l.regions[k.remote], e.xfer.mems[k.local], ops); err != nil {
+		if err := l.xp.Get(ctx, l.regions[k.remote], e.peers.ucx.mems[k.local], ops); err != nil {
 			return fmt.Errorf("read %d shares from %s: %w", len(ops), l.addr, err)
 		}
 	}

@@ -56,10 +56,45 @@ func (d *directPeers) ReleaseTransfer(_ context.Context, addr, handle string) er
 	return e.ReleasePeerTransfer(handle)
 }
 
+// Read stands in for the validated stream: the peer engine checks the
+// extents (OpenPeerRead) exactly as behind engine/peer's stream server.
+func (d *directPeers) Read(_ context.Context, addr, handle string, reads []PeerShareRead) error {
+	e, err := d.get(addr)
+	if err != nil {
+		return err
+	}
+	exts := make([]PeerExtent, len(reads))
+	for i, r := range reads {
+		exts[i] = r.Ext
+	}
+	rd, err := e.OpenPeerRead(handle, exts)
+	if err != nil {
+		return err
+	}
+	defer rd.Done()
+	for i, r := range reads {
+		copy(r.Dst, rd.Src[i])
+	}
+	return nil
+}
+
 func newPeerEngine(t *testing.T, ctl *directPeers, addr string, poolSize uint64) *Engine {
 	t.Helper()
+	return newPeerEngineOver(t, ctl, addr, poolSize, PeerTransportTCP)
+}
+
+// newPeerEngineOver runs PeerTransportRDMA over UCX's tcp transport (the
+// only one here) through the package-internal test seam.
+func newPeerEngineOver(t *testing.T, ctl *directPeers, addr string, poolSize uint64, transport string) *Engine {
+	t.Helper()
+	if transport == PeerTransportRDMA {
+		if !native.XferBuilt {
+			t.Skip("UCX not built")
+		}
+		t.Setenv("UCX_TLS", "tcp")
+	}
 	e, err := New(Config{PoolSize: poolSize, NUMANode: -1, Device: -1, CopyThreads: 2, PartialTTL: time.Hour, Peers: ctl,
-		PeerAddress: addr, PeerAllow: []string{"a:1", "b:1", "nowhere:1"}},
+		PeerAddress: addr, PeerAllow: []string{"a:1", "b:1", "nowhere:1"}, PeerTransport: transport, ucxOverTCP: true},
 		nil, prometheus.NewRegistry())
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, e.Close()) })
@@ -78,15 +113,15 @@ func (w *worker) queryFrom(t *testing.T, source string, hashes [][]byte, wait ti
 }
 
 func TestFetchFromPeerEngine(t *testing.T) {
-	if !native.XferBuilt {
-		t.Skip("UCX not built")
-	}
-	t.Setenv("UCX_TLS", "tcp")
-	for _, tp := range []int{1, 2} {
-		t.Run(fmt.Sprintf("tp%d", tp), func(t *testing.T) {
+	for _, tc := range []struct {
+		transport string
+		tp        int
+	}{{PeerTransportTCP, 1}, {PeerTransportTCP, 2}, {PeerTransportRDMA, 1}, {PeerTransportRDMA, 2}} {
+		tp := tc.tp
+		t.Run(fmt.Sprintf("%s/tp%d", tc.transport, tp), func(t *testing.T) {
 			ctl := &directPeers{peers: map[string]*Engine{}}
-			a := newPeerEngine(t, ctl, "a:1", 8<<20)
-			b := newPeerEngine(t, ctl, "b:1", 8<<20)
+			a := newPeerEngineOver(t, ctl, "a:1", 8<<20, tc.transport)
+			b := newPeerEngineOver(t, ctl, "b:1", 8<<20, tc.transport)
 			var ps, ds []*worker
 			for r := range tp {
 				ps = append(ps, newWorker(t, a, fmt.Sprintf("P%d", tp), r, tp, smallSpec))
@@ -124,21 +159,16 @@ func TestFetchFromPeerEngine(t *testing.T) {
 	}
 }
 
-// peerPair is two peer engines, a (address a:1) and b (b:1), over UCX
-// tcp, with a one-rank producer p on a and consumer d on b.
+// peerPair is two peer engines, a (address a:1) and b (b:1), over the
+// validated read, with a one-rank producer p on a and consumer d on b.
 type peerPair struct {
 	ctl  *directPeers
 	a, b *Engine
 	p, d *worker
 }
 
-// newPeerPair skips without UCX in the build.
 func newPeerPair(t *testing.T) peerPair {
 	t.Helper()
-	if !native.XferBuilt {
-		t.Skip("UCX not built")
-	}
-	t.Setenv("UCX_TLS", "tcp")
 	pp := peerPair{ctl: &directPeers{peers: map[string]*Engine{}}}
 	pp.a = newPeerEngine(t, pp.ctl, "a:1", 8<<20)
 	pp.b = newPeerEngine(t, pp.ctl, "b:1", 8<<20)

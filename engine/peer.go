@@ -11,20 +11,24 @@ import (
 )
 
 // The peer side of cross-host P/D: another engine (the reader) reads this
-// engine's sealed blocks straight out of its pools over UCX. The control
-// plane (engine/peer, gRPC over TCP) carries the calls below; the bytes
-// never pass through Go.
+// engine's sealed blocks. The control plane (engine/peer, gRPC over TCP)
+// carries the calls below; the bytes move over the transport of
+// peertransport.go: the validated stream (peerread.go: only whole shares of
+// a transfer the reader opened, by its handle) or, on RDMA fabrics, UCX
+// one-sided reads of pools registered remote-read-only.
 //
-//   - PeerHandshake exports the UCX worker address, every pool's remote key
-//     and extent, and the epoch (new on every start: extents of another
-//     epoch name memory of a process that is gone).
+//   - PeerHandshake returns the epoch (new on every start: extents of
+//     another epoch name memory of a process that is gone) and, with
+//     PeerTransportRDMA only, the UCX worker address and every pool's
+//     remote key and extent.
 //   - OpenPeerTransfer pins the sealed prefix of the asked hashes and says
 //     where each rank's share lies. A pinned block is never evicted, so
-//     its extents stay valid until ReleasePeerTransfer or the TTL.
+//     its extents stay valid until ReleasePeerTransfer or the TTL, and
+//     past either for as long as a validated read of them is being sent.
 //
-// The reader's UCX GETs complete before it releases (or it stopped
-// answering and its endpoint was closed), so no read of an extent that was
-// reused can be served to a reader that still wants it.
+// The reader's reads complete before it releases (or it stopped answering
+// and its connection was closed), so no read of an extent that was reused
+// can be served to a reader that still wants it.
 
 // Errors of the peer plane besides the engine's kinds.
 var (
@@ -34,6 +38,8 @@ var (
 	// ErrPeerUnavailable: the peer could not be reached or answered with
 	// an error that is not one of the engine's kinds.
 	ErrPeerUnavailable = errors.New("peer unavailable")
+	// ErrPeerConnection: the connection to the peer broke mid-read.
+	ErrPeerConnection = errors.New("peer connection lost")
 )
 
 // PeerControl is the control plane to other engines, addressed by their
@@ -43,7 +49,24 @@ type PeerControl interface {
 	Handshake(ctx context.Context, addr string) (*pb.PeerHandshakeResponse, error)
 	OpenTransfer(ctx context.Context, addr string, req *pb.PeerOpenTransferRequest) (*pb.PeerOpenTransferResponse, error)
 	ReleaseTransfer(ctx context.Context, addr, handle string) error
+	// Read reads whole shares of the open transfer handle from the peer's
+	// validated stream into each read's Dst (PeerTransportTCP). It returns
+	// only once no byte can land in any Dst any more, ctx's end included.
+	// Errors wrap ErrPeerConnection (the stream broke) besides the above.
+	Read(ctx context.Context, addr, handle string, reads []PeerShareRead) error
 }
+
+// PeerShareRead is one share to read: its extent in the peer's pools and
+// the local memory (len(Dst) == Ext.Len) it lands in.
+type PeerShareRead struct {
+	Ext PeerExtent
+	Dst []byte
+}
+
+// MaxPeerOpenHashes bounds the hashes of one OpenPeerTransfer (1M tokens
+// at block size 16), and so the peer port's largest request message; a
+// longer fetch is cut to it (a shorter hit).
+const MaxPeerOpenHashes = 1 << 16
 
 // DefaultPeerOpenTTL bounds how long an open peer transfer pins blocks
 // when the reader asks for no TTL; a reader's TTL is capped at 10x it.
@@ -55,6 +78,14 @@ type peerOpen struct {
 	blocks     []*block
 	expires    time.Time
 	transferID string
+	// shares are the extents a validated read may name (peerread.go),
+	// each rankBytes long.
+	shares    map[shareKey]struct{}
+	rankBytes uint64
+	// readers counts validated reads being sent; a transfer released or
+	// expired meanwhile (closed) is unpinned when the last one ends.
+	readers int
+	closed  bool
 }
 
 // Epoch changes on every engine start.
@@ -63,7 +94,7 @@ func (e *Engine) Epoch() string { return e.epoch }
 // PeerHandshake is what a reader needs to read this engine's pools.
 // ErrPrecondition when the engine was started without peers.
 func (e *Engine) PeerHandshake() (*pb.PeerHandshakeResponse, error) {
-	if e.xfer == nil {
+	if e.peers == nil {
 		return nil, fmt.Errorf("%w: engine started without peer transfers", ErrPrecondition)
 	}
 	e.mu.Lock()
@@ -71,9 +102,12 @@ func (e *Engine) PeerHandshake() (*pb.PeerHandshakeResponse, error) {
 	if err := e.checkOpen(); err != nil {
 		return nil, err
 	}
-	resp := &pb.PeerHandshakeResponse{Epoch: e.epoch, WorkerAddress: e.xfer.agent.Address(), EngineVersion: e.cfg.Version}
-	for _, m := range e.xfer.mems {
-		resp.Pools = append(resp.Pools, &pb.PeerPool{Rkey: m.RKey(), Base: m.Base(), Size: m.Size()})
+	resp := &pb.PeerHandshakeResponse{Epoch: e.epoch, EngineVersion: e.cfg.Version}
+	if x := e.peers.ucx; x != nil {
+		resp.WorkerAddress = x.agent.Address()
+		for _, m := range x.mems {
+			resp.Pools = append(resp.Pools, &pb.PeerPool{Rkey: m.RKey(), Base: m.Base(), Size: m.Size()})
+		}
 	}
 	return resp, nil
 }
@@ -87,8 +121,8 @@ func (e *Engine) OpenPeerTransfer(ctx context.Context, req *pb.PeerOpenTransferR
 	if req.Epoch != e.epoch {
 		return nil, fmt.Errorf("%w: asked for epoch %q, this engine is at %q", ErrPeerEpoch, req.Epoch, e.epoch)
 	}
-	if len(req.Hashes) > MaxQueryHashes {
-		return nil, invalid("%d hashes in one transfer, max %d", len(req.Hashes), MaxQueryHashes)
+	if len(req.Hashes) > MaxPeerOpenHashes {
+		return nil, invalid("%d hashes in one transfer, max %d", len(req.Hashes), MaxPeerOpenHashes)
 	}
 	for i, h := range req.Hashes {
 		if err := validateHash(i, h); err != nil {
@@ -126,7 +160,8 @@ func (e *Engine) OpenPeerTransfer(ctx context.Context, req *pb.PeerOpenTransferR
 	if req.TtlMs > 0 {
 		ttl = min(time.Duration(req.TtlMs)*time.Millisecond, 10*e.cfg.PeerOpenTTL)
 	}
-	o := &peerOpen{blocks: make([]*block, 0, hit), expires: time.Now().Add(ttl), transferID: req.TransferId}
+	o := &peerOpen{blocks: make([]*block, 0, hit), expires: time.Now().Add(ttl), transferID: req.TransferId,
+		shares: make(map[shareKey]struct{}, hit*int(ns.desc.TPSize)), rankBytes: ns.rankBytes}
 	resp.Blocks = make([]*pb.PeerBlock, hit)
 	for i, h := range req.Hashes[:hit] {
 		b := ns.blocks[string(h)]
@@ -135,6 +170,7 @@ func (e *Engine) OpenPeerTransfer(ctx context.Context, req *pb.PeerOpenTransferR
 		pbb := &pb.PeerBlock{Shares: make([]*pb.PeerExtent, len(b.shares))}
 		for r, s := range b.shares {
 			pbb.Shares[r] = &pb.PeerExtent{Pool: uint32(s.pool), Offset: s.ext.off, Length: ns.rankBytes}
+			o.shares[shareKey{s.pool, s.ext.off}] = struct{}{}
 		}
 		resp.Blocks[i] = pbb
 	}
@@ -177,12 +213,21 @@ func (e *Engine) ReleasePeerTransfer(handle string) error {
 	return nil
 }
 
+// releasePeerOpenLocked forgets the open transfer (no new read may name
+// it) and unpins its blocks, at once or when its last read ends.
 func (e *Engine) releasePeerOpenLocked(handle string, o *peerOpen) {
+	delete(e.peerOpens, handle)
+	o.closed = true
+	if o.readers == 0 {
+		e.unpinPeerOpenLocked(o)
+	}
+}
+
+func (e *Engine) unpinPeerOpenLocked(o *peerOpen) {
 	for _, b := range o.blocks {
 		e.unpinLocked(b)
 	}
-	o.blocks = nil
-	delete(e.peerOpens, handle)
+	o.blocks, o.shares = nil, nil
 }
 
 // expirePeerOpensLocked drops the pins of open transfers past their TTL

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync"
 
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
 	"github.com/pegaflow/pegaflow/native"
 )
 
@@ -14,21 +16,30 @@ import (
 // comes from clients, so the cache must not grow with whatever they name.
 const maxPeerLinks = 256
 
-// xferState is the engine's UCX side, present iff Config.Peers is set:
-// its agent, its pools registered once at New (mems[i] is e.pools[i]), and
-// the links to peers it read from.
-type xferState struct {
-	agent *native.XferAgent
-	mems  []*native.XferMem
-	ctl   PeerControl
-	log   *slog.Logger
+// peerState is the engine's cross-host side, present iff Config.Peers is
+// set: the control plane, the links to peers it read from, and, with
+// PeerTransportRDMA only, the UCX agent.
+type peerState struct {
+	ctl       PeerControl
+	log       *slog.Logger
+	transport string
+	ucx       *xferState // nil unless PeerTransportRDMA
 
 	mu    sync.Mutex // guards links
 	links map[string]*peerLink
 }
 
-// peerLink is a handshake with one peer at one epoch: the endpoint to its
-// worker and its pools as remote regions (regions[i] is its pool i).
+// xferState is the UCX agent and the pools registered with it once at New
+// (mems[i] is e.pools[i]), remote-read-only.
+type xferState struct {
+	agent *native.XferAgent
+	mems  []*native.XferMem
+}
+
+// peerLink is a handshake with one peer at one epoch and how its bytes are
+// read: xp nil, the peer's validated stream (PeerControl.Read); else the
+// endpoint to its UCX worker and its pools as remote regions (regions[i]
+// is its pool i).
 type peerLink struct {
 	addr    string
 	epoch   string
@@ -36,12 +47,32 @@ type peerLink struct {
 	regions []native.RemoteRegion
 }
 
-func startXfer(pools []*pool, ctl PeerControl, log *slog.Logger) (*xferState, error) {
+// usable is false once the link's UCX endpoint failed.
+func (l *peerLink) usable() bool { return l.xp == nil || l.xp.Err() == nil }
+
+func (l *peerLink) close() {
+	if l.xp != nil {
+		go l.xp.Close() // Close drains for up to a second
+	}
+}
+
+func startPeers(pools []*pool, cfg *Config, log *slog.Logger) (*peerState, error) {
+	getenv := os.Getenv
+	if cfg.ucxOverTCP {
+		getenv = func(string) string { return "rc" }
+	}
+	if err := CheckPeerTransport(cfg.PeerTransport, getenv); err != nil {
+		return nil, err
+	}
+	ps := &peerState{ctl: cfg.Peers, log: log, transport: cfg.PeerTransport, links: map[string]*peerLink{}}
+	if ps.transport != PeerTransportRDMA {
+		return ps, nil
+	}
 	agent, err := native.NewXferAgent()
 	if err != nil {
 		return nil, fmt.Errorf("start UCX transfer agent: %w", err)
 	}
-	x := &xferState{agent: agent, ctl: ctl, log: log, links: map[string]*peerLink{}}
+	x := &xferState{agent: agent}
 	for _, p := range pools {
 		m, err := agent.RegisterPool(p.mem)
 		if err != nil {
@@ -50,74 +81,91 @@ func startXfer(pools []*pool, ctl PeerControl, log *slog.Logger) (*xferState, er
 		}
 		x.mems = append(x.mems, m)
 	}
-	return x, nil
+	ps.ucx = x
+	log.Info("UCX one-sided reads (RDMA)", "UCX_TLS", os.Getenv("UCX_TLS"), "UCX_NET_DEVICES", os.Getenv("UCX_NET_DEVICES"),
+		"pools", len(x.mems), "remote_write", false)
+	return ps, nil
 }
 
-// close closes every link and registration and the agent; the pools can
-// be freed afterwards.
-func (x *xferState) close() error {
-	x.mu.Lock()
-	clear(x.links)
-	x.mu.Unlock()
-	return x.agent.Close()
+// close closes every link and, with UCX, its registrations and agent; the
+// pools can be freed afterwards.
+func (ps *peerState) close() error {
+	ps.mu.Lock()
+	clear(ps.links)
+	ps.mu.Unlock()
+	if ps.ucx == nil {
+		return nil
+	}
+	return ps.ucx.agent.Close()
 }
 
 // link returns the cached link to addr or handshakes anew (a link whose
-// endpoint failed is dropped first).
-func (x *xferState) link(ctx context.Context, addr string) (*peerLink, error) {
-	x.mu.Lock()
-	l := x.links[addr]
-	x.mu.Unlock()
+// endpoint failed is dropped first). With UCX, a peer that exports no
+// worker (a --peer-transport=tcp engine) is read over its stream.
+func (ps *peerState) link(ctx context.Context, addr string) (*peerLink, error) {
+	ps.mu.Lock()
+	l := ps.links[addr]
+	ps.mu.Unlock()
 	if l != nil {
-		if l.xp.Err() == nil {
+		if l.usable() {
 			return l, nil
 		}
-		x.drop(l)
+		ps.drop(l)
 	}
-	hs, err := x.ctl.Handshake(ctx, addr)
+	hs, err := ps.ctl.Handshake(ctx, addr)
 	if err != nil {
 		return nil, err
 	}
-	xp, err := x.agent.Connect(hs.WorkerAddress)
-	if err != nil {
-		return nil, fmt.Errorf("%w: connect to %s's UCX worker: %w", ErrPeerUnavailable, addr, err)
+	l = &peerLink{addr: addr, epoch: hs.Epoch}
+	if ps.ucx != nil && len(hs.WorkerAddress) > 0 {
+		if err := ps.connectUCX(l, hs); err != nil {
+			return nil, err
+		}
 	}
-	l = &peerLink{addr: addr, epoch: hs.Epoch, xp: xp}
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	if old := ps.links[addr]; old != nil && old.usable() {
+		l.close() // a concurrent fetch handshook first
+		return old, nil
+	}
+	if len(ps.links) >= maxPeerLinks {
+		for a, old := range ps.links {
+			delete(ps.links, a)
+			old.close()
+			break
+		}
+	}
+	ps.links[addr] = l
+	ps.log.Info("peer handshake", "peer", addr, "epoch", hs.Epoch, "ucx", l.xp != nil, "version", hs.EngineVersion)
+	return l, nil
+}
+
+func (ps *peerState) connectUCX(l *peerLink, hs *pb.PeerHandshakeResponse) error {
+	xp, err := ps.ucx.agent.Connect(hs.WorkerAddress)
+	if err != nil {
+		return fmt.Errorf("%w: connect to %s's UCX worker: %w", ErrPeerUnavailable, l.addr, err)
+	}
 	for i, p := range hs.Pools {
 		r, err := xp.AddRemoteRegion(p.Rkey, p.Base, p.Size)
 		if err != nil {
 			go xp.Close()
-			return nil, fmt.Errorf("%w: %s's pool %d: %w", ErrPeerUnavailable, addr, i, err)
+			return fmt.Errorf("%w: %s's pool %d: %w", ErrPeerUnavailable, l.addr, i, err)
 		}
 		l.regions = append(l.regions, r)
 	}
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	if old := x.links[addr]; old != nil && old.xp.Err() == nil {
-		go xp.Close() // a concurrent fetch handshook first
-		return old, nil
-	}
-	if len(x.links) >= maxPeerLinks {
-		for a, old := range x.links {
-			delete(x.links, a)
-			go old.xp.Close()
-			break
-		}
-	}
-	x.links[addr] = l
-	x.log.Info("peer handshake", "peer", addr, "epoch", hs.Epoch, "pools", len(hs.Pools), "version", hs.EngineVersion)
-	return l, nil
+	l.xp = xp
+	return nil
 }
 
 // drop forgets l (its peer failed or restarted) and closes its endpoint
-// in the background: Close drains for up to a second.
-func (x *xferState) drop(l *peerLink) {
-	x.mu.Lock()
-	if x.links[l.addr] == l {
-		delete(x.links, l.addr)
+// in the background.
+func (ps *peerState) drop(l *peerLink) {
+	ps.mu.Lock()
+	if ps.links[l.addr] == l {
+		delete(ps.links, l.addr)
 	}
-	x.mu.Unlock()
-	go l.xp.Close()
+	ps.mu.Unlock()
+	l.close()
 }
 
 // fetchFailureReasons are the values of
@@ -133,7 +181,7 @@ func failureReason(err error) string {
 		return "deadline"
 	case errors.Is(err, ErrPeerEpoch):
 		return "epoch"
-	case errors.Is(err, native.ErrPeer):
+	case errors.Is(err, native.ErrPeer), errors.Is(err, ErrPeerConnection):
 		return "connection"
 	case errors.Is(err, ErrPermission):
 		return "refused"

@@ -52,7 +52,7 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 	s.opened[ns] = struct{}{}
 	// With a source engine the transfer is the peer's: nothing here to
 	// wait for (unless the source is this engine).
-	localTransfer := req.SourceEngine == "" || (source == "" && e.xfer != nil)
+	localTransfer := req.SourceEngine == "" || (source == "" && e.peers != nil)
 	if req.TransferId != "" && wait > 0 && localTransfer {
 		w, err := e.joinTransferLocked(req.TransferId)
 		if err != nil {
@@ -123,7 +123,7 @@ func (e *Engine) sourceOf(req *pb.QueryRequest) (string, error) {
 	if err := validatePeerAddr("source_engine", req.SourceEngine); err != nil {
 		return "", err
 	}
-	if e.xfer == nil || strings.EqualFold(req.SourceEngine, e.cfg.PeerAddress) {
+	if e.peers == nil || strings.EqualFold(req.SourceEngine, e.cfg.PeerAddress) {
 		return "", nil
 	}
 	if err := e.checkSourceEngine(req.SourceEngine); err != nil {

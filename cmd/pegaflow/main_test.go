@@ -81,6 +81,7 @@ func TestBadInvocationsExit2(t *testing.T) {
 		{"peer: unspecified advertise", []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-advertise", "[::]:7400"}, "--peer-advertise"},
 		{"peer: bad allow", []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-allow", "10.0.0.7"}, "--peer-allow"},
 		{"peer: allow without addr", []string{"serve", "--peer-allow", "loopback"}, "need --peer-addr"},
+		{"peer: unknown transport", []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-transport", "udp"}, "--peer-transport"},
 		{"demo: no prompts", []string{"demo", "--num-prompts", "0"}, "num-prompts"},
 		{"demo: bad rate", []string{"demo", "--request-rate", "-2"}, "rate"},
 		{"demo: stray argument", []string{"demo", "now"}, "unexpected arguments"},

@@ -216,7 +216,7 @@ func startEngine(ctx context.Context, f *serveFlags, log *slog.Logger, reg *prom
 		peers = pc
 	}
 	eng, err := engine.New(engine.Config{
-		Peers: peers, PeerAddress: f.peer.advertise, PeerAllow: f.peer.allow,
+		Peers: peers, PeerTransport: f.peer.transport, PeerAddress: f.peer.advertise, PeerAllow: f.peer.allow,
 		PoolSize: uint64(f.poolSize), NUMANode: f.numaNode, Device: -1, PoolFlags: poolFlags,
 		CopyThreads: f.copyThreads, LeaseTTL: f.leaseTTL, TransferTTL: f.transferTTL,
 		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, ShmDir: f.shmDir, CopyTimeout: f.copyTimeout, Version: version, Topology: topo,
@@ -281,7 +281,7 @@ func serveHTTP(ctx context.Context, cancel context.CancelFunc, f *serveFlags, lo
 		e.GET("/topology", topologyHandler(eng))
 	}
 
-	peerSrv, err := f.peer.listen(eng, log)
+	peerSrv, err := f.peer.listen(eng, reg, log)
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/pegaflow/pegaflow/engine"
 	"github.com/pegaflow/pegaflow/engine/peer"
@@ -15,6 +18,7 @@ import (
 // peerFlags are serve's cross-host flags (docs/multi-host.md).
 type peerFlags struct {
 	addr, tokenFile string
+	transport       string
 	advertise       string // where peers reach addr; check defaults it to addr
 	allow           cli.StringList
 	insecure        bool
@@ -24,6 +28,8 @@ type peerFlags struct {
 func bindPeerFlags(fs *flag.FlagSet, f *peerFlags) {
 	fs.StringVar(&f.addr, "peer-addr", "", "TCP host:port to serve the peer API to other engines on (cross-host P/D); "+
 		"also starts UCX and lets queries fetch from peers (source_engine). Empty: no peers, no UCX")
+	fs.StringVar(&f.transport, "peer-transport", engine.PeerTransportTCP, "how fetched KV bytes move between engines: \"tcp\" (a stream on --peer-addr "+
+		"that sends only whole shares of a transfer the reader opened) or \"rdma\" (UCX one-sided reads; needs UCX_TLS naming RDMA transports only, e.g. rc,ud)")
 	fs.StringVar(&f.tokenFile, "peer-token-file", "", "file holding the shared peer token (mode 0600, >= 32 bytes) that every engine of the deployment sends and expects")
 	fs.BoolVar(&f.insecure, "peer-insecure", false, "serve the peer API without a token: only on a loopback --peer-addr (tests, one-host trials)")
 	fs.StringVar(&f.advertise, "peer-advertise", "", "HOST:PORT other engines reach --peer-addr at, reported to clients (Attach) and in /kv_ready "+
@@ -36,6 +42,9 @@ func bindPeerFlags(fs *flag.FlagSet, f *peerFlags) {
 // settles the advertised address.
 func (f *peerFlags) check() error {
 	if err := engine.CheckPeerAllow(f.allow); err != nil {
+		return err
+	}
+	if err := engine.CheckPeerTransport(f.transport, os.Getenv); err != nil {
 		return err
 	}
 	if f.addr == "" {
@@ -54,7 +63,7 @@ func (f *peerFlags) check() error {
 		}
 		f.token = tok
 	}
-	return f.config().Validate()
+	return f.config(nil).Validate()
 }
 
 // checkAdvertise defaults --peer-advertise to --peer-addr, which must
@@ -84,8 +93,8 @@ func unspecifiedHost(host string) bool {
 	return host == "" || (ip != nil && ip.IsUnspecified())
 }
 
-func (f *peerFlags) config() peer.Config {
-	return peer.Config{Addr: f.addr, Token: f.token, Insecure: f.insecure}
+func (f *peerFlags) config(reg prometheus.Registerer) peer.Config {
+	return peer.Config{Addr: f.addr, Token: f.token, Insecure: f.insecure, Registerer: reg}
 }
 
 // control is the engine's client to other engines; nil without --peer-addr.
@@ -97,9 +106,9 @@ func (f *peerFlags) control() *peer.Client {
 }
 
 // listen opens the peer API's listener; nil without --peer-addr.
-func (f *peerFlags) listen(eng *engine.Engine, log *slog.Logger) (*peer.Server, error) {
+func (f *peerFlags) listen(eng *engine.Engine, reg prometheus.Registerer, log *slog.Logger) (*peer.Server, error) {
 	if f.addr == "" {
 		return nil, nil
 	}
-	return peer.New(f.config(), eng, log.With("component", "peer"))
+	return peer.New(f.config(reg), eng, log.With("component", "peer"))
 }

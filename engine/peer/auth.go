@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
 )
 
 // TokenHeader is the gRPC metadata key carrying the shared peer token.
@@ -58,7 +59,10 @@ func IsLoopback(host string) bool {
 // another one (PermissionDenied). The comparison takes constant time.
 func checkAuth(ctx context.Context, token []byte) error {
 	md, _ := metadata.FromIncomingContext(ctx)
-	got := md.Get(TokenHeader)
+	return checkToken(md.Get(TokenHeader), token)
+}
+
+func checkToken(got []string, token []byte) error {
 	if len(got) == 0 {
 		return status.Error(codes.Unauthenticated, "peer token missing ("+TokenHeader+" metadata)")
 	}
@@ -68,8 +72,25 @@ func checkAuth(ctx context.Context, token []byte) error {
 	return nil
 }
 
-// authInterceptor checks every call; nil token (insecure loopback) checks
-// nothing.
+// authTap refuses a call whose headers lack the token before gRPC reads
+// its message: a caller without the token never makes the engine read or
+// hold its body (a flood of large calls with a wrong token cost the
+// engine gigabytes when the check ran after unmarshalling).
+func authTap(token []byte) tap.ServerInHandle {
+	return func(ctx context.Context, info *tap.Info) (context.Context, error) {
+		if token == nil {
+			return ctx, nil
+		}
+		if err := checkToken(info.Header.Get(TokenHeader), token); err != nil {
+			return nil, err
+		}
+		return ctx, nil
+	}
+}
+
+// authInterceptor checks every call again, after authTap (defence in
+// depth: a call reaching a handler always passed the check); nil token
+// (insecure loopback) checks nothing.
 func authInterceptor(token []byte) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		if token != nil {

@@ -23,7 +23,8 @@ const maxConns = 256
 // Client calls other engines' Peer services; it implements
 // engine.PeerControl. Safe for concurrent use.
 type Client struct {
-	token []byte
+	token   []byte
+	streams streams
 
 	mu    sync.Mutex // guards conns
 	conns map[string]*grpc.ClientConn
@@ -32,11 +33,13 @@ type Client struct {
 // NewClient sends token (may be empty, for insecure loopback peers) with
 // every call.
 func NewClient(token []byte) *Client {
-	return &Client{token: token, conns: map[string]*grpc.ClientConn{}}
+	return &Client{token: token, conns: map[string]*grpc.ClientConn{},
+		streams: streams{token: token, idle: map[string][]*streamConn{}}}
 }
 
 // Close closes every connection.
 func (c *Client) Close() error {
+	c.streams.close()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for a, conn := range c.conns {
@@ -152,6 +155,11 @@ func (c *Client) ReleaseTransfer(ctx context.Context, addr, handle string) error
 		return c.failed(addr, "release transfer", conn, err)
 	}
 	return nil
+}
+
+// Read implements engine.PeerControl over the peer's validated stream.
+func (c *Client) Read(ctx context.Context, addr, handle string, reads []engine.PeerShareRead) error {
+	return c.streams.read(ctx, addr, handle, reads)
 }
 
 var _ engine.PeerControl = (*Client)(nil)

@@ -1,15 +1,25 @@
-// Package peer is the engine's control plane to other engines across
-// hosts: a gRPC service on TCP (--peer-addr) over which a reader
-// handshakes (UCX worker address, pools' remote keys, epoch), opens a
-// transfer (the extents of each rank's share of a sealed prefix, pinned)
-// and releases it; and the Client a reading engine uses (it implements
-// engine.PeerControl). The bytes move over UCX, engine side.
+// Package peer is how engines on different hosts reach each other, on one
+// TCP port (--peer-addr): a gRPC control plane over which a reader
+// handshakes (epoch; with --peer-transport=rdma also the UCX worker address
+// and pools' remote keys), opens a transfer (the extents of each rank's
+// share of a sealed prefix, pinned) and releases it; the validated stream
+// over which it reads whole shares of a transfer it opened; and the Client
+// a reading engine uses for both (it implements engine.PeerControl).
 //
-// Trust: every call carries a shared token (TokenHeader), compared in
-// constant time. The token and the UCX traffic are not encrypted, and
-// over TCP a connected UCX peer can read outside the registered pools, so
-// the peer and UCX ports belong on the KV network, firewalled to the peer
-// engines (docs/multi-host.md).
+// Files: server.go the service and its gRPC server; listener.go the port
+// (protocol sniffing, connection bound); auth.go the token and its check
+// before a request body is read; stream.go the stream's wire format and
+// token exchange; streamserver.go and streamclient.go its two ends;
+// client.go the Client; metrics.go the stream's counters.
+//
+// Trust: every gRPC call carries a shared token (TokenHeader), checked in
+// constant time from the stream's headers before its message is read;
+// stream connections prove the token both ways by HMAC without sending it.
+// A stream read names an open transfer's handle (a 128-bit capability
+// handed out over the authenticated control plane) and gets only whole
+// shares of that transfer (engine.OpenPeerRead). Nothing is encrypted: the
+// port belongs on the KV network, firewalled to the peer engines
+// (docs/multi-host.md, docs/security.md).
 package peer
 
 import (
@@ -20,6 +30,7 @@ import (
 	"net"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/keepalive"
@@ -39,7 +50,17 @@ type Config struct {
 	Token []byte
 	// Insecure serves without a token; Validate allows it on loopback only.
 	Insecure bool
+	// Registerer takes the stream's metrics (metrics.go); nil: none.
+	Registerer prometheus.Registerer
 }
+
+// maxRecvMsg bounds a request message: a bounded OpenTransfer
+// (engine.MaxPeerOpenHashes hashes of at most 64 bytes) and its framing.
+const maxRecvMsg = engine.MaxPeerOpenHashes*80 + 4096
+
+// maxStreamsPerConn bounds the concurrent calls of one connection (the
+// connections themselves are bounded by MaxConns).
+const maxStreamsPerConn = 64
 
 // Validate refuses an address that is not host:port and a service without
 // a token unless Insecure on loopback.
@@ -54,11 +75,12 @@ func (c Config) Validate() error {
 	return nil
 }
 
-// Server serves the Peer service of one engine.
+// Server serves the Peer service and the validated stream of one engine.
 type Server struct {
-	grpc *grpc.Server
-	lis  net.Listener
-	log  *slog.Logger
+	grpc   *grpc.Server
+	mux    *portMux
+	stream *streamServer
+	log    *slog.Logger
 }
 
 // New listens on cfg.Addr.
@@ -77,29 +99,41 @@ func New(cfg Config, eng *engine.Engine, log *slog.Logger) (*Server, error) {
 	if len(cfg.Token) > 0 {
 		token = cfg.Token
 	}
+	m, err := newStreamMetrics(cfg.Registerer)
+	if err != nil {
+		_ = lis.Close()
+		return nil, err
+	}
+	ss := &streamServer{eng: eng, token: token, log: log, m: m}
 	g := grpc.NewServer(
+		grpc.InTapHandle(authTap(token)),
 		grpc.ChainUnaryInterceptor(authInterceptor(token)),
-		grpc.MaxRecvMsgSize(64<<20), grpc.MaxSendMsgSize(64<<20),
+		grpc.MaxRecvMsgSize(maxRecvMsg), grpc.MaxSendMsgSize(64<<20),
+		grpc.MaxConcurrentStreams(maxStreamsPerConn),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 10 * time.Second, Timeout: 5 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 	)
 	pb.RegisterPeerServer(g, &service{eng: eng})
-	return &Server{grpc: g, lis: lis, log: log}, nil
+	return &Server{grpc: g, mux: newPortMux(lis, ss.serve), stream: ss, log: log}, nil
 }
 
 // Addr is the address actually listened on.
-func (s *Server) Addr() string { return s.lis.Addr().String() }
+func (s *Server) Addr() string { return s.mux.lis.Addr().String() }
 
 // Serve serves until ctx ends, then stops gracefully (bounded).
 func (s *Server) Serve(ctx context.Context) error {
-	errc := make(chan error, 1)
-	go func() { errc <- s.grpc.Serve(s.lis) }()
-	s.log.Info("peer API listening", "addr", s.Addr())
+	errc := make(chan error, 2)
+	go func() { errc <- s.grpc.Serve(s.mux.grpc) }()
+	go func() { errc <- s.mux.serve() }()
+	s.log.Info("peer API and stream listening", "addr", s.Addr(), "max_conns", MaxConns)
 	select {
 	case err := <-errc:
+		s.mux.close()
+		s.grpc.Stop()
 		return err
 	case <-ctx.Done():
 	}
+	s.mux.close()
 	stopped := make(chan struct{})
 	go func() { s.grpc.GracefulStop(); close(stopped) }()
 	select {

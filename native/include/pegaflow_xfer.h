@@ -29,8 +29,13 @@
  * with an object after its close/deregister/destroy returned.
  *
  * Trust: address and rkey blobs are parsed by UCX, which takes no length for
- * them; they must come from an authenticated peer. Over TCP a connected peer
- * can read beyond registered memory, see native/README.md.
+ * them; they must come from an authenticated peer. Registered memory is
+ * mapped remote-read-only. Over TCP (and shared-memory transports) UCX
+ * emulates RMA in software and serves a GET of any address of the target
+ * process to any endpoint: this component is safe only where the NIC
+ * enforces rkeys (RDMA). The engine refuses to start it otherwise
+ * (engine/peertransport.go); over TCP peers read through the engine's
+ * validated stream instead (engine/peer). See native/README.md.
  */
 #ifndef PEGAFLOW_XFER_H
 #define PEGAFLOW_XFER_H

@@ -449,9 +449,12 @@ static int mem_new(pf_xfer_agent *a, void *base, uint64_t size, pf_pool *pool, p
   if (m == NULL) return PF_ENOMEM;
   *m = (pf_xfer_mem){.agent = a, .base = base, .size = size, .pool = pool};
   ucp_mem_map_params_t mp = {
-      .field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH,
+      .field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_PROT,
       .address = base,
       .length = (size_t)size,
+      /* Peers may read what a transfer exposes, never write: an RDMA NIC
+       * then refuses a remote PUT into the pool whatever rkey it carries. */
+      .prot = UCP_MEM_MAP_PROT_LOCAL_READ | UCP_MEM_MAP_PROT_LOCAL_WRITE | UCP_MEM_MAP_PROT_REMOTE_READ,
   };
   int rc = PF_EIO;
   pthread_mutex_lock(&a->mu);

@@ -1,0 +1,164 @@
+package peer
+
+import (
+	"bufio"
+	"context"
+	"crypto/hmac"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/pegaflow/pegaflow/engine"
+)
+
+// maxIdleStreams bounds the idle stream connections kept per peer; a
+// fetch reads its chunks in parallel, one connection each.
+const maxIdleStreams = 16
+
+// streams are a Client's idle stream connections per peer address.
+type streams struct {
+	token []byte
+
+	mu   sync.Mutex // guards idle
+	idle map[string][]*streamConn
+}
+
+type streamConn struct {
+	c  net.Conn
+	br *bufio.Reader
+}
+
+// get returns an idle connection to addr or dials and authenticates one.
+func (s *streams) get(ctx context.Context, addr string) (*streamConn, error) {
+	s.mu.Lock()
+	if l := s.idle[addr]; len(l) > 0 {
+		sc := l[len(l)-1]
+		s.idle[addr] = l[:len(l)-1]
+		s.mu.Unlock()
+		return sc, nil
+	}
+	s.mu.Unlock()
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("%w: peer %s stream: %w", engine.ErrPeerUnavailable, addr, err)
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true)
+	}
+	sc := &streamConn{c: c, br: bufio.NewReaderSize(c, 64<<10)}
+	stop := afterDeadline(ctx, c)
+	err = sc.handshake(s.token)
+	if !stop() || err != nil {
+		_ = c.Close()
+		if ctx.Err() != nil {
+			return nil, context.Cause(ctx)
+		}
+		if errors.Is(err, errRefused) {
+			return nil, fmt.Errorf("%w: peer %s: %w", engine.ErrPermission, addr, err)
+		}
+		return nil, fmt.Errorf("%w: peer %s stream handshake: %w", engine.ErrPeerUnavailable, addr, err)
+	}
+	return sc, nil
+}
+
+// handshake proves the token to the engine and checks the engine proves it.
+func (sc *streamConn) handshake(token []byte) error {
+	rn := newNonce()
+	if _, err := sc.c.Write(append([]byte(streamMagic), rn...)); err != nil {
+		return err
+	}
+	hello := make([]byte, nonceLen+macLen)
+	if _, err := io.ReadFull(sc.br, hello); err != nil {
+		return err
+	}
+	en := hello[:nonceLen]
+	if !hmac.Equal(hello[nonceLen:], streamMAC(token, "server", rn, en)) {
+		return errRefused // never prove ours to an engine that does not hold it
+	}
+	if _, err := sc.c.Write(streamMAC(token, "client", rn, en)); err != nil {
+		return err
+	}
+	verdict, err := sc.br.ReadByte()
+	if err != nil {
+		return err
+	}
+	if verdict != 0 {
+		return errRefused
+	}
+	return nil
+}
+
+// put keeps a connection whose last answer was read whole.
+func (s *streams) put(addr string, sc *streamConn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.idle == nil || len(s.idle[addr]) >= maxIdleStreams {
+		_ = sc.c.Close()
+		return
+	}
+	s.idle[addr] = append(s.idle[addr], sc)
+}
+
+// close closes every idle connection.
+func (s *streams) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, l := range s.idle {
+		for _, sc := range l {
+			_ = sc.c.Close()
+		}
+	}
+	s.idle = nil
+}
+
+// read sends one request and reads its answer into the reads' Dst. It
+// returns only once nothing more can be written into any Dst: the bytes
+// land synchronously, and a connection that failed is closed first.
+func (s *streams) read(ctx context.Context, addr, handle string, reads []engine.PeerShareRead) error {
+	if len(reads) == 0 {
+		return nil
+	}
+	sc, err := s.get(ctx, addr)
+	if err != nil {
+		return err
+	}
+	stop := afterDeadline(ctx, sc.c)
+	whole, err := sc.exchange(addr, handle, reads)
+	if !stop() {
+		whole, err = false, context.Cause(ctx)
+	}
+	if whole {
+		// The answer was read to its end (an error answer carries no
+		// bytes): the connection can serve the next request.
+		_ = sc.c.SetDeadline(time.Time{})
+		s.put(addr, sc)
+		return err
+	}
+	_ = sc.c.Close()
+	if ctx.Err() != nil {
+		return context.Cause(ctx)
+	}
+	return fmt.Errorf("%w: peer %s: %w", engine.ErrPeerConnection, addr, err)
+}
+
+// exchange sends the request and reads the answer; whole is true when the
+// answer was read to its end, err then being the peer's refusal, if any.
+func (sc *streamConn) exchange(addr, handle string, reads []engine.PeerShareRead) (whole bool, err error) {
+	if _, err := sc.c.Write(encodeRequest(make([]byte, 0, 8+len(handle)+extentLen*len(reads)), handle, reads)); err != nil {
+		return false, err
+	}
+	answered, err := decodeStatus(sc.br, addr)
+	if err != nil {
+		return answered, err
+	}
+	for _, r := range reads {
+		if _, err := io.ReadFull(sc.br, r.Dst); err != nil {
+			return false, noEOF(err)
+		}
+	}
+	return true, nil
+}
