@@ -37,12 +37,17 @@ NATIVE_CMAKE_FLAGS += -DPEGAFLOW_UCX=OFF
 $(info UCX not found by pkg-config: building without the cross-host transfer layer (apt-get install libucx-dev pkg-config))
 endif
 
-GO_BUILD_FLAGS := -tags '$(GO_TAGS)' -ldflags '-X main.version=$(VERSION)'
+# The binary runs as root beside vLLM and parses peers' and clients' bytes:
+# it is position-independent (ASLR for its code too) with full RELRO (the
+# GOT read-only after start). `make release` also strips it.
+GO_HARDEN_LDFLAGS := -linkmode=external -extldflags '-Wl,-z,relro,-z,now'
+GO_BUILD_FLAGS := -tags '$(GO_TAGS)' -buildmode=pie -ldflags "-X main.version=$(VERSION) $(GO_HARDEN_LDFLAGS)"
+GO_RELEASE_FLAGS := -tags '$(GO_TAGS)' -buildmode=pie -trimpath -ldflags "-s -w -X main.version=$(VERSION) $(GO_HARDEN_LDFLAGS)"
 TEST_EXTRA :=
 BENCH_TARGETS :=
 PROTO_EXTRA :=
 
-.PHONY: all build native test test-go test-fuzz bench run lint proto proto-go clean
+.PHONY: all build release check-binary native test test-go test-fuzz bench run lint proto proto-go clean
 all: build
 
 native: $(NATIVE_LIB)
@@ -53,9 +58,18 @@ $(NATIVE_LIB): CMakeLists.txt $(wildcard native/src/*.c native/src/*.h native/sr
 build: native
 	$(GO) build $(GO_BUILD_FLAGS) -o $(BIN_DIR)/pegaflow ./cmd/pegaflow
 
+# A stripped release binary (bin/release/pegaflow), checked like the build.
+release: native
+	$(GO) build $(GO_RELEASE_FLAGS) -o $(BIN_DIR)/release/pegaflow ./cmd/pegaflow
+	scripts/check-binary.sh --stripped $(BIN_DIR)/release/pegaflow
+
+# PIE and full RELRO, read from the ELF headers (part of `make test`).
+check-binary: build
+	scripts/check-binary.sh $(BIN_DIR)/pegaflow
+
 -include mk/*.mk
 
-test: build test-go test-fuzz $(TEST_EXTRA)
+test: build check-binary test-go test-fuzz $(TEST_EXTRA)
 
 test-go: native
 	$(GO) vet -tags '$(GO_TAGS)' ./...

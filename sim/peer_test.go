@@ -12,7 +12,6 @@ import (
 
 	"github.com/pegaflow/pegaflow/engine"
 	"github.com/pegaflow/pegaflow/engine/peer"
-	"github.com/pegaflow/pegaflow/native"
 )
 
 const simPeerToken = "sim-peer-token-sim-peer-token-sim-peer-token"
@@ -47,10 +46,6 @@ func loopbackAddr(t *testing.T) string {
 // pegaflow_source_engine, D names it in its query, and D's engine fetches
 // the prompt's blocks from P's; D verifies every loaded byte.
 func TestPDAcrossEnginesNamesTheSource(t *testing.T) {
-	if !native.XferBuilt {
-		t.Skip("UCX not built")
-	}
-	t.Setenv("UCX_TLS", "tcp")
 	aAddr := loopbackAddr(t)
 	aEng, aSock, _ := servePeerEngine(t, aAddr)
 	_, bSock, bReg := servePeerEngine(t, loopbackAddr(t))

@@ -53,14 +53,14 @@ const (
 	mhRouterPort = 8080
 )
 
-// mhSendBuf is engine A's UCX socket send buffer in engine-A-killed.
-// With the kernel's autotuning a whole request's GET replies (2 MiB) sit
-// in A's kernel by the time B's fetch is under way, and they still reach
-// B after A is killed; a fixed 64 KiB keeps all but ~128 KiB of them in
-// A's process, so killing A mid-fetch loses the GETs in flight. Only
-// there: a small window makes TCP recover from loss by timeouts, which
-// would starve the packet-loss phase.
-const mhSendBuf = "UCX_TCP_SNDBUF=64k"
+// mhSendBuf caps engine A's TCP send buffers (its namespace's
+// net.ipv4.tcp_wmem) in engine-A-killed. With the kernel's autotuning a
+// whole request's stream reply (2 MiB) can sit in A's kernel by the time
+// B's fetch is under way, and it still reaches B after A is killed; 64 KiB
+// keeps all but ~64 KiB of it in A's process, so killing A mid-fetch
+// loses the reply in flight. Only there: a small window makes TCP recover
+// from loss by timeouts, which would starve the packet-loss phase.
+const mhSendBuf = "net.ipv4.tcp_wmem=4096 65536 65536"
 
 // startEngineA starts engine A, env added to its environment.
 func (l *mhLab) startEngineA(t *testing.T, env ...string) {
@@ -275,7 +275,7 @@ func (l *mhLab) killAMidFetch(limit time.Duration) (time.Duration, error) {
 
 // P/D across two hosts: two network namespaces joined by a veth pair,
 // an engine, a sim on each, the router on A. D's engine fetches P's KV
-// from A's engine over UCX (tcp on the veth); D verifies every loaded
+// from A's engine over the validated stream (on the veth); D verifies every loaded
 // byte. Then faults on A and on the link: every request is still
 // answered within the deadlines, D recomputes what it could not fetch,
 // nothing corrupt is ever loaded.
@@ -330,14 +330,16 @@ func TestMultiHostPD(t *testing.T) {
 			t.Skip("tc not installed: the kill cannot be timed into a fetch")
 		}
 		// A -> B slowed so that one request's 2 MiB takes ~0.8 s: a fetch
-		// caught entering its reads is still mid-GET when A dies (A's
-		// replies wait in A's process, mhSendBuf), and the queue's 50 ms
+		// caught entering its reads is still mid-read when A dies (A's
+		// reply waits in A's process, mhSendBuf), and the queue's 50 ms
 		// bound lets what A's kernel still sends, then its FIN, reach B
-		// well before the fetch's 1 s deadline: the GETs fail on the lost
+		// well before the fetch's 1 s deadline: the read fails on the lost
 		// peer, not on the deadline. So A runs with mhSendBuf in this
 		// phase (a new epoch: B's first fetch handshakes again).
 		l.engA.kill()
-		l.startEngineA(t, mhSendBuf)
+		a.sh(t, "sysctl", "-qw", mhSendBuf)
+		defer a.sh(t, "sysctl", "-qw", "net.ipv4.tcp_wmem=4096 16384 4194304")
+		l.startEngineA(t)
 		a.awaitHTTP(t, "http://"+a.Addr(mhSimPort)+"/health", l.simP) // P registered again
 		a.sh(t, "tc", "qdisc", "add", "dev", a.Veth, "root", "tbf", "rate", "20mbit", "burst", "32kbit", "latency", "50ms")
 		defer a.sh(t, "tc", "qdisc", "del", "dev", a.Veth, "root")

@@ -23,7 +23,6 @@ import (
 	"github.com/pegaflow/pegaflow/engine/client"
 	"github.com/pegaflow/pegaflow/engine/peer"
 	"github.com/pegaflow/pegaflow/internal/kvtest"
-	"github.com/pegaflow/pegaflow/native"
 )
 
 // peerSpec makes 256 KiB blocks (4 layers x K/V x 32 KiB).
@@ -72,7 +71,6 @@ func startPeerEngine(t *testing.T, bin, dir, peerAddr, tokenFile string) *engine
 		peerAddr: peerAddr, logs: &lockedBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(bin, "serve", "--socket", p.sock, "--http-addr", p.http, "--pool-size", "64MiB",
 		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--peer-allow", "loopback", "--log-level", "debug")
-	p.cmd.Env = append(os.Environ(), "UCX_TLS=tcp")
 	p.cmd.Stderr = p.logs
 	require.NoError(t, p.cmd.Start())
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
@@ -113,14 +111,11 @@ func (p *engineProc) metric(t *testing.T, name string) float64 {
 }
 
 // skipUnlessPeerProcs skips a test that runs engines with peers as
-// processes: in -short runs (why says what it does) and without UCX.
+// processes in -short runs (why says what it does).
 func skipUnlessPeerProcs(t *testing.T, why string) {
 	t.Helper()
 	if testing.Short() {
 		t.Skip(why)
-	}
-	if !native.XferBuilt {
-		t.Skip("UCX not built")
 	}
 }
 
