@@ -63,7 +63,7 @@ func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
 		m.saveDuration, m.loadDuration, m.saveBytes, m.loadBytes, m.transfers,
 		m.fetchBlocks, m.fetchBytes, m.fetchDuration, failures,
 		gauge("peer_transfers_open", "Transfers peers opened here (blocks pinned for their reads).", func() float64 { return float64(len(e.peerOpens)) }),
-		gauge("peer_fetches_inflight", "Fetches from peer engines reading over UCX now (from their plan to their seal).",
+		gauge("peer_fetches_inflight", "Fetches from peer engines in their read phase now (from their plan to their seal).",
 			func() float64 { return float64(e.fetchesReading) }),
 		gauge("pool_capacity_bytes", "Pool capacity, all NUMA nodes' pools together.", func() float64 { return float64(e.capacity()) }),
 		gauge("pool_used_bytes", "Pool bytes held by blocks, all pools together.", func() float64 { return float64(e.usedLocked()) }),

@@ -10,9 +10,19 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/engine/peer"
 )
 
 // An engine with --peer-addr listens on its HTTP address and its peer
@@ -89,4 +99,58 @@ func listeningPorts(t *testing.T, pid int) []int {
 	}
 	sort.Ints(ports)
 	return ports
+}
+
+// TestPeerPortFloodKeepsEngineMemoryBounded sends the peer port what took
+// the engine from 93 MB to 5.7 GB when the token was checked after the
+// request was read: 32 concurrent OpenTransfer calls of 60 MiB each with a
+// wrong token. The token is now checked on the call's headers before its
+// message is read, and a message over what a bounded OpenTransfer needs is
+// refused from its length prefix: the engine's peak RSS stays within
+// 64 MiB of where it started, and every call is refused.
+func TestPeerPortFloodKeepsEngineMemoryBounded(t *testing.T) {
+	skipUnlessPeerProcs(t, "starts an engine process")
+	dir := t.TempDir()
+	tok := filepath.Join(dir, "token")
+	require.NoError(t, os.WriteFile(tok, []byte(peerTestToken), 0o600))
+	p := startPeerEngine(t, testBinary(t), dir, freeAddr(t), tok)
+	base := vmHWM(t, p.cmd.Process.Pid)
+
+	hashes := make([][]byte, 1<<20) // 1M hashes of 58 bytes: ~60 MiB on the wire
+	for i := range hashes {
+		hashes[i] = bytes.Repeat([]byte{byte(i)}, 58)
+	}
+	req := &pb.PeerOpenTransferRequest{Epoch: "ep-x", NamespaceId: "ns-x", Hashes: hashes}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, tc := range []struct {
+		name  string
+		token string
+		want  codes.Code
+	}{
+		{"wrong token", "not-the-token-not-the-token-not-the-token", codes.PermissionDenied},
+		{"the token, a message over the bound", peerTestToken, codes.ResourceExhausted},
+	} {
+		conn, err := grpc.NewClient("passthrough:///"+p.peerAddr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(128<<20)))
+		require.NoError(t, err)
+		api := pb.NewPeerClient(conn)
+		cctx := metadata.AppendToOutgoingContext(ctx, peer.TokenHeader, tc.token)
+		var wg sync.WaitGroup
+		codesSeen := make([]codes.Code, 32)
+		for i := range codesSeen {
+			wg.Go(func() {
+				_, err := api.OpenTransfer(cctx, req)
+				codesSeen[i] = status.Code(err)
+			})
+		}
+		wg.Wait()
+		conn.Close()
+		for _, c := range codesSeen {
+			require.Equal(t, tc.want, c, tc.name)
+		}
+		peak := vmHWM(t, p.cmd.Process.Pid)
+		t.Logf("%s: engine VmHWM %d MiB at start, %d MiB after 32 x 60 MiB calls", tc.name, base>>20, peak>>20)
+		require.Less(t, peak, base+64<<20, "%s: the engine buffered the flood", tc.name)
+	}
 }
