@@ -14,13 +14,12 @@ import (
 	"github.com/pegaflow/pegaflow/internal/cli"
 	"github.com/pegaflow/pegaflow/internal/demo"
 	"github.com/pegaflow/pegaflow/internal/netlab"
-	"github.com/pegaflow/pegaflow/native"
 )
 
 // runDemo is `pegaflow demo`: P/D (1P+1D through the engine) against DP2
 // (two aggregated instances, round-robin) on one workload, with simulators
 // in place of vLLM; with --hosts 2, P/D on one host against P/D across two
-// network namespaces (root and UCX needed). Exit status 0 when every
+// network namespaces (root needed). Exit status 0 when every
 // request of both runs succeeded, 1 otherwise, 2 on bad flags or when
 // --hosts 2 cannot run here.
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -36,7 +35,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&cfg.WorkDir, "work-dir", cfg.WorkDir, "directory for logs, the engine socket and results (pd.json, dp2.json, SVG plots)")
 	fs.StringVar(&cfg.PoolSize, "pool-size", cfg.PoolSize, "P/D engine pool size")
 	fs.DurationVar(&cfg.StartTimeout, "start-timeout", cfg.StartTimeout, "longest wait for each process to become healthy")
-	fs.IntVar(&cfg.Hosts, "hosts", cfg.Hosts, "1: P/D against DP2; 2: P/D on one host against P/D across two network namespaces (needs root and UCX)")
+	fs.IntVar(&cfg.Hosts, "hosts", cfg.Hosts, "1: P/D against DP2; 2: P/D on one host against P/D across two network namespaces (needs root)")
 	simFlags := strings.Join(cfg.SimFlags, " ")
 	fs.StringVar(&simFlags, "sim-flags", simFlags, "flags passed to every `pegaflow sim` (cost model, geometry)")
 	var reportPath string
@@ -96,13 +95,10 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 }
 
 // canRunTwoHosts says why --hosts 2 cannot run here: the lab needs root
-// and `ip`, the engines' peer path a build with UCX.
+// and `ip`.
 func canRunTwoHosts() error {
 	if err := netlab.Check(); err != nil {
 		return fmt.Errorf("--hosts 2: %w", err)
-	}
-	if !native.XferBuilt {
-		return errors.New("--hosts 2 needs the UCX transfer layer, and this binary was built without it (apt-get install libucx-dev pkg-config, then make native build)")
 	}
 	return nil
 }

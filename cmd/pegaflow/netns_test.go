@@ -49,7 +49,7 @@ func (x nsHost) sh(t *testing.T, name string, args ...string) {
 }
 
 // start runs bin in x's namespace (the process is bin itself, so killing
-// it kills bin), UCX bound to x's veth.
+// it kills bin).
 func (x nsHost) start(t *testing.T, bin string, args ...string) *proc {
 	t.Helper()
 	return x.startEnv(t, nil, bin, args...)
@@ -60,7 +60,7 @@ func (x nsHost) startEnv(t *testing.T, env []string, bin string, args ...string)
 	t.Helper()
 	p := &proc{logs: &lockedBuffer{}, done: make(chan struct{})}
 	p.cmd = x.Command(bin, args...)
-	p.cmd.Env = append(append(os.Environ(), x.UCXEnv()...), env...)
+	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stderr = p.logs
 	require.NoError(t, p.cmd.Start())
 	go func() { _ = p.cmd.Wait(); close(p.done) }()

@@ -11,7 +11,7 @@
 // With Hosts 2 (`pegaflow demo --hosts 2`) the comparison is P/D on one
 // host against P/D across two (twohosts.go): two network namespaces
 // joined by a veth pair, D's engine fetching P's KV from P's engine over
-// UCX.
+// the validated stream.
 //
 // Every piece is a real process on real sockets; the demo only starts them,
 // waits until they are healthy, runs `pegaflow bench`'s measurement against
@@ -61,7 +61,7 @@ type Config struct {
 	// StopGrace is how long a process gets to exit after SIGTERM.
 	StopGrace time.Duration
 	// Hosts is 1 (P/D against DP2 on this machine) or 2 (P/D on one host
-	// against P/D across two network namespaces; needs root and UCX).
+	// against P/D across two network namespaces; needs root).
 	Hosts int
 }
 
@@ -255,7 +255,7 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Report, error) {
 const pdName = "P/D 1P+1D"
 
 // spec is one process of a setup. host nil: this machine's network;
-// else the process runs in host's namespace, UCX on its veth.
+// else the process runs in host's namespace.
 type spec struct {
 	name   string
 	addr   string // host:port its /health answers on
@@ -295,7 +295,6 @@ func startAll(ctx context.Context, g *group, cfg Config, specs []spec, progress 
 			procs[i], err = g.start(s.name, cfg.Binary, s.args...)
 		} else {
 			cmd := s.host.Command(cfg.Binary, s.args...)
-			cmd.Env = append(os.Environ(), s.host.UCXEnv()...)
 			procs[i], err = g.startCmd(s.name, cmd, s.host.HTTPClient(0))
 		}
 		if err != nil {

@@ -135,9 +135,9 @@ func TestWriteTableTwoHosts(t *testing.T) {
 	require.NoError(t, rep.WriteTable(&b, w))
 	out := b.String()
 	for _, want := range []string{
-		"; P/D on one host and across two (network namespaces, UCX tcp)",
+		"; P/D on one host and across two (network namespaces, peer stream over TCP)",
 		"| P/D 1P+1D         |    200.00 |",
-		"| P/D 2 hosts (UCX) |    300.00 |     10.00 |    12.00 |    30.00 |   1800.00 |  1.50 |  10 |      0 |",
+		"| P/D 2 hosts       |    300.00 |     10.00 |    12.00 |    30.00 |   1800.00 |  1.50 |  10 |      0 |",
 		"| 2 hosts / 1 host  |     1.50x |     1.00x |    1.00x |    1.50x |     1.06x |",
 		"Engines during the P/D run across 2 hosts: A saved 2.0 MiB, 10 transfers ready; B hit ratio 100.0% (100 of 100 queried blocks), loaded 2.0 MiB",
 		"D: 100 blocks fetched from the peer engine (2.0 MiB in 10 fetches, 0 ended short), 100 prompt blocks loaded from engine B, 80 prompt tokens computed itself, 0 KV verify failures",

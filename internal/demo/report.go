@@ -16,7 +16,7 @@ func (r *Report) WriteTable(w io.Writer, workload bench.Config) error {
 	var b strings.Builder
 	where := ""
 	if r.twoHosts() {
-		where = "; P/D on one host and across two (network namespaces, UCX tcp)"
+		where = "; P/D on one host and across two (network namespaces, peer stream over TCP)"
 	}
 	fmt.Fprintf(&b, "PegaFlow demo: %d prompts, %d input / %d output tokens, %s req/s, seed %d (random dataset, pegaflow sim)%s\n\n",
 		workload.NumPrompts, workload.InputLen, workload.OutputLen, rateString(workload.RequestRate), workload.Seed, where)

@@ -14,7 +14,7 @@ import (
 )
 
 // twoHostsName is the cross-host P/D setup's row.
-const twoHostsName = "P/D 2 hosts (UCX)"
+const twoHostsName = "P/D 2 hosts"
 
 // NetlabPrefix names the demo's namespaces (pfdA-<hex>, pfdB-<hex>): a
 // demo killed with SIGKILL, the one exit that runs no cleanup, leaves
@@ -64,7 +64,7 @@ func runSameHostPD(ctx context.Context, cfg Config, progress io.Writer, logDir s
 // runCrossHostPD builds the lab, runs P/D across it and tears it down:
 // on A engine A (with the router, in one `serve`) and the P sim, on B
 // engine B and the D sim. D's engine fetches what P saved from engine A
-// over UCX (tcp on the veth). It fills rep.TwoHosts and rep.TwoHostsEngine.
+// over the validated stream (TCP on the veth). It fills rep.TwoHosts and rep.TwoHostsEngine.
 // The processes are stopped before the namespaces are deleted, on every
 // return.
 func runCrossHostPD(ctx context.Context, cfg Config, progress io.Writer, logDir string, rep *Report) (err error) {

@@ -155,7 +155,7 @@ func (h Host) Addr(port int) string { return net.JoinHostPort(h.IP, strconv.Itoa
 // Command returns `ip netns exec NS name args...`, not started. ip enters
 // the namespace and execs name in place (no fork), so the process is name
 // itself: its pid, process group, signals, Pdeathsig and exit status are
-// name's. The caller sets Env (see UCXEnv), output and SysProcAttr.
+// name's. The caller sets Env, output and SysProcAttr.
 func (h Host) Command(name string, args ...string) *exec.Cmd {
 	return exec.Command("ip", append([]string{"netns", "exec", h.NS, name}, args...)...)
 }
@@ -164,12 +164,6 @@ func (h Host) Command(name string, args ...string) *exec.Cmd {
 // command's combined output.
 func (h Host) Run(ctx context.Context, name string, args ...string) error {
 	return run(ctx, "ip", append([]string{"netns", "exec", h.NS, name}, args...)...)
-}
-
-// UCXEnv is the environment that keeps a UCX process in h on the lab's
-// link: TCP transport (a veth has no RDMA) on h's veth only.
-func (h Host) UCXEnv() []string {
-	return []string{"UCX_TLS=tcp", "UCX_NET_DEVICES=" + h.Veth}
 }
 
 func nsPath(ns string) string { return "/var/run/netns/" + ns }
