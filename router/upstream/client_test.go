@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -44,6 +45,11 @@ func header(t *testing.T, kv ...string) []byte {
 // countingServer is a net/http server that counts the connections it
 // accepted.
 func countingServer(t *testing.T, h http.HandlerFunc) (*httptest.Server, *atomic.Int64) {
+	return startCounting(t, h, false)
+}
+
+// startCounting is countingServer, serving https when useTLS.
+func startCounting(t *testing.T, h http.HandlerFunc, useTLS bool) (*httptest.Server, *atomic.Int64) {
 	var conns atomic.Int64
 	s := httptest.NewUnstartedServer(h)
 	s.Config.ConnState = func(_ net.Conn, st http.ConnState) {
@@ -51,7 +57,11 @@ func countingServer(t *testing.T, h http.HandlerFunc) (*httptest.Server, *atomic
 			conns.Add(1)
 		}
 	}
-	s.Start()
+	if useTLS {
+		s.StartTLS()
+	} else {
+		s.Start()
+	}
 	t.Cleanup(s.Close)
 	return s, &conns
 }
@@ -128,11 +138,14 @@ type script struct {
 	tailAfter time.Duration
 }
 
-func scriptedServer(t *testing.T, scripts ...script) (string, *atomic.Int64) {
+// serveConns accepts connections on a loopback port and runs handle on
+// each (and closes it after); done is closed when the test ends, before
+// the handlers are waited for.
+func serveConns(t *testing.T, handle func(nc net.Conn, done <-chan struct{})) (addr string, accepted *atomic.Int64) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	var accepted, served atomic.Int64
+	accepted = new(atomic.Int64)
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	t.Cleanup(func() { close(done); ln.Close(); wg.Wait() })
@@ -150,35 +163,44 @@ func scriptedServer(t *testing.T, scripts ...script) (string, *atomic.Int64) {
 				defer wg.Done()
 				defer nc.Close()
 				go func() { <-done; nc.Close() }()
-				br := bufio.NewReader(nc)
-				for {
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					_, _ = io.Copy(io.Discard, req.Body)
-					k := int(served.Add(1)) - 1
-					if k >= len(scripts) {
-						return
-					}
-					sc := scripts[k]
-					if sc.hang {
-						<-done
-						return
-					}
-					_, _ = io.WriteString(nc, sc.answer)
-					if sc.tail != "" {
-						time.Sleep(sc.tailAfter)
-						_, _ = io.WriteString(nc, sc.tail)
-					}
-					if sc.hangup {
-						return
-					}
-				}
+				handle(nc, done)
 			}()
 		}
 	}()
-	return "http://" + ln.Addr().String(), &accepted
+	return ln.Addr().String(), accepted
+}
+
+func scriptedServer(t *testing.T, scripts ...script) (string, *atomic.Int64) {
+	t.Helper()
+	var served atomic.Int64
+	addr, accepted := serveConns(t, func(nc net.Conn, done <-chan struct{}) {
+		br := bufio.NewReader(nc)
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			_, _ = io.Copy(io.Discard, req.Body)
+			k := int(served.Add(1)) - 1
+			if k >= len(scripts) {
+				return
+			}
+			sc := scripts[k]
+			if sc.hang {
+				<-done
+				return
+			}
+			_, _ = io.WriteString(nc, sc.answer)
+			if sc.tail != "" {
+				time.Sleep(sc.tailAfter)
+				_, _ = io.WriteString(nc, sc.tail)
+			}
+			if sc.hangup {
+				return
+			}
+		}
+	})
+	return "http://" + addr, accepted
 }
 
 func TestAnswerFraming(t *testing.T) {
@@ -245,16 +267,18 @@ func TestAnswerFraming(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, tc.body, string(data))
 			c.mu.Lock()
-			idle := len(c.idle[tg.key])
+			idle := slices.Clone(c.idle[tg.key])
 			c.mu.Unlock()
 			if tc.reusable {
-				require.Equal(t, 1, idle, "kept for the next request")
+				require.Len(t, idle, 1, "kept for the next request")
+				// The server hung up after the first answer: once its FIN
+				// is in, the kept connection is found closed when taken,
+				// and the next request goes on a new one. (Taken before,
+				// the request would be written and unanswered: an error.)
+				require.Eventually(t, func() bool { return !idle[0].alive() }, 10*time.Second, time.Millisecond)
 			} else {
-				require.Zero(t, idle, "not kept")
+				require.Empty(t, idle, "not kept")
 			}
-			// The server hung up after the first answer either way: a
-			// kept connection is found closed when taken, and the next
-			// request goes on a new one.
 			resp, err = c.Post(context.Background(), &Request{Target: tg, Body: []byte("{}")})
 			require.NoError(t, err)
 			require.Equal(t, "next", readAll(t, resp))
@@ -263,58 +287,113 @@ func TestAnswerFraming(t *testing.T) {
 	}
 }
 
-// A kept connection the backend closed without answering (its idle
-// timeout racing the request) is replaced once; a new connection that
-// does the same is the backend's failure.
-func TestClosedWithoutAnswer(t *testing.T) {
-	ok := "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-	t.Run("reused connection: retried on a new one", func(t *testing.T) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		require.NoError(t, err)
-		defer ln.Close()
-		var accepted atomic.Int64
-		go func() {
-			for {
-				nc, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				n := accepted.Add(1)
-				go func() {
-					defer nc.Close()
-					br := bufio.NewReader(nc)
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					_, _ = io.Copy(io.Discard, req.Body)
-					_, _ = io.WriteString(nc, ok)
-					if n == 1 { // read the second request, then hang up unanswered
-						if req, err = http.ReadRequest(br); err == nil {
-							_, _ = io.Copy(io.Discard, req.Body)
-						}
-						return
-					}
-				}()
+// countingBackend answers every request it reads with "ok", except that
+// on the connections it accepted it reads the requests numbered in
+// hangupAt (1-based, per connection) whole and then closes (reset: with
+// an RST) instead of answering. It counts every request it read.
+func countingBackend(t *testing.T, reset bool, hangupAt ...int) (string, *atomic.Int64, *atomic.Int64) {
+	t.Helper()
+	var requests atomic.Int64
+	addr, accepted := serveConns(t, func(nc net.Conn, _ <-chan struct{}) {
+		br := bufio.NewReader(nc)
+		for i := 1; ; i++ {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
 			}
-		}()
-		c := New(Config{})
-		defer c.CloseIdle()
-		tg := target(t, "http://"+ln.Addr().String()+"/x")
-		for range 2 {
+			_, _ = io.Copy(io.Discard, req.Body)
+			requests.Add(1)
+			if slices.Contains(hangupAt, i) {
+				if reset {
+					_ = nc.(*net.TCPConn).SetLinger(0)
+				}
+				return
+			}
+			_, _ = io.WriteString(nc, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+	})
+	return "http://" + addr, accepted, &requests
+}
+
+// A backend that read a request whole and then closed or reset the
+// connection without answering may have run it: Post never sends it
+// again (the backend counts each request once) and says so with
+// ErrUnanswered, on a kept connection as on a new one.
+func TestUnansweredIsNotReplayed(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		reset    bool
+		hangupAt int
+	}{
+		{"kept connection, closed after the request", false, 2},
+		{"kept connection, reset after the request", true, 2},
+		{"new connection, closed after the request", false, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			base, accepted, requests := countingBackend(t, tc.reset, tc.hangupAt)
+			c := New(Config{})
+			defer c.CloseIdle()
+			tg := target(t, base+"/x")
+			for i := 1; i < tc.hangupAt; i++ {
+				resp, err := c.Post(context.Background(), &Request{Target: tg, Body: []byte("{}")})
+				require.NoError(t, err)
+				require.Equal(t, "ok", readAll(t, resp))
+			}
+			_, err := c.Post(context.Background(), &Request{Target: tg, Body: []byte("{}")})
+			require.ErrorIs(t, err, ErrUnanswered)
+			require.EqualValues(t, tc.hangupAt, requests.Load(), "the backend read each request once: no silent duplicate")
+			require.EqualValues(t, 1, accepted.Load(), "no new connection for a replay")
+		})
+	}
+}
+
+// failingConn accepts accept bytes of writes, then fails them with EPIPE.
+type failingConn struct {
+	net.Conn
+	accept int
+}
+
+func (f *failingConn) Write(p []byte) (int, error) {
+	n := min(f.accept, len(p))
+	f.accept -= n
+	if n < len(p) {
+		return n, &net.OpError{Op: "write", Net: "tcp", Err: syscall.EPIPE}
+	}
+	return n, nil
+}
+
+// A kept connection whose write fails before a byte was accepted never
+// carried the request: it goes out once more on a new connection. One
+// that accepted part of it is not replayed (the backend holds a piece).
+func TestReplayOnlyWhenNothingWasWritten(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		accept   int
+		replayed bool
+	}{
+		{"nothing accepted: replayed", 0, true},
+		{"a part accepted: an error", 10, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			base, accepted, requests := countingBackend(t, false)
+			c := New(Config{})
+			defer c.CloseIdle()
+			tg := target(t, base+"/x")
+			client, server := net.Pipe()
+			defer server.Close()
+			c.put(newConn(c, tg.key, &failingConn{Conn: client, accept: tc.accept}, nil, nil))
 			resp, err := c.Post(context.Background(), &Request{Target: tg, Body: []byte("{}")})
+			if !tc.replayed {
+				require.ErrorIs(t, err, syscall.EPIPE)
+				require.NotErrorIs(t, err, ErrUnanswered)
+				require.Zero(t, accepted.Load())
+				return
+			}
 			require.NoError(t, err)
 			require.Equal(t, "ok", readAll(t, resp))
-		}
-		require.EqualValues(t, 2, accepted.Load())
-	})
-	t.Run("new connection: an error", func(t *testing.T) {
-		base, accepted := scriptedServer(t, script{answer: "", hangup: true})
-		c := New(Config{})
-		_, err := c.Post(context.Background(), &Request{Target: target(t, base+"/x"), Body: []byte("{}")})
-		require.ErrorIs(t, err, errNoAnswer)
-		require.EqualValues(t, 1, accepted.Load(), "not retried")
-	})
+			require.EqualValues(t, 1, requests.Load())
+		})
+	}
 }
 
 func TestContextEndsTheRequest(t *testing.T) {

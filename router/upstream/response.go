@@ -124,7 +124,7 @@ func (r *Response) Close() error {
 // release pools the connection when the body ended, else closes it.
 func (r *Response) release() {
 	cn := r.cn
-	if r.err == io.EOF && cn.nc.SetDeadline(time.Time{}) == nil {
+	if r.err == io.EOF && cn.drained() && cn.nc.SetDeadline(time.Time{}) == nil {
 		cn.client.put(cn)
 		return
 	}
