@@ -60,6 +60,8 @@ test: build test-go test-fuzz $(TEST_EXTRA)
 test-go: native
 	$(GO) vet -tags '$(GO_TAGS)' ./...
 	$(GO) test -race -count=1 -tags '$(GO_TAGS)' ./...
+	# The router's tests once more on its net/http leg client (--upstream-client).
+	$(GO) test -race -count=1 -tags '$(GO_TAGS)' ./router/ -args -upstream-client=nethttp
 
 # Short fuzz runs of request validation and of the live gRPC server (a
 # regression net, not a campaign). Budgets are execution counts (-fuzztime Nx,
