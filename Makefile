@@ -78,6 +78,7 @@ test-fuzz: native
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime $(call fuzz_budget,100000) ./router/
 	$(GO) test -run '^$$' -fuzz '^FuzzRelayChunking$$' -fuzztime $(call fuzz_budget,100000) ./router/
 	$(GO) test -run '^$$' -fuzz '^FuzzCheckPrompt$$' -fuzztime $(call fuzz_budget,100000) ./router/
+	$(GO) test -run '^$$' -fuzz '^FuzzUpstreamResponse$$' -fuzztime $(call fuzz_budget,100000) ./router/upstream/
 
 bench: build $(BENCH_TARGETS)
 

@@ -203,47 +203,53 @@ func scriptedServer(t *testing.T, scripts ...script) (string, *atomic.Int64) {
 	return "http://" + addr, accepted
 }
 
-func TestAnswerFraming(t *testing.T) {
-	for _, tc := range []struct {
-		name, answer string
-		status       int
-		body, ctype  string
-		err          string // from Post, or else from reading the body
-		reusable     bool
-	}{
-		{name: "length", answer: "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello",
-			status: 200, body: "hello", ctype: "text/plain", reusable: true},
-		{name: "chunked with extension and trailer", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" +
-			"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\n", status: 200, body: "abcde", reusable: true},
-		{name: "bare LF lines", answer: "HTTP/1.1 200 OK\nContent-Length: 2\n\nok", status: 200, body: "ok", reusable: true},
-		{name: "to close", answer: "HTTP/1.1 200 OK\r\n\r\nuntil the end", status: 200, body: "until the end"},
-		{name: "HTTP/1.0", answer: "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", status: 200, body: "ok"},
-		{name: "Connection close", answer: "HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 2\r\n\r\nok", status: 200, body: "ok"},
-		{name: "1xx skipped", answer: "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
-			status: 201, reusable: true},
-		{name: "204 has no body", answer: "HTTP/1.1 204 No Content\r\n\r\n", status: 204, reusable: true},
-		{name: "error status kept", answer: "HTTP/1.1 503 Busy\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
-			status: 503, body: "{}", ctype: "application/json", reusable: true},
-		{name: "long unneeded field skipped", answer: "HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("b", 10000) + "\r\nContent-Length: 1\r\n\r\n!",
-			status: 200, body: "!", reusable: true},
-		{name: "chunked beats length, not reused", answer: "HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nz\r\n0\r\n\r\n",
-			status: 200, body: "z"},
+// framingCase is one answer a backend may send and how upstream reads it
+// (also FuzzUpstreamResponse's seed corpus).
+type framingCase struct {
+	name, answer string
+	status       int
+	body, ctype  string
+	err          string // from Post, or else from reading the body
+	reusable     bool
+}
 
-		{name: "switching protocols", answer: "HTTP/1.1 101 Switching Protocols\r\n\r\n", err: "switched protocols"},
-		{name: "bad status line", answer: "HTTP/2 200\r\n\r\n", err: "malformed answer status line"},
-		{name: "not HTTP", answer: "SSH-2.0-OpenSSH\r\n\r\n", err: "malformed answer status line"},
-		{name: "conflicting lengths", answer: "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", err: "conflicting Content-Length"},
-		{name: "negative length", answer: "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", err: "bad Content-Length"},
-		{name: "gzip framing", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", err: "unsupported Transfer-Encoding"},
-		{name: "folded line", answer: "HTTP/1.1 200 OK\r\nX-A: 1\r\n  2\r\n\r\n", err: "obsolete line folding"},
-		{name: "header too large", answer: "HTTP/1.1 200 OK\r\n" + strings.Repeat("X-Pad: "+strings.Repeat("p", 1000)+"\r\n", 70) + "\r\n", err: "answer header too large"},
-		{name: "long Content-Type", answer: "HTTP/1.1 200 OK\r\nContent-Type: " + strings.Repeat("t", 5000) + "\r\n\r\n", err: `"Content-Type" too long`},
-		{name: "bad chunk size", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", status: 200, err: "bad chunk size"},
-		{name: "huge chunk size", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n", status: 200, err: "bad chunk size"},
-		{name: "chunk without line end", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nzX", status: 200, err: "no line end"},
-		{name: "truncated body", answer: "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", status: 200, err: "unexpected EOF"},
-		{name: "truncated head", answer: "HTTP/1.1 200 OK\r\nContent-Le", err: "unexpected EOF"},
-	} {
+var framingCases = []framingCase{
+	{name: "length", answer: "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello",
+		status: 200, body: "hello", ctype: "text/plain", reusable: true},
+	{name: "chunked with extension and trailer", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" +
+		"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\n", status: 200, body: "abcde", reusable: true},
+	{name: "bare LF lines", answer: "HTTP/1.1 200 OK\nContent-Length: 2\n\nok", status: 200, body: "ok", reusable: true},
+	{name: "to close", answer: "HTTP/1.1 200 OK\r\n\r\nuntil the end", status: 200, body: "until the end"},
+	{name: "HTTP/1.0", answer: "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", status: 200, body: "ok"},
+	{name: "Connection close", answer: "HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 2\r\n\r\nok", status: 200, body: "ok"},
+	{name: "1xx skipped", answer: "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+		status: 201, reusable: true},
+	{name: "204 has no body", answer: "HTTP/1.1 204 No Content\r\n\r\n", status: 204, reusable: true},
+	{name: "error status kept", answer: "HTTP/1.1 503 Busy\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+		status: 503, body: "{}", ctype: "application/json", reusable: true},
+	{name: "long unneeded field skipped", answer: "HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("b", 10000) + "\r\nContent-Length: 1\r\n\r\n!",
+		status: 200, body: "!", reusable: true},
+	{name: "chunked beats length, not reused", answer: "HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nz\r\n0\r\n\r\n",
+		status: 200, body: "z"},
+
+	{name: "switching protocols", answer: "HTTP/1.1 101 Switching Protocols\r\n\r\n", err: "switched protocols"},
+	{name: "bad status line", answer: "HTTP/2 200\r\n\r\n", err: "malformed answer status line"},
+	{name: "not HTTP", answer: "SSH-2.0-OpenSSH\r\n\r\n", err: "malformed answer status line"},
+	{name: "conflicting lengths", answer: "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", err: "conflicting Content-Length"},
+	{name: "negative length", answer: "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", err: "bad Content-Length"},
+	{name: "gzip framing", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", err: "unsupported Transfer-Encoding"},
+	{name: "folded line", answer: "HTTP/1.1 200 OK\r\nX-A: 1\r\n  2\r\n\r\n", err: "obsolete line folding"},
+	{name: "header too large", answer: "HTTP/1.1 200 OK\r\n" + strings.Repeat("X-Pad: "+strings.Repeat("p", 1000)+"\r\n", 70) + "\r\n", err: "answer header too large"},
+	{name: "long Content-Type", answer: "HTTP/1.1 200 OK\r\nContent-Type: " + strings.Repeat("t", 5000) + "\r\n\r\n", err: `"Content-Type" too long`},
+	{name: "bad chunk size", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", status: 200, err: "bad chunk size"},
+	{name: "huge chunk size", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n", status: 200, err: "over 15 hex digits"},
+	{name: "chunk without line end", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nzX", status: 200, err: "no line end"},
+	{name: "truncated body", answer: "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", status: 200, err: "unexpected EOF"},
+	{name: "truncated head", answer: "HTTP/1.1 200 OK\r\nContent-Le", err: "unexpected EOF"},
+}
+
+func TestAnswerFraming(t *testing.T) {
+	for _, tc := range framingCases {
 		t.Run(tc.name, func(t *testing.T) {
 			base, accepted := scriptedServer(t, script{answer: tc.answer, hangup: true},
 				script{answer: "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext"})

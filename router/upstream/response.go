@@ -256,8 +256,11 @@ func (r *Response) readChunkSize() (int64, error) {
 		line = line[:i] // chunk extensions, ignored
 	}
 	line = bytes.TrimRight(line, " \t")
-	if len(line) == 0 || len(line) > 15 {
-		return 0, fmt.Errorf("chunked body: bad chunk size %q", truncate(line))
+	switch {
+	case len(line) == 0:
+		return 0, errors.New("chunked body: bad chunk size \"\"")
+	case len(line) > 15:
+		return 0, errors.New("chunked body: chunk size over 15 hex digits")
 	}
 	var size int64
 	for _, c := range line {
