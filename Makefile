@@ -74,6 +74,8 @@ test: build check-binary test-go test-fuzz $(TEST_EXTRA)
 test-go: native
 	$(GO) vet -tags '$(GO_TAGS)' ./...
 	$(GO) test -race -count=1 -tags '$(GO_TAGS)' ./...
+	# The router's tests once more on its net/http leg client (--upstream-client).
+	$(GO) test -race -count=1 -tags '$(GO_TAGS)' ./router/ -args -upstream-client=nethttp
 
 # Short fuzz runs of request validation and of the live gRPC server (a
 # regression net, not a campaign). Budgets are execution counts (-fuzztime Nx,
@@ -90,6 +92,7 @@ test-fuzz: native
 	$(GO) test -run '^$$' -fuzz '^FuzzParseRequest$$' -fuzztime $(call fuzz_budget,100000) ./router/
 	$(GO) test -run '^$$' -fuzz '^FuzzRelayChunking$$' -fuzztime $(call fuzz_budget,100000) ./router/
 	$(GO) test -run '^$$' -fuzz '^FuzzCheckPrompt$$' -fuzztime $(call fuzz_budget,100000) ./router/
+	$(GO) test -run '^$$' -fuzz '^FuzzUpstreamResponse$$' -fuzztime $(call fuzz_budget,100000) ./router/upstream/
 
 bench: build $(BENCH_TARGETS)
 

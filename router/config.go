@@ -93,6 +93,10 @@ type Config struct {
 	InternalAddr string
 	// ListenAddr is the main (--http-addr) address; set by the caller.
 	ListenAddr string
+
+	// UpstreamClient is the legs' HTTP client: UpstreamPegaFlow
+	// (router/upstream) or UpstreamNetHTTP (net/http, the fallback).
+	UpstreamClient string
 }
 
 // DefaultConfig returns the defaults documented in docs/router.md.
@@ -119,6 +123,7 @@ func DefaultConfig() Config {
 		Cooldown:           10 * time.Second,
 		MaxBodyBytes:       16 << 20,
 		ResolveInterval:    5 * time.Second,
+		UpstreamClient:     UpstreamPegaFlow,
 	}
 }
 
@@ -181,6 +186,7 @@ func BindFlags(fs *flag.FlagSet, c *Config) {
 	fs.Var(byteSizeFlag{&c.MaxBodyBytes}, "max-body-bytes", "largest accepted request body, e.g. 16MiB (413 beyond)")
 	fs.StringVar(&c.KVReadyURL, "kv-ready-url", c.KVReadyURL, "URL engines POST readiness to (default http://<kv-ready-addr or http-addr>/kv_ready)")
 	fs.StringVar(&c.InternalAddr, "kv-ready-addr", c.InternalAddr, "serve /kv_ready alone on this separate (internal) address instead of --http-addr")
+	fs.StringVar(&c.UpstreamClient, "upstream-client", c.UpstreamClient, "the legs' HTTP client: pegaflow (router/upstream) or nethttp (Go's net/http, a fallback)")
 }
 
 // Enabled reports whether any backend was given, i.e. whether the caller
@@ -234,6 +240,9 @@ func (c Config) Validate() error {
 			}
 			seen[norm] = true
 		}
+	}
+	if c.UpstreamClient != UpstreamPegaFlow && c.UpstreamClient != UpstreamNetHTTP {
+		add("--upstream-client %q: want %s or %s", c.UpstreamClient, UpstreamPegaFlow, UpstreamNetHTTP)
 	}
 	if c.Handoff != HandoffCallback && c.Handoff != HandoffSync {
 		add("--handoff %q: want %s or %s", c.Handoff, HandoffCallback, HandoffSync)

@@ -135,7 +135,15 @@ func (r *Router) resolvePool(ctx context.Context, p *pool) {
 	for _, b := range joined {
 		r.log.Info("backend joined", "role", p.role, "backend", b.name)
 	}
+	if len(left) > 0 {
+		// The health polls' and /v1/models' idle connections too: net/http
+		// closes per transport, not per host, and the others re-dial.
+		r.client.CloseIdleConnections()
+	}
 	for _, b := range left {
+		// Its idle connections would otherwise wait out the idle timeout;
+		// those in flight go back to the pool and are reaped.
+		r.legs.closeIdleTo(b)
 		r.log.Info("backend left: no new requests, in-flight ones finish", "role", p.role, "backend", b.name)
 	}
 	if dropped > 0 {

@@ -52,6 +52,11 @@ type fakeVLLM struct {
 	// legConns counts the completion requests per client connection
 	// (remote address).
 	legConns map[string]int
+	// hangupReused: this many completion requests that come on a
+	// connection that carried one before are read whole, then the
+	// connection is closed without an answer (a backend that may have run
+	// them).
+	hangupReused atomic.Int32
 }
 
 func newFake(mutate func(*fakeVLLM)) *fakeVLLM { return newFakeOn(nil, mutate) }
@@ -88,12 +93,14 @@ func (f *fakeVLLM) requestHeaders() []http.Header {
 }
 
 func (f *fakeVLLM) serve(w http.ResponseWriter, r *http.Request) {
+	onConn := 0 // completion requests on this connection, this one included
 	if r.Method == http.MethodPost && r.URL.Path != "/kv_ready" {
 		f.mu.Lock()
 		if f.legConns == nil {
 			f.legConns = map[string]int{}
 		}
 		f.legConns[r.RemoteAddr]++
+		onConn = f.legConns[r.RemoteAddr]
 		f.mu.Unlock()
 	}
 	switch r.URL.Path {
@@ -124,6 +131,12 @@ func (f *fakeVLLM) serve(w http.ResponseWriter, r *http.Request) {
 	f.headers = append(f.headers, r.Header.Clone())
 	f.arrived = append(f.arrived, time.Now())
 	f.mu.Unlock()
+	if onConn > 1 && f.hangupReused.Add(-1) >= 0 {
+		if nc, _, err := http.NewResponseController(w).Hijack(); err == nil {
+			nc.Close()
+		}
+		return
+	}
 	if f.failN.Load() > 0 {
 		f.failN.Add(-1)
 		w.Header().Set("Content-Type", "application/json")

@@ -40,26 +40,33 @@ func (r *Router) track(b *backend, delta int64) {
 	b.m.inflight.Set(float64(b.inflight.Add(delta)))
 }
 
-// send POSTs body to b. It returns the response when its status is 2xx,
+// send POSTs body to b. It returns the answer when its status is 2xx,
 // else an attemptError holding the backend's answer. A proxy follows no
 // redirects: a backend's 3xx is its answer. Like http.Client, credentials
 // in a backend URL become Basic auth when the client sent no
-// Authorization.
-func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body []byte) (*upstream.Response, *attemptError) {
+// Authorization. A backend that closed the connection after reading the
+// request, before answering (it may have run it), is counted and logged
+// here; the leg's retry policy decides as for any transport error.
+func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body []byte) (legAnswer, *attemptError) {
 	hdr := rq.header
 	if b.authLine != nil && rq.authz == "" {
 		hdr = append(hdr[:len(hdr):len(hdr)], b.authLine...)
 	}
-	resp, err := r.up.Post(ctx, &upstream.Request{Target: b.endpoint(rq.path), Header: hdr, Body: body})
+	resp, err := r.legs.post(ctx, b, rq.path, hdr, body)
 	if err != nil {
+		if ctx.Err() == nil && errors.Is(err, upstream.ErrUnanswered) {
+			r.m.unanswered.WithLabelValues(b.role).Inc()
+			r.log.Warn("backend closed the connection after reading the request, before answering: it may have run it; not replayed, the leg's retry policy decides",
+				"role", b.role, "backend", b.name, "request_id", rq.reqID)
+		}
 		// The shape http.Client gives its errors, with the URL redacted.
-		return nil, &attemptError{backend: b, err: causeOf(ctx, &url.Error{Op: "Post", URL: b.name + rq.path, Err: err})}
+		return legAnswer{}, &attemptError{backend: b, err: causeOf(ctx, &url.Error{Op: "Post", URL: b.name + rq.path, Err: err})}
 	}
-	if resp.StatusCode/100 != 2 {
-		aerr := &attemptError{backend: b, status: resp.StatusCode, ctype: resp.ContentType}
-		aerr.body, _ = io.ReadAll(io.LimitReader(resp, maxSmallAnswer))
-		resp.Close()
-		return nil, aerr
+	if resp.status/100 != 2 {
+		aerr := &attemptError{backend: b, status: resp.status, ctype: resp.ctype}
+		aerr.body, _ = io.ReadAll(io.LimitReader(resp.body, maxSmallAnswer))
+		resp.body.Close()
+		return legAnswer{}, aerr
 	}
 	return resp, nil
 }
@@ -125,13 +132,13 @@ func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientReque
 	if aerr != nil {
 		return nil, aerr
 	}
-	defer resp.Close()
+	defer resp.body.Close()
 	answer := getBuf()
 	defer putBuf(answer)
-	if resp.ContentLength > 0 && resp.ContentLength <= maxPrefillAnswer {
-		answer.Grow(int(resp.ContentLength))
+	if resp.length > 0 && resp.length <= maxPrefillAnswer {
+		answer.Grow(int(resp.length))
 	}
-	err := readLimited(answer, resp, maxPrefillAnswer)
+	err := readLimited(answer, resp.body, maxPrefillAnswer)
 	var kv json.RawMessage
 	if err == nil {
 		kv, err = prefillAnswerParams(answer.Bytes())
@@ -210,30 +217,30 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 	if aerr != nil {
 		return attemptResult{err: aerr}
 	}
-	defer resp.Close()
+	defer resp.body.Close()
 	w := c.Response()
 
 	if !rq.stream {
 		buf := getBuf()
 		defer putBuf(buf) // written to the client (copied) before return
-		if resp.ContentLength > 0 && resp.ContentLength <= maxAnswerBytes {
-			buf.Grow(int(resp.ContentLength))
+		if resp.length > 0 && resp.length <= maxAnswerBytes {
+			buf.Grow(int(resp.length))
 		}
-		if err := readLimited(buf, resp, maxAnswerBytes); err != nil {
+		if err := readLimited(buf, resp.body, maxAnswerBytes); err != nil {
 			return attemptResult{err: &attemptError{backend: b, err: causeOf(actx, err)}}
 		}
 		data := buf.Bytes()
 		if r.answer.firstBytePhase {
 			r.m.observe(phaseDecodeFirstByte, time.Since(t0).Seconds())
 		}
-		ct := resp.ContentType
+		ct := resp.ctype
 		if ct == "" {
 			ct = echo.MIMEApplicationJSON
 		}
 		if len(data) > 0 { // the client gets no chunked encoding to undo
 			w.Header()["Content-Length"] = []string{strconv.Itoa(len(data))}
 		}
-		if err := c.Blob(resp.StatusCode, ct, data); err != nil {
+		if err := c.Blob(resp.status, ct, data); err != nil {
 			return attemptResult{wrote: true, clientErr: err}
 		}
 		return attemptResult{wrote: true}
@@ -242,7 +249,7 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 	clock.idleWithin(r.cfg.IdleStreamTimeout, r.errIdleTimeout)
 	rc := http.NewResponseController(w)
 	var firstTok, prevTok time.Time
-	res, err := relaySSE(w, rc.Flush, resp, relayHooks{
+	res, err := relaySSE(w, rc.Flush, resp.body, relayHooks{
 		begin: func() {
 			clock.firstEventSent()
 			if r.answer.firstBytePhase {

@@ -9,6 +9,7 @@ type metrics struct {
 	phase         *prometheus.HistogramVec // routing, prefill, kv_ready_wait, decode_first_byte, ttft, itl, tpot, e2e
 	requests      *prometheus.CounterVec   // outcome
 	retries       *prometheus.CounterVec   // leg
+	unanswered    *prometheus.CounterVec   // role: request read, connection closed before an answer
 	kvTimeouts    prometheus.Counter
 	kvRejected    *prometheus.CounterVec // reason
 	inflight      *prometheus.GaugeVec   // role, backend
@@ -100,6 +101,8 @@ func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 			Help: "Requests by outcome: ok, failed, client_cancelled, client_stalled (stopped reading), rejected (bad input or auth)."}, []string{"outcome"}),
 		retries: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "retries_total",
 			Help: "Retried legs: prefill, decode."}, []string{"leg"}),
+		unanswered: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "unanswered_total",
+			Help: "Leg attempts whose backend closed the connection after the request was written, before answering: it may have run the request. Never replayed silently; the leg's retry policy decides (retries_total)."}, []string{"role"}),
 		kvTimeouts: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "kv_ready_timeouts_total",
 			Help: "KV-ready waits that expired or reported failure."}),
 		kvRejected: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "kv_ready_rejected_total",
@@ -133,7 +136,7 @@ func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.phase, m.requests, m.retries, m.kvTimeouts, m.kvRejected, m.inflight, m.healthy, m.ejections, m.kvReadyWhen, m.noKVParams, m.resolveErrors} {
+	for _, c := range []prometheus.Collector{m.phase, m.requests, m.retries, m.unanswered, m.kvTimeouts, m.kvRejected, m.inflight, m.healthy, m.ejections, m.kvReadyWhen, m.noKVParams, m.resolveErrors} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 
+	"github.com/pegaflow/pegaflow/internal/cli"
 	"github.com/pegaflow/pegaflow/internal/ids"
 )
 
@@ -610,6 +611,15 @@ func TestBindFlags(t *testing.T) {
 	require.True(t, c.Aggregated())
 	require.NoError(t, c.Validate())
 	require.Error(t, fs.Parse([]string{"--max-body-bytes", "lots"}))
+
+	require.Equal(t, UpstreamPegaFlow, c.UpstreamClient)
+	require.NoError(t, cli.Parse(fs, nil, func(name string) (string, bool) {
+		return UpstreamNetHTTP, name == "PEGAFLOW_UPSTREAM_CLIENT"
+	}))
+	require.Equal(t, UpstreamNetHTTP, c.UpstreamClient)
+	require.NoError(t, c.Validate())
+	c.UpstreamClient = "curl"
+	require.ErrorContains(t, c.Validate(), `--upstream-client "curl": want pegaflow or nethttp`)
 }
 
 // Whatever the client sends, a body that passes validation gives legs that

@@ -17,8 +17,9 @@
 //   - retry.go: the one retry loop every leg runs under (attempt limit,
 //     retryable verdict, capped jittered backoff; internal/retry);
 //   - leg.go: the legs: prefill, answer (decode or aggregated), /v1/models;
-//     upstream/ (its own package): the HTTP/1.1 client the legs send
-//     with, connections kept per backend;
+//   - legclient.go: the legs' HTTP client (--upstream-client): upstream/
+//     (its own package: the HTTP/1.1 client, connections kept per
+//     backend) or net/http;
 //   - errors.go: attemptError, which carries a backend's answer to the
 //     client, the router's deadline errors and the client's error answers;
 //   - request.go: the validated request; prompt.go: the linear prompt and
@@ -88,8 +89,8 @@ type Router struct {
 	answer     answerLeg
 	models     legPolicy
 	transfers  *transfers
-	up         *upstream.Client // the legs (send)
-	client     *http.Client     // GET /v1/models
+	legs       legClient    // the legs (send), --upstream-client
+	client     *http.Client // GET /v1/models
 	checker    *healthChecker
 	resolver   Resolver
 	readyURL   string
@@ -117,8 +118,8 @@ func New(cfg Config, deps Deps) (*Router, error) {
 		return nil, fmt.Errorf("router metrics: %w", err)
 	}
 	// The legs go through upstream (the hot path: a few allocations per
-	// leg where http.Transport takes ~40); health polls and /v1/models
-	// through net/http. Neither has a response-header timeout: every
+	// leg where http.Transport takes ~40) or, with --upstream-client
+	// nethttp, net/http; health polls and /v1/models through net/http. Neither has a response-header timeout: every
 	// leg's deadlines come from its context, which names the limit that
 	// was hit. No proxy from the environment: backends are on the cluster
 	// network.
@@ -132,7 +133,7 @@ func New(cfg Config, deps Deps) (*Router, error) {
 	r := &Router{
 		cfg: cfg, log: log, kv: deps.KVReady, m: m,
 		transfers: newTransfers(),
-		up:        upstream.New(upstream.Config{DialTimeout: cfg.ConnectTimeout}), // keep-alive 30 s, 1024 idle per backend for 90 s
+		legs:      newLegClient(cfg),
 		client:    &http.Client{Transport: transport},
 		readyURL:  cfg.readyURL(),
 
@@ -255,7 +256,7 @@ func (r *Router) Run(ctx context.Context) error {
 
 // Close releases idle backend connections.
 func (r *Router) Close() error {
-	r.up.CloseIdle()
+	r.legs.closeIdle()
 	r.client.CloseIdleConnections()
 	r.checker.client.CloseIdleConnections()
 	return nil

@@ -12,10 +12,28 @@
 // (status, Content-Type, Content-Length, framing, Connection). The router's
 // health checks and GET /v1/models stay on net/http.
 //
+// A request is sent once. It is sent again, on a new connection, only
+// when the backend provably never had it: a kept connection found closed
+// before the write (an idle check), or one whose write failed before a
+// byte was accepted. A backend that closes or resets the connection after
+// the request was written and before answering may have run it: Post
+// returns an error matching ErrUnanswered and leaves a retry to the
+// caller, who can count it and, for a prefill, give it a new transfer.
+//
+// No byte a backend sent unasked is ever read as another request's
+// answer: a connection with anything unread after an answer (in its
+// bufio.Reader, inside tls.Conn, on the socket) is closed, not reused.
+// Idle connections are closed after IdleTimeout by a timer, and at once
+// for a backend that left (CloseIdleTo).
+//
 // Concurrency: a Client is safe for concurrent use; a Response is owned by
 // one goroutine. Every read and write of a request is bounded by its
 // context: when the context ends, the connection is unblocked at once and
 // the error is the context's cause.
+//
+// Files: client.go (Client, Target, the pool), conn.go (one connection:
+// writing, the idle and unread-byte checks), head.go (status line and
+// header), response.go (the body).
 package upstream
 
 import (
@@ -40,7 +58,10 @@ type Config struct {
 	DialTimeout time.Duration
 	// KeepAlive is the TCP keep-alive period (default 30 s).
 	KeepAlive time.Duration
-	// IdleTimeout is how long an idle connection is kept (default 90 s).
+	// IdleTimeout is how long an idle connection is kept (default 4 s:
+	// below the 5 s keep-alive of uvicorn, which vLLM serves with, so the
+	// router, not the backend, ends an idle connection and a request
+	// seldom meets a close in flight).
 	IdleTimeout time.Duration
 	// MaxIdlePerHost bounds the idle connections kept per backend
 	// address (default 1024).
@@ -60,7 +81,7 @@ func (c Config) withDefaults() Config {
 		c.KeepAlive = 30 * time.Second
 	}
 	if c.IdleTimeout <= 0 {
-		c.IdleTimeout = 90 * time.Second
+		c.IdleTimeout = 4 * time.Second
 	}
 	if c.MaxIdlePerHost <= 0 {
 		c.MaxIdlePerHost = 1024
@@ -117,17 +138,29 @@ type Client struct {
 
 	mu   sync.Mutex
 	idle map[string][]*conn // per Target.key, most recently used last
+	// reaper closes connections idle past IdleTimeout; armed while any
+	// connection is idle.
+	reaper *time.Timer
+	armed  bool
 }
 
 // New returns a Client with cfg's limits.
 func New(cfg Config) *Client {
 	cfg = cfg.withDefaults()
-	return &Client{
+	c := &Client{
 		cfg:    cfg,
 		dialer: net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: cfg.KeepAlive},
 		idle:   map[string][]*conn{},
 	}
+	c.reaper = time.AfterFunc(time.Hour, c.reap)
+	c.reaper.Stop()
+	return c
 }
+
+// ErrUnanswered matches Post's error when the request was written whole
+// and the backend then closed or reset the connection without a byte of
+// answer: it may have run the request. Post does not send it again.
+var ErrUnanswered = errors.New("backend closed the connection after the request was sent, before answering (it may have run it)")
 
 // Request is one POST. Post writes it whole before it returns: the caller
 // may reuse Header and Body as soon as Post returned.
@@ -143,11 +176,12 @@ type Request struct {
 // is skipped. The returned Response must be closed; reading its body to
 // the end returns the connection to the pool.
 //
-// A connection taken from the pool that turns out to have been closed by
-// the backend (no byte of an answer came) is replaced by a new one once:
-// a backend's idle timeout is not the backend's failure. Dial errors come
-// back as net.Dial returns them (errors.Is(err, syscall.ECONNREFUSED)
-// works).
+// A connection taken from the pool that the backend had closed is found
+// so before the write and replaced; one whose write fails before the
+// backend accepted a byte is replaced by a new one once: a backend's idle
+// timeout is not the backend's failure. A request written whole that
+// gets no answer is not sent again (ErrUnanswered). Dial errors come back
+// as net.Dial returns them (errors.Is(err, syscall.ECONNREFUSED) works).
 func (c *Client) Post(ctx context.Context, req *Request) (*Response, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, context.Cause(ctx)
@@ -166,10 +200,19 @@ func (c *Client) Post(ctx context.Context, req *Request) (*Response, error) {
 		if ctx.Err() != nil {
 			return nil, context.Cause(ctx)
 		}
-		if !cn.reused || cn.gotBytes || fresh || !connGone(err) {
-			return nil, err
+		var werr *writeError
+		switch {
+		case cn.gotBytes:
+		case errors.As(err, &werr):
+			// Not one byte accepted: the backend cannot have read it.
+			if cn.written == 0 && cn.reused && !fresh && connGone(err) {
+				fresh = true
+				continue
+			}
+		case connGone(err):
+			return nil, fmt.Errorf("%w: %w", ErrUnanswered, err)
 		}
-		fresh = true
+		return nil, err
 	}
 }
 
@@ -186,12 +229,62 @@ func (c *Client) CloseIdle() {
 	c.mu.Lock()
 	idle := c.idle
 	c.idle = map[string][]*conn{}
+	c.reaper.Stop()
+	c.armed = false
 	c.mu.Unlock()
 	for _, list := range idle {
-		for _, cn := range list {
-			cn.close()
+		closeAll(list)
+	}
+}
+
+// CloseIdleTo closes the idle connections to t's address (a backend that
+// left); those in use are kept until their requests end, then reaped.
+func (c *Client) CloseIdleTo(t *Target) {
+	c.mu.Lock()
+	list := c.idle[t.key]
+	delete(c.idle, t.key)
+	c.mu.Unlock()
+	closeAll(list)
+}
+
+func closeAll(list []*conn) {
+	for _, cn := range list {
+		cn.close()
+	}
+}
+
+// reap closes the connections idle past IdleTimeout and re-arms the
+// reaper for the oldest one left.
+func (c *Client) reap() {
+	var drop []*conn
+	now := time.Now()
+	c.mu.Lock()
+	var oldest time.Time
+	for key, list := range c.idle {
+		n := 0
+		for n < len(list) && now.Sub(list[n].idleSince) >= c.cfg.IdleTimeout {
+			n++
+		}
+		drop = append(drop, list[:n]...)
+		if n == len(list) {
+			delete(c.idle, key)
+			continue
+		}
+		if n > 0 {
+			rest := append(list[:0], list[n:]...)
+			clear(list[len(rest):])
+			c.idle[key] = rest
+		}
+		if first := c.idle[key][0].idleSince; oldest.IsZero() || first.Before(oldest) {
+			oldest = first
 		}
 	}
+	c.armed = !oldest.IsZero()
+	if c.armed {
+		c.reaper.Reset(max(oldest.Add(c.cfg.IdleTimeout).Sub(now), time.Millisecond))
+	}
+	c.mu.Unlock()
+	closeAll(drop)
 }
 
 // get returns an idle connection to t that is still open, or dials one.
@@ -250,10 +343,12 @@ func (c *Client) put(cn *conn) {
 		c.idle[cn.key] = list
 		drop = append(drop, cn)
 	}
-	c.mu.Unlock()
-	for _, d := range drop {
-		d.close()
+	if !c.armed {
+		c.armed = true
+		c.reaper.Reset(c.cfg.IdleTimeout)
 	}
+	c.mu.Unlock()
+	closeAll(drop)
 }
 
 func (c *Client) dial(ctx context.Context, t *Target) (*conn, error) {
@@ -262,6 +357,7 @@ func (c *Client) dial(ctx context.Context, t *Target) (*conn, error) {
 		return nil, err
 	}
 	raw, _ := nc.(syscall.Conn)
+	var records *tlsRecords
 	if t.tls {
 		cfg := c.cfg.TLS.Clone()
 		if cfg == nil {
@@ -271,7 +367,8 @@ func (c *Client) dial(ctx context.Context, t *Target) (*conn, error) {
 			cfg.ServerName = t.serverName
 		}
 		cfg.NextProtos = []string{"http/1.1"}
-		tc := tls.Client(nc, cfg)
+		records = &tlsRecords{Conn: nc}
+		tc := tls.Client(records, cfg)
 		hctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
 		err := tc.HandshakeContext(hctx)
 		cancel()
@@ -281,7 +378,7 @@ func (c *Client) dial(ctx context.Context, t *Target) (*conn, error) {
 		}
 		nc = tc
 	}
-	return newConn(c, t.key, nc, raw), nil
+	return newConn(c, t.key, nc, raw, records), nil
 }
 
 // AppendHeader appends the header line "name: value\r\n" to dst, refusing

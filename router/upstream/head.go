@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 var errHeaderTooLarge = errors.New("answer header too large")
@@ -16,6 +18,7 @@ type head struct {
 	chunked       bool
 	close         bool
 	contentType   string
+	http10        bool // the status line's version
 }
 
 // readHead reads the status line and header, skipping 1xx answers, and
@@ -39,7 +42,7 @@ func (r *Response) readHead() error {
 		if err != nil {
 			return err
 		}
-		h := head{contentLength: -1}
+		h := head{contentLength: -1, http10: http10}
 		if err := r.readFields(&limit, &h); err != nil {
 			return err
 		}
@@ -87,6 +90,9 @@ func (r *Response) readFields(limit *int, h *head) error {
 			if h != nil && neededField(line) {
 				return fmt.Errorf("answer header field %q too long", fieldName(line))
 			}
+			if _, _, err := splitField(line); err != nil {
+				return err
+			}
 			if err := cn.skipRest(limit); err != nil {
 				return err
 			}
@@ -98,21 +104,55 @@ func (r *Response) readFields(limit *int, h *head) error {
 		if line[0] == ' ' || line[0] == '\t' {
 			return errors.New("answer header uses obsolete line folding")
 		}
+		name, value, err := splitField(line)
+		if err != nil {
+			return err
+		}
 		if h == nil {
 			continue
 		}
-		if err := h.field(line); err != nil {
+		if err := h.field(name, value); err != nil {
 			return err
 		}
 	}
 }
 
-func (h *head) field(line []byte) error {
+// splitField splits a field line into its name and value, refusing what
+// net/http's reader refuses: no colon, a name that is not a token (a
+// space before the colon would hide "Content-Length" from a reader that
+// skips bad names), control bytes in the value.
+func splitField(line []byte) (name, value []byte, err error) {
 	i := bytes.IndexByte(line, ':')
 	if i <= 0 {
-		return fmt.Errorf("malformed answer header line %q", truncate(line))
+		return nil, nil, fmt.Errorf("malformed answer header line %q", truncate(line))
 	}
-	name, value := line[:i], bytes.Trim(line[i+1:], " \t")
+	name, value = line[:i], line[i+1:]
+	for _, c := range name {
+		if c == ' ' {
+			return nil, nil, fmt.Errorf("answer header field name %q holds a space", truncate(name))
+		}
+		if !httpguts.IsTokenRune(rune(c)) {
+			return nil, nil, fmt.Errorf("malformed answer header line %q", truncate(line))
+		}
+	}
+	if !validValue(value) {
+		return nil, nil, fmt.Errorf("malformed answer header line %q", truncate(line))
+	}
+	return name, bytes.Trim(value, " \t"), nil
+}
+
+// validValue: value holds no control byte but HTAB (obs-text, 0x80 and
+// up, is allowed), as RFC 9110 5.5 and net/http have it.
+func validValue(value []byte) bool {
+	for _, c := range value {
+		if (c < 0x20 && c != '\t') || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+func (h *head) field(name, value []byte) error {
 	switch {
 	case bytes.EqualFold(name, []byte("Content-Length")):
 		n, ok := parseLength(value)
@@ -124,6 +164,10 @@ func (h *head) field(line []byte) error {
 		}
 		h.contentLength = n
 	case bytes.EqualFold(name, []byte("Transfer-Encoding")):
+		if h.http10 {
+			// RFC 9112 6.1: its framing is faulty (net/http ignores it).
+			return errors.New("Transfer-Encoding in an HTTP/1.0 answer")
+		}
 		if !bytes.EqualFold(value, []byte("chunked")) {
 			return fmt.Errorf("unsupported Transfer-Encoding %q", truncate(value))
 		}
@@ -182,6 +226,9 @@ func (cn *conn) skipRest(limit *int) error {
 		part, err := cn.br.ReadSlice('\n')
 		if *limit -= len(part); *limit < 0 {
 			return errHeaderTooLarge
+		}
+		if !validValue(bytes.TrimRight(part, "\r\n")) {
+			return errors.New("malformed answer header line: a control byte in a long field")
 		}
 		switch {
 		case err == nil:

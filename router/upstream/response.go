@@ -124,7 +124,7 @@ func (r *Response) Close() error {
 // release pools the connection when the body ended, else closes it.
 func (r *Response) release() {
 	cn := r.cn
-	if r.err == io.EOF && cn.nc.SetDeadline(time.Time{}) == nil {
+	if r.err == io.EOF && cn.drained() && cn.nc.SetDeadline(time.Time{}) == nil {
 		cn.client.put(cn)
 		return
 	}
@@ -256,8 +256,11 @@ func (r *Response) readChunkSize() (int64, error) {
 		line = line[:i] // chunk extensions, ignored
 	}
 	line = bytes.TrimRight(line, " \t")
-	if len(line) == 0 || len(line) > 15 {
-		return 0, fmt.Errorf("chunked body: bad chunk size %q", truncate(line))
+	switch {
+	case len(line) == 0:
+		return 0, errors.New("chunked body: bad chunk size \"\"")
+	case len(line) > 15:
+		return 0, errors.New("chunked body: chunk size over 15 hex digits")
 	}
 	var size int64
 	for _, c := range line {
