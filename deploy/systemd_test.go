@@ -3,6 +3,7 @@ package deploy
 import (
 	"bufio"
 	"bytes"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -74,6 +75,8 @@ func TestSystemdUnits(t *testing.T) {
 	}
 	router := unitSettings(t, "systemd/pegaflow-router.service")
 	require.Equal(t, []string{"/etc/pegaflow/router.env"}, router["EnvironmentFile"], "router: backends are required")
+	checkListenDefaults(t, engine, router)
+	checkPeerTransportSettings(t, "systemd/engine.env")
 
 	units, err := filepath.Glob("systemd/*.service")
 	require.NoError(t, err)
@@ -116,4 +119,50 @@ func TestSystemdUnits(t *testing.T) {
 	require.NoError(t, err, "systemd-analyze verify:\n%s", out)
 	// Unknown keys are only warnings (exit 0): any output is a finding.
 	require.Empty(t, strings.TrimSpace(string(out)), "systemd-analyze verify")
+}
+
+// envValue is the value a unit's Environment= lines give name ("" if none).
+func envValue(settings map[string][]string, name string) string {
+	v := ""
+	for _, e := range settings["Environment"] {
+		if k, val, _ := strings.Cut(e, "="); k == name {
+			v = val
+		}
+	}
+	return v
+}
+
+// checkListenDefaults holds the units to explicit listen addresses: the
+// engine's HTTP (metrics, health, topology: no API key covers them) on
+// loopback, and the router's /kv_ready on a listener of its own, never
+// the client-facing port.
+func checkListenDefaults(t *testing.T, engine, router map[string][]string) {
+	t.Helper()
+	host, _, err := net.SplitHostPort(envValue(engine, "PEGAFLOW_HTTP_ADDR"))
+	require.NoError(t, err, "pegaflow-engine.service PEGAFLOW_HTTP_ADDR")
+	ip := net.ParseIP(host)
+	require.True(t, ip != nil && ip.IsLoopback(), "pegaflow-engine.service: HTTP on %q, want loopback by default", host)
+
+	httpAddr, readyAddr := envValue(router, "PEGAFLOW_HTTP_ADDR"), envValue(router, "PEGAFLOW_KV_READY_ADDR")
+	require.NotEmpty(t, readyAddr, "pegaflow-router.service: /kv_ready needs its own address (PEGAFLOW_KV_READY_ADDR)")
+	_, httpPort, err := net.SplitHostPort(httpAddr)
+	require.NoError(t, err)
+	_, readyPort, err := net.SplitHostPort(readyAddr)
+	require.NoError(t, err)
+	require.NotEqual(t, httpPort, readyPort, "pegaflow-router.service: /kv_ready shares the client-facing port")
+}
+
+// checkPeerTransportSettings holds engine.env to the safe peer data plane:
+// the validated TCP stream set explicitly, and UCX's RDMA-only settings
+// present for --peer-transport=rdma but commented out.
+func checkPeerTransportSettings(t *testing.T, path string) {
+	t.Helper()
+	env := unitSettings(t, path)
+	require.Equal(t, []string{"tcp"}, env["PEGAFLOW_PEER_TRANSPORT"], "%s", path)
+	raw, err := os.ReadFile(path)
+	require.NoError(t, err)
+	for _, name := range []string{"UCX_TLS", "UCX_NET_DEVICES"} {
+		require.NotContains(t, env, name, "%s: %s applies only to --peer-transport=rdma", path, name)
+		require.Regexp(t, `(?m)^#`+name+`=`, string(raw), "%s: document %s for --peer-transport=rdma", path, name)
+	}
 }

@@ -33,6 +33,7 @@ type fakeVLLM struct {
 	tokens       []string      // D: tokens to stream
 	gap          time.Duration // D: pause between chunks
 	breakAfter   int           // D: drop the connection after this many chunks (0: never)
+	errorEvent   string        // D: after the tokens, this event's data (vLLM's in-band error), then [DONE]
 	prefillDelay time.Duration // P: wait this long before answering
 	headerDelay  time.Duration // D: wait this long before the stream's headers
 	stallFirst   time.Duration // D: send the stream's headers, then wait this long before the first event
@@ -260,6 +261,9 @@ func (f *fakeVLLM) stream(w http.ResponseWriter, r *http.Request, body map[strin
 		fmt.Fprintf(w, "data: %s\n\n", data)
 		fl.Flush()
 		time.Sleep(f.gap)
+	}
+	if f.errorEvent != "" {
+		fmt.Fprintf(w, "data: %s\n\n", f.errorEvent)
 	}
 	if so, ok := body["stream_options"].(map[string]any); ok && so["include_usage"] == true {
 		fmt.Fprintf(w, "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":%d}}\n\n", len(f.tokens))

@@ -157,6 +157,10 @@ type attemptResult struct {
 	wrote     bool          // bytes reached the client: no retry any more
 	clientErr error         // the client went away
 	err       *attemptError // the backend failed
+	// errorEvent, when set, is the backend whose stream was relayed whole
+	// but carried its own error event: a failed request from a live
+	// backend (not retried, not held against its health).
+	errorEvent *backend
 }
 
 // runAnswer sends the answer leg (decode, or the whole aggregated
@@ -178,6 +182,10 @@ func (r *Router) runAnswer(c echo.Context, rq *clientRequest, body []byte) (stri
 		return res.err
 	})
 	switch {
+	case err == nil && res.errorEvent != nil:
+		b := res.errorEvent
+		r.log.Warn("backend ended its stream with an error event", "role", b.role, "backend", b.name, "request_id", rq.reqID)
+		return outcomeFailed, nil
 	case err == nil:
 		return outcomeOK, nil
 	case errors.Is(res.clientErr, os.ErrDeadlineExceeded):
@@ -279,7 +287,11 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 		r.m.observe(phaseTPOT, prevTok.Sub(firstTok).Seconds()/float64(res.tokens-1))
 	}
 	if err == nil {
-		return attemptResult{wrote: res.wrote}
+		ar := attemptResult{wrote: res.wrote}
+		if res.backendError {
+			ar.errorEvent = b
+		}
+		return ar
 	}
 	var cwe *clientWriteError
 	if errors.As(err, &cwe) {

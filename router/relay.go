@@ -2,6 +2,7 @@ package router
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -29,7 +30,7 @@ type eventKind int
 const (
 	eventToken eventKind = iota // a chunk with choices: what TTFT/ITL measure (as vLLM's bench serve)
 	eventOther                  // usage-only chunk, comment, unknown
-	eventError                  // {"error": ...} sent by the backend itself
+	eventError                  // the backend's own error: {"error": ...} or {"object": "error", ...}
 	eventDone                   // data: [DONE]
 )
 
@@ -48,6 +49,10 @@ type relayResult struct {
 	wrote  bool // some byte reached the client: no retry is possible any more
 	done   bool // data: [DONE] was relayed
 	tokens int  // token events relayed
+	// backendError: an error event of the backend's own was relayed. vLLM
+	// ends a generation that failed mid-stream with one, then [DONE]: a
+	// complete stream, but no answer.
+	backendError bool
 }
 
 var readBufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
@@ -106,6 +111,8 @@ func relaySSE(dst io.Writer, flush func() error, src io.Reader, h relayHooks) (r
 						res.done = true
 					case eventToken:
 						res.tokens++
+					case eventError:
+						res.backendError = true
 					}
 					if h.onEvent != nil {
 						h.onEvent(kind, now)
@@ -184,7 +191,7 @@ func nextBlank(b []byte) int {
 
 // classifyEvent looks at an event's data line. vLLM sends one
 // "data: <json>" line per event; multi-line data is classified by its
-// first line, which is enough for metrics.
+// first line.
 func classifyEvent(ev []byte) eventKind {
 	for len(ev) > 0 {
 		line := ev
@@ -204,7 +211,7 @@ func classifyEvent(ev []byte) eventKind {
 			return eventDone
 		case hasNonEmptyArray(data, `"choices"`):
 			return eventToken
-		case bytes.HasPrefix(data, []byte(`{"error"`)) || hasKey(data, `"error"`):
+		case isErrorObject(data):
 			return eventError
 		}
 		return eventOther
@@ -233,12 +240,20 @@ func hasNonEmptyArray(data []byte, key string) bool {
 	return len(rest) > 0 && rest[0] != ']'
 }
 
-// hasKey: a top-level-looking "key": in data (heuristic, metrics only).
-func hasKey(data []byte, key string) bool {
-	i := bytes.Index(data, []byte(key))
-	if i < 0 {
+// isErrorObject reports whether data is an OpenAI error: a top-level
+// "error" member (vLLM's streaming errors) or "object": "error" (its
+// ErrorResponse). It decodes only events that name "error" at all, so
+// token chunks (classified before) and plain events cost a byte scan.
+func isErrorObject(data []byte) bool {
+	if !bytes.Contains(data, []byte(`"error"`)) {
 		return false
 	}
-	rest := bytes.TrimLeft(data[i+len(key):], " \t")
-	return len(rest) > 0 && rest[0] == ':'
+	var ev struct {
+		Object string          `json:"object"`
+		Error  json.RawMessage `json:"error"`
+	}
+	if json.Unmarshal(data, &ev) != nil {
+		return false
+	}
+	return ev.Object == "error" || (len(ev.Error) > 0 && !bytes.Equal(ev.Error, []byte("null")))
 }

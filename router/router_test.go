@@ -374,6 +374,49 @@ func TestDecodeFailures(t *testing.T) {
 	})
 }
 
+// A D stream that ends with D's own error event (vLLM's in-band error
+// after some tokens, then [DONE]) is relayed as sent and counted failed,
+// not ok; a token whose text merely says "error" is still ok.
+func TestDecodeInBandErrorCountsFailed(t *testing.T) {
+	cases := []struct {
+		name, event string
+		tokens      []string
+		want        string
+	}{
+		{"error member", `{"error":{"message":"engine died","type":"InternalServerError","code":500}}`, nil, outcomeFailed},
+		{"object error", `{"object":"error","message":"engine died","type":"InternalServerError","code":500}`, nil, outcomeFailed},
+		{"spaced keys", `{ "error" : { "message" : "x" } }`, nil, outcomeFailed},
+		{"null error is none", `{"choices":[],"error":null}`, nil, outcomeOK},
+		{"token text says error", "", []string{`{"error":`, `"object":"error"`}, outcomeOK},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			d := newFake(func(f *fakeVLLM) {
+				f.errorEvent = tc.event
+				if tc.tokens != nil {
+					f.tokens = tc.tokens
+				}
+			})
+			h := startRouter(t, []*fakeVLLM{newFake(nil)}, []*fakeVLLM{d}, nil, nil)
+			resp, body := post(t, h.url+"/v1/completions", completionBody)
+			require.Equal(t, http.StatusOK, resp.StatusCode)
+			require.Equal(t, 1, strings.Count(body, "data: [DONE]"), "D's stream relayed as sent, nothing appended:\n%s", body)
+			if tc.event != "" {
+				require.Contains(t, body, "data: "+tc.event+"\n\n")
+			}
+			for _, o := range []string{outcomeOK, outcomeFailed} {
+				want := 0.0
+				if o == tc.want {
+					want = 1
+				}
+				require.Equal(t, want, testutil.ToFloat64(h.r.m.requests.WithLabelValues(o)), "outcome %s", o)
+			}
+			ok, detail := h.r.Healthy()
+			require.True(t, ok, "a live backend's error event does not eject it: %v", detail)
+		})
+	}
+}
+
 func TestKVReadyEndpoint(t *testing.T) {
 	h := startRouter(t, []*fakeVLLM{newFake(nil)}, []*fakeVLLM{newFake(nil)}, nil, nil)
 	h.r.transfers.register("t-1", "secret")

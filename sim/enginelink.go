@@ -133,7 +133,14 @@ func (e *engineLink) connect(ctx context.Context) (*client.Client, string, error
 		}()
 		return nil, "", fmt.Errorf("attach to engine %s: %w", e.socket, dctx.Err())
 	}
-	resp, err := c.Register(dctx, e.kv.RegisterRequest(e.instanceID, 0, e.ns))
+	// The engine opens the files by name while it registers them, and
+	// then holds its own mapping: they are named for that long only.
+	var resp *pb.RegisterResponse
+	err = e.kv.named(func() error {
+		var rerr error
+		resp, rerr = c.Register(dctx, e.kv.RegisterRequest(e.instanceID, 0, e.ns))
+		return rerr
+	})
 	if err != nil {
 		c.Close()
 		return nil, "", fmt.Errorf("register: %w", err)

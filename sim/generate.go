@@ -370,7 +370,7 @@ func (s *Sim) save(blocks []uint32, hashes [][]byte, req *pb.SaveRequest) {
 	defer s.saves.Done()
 	defer s.pool.release(blocks)
 	if s.cfg.CorruptSavedKV && len(hashes) > 0 {
-		s.kv.slot(0, 0, int(blocks[0]), 0)[0] ^= 0x5a
+		s.kv.write(func() { s.kv.slot(0, 0, int(blocks[0]), 0)[0] ^= 0x5a })
 	}
 	c, _, err := s.engine.get()
 	if err != nil {

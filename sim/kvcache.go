@@ -3,6 +3,7 @@ package sim
 import (
 	"encoding/binary"
 	"fmt"
+	"sync"
 
 	"github.com/pegaflow/pegaflow/internal/kvtest"
 )
@@ -44,15 +45,43 @@ func (g Geometry) validate() error {
 
 // kvCache is the sim's "GPU memory": one shared-memory file per layer that
 // the engine maps to copy blocks in and out (a kvtest.Cache), written and
-// checked a token at a time.
-type kvCache struct{ *kvtest.Cache }
+// checked a token at a time. The files are unnamed but while a
+// registration opens them (kvtest.NewUnnamed), so a killed sim leaves
+// nothing in the shared-memory directory.
+type kvCache struct {
+	*kvtest.Cache
+	// renewing is held for reading by every write through the mapping
+	// and for writing by named's Renew, which would lose a write made
+	// while it copies a layer.
+	renewing sync.RWMutex
+}
 
 func newKVCache(dir, prefix string, geo Geometry) (*kvCache, error) {
-	c, err := kvtest.New(dir, prefix, geo.spec())
+	c, err := kvtest.NewUnnamed(dir, prefix, geo.spec())
 	if err != nil {
 		return nil, err
 	}
-	return &kvCache{c}, nil
+	return &kvCache{Cache: c}, nil
+}
+
+// named runs fn (a registration) while the engine can open the cache's
+// files by name, renewing them first when an earlier registration named
+// them (kvtest.Cache.Renew): writes wait for that copy.
+func (c *kvCache) named(fn func() error) error {
+	c.renewing.Lock()
+	err := c.Renew()
+	c.renewing.Unlock()
+	if err != nil {
+		return err
+	}
+	return c.Named(fn)
+}
+
+// write runs fn, which writes through the mapping, outside a Renew.
+func (c *kvCache) write(fn func()) {
+	c.renewing.RLock()
+	defer c.renewing.RUnlock()
+	fn()
 }
 
 // slot is the bytes of one token of block b in layer l, half h (0 K, 1 V).
@@ -99,6 +128,8 @@ func checkToken(src []byte, prefix uint64, pos, l, h int) bool {
 // [from, from+len(toks)) into the given blocks, starting from prefix hash
 // h, and returns the prefix hash after the last one.
 func (c *kvCache) writeTokens(blocks []uint32, from int, toks []uint32, h uint64) uint64 {
+	c.renewing.RLock()
+	defer c.renewing.RUnlock()
 	bs := c.Spec.BlockSize
 	for i, t := range toks {
 		pos := from + i

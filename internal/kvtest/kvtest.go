@@ -6,12 +6,16 @@ package kvtest
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"syscall"
 	"testing"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
 )
@@ -76,6 +80,13 @@ type Cache struct {
 	Spec  Spec
 	Paths []string
 	data  [][]byte
+	// files are the open layer files of a cache from NewUnnamed (nil for
+	// New): they have no name but while Named runs.
+	files []*os.File
+	// named: Named has linked files, which the kernel links only once
+	// (an unnamed file loses its linkability with its first name): the
+	// next Named needs Renew first.
+	named bool
 }
 
 // ShmDir is where caches live: /dev/shm when present.
@@ -90,6 +101,26 @@ func ShmDir() string {
 // exists already is an error, never truncated: another process may have it
 // mapped, and shrinking it under that mapping would make it fault.
 func New(dir, prefix string, spec Spec) (*Cache, error) {
+	return create(dir, prefix, spec, false)
+}
+
+// NewUnnamed is New for a long-lived process: the files are created
+// without a name (O_TMPFILE) and get their Paths only while Named runs
+// (a registration: the engine opens them by path, then holds its own
+// mapping). A process killed at any other moment, even by SIGKILL, leaves
+// nothing in dir. Where dir cannot hold unnamed files (hugetlbfs, old
+// kernels) it is New: named files that Close removes.
+func NewUnnamed(dir, prefix string, spec Spec) (*Cache, error) {
+	c, err := create(dir, prefix, spec, true)
+	if errors.Is(err, errNoTmpfile) {
+		return create(dir, prefix, spec, false)
+	}
+	return c, err
+}
+
+var errNoTmpfile = errors.New("directory holds no unnamed files")
+
+func create(dir, prefix string, spec Spec, unnamed bool) (*Cache, error) {
 	if spec.ElemSize == 0 {
 		spec.ElemSize = 2
 	}
@@ -97,36 +128,143 @@ func New(dir, prefix string, spec Spec) (*Cache, error) {
 	size := spec.LayerBytes()
 	for l := 0; l < spec.Layers; l++ {
 		path := filepath.Join(dir, fmt.Sprintf("%s-L%d", prefix, l))
-		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+		f, err := createFile(dir, path, unnamed)
 		if err != nil {
 			c.Close()
-			return nil, fmt.Errorf("KV cache: %w", err)
+			return nil, err
 		}
-		c.Paths = append(c.Paths, path) // ours now: Close removes it
+		if !unnamed {
+			c.Paths = append(c.Paths, path) // ours now: Close removes it
+		}
 		err = f.Truncate(int64(size))
 		var mem []byte
 		if err == nil {
 			mem, err = syscall.Mmap(int(f.Fd()), 0, size, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
 		}
-		f.Close()
 		if err != nil {
+			f.Close()
 			c.Close()
 			return nil, fmt.Errorf("KV cache %s: %w", path, err)
 		}
 		c.data = append(c.data, mem)
+		if unnamed {
+			c.Paths = append(c.Paths, path)
+			c.files = append(c.files, f)
+		} else {
+			f.Close()
+		}
 	}
 	return c, nil
 }
 
-// Close unmaps and removes the files.
+func createFile(dir, path string, unnamed bool) (*os.File, error) {
+	if !unnamed {
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("KV cache: %w", err)
+		}
+		return f, nil
+	}
+	// Without O_EXCL, so that Named can link it into dir.
+	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o600)
+	switch {
+	case errors.Is(err, unix.EOPNOTSUPP), errors.Is(err, unix.EISDIR), errors.Is(err, unix.EINVAL):
+		return nil, fmt.Errorf("KV cache in %s: %w (%w)", dir, errNoTmpfile, err)
+	case err != nil:
+		return nil, fmt.Errorf("KV cache in %s: %w", dir, err)
+	}
+	return os.NewFile(uintptr(fd), path), nil
+}
+
+// Named runs fn (a registration) with the files of a cache from
+// NewUnnamed linked at Paths, and unlinks them when fn returns. With a
+// cache from New, whose files keep their names, it only runs fn. A cache
+// named before must be Renewed first. Not concurrent with itself, Renew
+// or Close.
+func (c *Cache) Named(fn func() error) error {
+	if c.files != nil && c.named {
+		return errors.New("KV cache: named before: Renew it first")
+	}
+	var linked []string
+	defer func() {
+		for _, p := range linked {
+			_ = os.Remove(p)
+		}
+	}()
+	for i, f := range c.files {
+		if err := link(f, c.Paths[i]); err != nil {
+			return fmt.Errorf("KV cache: name %s: %w", c.Paths[i], err)
+		}
+		c.named = true
+		linked = append(linked, c.Paths[i])
+	}
+	return fn()
+}
+
+// Renew gives a cache from NewUnnamed that was named before fresh unnamed
+// files holding the same bytes, mapped at the same addresses (slices of
+// Layer stay valid), so that Named can name them again: a re-registration
+// with a restarted engine. A no-op otherwise. The caller keeps every
+// writer of the cache out while it runs: a write between a layer's copy
+// and its remap would be lost.
+func (c *Cache) Renew() error {
+	if c.files == nil || !c.named {
+		return nil
+	}
+	for i, old := range c.files {
+		mem := c.data[i]
+		f, err := createFile(filepath.Dir(c.Paths[i]), c.Paths[i], true)
+		if err != nil {
+			return err
+		}
+		err = f.Truncate(int64(len(mem)))
+		if err == nil {
+			_, err = f.WriteAt(mem, 0)
+		}
+		if err == nil {
+			_, err = unix.MmapPtr(int(f.Fd()), 0, unsafe.Pointer(&mem[0]), uintptr(len(mem)),
+				unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_FIXED)
+		}
+		if err != nil {
+			f.Close()
+			return fmt.Errorf("KV cache: renew %s: %w", c.Paths[i], err)
+		}
+		old.Close()
+		c.files[i] = f
+	}
+	c.named = false
+	return nil
+}
+
+// link gives an unnamed (O_TMPFILE) file the name path. Through
+// /proc/self/fd, as an unprivileged process may; AT_EMPTY_PATH, the
+// direct way, needs CAP_DAC_READ_SEARCH on older kernels.
+func link(f *os.File, path string) error {
+	err := unix.Linkat(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", f.Fd()), unix.AT_FDCWD, path, unix.AT_SYMLINK_FOLLOW)
+	if err != nil && !errors.Is(err, unix.EEXIST) {
+		if err2 := unix.Linkat(int(f.Fd()), "", unix.AT_FDCWD, path, unix.AT_EMPTY_PATH); err2 == nil {
+			return nil
+		}
+	}
+	return err
+}
+
+// Close unmaps the files and removes them (a cache from NewUnnamed has
+// no names to remove: closing its files frees them once the engine, too,
+// has let go).
 func (c *Cache) Close() {
 	for _, m := range c.data {
 		_ = syscall.Munmap(m)
 	}
-	for _, p := range c.Paths {
-		_ = os.Remove(p)
+	if c.files == nil {
+		for _, p := range c.Paths {
+			_ = os.Remove(p)
+		}
 	}
-	c.data, c.Paths = nil, nil
+	for _, f := range c.files {
+		_ = f.Close()
+	}
+	c.data, c.Paths, c.files = nil, nil, nil
 }
 
 // Layer is the mapping of layer l: the bytes of region l as registered.

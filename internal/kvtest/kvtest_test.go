@@ -57,3 +57,43 @@ func TestNewRefusesAnExistingFile(t *testing.T) {
 		require.ErrorIs(t, err, os.ErrNotExist)
 	}
 }
+
+// An unnamed cache has no file in its directory but while Named runs, and
+// then as often as Named runs after a Renew (a re-registration): the names
+// reach the mapped bytes, a write through the mapping after Renew reaches
+// the renewed file, and the names are gone when fn returns, even when it
+// fails.
+func TestUnnamedCacheIsNamedOnlyWhileRegistering(t *testing.T) {
+	dir := TempShmDir(t)
+	spec := Spec{Layout: MLA, Layers: 2, NumBlocks: 2, BlockSize: 1, HeadSize: 4}
+	c, err := NewUnnamed(dir, "kv", spec)
+	require.NoError(t, err)
+	defer c.Close()
+	requireEmpty := func(when string) {
+		t.Helper()
+		left, err := os.ReadDir(dir)
+		require.NoError(t, err)
+		require.Empty(t, left, when)
+	}
+	requireEmpty("after NewUnnamed")
+	c.Fill(1, 7)
+	for i, fail := range []error{nil, os.ErrClosed, nil} {
+		if i > 0 {
+			require.Error(t, c.Named(func() error { return nil }), "named twice without Renew")
+			require.NoError(t, c.Renew())
+			c.Fill(0, uint64(i))
+		}
+		err := c.Named(func() error {
+			for l, p := range c.Paths {
+				got, err := os.ReadFile(p)
+				require.NoError(t, err)
+				require.Equal(t, c.Layer(l), got, "%s holds layer %d's bytes", p, l)
+			}
+			return fail
+		})
+		require.ErrorIs(t, err, fail)
+		requireEmpty("after Named")
+	}
+	c.Close()
+	requireEmpty("after Close")
+}
