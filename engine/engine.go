@@ -192,7 +192,7 @@ type Engine struct {
 	// peerOpens are the transfers peers opened here (peer.go).
 	peerOpens map[string]*peerOpen
 	// fetchesReading are this engine's fetches from peers between their
-	// plan and their seal (fetch.go): UCX GETs posted or about to be.
+	// plan and their seal (fetch.go): reads sent or about to be.
 	fetchesReading int
 	// waits holds the waiters on transfers without a record; expiry is
 	// the records' FIFO in expiry order, live from expiryHead
