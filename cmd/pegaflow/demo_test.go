@@ -75,7 +75,7 @@ func TestDemoTwoHosts(t *testing.T) {
 
 	out := runDemoProcess(t, bin, "demo", "--hosts", "2", "--num-prompts", "6", "--work-dir", dir, "--json", reportPath, "--progress=false")
 	require.Contains(t, out, "| P/D 1P+1D ")
-	require.Contains(t, out, "| P/D 2 hosts (UCX) ")
+	require.Contains(t, out, "| P/D 2 hosts       |")
 	require.Contains(t, out, "| 2 hosts / 1 host ")
 	require.Regexp(t, `D: [1-9][0-9]* blocks fetched from the peer engine`, out)
 
