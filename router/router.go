@@ -312,8 +312,9 @@ func (r *Router) readRequest(c echo.Context, path string, chat bool) (*clientReq
 		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", "could not read request body: "+err.Error())
 	}
 	if r.agg != nil {
-		rq.raw = body
-		rq.stream, err = parseAggregated(body)
+		if rq.stream, err = parseAggregated(body); err == nil {
+			rq.raw = aggregatedBody(body)
+		}
 	} else {
 		rq.req, err = parseRequest(body, chat)
 		if err == nil {
