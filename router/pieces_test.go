@@ -610,6 +610,13 @@ func TestBindFlags(t *testing.T) {
 	require.True(t, c.Aggregated())
 	require.NoError(t, c.Validate())
 	require.Error(t, fs.Parse([]string{"--max-body-bytes", "lots"}))
+
+	require.Equal(t, "256MiB", fs.Lookup("max-buffered-bytes").DefValue)
+	require.NoError(t, fs.Parse([]string{"--max-buffered-bytes", "64MiB"}))
+	require.EqualValues(t, 64<<20, c.MaxBufferedBytes)
+	require.NoError(t, c.Validate())
+	c.MaxBufferedBytes = 1<<20 - 1
+	require.ErrorContains(t, c.Validate(), "--max-buffered-bytes must be at least 1MiB")
 }
 
 // Whatever the client sends, a body that passes validation gives legs that

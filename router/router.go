@@ -27,6 +27,8 @@
 //     with (no decoding of prompts, messages or answers);
 //   - handoff.go: transfers, /kv_ready reports and the KV-ready wait;
 //   - relay.go: the SSE relay, one complete event at a time;
+//   - buffered.go: the budget of answer bytes held (non-streaming and
+//     P's answers), 503 beyond --max-buffered-bytes;
 //   - clientwrite.go: the deadline on every write to a client;
 //   - labels.go: roles, modes and outcomes (metric labels);
 //   - router.go (this file): wiring and the request orchestration.
@@ -88,6 +90,7 @@ type Router struct {
 	answer     answerLeg
 	models     legPolicy
 	transfers  *transfers
+	budget     *answerBudget    // answer bytes held (buffered.go)
 	up         *upstream.Client // the legs (send)
 	client     *http.Client     // GET /v1/models
 	checker    *healthChecker
@@ -132,6 +135,7 @@ func New(cfg Config, deps Deps) (*Router, error) {
 	r := &Router{
 		cfg: cfg, log: log, kv: deps.KVReady, m: m,
 		transfers: newTransfers(),
+		budget:    newAnswerBudget(cfg.MaxBufferedBytes, m),
 		up:        upstream.New(upstream.Config{DialTimeout: cfg.ConnectTimeout}), // keep-alive 30 s, 1024 idle per backend for 90 s
 		client:    &http.Client{Transport: transport},
 		readyURL:  cfg.readyURL(),
