@@ -197,3 +197,26 @@ func TestAnswerLargerThanBudget(t *testing.T) {
 		})
 	}
 }
+
+// P's answer is under the same budget: one larger than all of it fails the
+// request (502) without a retry on another P or a decode.
+func TestPrefillAnswerUnderBudget(t *testing.T) {
+	big := []byte(`{"kv_transfer_params":{},"x":"` + strings.Repeat("z", 2<<20) + `"}`)
+	p := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = w.Write(big) // chunked: no declared length
+	}))
+	defer p.Close()
+	d := newFake(nil)
+	h := startRouter(t, nil, []*fakeVLLM{d}, func(c *Config) {
+		c.Prefill = []string{p.URL}
+		c.MaxBufferedBytes = 1 << 20
+	}, nil)
+	defer d.Close()
+	resp, body := post(t, h.url+"/v1/completions", completionBody)
+	require.Equal(t, http.StatusBadGateway, resp.StatusCode, body)
+	require.Contains(t, body, "larger than the router's --max-buffered-bytes")
+	require.Empty(t, d.requests(), "no decode leg")
+	require.Zero(t, testutil.ToFloat64(h.r.m.retries.WithLabelValues(rolePrefill)))
+	require.Equal(t, 1.0, testutil.ToFloat64(h.r.m.bufferRefusals))
+	require.Zero(t, h.r.budget.used.Load())
+}
