@@ -32,13 +32,16 @@ const (
 
 // callbackRule is one parsed KVReadyAllow entry. A URL matches when its
 // scheme (if the rule has one), host and port equal the rule's and its
-// path starts with the rule's path; a CIDR rule (CIDR:port, for routers
-// whose pod IPs change) matches an IP literal inside the prefix on that
-// port.
+// path is the rule's path or lies below it (a path-segment boundary:
+// /kv_ready admits /kv_ready and /kv_ready/x, never /kv_readyX); a CIDR
+// rule (CIDR:port, for routers whose pod IPs change) matches an IP literal
+// inside the prefix on that port. Whatever the rule, a URL whose path has
+// a dot segment or an encoded slash is refused first (readyPath): a server
+// would resolve /kv_ready/../v1/completions elsewhere than its prefix says.
 type callbackRule struct {
 	loopback     bool
 	scheme, host string // host is hostname:port, lower case, port explicit
-	path         string
+	path         string // decoded; "" admits every path
 	cidr         *net.IPNet
 	port         string // of a CIDR rule
 }
@@ -79,7 +82,11 @@ func parseKVReadyAllow(entries []string) ([]callbackRule, error) {
 				return nil, invalid("--kv-ready-allow %q: want host:port, an http(s) URL prefix like http://router:8080/kv_ready, %q or %q",
 					raw, KVReadyLoopback, KVReadyNone)
 			}
-			rules = append(rules, callbackRule{scheme: u.Scheme, host: canonicalHost(u), path: u.EscapedPath()})
+			path, ok := readyPath(u)
+			if !ok {
+				return nil, invalid("--kv-ready-allow %q: a URL prefix takes no dot segments (. ..) or encoded slashes (%%2f %%5c)", raw)
+			}
+			rules = append(rules, callbackRule{scheme: u.Scheme, host: canonicalHost(u), path: path})
 		case strings.Contains(entry, "/"):
 			i := strings.LastIndex(entry, ":")
 			var cidr *net.IPNet
@@ -135,7 +142,32 @@ func (r callbackRule) allows(u *url.URL) bool {
 	if (r.scheme != "" && r.scheme != u.Scheme) || r.host != canonicalHost(u) {
 		return false
 	}
-	return strings.HasPrefix(u.EscapedPath(), r.path)
+	path, ok := readyPath(u)
+	switch {
+	case !ok:
+		return false
+	case r.path == "" || r.path == "/":
+		return true
+	case strings.HasSuffix(r.path, "/"):
+		return strings.HasPrefix(path, r.path)
+	}
+	return path == r.path || strings.HasPrefix(path, r.path+"/")
+}
+
+// readyPath is u's decoded path, or false when a server could read it
+// otherwise than as written: a dot segment (also %2e-encoded), an encoded
+// slash or backslash (%2f, %5c), or a backslash.
+func readyPath(u *url.URL) (string, bool) {
+	for _, seg := range strings.Split(u.EscapedPath(), "/") {
+		lower := strings.ToLower(seg)
+		if strings.Contains(lower, "%2f") || strings.Contains(lower, "%5c") || strings.Contains(seg, "\\") {
+			return "", false
+		}
+		if dec, err := url.PathUnescape(seg); err != nil || dec == "." || dec == ".." {
+			return "", false
+		}
+	}
+	return u.Path, true
 }
 
 // loopbackHost reports whether a host (name or address) is this host's
@@ -150,6 +182,9 @@ func (e *Engine) checkReadyURL(readyURL string) error {
 	u, err := url.Parse(readyURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return invalid("ready_url %q is not an http(s) URL", readyURL)
+	}
+	if _, ok := readyPath(u); !ok {
+		return invalid("ready_url %q: dot segments (. ..) and encoded slashes (%%2f %%5c) are refused (--kv-ready-allow)", readyURL)
 	}
 	if u.User == nil {
 		for _, r := range e.readyAllow {

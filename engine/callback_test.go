@@ -89,6 +89,33 @@ func TestKVReadyAllowRules(t *testing.T) {
 		{[]string{"10.244.0.0/16:8000"}, "http://10.244.3.17:8001/kv_ready", false},
 		{[]string{"10.244.0.0/16:8000"}, "http://router.ns.svc:8000/kv_ready", false},
 		{[]string{"[fd00::/8]:8000"}, "http://[fd12::5]:8000/kv_ready", true},
+		// A URL prefix ends on a path-segment boundary.
+		{[]string{"http://r/kv_ready"}, "http://r/kv_readyX", false},
+		{[]string{"http://r/kv_ready"}, "http://r/kv_ready.evil", false},
+		{[]string{"http://r/kv_ready"}, "http://r/kv_ready/", true},
+		{[]string{"http://r/kv_ready"}, "http://r/kv_ready/x", true},
+		{[]string{"http://r/kv_ready"}, "http://r/kv_re%61dy", true}, // the same path, encoded
+		{[]string{"http://r/kv_ready/"}, "http://r/kv_ready", false},
+		{[]string{"http://r/kv_ready/"}, "http://r/kv_ready/x", true},
+		{[]string{"http://r/"}, "http://r/anything", true},
+		{[]string{"http://r"}, "http://r/anything", true},
+		// Dot segments and encoded slashes: a server resolves them elsewhere.
+		{[]string{"http://r/kv_ready"}, "http://r/kv_ready/../v1/completions", false},
+		{[]string{"http://r/kv_ready"}, "http://r/kv_ready/%2e%2e/v1/completions", false},
+		{[]string{"http://r/kv_ready"}, "http://r/kv_ready/%2E./v1/completions", false},
+		{[]string{"http://r/kv_ready"}, "http://r/kv_ready/./x", false},
+		{[]string{"http://r/kv_ready"}, "http://r/kv_ready%2f..%2fv1", false},
+		{[]string{"http://r/kv_ready"}, "http://r/kv_ready/..%2F..%2Fv1", false},
+		{[]string{"http://r/kv_ready"}, "http://r/kv_ready/x%5c..%5cv1", false},
+		{[]string{"http://r/kv_ready"}, "http://r/kv_ready/x\\..\\v1", false},
+		{[]string{"r:80"}, "http://r/a/../kv_ready", false},
+		{nil, "http://127.0.0.1:9/kv_ready/..", false},
+		// Scheme, host and port compared canonically, exactly.
+		{[]string{"http://R:80/kv_ready"}, "HTTP://r/kv_ready", true},
+		{[]string{"https://r/kv_ready"}, "https://r:443/kv_ready", true},
+		{[]string{"https://r/kv_ready"}, "http://r:443/kv_ready", false},
+		{[]string{"http://r/kv_ready"}, "http://r.evil/kv_ready", false},
+		{[]string{"http://r/kv_ready"}, "http://r:8080/kv_ready", false},
 	}
 	for _, tc := range cases {
 		t.Run(strings.Join(tc.allow, ",")+" "+tc.url, func(t *testing.T) {
@@ -103,7 +130,8 @@ func TestKVReadyAllowRules(t *testing.T) {
 		})
 	}
 	for _, bad := range [][]string{{"nonsense"}, {"ftp://x/y"}, {"none", "loopback"}, {"http://u:p@router/kv_ready"},
-		{"10.0.0.0/33:80"}, {"10.0.0.0/8"}, {"10.0.0.0/8:0"}, {"10.0.0.0/8:x"}} {
+		{"10.0.0.0/33:80"}, {"10.0.0.0/8"}, {"10.0.0.0/8:0"}, {"10.0.0.0/8:x"},
+		{"http://r/kv_ready/../v1"}, {"http://r/a%2fb"}, {"http://r/%2e%2e/kv_ready"}} {
 		require.ErrorIs(t, CheckKVReadyAllow(bad), ErrInvalid, "%q", bad)
 	}
 }

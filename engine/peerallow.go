@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"fmt"
 	"net"
 	"strings"
 )
@@ -13,16 +14,18 @@ import (
 // loopback port. Hostnames are compared as written, never resolved (a
 // resolution at check time proves nothing about the one at dial time).
 
-// PeerAllowLoopback is Config.PeerAllow's keyword for any port of
-// localhost, 127.0.0.0/8 or ::1 (tests, one-host trials).
+// PeerAllowLoopback is Config.PeerAllow's keyword for localhost,
+// 127.0.0.0/8 and ::1, written with a port like every entry
+// ("loopback:7400"): any local user may listen on another loopback port.
 const PeerAllowLoopback = "loopback"
 
-// peerRule is one parsed PeerAllow entry: loopback, a subnet (any port)
-// or one lower-case host:port.
+// peerRule is one parsed PeerAllow entry, always with its port: a peer's
+// lower-case host:port, loopback:port or subnet:port.
 type peerRule struct {
 	loopback bool
 	subnet   *net.IPNet
-	addr     string
+	addr     string // host:port rule
+	port     string // of a loopback or subnet rule
 }
 
 // CheckPeerAllow reports whether every entry is a valid PeerAllow entry,
@@ -33,37 +36,52 @@ func CheckPeerAllow(entries []string) error {
 }
 
 // parsePeerAllow turns Config.PeerAllow (entries may be comma-separated
-// lists) into rules; no entries allow no peer.
+// lists) into rules; no entries allow no peer. An entry without a port is
+// refused: a subnet or loopback admitting every port would let any process
+// that binds a port there collect the token.
 func parsePeerAllow(entries []string) ([]peerRule, error) {
 	var rules []peerRule
 	for _, e := range entries {
 		for _, raw := range strings.Split(e, ",") {
-			entry := strings.TrimSpace(raw)
-			if strings.EqualFold(entry, PeerAllowLoopback) {
-				rules = append(rules, peerRule{loopback: true})
-				continue
+			r, err := parsePeerRule(strings.TrimSpace(raw))
+			if err != nil {
+				return nil, invalid("--peer-allow %q: %v", raw, err)
 			}
-			if _, subnet, err := net.ParseCIDR(entry); err == nil {
-				rules = append(rules, peerRule{subnet: subnet})
-				continue
-			}
-			host, port, err := net.SplitHostPort(entry)
-			if err != nil || host == "" || port == "" {
-				return nil, invalid("--peer-allow %q: want a peer's host:port, a subnet like 10.1.0.0/24, or %q", raw, PeerAllowLoopback)
-			}
-			rules = append(rules, peerRule{addr: strings.ToLower(net.JoinHostPort(host, port))})
+			rules = append(rules, r)
 		}
 	}
 	return rules, nil
 }
 
-func (r peerRule) allows(addr, host string) bool {
+func parsePeerRule(entry string) (peerRule, error) {
+	_, _, cidrErr := net.ParseCIDR(entry)
+	if strings.EqualFold(entry, PeerAllowLoopback) || cidrErr == nil {
+		return peerRule{}, fmt.Errorf("needs a port, e.g. %s:7400 (a bare subnet or loopback would admit any port)", entry)
+	}
+	host, port, err := net.SplitHostPort(entry)
+	if err != nil || host == "" || !validPort(port) {
+		return peerRule{}, fmt.Errorf("want a peer's host:port, a subnet with a port like 10.1.0.0/24:7400, or %s:PORT", PeerAllowLoopback)
+	}
+	if strings.EqualFold(host, PeerAllowLoopback) {
+		return peerRule{loopback: true, port: port}, nil
+	}
+	if _, subnet, err := net.ParseCIDR(host); err == nil {
+		return peerRule{subnet: subnet, port: port}, nil
+	}
+	if strings.Contains(host, "/") {
+		return peerRule{}, fmt.Errorf("%q is not a subnet (want e.g. 10.1.0.0/24:7400)", host)
+	}
+	return peerRule{addr: strings.ToLower(net.JoinHostPort(host, port))}, nil
+}
+
+// allows: addr is canonical (lower case), host and port its parts.
+func (r peerRule) allows(addr, host, port string) bool {
 	switch {
 	case r.loopback:
-		return loopbackHost(host)
+		return port == r.port && loopbackHost(host)
 	case r.subnet != nil:
 		ip := net.ParseIP(host)
-		return ip != nil && r.subnet.Contains(ip)
+		return port == r.port && ip != nil && r.subnet.Contains(ip)
 	}
 	return r.addr == addr
 }
@@ -71,10 +89,10 @@ func (r peerRule) allows(addr, host string) bool {
 // checkSourceEngine refuses a source_engine (a valid host:port) that
 // PeerAllow does not list, before anything dials it.
 func (e *Engine) checkSourceEngine(addr string) error {
-	host, _, _ := net.SplitHostPort(addr)
+	host, port, _ := net.SplitHostPort(addr)
 	canon := strings.ToLower(addr)
 	for _, r := range e.peerAllow {
-		if r.allows(canon, host) {
+		if r.allows(canon, host, port) {
 			return nil
 		}
 	}

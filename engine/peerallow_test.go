@@ -24,19 +24,23 @@ func TestPeerAllowRules(t *testing.T) {
 	}{
 		{nil, "127.0.0.1:7400", false},
 		{nil, "10.0.0.7:7400", false},
-		{[]string{"loopback"}, "127.0.0.1:7400", true},
-		{[]string{"loopback"}, "localhost:1", true},
-		{[]string{"loopback"}, "[::1]:7400", true},
-		{[]string{"loopback"}, "10.0.0.7:7400", false},
+		{[]string{"loopback:7400"}, "127.0.0.1:7400", true},
+		{[]string{"loopback:7400"}, "127.0.0.1:7401", false}, // another local user's port
+		{[]string{"LOOPBACK:1"}, "localhost:1", true},
+		{[]string{"loopback:7400"}, "[::1]:7400", true},
+		{[]string{"loopback:7400"}, "10.0.0.7:7400", false},
 		{[]string{"10.0.0.7:7400"}, "10.0.0.7:7400", true},
 		{[]string{"10.0.0.7:7400"}, "10.0.0.7:7401", false},
 		{[]string{"Engine-A:7400"}, "engine-a:7400", true},
 		{[]string{"engine-a:7400"}, "10.0.0.7:7400", false},
-		{[]string{"10.0.0.0/24"}, "10.0.0.7:7400", true},
-		{[]string{"10.0.0.0/24"}, "10.0.1.7:7400", false},
-		{[]string{"10.0.0.0/24"}, "engine-a:7400", false}, // names are never resolved
-		{[]string{"loopback,10.0.0.7:7400"}, "10.0.0.7:7400", true},
-		{[]string{"loopback", "10.0.0.7:7400"}, "127.0.0.2:9", true},
+		{[]string{"10.0.0.0/24:7400"}, "10.0.0.7:7400", true},
+		{[]string{"10.0.0.0/24:7400"}, "10.0.0.7:22", false}, // a subnet admits its port only
+		{[]string{"10.0.0.0/24:7400"}, "10.0.1.7:7400", false},
+		{[]string{"10.0.0.0/24:7400"}, "engine-a:7400", false}, // names are never resolved
+		{[]string{"[fd00::/64]:7400"}, "[fd00::7]:7400", true},
+		{[]string{"[fd00::/64]:7400"}, "[fd00::7]:7401", false},
+		{[]string{"loopback:9,10.0.0.7:7400"}, "10.0.0.7:7400", true},
+		{[]string{"loopback:9", "10.0.0.7:7400"}, "127.0.0.2:9", true},
 	}
 	for _, tc := range cases {
 		t.Run(strings.Join(tc.allow, ",")+" "+tc.addr, func(t *testing.T) {
@@ -52,8 +56,16 @@ func TestPeerAllowRules(t *testing.T) {
 			require.ErrorContains(t, err, "--peer-allow")
 		})
 	}
-	for _, bad := range [][]string{{"nonsense"}, {"10.0.0.7"}, {":7400"}, {"http://a:1"}, {"loopback,"}} {
+	for _, bad := range [][]string{{"nonsense"}, {"10.0.0.7"}, {":7400"}, {"http://a:1"}, {"loopback:9,"},
+		{"10.0.0.7:0"}, {"10.0.0.7:http"}, {"10.0.0.0/33:7400"}, {"10.0.0.0/24:"}} {
 		require.ErrorIs(t, CheckPeerAllow(bad), ErrInvalid, "%q", bad)
+	}
+	// A bare subnet or loopback admitted any port: refused, naming the form
+	// that works.
+	for _, bare := range []string{"10.0.0.0/24", "fd00::/64", "loopback", "Loopback"} {
+		err := CheckPeerAllow([]string{bare})
+		require.ErrorIs(t, err, ErrInvalid, bare)
+		require.ErrorContains(t, err, "needs a port, e.g. "+bare+":7400")
 	}
 }
 

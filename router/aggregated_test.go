@@ -44,7 +44,7 @@ func TestAggregatedRoundRobinPassesBodyThrough(t *testing.T) {
 	require.Len(t, b.requests(), 2, "round-robin alternates")
 	var want map[string]any
 	require.NoError(t, json.Unmarshal([]byte(completionBody), &want))
-	require.Equal(t, want, a.requests()[0], "the body goes through unchanged: no prefill leg, no kv_transfer_params")
+	require.Equal(t, want, a.requests()[0], "the body goes through unchanged: no prefill leg, no router kv_transfer_params")
 	a.mu.Lock()
 	require.Equal(t, "agg-1", a.headers[0].Get("X-Request-Id"))
 	require.Equal(t, "Bearer k", a.headers[0].Get("Authorization"))
@@ -89,6 +89,44 @@ func TestAggregatedRetriesBeforeFirstByte(t *testing.T) {
 	}
 	require.Len(t, good.requests(), 4)
 	require.Positive(t, testutil.ToFloat64(h.r.m.retries.WithLabelValues(roleAggregated)))
+}
+
+// Aggregated mode passes the client's body through, but not the
+// kv_transfer_params keys only the router may set: a client's
+// pegaflow_ready_url would make the backend's connector POST where the
+// client chose, its do_remote_* make vLLM wait for or hold KV nobody sends.
+func TestAggregatedDropsRouterOnlyKVParams(t *testing.T) {
+	cases := []struct{ name, in, want string }{
+		{"none", `{"prompt":"x"}`, `{"prompt":"x"}`},
+		{"only others", `{"kv_transfer_params":{"mine":1}}`, `{"kv_transfer_params":{"mine":1}}`},
+		{"not an object", `{"kv_transfer_params":"pegaflow_ready_url"}`, `{"kv_transfer_params":"pegaflow_ready_url"}`},
+		{"router keys", `{"prompt":"x","kv_transfer_params":{"pegaflow_ready_url":"http://evil/","mine":1,"do_remote_prefill":true,` +
+			`"pegaflow_transfer_id":"t","do_remote_decode":true,"pegaflow_ready_token":"k","pegaflow_source_engine":"e:1"},"n":1}`,
+			`{"prompt":"x","kv_transfer_params":{"mine":1},"n":1}`},
+		{"escaped key", `{"kv_transfer_params":{"\u0070egaflow_ready_url":"http://evil/"}}`, `{"kv_transfer_params":{}}`},
+		{"escaped top key", `{"kv_transfer_p\u0061rams":{"do_remote_decode":true, "a" : [1]}}`, `{"kv_transfer_p\u0061rams":{"a" : [1]}}`},
+		{"every duplicate", `{"kv_transfer_params":{"do_remote_decode":true},"kv_transfer_params":{"pegaflow_x":1,"b":2}}`,
+			`{"kv_transfer_params":{},"kv_transfer_params":{"b":2}}`},
+		{"space around", " \n{ \"kv_transfer_params\" : { \"pegaflow_ready_url\" : \"u\" , \"m\" : 2 } } ", `{"kv_transfer_params" : {"m" : 2}}`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := parseAggregated([]byte(tc.in))
+			require.NoError(t, err)
+			got := aggregatedBody([]byte(tc.in))
+			require.True(t, json.Valid(got), "%s", got)
+			require.Equal(t, tc.want, strings.TrimSpace(string(got)))
+		})
+	}
+
+	a := newFake(nil)
+	h := startAggregated(t, []*fakeVLLM{a}, nil)
+	resp, body := post(t, h.url+"/v1/completions", `{"model":"tiny","prompt":"hi","max_tokens":2,"kv_transfer_params":`+
+		`{"pegaflow_ready_url":"http://169.254.169.254/latest","pegaflow_ready_token":"t","pegaflow_transfer_id":"x",`+
+		`"do_remote_decode":true,"do_remote_prefill":true,"client_key":"kept"}}`)
+	require.Equal(t, http.StatusOK, resp.StatusCode, body)
+	require.Len(t, a.requests(), 1)
+	require.Equal(t, map[string]any{"client_key": "kept"}, a.requests()[0]["kv_transfer_params"])
 }
 
 func TestAggregatedFailures(t *testing.T) {

@@ -39,6 +39,10 @@ const (
 // maxBodyLimit caps --max-body-bytes: a body's member offsets are int32.
 const maxBodyLimit = 1 << 30
 
+// minBufferedBytes is the least --max-buffered-bytes: room for a few
+// ordinary answers.
+const minBufferedBytes = 1 << 20
+
 // maxBackends bounds each pool so selection can work on the stack.
 const maxBackends = 64
 
@@ -83,6 +87,9 @@ type Config struct {
 
 	APIKey       string // when set, clients must send Authorization: Bearer <APIKey>
 	MaxBodyBytes int64  // largest accepted request body
+	// MaxBufferedBytes bounds the answer bytes the router holds at once,
+	// all requests together (buffered.go): beyond it a request gets 503.
+	MaxBufferedBytes int64
 
 	// KVReadyURL is put in kv_transfer_params as pegaflow_ready_url. Empty:
 	// http://<InternalAddr or ListenAddr>/kv_ready (an unspecified host
@@ -122,6 +129,7 @@ func DefaultConfig() Config {
 		FailThreshold:      3,
 		Cooldown:           10 * time.Second,
 		MaxBodyBytes:       16 << 20,
+		MaxBufferedBytes:   256 << 20,
 		ResolveInterval:    5 * time.Second,
 		UpstreamClient:     UpstreamPegaFlow,
 	}
@@ -184,6 +192,7 @@ func BindFlags(fs *flag.FlagSet, c *Config) {
 	fs.DurationVar(&c.Cooldown, "cooldown", c.Cooldown, "how long an ejected backend stays out of selection")
 	fs.StringVar(&c.APIKey, "api-key", c.APIKey, "require Authorization: Bearer <key> from clients (prefer PEGAFLOW_API_KEY)")
 	fs.Var(byteSizeFlag{&c.MaxBodyBytes}, "max-body-bytes", "largest accepted request body, e.g. 16MiB (413 beyond)")
+	fs.Var(byteSizeFlag{&c.MaxBufferedBytes}, "max-buffered-bytes", "most bytes of non-streaming answers the router holds at once, all requests together (503 with Retry-After beyond)")
 	fs.StringVar(&c.KVReadyURL, "kv-ready-url", c.KVReadyURL, "URL engines POST readiness to (default http://<kv-ready-addr or http-addr>/kv_ready)")
 	fs.StringVar(&c.InternalAddr, "kv-ready-addr", c.InternalAddr, "serve /kv_ready alone on this separate (internal) address instead of --http-addr")
 	fs.StringVar(&c.UpstreamClient, "upstream-client", c.UpstreamClient, "the legs' HTTP client: pegaflow (router/upstream) or nethttp (Go's net/http, a fallback)")
@@ -284,6 +293,9 @@ func (c Config) Validate() error {
 	}
 	if c.MaxBodyBytes < 1024 || c.MaxBodyBytes > maxBodyLimit {
 		add("--max-body-bytes must be between 1KiB and 1GiB (got %d)", c.MaxBodyBytes)
+	}
+	if c.MaxBufferedBytes < minBufferedBytes {
+		add("--max-buffered-bytes must be at least 1MiB (got %d)", c.MaxBufferedBytes)
 	}
 	if c.KVReadyURL != "" {
 		if u, err := url.Parse(c.KVReadyURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {

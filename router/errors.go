@@ -92,6 +92,8 @@ func apiError(c echo.Context, status int, typ, msg string) error {
 func (r *Router) failLeg(c echo.Context, role string, err error) error {
 	var aerr *attemptError
 	switch {
+	case isBudgetError(err):
+		return budgetError(c, err)
 	case !errors.As(err, &aerr):
 		if errors.Is(err, errNoBackend) {
 			return apiError(c, http.StatusServiceUnavailable, "service_unavailable", fmt.Sprintf("no healthy %s backend", role))

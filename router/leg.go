@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"strconv"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -71,27 +70,6 @@ func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body [
 	return resp, nil
 }
 
-// readLimited appends r to buf until EOF or limit bytes (more is cut, as
-// io.LimitReader would), growing buf by doubling.
-func readLimited(buf *bytes.Buffer, r io.Reader, limit int64) error {
-	for int64(buf.Len()) < limit {
-		if buf.Available() < 512 {
-			buf.Grow(max(512, buf.Len()))
-		}
-		free := buf.AvailableBuffer()
-		free = free[:min(int64(cap(free)), limit-int64(buf.Len()))]
-		n, err := r.Read(free)
-		buf.Write(free[:n]) // in place: free is buf's own spare room
-		if err == io.EOF {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 // runPrefill sends the prefill leg, each attempt on another P with its own
 // transfer, and returns the transfer of the attempt that succeeded, its P
 // and P's kv_transfer_params. A fresh transfer per attempt keeps a late save
@@ -104,10 +82,10 @@ func (r *Router) runPrefill(ctx context.Context, rq *clientRequest) (*transfer, 
 	)
 	err := r.try(ctx, &r.prefillLeg, rq.reqID, func(ctx context.Context, b *backend) error {
 		t, p = r.transfers.register(ids.Hex(16), ids.Hex(16)), b
-		var aerr *attemptError
-		if params, aerr = r.prefillAttempt(ctx, b, rq, t); aerr != nil {
+		var err error
+		if params, err = r.prefillAttempt(ctx, b, rq, t); err != nil {
 			r.dropTransfer(t)
-			return aerr
+			return err
 		}
 		return nil
 	})
@@ -117,7 +95,9 @@ func (r *Router) runPrefill(ctx context.Context, rq *clientRequest) (*transfer, 
 	return t, p, params, nil
 }
 
-func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientRequest, t *transfer) (json.RawMessage, *attemptError) {
+// prefillAttempt returns P's kv_transfer_params, an *attemptError, or the
+// budget's refusal (marked permanent: another P cannot change it).
+func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientRequest, t *transfer) (json.RawMessage, error) {
 	actx, cancel := context.WithTimeoutCause(ctx, r.cfg.PrefillTimeout, r.errPrefillTimeout)
 	defer cancel()
 	params := getBuf()
@@ -133,15 +113,18 @@ func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientReque
 		return nil, aerr
 	}
 	defer resp.body.Close()
-	answer := getBuf()
-	defer putBuf(answer)
-	if resp.length > 0 && resp.length <= maxPrefillAnswer {
-		answer.Grow(int(resp.length))
+	answer, err := r.budget.read(resp.body, resp.length, maxPrefillAnswer)
+	var data []byte
+	if err == nil {
+		defer answer.release()
+		data, err = answer.bytes()
 	}
-	err := readLimited(answer, resp.body, maxPrefillAnswer)
+	if isBudgetError(err) {
+		return nil, retry.Permanent(err)
+	}
 	var kv json.RawMessage
 	if err == nil {
-		kv, err = prefillAnswerParams(answer.Bytes())
+		kv, err = prefillAnswerParams(data)
 	}
 	if err != nil {
 		if actx.Err() != nil {
@@ -149,7 +132,7 @@ func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientReque
 		}
 		return nil, &attemptError{backend: b, err: fmt.Errorf("answer is not JSON: %w", err)}
 	}
-	return bytes.Clone(kv), nil // answer goes back to the pool
+	return bytes.Clone(kv), nil // answer goes back to the budget
 }
 
 // attemptResult is how one answer-leg attempt ended.
@@ -161,6 +144,7 @@ type attemptResult struct {
 	// but carried its own error event: a failed request from a live
 	// backend (not retried, not held against its health).
 	errorEvent *backend
+	refused    error // the answer budget refused it (buffered.go)
 }
 
 // runAnswer sends the answer leg (decode, or the whole aggregated
@@ -174,6 +158,8 @@ func (r *Router) runAnswer(c echo.Context, rq *clientRequest, body []byte) (stri
 		switch {
 		case res.clientErr != nil:
 			return retry.Permanent(res.clientErr)
+		case res.refused != nil:
+			return retry.Permanent(res.refused)
 		case res.err == nil:
 			return nil
 		case res.wrote:
@@ -229,15 +215,14 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 	w := c.Response()
 
 	if !rq.stream {
-		buf := getBuf()
-		defer putBuf(buf) // written to the client (copied) before return
-		if resp.length > 0 && resp.length <= maxAnswerBytes {
-			buf.Grow(int(resp.length))
-		}
-		if err := readLimited(buf, resp.body, maxAnswerBytes); err != nil {
+		answer, err := r.budget.read(resp.body, resp.length, maxAnswerBytes)
+		switch {
+		case isBudgetError(err):
+			return attemptResult{refused: err}
+		case err != nil:
 			return attemptResult{err: &attemptError{backend: b, err: causeOf(actx, err)}}
 		}
-		data := buf.Bytes()
+		defer answer.release() // written to the client before return
 		if r.answer.firstBytePhase {
 			r.m.observe(phaseDecodeFirstByte, time.Since(t0).Seconds())
 		}
@@ -245,10 +230,7 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 		if ct == "" {
 			ct = echo.MIMEApplicationJSON
 		}
-		if len(data) > 0 { // the client gets no chunked encoding to undo
-			w.Header()["Content-Length"] = []string{strconv.Itoa(len(data))}
-		}
-		if err := c.Blob(resp.status, ct, data); err != nil {
+		if err := answer.writeTo(w, resp.status, ct); err != nil {
 			return attemptResult{wrote: true, clientErr: err}
 		}
 		return attemptResult{wrote: true}

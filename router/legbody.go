@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 )
 
@@ -261,4 +262,74 @@ func isPlainASCII(s string) bool {
 		}
 	}
 	return true
+}
+
+// aggregatedBody is the client's body for an aggregated backend: verbatim,
+// except that every top-level kv_transfer_params object loses the keys
+// only the router may set (pegaflow_*, do_remote_*), as P/D mode replaces
+// them. A client's pegaflow_ready_url would otherwise make the backend's
+// connector POST to an address the client chose, and its do_remote_* would
+// make vLLM wait for, or hold, KV no router arranged. body must be valid
+// JSON (parseAggregated); a body without such keys is returned as is.
+func aggregatedBody(body []byte) []byte {
+	obj := bytes.TrimSpace(body)
+	scrub := false
+	eachMember(obj, func(m jsonMember) bool {
+		scrub = keyIs(m.key, keyNames[keyKVTransferParams]) && obj[m.val] == '{' && hasRouterKey(obj[m.val:m.end])
+		return !scrub
+	})
+	if !scrub {
+		return body
+	}
+	out := make([]byte, 0, len(obj))
+	out = append(out, '{')
+	eachMember(obj, func(m jsonMember) bool {
+		if len(out) > 1 {
+			out = append(out, ',')
+		}
+		if !keyIs(m.key, keyNames[keyKVTransferParams]) || obj[m.val] != '{' {
+			out = append(out, obj[m.start:m.end]...)
+			return true
+		}
+		out = append(out, obj[m.start:m.val]...)
+		params := obj[m.val:m.end]
+		n := len(out)
+		out = append(out, '{')
+		eachMember(params, func(p jsonMember) bool {
+			if !routerKey(p.key) {
+				if len(out) > n+1 {
+					out = append(out, ',')
+				}
+				out = append(out, params[p.start:p.end]...)
+			}
+			return true
+		})
+		out = append(out, '}')
+		return true
+	})
+	return append(out, '}')
+}
+
+// hasRouterKey: the kv_transfer_params object holds a router-only key.
+func hasRouterKey(params []byte) bool {
+	found := false
+	eachMember(params, func(m jsonMember) bool {
+		found = routerKey(m.key)
+		return !found
+	})
+	return found
+}
+
+// routerKey: a raw kv_transfer_params key (escapes as sent) that only the
+// router may set. A key that does not unescape counts as one (dropped).
+func routerKey(raw []byte) bool {
+	name := string(raw)
+	if bytes.IndexByte(raw, '\\') >= 0 {
+		s, ok := unescapeKey(raw)
+		if !ok {
+			return true
+		}
+		name = s
+	}
+	return strings.HasPrefix(name, "pegaflow_") || strings.HasPrefix(name, "do_remote_")
 }

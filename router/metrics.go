@@ -18,6 +18,10 @@ type metrics struct {
 	kvReadyWhen   *prometheus.CounterVec // source: callback or engine
 	noKVParams    *prometheus.CounterVec // backend: P answers without pegaflow_transfer_id
 	resolveErrors *prometheus.CounterVec // target: dns:// lookups that failed (last good addresses kept)
+	// bufferedBytes and bufferRefusals are the answer budget's
+	// (buffered.go): bytes held now, answers refused.
+	bufferedBytes  prometheus.Gauge
+	bufferRefusals prometheus.Counter
 
 	// Series resolved once (New), so a request does no label lookup; a
 	// backend's own series are on the backend (backendSeries).
@@ -119,6 +123,10 @@ func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 			Help: "Prefill answers without pegaflow_transfer_id in kv_transfer_params (a P without the PegaFlow connector): --on-kv-timeout applied at once, no KV-ready wait."}, []string{"backend"}),
 		resolveErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "resolve_errors_total",
 			Help: "Failed lookups of a dns:// backend target (error, no such host, no address): its last good addresses were kept."}, []string{"target"}),
+		bufferedBytes: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "buffered_answer_bytes",
+			Help: "Bytes of backends' non-streaming answers (and P's answers) the router holds now; at most --max-buffered-bytes."}),
+		bufferRefusals: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "buffered_answer_refusals_total",
+			Help: "Answers refused because they would take the buffered bytes past --max-buffered-bytes (503 with Retry-After; 502 for an answer larger than the whole budget)."}),
 	}
 	for p := range numPhases {
 		if mode == modePD || (p != phasePrefill && p != phaseKVReadyWait && p != phaseDecodeFirstByte) {
@@ -136,7 +144,7 @@ func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.phase, m.requests, m.retries, m.unanswered, m.kvTimeouts, m.kvRejected, m.inflight, m.healthy, m.ejections, m.kvReadyWhen, m.noKVParams, m.resolveErrors} {
+	for _, c := range []prometheus.Collector{m.phase, m.requests, m.retries, m.unanswered, m.kvTimeouts, m.kvRejected, m.inflight, m.healthy, m.ejections, m.kvReadyWhen, m.noKVParams, m.resolveErrors, m.bufferedBytes, m.bufferRefusals} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

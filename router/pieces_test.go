@@ -620,6 +620,12 @@ func TestBindFlags(t *testing.T) {
 	require.NoError(t, c.Validate())
 	c.UpstreamClient = "curl"
 	require.ErrorContains(t, c.Validate(), `--upstream-client "curl": want pegaflow or nethttp`)
+	require.Equal(t, "256MiB", fs.Lookup("max-buffered-bytes").DefValue)
+	require.NoError(t, fs.Parse([]string{"--max-buffered-bytes", "64MiB"}))
+	require.EqualValues(t, 64<<20, c.MaxBufferedBytes)
+	require.NoError(t, c.Validate())
+	c.MaxBufferedBytes = 1<<20 - 1
+	require.ErrorContains(t, c.Validate(), "--max-buffered-bytes must be at least 1MiB")
 }
 
 // Whatever the client sends, a body that passes validation gives legs that

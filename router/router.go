@@ -28,6 +28,8 @@
 //     with (no decoding of prompts, messages or answers);
 //   - handoff.go: transfers, /kv_ready reports and the KV-ready wait;
 //   - relay.go: the SSE relay, one complete event at a time;
+//   - buffered.go: the budget of answer bytes held (non-streaming and
+//     P's answers), 503 beyond --max-buffered-bytes;
 //   - clientwrite.go: the deadline on every write to a client;
 //   - labels.go: roles, modes and outcomes (metric labels);
 //   - router.go (this file): wiring and the request orchestration.
@@ -89,6 +91,7 @@ type Router struct {
 	answer     answerLeg
 	models     legPolicy
 	transfers  *transfers
+	budget     *answerBudget // answer bytes held (buffered.go)
 	legs       legClient    // the legs (send), --upstream-client
 	client     *http.Client // GET /v1/models
 	checker    *healthChecker
@@ -133,6 +136,7 @@ func New(cfg Config, deps Deps) (*Router, error) {
 	r := &Router{
 		cfg: cfg, log: log, kv: deps.KVReady, m: m,
 		transfers: newTransfers(),
+		budget:    newAnswerBudget(cfg.MaxBufferedBytes, m),
 		legs:      newLegClient(cfg),
 		client:    &http.Client{Transport: transport},
 		readyURL:  cfg.readyURL(),
@@ -313,8 +317,9 @@ func (r *Router) readRequest(c echo.Context, path string, chat bool) (*clientReq
 		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", "could not read request body: "+err.Error())
 	}
 	if r.agg != nil {
-		rq.raw = body
-		rq.stream, err = parseAggregated(body)
+		if rq.stream, err = parseAggregated(body); err == nil {
+			rq.raw = aggregatedBody(body)
+		}
 	} else {
 		rq.req, err = parseRequest(body, chat)
 		if err == nil {

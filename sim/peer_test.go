@@ -17,14 +17,14 @@ import (
 const simPeerToken = "sim-peer-token-sim-peer-token-sim-peer-token"
 
 // servePeerEngine is an engine on its own socket serving the peer API on
-// addr (loopback), allowed to fetch from loopback peers.
-func servePeerEngine(t *testing.T, addr string) (*engine.Engine, string, *prometheus.Registry) {
+// addr (loopback), allowed to fetch from the peers listed in allow.
+func servePeerEngine(t *testing.T, addr string, allow ...string) (*engine.Engine, string, *prometheus.Registry) {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "engine.sock")
 	reg := prometheus.NewRegistry()
 	ctl := peer.NewClient([]byte(simPeerToken))
 	t.Cleanup(func() { ctl.Close() })
-	eng, _ := serveEngineWith(t, sock, engine.Config{Peers: ctl, PeerAddress: addr, PeerAllow: []string{engine.PeerAllowLoopback}}, reg)
+	eng, _ := serveEngineWith(t, sock, engine.Config{Peers: ctl, PeerAddress: addr, PeerAllow: allow}, reg)
 	srv, err := peer.New(peer.Config{Addr: addr, Token: []byte(simPeerToken)}, eng, testLogger(t))
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -48,7 +48,7 @@ func loopbackAddr(t *testing.T) string {
 func TestPDAcrossEnginesNamesTheSource(t *testing.T) {
 	aAddr := loopbackAddr(t)
 	aEng, aSock, _ := servePeerEngine(t, aAddr)
-	_, bSock, bReg := servePeerEngine(t, loopbackAddr(t))
+	_, bSock, bReg := servePeerEngine(t, loopbackAddr(t), aAddr)
 	envA := &pdEnv{eng: aEng, socket: aSock, ready: map[string]map[string]string{}}
 	envA.serveCallback(t)
 	envB := &pdEnv{socket: bSock}

@@ -26,17 +26,15 @@ type engineProc struct {
 	done     chan struct{}
 }
 
-// engineArgs is the command line of one engine (printed by -dry-run). The
-// engines may fetch from peers on host only (--peer-allow, as a one-address
-// subnet: the peer's port is not known before it starts).
-func engineArgs(sock, httpAddr, peerAddr, tokenFile string, poolMiB int) []string {
-	host, _, _ := net.SplitHostPort(peerAddr)
-	allow := host + "/32"
-	if ip := net.ParseIP(host); ip != nil && ip.To4() == nil {
-		allow = host + "/128"
+// engineArgs is the command line of one engine (printed by -dry-run).
+// allow is the one peer it may fetch from (--peer-allow), "" for none.
+func engineArgs(sock, httpAddr, peerAddr, tokenFile, allow string, poolMiB int) []string {
+	args := []string{"serve", "--socket", sock, "--http-addr", httpAddr, "--pool-size", fmt.Sprintf("%dMiB", poolMiB),
+		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--log-level", "warn"}
+	if allow != "" {
+		args = append(args, "--peer-allow", allow)
 	}
-	return []string{"serve", "--socket", sock, "--http-addr", httpAddr, "--pool-size", fmt.Sprintf("%dMiB", poolMiB),
-		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--peer-allow", allow, "--log-level", "warn"}
+	return args
 }
 
 // freePort returns a TCP port on host that was free a moment ago.
@@ -59,7 +57,7 @@ func freeAddr(host string) (string, error) {
 
 // startEngine starts one engine and waits until its HTTP health answers
 // and its peer port accepts connections. Its stderr goes to dir/name.log.
-func startEngine(ctx context.Context, bin, dir, name, host, tokenFile string, poolMiB int) (*engineProc, error) {
+func startEngine(ctx context.Context, bin, dir, name, host, tokenFile, allow string, poolMiB int) (*engineProc, error) {
 	httpAddr, err := freeAddr("127.0.0.1")
 	if err != nil {
 		return nil, err
@@ -75,7 +73,7 @@ func startEngine(ctx context.Context, bin, dir, name, host, tokenFile string, po
 		return nil, err
 	}
 	defer logf.Close() // the child holds its own descriptor
-	p.cmd = exec.Command(bin, engineArgs(p.sock, httpAddr, peerAddr, tokenFile, poolMiB)...)
+	p.cmd = exec.Command(bin, engineArgs(p.sock, httpAddr, peerAddr, tokenFile, allow, poolMiB)...)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	if err := p.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start engine %s: %w", name, err)

@@ -89,9 +89,9 @@ func ucxEnv() string {
 // printPlan is -dry-run: the commands, sizes and counts, nothing started.
 func printPlan(o options) {
 	fmt.Printf("bench-peer dry run (%s)\n", ucxEnv())
-	for _, name := range []string{"A", "B"} {
-		fmt.Printf("engine %s: %s %s\n", name, o.pegaflow, strings.Join(engineArgs("DIR/"+name+".sock", "127.0.0.1:PORT",
-			o.host+":PORT", "DIR/peer-token", o.poolMiB), " "))
+	for _, e := range []struct{ name, allow string }{{"A", ""}, {"B", o.host + ":PORT_A"}} {
+		fmt.Printf("engine %s: %s %s\n", e.name, o.pegaflow, strings.Join(engineArgs("DIR/"+e.name+".sock", "127.0.0.1:PORT",
+			o.host+":PORT_"+e.name, "DIR/peer-token", e.allow, o.poolMiB), " "))
 	}
 	for _, size := range o.sizes {
 		n := max((o.batchMiB<<20)/size, 1)
@@ -126,12 +126,12 @@ func run(ctx context.Context, o options) error {
 	if lookErr != nil {
 		fmt.Fprintf(os.Stderr, "bench-peer: %s not found (apt-get install ucx-utils): no cache-hot reference column\n", o.perftest)
 	}
-	a, err := startEngine(ctx, o.pegaflow, dir, "A", o.host, tokenFile, o.poolMiB)
+	a, err := startEngine(ctx, o.pegaflow, dir, "A", o.host, tokenFile, "", o.poolMiB)
 	if err != nil {
 		return err
 	}
 	defer a.stop()
-	b, err := startEngine(ctx, o.pegaflow, dir, "B", o.host, tokenFile, o.poolMiB)
+	b, err := startEngine(ctx, o.pegaflow, dir, "B", o.host, tokenFile, a.peerAddr, o.poolMiB)
 	if err != nil {
 		return err
 	}

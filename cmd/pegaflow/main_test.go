@@ -80,7 +80,9 @@ func TestBadInvocationsExit2(t *testing.T) {
 		{"peer: every address, no advertise", []string{"serve", "--peer-addr", "0.0.0.0:7400", "--peer-insecure"}, "--peer-advertise"},
 		{"peer: unspecified advertise", []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-advertise", "[::]:7400"}, "--peer-advertise"},
 		{"peer: bad allow", []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-allow", "10.0.0.7"}, "--peer-allow"},
-		{"peer: allow without addr", []string{"serve", "--peer-allow", "loopback"}, "need --peer-addr"},
+		{"peer: bare subnet", []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-allow", "10.0.1.0/24"}, "needs a port, e.g. 10.0.1.0/24:7400"},
+		{"peer: bare loopback", []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-allow", "loopback"}, "needs a port, e.g. loopback:7400"},
+		{"peer: allow without addr", []string{"serve", "--peer-allow", "loopback:7400"}, "need --peer-addr"},
 		{"peer: unknown transport", []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-transport", "udp"}, "--peer-transport"},
 		{"demo: no prompts", []string{"demo", "--num-prompts", "0"}, "num-prompts"},
 		{"demo: bad rate", []string{"demo", "--request-rate", "-2"}, "rate"},
@@ -114,10 +116,10 @@ func TestPeerAdvertise(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "127.0.0.1:7400", f.peer.advertise)
 	f, err = parseServeFlags([]string{"--peer-addr", "0.0.0.0:7400", "--peer-token-file", tok, "--peer-advertise", "10.0.0.5:7400",
-		"--peer-allow", "10.0.0.6:7400,10.0.1.0/24"}, io.Discard)
+		"--peer-allow", "10.0.0.6:7400,10.0.1.0/24:7400"}, io.Discard)
 	require.NoError(t, err)
 	require.Equal(t, "10.0.0.5:7400", f.peer.advertise)
-	require.Equal(t, []string{"10.0.0.6:7400,10.0.1.0/24"}, []string(f.peer.allow))
+	require.Equal(t, []string{"10.0.0.6:7400,10.0.1.0/24:7400"}, []string(f.peer.allow))
 }
 
 func TestVersion(t *testing.T) {

@@ -65,12 +65,14 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-func startPeerEngine(t *testing.T, bin, dir, peerAddr, tokenFile string) *engineProc {
+// startPeerEngine runs an engine on peerAddr that may fetch from allow
+// (host:port entries).
+func startPeerEngine(t *testing.T, bin, dir, peerAddr, tokenFile, allow string) *engineProc {
 	t.Helper()
 	p := &engineProc{sock: filepath.Join(dir, fmt.Sprintf("engine-%d.sock", time.Now().UnixNano())), http: freeAddr(t),
 		peerAddr: peerAddr, logs: &lockedBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(bin, "serve", "--socket", p.sock, "--http-addr", p.http, "--pool-size", "64MiB",
-		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--peer-allow", "loopback", "--log-level", "debug")
+		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--peer-allow", allow, "--log-level", "debug")
 	p.cmd.Stderr = p.logs
 	require.NoError(t, p.cmd.Start())
 	go func() { _ = p.cmd.Wait(); close(p.done) }()
@@ -198,8 +200,8 @@ func TestPeerFetchAcrossEngines(t *testing.T) {
 	tokenFile := filepath.Join(dir, "peer-token")
 	require.NoError(t, os.WriteFile(tokenFile, []byte(peerTestToken+"\n"), 0o600))
 	aAddr, bAddr := freeAddr(t), freeAddr(t)
-	a := startPeerEngine(t, bin, dir, aAddr, tokenFile)
-	b := startPeerEngine(t, bin, dir, bAddr, tokenFile)
+	a := startPeerEngine(t, bin, dir, aAddr, tokenFile, bAddr)
+	b := startPeerEngine(t, bin, dir, bAddr, tokenFile, aAddr)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
@@ -264,7 +266,7 @@ func TestPeerFetchAcrossEngines(t *testing.T) {
 	require.Equal(t, "ok", h.Status)
 
 	// A restarted on the same address: a new epoch; B handshakes again.
-	a2 := startPeerEngine(t, bin, dir, aAddr, tokenFile)
+	a2 := startPeerEngine(t, bin, dir, aAddr, tokenFile, bAddr)
 	hs2, err := c.Handshake(ctx, aAddr)
 	require.NoError(t, err)
 	require.NotEqual(t, hs.Epoch, hs2.Epoch)

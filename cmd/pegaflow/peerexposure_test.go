@@ -34,7 +34,7 @@ func TestPeerEngineListensOnlyWhereConfigured(t *testing.T) {
 	dir := t.TempDir()
 	tok := filepath.Join(dir, "token")
 	require.NoError(t, os.WriteFile(tok, []byte(peerTestToken), 0o600))
-	p := startPeerEngine(t, testBinary(t), dir, freeAddr(t), tok)
+	p := startPeerEngine(t, testBinary(t), dir, freeAddr(t), tok, "loopback:1")
 	got := listeningPorts(t, p.cmd.Process.Pid)
 	want := []int{portOf(t, p.http), portOf(t, p.peerAddr)}
 	sort.Ints(want)
@@ -113,7 +113,7 @@ func TestPeerPortFloodKeepsEngineMemoryBounded(t *testing.T) {
 	dir := t.TempDir()
 	tok := filepath.Join(dir, "token")
 	require.NoError(t, os.WriteFile(tok, []byte(peerTestToken), 0o600))
-	p := startPeerEngine(t, testBinary(t), dir, freeAddr(t), tok)
+	p := startPeerEngine(t, testBinary(t), dir, freeAddr(t), tok, "loopback:1")
 	base := vmHWM(t, p.cmd.Process.Pid)
 
 	hashes := make([][]byte, 1<<20) // 1M hashes of 58 bytes: ~60 MiB on the wire

@@ -77,8 +77,8 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.DurationVar(&f.partialTTL, "partial-ttl", engine.DefaultPartialTTL, "free blocks saved by some TP ranks but not all after this long")
 	fs.DurationVar(&f.maxQueryWait, "max-query-wait", engine.DefaultMaxQueryWait, "cap on the wait a query may ask for")
 	fs.DurationVar(&f.copyTimeout, "copy-timeout", engine.DefaultCopyTimeout, "cap on how long a save or load waits for its copies (and shutdown for copies still running); late copies fail their call, their memory is freed when they end")
-	fs.Var(&f.kvReadyAllow, "kv-ready-allow", "where a save's ready_url may point (repeatable): host:port, an http(s) URL prefix, "+
-		"\"loopback\" or \"none\" (default: the in-process router's /kv_ready address, else loopback)")
+	fs.Var(&f.kvReadyAllow, "kv-ready-allow", "where a save's ready_url may point (repeatable): host:port, an http(s) URL prefix "+
+		"(segment boundary; no dot segments or encoded slashes), CIDR:port, \"loopback\" or \"none\" (default: the in-process router's /kv_ready address, else loopback)")
 	fs.IntVar(&f.maxTransfers, "max-transfers", engine.DefaultMaxTransfers, "most P/D transfers tracked (and, apart, most transfer ids waited for before a save)")
 	fs.Int64Var(&f.maxCopyOps, "max-copy-ops", engine.DefaultMaxCopyOps, "most copy operations in flight across all saves and loads (a block is layers x segments ops)")
 	router.BindFlags(fs, &f.router)

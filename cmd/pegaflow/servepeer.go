@@ -34,8 +34,8 @@ func bindPeerFlags(fs *flag.FlagSet, f *peerFlags) {
 	fs.BoolVar(&f.insecure, "peer-insecure", false, "serve the peer API without a token: only on a loopback --peer-addr (tests, one-host trials)")
 	fs.StringVar(&f.advertise, "peer-advertise", "", "HOST:PORT other engines reach --peer-addr at, reported to clients (Attach) and in /kv_ready "+
 		"as the source engine (default --peer-addr; required when it binds every address, e.g. 0.0.0.0:7400)")
-	fs.Var(&f.allow, "peer-allow", "source engines a query may fetch from (repeatable): a peer's host:port, a subnet like 10.1.0.0/24, or \"loopback\" "+
-		"(default: none). The engine sends its peer token to the source a query names, so list only peer engines")
+	fs.Var(&f.allow, "peer-allow", "source engines a query may fetch from (repeatable): a peer's host:port, a subnet with its port like 10.1.0.0/24:7400, or loopback:PORT "+
+		"(default: none; every entry needs a port). The engine sends its peer token to the source a query names, so list only peer engines")
 }
 
 // check loads the token and refuses a peer service without one, and

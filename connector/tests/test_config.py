@@ -26,9 +26,10 @@ def test_precedence_extra_over_env_over_default() -> None:
 
 def test_connector_env_vars_never_collide_with_engine_flags() -> None:
     # The engine reads PEGAFLOW_<FLAG> for every flag; ours are namespaced,
-    # except the socket, which means the same thing to both.
+    # except the socket and the ready allow list, which mean the same thing
+    # to both.
     for k in KEYS:
-        assert k.env == "PEGAFLOW_SOCKET" or k.env.startswith("PEGAFLOW_CONNECTOR_"), k.env
+        assert k.env in ("PEGAFLOW_SOCKET", "PEGAFLOW_KV_READY_ALLOW") or k.env.startswith("PEGAFLOW_CONNECTOR_"), k.env
 
 
 @pytest.mark.parametrize("extra,msg", [

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .compat import resolved_hash_seed
+from .ready import ReadyAllow
 
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -154,6 +155,12 @@ KEYS: tuple[_Key, ...] = (
          "longest a preempted request's in-flight save may delay the next forward"),
     _Key("tp_rank", "PEGAFLOW_CONNECTOR_TP_RANK", None, int,
          "override of the worker's TP rank (normally taken from vLLM)"),
+    # The engine's own variable, on purpose: one list, one meaning, for the
+    # engine's report and the connector's.
+    _Key("kv_ready_allow", "PEGAFLOW_KV_READY_ALLOW", ReadyAllow.parse(""), ReadyAllow.parse,
+         "where the connector may POST a failed transfer's report (the request's "
+         "`pegaflow_ready_url`): the engine's `--kv-ready-allow` syntax (`host:port`, URL "
+         "prefix, `CIDR:port`, `loopback`, `none`); default `loopback`; redirects never followed"),
 )
 
 
@@ -177,6 +184,7 @@ class ConnectorConfig:
     staging_dir: str = "/dev/shm"
     preemption_wait_ms: int = 30000
     tp_rank: int | None = None
+    kv_ready_allow: ReadyAllow = dataclasses.field(default_factory=lambda: ReadyAllow.parse(""))
 
     @classmethod
     def load(cls, extra: Mapping[str, Any] | None = None,

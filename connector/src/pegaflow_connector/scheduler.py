@@ -120,7 +120,7 @@ class SchedulerCore:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pegaflow-sched")
         self._has_preempted_field: bool | None = None
         self.disabled = ""
-        self._failure_reporter = FailureReporter()
+        self._failure_reporter = FailureReporter(cfg.kv_ready_allow)
         # vLLM builds the scheduler after the workers registered: a rank
         # that failed has left its marker already (older vLLM: no handshake).
         if (reason := disabled_reason(instance_id)) is not None:

@@ -100,7 +100,7 @@ class WorkerCore:
         self._reg_lock = threading.Lock()
         self._bases: list[int] = []
         self._staging: StagingBuffer | None = None
-        self._failure_reporter = FailureReporter()
+        self._failure_reporter = FailureReporter(cfg.kv_ready_allow)
         self._keep: list[Any] = []
         self._saves_enabled = True
         self._lease_owner = True
