@@ -92,8 +92,8 @@ type Router struct {
 	models     legPolicy
 	transfers  *transfers
 	budget     *answerBudget // answer bytes held (buffered.go)
-	legs       legClient    // the legs (send), --upstream-client
-	client     *http.Client // GET /v1/models
+	legs       legClient     // the legs (send), --upstream-client
+	client     *http.Client  // GET /v1/models
 	checker    *healthChecker
 	resolver   Resolver
 	readyURL   string
