@@ -581,10 +581,11 @@ func TestLegErrorMessagesReachTheClient(t *testing.T) {
 		require.Equal(t, 1.0, testutil.ToFloat64(h.r.m.retries.WithLabelValues(roleDecode)))
 	})
 	t.Run("first-byte timeout is retried on another D", func(t *testing.T) {
-		slow := newFake(func(f *fakeVLLM) { f.headerDelay = time.Second })
+		// The good D answers at once; the margin is for a loaded CI box.
+		slow := newFake(func(f *fakeVLLM) { f.headerDelay = 5 * time.Second })
 		good := newFake(nil)
 		h := startRouter(t, []*fakeVLLM{newFake(nil)}, []*fakeVLLM{slow, good}, func(c *Config) {
-			c.FirstByteTimeout = 50 * time.Millisecond
+			c.FirstByteTimeout = 400 * time.Millisecond
 		}, nil)
 		for i := 0; i < 2; i++ {
 			resp, body := post(t, h.url+"/v1/completions", completionBody)
@@ -620,6 +621,7 @@ func TestBindFlags(t *testing.T) {
 	require.NoError(t, c.Validate())
 	c.UpstreamClient = "curl"
 	require.ErrorContains(t, c.Validate(), `--upstream-client "curl": want pegaflow or nethttp`)
+	c.UpstreamClient = UpstreamPegaFlow
 	require.Equal(t, "256MiB", fs.Lookup("max-buffered-bytes").DefValue)
 	require.NoError(t, fs.Parse([]string{"--max-buffered-bytes", "64MiB"}))
 	require.EqualValues(t, 64<<20, c.MaxBufferedBytes)
