@@ -40,7 +40,7 @@ endif
 # The binary runs as root beside vLLM and parses peers' and clients' bytes:
 # it is position-independent (ASLR for its code too) with full RELRO (the
 # GOT read-only after start). `make release` also strips it.
-GO_HARDEN_LDFLAGS := -linkmode=external -extldflags '-Wl,-z,relro'
+GO_HARDEN_LDFLAGS := -linkmode=external -extldflags '-Wl,-z,relro,-z,now'
 GO_BUILD_FLAGS := -tags '$(GO_TAGS)' -buildmode=pie -ldflags "-X main.version=$(VERSION) $(GO_HARDEN_LDFLAGS)"
 GO_RELEASE_FLAGS := -tags '$(GO_TAGS)' -buildmode=pie -trimpath -ldflags "-s -w -X main.version=$(VERSION) $(GO_HARDEN_LDFLAGS)"
 TEST_EXTRA :=
