@@ -106,3 +106,16 @@ func TestForwarding(t *testing.T) {
 	_, ret = lib.DeviceGetCount()
 	require.Equal(t, nvml.ERROR_LIBRARY_NOT_FOUND, ret, "after Shutdown")
 }
+
+// BenchmarkForwardedCall is one go-nvml call through a forwarder (cgo,
+// dlopen RTLD_NOLOAD, dlsym, the call, dlclose) into the fake library.
+func BenchmarkForwardedCall(b *testing.B) {
+	lib := nvml.New(nvml.WithLibraryPath(filepath.Join(nvmlfake.Build(b), "libnvidia-ml.so.1")))
+	require.Equal(b, nvml.SUCCESS, lib.Init())
+	defer lib.Shutdown()
+	for b.Loop() {
+		if _, ret := lib.DeviceGetCount(); ret != nvml.SUCCESS {
+			b.Fatal(ret)
+		}
+	}
+}
