@@ -68,7 +68,8 @@ func TestGeneratedForwardersCurrent(t *testing.T) {
 
 // go-nvml through the forwarders, in the order a process meets NVML: calls
 // before Init, a missing library, the fake library (its functions, one it
-// lacks, error strings), and calls after Shutdown unloaded it. Without the
+// lacks, error strings), calls after Shutdown unloaded it, and a second
+// Init. Without the
 // forwarders the first call kills the process (symbol lookup error).
 func TestForwarding(t *testing.T) {
 	fake := filepath.Join(nvmlfake.Build(t), "libnvidia-ml.so.1")
@@ -105,6 +106,13 @@ func TestForwarding(t *testing.T) {
 
 	_, ret = lib.DeviceGetCount()
 	require.Equal(t, nvml.ERROR_LIBRARY_NOT_FOUND, ret, "after Shutdown")
+
+	// Loaded again (maybe elsewhere): nothing bound to the old mapping.
+	require.Equal(t, nvml.SUCCESS, lib.Init())
+	count, ret = lib.DeviceGetCount()
+	require.Equal(t, nvml.SUCCESS, ret)
+	require.Equal(t, nvmlfake.GPUs, count)
+	require.Equal(t, nvml.SUCCESS, lib.Shutdown())
 }
 
 // BenchmarkForwardedCall is one go-nvml call through a forwarder (cgo,
