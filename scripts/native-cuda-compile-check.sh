@@ -6,7 +6,8 @@
 # binary, and none is needed: the CUDA build is C against the runtime API).
 # Then: CMake with -DPEGAFLOW_CUDA=ON into build/native-cuda (-Werror),
 # the C boundary test (device checks skip without a GPU), and the Go
-# binding with -tags cuda: vet, build of every package, native's tests.
+# binding with -tags cuda: vet, build of every package, native's tests, and
+# the binary built and checked as `make check-binary` does (PIE, BIND_NOW).
 # First, the library and C test against CUDA 13's headers too (torch's
 # cu13 wheels; some runtime APIs changed signature there), into
 # build/native-cuda13, which nothing links (PEGAFLOW_CUDA13_CHECK=0 skips).
@@ -55,4 +56,9 @@ echo "== Go binding, -tags cuda"
 "$go" vet -tags cuda ./native/...
 "$go" build -tags cuda ./...
 "$go" test -count=1 -tags cuda ./native/...
+
+# The CUDA binary links libcudart_static.a: hardened as make builds it
+# (PIE, full RELRO: every symbol bound at start), it must still start.
+echo "== hardened CUDA binary (make check-binary CUDA=1)"
+${MAKE:-make} --no-print-directory check-binary CUDA=1 GO="$go" BIN_DIR="$work/bin"
 echo "native CUDA compile check: OK"

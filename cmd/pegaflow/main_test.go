@@ -40,7 +40,8 @@ func TestMain(m *testing.M) {
 }
 
 // testBinary builds the pegaflow binary once per test run (tests that run
-// it as separate processes share it).
+// it as separate processes share it), hardened as `make build` links it:
+// PIE with full RELRO, so every symbol is bound at start, as in production.
 var testBinary = func() func(t *testing.T) string {
 	var once sync.Once
 	var err error
@@ -48,7 +49,8 @@ var testBinary = func() func(t *testing.T) string {
 		t.Helper()
 		bin := filepath.Join(testBinDir, "pegaflow")
 		once.Do(func() {
-			build := exec.Command("go", "build", "-o", bin, ".")
+			build := exec.Command("go", "build", "-buildmode=pie",
+				"-ldflags=-linkmode=external -extldflags=-Wl,-z,relro,-z,now", "-o", bin, ".")
 			var out bytes.Buffer
 			build.Stdout, build.Stderr = &out, &out
 			if berr := build.Run(); berr != nil {
@@ -166,17 +168,23 @@ func TestServeProcess(t *testing.T) {
 	resp.Body.Close()
 	require.Contains(t, string(body), "pegaflow_engine_pool_capacity_bytes 1.6777216e+07")
 
+	stopServe(t, cmd, &logs)
+	_, err = os.Stat(sock)
+	require.True(t, os.IsNotExist(err), "socket removed on exit")
+}
+
+// stopServe sends serve SIGTERM and requires a clean exit within 10 s.
+func stopServe(t *testing.T, cmd *exec.Cmd, logs fmt.Stringer) {
+	t.Helper()
 	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
 	select {
 	case err := <-done:
-		require.NoError(t, err, "logs: %s", &logs)
+		require.NoError(t, err, "logs: %s", logs)
 	case <-time.After(10 * time.Second):
-		t.Fatalf("serve did not stop on SIGTERM: %s", &logs)
+		t.Fatalf("serve did not stop on SIGTERM: %s", logs)
 	}
-	_, err = os.Stat(sock)
-	require.True(t, os.IsNotExist(err), "socket removed on exit")
 }
 
 func TestRouterFlagsValidated(t *testing.T) {

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -21,6 +24,7 @@ import (
 
 	"github.com/pegaflow/pegaflow/engine"
 	"github.com/pegaflow/pegaflow/engine/topology"
+	"github.com/pegaflow/pegaflow/engine/topology/nvmlshim/nvmlfake"
 	"github.com/pegaflow/pegaflow/native"
 )
 
@@ -131,6 +135,21 @@ func (b *syncBuffer) String() string {
 	return b.buf.String()
 }
 
+// awaitTopology polls serve's /topology for up to 10 s.
+func awaitTopology(t *testing.T, addr string, logs fmt.Stringer) topologyJSON {
+	t.Helper()
+	var got topologyJSON
+	require.Eventually(t, func() bool {
+		resp, err := http.Get("http://" + addr + "/topology")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		return resp.StatusCode == http.StatusOK && json.NewDecoder(resp.Body).Decode(&got) == nil
+	}, 10*time.Second, 20*time.Millisecond, "no /topology: %s", logs)
+	return got
+}
+
 // TestServeTopology runs serve with the host's real NVML: CPU mode, said
 // once, where there is no driver; the GPUs where there is one.
 func TestServeTopology(t *testing.T) {
@@ -149,15 +168,7 @@ func TestServeTopology(t *testing.T) {
 		require.NoError(t, <-done)
 	}()
 
-	var got topologyJSON
-	require.Eventually(t, func() bool {
-		resp, err := http.Get("http://" + addr + "/topology")
-		if err != nil {
-			return false
-		}
-		defer resp.Body.Close()
-		return resp.StatusCode == http.StatusOK && json.NewDecoder(resp.Body).Decode(&got) == nil
-	}, 10*time.Second, 20*time.Millisecond, "no /topology: %s", &logs)
+	got := awaitTopology(t, addr, &logs)
 	require.Equal(t, native.Backend(), got.Backend)
 	if got.Mode == topology.ModeCPU {
 		require.Empty(t, got.Devices)
@@ -179,4 +190,60 @@ func TestServeTopology(t *testing.T) {
 	require.Contains(t, string(body), "pegaflow_engine_gpus ")
 	require.Contains(t, string(body), "pegaflow_engine_pool_numa_node ")
 	require.Contains(t, string(body), "pegaflow_engine_numa_pool_capacity_bytes{numa_node=")
+}
+
+// TestServeProcessNVML runs the hardened binary (BIND_NOW) as a process with
+// a fake libnvidia-ml.so.1 first on LD_LIBRARY_PATH, and with the host's
+// own libraries: it starts either way, lists the fake's GPUs through go-nvml
+// and the nvmlshim forwarders, and without NVML serves in CPU mode. Without
+// the forwarders it does not start at all (undefined symbol: nvml...).
+func TestServeProcessNVML(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	bin := testBinary(t)
+	fake := nvmlfake.Build(t)
+	tests := []struct {
+		name    string
+		libPath string // prepended to LD_LIBRARY_PATH; "" = the host's
+		fake    bool
+	}{
+		{"fake NVML", fake, true},
+		{"host NVML or none", "", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			lis, err := net.Listen("tcp", "127.0.0.1:0")
+			require.NoError(t, err)
+			addr := lis.Addr().String()
+			require.NoError(t, lis.Close())
+			cmd := exec.Command(bin, "serve", "--socket", filepath.Join(t.TempDir(), "engine.sock"), "--http-addr", addr, "--pool-size", "4MiB")
+			cmd.Env = os.Environ()
+			if tc.libPath != "" {
+				cmd.Env = append(cmd.Env, "LD_LIBRARY_PATH="+tc.libPath+":"+os.Getenv("LD_LIBRARY_PATH"))
+			}
+			var logs syncBuffer
+			cmd.Stderr = &logs
+			require.NoError(t, cmd.Start())
+			defer cmd.Process.Kill()
+
+			got := awaitTopology(t, addr, &logs)
+			switch {
+			case tc.fake:
+				require.Equal(t, topology.ModeCUDA, got.Mode, logs.String())
+				require.Equal(t, nvmlfake.Driver, got.DriverVersion)
+				require.Len(t, got.Devices, nvmlfake.GPUs)
+				require.Equal(t, "GPU-fake-1", got.Devices[1].UUID)
+				require.Equal(t, "0000:f1:00.0", got.Devices[1].PCIBusID)
+				require.Equal(t, 1, got.Devices[1].NVLinkLinks)
+			case got.Mode == topology.ModeCPU:
+				require.Contains(t, got.Reason, "ERROR_LIBRARY_NOT_FOUND")
+				require.Contains(t, logs.String(), "no NVML: CPU mode")
+			default: // a GPU host: its real GPUs
+				require.NotEmpty(t, got.Devices)
+				require.NotContains(t, got.Devices[0].UUID, "fake")
+			}
+			stopServe(t, cmd, &logs)
+		})
+	}
 }

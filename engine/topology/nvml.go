@@ -12,6 +12,9 @@ import (
 	"strings"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
+
+	// Defines go-nvml's NVML symbols, so the binary links with BIND_NOW.
+	_ "github.com/pegaflow/pegaflow/engine/topology/nvmlshim"
 )
 
 // NVML lists GPUs through go-nvml, which dlopens libnvidia-ml.so.1 at Init:

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"strings"
 	"testing"
 	"testing/fstest"
@@ -12,6 +13,8 @@ import (
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"github.com/NVIDIA/go-nvml/pkg/nvml/mock"
 	"github.com/stretchr/testify/require"
+
+	"github.com/pegaflow/pegaflow/engine/topology/nvmlshim/nvmlfake"
 )
 
 // gpuSpec describes one GPU of a fake host. The fake is NVIDIA's generated
@@ -255,6 +258,24 @@ func TestRealNVML(t *testing.T) {
 		require.True(t, strings.HasPrefix(d.UUID, "GPU-"), d.UUID)
 		require.NotEmpty(t, d.PCIBusID)
 		require.NotZero(t, d.MemoryBytes)
+	}
+}
+
+// TestFakeLibraryNVML runs List over go-nvml, the nvmlshim forwarders and a
+// real shared library (nvmlfake), which lacks most NVML functions: those
+// answer ERROR_FUNCTION_NOT_FOUND and List leaves their facts unknown.
+func TestFakeLibraryNVML(t *testing.T) {
+	lib := nvml.New(nvml.WithLibraryPath(filepath.Join(nvmlfake.Build(t), "libnvidia-ml.so.1")))
+	topo, err := (&NVML{Lib: lib, SysFS: fstest.MapFS{}}).List(context.Background())
+	require.NoError(t, err)
+	require.Equal(t, ModeCUDA, topo.Mode)
+	require.Equal(t, nvmlfake.Driver, topo.DriverVersion)
+	require.Len(t, topo.Devices, nvmlfake.GPUs)
+	for i, d := range topo.Devices {
+		require.Equal(t, Device{
+			Index: i, UUID: fmt.Sprintf("GPU-fake-%d", i), Name: "Fake GPU", PCIBusID: fmt.Sprintf("0000:f%d:00.0", i),
+			NUMANode: -1, MemoryBytes: uint64(i+1) << 30, NVLinkLinks: 1, NVLinkPeers: []int{}, P2PPeers: []int{},
+		}, d)
 	}
 }
 

@@ -3,7 +3,8 @@
 // node each sits, and which pairs talk over NVLink or PCIe P2P.
 //
 // The NVML boundary is the Lister interface; NVML is its go-nvml
-// implementation. Discover turns a lister failure (no driver, no library, no
+// implementation, and subpackage nvmlshim defines the NVML symbols go-nvml
+// calls, so the binary links with full RELRO (BIND_NOW). Discover turns a lister failure (no driver, no library, no
 // GPU) into a CPU-mode Topology, so callers never handle "no NVML" as an
 // error. A Topology is immutable after Discover returns.
 package topology
