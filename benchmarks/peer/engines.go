@@ -28,15 +28,16 @@ type engineProc struct {
 
 // engineArgs is the command line of one engine (printed by -dry-run). The
 // engines may fetch from peers on host only (--peer-allow, as a one-address
-// subnet: the peer's port is not known before it starts).
-func engineArgs(sock, httpAddr, peerAddr, tokenFile string, poolMiB int) []string {
+// subnet: the peer's port is not known before it starts); transport is
+// their --peer-transport.
+func engineArgs(sock, httpAddr, peerAddr, tokenFile, transport string, poolMiB int) []string {
 	host, _, _ := net.SplitHostPort(peerAddr)
 	allow := host + "/32"
 	if ip := net.ParseIP(host); ip != nil && ip.To4() == nil {
 		allow = host + "/128"
 	}
 	return []string{"serve", "--socket", sock, "--http-addr", httpAddr, "--pool-size", fmt.Sprintf("%dMiB", poolMiB),
-		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--peer-allow", allow, "--log-level", "warn"}
+		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--peer-allow", allow, "--peer-transport", transport, "--log-level", "warn"}
 }
 
 // freePort returns a TCP port on host that was free a moment ago.
@@ -59,7 +60,7 @@ func freeAddr(host string) (string, error) {
 
 // startEngine starts one engine and waits until its HTTP health answers
 // and its peer port accepts connections. Its stderr goes to dir/name.log.
-func startEngine(ctx context.Context, bin, dir, name, host, tokenFile string, poolMiB int) (*engineProc, error) {
+func startEngine(ctx context.Context, bin, dir, name, host, tokenFile, transport string, poolMiB int) (*engineProc, error) {
 	httpAddr, err := freeAddr("127.0.0.1")
 	if err != nil {
 		return nil, err
@@ -75,7 +76,7 @@ func startEngine(ctx context.Context, bin, dir, name, host, tokenFile string, po
 		return nil, err
 	}
 	defer logf.Close() // the child holds its own descriptor
-	p.cmd = exec.Command(bin, engineArgs(p.sock, httpAddr, peerAddr, tokenFile, poolMiB)...)
+	p.cmd = exec.Command(bin, engineArgs(p.sock, httpAddr, peerAddr, tokenFile, transport, poolMiB)...)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	if err := p.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start engine %s: %w", name, err)
