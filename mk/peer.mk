@@ -1,9 +1,9 @@
 # Cross-host KV fetch benchmark: engine B fetching engine A's blocks over
-# UCX (tcp on loopback) vs bare UCX in the same run: benchmarks/native's
-# two-process ucp_get_nbx reader (the target's baseline) and, as a
-# cache-hot reference, ucx_perftest from Debian ucx-utils; without UCX in
-# the build it prints why and passes (docs/multi-host.md#benchmark).
-# RDMA hosts: scripts/bench-peer-rdma.
+# the validated stream (--peer-transport=tcp, loopback) vs a bare transfer
+# of the same bytes over loopback TCP in the same run (two processes of the
+# benchmark itself, plain Go net, the fetch's chunks and parallelism); no
+# UCX needed (docs/multi-host.md#benchmark). RDMA hosts (UCX one-sided
+# reads vs bare UCX and ucx_perftest): scripts/bench-peer-rdma.
 BENCH_TARGETS += bench-peer
 .PHONY: bench-peer
 bench-peer: build

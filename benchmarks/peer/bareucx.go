@@ -14,7 +14,8 @@ import (
 	"time"
 )
 
-// The baseline of the target: the fetch's data path with plain UCX and no
+// The baseline of the target over --peer-transport=rdma (baretcp.go is
+// the default's): the fetch's data path with plain UCX and no
 // PegaFlow code, as two processes of benchmarks/native (ucx_baseline.c).
 // The target registers a region as large as A's pool; the initiator GETs
 // as many share-size extents per batch as a query fetches, from distinct
@@ -58,13 +59,19 @@ func buildNativeBench(ctx context.Context, goTool, goTags, dir string) (string, 
 	return bin, nil
 }
 
-// runBareUCX starts the target, hands its address line to the initiator
-// and returns the initiator's GB/s. The target spins on its worker, so it
-// lives only for one measurement (never beside a fetch).
+// runBareUCX runs one size's two-process UCX baseline (runPair).
 func runBareUCX(ctx context.Context, bin string, p bareUCXPlan) (float64, error) {
+	return runPair(ctx, "ucx-get", bin, p.targetArgs(), p.initiatorArgs())
+}
+
+// runPair starts bin with targetArgs, hands its first stdout line (its
+// address) to bin with initiatorArgs and returns the initiator's GB/s
+// (parseInitiatorJSON). The target may spin, so it lives only for one
+// measurement (never beside a fetch); closing its stdin ends it.
+func runPair(ctx context.Context, what, bin string, targetArgs, initiatorArgs []string) (float64, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
-	tgt := exec.CommandContext(ctx, bin, p.targetArgs()...)
+	tgt := exec.CommandContext(ctx, bin, targetArgs...)
 	var tgtErr bytes.Buffer
 	tgt.Stderr = &tgtErr
 	stop, err := tgt.StdinPipe()
@@ -76,7 +83,7 @@ func runBareUCX(ctx context.Context, bin string, p bareUCXPlan) (float64, error)
 		return 0, err
 	}
 	if err := tgt.Start(); err != nil {
-		return 0, fmt.Errorf("ucx-get target: %w", err)
+		return 0, fmt.Errorf("%s target: %w", what, err)
 	}
 	exited := make(chan error, 1)
 	// stopTarget ends the target (closing stdin is its signal to exit) and
@@ -95,29 +102,30 @@ func runBareUCX(ctx context.Context, bin string, p bareUCXPlan) (float64, error)
 	go func() { exited <- tgt.Wait() }() // only now: Wait closes the stdout pipe
 	defer stopTarget()
 	if err != nil {
-		return 0, fmt.Errorf("ucx-get target gave no address: %w: %s", err, stopTarget())
+		return 0, fmt.Errorf("%s target gave no address: %w: %s", what, err, stopTarget())
 	}
-	ini := exec.CommandContext(ctx, bin, p.initiatorArgs()...)
+	ini := exec.CommandContext(ctx, bin, initiatorArgs...)
 	ini.Stdin = bytes.NewReader(line)
 	var iniErr bytes.Buffer
 	ini.Stderr = &iniErr
 	out, err := ini.Output()
 	if err != nil {
-		return 0, fmt.Errorf("ucx-get initiator: %w: %s / target: %s", err, lastLines(iniErr.Bytes(), 5), stopTarget())
+		return 0, fmt.Errorf("%s initiator: %w: %s / target: %s", what, err, lastLines(iniErr.Bytes(), 5), stopTarget())
 	}
 	return parseInitiatorJSON(out)
 }
 
-// parseInitiatorJSON reads the GB/s of `nativebench -ucx-get-initiator`.
+// parseInitiatorJSON reads the GB/s of `nativebench -ucx-get-initiator`
+// or of this benchmark's -bare-tcp-reader.
 func parseInitiatorJSON(out []byte) (float64, error) {
 	var rs []struct {
 		GBps float64 `json:"gbps"`
 	}
 	if err := json.Unmarshal(out, &rs); err != nil {
-		return 0, fmt.Errorf("ucx-get initiator output: %w", err)
+		return 0, fmt.Errorf("initiator output: %w", err)
 	}
 	if len(rs) != 1 || rs[0].GBps <= 0 {
-		return 0, errors.New("ucx-get initiator output: want one result with gbps > 0")
+		return 0, errors.New("initiator output: want one result with gbps > 0")
 	}
 	return rs[0].GBps, nil
 }

@@ -27,10 +27,11 @@ type engineProc struct {
 }
 
 // engineArgs is the command line of one engine (printed by -dry-run).
-// allow is the one peer it may fetch from (--peer-allow), "" for none.
-func engineArgs(sock, httpAddr, peerAddr, tokenFile, allow string, poolMiB int) []string {
+// allow is the one peer it may fetch from (--peer-allow), "" for none;
+// transport is its --peer-transport.
+func engineArgs(sock, httpAddr, peerAddr, tokenFile, allow, transport string, poolMiB int) []string {
 	args := []string{"serve", "--socket", sock, "--http-addr", httpAddr, "--pool-size", fmt.Sprintf("%dMiB", poolMiB),
-		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--log-level", "warn"}
+		"--peer-addr", peerAddr, "--peer-token-file", tokenFile, "--peer-transport", transport, "--log-level", "warn"}
 	if allow != "" {
 		args = append(args, "--peer-allow", allow)
 	}
@@ -57,7 +58,7 @@ func freeAddr(host string) (string, error) {
 
 // startEngine starts one engine and waits until its HTTP health answers
 // and its peer port accepts connections. Its stderr goes to dir/name.log.
-func startEngine(ctx context.Context, bin, dir, name, host, tokenFile, allow string, poolMiB int) (*engineProc, error) {
+func startEngine(ctx context.Context, bin, dir, name, host, tokenFile, allow, transport string, poolMiB int) (*engineProc, error) {
 	httpAddr, err := freeAddr("127.0.0.1")
 	if err != nil {
 		return nil, err
@@ -73,7 +74,7 @@ func startEngine(ctx context.Context, bin, dir, name, host, tokenFile, allow str
 		return nil, err
 	}
 	defer logf.Close() // the child holds its own descriptor
-	p.cmd = exec.Command(bin, engineArgs(p.sock, httpAddr, peerAddr, tokenFile, allow, poolMiB)...)
+	p.cmd = exec.Command(bin, engineArgs(p.sock, httpAddr, peerAddr, tokenFile, allow, transport, poolMiB)...)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	if err := p.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start engine %s: %w", name, err)

@@ -10,7 +10,7 @@ import (
 	"time"
 )
 
-// targetRatio is the issue's goal for peer fetch / bare UCX, from
+// targetRatio is the issue's goal for peer fetch / bare transfer, from
 // targetFrom bytes per share up; smaller shares are dominated by per-block
 // bookkeeping and get no target.
 const (
@@ -19,16 +19,25 @@ const (
 )
 
 // row is one size's line of the table: the target is judged against the
-// two-process bare-UCX figure (BareGBps), ucx_perftest's cache-hot one
-// (HotGBps) is a reference beside it; 0 means that baseline is missing.
+// two-process bare figure of the run's transport (BareGBps: bare TCP, or
+// bare UCX for rdma); ucx_perftest's cache-hot one (HotGBps, rdma only) is
+// a reference beside it; 0 means that baseline is missing.
 type row struct {
 	fetchResult
-	BareGBps float64 `json:"bare_ucx_gbps"`
+	BareGBps float64 `json:"bare_gbps"`
 	Ratio    float64 `json:"ratio"`
 	Target   string  `json:"target"`
-	HotGBps  float64 `json:"ucx_perftest_gbps"`
-	HotRatio float64 `json:"ucx_perftest_ratio"`
+	HotGBps  float64 `json:"ucx_perftest_gbps,omitempty"`
+	HotRatio float64 `json:"ucx_perftest_ratio,omitempty"`
 	OfLine   float64 `json:"of_line_rate,omitempty"`
+}
+
+// tableOpts shape the table: the baseline's name, whether the cache-hot
+// ucx_perftest columns are shown (rdma), and a line rate (0: none).
+type tableOpts struct {
+	baseline     string
+	hot          bool
+	lineRateGbps float64
 }
 
 // makeRow fills in the ratios and the verdict; lineRateGbps > 0 adds the
@@ -59,28 +68,32 @@ func makeRow(f fetchResult, bare, hot, lineRateGbps float64) row {
 }
 
 // printTable writes the markdown table: the issue's five columns, the
-// cache-hot ucx_perftest reference, then B's metrics as a cross-check and,
-// against a line rate, the fraction of it.
-func printTable(w io.Writer, rows []row, lineRateGbps float64) {
-	head := "| size | peer fetch GB/s | bare UCX GB/s | ratio | target | ucx_perftest GB/s (cache-hot) | ratio to it |" +
-		" blocks/query | query p50 | B metrics GB/s |"
-	sep := "|---|---|---|---|---|---|---|---|---|---|"
-	if lineRateGbps > 0 {
-		head += fmt.Sprintf(" of %g Gb/s line rate |", lineRateGbps)
-		sep += "---|"
+// cache-hot ucx_perftest reference when t.hot, then B's metrics as a
+// cross-check and, against a line rate, the fraction of it.
+func printTable(w io.Writer, rows []row, t tableOpts) {
+	head := "| size | peer fetch GB/s | " + t.baseline + " GB/s | ratio | target |"
+	if t.hot {
+		head += " ucx_perftest GB/s (cache-hot) | ratio to it |"
+	}
+	head += " blocks/query | query p50 | B metrics GB/s |"
+	if t.lineRateGbps > 0 {
+		head += fmt.Sprintf(" of %g Gb/s line rate |", t.lineRateGbps)
 	}
 	fmt.Fprintln(w, head)
-	fmt.Fprintln(w, sep)
+	fmt.Fprintln(w, "|"+strings.Repeat("---|", strings.Count(head, "|")-1))
 	for _, r := range rows {
 		bare, ratio := gbpsAndRatio(r.BareGBps, r.Ratio)
-		hot, hotRatio := gbpsAndRatio(r.HotGBps, r.HotRatio)
 		metric := fmt.Sprintf("%.2f", r.MetricGBps)
 		if !r.MetricsMatch {
 			metric += fmt.Sprintf(" (counted %.0f B: mismatch)", r.MetricBytes)
 		}
-		line := fmt.Sprintf("| %s | %.2f | %s | %s | %s | %s | %s | %d | %.1f ms | %s |", human(r.ShareBytes), r.FetchGBps, bare,
-			ratio, r.Target, hot, hotRatio, r.Blocks, r.QueryP50ms, metric)
-		if lineRateGbps > 0 {
+		line := fmt.Sprintf("| %s | %.2f | %s | %s | %s |", human(r.ShareBytes), r.FetchGBps, bare, ratio, r.Target)
+		if t.hot {
+			hot, hotRatio := gbpsAndRatio(r.HotGBps, r.HotRatio)
+			line += fmt.Sprintf(" %s | %s |", hot, hotRatio)
+		}
+		line += fmt.Sprintf(" %d | %.1f ms | %s |", r.Blocks, r.QueryP50ms, metric)
+		if t.lineRateGbps > 0 {
 			line += fmt.Sprintf(" %.2f |", r.OfLine)
 		}
 		fmt.Fprintln(w, line)

@@ -98,6 +98,10 @@ func (c *slotConn) Close() error {
 	return err
 }
 
+// NetConn is the accepted connection itself: writing net.Buffers to it
+// (not to the wrapper, which hides its writev) sends them in one syscall.
+func (c *slotConn) NetConn() net.Conn { return c.Conn }
+
 // replayConn reads head before the rest of the connection.
 type replayConn struct {
 	net.Conn

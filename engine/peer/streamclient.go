@@ -155,10 +155,32 @@ func (sc *streamConn) exchange(addr, handle string, reads []engine.PeerShareRead
 	if err != nil {
 		return answered, err
 	}
-	for _, r := range reads {
-		if _, err := io.ReadFull(sc.br, r.Dst); err != nil {
+	for _, dst := range coalesce(reads) {
+		if _, err := io.ReadFull(sc.br, dst); err != nil {
 			return false, noEOF(err)
 		}
 	}
 	return true, nil
+}
+
+// coalesce joins the reads' Dst that follow each other in one backing
+// array (a fetch's fresh extents mostly do), so a chunk is read with a few
+// large reads, straight into the pool (bufio copies only reads smaller
+// than its buffer), instead of one or more per share.
+func coalesce(reads []engine.PeerShareRead) [][]byte {
+	out := make([][]byte, 0, len(reads))
+	for _, r := range reads {
+		if n := len(out); n > 0 && adjacent(out[n-1], r.Dst) {
+			out[n-1] = out[n-1][:len(out[n-1])+len(r.Dst)]
+			continue
+		}
+		out = append(out, r.Dst)
+	}
+	return out
+}
+
+// adjacent reports whether b starts where a ends, in a's backing array
+// (so a can be resliced over b without unsafe).
+func adjacent(a, b []byte) bool {
+	return len(b) > 0 && cap(a)-len(a) >= len(b) && &a[:len(a)+1][len(a)] == &b[0]
 }

@@ -102,7 +102,17 @@ func (s *streamServer) answer(c net.Conn, req *readRequest) bool {
 	}
 	_ = c.SetWriteDeadline(time.Now().Add(streamWriteBase + time.Duration(total/streamMinRate)*time.Second))
 	bufs := append(net.Buffers{encodeStatus(statusOK, "")}, rd.Src...)
-	n, err := bufs.WriteTo(c)
+	n, err := bufs.WriteTo(rawConn(c))
 	s.m.bytes.Add(float64(max(0, n-8)))
 	return err == nil
+}
+
+// rawConn is the connection beneath portMux's wrapper, if any: net.Buffers
+// uses writev only on a *net.TCPConn, else it writes buffer by buffer (a
+// syscall, and with small shares a segment, per share).
+func rawConn(c net.Conn) net.Conn {
+	if u, ok := c.(interface{ NetConn() net.Conn }); ok {
+		return u.NetConn()
+	}
+	return c
 }
