@@ -3,9 +3,124 @@ package router
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
+	"net/http"
+	"os"
 	"strconv"
+	"time"
+
+	"github.com/labstack/echo/v4"
+
+	"github.com/pegaflow/pegaflow/internal/ids"
+	"github.com/pegaflow/pegaflow/router/upstream"
 )
+
+// clientRequest is one accepted completion request.
+type clientRequest struct {
+	start  time.Time
+	path   string
+	authz  string // client's Authorization, forwarded to both legs
+	reqID  string // X-Request-Id, kept or created
+	stream bool
+	raw    []byte         // the body as received (aggregated mode)
+	req    *openAIRequest // the parsed body (P/D mode)
+	// header is every leg's extra request header lines (Content-Type,
+	// X-Request-Id, the client's Authorization), built once.
+	header []byte
+}
+
+// readRequest reads and validates a completion request, answering the
+// client itself (400/413) when it is rejected.
+func (r *Router) readRequest(c echo.Context, path string, chat bool) (*clientRequest, error) {
+	rq := &clientRequest{start: time.Now(), path: path}
+	hr := c.Request()
+	body, err := r.readBody(c, r.cfg.MaxBodyBytes)
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, r.bodyTimedOut(c)
+		}
+		if errors.As(err, &tooBig) {
+			return nil, apiError(c, http.StatusRequestEntityTooLarge, "invalid_request_error",
+				fmt.Sprintf("request body exceeds %d bytes (--max-body-bytes)", r.cfg.MaxBodyBytes))
+		}
+		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", "could not read request body: "+err.Error())
+	}
+	if r.agg != nil {
+		if rq.stream, err = parseAggregated(body); err == nil {
+			rq.raw = aggregatedBody(body)
+		}
+	} else {
+		rq.req, err = parseRequest(body, chat)
+		if err == nil {
+			rq.stream = rq.req.stream
+		}
+	}
+	if err != nil {
+		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", err.Error())
+	}
+	rq.authz = hr.Header.Get("Authorization")
+	rq.reqID = hr.Header.Get("X-Request-Id")
+	if rq.reqID == "" {
+		rq.reqID = ids.Hex(16)
+	}
+	c.Response().Header()["X-Request-Id"] = []string{rq.reqID}
+	// net/http refused line breaks in the client's fields; a request id
+	// the router made is hex. AppendHeader checks again all the same.
+	hdr := make([]byte, 0, 64+len(rq.reqID)+len(rq.authz))
+	hdr = append(hdr, "Content-Type: application/json\r\n"...)
+	if hdr, err = upstream.AppendHeader(hdr, "X-Request-Id", rq.reqID); err == nil && rq.authz != "" {
+		hdr, err = upstream.AppendHeader(hdr, "Authorization", rq.authz)
+	}
+	if err != nil {
+		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", "X-Request-Id or Authorization: invalid header value")
+	}
+	rq.header = hdr
+	return rq, nil
+}
+
+// bodyTimedOut answers a body that did not arrive within
+// --client-read-timeout.
+func (r *Router) bodyTimedOut(c echo.Context) error {
+	return apiError(c, http.StatusRequestTimeout, "invalid_request_error",
+		fmt.Sprintf("request body not received within %s (--client-read-timeout)", r.cfg.ClientReadTimeout))
+}
+
+// readBody reads the request body, at most limit bytes (a
+// *http.MaxBytesError beyond), within --client-read-timeout (an error
+// matching os.ErrDeadlineExceeded beyond). With a Content-Length, into
+// one buffer of that size, not grown step by step.
+//
+// The deadline is the connection's read deadline, set for the body alone
+// and cleared after it: http.Server.ReadTimeout would also bound net/http's
+// background read that watches for a client hang-up, cancelling every
+// long (streaming) request. When it passes, it stays, and the connection
+// closes after the answer: net/http would otherwise wait to drain the
+// rest of a body that is not coming.
+func (r *Router) readBody(c echo.Context, limit int64) (body []byte, err error) {
+	rc := http.NewResponseController(c.Response())
+	if rc.SetReadDeadline(time.Now().Add(r.cfg.ClientReadTimeout)) == nil {
+		defer func() {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				c.Response().Header().Set("Connection", "close")
+				return
+			}
+			_ = rc.SetReadDeadline(time.Time{})
+		}()
+	}
+	hr := c.Request()
+	rd := http.MaxBytesReader(c.Response(), hr.Body, limit)
+	if n := hr.ContentLength; n > 0 && n <= limit {
+		body := make([]byte, n)
+		if _, err := io.ReadFull(rd, body); err != nil {
+			return nil, err
+		}
+		return body, nil
+	}
+	return io.ReadAll(rd)
+}
 
 // Keys of kv_transfer_params (docs/design.md).
 const (
