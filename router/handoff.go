@@ -338,7 +338,7 @@ func (r *Router) awaitKV(c echo.Context, rq *clientRequest, t *transfer, p *back
 			r.m.readyBy[w.source].Inc()
 		default:
 			r.m.kvTimeouts.Inc()
-			r.log.Warn("transfer KV not ready", "transfer", t.id, "request_id", rq.reqID, "reason", w.reason, "policy", r.cfg.OnKVTimeout)
+			r.log.Warn("transfer KV not ready", "transfer", t.id, "request_id", rq.reqID, "reason", w.reason, "policy", string(r.cfg.OnKVTimeout))
 			reason = w.reason
 		}
 	} else {
@@ -346,7 +346,7 @@ func (r *Router) awaitKV(c echo.Context, rq *clientRequest, t *transfer, p *back
 		p.m.noKVParams.Inc()
 		if p.warnedNoKVParams.CompareAndSwap(false, true) { // once per backend: it is a deployment fault, not a request's
 			r.log.Warn("prefill answer without PegaFlow kv_transfer_params: decoding without waiting for KV; is P running the PegaFlow connector?",
-				"backend", p.name, "policy", r.cfg.OnKVTimeout)
+				"backend", p.name, "policy", string(r.cfg.OnKVTimeout))
 		}
 	}
 	if reason != "" && r.cfg.OnKVTimeout == OnKVTimeoutFail {
