@@ -321,7 +321,7 @@ func (r *Router) handleKVReady(c echo.Context) error {
 // until the transfer is ready. It returns the decode leg's
 // kv_transfer_params, or the request's outcome (and answer) when it ends
 // here.
-func (r *Router) awaitKV(c echo.Context, rq *clientRequest, t *transfer, p *backend, fromP json.RawMessage) (json.RawMessage, string, error) {
+func (r *Router) awaitKV(c echo.Context, in *incoming, t *transfer, p *backend, fromP json.RawMessage) (json.RawMessage, string, error) {
 	params, err := parsePrefillParams(fromP)
 	if err != nil {
 		return nil, outcomeFailed, apiError(c, http.StatusBadGateway, "upstream_error", fmt.Sprintf("prefill backend %s: %v", p.name, err))
@@ -338,7 +338,7 @@ func (r *Router) awaitKV(c echo.Context, rq *clientRequest, t *transfer, p *back
 			r.m.readyBy[w.source].Inc()
 		default:
 			r.m.kvTimeouts.Inc()
-			r.log.Warn("transfer KV not ready", "transfer", t.id, "request_id", rq.reqID, "reason", w.reason, "policy", string(r.cfg.OnKVTimeout))
+			r.log.Warn("transfer KV not ready", "transfer", t.id, "request_id", in.reqID, "reason", w.reason, "policy", string(r.cfg.OnKVTimeout))
 			reason = w.reason
 		}
 	} else {

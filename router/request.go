@@ -17,15 +17,21 @@ import (
 	"github.com/pegaflow/pegaflow/router/upstream"
 )
 
-// clientRequest is one accepted completion request.
-type clientRequest struct {
+// incoming is one accepted completion request: what the legs need of the
+// client's HTTP request, read once at intake. Its body is kept in the one
+// form the router's mode uses.
+type incoming struct {
 	start  time.Time
-	path   string
+	path   string // pathCompletions or pathChatCompletions
 	authz  string // client's Authorization, forwarded to both legs
 	reqID  string // X-Request-Id, kept or created
 	stream bool
-	raw    []byte         // the body as received (aggregated mode)
-	req    *openAIRequest // the parsed body (P/D mode)
+	// aggBody is the body sent whole to an aggregated backend (aggregated
+	// mode; aggregatedBody).
+	aggBody []byte
+	// parsed is the validated body the P/D legs are rewritten from (P/D
+	// mode; parseRequest).
+	parsed *requestBody
 	// header is every leg's extra request header lines (Content-Type,
 	// X-Request-Id, the client's Authorization), built once.
 	header []byte
@@ -33,9 +39,9 @@ type clientRequest struct {
 
 // readRequest reads and validates a completion request, answering the
 // client itself (400/413) when it is rejected.
-func (r *Router) readRequest(c echo.Context, path string, chat bool) (*clientRequest, error) {
-	rq := &clientRequest{start: time.Now(), path: path}
-	hr := c.Request()
+func (r *Router) readRequest(c echo.Context, path string, chat bool) (*incoming, error) {
+	in := &incoming{start: time.Now(), path: path}
+	httpReq := c.Request()
 	body, err := r.readBody(c, r.cfg.MaxBodyBytes)
 	if err != nil {
 		var tooBig *http.MaxBytesError
@@ -49,36 +55,36 @@ func (r *Router) readRequest(c echo.Context, path string, chat bool) (*clientReq
 		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", "could not read request body: "+err.Error())
 	}
 	if r.agg != nil {
-		if rq.stream, err = parseAggregated(body); err == nil {
-			rq.raw = aggregatedBody(body)
+		if in.stream, err = parseAggregated(body); err == nil {
+			in.aggBody = aggregatedBody(body)
 		}
 	} else {
-		rq.req, err = parseRequest(body, chat)
+		in.parsed, err = parseRequest(body, chat)
 		if err == nil {
-			rq.stream = rq.req.stream
+			in.stream = in.parsed.stream
 		}
 	}
 	if err != nil {
 		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", err.Error())
 	}
-	rq.authz = hr.Header.Get("Authorization")
-	rq.reqID = hr.Header.Get("X-Request-Id")
-	if rq.reqID == "" {
-		rq.reqID = ids.Hex(16)
+	in.authz = httpReq.Header.Get("Authorization")
+	in.reqID = httpReq.Header.Get("X-Request-Id")
+	if in.reqID == "" {
+		in.reqID = ids.Hex(16)
 	}
-	c.Response().Header()["X-Request-Id"] = []string{rq.reqID}
+	c.Response().Header()["X-Request-Id"] = []string{in.reqID}
 	// net/http refused line breaks in the client's fields; a request id
 	// the router made is hex. AppendHeader checks again all the same.
-	hdr := make([]byte, 0, 64+len(rq.reqID)+len(rq.authz))
+	hdr := make([]byte, 0, 64+len(in.reqID)+len(in.authz))
 	hdr = append(hdr, "Content-Type: application/json\r\n"...)
-	if hdr, err = upstream.AppendHeader(hdr, "X-Request-Id", rq.reqID); err == nil && rq.authz != "" {
-		hdr, err = upstream.AppendHeader(hdr, "Authorization", rq.authz)
+	if hdr, err = upstream.AppendHeader(hdr, "X-Request-Id", in.reqID); err == nil && in.authz != "" {
+		hdr, err = upstream.AppendHeader(hdr, "Authorization", in.authz)
 	}
 	if err != nil {
 		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", "X-Request-Id or Authorization: invalid header value")
 	}
-	rq.header = hdr
-	return rq, nil
+	in.header = hdr
+	return in, nil
 }
 
 // bodyTimedOut answers a body that did not arrive within
@@ -110,9 +116,9 @@ func (r *Router) readBody(c echo.Context, limit int64) (body []byte, err error) 
 			_ = rc.SetReadDeadline(time.Time{})
 		}()
 	}
-	hr := c.Request()
-	rd := http.MaxBytesReader(c.Response(), hr.Body, limit)
-	if n := hr.ContentLength; n > 0 && n <= limit {
+	httpReq := c.Request()
+	rd := http.MaxBytesReader(c.Response(), httpReq.Body, limit)
+	if n := httpReq.ContentLength; n > 0 && n <= limit {
 		body := make([]byte, n)
 		if _, err := io.ReadFull(rd, body); err != nil {
 			return nil, err
@@ -174,36 +180,36 @@ func classifyKey(raw []byte) fieldKey {
 	return keyOther
 }
 
-// openAIRequest is a validated client body kept as it came, with the
+// requestBody is a validated client body kept as it came, with the
 // place of each top-level member: the router rewrites a few keys for each
 // leg by copying the other members verbatim, and never decodes (or
 // re-encodes) prompts and messages, which are most of the bytes.
-type openAIRequest struct {
+type requestBody struct {
 	body    []byte
-	members []reqMember
+	members []bodyMember
 	// last[k] is 1 + the index in members of the last member named k (0:
 	// absent); the last of duplicate keys is the one that counts, as with
 	// encoding/json and the backends' JSON parsers.
 	last   [numKeys]int
-	inline [12]reqMember // members' storage for ordinary bodies
+	inline [12]bodyMember // members' storage for ordinary bodies
 	model  string
 	stream bool
 }
 
-// reqMember is one top-level member: body[start:end] is `"key": value`,
+// bodyMember is one top-level member: body[start:end] is `"key": value`,
 // body[val:end] the value.
-type reqMember struct {
+type bodyMember struct {
 	key             fieldKey
 	start, val, end int32 // a body is at most --max-body-bytes, far below 2 GiB
 }
 
 // value is the raw value of the last member named k (nil: absent).
-func (r *openAIRequest) value(k fieldKey) []byte {
-	if r.last[k] == 0 {
+func (rb *requestBody) value(k fieldKey) []byte {
+	if rb.last[k] == 0 {
 		return nil
 	}
-	m := r.members[r.last[k]-1]
-	return r.body[m.val:m.end]
+	m := rb.members[rb.last[k]-1]
+	return rb.body[m.val:m.end]
 }
 
 // badRequest is a validation failure: 400 with message.
@@ -229,52 +235,52 @@ func validObject(body []byte) error {
 // parseRequest validates one /v1/completions (chat=false) or
 // /v1/chat/completions (chat=true) body. Batched prompts and n>1 are
 // rejected: one request is one P/D transfer. body is kept (not copied).
-func parseRequest(body []byte, chat bool) (*openAIRequest, error) {
+func parseRequest(body []byte, chat bool) (*requestBody, error) {
 	body = bytes.TrimSpace(body)
 	if err := validObject(body); err != nil {
 		return nil, err
 	}
-	req := &openAIRequest{body: body}
-	req.members = req.inline[:0]
+	rb := &requestBody{body: body}
+	rb.members = rb.inline[:0]
 	eachMember(body, func(m jsonMember) bool {
 		k := classifyKey(m.key)
-		req.members = append(req.members, reqMember{key: k, start: int32(m.start), val: int32(m.val), end: int32(m.end)})
+		rb.members = append(rb.members, bodyMember{key: k, start: int32(m.start), val: int32(m.val), end: int32(m.end)})
 		if k != keyOther {
-			req.last[k] = len(req.members)
+			rb.last[k] = len(rb.members)
 		}
 		return true
 	})
-	model := req.value(keyModel)
-	if len(model) < 3 || model[0] != '"' || !unquote(model, &req.model) || req.model == "" {
+	model := rb.value(keyModel)
+	if len(model) < 3 || model[0] != '"' || !unquote(model, &rb.model) || rb.model == "" {
 		return nil, invalid("'model' is required (a non-empty string)")
 	}
-	if raw := req.value(keyStream); raw != nil && !isNull(raw) {
+	if raw := rb.value(keyStream); raw != nil && !isNull(raw) {
 		switch string(raw) {
 		case "true":
-			req.stream = true
+			rb.stream = true
 		case "false":
 		default:
 			return nil, invalid("'stream' must be a boolean")
 		}
 	}
-	if raw := req.value(keyN); raw != nil && !isNull(raw) {
+	if raw := rb.value(keyN); raw != nil && !isNull(raw) {
 		if n, ok := jsonNumber(raw); !ok || n != 1 {
 			return nil, invalid("'n' must be 1: the P/D router serves one completion per request")
 		}
 	}
-	if raw := req.value(keyBestOf); raw != nil && !isNull(raw) {
+	if raw := rb.value(keyBestOf); raw != nil && !isNull(raw) {
 		if n, ok := jsonNumber(raw); !ok || n > 1 {
 			return nil, invalid("'best_of' > 1 is not supported by the P/D router")
 		}
 	}
 	if chat {
-		if err := checkMessages(req.value(keyMessages)); err != nil {
+		if err := checkMessages(rb.value(keyMessages)); err != nil {
 			return nil, err
 		}
-	} else if err := checkPrompt(req.value(keyPrompt)); err != nil {
+	} else if err := checkPrompt(rb.value(keyPrompt)); err != nil {
 		return nil, err
 	}
-	return req, nil
+	return rb, nil
 }
 
 // unquote decodes the valid JSON string raw into s.

@@ -7,8 +7,20 @@
 // request goes whole to one backend: the data-parallel baseline that P/D is
 // compared against, with the same retries, health and metrics.
 //
-// The pieces, each in its own file:
-//   - config.go: Config, its flags and validation;
+// The files, one concern each:
+//   - router.go (this file): wiring (New, Register, Run, Close) and the
+//     request orchestration (handleCompletion, servePD);
+//   - config.go: Config, its flags and validation, and the policy types
+//     Handoff, OnKVTimeout and LB (UpstreamClient is legclient.go's);
+//   - urls.go: backend URL normalising, URL redaction, host:port checks;
+//   - request.go: request intake (incoming: body read under
+//     --client-read-timeout and --max-body-bytes, request id, the legs'
+//     header lines) and the validated P/D body (requestBody);
+//   - prompt.go: the linear prompt and messages checks;
+//   - jsonscan.go: the top-level JSON walk requests and answers are read
+//     and rewritten with (no decoding of prompts, messages or answers);
+//   - legbody.go: each leg's body and kv_transfer_params, and the
+//     aggregated body's scrub of router-only keys;
 //   - pool.go: backends and their pools; selector.go: backend selection
 //     (--lb: round-robin, power of two choices), one type per policy;
 //   - discovery.go: dns://name:port backends, re-resolved every
@@ -20,19 +32,18 @@
 //   - legclient.go: the legs' HTTP client (--upstream-client): upstream/
 //     (its own package: the HTTP/1.1 client, connections kept per
 //     backend) or net/http;
-//   - errors.go: attemptError, which carries a backend's answer to the
-//     client, the router's deadline errors and the client's error answers;
-//   - request.go: the validated request; prompt.go: the linear prompt and
-//     messages checks; legbody.go: each leg's body and kv_transfer_params;
-//   - jsonscan.go: the top-level JSON walk those are read and rewritten
-//     with (no decoding of prompts, messages or answers);
-//   - handoff.go: transfers, /kv_ready reports and the KV-ready wait;
+//   - legclock.go: the answer leg's limits (--decode-timeout,
+//     --first-byte-timeout, --idle-stream-timeout) on one timer;
+//   - handoff.go: transfers, /kv_ready reports and the KV-ready wait
+//     (awaitKV, --handoff callback, --on-kv-timeout);
 //   - relay.go: the SSE relay, one complete event at a time;
 //   - buffered.go: the budget of answer bytes held (non-streaming and
 //     P's answers), 503 beyond --max-buffered-bytes;
 //   - clientwrite.go: the deadline on every write to a client;
-//   - labels.go: roles, modes and outcomes (metric labels);
-//   - router.go (this file): wiring and the request orchestration.
+//   - errors.go: attemptError, which carries a backend's answer to the
+//     client, the router's deadline errors and the client's error answers;
+//   - metrics.go: the router's Prometheus series, resolved once;
+//   - labels.go: roles, modes and outcomes (metric labels).
 //
 // Every wait has a deadline. A leg is retried on another backend only
 // while nothing reached the client; afterwards a failure ends the stream
@@ -280,34 +291,34 @@ func constantTimeEqual(a, b string) bool {
 
 func (r *Router) handleCompletion(path string, chat bool) echo.HandlerFunc {
 	return func(c echo.Context) error {
-		rq, err := r.readRequest(c, path, chat)
-		if rq == nil {
+		in, err := r.readRequest(c, path, chat)
+		if in == nil {
 			r.m.count(outcomeRejected)
 			return err
 		}
 		var outcome string
 		if r.agg != nil {
-			r.m.observe(phaseRouting, time.Since(rq.start).Seconds())
-			outcome, err = r.runAnswer(c, rq, rq.raw)
+			r.m.observe(phaseRouting, time.Since(in.start).Seconds())
+			outcome, err = r.runAnswer(c, in, in.aggBody)
 		} else {
-			outcome, err = r.servePD(c, rq)
+			outcome, err = r.servePD(c, in)
 		}
 		// Counted after every cleanup (transfer released, legs closed), so
 		// the counter never runs ahead of the state it reports.
 		r.m.count(outcome)
 		if outcome == outcomeOK {
-			r.m.observe(phaseE2E, time.Since(rq.start).Seconds())
+			r.m.observe(phaseE2E, time.Since(in.start).Seconds())
 		}
 		return err
 	}
 }
 
 // servePD runs the prefill leg, the KV-ready wait and the decode leg.
-func (r *Router) servePD(c echo.Context, rq *clientRequest) (string, error) {
+func (r *Router) servePD(c echo.Context, in *incoming) (string, error) {
 	ctx := c.Request().Context()
-	r.m.observe(phaseRouting, time.Since(rq.start).Seconds())
+	r.m.observe(phaseRouting, time.Since(in.start).Seconds())
 	t0 := time.Now()
-	t, p, fromP, err := r.runPrefill(ctx, rq)
+	t, p, fromP, err := r.runPrefill(ctx, in)
 	r.m.observe(phasePrefill, time.Since(t0).Seconds())
 	if err != nil {
 		if ctx.Err() != nil {
@@ -320,7 +331,7 @@ func (r *Router) servePD(c echo.Context, rq *clientRequest) (string, error) {
 	kvParams := fromP // sync: P's params pass through unchanged
 	if r.cfg.Handoff == HandoffCallback {
 		var outcome string
-		if kvParams, outcome, err = r.awaitKV(c, rq, t, p, fromP); outcome != "" {
+		if kvParams, outcome, err = r.awaitKV(c, in, t, p, fromP); outcome != "" {
 			return outcome, err
 		}
 	} else if isNull(kvParams) {
@@ -328,6 +339,6 @@ func (r *Router) servePD(c echo.Context, rq *clientRequest) (string, error) {
 	}
 	body := getBuf() // upstream.Post has written it when it returns
 	defer putBuf(body)
-	rq.req.decodeBody(body, kvParams)
-	return r.runAnswer(c, rq, body.Bytes())
+	in.parsed.decodeBody(body, kvParams)
+	return r.runAnswer(c, in, body.Bytes())
 }
