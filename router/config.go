@@ -6,34 +6,43 @@ import (
 	"fmt"
 	"net"
 	"net/url"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/pegaflow/pegaflow/internal/cli"
-	"github.com/pegaflow/pegaflow/router/upstream"
 )
+
+// Handoff is how the decode leg learns that P's KV can be loaded
+// (--handoff).
+type Handoff string
 
 // Handoff modes.
 const (
 	// HandoffCallback waits until the transfer's KV is ready (in-process
 	// engine or POST /kv_ready) before the decode leg.
-	HandoffCallback = "callback"
+	HandoffCallback Handoff = "callback"
 	// HandoffSync decodes as soon as P answered and passes P's
 	// kv_transfer_params through unchanged (any connector, e.g. NIXL).
-	HandoffSync = "sync"
+	HandoffSync Handoff = "sync"
 )
 
-// Policies when the KV-ready wait expires or the transfer failed.
+// OnKVTimeout is the policy when the KV-ready wait expires or the
+// transfer failed (--on-kv-timeout).
+type OnKVTimeout string
+
+// OnKVTimeout policies.
 const (
-	OnKVTimeoutDecodeAnyway = "decode-anyway" // D recomputes what is missing
-	OnKVTimeoutFail         = "fail"          // 504 to the client
+	OnKVTimeoutDecodeAnyway OnKVTimeout = "decode-anyway" // D recomputes what is missing
+	OnKVTimeoutFail         OnKVTimeout = "fail"          // 504 to the client
 )
 
-// Load-balancing policies, used for P and D alike.
+// LB is a load-balancing policy (--lb), used for P and D alike; each
+// names a selector (selector.go).
+type LB string
+
+// Load-balancing policies.
 const (
-	LBRoundRobin    = "round-robin"
-	LBLeastInflight = "least-inflight" // power of two choices on in-flight count
+	LBRoundRobin    LB = "round-robin"
+	LBLeastInflight LB = "least-inflight" // power of two choices on in-flight count
 )
 
 // maxBodyLimit caps --max-body-bytes: a body's member offsets are int32.
@@ -58,10 +67,10 @@ type Config struct {
 	// Same forms as Prefill.
 	Backends        []string
 	ResolveInterval time.Duration // how often dns:// backends are re-resolved
-	Handoff         string        // HandoffCallback or HandoffSync
+	Handoff         Handoff
 	KVReadyTimeout  time.Duration
-	OnKVTimeout     string // OnKVTimeoutDecodeAnyway or OnKVTimeoutFail
-	LB              string // LBRoundRobin or LBLeastInflight
+	OnKVTimeout     OnKVTimeout
+	LB              LB
 
 	ConnectTimeout    time.Duration // dialing a backend
 	PrefillTimeout    time.Duration // one whole prefill attempt (P answers after its prefill)
@@ -103,7 +112,7 @@ type Config struct {
 
 	// UpstreamClient is the legs' HTTP client: UpstreamPegaFlow
 	// (router/upstream) or UpstreamNetHTTP (net/http, the fallback).
-	UpstreamClient string
+	UpstreamClient UpstreamClient
 }
 
 // DefaultConfig returns the defaults documented in docs/router.md.
@@ -171,10 +180,10 @@ func BindFlags(fs *flag.FlagSet, c *Config) {
 	fs.Var((*cli.StringList)(&c.Decode), "decode", "decode (D) backend base URL or dns://name:port; repeatable")
 	fs.Var((*cli.StringList)(&c.Backends), "backend", "aggregated backend base URL or dns://name:port (whole requests, no P/D); repeatable; not with --prefill/--decode")
 	fs.DurationVar(&c.ResolveInterval, "resolve-interval", c.ResolveInterval, "how often dns:// backends are re-resolved")
-	fs.StringVar(&c.Handoff, "handoff", c.Handoff, "callback (decode once the KV is ready) or sync (decode right after P answered; P's kv_transfer_params passed through)")
+	fs.StringVar((*string)(&c.Handoff), "handoff", string(c.Handoff), "callback (decode once the KV is ready) or sync (decode right after P answered; P's kv_transfer_params passed through)")
 	fs.DurationVar(&c.KVReadyTimeout, "kv-ready-timeout", c.KVReadyTimeout, "longest wait for a transfer's KV to be ready (callback handoff)")
-	fs.StringVar(&c.OnKVTimeout, "on-kv-timeout", c.OnKVTimeout, "when the KV is not ready in time or the transfer failed: decode-anyway (D recomputes what is missing) or fail (504)")
-	fs.StringVar(&c.LB, "lb", c.LB, "backend selection: round-robin or least-inflight (power of two choices)")
+	fs.StringVar((*string)(&c.OnKVTimeout), "on-kv-timeout", string(c.OnKVTimeout), "when the KV is not ready in time or the transfer failed: decode-anyway (D recomputes what is missing) or fail (504)")
+	fs.StringVar((*string)(&c.LB), "lb", string(c.LB), "backend selection: round-robin or least-inflight (power of two choices)")
 	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", c.ConnectTimeout, "backend dial timeout")
 	fs.DurationVar(&c.PrefillTimeout, "prefill-timeout", c.PrefillTimeout, "timeout of one whole prefill attempt")
 	fs.DurationVar(&c.FirstByteTimeout, "first-byte-timeout", c.FirstByteTimeout, "decode: timeout until D's first byte (first SSE event when streaming)")
@@ -195,7 +204,7 @@ func BindFlags(fs *flag.FlagSet, c *Config) {
 	fs.Var(byteSizeFlag{&c.MaxBufferedBytes}, "max-buffered-bytes", "most bytes of non-streaming answers the router holds at once, all requests together (503 with Retry-After beyond)")
 	fs.StringVar(&c.KVReadyURL, "kv-ready-url", c.KVReadyURL, "URL engines POST readiness to (default http://<kv-ready-addr or http-addr>/kv_ready)")
 	fs.StringVar(&c.InternalAddr, "kv-ready-addr", c.InternalAddr, "serve /kv_ready alone on this separate (internal) address instead of --http-addr")
-	fs.StringVar(&c.UpstreamClient, "upstream-client", c.UpstreamClient, "the legs' HTTP client: pegaflow (router/upstream) or nethttp (Go's net/http, a fallback)")
+	fs.StringVar((*string)(&c.UpstreamClient), "upstream-client", string(c.UpstreamClient), "the legs' HTTP client: pegaflow (router/upstream) or nethttp (Go's net/http, a fallback)")
 }
 
 // Enabled reports whether any backend was given, i.e. whether the caller
@@ -310,57 +319,6 @@ func (c Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// normalizeBackendURL checks a backend base URL and drops a trailing slash.
-func normalizeBackendURL(raw string) (string, error) {
-	u, err := url.Parse(raw)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return "", errors.New("want an http(s) base URL like http://host:8100, or dns://name:port")
-	}
-	if u.RawQuery != "" || u.Fragment != "" {
-		return "", errors.New("a base URL takes no query or fragment")
-	}
-	if _, err := upstream.NewTarget(u); err != nil {
-		return "", err
-	}
-	return strings.TrimRight(raw, "/"), nil
-}
-
-// redactURL is raw as it may be shown (metric labels, logs, error
-// messages, /health): any userinfo (user:password@, or a token as the
-// user) is replaced by "xxxxx". A URL that does not parse as one with a
-// host loses everything between its scheme and its last '@'.
-func redactURL(raw string) string {
-	const mask = "xxxxx"
-	u, err := url.Parse(raw)
-	switch {
-	case err == nil && u.User != nil:
-		u.User = url.User(mask)
-		return u.String()
-	case err == nil && u.Opaque == "":
-		return raw
-	}
-	at := strings.LastIndexByte(raw, '@')
-	if at < 0 {
-		return raw
-	}
-	start := 0
-	if i := strings.Index(raw, "://"); i >= 0 && i < at {
-		start = i + 3
-	}
-	return raw[:start] + mask + raw[at:]
-}
-
-// redactURLError redacts the request URL that http.Client's errors carry
-// (net/http masks the password, not the user name). The error stays a
-// *url.Error, so Timeout and Unwrap still answer.
-func redactURLError(err error) error {
-	ue, ok := err.(*url.Error) // as http.Client returns it, unwrapped
-	if !ok {
-		return err
-	}
-	return &url.Error{Op: ue.Op, URL: redactURL(ue.URL), Err: ue.Err}
-}
-
 // readyURL is the /kv_ready address put in the prefill leg's
 // kv_transfer_params ("" when it cannot be derived).
 func (c Config) readyURL() string {
@@ -379,37 +337,4 @@ func (c Config) readyURL() string {
 		host = "127.0.0.1"
 	}
 	return "http://" + net.JoinHostPort(host, port) + "/kv_ready"
-}
-
-// maxHostPortLen bounds a host:port the router accepts from the network
-// (a DNS name is at most 253 bytes, a port 5 digits).
-const maxHostPortLen = 261
-
-// checkHostPort accepts host:port with a DNS name or IP literal (IPv6 in
-// brackets) for host and a port in 1..65535: what a dialer needs, and
-// nothing a URL or a log line could be confused by.
-func checkHostPort(s string) error {
-	if len(s) > maxHostPortLen {
-		return fmt.Errorf("longer than %d bytes", maxHostPortLen)
-	}
-	host, port, err := net.SplitHostPort(s)
-	if err != nil {
-		return errors.New("want host:port")
-	}
-	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 || port[0] == '+' {
-		return fmt.Errorf("port %q: want 1..65535", port)
-	}
-	if host == "" {
-		return errors.New("want host:port, the host is empty")
-	}
-	if net.ParseIP(host) != nil {
-		return nil
-	}
-	for i := 0; i < len(host); i++ {
-		c := host[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
-			return fmt.Errorf("host %q: want a DNS name or an IP address", host)
-		}
-	}
-	return nil
 }

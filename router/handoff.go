@@ -6,6 +6,7 @@ import (
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"os"
 	"sync"
@@ -311,4 +312,51 @@ func (r *Router) handleKVReady(c echo.Context) error {
 		return apiError(c, http.StatusForbidden, "permission_error", "wrong token for transfer")
 	}
 	return c.JSON(http.StatusOK, map[string]bool{"ok": true})
+}
+
+// awaitKV is the callback handoff: it reads P's kv_transfer_params first
+// and acts on them at once (a malformed answer is a 502; an answer without
+// pegaflow_transfer_id, from a P without the PegaFlow connector, applies
+// --on-kv-timeout without waiting, since no KV will come), else waits
+// until the transfer is ready. It returns the decode leg's
+// kv_transfer_params, or the request's outcome (and answer) when it ends
+// here.
+func (r *Router) awaitKV(c echo.Context, in *incoming, t *transfer, p *backend, fromP json.RawMessage) (json.RawMessage, string, error) {
+	params, err := parsePrefillParams(fromP)
+	if err != nil {
+		return nil, outcomeFailed, apiError(c, http.StatusBadGateway, "upstream_error", fmt.Sprintf("prefill backend %s: %v", p.name, err))
+	}
+	reason := ""
+	if hasTransferID(params) {
+		t1 := time.Now()
+		w := awaitTransfer(c.Request().Context(), t, r.kv, r.cfg.KVReadyTimeout)
+		r.m.observe(phaseKVReadyWait, time.Since(t1).Seconds())
+		switch w.outcome {
+		case waitCancelled:
+			return nil, outcomeCancelled, nil
+		case waitReady:
+			r.m.readyBy[w.source].Inc()
+		default:
+			r.m.kvTimeouts.Inc()
+			r.log.Warn("transfer KV not ready", "transfer", t.id, "request_id", in.reqID, "reason", w.reason, "policy", string(r.cfg.OnKVTimeout))
+			reason = w.reason
+		}
+	} else {
+		reason = "prefill backend " + p.name + " returned no " + kvTransferID + " (no PegaFlow connector?)"
+		p.m.noKVParams.Inc()
+		if p.warnedNoKVParams.CompareAndSwap(false, true) { // once per backend: it is a deployment fault, not a request's
+			r.log.Warn("prefill answer without PegaFlow kv_transfer_params: decoding without waiting for KV; is P running the PegaFlow connector?",
+				"backend", p.name, "policy", string(r.cfg.OnKVTimeout))
+		}
+	}
+	if reason != "" && r.cfg.OnKVTimeout == OnKVTimeoutFail {
+		return nil, outcomeFailed, apiError(c, http.StatusGatewayTimeout, "timeout_error", "prefill KV was not ready: "+reason)
+	}
+	// Ready, or decode-anyway: D loads what the engine has and recomputes
+	// the rest. Where the KV is: the report says, else P's params.
+	source := t.reportedSource()
+	if source == "" {
+		source = params.sourceEngine()
+	}
+	return decodeParams(params, t.id, source), "", nil
 }

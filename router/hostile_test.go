@@ -212,7 +212,7 @@ func TestRedactURL(t *testing.T) {
 // kv_transfer_params is a 502 at once. The old code waited the whole
 // --kv-ready-timeout (30 s here) for each, past the 5 s deadline.
 func TestPrefillWithoutPegaFlowParams(t *testing.T) {
-	start := func(t *testing.T, raw string, policy string) (*harness, *fakeVLLM, *fakeVLLM, *syncBuffer) {
+	start := func(t *testing.T, raw string, policy OnKVTimeout) (*harness, *fakeVLLM, *fakeVLLM, *syncBuffer) {
 		var logs syncBuffer
 		p := newFake(func(f *fakeVLLM) { f.rawParams, f.readyState = raw, "none" })
 		d := newFake(nil)
@@ -245,9 +245,10 @@ func TestPrefillWithoutPegaFlowParams(t *testing.T) {
 		})
 	}
 	failures := []struct {
-		name, raw, policy string
-		status            int
-		msg               string
+		name, raw string
+		policy    OnKVTimeout
+		status    int
+		msg       string
 	}{
 		{"--on-kv-timeout fail answers 504 at once", "-", OnKVTimeoutFail, http.StatusGatewayTimeout, "returned no pegaflow_transfer_id"},
 		{"malformed kv_transfer_params: 502 at once: [1]", `[1]`, OnKVTimeoutDecodeAnyway, http.StatusBadGateway, "not a JSON object"},

@@ -46,20 +46,20 @@ func (r *Router) track(b *backend, delta int64) {
 // Authorization. A backend that closed the connection after reading the
 // request, before answering (it may have run it), is counted and logged
 // here; the leg's retry policy decides as for any transport error.
-func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body []byte) (legAnswer, *attemptError) {
-	hdr := rq.header
-	if b.authLine != nil && rq.authz == "" {
+func (r *Router) send(ctx context.Context, b *backend, in *incoming, body []byte) (legAnswer, *attemptError) {
+	hdr := in.header
+	if b.authLine != nil && in.authz == "" {
 		hdr = append(hdr[:len(hdr):len(hdr)], b.authLine...)
 	}
-	resp, err := r.legs.post(ctx, b, rq.path, hdr, body)
+	resp, err := r.legs.post(ctx, b, in.path, hdr, body)
 	if err != nil {
 		if ctx.Err() == nil && errors.Is(err, upstream.ErrUnanswered) {
 			r.m.unanswered.WithLabelValues(b.role).Inc()
 			r.log.Warn("backend closed the connection after reading the request, before answering: it may have run it; not replayed, the leg's retry policy decides",
-				"role", b.role, "backend", b.name, "request_id", rq.reqID)
+				"role", b.role, "backend", b.name, "request_id", in.reqID)
 		}
 		// The shape http.Client gives its errors, with the URL redacted.
-		return legAnswer{}, &attemptError{backend: b, err: causeOf(ctx, &url.Error{Op: "Post", URL: b.name + rq.path, Err: err})}
+		return legAnswer{}, &attemptError{backend: b, err: causeOf(ctx, &url.Error{Op: "Post", URL: b.name + in.path, Err: err})}
 	}
 	if resp.status/100 != 2 {
 		aerr := &attemptError{backend: b, status: resp.status, ctype: resp.ctype}
@@ -74,16 +74,16 @@ func (r *Router) send(ctx context.Context, b *backend, rq *clientRequest, body [
 // transfer, and returns the transfer of the attempt that succeeded, its P
 // and P's kv_transfer_params. A fresh transfer per attempt keeps a late save
 // of a failed attempt from passing for the retry's KV.
-func (r *Router) runPrefill(ctx context.Context, rq *clientRequest) (*transfer, *backend, json.RawMessage, error) {
+func (r *Router) runPrefill(ctx context.Context, in *incoming) (*transfer, *backend, json.RawMessage, error) {
 	var (
 		t      *transfer
 		p      *backend
 		params json.RawMessage
 	)
-	err := r.try(ctx, &r.prefillLeg, rq.reqID, func(ctx context.Context, b *backend) error {
+	err := r.try(ctx, &r.prefillLeg, in.reqID, func(ctx context.Context, b *backend) error {
 		t, p = r.transfers.register(ids.Hex(16), ids.Hex(16)), b
 		var err error
-		if params, err = r.prefillAttempt(ctx, b, rq, t); err != nil {
+		if params, err = r.prefillAttempt(ctx, b, in, t); err != nil {
 			r.dropTransfer(t)
 			return err
 		}
@@ -97,18 +97,18 @@ func (r *Router) runPrefill(ctx context.Context, rq *clientRequest) (*transfer, 
 
 // prefillAttempt returns P's kv_transfer_params, an *attemptError, or the
 // budget's refusal (marked permanent: another P cannot change it).
-func (r *Router) prefillAttempt(ctx context.Context, b *backend, rq *clientRequest, t *transfer) (json.RawMessage, error) {
+func (r *Router) prefillAttempt(ctx context.Context, b *backend, in *incoming, t *transfer) (json.RawMessage, error) {
 	actx, cancel := context.WithTimeoutCause(ctx, r.cfg.PrefillTimeout, r.errPrefillTimeout)
 	defer cancel()
 	params := getBuf()
 	body := getBuf() // upstream.Post has written it when it returns
 	defer putBuf(body)
-	rq.req.prefillBody(body, prefillParams(params, t.id, r.readyURL, t.token))
+	in.parsed.prefillBody(body, prefillParams(params, t.id, r.readyURL, t.token))
 	putBuf(params)
 
 	r.track(b, 1)
 	defer r.track(b, -1)
-	resp, aerr := r.send(actx, b, rq, body.Bytes())
+	resp, aerr := r.send(actx, b, in, body.Bytes())
 	if aerr != nil {
 		return nil, aerr
 	}
@@ -150,11 +150,11 @@ type attemptResult struct {
 // runAnswer sends the answer leg (decode, or the whole aggregated
 // request), retrying on another backend until a byte reached the client,
 // and relays the answer.
-func (r *Router) runAnswer(c echo.Context, rq *clientRequest, body []byte) (string, error) {
+func (r *Router) runAnswer(c echo.Context, in *incoming, body []byte) (string, error) {
 	ctx := c.Request().Context()
 	var res attemptResult // the last attempt's
-	err := r.try(ctx, &r.answer.legPolicy, rq.reqID, func(_ context.Context, b *backend) error {
-		res = r.answerAttempt(c, b, rq, body)
+	err := r.try(ctx, &r.answer.legPolicy, in.reqID, func(_ context.Context, b *backend) error {
+		res = r.answerAttempt(c, b, in, body)
 		switch {
 		case res.clientErr != nil:
 			return retry.Permanent(res.clientErr)
@@ -170,20 +170,20 @@ func (r *Router) runAnswer(c echo.Context, rq *clientRequest, body []byte) (stri
 	switch {
 	case err == nil && res.errorEvent != nil:
 		b := res.errorEvent
-		r.log.Warn("backend ended its stream with an error event", "role", b.role, "backend", b.name, "request_id", rq.reqID)
+		r.log.Warn("backend ended its stream with an error event", "role", b.role, "backend", b.name, "request_id", in.reqID)
 		return outcomeFailed, nil
 	case err == nil:
 		return outcomeOK, nil
 	case errors.Is(res.clientErr, os.ErrDeadlineExceeded):
-		r.log.Warn("client stopped reading: cut", "request_id", rq.reqID, "limit", r.cfg.ClientWriteTimeout)
+		r.log.Warn("client stopped reading: cut", "request_id", in.reqID, "limit", r.cfg.ClientWriteTimeout)
 		return outcomeStalled, nil
 	case res.clientErr != nil || ctx.Err() != nil:
-		r.log.Debug("client went away", "request_id", rq.reqID)
+		r.log.Debug("client went away", "request_id", in.reqID)
 		return outcomeCancelled, nil
 	case res.wrote:
 		b := res.err.backend
-		r.log.Warn("answer broke after the first byte", "role", b.role, "backend", b.name, "request_id", rq.reqID, "err", res.err)
-		if rq.stream {
+		r.log.Warn("answer broke after the first byte", "role", b.role, "backend", b.name, "request_id", in.reqID, "err", res.err)
+		if in.stream {
 			writeStreamError(c, res.err)
 		}
 		return outcomeFailed, nil
@@ -191,7 +191,7 @@ func (r *Router) runAnswer(c echo.Context, rq *clientRequest, body []byte) (stri
 	return outcomeFailed, r.failLeg(c, r.answer.pool.role, err)
 }
 
-func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, body []byte) attemptResult {
+func (r *Router) answerAttempt(c echo.Context, b *backend, in *incoming, body []byte) attemptResult {
 	ctx := c.Request().Context()
 	actx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -201,20 +201,20 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 	// --idle-stream-timeout.
 	clock := newLegClock(cancel, r.cfg.DecodeTimeout, r.errDecodeTimeout)
 	defer clock.stop()
-	if rq.stream {
+	if in.stream {
 		clock.firstEventWithin(r.cfg.FirstByteTimeout, r.errFirstByteTimeout)
 	}
 	t0 := time.Now()
 	r.track(b, 1)
 	defer r.track(b, -1)
-	resp, aerr := r.send(actx, b, rq, body)
+	resp, aerr := r.send(actx, b, in, body)
 	if aerr != nil {
 		return attemptResult{err: aerr}
 	}
 	defer resp.body.Close()
 	w := c.Response()
 
-	if !rq.stream {
+	if !in.stream {
 		answer, err := r.budget.read(resp.body, resp.length, maxAnswerBytes)
 		switch {
 		case isBudgetError(err):
@@ -258,7 +258,7 @@ func (r *Router) answerAttempt(c echo.Context, b *backend, rq *clientRequest, bo
 			}
 			if firstTok.IsZero() {
 				firstTok = at
-				r.m.observe(phaseTTFT, at.Sub(rq.start).Seconds())
+				r.m.observe(phaseTTFT, at.Sub(in.start).Seconds())
 			} else {
 				r.m.observe(phaseITL, at.Sub(prevTok).Seconds())
 			}

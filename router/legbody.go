@@ -23,9 +23,9 @@ var (
 // applied (a nil override value removes the key): the client's other
 // members verbatim in their order, then the overrides' keys in the order
 // given. buf is grown once, to the leg's size.
-func (r *openAIRequest) encode(buf *bytes.Buffer, overrides ...override) {
+func (rb *requestBody) encode(buf *bytes.Buffer, overrides ...override) {
 	var overridden [numKeys]bool
-	size := len(r.body) + 2
+	size := len(rb.body) + 2
 	for _, o := range overrides {
 		overridden[o.key] = true
 		size += len(keyNames[o.key]) + len(o.value) + 4
@@ -39,14 +39,14 @@ func (r *openAIRequest) encode(buf *bytes.Buffer, overrides ...override) {
 		}
 		first = false
 	}
-	for _, m := range r.members {
+	for _, m := range rb.members {
 		if !overridden[m.key] {
 			sep()
-			buf.Write(r.body[m.start:m.end])
+			buf.Write(rb.body[m.start:m.end])
 		}
 	}
 	for _, o := range overrides {
-		if o.value == nil || (o.onlyIfPresent && r.last[o.key] == 0) {
+		if o.value == nil || (o.onlyIfPresent && rb.last[o.key] == 0) {
 			continue
 		}
 		sep()
@@ -67,8 +67,8 @@ type override struct {
 // prefillBody: the client's body with max_tokens=1 (and
 // max_completion_tokens=1 when present), stream=false, no stream_options,
 // and the router's kv_transfer_params.
-func (r *openAIRequest) prefillBody(buf *bytes.Buffer, kvParams json.RawMessage) {
-	r.encode(buf,
+func (rb *requestBody) prefillBody(buf *bytes.Buffer, kvParams json.RawMessage) {
+	rb.encode(buf,
 		override{key: keyMaxTokens, value: rawOne},
 		override{key: keyMaxCompletionTokens, value: rawOne, onlyIfPresent: true},
 		override{key: keyStream, value: rawFalse},
@@ -79,8 +79,8 @@ func (r *openAIRequest) prefillBody(buf *bytes.Buffer, kvParams json.RawMessage)
 
 // decodeBody: the client's body with the decode leg's kv_transfer_params
 // (nil: none).
-func (r *openAIRequest) decodeBody(buf *bytes.Buffer, kvParams json.RawMessage) {
-	r.encode(buf, override{key: keyKVTransferParams, value: kvParams})
+func (rb *requestBody) decodeBody(buf *bytes.Buffer, kvParams json.RawMessage) {
+	rb.encode(buf, override{key: keyKVTransferParams, value: kvParams})
 }
 
 // prefillParams is the prefill leg's kv_transfer_params.

@@ -16,13 +16,16 @@ import (
 	"github.com/pegaflow/pegaflow/router/upstream"
 )
 
-// The legs' HTTP clients (--upstream-client).
+// UpstreamClient names the legs' HTTP client (--upstream-client).
+type UpstreamClient string
+
+// The legs' HTTP clients.
 const (
 	// UpstreamPegaFlow is router/upstream: a few allocations per leg.
-	UpstreamPegaFlow = "pegaflow"
+	UpstreamPegaFlow UpstreamClient = "pegaflow"
 	// UpstreamNetHTTP is Go's net/http: the operator's fallback, and the
 	// reference the router's tests and FuzzUpstreamResponse compare with.
-	UpstreamNetHTTP = "nethttp"
+	UpstreamNetHTTP UpstreamClient = "nethttp"
 )
 
 // upstreamIdleTimeout is how long either client keeps an idle backend

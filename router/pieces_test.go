@@ -615,7 +615,7 @@ func TestBindFlags(t *testing.T) {
 
 	require.Equal(t, UpstreamPegaFlow, c.UpstreamClient)
 	require.NoError(t, cli.Parse(fs, nil, func(name string) (string, bool) {
-		return UpstreamNetHTTP, name == "PEGAFLOW_UPSTREAM_CLIENT"
+		return string(UpstreamNetHTTP), name == "PEGAFLOW_UPSTREAM_CLIENT"
 	}))
 	require.Equal(t, UpstreamNetHTTP, c.UpstreamClient)
 	require.NoError(t, c.Validate())
@@ -625,6 +625,18 @@ func TestBindFlags(t *testing.T) {
 	require.Equal(t, "256MiB", fs.Lookup("max-buffered-bytes").DefValue)
 	require.NoError(t, fs.Parse([]string{"--max-buffered-bytes", "64MiB"}))
 	require.EqualValues(t, 64<<20, c.MaxBufferedBytes)
+	require.NoError(t, c.Validate())
+
+	// The named policy types bind to their flags and PEGAFLOW_* variables
+	// with the documented spellings.
+	require.Equal(t, HandoffCallback, c.Handoff)
+	require.Equal(t, "callback", fs.Lookup("handoff").DefValue)
+	require.NoError(t, fs.Parse([]string{"--handoff", "sync", "--lb", "least-inflight"}))
+	env := map[string]string{"PEGAFLOW_ON_KV_TIMEOUT": "fail"}
+	require.NoError(t, cli.Parse(fs, nil, func(name string) (string, bool) { v, ok := env[name]; return v, ok }))
+	require.Equal(t, HandoffSync, c.Handoff)
+	require.Equal(t, LBLeastInflight, c.LB)
+	require.Equal(t, OnKVTimeoutFail, c.OnKVTimeout)
 	require.NoError(t, c.Validate())
 	c.MaxBufferedBytes = 1<<20 - 1
 	require.ErrorContains(t, c.Validate(), "--max-buffered-bytes must be at least 1MiB")

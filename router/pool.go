@@ -109,7 +109,7 @@ type pool struct {
 // newPool builds the pool of role from entries (http(s) base URLs and
 // dns://name:port targets) and lb, all validated by Config.Validate. The
 // static backends are members at once; a target's join when it resolves.
-func newPool(role string, entries []string, lb string) *pool {
+func newPool(role string, entries []string, lb LB) *pool {
 	p := &pool{role: role, sel: newSelector(lb)}
 	for _, e := range entries {
 		if isDNSTarget(e) {

@@ -3,9 +3,130 @@ package router
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
+	"net/http"
+	"os"
 	"strconv"
+	"time"
+
+	"github.com/labstack/echo/v4"
+
+	"github.com/pegaflow/pegaflow/internal/ids"
+	"github.com/pegaflow/pegaflow/router/upstream"
 )
+
+// incoming is one accepted completion request: what the legs need of the
+// client's HTTP request, read once at intake. Its body is kept in the one
+// form the router's mode uses.
+type incoming struct {
+	start  time.Time
+	path   string // pathCompletions or pathChatCompletions
+	authz  string // client's Authorization, forwarded to both legs
+	reqID  string // X-Request-Id, kept or created
+	stream bool
+	// aggBody is the body sent whole to an aggregated backend (aggregated
+	// mode; aggregatedBody).
+	aggBody []byte
+	// parsed is the validated body the P/D legs are rewritten from (P/D
+	// mode; parseRequest).
+	parsed *requestBody
+	// header is every leg's extra request header lines (Content-Type,
+	// X-Request-Id, the client's Authorization), built once.
+	header []byte
+}
+
+// readRequest reads and validates a completion request, answering the
+// client itself (400/413) when it is rejected.
+func (r *Router) readRequest(c echo.Context, path string, chat bool) (*incoming, error) {
+	in := &incoming{start: time.Now(), path: path}
+	httpReq := c.Request()
+	body, err := r.readBody(c, r.cfg.MaxBodyBytes)
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, r.bodyTimedOut(c)
+		}
+		if errors.As(err, &tooBig) {
+			return nil, apiError(c, http.StatusRequestEntityTooLarge, "invalid_request_error",
+				fmt.Sprintf("request body exceeds %d bytes (--max-body-bytes)", r.cfg.MaxBodyBytes))
+		}
+		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", "could not read request body: "+err.Error())
+	}
+	if r.agg != nil {
+		if in.stream, err = parseAggregated(body); err == nil {
+			in.aggBody = aggregatedBody(body)
+		}
+	} else {
+		in.parsed, err = parseRequest(body, chat)
+		if err == nil {
+			in.stream = in.parsed.stream
+		}
+	}
+	if err != nil {
+		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", err.Error())
+	}
+	in.authz = httpReq.Header.Get("Authorization")
+	in.reqID = httpReq.Header.Get("X-Request-Id")
+	if in.reqID == "" {
+		in.reqID = ids.Hex(16)
+	}
+	c.Response().Header()["X-Request-Id"] = []string{in.reqID}
+	// net/http refused line breaks in the client's fields; a request id
+	// the router made is hex. AppendHeader checks again all the same.
+	hdr := make([]byte, 0, 64+len(in.reqID)+len(in.authz))
+	hdr = append(hdr, "Content-Type: application/json\r\n"...)
+	if hdr, err = upstream.AppendHeader(hdr, "X-Request-Id", in.reqID); err == nil && in.authz != "" {
+		hdr, err = upstream.AppendHeader(hdr, "Authorization", in.authz)
+	}
+	if err != nil {
+		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", "X-Request-Id or Authorization: invalid header value")
+	}
+	in.header = hdr
+	return in, nil
+}
+
+// bodyTimedOut answers a body that did not arrive within
+// --client-read-timeout.
+func (r *Router) bodyTimedOut(c echo.Context) error {
+	return apiError(c, http.StatusRequestTimeout, "invalid_request_error",
+		fmt.Sprintf("request body not received within %s (--client-read-timeout)", r.cfg.ClientReadTimeout))
+}
+
+// readBody reads the request body, at most limit bytes (a
+// *http.MaxBytesError beyond), within --client-read-timeout (an error
+// matching os.ErrDeadlineExceeded beyond). With a Content-Length, into
+// one buffer of that size, not grown step by step.
+//
+// The deadline is the connection's read deadline, set for the body alone
+// and cleared after it: http.Server.ReadTimeout would also bound net/http's
+// background read that watches for a client hang-up, cancelling every
+// long (streaming) request. When it passes, it stays, and the connection
+// closes after the answer: net/http would otherwise wait to drain the
+// rest of a body that is not coming.
+func (r *Router) readBody(c echo.Context, limit int64) (body []byte, err error) {
+	rc := http.NewResponseController(c.Response())
+	if rc.SetReadDeadline(time.Now().Add(r.cfg.ClientReadTimeout)) == nil {
+		defer func() {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				c.Response().Header().Set("Connection", "close")
+				return
+			}
+			_ = rc.SetReadDeadline(time.Time{})
+		}()
+	}
+	httpReq := c.Request()
+	rd := http.MaxBytesReader(c.Response(), httpReq.Body, limit)
+	if n := httpReq.ContentLength; n > 0 && n <= limit {
+		body := make([]byte, n)
+		if _, err := io.ReadFull(rd, body); err != nil {
+			return nil, err
+		}
+		return body, nil
+	}
+	return io.ReadAll(rd)
+}
 
 // Keys of kv_transfer_params (docs/design.md).
 const (
@@ -59,36 +180,36 @@ func classifyKey(raw []byte) fieldKey {
 	return keyOther
 }
 
-// openAIRequest is a validated client body kept as it came, with the
+// requestBody is a validated client body kept as it came, with the
 // place of each top-level member: the router rewrites a few keys for each
 // leg by copying the other members verbatim, and never decodes (or
 // re-encodes) prompts and messages, which are most of the bytes.
-type openAIRequest struct {
+type requestBody struct {
 	body    []byte
-	members []reqMember
+	members []bodyMember
 	// last[k] is 1 + the index in members of the last member named k (0:
 	// absent); the last of duplicate keys is the one that counts, as with
 	// encoding/json and the backends' JSON parsers.
 	last   [numKeys]int
-	inline [12]reqMember // members' storage for ordinary bodies
+	inline [12]bodyMember // members' storage for ordinary bodies
 	model  string
 	stream bool
 }
 
-// reqMember is one top-level member: body[start:end] is `"key": value`,
+// bodyMember is one top-level member: body[start:end] is `"key": value`,
 // body[val:end] the value.
-type reqMember struct {
+type bodyMember struct {
 	key             fieldKey
 	start, val, end int32 // a body is at most --max-body-bytes, far below 2 GiB
 }
 
 // value is the raw value of the last member named k (nil: absent).
-func (r *openAIRequest) value(k fieldKey) []byte {
-	if r.last[k] == 0 {
+func (rb *requestBody) value(k fieldKey) []byte {
+	if rb.last[k] == 0 {
 		return nil
 	}
-	m := r.members[r.last[k]-1]
-	return r.body[m.val:m.end]
+	m := rb.members[rb.last[k]-1]
+	return rb.body[m.val:m.end]
 }
 
 // badRequest is a validation failure: 400 with message.
@@ -114,52 +235,52 @@ func validObject(body []byte) error {
 // parseRequest validates one /v1/completions (chat=false) or
 // /v1/chat/completions (chat=true) body. Batched prompts and n>1 are
 // rejected: one request is one P/D transfer. body is kept (not copied).
-func parseRequest(body []byte, chat bool) (*openAIRequest, error) {
+func parseRequest(body []byte, chat bool) (*requestBody, error) {
 	body = bytes.TrimSpace(body)
 	if err := validObject(body); err != nil {
 		return nil, err
 	}
-	req := &openAIRequest{body: body}
-	req.members = req.inline[:0]
+	rb := &requestBody{body: body}
+	rb.members = rb.inline[:0]
 	eachMember(body, func(m jsonMember) bool {
 		k := classifyKey(m.key)
-		req.members = append(req.members, reqMember{key: k, start: int32(m.start), val: int32(m.val), end: int32(m.end)})
+		rb.members = append(rb.members, bodyMember{key: k, start: int32(m.start), val: int32(m.val), end: int32(m.end)})
 		if k != keyOther {
-			req.last[k] = len(req.members)
+			rb.last[k] = len(rb.members)
 		}
 		return true
 	})
-	model := req.value(keyModel)
-	if len(model) < 3 || model[0] != '"' || !unquote(model, &req.model) || req.model == "" {
+	model := rb.value(keyModel)
+	if len(model) < 3 || model[0] != '"' || !unquote(model, &rb.model) || rb.model == "" {
 		return nil, invalid("'model' is required (a non-empty string)")
 	}
-	if raw := req.value(keyStream); raw != nil && !isNull(raw) {
+	if raw := rb.value(keyStream); raw != nil && !isNull(raw) {
 		switch string(raw) {
 		case "true":
-			req.stream = true
+			rb.stream = true
 		case "false":
 		default:
 			return nil, invalid("'stream' must be a boolean")
 		}
 	}
-	if raw := req.value(keyN); raw != nil && !isNull(raw) {
+	if raw := rb.value(keyN); raw != nil && !isNull(raw) {
 		if n, ok := jsonNumber(raw); !ok || n != 1 {
 			return nil, invalid("'n' must be 1: the P/D router serves one completion per request")
 		}
 	}
-	if raw := req.value(keyBestOf); raw != nil && !isNull(raw) {
+	if raw := rb.value(keyBestOf); raw != nil && !isNull(raw) {
 		if n, ok := jsonNumber(raw); !ok || n > 1 {
 			return nil, invalid("'best_of' > 1 is not supported by the P/D router")
 		}
 	}
 	if chat {
-		if err := checkMessages(req.value(keyMessages)); err != nil {
+		if err := checkMessages(rb.value(keyMessages)); err != nil {
 			return nil, err
 		}
-	} else if err := checkPrompt(req.value(keyPrompt)); err != nil {
+	} else if err := checkPrompt(rb.value(keyPrompt)); err != nil {
 		return nil, err
 	}
-	return req, nil
+	return rb, nil
 }
 
 // unquote decodes the valid JSON string raw into s.

@@ -7,8 +7,20 @@
 // request goes whole to one backend: the data-parallel baseline that P/D is
 // compared against, with the same retries, health and metrics.
 //
-// The pieces, each in its own file:
-//   - config.go: Config, its flags and validation;
+// The files, one concern each:
+//   - router.go (this file): wiring (New, Register, Run, Close) and the
+//     request orchestration (handleCompletion, servePD);
+//   - config.go: Config, its flags and validation, and the policy types
+//     Handoff, OnKVTimeout and LB (UpstreamClient is legclient.go's);
+//   - urls.go: backend URL normalising, URL redaction, host:port checks;
+//   - request.go: request intake (incoming: body read under
+//     --client-read-timeout and --max-body-bytes, request id, the legs'
+//     header lines) and the validated P/D body (requestBody);
+//   - prompt.go: the linear prompt and messages checks;
+//   - jsonscan.go: the top-level JSON walk requests and answers are read
+//     and rewritten with (no decoding of prompts, messages or answers);
+//   - legbody.go: each leg's body and kv_transfer_params, and the
+//     aggregated body's scrub of router-only keys;
 //   - pool.go: backends and their pools; selector.go: backend selection
 //     (--lb: round-robin, power of two choices), one type per policy;
 //   - discovery.go: dns://name:port backends, re-resolved every
@@ -20,19 +32,18 @@
 //   - legclient.go: the legs' HTTP client (--upstream-client): upstream/
 //     (its own package: the HTTP/1.1 client, connections kept per
 //     backend) or net/http;
-//   - errors.go: attemptError, which carries a backend's answer to the
-//     client, the router's deadline errors and the client's error answers;
-//   - request.go: the validated request; prompt.go: the linear prompt and
-//     messages checks; legbody.go: each leg's body and kv_transfer_params;
-//   - jsonscan.go: the top-level JSON walk those are read and rewritten
-//     with (no decoding of prompts, messages or answers);
-//   - handoff.go: transfers, /kv_ready reports and the KV-ready wait;
+//   - legclock.go: the answer leg's limits (--decode-timeout,
+//     --first-byte-timeout, --idle-stream-timeout) on one timer;
+//   - handoff.go: transfers, /kv_ready reports and the KV-ready wait
+//     (awaitKV, --handoff callback, --on-kv-timeout);
 //   - relay.go: the SSE relay, one complete event at a time;
 //   - buffered.go: the budget of answer bytes held (non-streaming and
 //     P's answers), 503 beyond --max-buffered-bytes;
 //   - clientwrite.go: the deadline on every write to a client;
-//   - labels.go: roles, modes and outcomes (metric labels);
-//   - router.go (this file): wiring and the request orchestration.
+//   - errors.go: attemptError, which carries a backend's answer to the
+//     client, the router's deadline errors and the client's error answers;
+//   - metrics.go: the router's Prometheus series, resolved once;
+//   - labels.go: roles, modes and outcomes (metric labels).
 //
 // Every wait has a deadline. A leg is retried on another backend only
 // while nothing reached the client; afterwards a failure ends the stream
@@ -44,21 +55,14 @@ package router
 import (
 	"context"
 	"crypto/subtle"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"time"
 
 	"github.com/labstack/echo/v4"
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/pegaflow/pegaflow/internal/ids"
-	"github.com/pegaflow/pegaflow/router/upstream"
 )
 
 // The completion endpoints, on the router and on every backend.
@@ -285,141 +289,36 @@ func constantTimeEqual(a, b string) bool {
 	return subtle.ConstantTimeCompare([]byte(a), []byte(b)) == 1
 }
 
-// clientRequest is one accepted completion request.
-type clientRequest struct {
-	start  time.Time
-	path   string
-	authz  string // client's Authorization, forwarded to both legs
-	reqID  string // X-Request-Id, kept or created
-	stream bool
-	raw    []byte         // the body as received (aggregated mode)
-	req    *openAIRequest // the parsed body (P/D mode)
-	// header is every leg's extra request header lines (Content-Type,
-	// X-Request-Id, the client's Authorization), built once.
-	header []byte
-}
-
-// readRequest reads and validates a completion request, answering the
-// client itself (400/413) when it is rejected.
-func (r *Router) readRequest(c echo.Context, path string, chat bool) (*clientRequest, error) {
-	rq := &clientRequest{start: time.Now(), path: path}
-	hr := c.Request()
-	body, err := r.readBody(c, r.cfg.MaxBodyBytes)
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return nil, r.bodyTimedOut(c)
-		}
-		if errors.As(err, &tooBig) {
-			return nil, apiError(c, http.StatusRequestEntityTooLarge, "invalid_request_error",
-				fmt.Sprintf("request body exceeds %d bytes (--max-body-bytes)", r.cfg.MaxBodyBytes))
-		}
-		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", "could not read request body: "+err.Error())
-	}
-	if r.agg != nil {
-		if rq.stream, err = parseAggregated(body); err == nil {
-			rq.raw = aggregatedBody(body)
-		}
-	} else {
-		rq.req, err = parseRequest(body, chat)
-		if err == nil {
-			rq.stream = rq.req.stream
-		}
-	}
-	if err != nil {
-		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", err.Error())
-	}
-	rq.authz = hr.Header.Get("Authorization")
-	rq.reqID = hr.Header.Get("X-Request-Id")
-	if rq.reqID == "" {
-		rq.reqID = ids.Hex(16)
-	}
-	c.Response().Header()["X-Request-Id"] = []string{rq.reqID}
-	// net/http refused line breaks in the client's fields; a request id
-	// the router made is hex. AppendHeader checks again all the same.
-	hdr := make([]byte, 0, 64+len(rq.reqID)+len(rq.authz))
-	hdr = append(hdr, "Content-Type: application/json\r\n"...)
-	if hdr, err = upstream.AppendHeader(hdr, "X-Request-Id", rq.reqID); err == nil && rq.authz != "" {
-		hdr, err = upstream.AppendHeader(hdr, "Authorization", rq.authz)
-	}
-	if err != nil {
-		return nil, apiError(c, http.StatusBadRequest, "invalid_request_error", "X-Request-Id or Authorization: invalid header value")
-	}
-	rq.header = hdr
-	return rq, nil
-}
-
-// bodyTimedOut answers a body that did not arrive within
-// --client-read-timeout.
-func (r *Router) bodyTimedOut(c echo.Context) error {
-	return apiError(c, http.StatusRequestTimeout, "invalid_request_error",
-		fmt.Sprintf("request body not received within %s (--client-read-timeout)", r.cfg.ClientReadTimeout))
-}
-
-// readBody reads the request body, at most limit bytes (a
-// *http.MaxBytesError beyond), within --client-read-timeout (an error
-// matching os.ErrDeadlineExceeded beyond). With a Content-Length, into
-// one buffer of that size, not grown step by step.
-//
-// The deadline is the connection's read deadline, set for the body alone
-// and cleared after it: http.Server.ReadTimeout would also bound net/http's
-// background read that watches for a client hang-up, cancelling every
-// long (streaming) request. When it passes, it stays, and the connection
-// closes after the answer: net/http would otherwise wait to drain the
-// rest of a body that is not coming.
-func (r *Router) readBody(c echo.Context, limit int64) (body []byte, err error) {
-	rc := http.NewResponseController(c.Response())
-	if rc.SetReadDeadline(time.Now().Add(r.cfg.ClientReadTimeout)) == nil {
-		defer func() {
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				c.Response().Header().Set("Connection", "close")
-				return
-			}
-			_ = rc.SetReadDeadline(time.Time{})
-		}()
-	}
-	hr := c.Request()
-	rd := http.MaxBytesReader(c.Response(), hr.Body, limit)
-	if n := hr.ContentLength; n > 0 && n <= limit {
-		body := make([]byte, n)
-		if _, err := io.ReadFull(rd, body); err != nil {
-			return nil, err
-		}
-		return body, nil
-	}
-	return io.ReadAll(rd)
-}
-
 func (r *Router) handleCompletion(path string, chat bool) echo.HandlerFunc {
 	return func(c echo.Context) error {
-		rq, err := r.readRequest(c, path, chat)
-		if rq == nil {
+		in, err := r.readRequest(c, path, chat)
+		if in == nil {
 			r.m.count(outcomeRejected)
 			return err
 		}
 		var outcome string
 		if r.agg != nil {
-			r.m.observe(phaseRouting, time.Since(rq.start).Seconds())
-			outcome, err = r.runAnswer(c, rq, rq.raw)
+			r.m.observe(phaseRouting, time.Since(in.start).Seconds())
+			outcome, err = r.runAnswer(c, in, in.aggBody)
 		} else {
-			outcome, err = r.servePD(c, rq)
+			outcome, err = r.servePD(c, in)
 		}
 		// Counted after every cleanup (transfer released, legs closed), so
 		// the counter never runs ahead of the state it reports.
 		r.m.count(outcome)
 		if outcome == outcomeOK {
-			r.m.observe(phaseE2E, time.Since(rq.start).Seconds())
+			r.m.observe(phaseE2E, time.Since(in.start).Seconds())
 		}
 		return err
 	}
 }
 
 // servePD runs the prefill leg, the KV-ready wait and the decode leg.
-func (r *Router) servePD(c echo.Context, rq *clientRequest) (string, error) {
+func (r *Router) servePD(c echo.Context, in *incoming) (string, error) {
 	ctx := c.Request().Context()
-	r.m.observe(phaseRouting, time.Since(rq.start).Seconds())
+	r.m.observe(phaseRouting, time.Since(in.start).Seconds())
 	t0 := time.Now()
-	t, p, fromP, err := r.runPrefill(ctx, rq)
+	t, p, fromP, err := r.runPrefill(ctx, in)
 	r.m.observe(phasePrefill, time.Since(t0).Seconds())
 	if err != nil {
 		if ctx.Err() != nil {
@@ -432,7 +331,7 @@ func (r *Router) servePD(c echo.Context, rq *clientRequest) (string, error) {
 	kvParams := fromP // sync: P's params pass through unchanged
 	if r.cfg.Handoff == HandoffCallback {
 		var outcome string
-		if kvParams, outcome, err = r.awaitKV(c, rq, t, p, fromP); outcome != "" {
+		if kvParams, outcome, err = r.awaitKV(c, in, t, p, fromP); outcome != "" {
 			return outcome, err
 		}
 	} else if isNull(kvParams) {
@@ -440,53 +339,6 @@ func (r *Router) servePD(c echo.Context, rq *clientRequest) (string, error) {
 	}
 	body := getBuf() // upstream.Post has written it when it returns
 	defer putBuf(body)
-	rq.req.decodeBody(body, kvParams)
-	return r.runAnswer(c, rq, body.Bytes())
-}
-
-// awaitKV is the callback handoff: it reads P's kv_transfer_params first
-// and acts on them at once (a malformed answer is a 502; an answer without
-// pegaflow_transfer_id, from a P without the PegaFlow connector, applies
-// --on-kv-timeout without waiting, since no KV will come), else waits
-// until the transfer is ready. It returns the decode leg's
-// kv_transfer_params, or the request's outcome (and answer) when it ends
-// here.
-func (r *Router) awaitKV(c echo.Context, rq *clientRequest, t *transfer, p *backend, fromP json.RawMessage) (json.RawMessage, string, error) {
-	params, err := parsePrefillParams(fromP)
-	if err != nil {
-		return nil, outcomeFailed, apiError(c, http.StatusBadGateway, "upstream_error", fmt.Sprintf("prefill backend %s: %v", p.name, err))
-	}
-	reason := ""
-	if hasTransferID(params) {
-		t1 := time.Now()
-		w := awaitTransfer(c.Request().Context(), t, r.kv, r.cfg.KVReadyTimeout)
-		r.m.observe(phaseKVReadyWait, time.Since(t1).Seconds())
-		switch w.outcome {
-		case waitCancelled:
-			return nil, outcomeCancelled, nil
-		case waitReady:
-			r.m.readyBy[w.source].Inc()
-		default:
-			r.m.kvTimeouts.Inc()
-			r.log.Warn("transfer KV not ready", "transfer", t.id, "request_id", rq.reqID, "reason", w.reason, "policy", r.cfg.OnKVTimeout)
-			reason = w.reason
-		}
-	} else {
-		reason = "prefill backend " + p.name + " returned no " + kvTransferID + " (no PegaFlow connector?)"
-		p.m.noKVParams.Inc()
-		if p.warnedNoKVParams.CompareAndSwap(false, true) { // once per backend: it is a deployment fault, not a request's
-			r.log.Warn("prefill answer without PegaFlow kv_transfer_params: decoding without waiting for KV; is P running the PegaFlow connector?",
-				"backend", p.name, "policy", r.cfg.OnKVTimeout)
-		}
-	}
-	if reason != "" && r.cfg.OnKVTimeout == OnKVTimeoutFail {
-		return nil, outcomeFailed, apiError(c, http.StatusGatewayTimeout, "timeout_error", "prefill KV was not ready: "+reason)
-	}
-	// Ready, or decode-anyway: D loads what the engine has and recomputes
-	// the rest. Where the KV is: the report says, else P's params.
-	source := t.reportedSource()
-	if source == "" {
-		source = params.sourceEngine()
-	}
-	return decodeParams(params, t.id, source), "", nil
+	in.parsed.decodeBody(body, kvParams)
+	return r.runAnswer(c, in, body.Bytes())
 }

@@ -52,7 +52,7 @@ func startRouterDeps(t *testing.T, p, d []*fakeVLLM, mutate func(*Config), deps 
 	cfg.KVReadyTimeout = 2 * time.Second
 	cfg.RetryBackoff = time.Millisecond
 	cfg.HealthInterval = 0
-	cfg.UpstreamClient = *legClientFlag
+	cfg.UpstreamClient = UpstreamClient(*legClientFlag)
 	if mutate != nil {
 		mutate(&cfg)
 	}

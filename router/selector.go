@@ -19,7 +19,7 @@ type selector interface {
 
 // newSelector is the policy named by --lb (nil for an unknown name). Each
 // pool gets its own, so per-pool state such as a rotation stays per pool.
-func newSelector(lb string) selector {
+func newSelector(lb LB) selector {
 	switch lb {
 	case LBRoundRobin:
 		return &roundRobin{}

@@ -223,8 +223,10 @@ func connGone(err error) bool {
 		errors.Is(err, net.ErrClosed)
 }
 
-// CloseIdle closes every idle connection; connections in use are closed
-// when their requests end. Later requests dial anew.
+// CloseIdle closes every idle connection and stops the idle timer.
+// Connections in use are not touched: when their requests end they go
+// back to the pool as usual (re-arming the timer) and are closed after
+// IdleTimeout, or by the next CloseIdle. Later requests dial anew.
 func (c *Client) CloseIdle() {
 	c.mu.Lock()
 	idle := c.idle
