@@ -5,6 +5,7 @@ import (
 	"math/bits"
 	"net"
 	"path/filepath"
+	"slices"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
 )
@@ -185,7 +186,12 @@ func validateRegister(req *pb.RegisterRequest, poolSize uint64) (*registration, 
 		event: req.GetCudaIpcEvent()}, nil
 }
 
-// validateBlocks checks block refs against an instance's block count.
+// validateBlocks checks a Save's or Load's block refs against the
+// instance's block count. A call names each hash and each block id at most
+// once: a repeated hash copies the same block again for nothing (a Load of
+// one hash 1,000 times was an out-of-memory), a repeated block id makes
+// two copies race on one cache block. So a call has at most numBlocks
+// refs (bounds.go).
 func validateBlocks(blocks []*pb.BlockRef, numBlocks uint32) error {
 	if len(blocks) > MaxBlocksPerReq {
 		return invalid("%d blocks in one request, max %d", len(blocks), MaxBlocksPerReq)
@@ -200,6 +206,96 @@ func validateBlocks(blocks []*pb.BlockRef, numBlocks uint32) error {
 		if err := validateHash(i, b.Hash); err != nil {
 			return err
 		}
+	}
+	return validateNoRepeats(blocks, numBlocks)
+}
+
+// validateNoRepeats is validateBlocks' check that no hash and no block id
+// comes twice.
+func validateNoRepeats(blocks []*pb.BlockRef, numBlocks uint32) error {
+	if uint64(len(blocks)) > uint64(numBlocks) {
+		return invalid("%d blocks in one call, more than the instance's %d", len(blocks), numBlocks)
+	}
+	if len(blocks) < 2 {
+		return nil
+	}
+	ids := make([]uint32, len(blocks))
+	hashes := make(map[string]struct{}, len(blocks))
+	for i, b := range blocks {
+		ids[i] = b.BlockId
+		if _, dup := hashes[string(b.Hash)]; dup {
+			return invalid("block %d: hash %x repeated in one call", i, b.Hash)
+		}
+		hashes[string(b.Hash)] = struct{}{}
+	}
+	slices.Sort(ids)
+	for i := 1; i < len(ids); i++ {
+		if ids[i] == ids[i-1] {
+			return invalid("block_id %d repeated in one call", ids[i])
+		}
+	}
+	return nil
+}
+
+// validateCopyOps refuses a Save or Load of n blocks of perBlock copy ops
+// each of which only fit fit the engine's whole budget
+// (copyBudget.reserve): it could never run. (A peer fetch reads the
+// blocks that fit instead.)
+func validateCopyOps(n, fit, perBlock int, max int64) error {
+	if fit < n {
+		return invalid("%d blocks x %d copy ops per block is more than the engine's %d copy ops per call (--max-copy-ops); split the call",
+			n, perBlock, max)
+	}
+	return nil
+}
+
+// validateSave checks what a Save names besides its blocks (those are
+// checked against its instance, validateBlocks): the transfer id, its
+// token and its ready_url, which --kv-ready-allow must admit.
+func (e *Engine) validateSave(req *pb.SaveRequest) error {
+	if req.TransferId == "" {
+		return nil
+	}
+	if err := validateTransfer(req.TransferId, req.ReadyToken); err != nil {
+		return err
+	}
+	if req.ReadyUrl == "" {
+		return nil
+	}
+	return e.checkReadyURL(req.ReadyUrl)
+}
+
+func validateTransfer(id, token string) error {
+	if err := validateID("transfer_id", id); err != nil {
+		return err
+	}
+	if len(token) > MaxIDLen {
+		return invalid("ready_token longer than %d bytes", MaxIDLen)
+	}
+	return nil
+}
+
+// validatePeerOpen checks a peer's OpenTransfer: at most
+// MaxPeerOpenHashes valid hashes and, if named, a valid transfer id.
+func validatePeerOpen(req *pb.PeerOpenTransferRequest) error {
+	if len(req.Hashes) > MaxPeerOpenHashes {
+		return invalid("%d hashes in one transfer, max %d", len(req.Hashes), MaxPeerOpenHashes)
+	}
+	for i, h := range req.Hashes {
+		if err := validateHash(i, h); err != nil {
+			return err
+		}
+	}
+	if req.TransferId == "" {
+		return nil
+	}
+	return validateTransfer(req.TransferId, "")
+}
+
+// validateRelease: a Release names a lease, a transfer or both.
+func validateRelease(req *pb.ReleaseRequest) error {
+	if req.LeaseId == "" && req.TransferId == "" {
+		return invalid("release needs lease_id or transfer_id")
 	}
 	return nil
 }
