@@ -3,11 +3,11 @@ package engine
 import (
 	"fmt"
 	"math/bits"
-	"net"
 	"path/filepath"
 	"slices"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/internal/hostport"
 )
 
 // Limits on requests. They bound the memory and time one call can take.
@@ -300,13 +300,11 @@ func validateRelease(req *pb.ReleaseRequest) error {
 	return nil
 }
 
-// validatePeerAddr checks a peer engine address: host:port.
+// validatePeerAddr checks a peer engine address with the router's own
+// host:port check (internal/hostport): what one accepts, so does the other.
 func validatePeerAddr(what, addr string) error {
-	if len(addr) > MaxIDLen {
-		return invalid("%s longer than %d bytes", what, MaxIDLen)
-	}
-	if host, port, err := net.SplitHostPort(addr); err != nil || host == "" || port == "" {
-		return invalid("%s %q is not host:port", what, addr)
+	if err := hostport.Check(addr); err != nil {
+		return invalid("%s %q is not host:port: %v", what, addr, err)
 	}
 	return nil
 }
