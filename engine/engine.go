@@ -168,10 +168,9 @@ type Engine struct {
 	copier    *native.Copier
 	http      *http.Client
 	m         *metrics
-	// readyAllow is Config.KVReadyAllow parsed; nil allows no callback.
-	readyAllow []callbackRule
-	// peerAllow is Config.PeerAllow parsed; nil allows no source engine.
-	peerAllow []peerRule
+	// readyAllow and peerAllow are Config.KVReadyAllow and
+	// Config.PeerAllow parsed (allowlist.go).
+	readyAllow, peerAllow *allowlist
 	// budget is the engine-wide budget of in-flight copy ops (bounds.go).
 	budget *copyBudget
 	// epoch is new on every start (peers see a restart by it).

@@ -3,6 +3,8 @@ package engine
 import (
 	"fmt"
 	"math/bits"
+	"net"
+	"net/url"
 	"path/filepath"
 	"slices"
 
@@ -263,6 +265,32 @@ func (e *Engine) validateSave(req *pb.SaveRequest) error {
 		return nil
 	}
 	return e.checkReadyURL(req.ReadyUrl)
+}
+
+// checkReadyURL validates a Save's ready_url against --kv-ready-allow.
+func (e *Engine) checkReadyURL(readyURL string) error {
+	u, err := url.Parse(readyURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return invalid("ready_url %q is not an http(s) URL", readyURL)
+	}
+	if _, ok := readyPath(u); !ok {
+		return invalid("ready_url %q: dot segments (. ..) and encoded slashes (%%2f %%5c) are refused (--kv-ready-allow)", readyURL)
+	}
+	if e.readyAllow.admitsURL(u) {
+		return nil
+	}
+	return e.readyAllow.refuse("ready_url", readyURL, "start the engine with --kv-ready-allow naming the router's /kv_ready address")
+}
+
+// checkSourceEngine refuses a source_engine (a valid host:port) that
+// --peer-allow does not list, before anything dials it.
+func (e *Engine) checkSourceEngine(addr string) error {
+	host, port, _ := net.SplitHostPort(addr)
+	if e.peerAllow.admitsAddr(host, port) {
+		return nil
+	}
+	return e.peerAllow.refuse("source_engine", addr, "this engine sends its peer token only to listed peers; "+
+		"start it with --peer-allow naming the peer engines' --peer-addr")
 }
 
 func validateTransfer(id, token string) error {
