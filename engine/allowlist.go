@@ -135,11 +135,6 @@ func (r allowRule) admitsPath(path string) bool {
 	return path == r.path || strings.HasPrefix(path, r.path+"/")
 }
 
-// refuse is the error for a value no rule admits; hint says what to do.
-func (l *allowlist) refuse(what, value, hint string) error {
-	return invalid("%s %q is not allowed by the engine's %s (%s); %s", what, value, l.flag, l.text, hint)
-}
-
 // urlPort is u's port, made explicit from the scheme when absent.
 func urlPort(u *url.URL) string {
 	if p := u.Port(); p != "" {

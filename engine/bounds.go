@@ -73,10 +73,15 @@ func (b *copyBudget) reserve(n, perBlock int, held *int64) (fit int, need int64,
 // the ops it asked for between attempts; plan reserves them into *held
 // (copyBudget.reserve). It returns the plan and the ops it holds, which
 // the caller releases once the plan's copies completed; a failed plan
-// holds none.
+// holds none. A ctx already done stops it before planning: the caller
+// gave up.
 func planWithBudget[P any](ctx context.Context, b *copyBudget, plan func(held *int64) (P, int64, error)) (P, int64, error) {
 	var held int64
 	for {
+		var p P
+		if err := ctx.Err(); err != nil {
+			return p, 0, err
+		}
 		p, need, err := plan(&held)
 		if err == nil {
 			return p, held, nil

@@ -146,13 +146,9 @@ func (e *Engine) afterLate(r *copyResult, fn func()) {
 }
 
 // copyDeadline bounds a Save's or Load's copies by the caller's deadline,
-// capped at Config.CopyTimeout; a caller already gone gets ctx's error.
-func (e *Engine) copyDeadline(ctx context.Context) (context.Context, context.CancelFunc, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, nil, err
-	}
-	ctx, cancel := context.WithTimeout(ctx, e.cfg.CopyTimeout)
-	return ctx, cancel, nil
+// capped at Config.CopyTimeout.
+func (e *Engine) copyDeadline(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, e.cfg.CopyTimeout)
 }
 
 // runCopies executes the plans concurrently and reports, per block index,

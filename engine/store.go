@@ -36,10 +36,7 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 	if err := e.validateSave(req); err != nil {
 		return nil, err
 	}
-	ctx, cancel, err := e.copyDeadline(ctx)
-	if err != nil {
-		return nil, err
-	}
+	ctx, cancel := e.copyDeadline(ctx)
 	defer cancel()
 	p, held, err := planWithBudget(ctx, e.budget, func(held *int64) (*savePlan, int64, error) { return e.planSave(req, held) })
 	if err != nil {
@@ -211,10 +208,7 @@ type loadPlan struct {
 // call; their blocks stay pinned until the copier is done reading them.
 func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadResponse, error) {
 	start := time.Now()
-	ctx, cancel, err := e.copyDeadline(ctx)
-	if err != nil {
-		return nil, err
-	}
+	ctx, cancel := e.copyDeadline(ctx)
 	defer cancel()
 	p, held, err := planWithBudget(ctx, e.budget, func(held *int64) (*loadPlan, int64, error) { return e.planLoad(req, held) })
 	if err != nil {

@@ -209,17 +209,9 @@ func validateBlocks(blocks []*pb.BlockRef, numBlocks uint32) error {
 			return err
 		}
 	}
-	return validateNoRepeats(blocks, numBlocks)
-}
-
-// validateNoRepeats is validateBlocks' check that no hash and no block id
-// comes twice.
-func validateNoRepeats(blocks []*pb.BlockRef, numBlocks uint32) error {
+	// Without repeats there are at most numBlocks refs: more has one.
 	if uint64(len(blocks)) > uint64(numBlocks) {
 		return invalid("%d blocks in one call, more than the instance's %d", len(blocks), numBlocks)
-	}
-	if len(blocks) < 2 {
-		return nil
 	}
 	ids := make([]uint32, len(blocks))
 	hashes := make(map[string]struct{}, len(blocks))
@@ -258,11 +250,8 @@ func (e *Engine) validateSave(req *pb.SaveRequest) error {
 	if req.TransferId == "" {
 		return nil
 	}
-	if err := validateTransfer(req.TransferId, req.ReadyToken); err != nil {
+	if err := validateTransfer(req.TransferId, req.ReadyToken); err != nil || req.ReadyUrl == "" {
 		return err
-	}
-	if req.ReadyUrl == "" {
-		return nil
 	}
 	return e.checkReadyURL(req.ReadyUrl)
 }
@@ -279,7 +268,7 @@ func (e *Engine) checkReadyURL(readyURL string) error {
 	if e.readyAllow.admitsURL(u) {
 		return nil
 	}
-	return e.readyAllow.refuse("ready_url", readyURL, "start the engine with --kv-ready-allow naming the router's /kv_ready address")
+	return refused(e.readyAllow, "ready_url", readyURL, "start the engine with --kv-ready-allow naming the router's /kv_ready address")
 }
 
 // checkSourceEngine refuses a source_engine (a valid host:port) that
@@ -289,8 +278,14 @@ func (e *Engine) checkSourceEngine(addr string) error {
 	if e.peerAllow.admitsAddr(host, port) {
 		return nil
 	}
-	return e.peerAllow.refuse("source_engine", addr, "this engine sends its peer token only to listed peers; "+
+	return refused(e.peerAllow, "source_engine", addr, "this engine sends its peer token only to listed peers; "+
 		"start it with --peer-allow naming the peer engines' --peer-addr")
+}
+
+// refused is the error for a value allowlist l does not admit; hint says
+// what to do.
+func refused(l *allowlist, what, value, hint string) error {
+	return invalid("%s %q is not allowed by the engine's %s (%s); %s", what, value, l.flag, l.text, hint)
 }
 
 func validateTransfer(id, token string) error {
