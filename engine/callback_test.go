@@ -89,6 +89,10 @@ func TestKVReadyAllowRules(t *testing.T) {
 		{[]string{"10.244.0.0/16:8000"}, "http://10.244.3.17:8001/kv_ready", false},
 		{[]string{"10.244.0.0/16:8000"}, "http://router.ns.svc:8000/kv_ready", false},
 		{[]string{"[fd00::/8]:8000"}, "http://[fd12::5]:8000/kv_ready", true},
+		// The address forms --peer-allow takes mean the same here.
+		{[]string{"loopback:9"}, "http://127.0.0.1:9/kv_ready", true},
+		{[]string{"loopback:9"}, "http://127.0.0.1:10/kv_ready", false},
+		{[]string{"fd00::/8:8000"}, "http://[fd12::5]:8000/kv_ready", true},
 		// A URL prefix ends on a path-segment boundary.
 		{[]string{"http://r/kv_ready"}, "http://r/kv_readyX", false},
 		{[]string{"http://r/kv_ready"}, "http://r/kv_ready.evil", false},
@@ -131,7 +135,8 @@ func TestKVReadyAllowRules(t *testing.T) {
 	}
 	for _, bad := range [][]string{{"nonsense"}, {"ftp://x/y"}, {"none", "loopback"}, {"http://u:p@router/kv_ready"},
 		{"10.0.0.0/33:80"}, {"10.0.0.0/8"}, {"10.0.0.0/8:0"}, {"10.0.0.0/8:x"},
-		{"http://r/kv_ready/../v1"}, {"http://r/a%2fb"}, {"http://r/%2e%2e/kv_ready"}} {
+		{"http://r/kv_ready/../v1"}, {"http://r/a%2fb"}, {"http://r/%2e%2e/kv_ready"},
+		{"router:0"}, {"router:08080"}, {"a b:80"}, {"loopback:"}} {
 		require.ErrorIs(t, CheckKVReadyAllow(bad), ErrInvalid, "%q", bad)
 	}
 }

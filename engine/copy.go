@@ -31,10 +31,46 @@ func (e *Engine) copyInstanceLocked(sessionID, instanceID string, rank uint32, b
 	if err := validateBlocks(blocks, inst.layout.numBlocks); err != nil {
 		return nil, err
 	}
-	if err := checkRefs(blocks, inst.layout.numBlocks); err != nil {
-		return nil, err
-	}
 	return inst, nil
+}
+
+// beginCopyLocked is the common start of Save's and Load's plan steps:
+// the caller's instance, the call's copy ops reserved from the budget
+// (need > 0 with errNeedBudget: wait for that many, see planWithBudget),
+// and the event the copies wait for when the caller set wait_event.
+// Caller holds e.mu.
+func (e *Engine) beginCopyLocked(sessionID, instanceID string, rank uint32, blocks []*pb.BlockRef, held *int64,
+	wantEvent bool) (inst *instance, after *native.Event, need int64, err error) {
+	if inst, err = e.copyInstanceLocked(sessionID, instanceID, rank, blocks); err != nil {
+		return nil, nil, 0, err
+	}
+	per := opsPerBlock(inst.layout)
+	fit, need, err := e.budget.reserve(len(blocks), per, held)
+	if verr := validateCopyOps(len(blocks), fit, per, e.budget.max); verr != nil {
+		return nil, nil, 0, verr
+	}
+	if err != nil {
+		return nil, nil, need, err
+	}
+	if after, err = waitEventOf(inst, wantEvent); err != nil {
+		return nil, nil, 0, err
+	}
+	return inst, after, 0, nil
+}
+
+// waitEventOf is the event a Save's or Load's copies wait for when the
+// caller set wait_event. Copying without the wait the worker asked for
+// would read KV bytes its kernels may still be writing (Save), or write
+// blocks they may still read or write (Load): refuse instead.
+func waitEventOf(inst *instance, want bool) (*native.Event, error) {
+	if !want {
+		return nil, nil
+	}
+	if inst.event == nil {
+		return nil, fmt.Errorf("%w: wait_event set but instance %q rank %d has no CUDA event open "+
+			"(RegisterResponse.cuda_event was false)", ErrPrecondition, inst.key.id, inst.key.rank)
+	}
+	return inst.event, nil
 }
 
 // planKey names one native batch: a batch copies between one region and

@@ -20,8 +20,10 @@ import (
 //  1. plan (locked): the missing run and the pool each rank's share goes
 //     to; the local prefix is pinned so fetching cannot evict it;
 //  2. OpenTransfer on the peer pins its sealed prefix of the run and says
-//     where the shares lie; the shares get fresh local extents and the
-//     blocks are entered unsealed, every rank "saving", pinned;
+//     where the shares lie; as many blocks as the copy budget holds (one
+//     op per share, the budget call of Save and Load, bounds.go) get fresh
+//     local extents for their shares and are entered unsealed, every rank
+//     "saving", pinned;
 //  3. copy (unlocked): UCX GETs, in chunks of whole blocks, each chunk at
 //     most MaxXferOps ops per Get;
 //  4. commit (locked): the leading blocks whose every share arrived are
@@ -30,13 +32,17 @@ import (
 //     written late, and nothing half-fetched is ever sealed.
 //
 // Every failure (peer unreachable or refusing, epoch changed, blocks
-// evicted there, connection lost, deadline, local pool full) ends the
-// fetch with the prefix actually fetched; the Query then answers as usual.
+// evicted there, connection lost, deadline, local pool full, copy budget)
+// ends the fetch with the prefix actually fetched; the Query then answers
+// as usual.
 
 var (
 	errPeerMissing  = errors.New("the peer holds fewer of the blocks than asked")
 	errPoolFull     = errors.New("no room in the local pool: every block with a share there is pinned")
 	errPeerMismatch = errors.New("the peer's blocks do not match this namespace")
+	// errCopyBudget: the peer offered more blocks than the engine's copy
+	// budget lets one fetch read (Config.MaxCopyOps).
+	errCopyBudget = errors.New("more blocks than one fetch's copy budget")
 )
 
 // fetchChunkBytes is about how many bytes one chunk of whole blocks reads:
@@ -201,29 +207,26 @@ func (e *Engine) fetch(ctx context.Context, addr, transferID string, f *fetchRan
 	if err := checkPeerBlocks(resp, f, pools); err != nil {
 		return 0, err
 	}
-	ops := int64(len(resp.Blocks) * len(f.pools))
-	if ops > e.budget.max {
-		resp.Blocks = resp.Blocks[:e.budget.max/int64(len(f.pools))]
-		ops = int64(len(resp.Blocks) * len(f.pools))
-	}
-	if err := e.budget.sem.Acquire(ctx, ops); err != nil {
+	p, held, err := planWithBudget(ctx, e.budget, func(held *int64) (*fetchPlan, int64, error) {
+		return e.planFetch(f, resp.Blocks, held)
+	})
+	if err != nil {
 		return 0, err
 	}
-	defer e.budget.release(ops)
-	got, reads, planErr := e.planFetch(f, resp.Blocks)
-	if len(got) == 0 {
-		return 0, planErr
+	defer e.budget.release(held)
+	if len(p.got) == 0 {
+		return 0, p.short
 	}
-	n, err := e.readBlocks(ctx, l, resp.Handle, reads, len(f.pools))
+	n, err := e.readBlocks(ctx, l, resp.Handle, p.reads, len(f.pools))
 	if errors.Is(err, native.ErrPeer) {
 		x.drop(l)
 	}
-	e.commitFetch(f.ns, got, n)
+	e.commitFetch(f.ns, p.got, n)
 	switch {
 	case err != nil:
 		return n, err
-	case planErr != nil:
-		return n, planErr
+	case p.short != nil:
+		return n, p.short
 	case len(resp.Blocks) < len(f.hashes):
 		return n, fmt.Errorf("%w: %d of %d", errPeerMissing, len(resp.Blocks), len(f.hashes))
 	}
@@ -266,23 +269,42 @@ type fetchRead struct {
 	op                    native.XferOp
 }
 
+// fetchPlan is what a fetch's plan step entered: got[i], unsealed, reads
+// reads[i], its shares. short says why it entered fewer blocks than the
+// peer offered (copy budget, local pool full), nil when it stopped only at
+// a hash that appeared here meanwhile.
+type fetchPlan struct {
+	got   []*block
+	reads [][]fetchRead
+	short error
+}
+
 // planFetch enters the blocks the peer holds, in order, as unsealed
-// blocks every rank of which is saving, with fresh extents; it stops at a
-// hash that appeared here meanwhile or whose shares do not fit.
-// reads[i] are block i's shares.
-func (e *Engine) planFetch(f *fetchRange, remote []*pb.PeerBlock) ([]*block, [][]fetchRead, error) {
+// blocks every rank of which is saving, with fresh extents; it stops where
+// the copy budget does (one op per share, see planWithBudget), at a hash
+// that appeared here meanwhile, or at a block whose shares do not fit.
+func (e *Engine) planFetch(f *fetchRange, remote []*pb.PeerBlock, held *int64) (*fetchPlan, int64, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if err := e.checkOpen(); err != nil {
-		return nil, nil, err
+		return nil, 0, err
+	}
+	fit, need, err := e.budget.reserve(len(remote), len(f.pools), held)
+	if err != nil {
+		return nil, need, err
+	}
+	p := &fetchPlan{got: make([]*block, 0, fit), reads: make([][]fetchRead, 0, fit)}
+	if fit < len(remote) {
+		p.short = fmt.Errorf("%w: %d of the peer's %d blocks fit (%d shares each, --max-copy-ops %d)",
+			errCopyBudget, fit, len(remote), len(f.pools), e.budget.max)
+		remote = remote[:fit]
 	}
 	ns, now := f.ns, time.Now()
-	got := make([]*block, 0, len(remote))
-	reads := make([][]fetchRead, 0, len(remote))
 	for i, rb := range remote {
 		h := string(f.hashes[i])
 		if ns.blocks[h] != nil {
-			break // saved or fetched meanwhile: the answer counts it as usual
+			p.short = nil // saved or fetched meanwhile: the answer counts it as usual
+			break
 		}
 		b := newBlock(ns, h, now)
 		rs := make([]fetchRead, len(rb.Shares))
@@ -292,7 +314,8 @@ func (e *Engine) planFetch(f *fetchRange, remote []*pb.PeerBlock) ([]*block, [][
 				for q := range r {
 					e.releaseShareLocked(&b.shares[q])
 				}
-				return got, reads, fmt.Errorf("%w (pool on NUMA node %d)", errPoolFull, e.pools[f.pools[r]].node)
+				p.short = fmt.Errorf("%w (pool on NUMA node %d)", errPoolFull, e.pools[f.pools[r]].node)
+				return e.readingLocked(p), 0, nil
 			}
 			b.shares[r].pool, b.shares[r].ext = f.pools[r], ext
 			rs[r] = fetchRead{int(s.Pool), f.pools[r], native.XferOp{RemoteOffset: s.Offset, LocalOffset: ext.off, Len: s.Length}}
@@ -302,14 +325,20 @@ func (e *Engine) planFetch(f *fetchRange, remote []*pb.PeerBlock) ([]*block, [][
 		e.partial[b] = struct{}{}
 		b.saving = ns.allRanks
 		e.pinLocked(b)
-		got = append(got, b)
-		reads = append(reads, rs)
+		p.got = append(p.got, b)
+		p.reads = append(p.reads, rs)
 	}
-	if len(got) > 0 {
-		e.copies.Add(1) // under e.mu, so never after Close's Wait began; commitFetch ends it
+	return e.readingLocked(p), 0, nil
+}
+
+// readingLocked counts p's fetch as reading when it entered any block:
+// under e.mu, so never after Close's Wait began; commitFetch ends it.
+func (e *Engine) readingLocked(p *fetchPlan) *fetchPlan {
+	if len(p.got) > 0 {
+		e.copies.Add(1)
 		e.fetchesReading++
 	}
-	return got, reads, nil
+	return p
 }
 
 // readBlocks reads the blocks in chunks of whole blocks, all chunks

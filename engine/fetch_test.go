@@ -242,3 +242,32 @@ func TestFetchedTransferIsReleasedOnThePeer(t *testing.T) {
 		"the open and the transfer are released")
 	require.EqualValues(t, 4, a.Stats().ResidentBlocks, "the blocks stay, unpinned")
 }
+
+// A fetch of more blocks than the copy budget holds (one op per share)
+// reads the blocks that fit and ends short, counted and logged as such:
+// it used to drop the rest silently and count the fetch as the peer's
+// missing blocks.
+func TestFetchOverCopyBudgetEndsShortAndSaysSo(t *testing.T) {
+	ctl := &directPeers{peers: map[string]*Engine{}}
+	a := newPeerEngine(t, ctl, "a:1", 8<<20)
+	b, err := New(Config{PoolSize: 8 << 20, NUMANode: -1, Device: -1, PartialTTL: time.Hour, Peers: ctl, PeerAddress: "b:1",
+		PeerAllow: []string{"a:1"}, MaxCopyOps: 5}, nil, prometheus.NewRegistry())
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, b.Close()) })
+	const tp = 2
+	var d *worker
+	hashes := kvtest.Hashes("budget", 6)
+	for r := range tp {
+		p := newWorker(t, a, "P", r, tp, smallSpec)
+		p.save(t, seq(0, 6), hashes, "", false)
+		if w := newWorker(t, b, "D", r, tp, smallSpec); r == 0 {
+			d = w
+		}
+	}
+	// 6 blocks x 2 shares need 12 ops; 5 hold 2 blocks.
+	require.EqualValues(t, 2, d.queryFrom(t, "a:1", hashes, 5*time.Second).NumHit)
+	require.EqualValues(t, 2, testutil.ToFloat64(b.m.fetchBlocks))
+	require.Zero(t, testutil.ToFloat64(b.m.fetchFailures["missing"]), "the peer held every block")
+	require.EqualValues(t, 1, testutil.ToFloat64(b.m.fetchFailures["copy_budget"]))
+	require.Equal(t, "ok", b.Health().Status)
+}

@@ -42,8 +42,8 @@ func (e *Engine) Release(req *pb.ReleaseRequest) error {
 	if err != nil {
 		return err
 	}
-	if req.LeaseId == "" && req.TransferId == "" {
-		return invalid("release needs lease_id or transfer_id")
+	if err := validateRelease(req); err != nil {
+		return err
 	}
 	if req.LeaseId != "" {
 		l, ok := e.leases[req.LeaseId]

@@ -121,23 +121,13 @@ func (e *Engine) OpenPeerTransfer(ctx context.Context, req *pb.PeerOpenTransferR
 	if req.Epoch != e.epoch {
 		return nil, fmt.Errorf("%w: asked for epoch %q, this engine is at %q", ErrPeerEpoch, req.Epoch, e.epoch)
 	}
-	if len(req.Hashes) > MaxPeerOpenHashes {
-		return nil, invalid("%d hashes in one transfer, max %d", len(req.Hashes), MaxPeerOpenHashes)
+	if err := validatePeerOpen(req); err != nil {
+		return nil, err
 	}
-	for i, h := range req.Hashes {
-		if err := validateHash(i, h); err != nil {
-			return nil, err
-		}
-	}
-	if req.TransferId != "" {
-		if err := validateTransfer(req.TransferId, ""); err != nil {
-			return nil, err
-		}
-		if req.WaitMs > 0 {
-			wctx, cancel := context.WithTimeout(ctx, min(time.Duration(req.WaitMs)*time.Millisecond, e.cfg.MaxQueryWait))
-			_ = e.AwaitTransfer(wctx, req.TransferId) // failed or late: whatever is sealed is served
-			cancel()
-		}
+	if req.TransferId != "" && req.WaitMs > 0 {
+		wctx, cancel := context.WithTimeout(ctx, min(time.Duration(req.WaitMs)*time.Millisecond, e.cfg.MaxQueryWait))
+		_ = e.AwaitTransfer(wctx, req.TransferId) // failed or late: whatever is sealed is served
+		cancel()
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()

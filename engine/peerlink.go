@@ -171,7 +171,7 @@ func (ps *peerState) drop(l *peerLink) {
 // fetchFailureReasons are the values of
 // pegaflow_engine_peer_fetch_failures_total{reason} (failureReason's).
 func fetchFailureReasons() []string {
-	return []string{"unreachable", "refused", "epoch", "missing", "deadline", "connection", "pool_full", "mismatch", "error"}
+	return []string{"unreachable", "refused", "epoch", "missing", "deadline", "connection", "pool_full", "mismatch", "copy_budget", "error"}
 }
 
 // failureReason classifies why a fetch ended short.
@@ -193,6 +193,8 @@ func failureReason(err error) string {
 		return "pool_full"
 	case errors.Is(err, errPeerMismatch):
 		return "mismatch"
+	case errors.Is(err, errCopyBudget):
+		return "copy_budget"
 	}
 	return "error"
 }

@@ -33,25 +33,13 @@ type savePlan struct {
 // copies completed: a caller that gave up may already reuse its blocks.
 func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveResponse, error) {
 	start := time.Now()
-	if req.TransferId != "" {
-		if err := validateTransfer(req.TransferId, req.ReadyToken); err != nil {
-			return nil, err
-		}
-		if req.ReadyUrl != "" {
-			if err := e.checkReadyURL(req.ReadyUrl); err != nil {
-				return nil, err
-			}
-		}
-	}
-	if err := ctx.Err(); err != nil {
+	if err := e.validateSave(req); err != nil {
 		return nil, err
 	}
 	ctx, cancel := e.copyDeadline(ctx)
 	defer cancel()
-	var held int64
-	p, err := planWithBudget(ctx, e.budget, &held, func() (*savePlan, int64, error) { return e.planSave(req, &held) })
+	p, held, err := planWithBudget(ctx, e.budget, func(held *int64) (*savePlan, int64, error) { return e.planSave(req, held) })
 	if err != nil {
-		e.budget.release(held)
 		return nil, err
 	}
 	p.held = held
@@ -75,7 +63,7 @@ func (e *Engine) Save(ctx context.Context, req *pb.SaveRequest) (*pb.SaveRespons
 }
 
 // planSave is Save's plan step; it needs the returned number of copy ops
-// of the budget (*held, see planWithBudget).
+// of the budget (see planWithBudget) when they are not in *held.
 func (e *Engine) planSave(req *pb.SaveRequest, held *int64) (*savePlan, int64, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -139,40 +127,6 @@ func (e *Engine) planSave(req *pb.SaveRequest, held *int64) (*savePlan, int64, e
 	}
 	e.copies.Add(1) // under e.mu, so never after Close's Wait began
 	return p, 0, nil
-}
-
-// beginCopyLocked is the common start of Save's and Load's plan steps:
-// the caller's instance, the call's copy ops reserved from the budget
-// (need > 0 with errNeedBudget: wait for that many, see planWithBudget),
-// and the event the copies wait for when the caller set wait_event.
-// Caller holds e.mu.
-func (e *Engine) beginCopyLocked(sessionID, instanceID string, rank uint32, blocks []*pb.BlockRef, held *int64,
-	wantEvent bool) (inst *instance, after *native.Event, need int64, err error) {
-	if inst, err = e.copyInstanceLocked(sessionID, instanceID, rank, blocks); err != nil {
-		return nil, nil, 0, err
-	}
-	if need, err = e.reserveOpsLocked(inst, len(blocks), held); err != nil {
-		return nil, nil, need, err
-	}
-	if after, err = waitEventOf(inst, wantEvent); err != nil {
-		return nil, nil, 0, err
-	}
-	return inst, after, 0, nil
-}
-
-// waitEventOf is the event a Save's or Load's copies wait for when the
-// caller set wait_event. Copying without the wait the worker asked for
-// would read KV bytes its kernels may still be writing (Save), or write
-// blocks they may still read or write (Load): refuse instead.
-func waitEventOf(inst *instance, want bool) (*native.Event, error) {
-	if !want {
-		return nil, nil
-	}
-	if inst.event == nil {
-		return nil, fmt.Errorf("%w: wait_event set but instance %q rank %d has no CUDA event open "+
-			"(RegisterResponse.cuda_event was false)", ErrPrecondition, inst.key.id, inst.key.rank)
-	}
-	return inst.event, nil
 }
 
 // heldExtent is a pool extent a late copy still writes: no block owns it
@@ -254,15 +208,10 @@ type loadPlan struct {
 // call; their blocks stay pinned until the copier is done reading them.
 func (e *Engine) Load(ctx context.Context, req *pb.LoadRequest) (*pb.LoadResponse, error) {
 	start := time.Now()
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
 	ctx, cancel := e.copyDeadline(ctx)
 	defer cancel()
-	var held int64
-	p, err := planWithBudget(ctx, e.budget, &held, func() (*loadPlan, int64, error) { return e.planLoad(req, &held) })
+	p, held, err := planWithBudget(ctx, e.budget, func(held *int64) (*loadPlan, int64, error) { return e.planLoad(req, held) })
 	if err != nil {
-		e.budget.release(held)
 		return nil, err
 	}
 	p.held = held

@@ -47,16 +47,6 @@ type transfer struct {
 	released  bool
 }
 
-func validateTransfer(id, token string) error {
-	if err := validateID("transfer_id", id); err != nil {
-		return err
-	}
-	if len(token) > MaxIDLen {
-		return invalid("ready_token longer than %d bytes", MaxIDLen)
-	}
-	return nil
-}
-
 // transferLocked finds or creates the record of a transfer a Save names,
 // bound to ns and (first binding wins) to readyURL and token. A new
 // record takes over the waiters of the id. Creation fails beyond

@@ -35,23 +35,6 @@ func (ns *Namespace) clone() *Namespace {
 	return &c
 }
 
-// Health is whether the engine serves requests ("ok" or "closed") and
-// what it is.
-type Health struct {
-	Status, Backend, Version string
-}
-
-// Stats is a snapshot of the engine's gauges (pool bytes, blocks by state,
-// live namespaces, instances and sessions) and monotonic counters.
-type Stats struct {
-	PoolCapacityBytes, PoolUsedBytes             uint64
-	ResidentBlocks, PinnedBlocks, InflightBlocks uint64
-	Hits, Misses, Saves, Loads                   uint64
-	Evictions, SaveFailures                      uint64
-	Namespaces, Instances, Sessions              uint64
-	BytesSaved, BytesLoaded                      uint64
-}
-
 // registration is a RegisterRequest in engine terms, validated: the rank
 // it registers, its namespace and its memory layout.
 type registration struct {

@@ -4,9 +4,12 @@ import (
 	"fmt"
 	"math/bits"
 	"net"
+	"net/url"
 	"path/filepath"
+	"slices"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/internal/hostport"
 )
 
 // Limits on requests. They bound the memory and time one call can take.
@@ -185,7 +188,12 @@ func validateRegister(req *pb.RegisterRequest, poolSize uint64) (*registration, 
 		event: req.GetCudaIpcEvent()}, nil
 }
 
-// validateBlocks checks block refs against an instance's block count.
+// validateBlocks checks a Save's or Load's block refs against the
+// instance's block count. A call names each hash and each block id at most
+// once: a repeated hash copies the same block again for nothing (a Load of
+// one hash 1,000 times was an out-of-memory), a repeated block id makes
+// two copies race on one cache block. So a call has at most numBlocks
+// refs (bounds.go).
 func validateBlocks(blocks []*pb.BlockRef, numBlocks uint32) error {
 	if len(blocks) > MaxBlocksPerReq {
 		return invalid("%d blocks in one request, max %d", len(blocks), MaxBlocksPerReq)
@@ -201,16 +209,125 @@ func validateBlocks(blocks []*pb.BlockRef, numBlocks uint32) error {
 			return err
 		}
 	}
+	// Without repeats there are at most numBlocks refs: more has one.
+	if uint64(len(blocks)) > uint64(numBlocks) {
+		return invalid("%d blocks in one call, more than the instance's %d", len(blocks), numBlocks)
+	}
+	ids := make([]uint32, len(blocks))
+	hashes := make(map[string]struct{}, len(blocks))
+	for i, b := range blocks {
+		ids[i] = b.BlockId
+		if _, dup := hashes[string(b.Hash)]; dup {
+			return invalid("block %d: hash %x repeated in one call", i, b.Hash)
+		}
+		hashes[string(b.Hash)] = struct{}{}
+	}
+	slices.Sort(ids)
+	for i := 1; i < len(ids); i++ {
+		if ids[i] == ids[i-1] {
+			return invalid("block_id %d repeated in one call", ids[i])
+		}
+	}
 	return nil
 }
 
-// validatePeerAddr checks a peer engine address: host:port.
-func validatePeerAddr(what, addr string) error {
-	if len(addr) > MaxIDLen {
-		return invalid("%s longer than %d bytes", what, MaxIDLen)
+// validateCopyOps refuses a Save or Load of n blocks of perBlock copy ops
+// each of which only fit fit the engine's whole budget
+// (copyBudget.reserve): it could never run. (A peer fetch reads the
+// blocks that fit instead.)
+func validateCopyOps(n, fit, perBlock int, max int64) error {
+	if fit < n {
+		return invalid("%d blocks x %d copy ops per block is more than the engine's %d copy ops per call (--max-copy-ops); split the call",
+			n, perBlock, max)
 	}
-	if host, port, err := net.SplitHostPort(addr); err != nil || host == "" || port == "" {
-		return invalid("%s %q is not host:port", what, addr)
+	return nil
+}
+
+// validateSave checks what a Save names besides its blocks (those are
+// checked against its instance, validateBlocks): the transfer id, its
+// token and its ready_url, which --kv-ready-allow must admit.
+func (e *Engine) validateSave(req *pb.SaveRequest) error {
+	if req.TransferId == "" {
+		return nil
+	}
+	if err := validateTransfer(req.TransferId, req.ReadyToken); err != nil || req.ReadyUrl == "" {
+		return err
+	}
+	return e.checkReadyURL(req.ReadyUrl)
+}
+
+// checkReadyURL validates a Save's ready_url against --kv-ready-allow.
+func (e *Engine) checkReadyURL(readyURL string) error {
+	u, err := url.Parse(readyURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return invalid("ready_url %q is not an http(s) URL", readyURL)
+	}
+	if _, ok := readyPath(u); !ok {
+		return invalid("ready_url %q: dot segments (. ..) and encoded slashes (%%2f %%5c) are refused (--kv-ready-allow)", readyURL)
+	}
+	if e.readyAllow.admitsURL(u) {
+		return nil
+	}
+	return refused(e.readyAllow, "ready_url", readyURL, "start the engine with --kv-ready-allow naming the router's /kv_ready address")
+}
+
+// checkSourceEngine refuses a source_engine (a valid host:port) that
+// --peer-allow does not list, before anything dials it.
+func (e *Engine) checkSourceEngine(addr string) error {
+	host, port, _ := net.SplitHostPort(addr)
+	if e.peerAllow.admitsAddr(host, port) {
+		return nil
+	}
+	return refused(e.peerAllow, "source_engine", addr, "this engine sends its peer token only to listed peers; "+
+		"start it with --peer-allow naming the peer engines' --peer-addr")
+}
+
+// refused is the error for a value allowlist l does not admit; hint says
+// what to do.
+func refused(l *allowlist, what, value, hint string) error {
+	return invalid("%s %q is not allowed by the engine's %s (%s); %s", what, value, l.flag, l.text, hint)
+}
+
+func validateTransfer(id, token string) error {
+	if err := validateID("transfer_id", id); err != nil {
+		return err
+	}
+	if len(token) > MaxIDLen {
+		return invalid("ready_token longer than %d bytes", MaxIDLen)
+	}
+	return nil
+}
+
+// validatePeerOpen checks a peer's OpenTransfer: at most
+// MaxPeerOpenHashes valid hashes and, if named, a valid transfer id.
+func validatePeerOpen(req *pb.PeerOpenTransferRequest) error {
+	if len(req.Hashes) > MaxPeerOpenHashes {
+		return invalid("%d hashes in one transfer, max %d", len(req.Hashes), MaxPeerOpenHashes)
+	}
+	for i, h := range req.Hashes {
+		if err := validateHash(i, h); err != nil {
+			return err
+		}
+	}
+	if req.TransferId == "" {
+		return nil
+	}
+	return validateTransfer(req.TransferId, "")
+}
+
+// validateRelease: a Release names a lease, a transfer or both.
+func validateRelease(req *pb.ReleaseRequest) error {
+	if req.LeaseId == "" && req.TransferId == "" {
+		return invalid("release needs lease_id or transfer_id")
+	}
+	return nil
+}
+
+// validatePeerAddr checks a peer engine address with the router's own
+// host:port check (internal/hostport): what one accepts, so does the other.
+func validatePeerAddr(what, addr string) error {
+	if err := hostport.Check(addr); err != nil {
+		return invalid("%s %q is not host:port: %v", what, addr, err)
 	}
 	return nil
 }

@@ -2,12 +2,10 @@ package router
 
 import (
 	"errors"
-	"fmt"
-	"net"
 	"net/url"
-	"strconv"
 	"strings"
 
+	"github.com/pegaflow/pegaflow/internal/hostport"
 	"github.com/pegaflow/pegaflow/router/upstream"
 )
 
@@ -66,35 +64,7 @@ func redactURLError(err error) error {
 	return &url.Error{Op: ue.Op, URL: redactURL(ue.URL), Err: ue.Err}
 }
 
-// maxHostPortLen bounds a host:port the router accepts from the network
-// (a DNS name is at most 253 bytes, a port 5 digits).
-const maxHostPortLen = 261
-
-// checkHostPort accepts host:port with a DNS name or IP literal (IPv6 in
-// brackets) for host and a port in 1..65535: what a dialer needs, and
-// nothing a URL or a log line could be confused by.
-func checkHostPort(s string) error {
-	if len(s) > maxHostPortLen {
-		return fmt.Errorf("longer than %d bytes", maxHostPortLen)
-	}
-	host, port, err := net.SplitHostPort(s)
-	if err != nil {
-		return errors.New("want host:port")
-	}
-	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 || port[0] == '+' {
-		return fmt.Errorf("port %q: want 1..65535", port)
-	}
-	if host == "" {
-		return errors.New("want host:port, the host is empty")
-	}
-	if net.ParseIP(host) != nil {
-		return nil
-	}
-	for i := 0; i < len(host); i++ {
-		c := host[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
-			return fmt.Errorf("host %q: want a DNS name or an IP address", host)
-		}
-	}
-	return nil
-}
+// checkHostPort is the host:port check the router and the engine share
+// (internal/hostport): a DNS name or IP literal (IPv6 in brackets) and a
+// port in 1..65535, nothing a URL or a log line could be confused by.
+func checkHostPort(s string) error { return hostport.Check(s) }

@@ -1,7 +1,7 @@
 /*
  * pegaflow_native: memory and copies for PegaEngine. Nothing else.
  *
- * Three objects:
+ * Four objects (the UCX transfer objects are pegaflow_xfer.h's):
  *   pf_pool    the engine's host pool (cudaHostAlloc in the CUDA build; an
  *              mmap region with best-effort hugepages, mlock and NUMA binding
  *              in the CPU build).
