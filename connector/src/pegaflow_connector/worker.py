@@ -34,10 +34,11 @@ from . import rendezvous
 from ._proto import engine_pb2 as pb
 from .client import CallCancelled, CallHandle, EngineClient, EngineError, EngineUnavailable
 from .config import ConnectorConfig
-from .layout import LayoutError, ModelLayout, StagingBuffer, describe_memory, detect, tensor_info
+from .layout import LayoutError, ModelLayout, detect, tensor_info
 from .metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from .metrics import Metrics
 from .ready import FailureReporter
+from .registration import StagingBuffer, describe_memory
 
 log = logging.getLogger(LOGGER_NAME)
 
