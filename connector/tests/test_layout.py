@@ -12,12 +12,11 @@ from harness import CacheSpec, allocate_caches
 from pegaflow_connector.layout import (
     LayoutError,
     Seg,
-    StagingBuffer,
     detect,
     detect_layer,
-    find_file_mapping,
     tensor_info,
 )
+from pegaflow_connector.registration import StagingBuffer, find_file_mapping
 
 
 def block_bytes_via_segments(arr: np.ndarray, block: int) -> bytes:

@@ -3,7 +3,7 @@ drops repeats from the saves one step batches."""
 
 from __future__ import annotations
 
-from pegaflow_connector.worker import _unique_refs
+from pegaflow_connector.blockio import unique_refs as _unique_refs
 
 
 def test_unique_refs_keeps_first_of_each_hash_and_block() -> None:

@@ -16,11 +16,17 @@ engine copies from the KV memory itself. Correctness rests on three rules:
 Loads run on a second thread and are reported through `get_finished`;
 blocks that did not load are reported through `load_errors` in the same
 step as their request, for vLLM to recompute.
+
+Who owns what: the save bookkeeping (which requests are saving, when a
+delayed free is reported, which saves a preemption gave up) is
+`SaveTracker` (save_tracker.py); the Save and Load RPCs themselves are
+`BlockIO` (blockio.py); the layout is detected by layout.py and described
+to the engine by registration.py. This module wires them to vLLM's calls
+and owns the rank's registration and its two threads.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import queue
@@ -29,15 +35,18 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from .compat import LOGGER_NAME
 from . import rendezvous
 from ._proto import engine_pb2 as pb
-from .client import CallCancelled, CallHandle, EngineClient, EngineError, EngineUnavailable
+from .blockio import BlockIO, RankTarget, Transfer, unique_refs
+from .client import CallHandle, EngineClient, EngineError, EngineUnavailable
+from .compat import LOGGER_NAME
 from .config import ConnectorConfig
-from .layout import LayoutError, ModelLayout, StagingBuffer, describe_memory, detect, tensor_info
+from .layout import LayoutError, ModelLayout, detect, tensor_info
 from .metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from .metrics import Metrics
 from .ready import FailureReporter
+from .registration import StagingBuffer, describe_memory
+from .save_tracker import SaveTracker
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -49,24 +58,6 @@ log = logging.getLogger(LOGGER_NAME)
 LOAD_WAIT_EVENT = "wait_event" in pb.LoadRequest.DESCRIPTOR.fields_by_name
 
 
-def _unique_refs(ids: list[int], hashes: list[bytes]) -> tuple[list[int], list[bytes]]:
-    """Drops repeated hashes and block ids (first wins): the engine refuses a
-    call that names either twice, and one step may batch several requests'
-    saves (identical prompts without prefix caching share hashes)."""
-    seen_ids: set[int] = set()
-    seen_hashes: set[bytes] = set()
-    out_ids: list[int] = []
-    out_hashes: list[bytes] = []
-    for b, h in zip(ids, hashes):
-        if b in seen_ids or h in seen_hashes:
-            continue
-        seen_ids.add(b)
-        seen_hashes.add(h)
-        out_ids.append(b)
-        out_hashes.append(h)
-    return out_ids, out_hashes
-
-
 @dataclasses.dataclass
 class _SaveJob:
     specs: list[SaveSpec]
@@ -74,7 +65,7 @@ class _SaveJob:
     # The event is the rank's registered interprocess event: the engine can
     # wait for it on the GPU (if the engine that gets the Save opened it).
     ipc: bool = False
-    seq: int = 0  # order of end_step calls (see WorkerCore._cancel_upto)
+    seq: int = 0  # SaveTracker.queue's (see SaveTracker.given_up)
 
 
 class WorkerCore:
@@ -113,24 +104,16 @@ class WorkerCore:
         self._ipc_event: Any = None
         self._event_gen = -1
 
+        self._saves = SaveTracker(self.metrics)
+        self._io = BlockIO(client, self.metrics, cfg.rpc_timeout_ms / 1000, self._report_failed)
+        # Loads: the lock guards these three (the load thread writes them).
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._pending: collections.Counter[str] = collections.Counter()
-        self._delayed: set[str] = set()
-        self._finished_waiting: set[str] = set()
-        self._done_sending: set[str] = set()
         self._loaded: dict[str, set[int]] = {}
         self._loads_inflight = 0
         self._errors: set[int] = set()
         self._last_meta: PegaConnectorMetadata | None = None
         self._save_q: queue.Queue[_SaveJob | None] = queue.Queue()
-        # Preempted requests whose saves were given up (the preemption wait
-        # timed out): their specs in jobs up to this seq are dropped and their
-        # Save RPCs in flight cancelled, so the engine seals none of those
-        # hashes (the blocks may hold another request's KV by then).
-        self._job_seq = 0
-        self._cancel_upto: dict[str, int] = {}
-        self._save_handles: dict[str, set[CallHandle]] = {}
         self._load_q: queue.Queue[tuple[LoadSpec, Any] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -282,10 +265,9 @@ class WorkerCore:
         if meta is None or meta is self._last_meta:
             return
         self._last_meta = meta
-        with self._lock:
-            self._delayed |= meta.delayed_free
+        self._saves.delay_free(meta.delayed_free)
         if meta.preempted:
-            self._wait_saves(meta.preempted, self.cfg.preemption_wait_ms / 1000)
+            self._saves.wait(meta.preempted, self.cfg.preemption_wait_ms / 1000)
         # Async scheduling: this step's loads may target blocks the previous
         # step's forward, still running on the GPU, writes (a block freed and
         # reused). The event recorded here orders the load after that work:
@@ -307,24 +289,13 @@ class WorkerCore:
         event = None
         if self.mode == "cuda":
             event = _record_cuda_event(self._ipc_event)
-        with self._lock:
-            for rid in {s.req_id for s in meta.saves}:
-                self._pending[rid] += 1
-            self._job_seq += 1
-            seq = self._job_seq
+        seq = self._saves.queue(s.req_id for s in meta.saves)
         self._save_q.put(_SaveJob(list(meta.saves), event, event is not None
                                   and event is self._ipc_event, seq))
 
     def get_finished(self, finished_req_ids: Iterable[str]) -> tuple[set[str] | None, set[str] | None]:
+        sending = self._saves.finished(finished_req_ids)
         with self._lock:
-            for rid in finished_req_ids:
-                if rid in self._delayed:
-                    self._delayed.discard(rid)
-                    if self._pending.get(rid, 0) == 0:
-                        self._done_sending.add(rid)
-                    else:
-                        self._finished_waiting.add(rid)
-            sending, self._done_sending = self._done_sending, set()
             recving = set(self._loaded)
             for failed in self._loaded.values():
                 self._errors |= failed
@@ -339,49 +310,16 @@ class WorkerCore:
     def wait_preempted(self, req_ids: Iterable[str]) -> bool:
         """Blocks until the in-flight saves of these requests are done
         (bounded by preemption_wait_ms)."""
-        return self._wait_saves(req_ids, self.cfg.preemption_wait_ms / 1000)
-
-    def _wait_saves(self, req_ids: Iterable[str], timeout_s: float) -> bool:
-        ids = set(req_ids)
-        deadline = time.monotonic() + timeout_s
-        t0 = time.perf_counter()
-        with self._cond:
-            if any(self._pending.get(r, 0) for r in ids):
-                self.metrics.inc("preemption_waits")
-            while any(self._pending.get(r, 0) for r in ids):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.metrics.inc("preemption_wait_timeouts")
-                    self._cancel_saves_locked({r for r in ids if self._pending.get(r, 0)})
-                    log.error("pegaflow: preempted requests %s still saving after %.1fs; their "
-                              "saves are cancelled (the engine seals none of their blocks, "
-                              "which may be overwritten now)", sorted(ids), timeout_s)
-                    return False
-                self._cond.wait(left)
-        self.metrics.inc("preemption_wait_seconds", time.perf_counter() - t0)
-        return True
-
-    def _cancel_saves_locked(self, req_ids: set[str]) -> None:
-        """Gives up these requests' saves: queued ones are dropped, those in
-        flight cancelled (the engine fails their blocks instead of sealing).
-        Another request's blocks in the same Save RPC fail with it (a later
-        miss, never wrong KV). Called with self._lock held."""
-        for rid in req_ids:
-            self._cancel_upto[rid] = self._job_seq
-            self.metrics.inc("preempted_saves_cancelled")
-            for h in self._save_handles.get(rid, ()):
-                h.cancel()
+        return self._saves.wait(req_ids, self.cfg.preemption_wait_ms / 1000)
 
     def flush(self, timeout_s: float) -> bool:
         """Waits until every queued save and load finished."""
         deadline = time.monotonic() + timeout_s
+        if not self._saves.wait_idle(deadline):
+            return False
         with self._cond:
-            while sum(self._pending.values()) or self._loads_inflight:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+            return self._cond.wait_for(lambda: not self._loads_inflight,
+                                       max(deadline - time.monotonic(), 0))
 
     # ------------------------------------------------------------ saves
 
@@ -395,16 +333,7 @@ class WorkerCore:
             except Exception as e:  # noqa: BLE001 - never kill the thread
                 log.error("pegaflow: save failed unexpectedly: %s", e)
             finally:
-                with self._cond:
-                    for rid in {s.req_id for s in job.specs}:
-                        self._pending[rid] -= 1
-                        if self._pending[rid] <= 0:
-                            del self._pending[rid]
-                            self._cancel_upto.pop(rid, None)
-                            if rid in self._finished_waiting:
-                                self._finished_waiting.discard(rid)
-                                self._done_sending.add(rid)
-                    self._cond.notify_all()
+                self._saves.job_done(s.req_id for s in job.specs)
 
     def _run_save(self, job: _SaveJob) -> None:
         # Ordering with this step's KV writes. Preferred: the engine's copy
@@ -417,38 +346,25 @@ class WorkerCore:
             job.event.synchronize()
             self.metrics.inc("save_host_syncs")
         groups: dict[str, list[SaveSpec]] = {}
-        with self._lock:
-            cancelled = {r for r, upto in self._cancel_upto.items() if job.seq <= upto}
+        # Requests a timed-out preemption wait gave up: none of their blocks
+        # is sealed (they may hold another request's KV by now).
+        cancelled = self._saves.given_up(job.seq)
         for s in job.specs:
             if s.req_id in cancelled:
                 self.metrics.inc("saves_cancelled_blocks", len(s.block_ids))
                 continue
             groups.setdefault(s.transfer_id, []).append(s)
         for tid, specs in groups.items():
-            ids, hashes = _unique_refs([b for s in specs for b in s.block_ids],
-                                       [h for s in specs for h in s.hashes])
+            ids, hashes = unique_refs([b for s in specs for b in s.block_ids],
+                                      [h for s in specs for h in s.hashes])
             last = any(s.transfer_last for s in specs)
             url = next((s.ready_url for s in specs if s.ready_url), "")
             token = next((s.ready_token for s in specs if s.ready_token), "")
             if not ids and not last:
                 continue
-            rids = {s.req_id for s in specs}
             handle = CallHandle()
-            with self._lock:
-                for rid in rids:
-                    self._save_handles.setdefault(rid, set()).add(handle)
-                if any(job.seq <= self._cancel_upto.get(rid, 0) for rid in rids):
-                    handle.cancel()  # given up since the job started
-            try:
-                self._save_blocks(ids, hashes, tid, last, url, token, gpu_wait, handle)
-            finally:
-                with self._lock:
-                    for rid in rids:
-                        hs = self._save_handles.get(rid)
-                        if hs is not None:
-                            hs.discard(handle)
-                            if not hs:
-                                del self._save_handles[rid]
+            with self._saves.track(handle, (s.req_id for s in specs), job.seq):
+                self._save_blocks(ids, hashes, Transfer(tid, last, url, token), gpu_wait, handle)
 
     def _report_failed(self, url: str, tid: str, token: str, message: str) -> None:
         # The engine cannot settle the transfer any more; tell the router so
@@ -456,56 +372,20 @@ class WorkerCore:
         if self._failure_reporter.report(url, tid, token, message):
             self.metrics.inc("transfers_reported_failed")
 
-    def _save_blocks(self, ids: list[int], hashes: list[bytes], tid: str, last: bool, url: str,
-                     token: str, wait_event: bool = False, handle: CallHandle | None = None) -> None:
+    def _target(self) -> RankTarget:
+        return RankTarget(self._eng_instance, self._eng_rank, self.rank, self._staging,
+                          self._bases, self.bytes_per_block)
+
+    def _save_blocks(self, ids: list[int], hashes: list[bytes], tr: Transfer,
+                     wait_event: bool = False, handle: CallHandle | None = None) -> None:
         if not self.registered():
             self.metrics.inc("saves_dropped", max(len(ids), 1))
             self.client.warn_limited("pegaflow: engine unavailable, dropping saves (rank %d)",
                                      self.rank)
-            self._report_failed(url, tid, token, "engine unavailable at P: saves dropped")
+            self._report_failed(tr.ready_url, tr.transfer_id, tr.ready_token,
+                                "engine unavailable at P: saves dropped")
             return
-        chunk = self._staging.slots // 2 if self._staging else max(len(ids), 1)
-        starts = list(range(0, len(ids), chunk)) or [0]
-        for i, lo in enumerate(starts):
-            c_ids, c_hashes = ids[lo:lo + chunk], hashes[lo:lo + chunk]
-            final = i == len(starts) - 1
-            if self._staging is not None:
-                for slot, bid in enumerate(c_ids):
-                    self._staging.copy_in(self._bases, bid, slot)
-                refs = [pb.BlockRef(block_id=slot, hash=h) for slot, h in enumerate(c_hashes)]
-            else:
-                refs = [pb.BlockRef(block_id=b, hash=h) for b, h in zip(c_ids, c_hashes)]
-            req = pb.SaveRequest(instance_id=self._eng_instance, rank=self._eng_rank, blocks=refs,
-                                 transfer_id=tid, transfer_last=last and final, ready_url=url,
-                                 ready_token=token, wait_event=wait_event)
-            t0 = time.perf_counter()
-            try:
-                resp = self.client.save(req, self.cfg.rpc_timeout_ms / 1000, handle)
-            except CallCancelled:
-                self.metrics.inc("saves_cancelled_blocks", len(ids) - lo)
-                self._report_failed(url, tid, token, "P's save was cancelled (its request was "
-                                    "preempted and the save did not finish in time)")
-                return
-            except EngineUnavailable as e:
-                self.metrics.inc("saves_dropped", len(ids) - lo or 1)
-                self.client.warn_limited("pegaflow: engine went away during a save, %d blocks "
-                                         "dropped (rank %d): %s", len(ids) - lo, self.rank, e)
-                self._report_failed(url, tid, token, f"engine went away during P's save: {e}")
-                return
-            except EngineError as e:
-                self.metrics.inc("saves_dropped", len(c_ids) or 1)
-                log.warning("pegaflow: save of %d blocks failed (rank %d): %s", len(c_ids),
-                            self.rank, e)
-                continue
-            self.metrics.inc("save_seconds", time.perf_counter() - t0)
-            self.metrics.inc("save_calls")
-            self.metrics.inc("blocks_saved", resp.saved)
-            self.metrics.inc("bytes_saved", resp.saved * self.bytes_per_block)
-            self.metrics.inc("blocks_save_skipped", resp.skipped)
-            if resp.failed:
-                self.metrics.inc("blocks_save_failed", resp.failed)
-                self.client.warn_limited("pegaflow: engine could not store %d blocks (pool full "
-                                         "of pinned blocks?)", resp.failed)
+        self._io.save(self._target(), ids, hashes, tr, wait_event, handle)
 
     # ------------------------------------------------------------ loads
 
@@ -541,46 +421,7 @@ class WorkerCore:
             self.client.warn_limited("pegaflow: engine unavailable, %d blocks will be recomputed",
                                      len(all_ids))
             return all_ids
-        lease = spec.lease_id if self._lease_owner else ""
-        tid = spec.transfer_id if self._lease_owner else ""
-        chunk = self._staging.slots // 2 if self._staging else max(len(spec.block_ids), 1)
-        failed: set[int] = set()
-        n = len(spec.block_ids)
-        for lo in range(0, n, chunk):
-            ids, hashes = spec.block_ids[lo:lo + chunk], spec.hashes[lo:lo + chunk]
-            final = lo + chunk >= n
-            if self._staging is not None:
-                base = self._staging.slots // 2
-                refs = [pb.BlockRef(block_id=base + i, hash=h) for i, h in enumerate(hashes)]
-            else:
-                refs = [pb.BlockRef(block_id=b, hash=h) for b, h in zip(ids, hashes)]
-            req = pb.LoadRequest(instance_id=self._eng_instance, rank=self._eng_rank, blocks=refs,
-                                 lease_id=lease if final else "", transfer_id=tid if final else "",
-                                 wait_event=wait_event)
-            t0 = time.perf_counter()
-            try:
-                resp = self.client.load(req, self.cfg.rpc_timeout_ms / 1000)
-            except EngineError as e:
-                self.metrics.inc("loads_failed")
-                self.client.warn_limited("pegaflow: load failed (rank %d), recomputing: %s",
-                                         self.rank, e)
-                failed.update(spec.block_ids[lo:])
-                break
-            self.metrics.inc("load_seconds", time.perf_counter() - t0)
-            self.metrics.inc("load_calls")
-            ok = pb.BlockStatus.BLOCK_STATUS_OK
-            for i, (bid, status) in enumerate(zip(ids, resp.status)):
-                if status != ok:
-                    failed.add(bid)
-                elif self._staging is not None:
-                    self._staging.copy_out(self._bases, self._staging.slots // 2 + i, bid)
-            if len(resp.status) < len(ids):
-                failed.update(ids[len(resp.status):])
-        self.metrics.inc("blocks_loaded", n - len(failed))
-        self.metrics.inc("bytes_loaded", (n - len(failed)) * self.bytes_per_block)
-        if failed:
-            self.metrics.inc("blocks_load_failed", len(failed))
-        return failed
+        return self._io.load(self._target(), spec, self._lease_owner, wait_event)
 
     # ------------------------------------------------------------ shutdown
 
