@@ -29,6 +29,23 @@
 //
 // Output text depends only on the prompt tokens and the sampling seed, so
 // P/D and aggregated serving of a prompt give the same text.
+//
+// The pieces, each in its own file:
+//   - sim.go (this file): Config, Sim's wiring, Run and the HTTP routes;
+//     flags.go: its flags;
+//   - request.go: parsing and validating a generation request (prompt or
+//     messages, limits, the role from kv_transfer_params);
+//   - generate.go: serving it: submit to the scheduler, relay the tokens,
+//     count the latencies;
+//   - connector.go: what vLLM's connector does around it: P saves the
+//     prompt's full blocks through the engine, D queries, loads and
+//     verifies them;
+//   - writer.go: the OpenAI answer, streamed or whole;
+//   - scheduler.go: the step loop and its CostModel; alloc.go: KV blocks;
+//   - kvcache.go: the shared-memory KV cache and its expected bytes;
+//     blockhash.go: vLLM's block hashes; tokenizer.go: tokens and sampling;
+//   - enginelink.go: the engine session (dial, register, re-dial on loss);
+//   - metrics.go: the vLLM-named metrics.
 package sim
 
 import (

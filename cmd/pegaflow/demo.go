@@ -11,8 +11,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/pegaflow/pegaflow/demo"
 	"github.com/pegaflow/pegaflow/internal/cli"
-	"github.com/pegaflow/pegaflow/internal/demo"
 	"github.com/pegaflow/pegaflow/internal/netlab"
 )
 

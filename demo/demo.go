@@ -18,6 +18,18 @@
 // each router in turn, and reads the engine's and sims' /metrics. Whatever
 // happens (failure, Ctrl-C), every process it started is stopped, and every
 // namespace it created is deleted.
+//
+// The pieces, each in its own file:
+//   - demo.go (this file): Config, the report types and the one-host run
+//     (P/D against DP2);
+//   - twohosts.go: P/D on one host against P/D across two namespaces;
+//   - procs.go: the process group (start, health waits, stop) and free
+//     ports;
+//   - metrics.go: scraping and diffing the processes' /metrics;
+//   - report.go: the comparison table.
+//
+// It sits beside sim/ and bench/, not under internal/: it imports bench
+// (the measurement), and no internal/ package imports a command's package.
 package demo
 
 import (
