@@ -72,7 +72,7 @@ check-binary: build
 
 -include mk/*.mk
 
-test: build check-binary test-go test-fuzz $(TEST_EXTRA)
+test: build check-binary lint test-go test-fuzz $(TEST_EXTRA)
 
 test-go: native
 	$(GO) vet -tags '$(GO_TAGS)' ./...
@@ -102,9 +102,17 @@ bench: build $(BENCH_TARGETS)
 run: build
 	$(BIN_DIR)/pegaflow serve
 
+# Static checks, clean on every commit (part of `make test`): go vet, gofmt,
+# staticcheck and ruff (rules pinned in ruff.toml), both at pinned versions.
+STATICCHECK ?= $(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2
+RUFF_VERSION ?= 0.17.6
 lint: native
 	$(GO) vet -tags '$(GO_TAGS)' ./...
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
+	$(STATICCHECK) -tags '$(GO_TAGS)' ./...
+	@$(PYTHON) -m ruff --version 2>/dev/null | grep -qx 'ruff $(RUFF_VERSION)' || \
+	  $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore 'ruff==$(RUFF_VERSION)'
+	$(PYTHON) -m ruff check .
 
 # Regenerates the committed API code from the .proto (Go here; fragments add
 # the Python stubs through PROTO_EXTRA).

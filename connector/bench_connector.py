@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(HERE, "src"))
 sys.path.insert(0, os.path.join(HERE, "tests"))
 
 from harness import Engine, block_hashes, none_hash  # noqa: E402
+
 from pegaflow_connector._proto import engine_pb2 as pb  # noqa: E402
 from pegaflow_connector.client import EngineClient  # noqa: E402
 from pegaflow_connector.config import ConnectorConfig, hash_seed_fingerprint  # noqa: E402
@@ -227,14 +228,14 @@ def main() -> int:
         modes = (("sync", ssync, False), ("async", sched, False), ("async+on_new_req", sched, True))
         for mode, core, announce in modes:
             tag = f"[{mode}] "
-            bench(core, tag + "miss", lambda i: Req(f"m{mode}{i}", miss_prompts[i], bs, seed), n_hash,
+            bench(core, tag + "miss", lambda i, mode=mode: Req(f"m{mode}{i}", miss_prompts[i], bs, seed), n_hash,
                   announce=announce)
-            bench(core, tag + "hit + lease", lambda i: Req(f"h{mode}{i}", hit_prompt, bs, seed), n_hash,
+            bench(core, tag + "hit + lease", lambda i, mode=mode: Req(f"h{mode}{i}", hit_prompt, bs, seed), n_hash,
                   announce=announce)
-            bench(core, tag + "repeated call (memoised)", lambda i: Req(f"rep{mode}", hit_prompt, bs, seed),
+            bench(core, tag + "repeated call (memoised)", lambda i, mode=mode: Req(f"rep{mode}", hit_prompt, bs, seed),
                   n_hash, repeat_same=True)
             bench(core, tag + "nothing to ask (< 1 block)",
-                  lambda i: Req(f"s{mode}{i}", tokens(bs - 1), bs, seed), 0, announce=announce)
+                  lambda i, mode=mode: Req(f"s{mode}{i}", tokens(bs - 1), bs, seed), 0, announce=announce)
         ssync.shutdown()
         times = []
         for _ in range(args.calls):

@@ -16,7 +16,6 @@ import (
 var (
 	rawOne   = json.RawMessage("1")
 	rawFalse = json.RawMessage("false")
-	rawTrue  = json.RawMessage("true")
 )
 
 // encode writes the request as a JSON object into buf with overrides

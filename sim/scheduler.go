@@ -126,15 +126,6 @@ type work struct {
 	prefill int // prompt tokens this step; 0 for a decode
 }
 
-func (s *scheduler) submit(ctx context.Context, q *seq) error {
-	select {
-	case s.in <- q:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
 func (s *scheduler) run(ctx context.Context) {
 	var waiting, running []*seq
 	timer := time.NewTimer(time.Hour)

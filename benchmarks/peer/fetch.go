@@ -115,7 +115,7 @@ func measureFetch(ctx context.Context, a, b *engineProc, shareBytes, batchBytes,
 			return fetchResult{}, fmt.Errorf("save into A: %w", err)
 		}
 		if int(s.Saved) != n {
-			return fetchResult{}, fmt.Errorf("A saved %d of %d blocks", s.Saved, n)
+			return fetchResult{}, fmt.Errorf("engine A saved %d of %d blocks", s.Saved, n)
 		}
 		if round == 0 {
 			if before, err = b.metrics(); err != nil {
@@ -130,7 +130,7 @@ func measureFetch(ctx context.Context, a, b *engineProc, shareBytes, batchBytes,
 			return fetchResult{}, fmt.Errorf("query B: %w", err)
 		}
 		if int(q.NumHit) != n {
-			return fetchResult{}, fmt.Errorf("B answered %d of %d blocks (a failed fetch; B's log: %s)", q.NumHit, n, b.logTail())
+			return fetchResult{}, fmt.Errorf("engine B answered %d of %d blocks (a failed fetch; B's log: %s)", q.NumHit, n, b.logTail())
 		}
 		if round >= 0 {
 			total += d

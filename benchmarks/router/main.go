@@ -119,12 +119,11 @@ type run struct {
 
 type proxyRun struct {
 	run
-	CPUPer1k         float64 // CPU-s per 1,000 requests
-	Allocs, Bytes    float64 // per request
-	GCs              uint64
-	AddP50, AddP99   time.Duration
-	HWMKiB, RSSKiB   int
-	procCPU, procEnd float64
+	CPUPer1k       float64 // CPU-s per 1,000 requests
+	Allocs, Bytes  float64 // per request
+	GCs            uint64
+	AddP50, AddP99 time.Duration
+	HWMKiB, RSSKiB int
 }
 
 type cellResult struct {

@@ -16,9 +16,9 @@ from pegaflow_connector._proto import engine_pb2 as pb
 from pegaflow_connector.client import EngineClient, EngineError
 from pegaflow_connector.config import ConnectorConfig
 from pegaflow_connector.layout import LayoutError
-from pegaflow_connector.registration import ipc_mem_handle
 from pegaflow_connector.metadata import SaveSpec
 from pegaflow_connector.metrics import Metrics
+from pegaflow_connector.registration import ipc_mem_handle
 from pegaflow_connector.worker import WorkerCore, _SaveJob
 
 

@@ -12,8 +12,8 @@ import random
 import uuid
 
 import pytest
-
 from harness import REGISTRATION_STEPS, CacheSpec, Engine, Instance, ReadyServer
+
 from pegaflow_connector.disabled import DisabledWorker
 from pegaflow_connector.metadata import LoadSpec, PegaConnectorMetadata, SaveSpec
 from pegaflow_connector.metrics import Metrics

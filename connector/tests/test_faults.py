@@ -9,7 +9,6 @@ import uuid
 
 import numpy as np
 import pytest
-
 from harness import CacheSpec, Engine, Instance, ReadyServer, Request, ask, expected_block
 
 

@@ -8,8 +8,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-
 from harness import CacheSpec, Engine, Instance, save_then_load, vllm_config
+
 from pegaflow_connector import PegaKVConnector
 from pegaflow_connector.compat import KVConnectorRole
 

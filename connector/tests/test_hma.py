@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from harness import (
     CacheSpec,
     Engine,
@@ -20,8 +19,9 @@ from harness import (
     expected_block,
     group_block_id,
 )
-from pegaflow_connector.groups import GroupPlan, plan_groups
 from test_faults import prompt
+
+from pegaflow_connector.groups import GroupPlan, plan_groups
 
 
 def _cfg(*groups: tuple[object, int, bool]) -> SimpleNamespace:

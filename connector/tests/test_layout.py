@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 import pytest
-
 from harness import CacheSpec, allocate_caches
+
 from pegaflow_connector.layout import (
     LayoutError,
     Seg,
@@ -139,7 +139,7 @@ def test_staging_buffer_roundtrip(tmp_path: object) -> None:
         db = [a.ctypes.data for a in dst.values()]
         st.copy_in(sb, 5, 2)
         st.copy_out(db, 2, 1)
-        for a, b in zip(src.values(), dst.values()):
+        for a, b in zip(src.values(), dst.values(), strict=False):
             assert np.array_equal(a[:, 5], b[:, 1])
             assert not b[:, 0].any() and not b[:, 2].any()
         assert os.path.getsize(st.path) == 4 * m.block_bytes
@@ -205,7 +205,7 @@ def test_staging_buffer_roundtrip_vllm_cpu() -> None:
     try:
         st.copy_in([a.ctypes.data for a in src.values()], 5, 3)
         st.copy_out([a.ctypes.data for a in dst.values()], 3, 2)
-        for a, b in zip(src.values(), dst.values()):
+        for a, b in zip(src.values(), dst.values(), strict=False):
             assert np.array_equal(a[5], b[2])
             assert not b[:2].any() and not b[3:].any()
     finally:

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-
 from conftest import engine_binary
 from harness import CacheSpec, Engine, Instance, ReadyServer
 from test_pd import assert_loaded_blocks, decode_params, pd_params, prompt

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-
 from harness import CacheSpec, Engine, Instance, expected_block, vllm_config
+
 from pegaflow_connector import PegaKVConnector
 from pegaflow_connector._proto import engine_pb2 as pb
 from pegaflow_connector.client import EngineError

@@ -8,7 +8,6 @@ import uuid
 
 import numpy as np
 import pytest
-
 from harness import CacheSpec, Engine, Instance, ReadyServer, expected_block
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import tomllib
 import types
 from collections.abc import Callable, Iterator
 
 import pytest
+import tomllib
 
 import pegaflow_connector
 from pegaflow_connector import plugin

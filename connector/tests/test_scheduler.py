@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-
 from harness import CacheSpec, Engine, Instance, Request, ask
 
 

@@ -8,8 +8,8 @@ import os
 from collections.abc import Callable
 
 import pytest
-
 from harness import Engine
+
 from pegaflow_connector.client import EngineClient
 from pegaflow_connector.config import UnsafeSocketDir, check_socket_dir
 

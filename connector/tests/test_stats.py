@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from harness import CacheSpec, Engine, Instance, save_then_load
+
 from pegaflow_connector import PegaFlowConnector
 from pegaflow_connector.stats import EXPORTED, PegaFlowStats
 

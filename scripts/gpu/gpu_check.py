@@ -181,7 +181,7 @@ def _save(rank: _Rank, ids: list[int], hashes: list[bytes]) -> float:
     dt = time.perf_counter() - t0
     saved, skipped, failed, dropped = (a - b for a, b in zip(
         (m.get("blocks_saved"), m.get("blocks_save_skipped"), m.get("blocks_save_failed"),
-         m.get("saves_dropped")), before))
+         m.get("saves_dropped")), before, strict=False))
     if saved != len(ids) or failed or dropped:
         raise RuntimeError(f"save of {len(ids)} blocks: {saved} saved, {skipped} skipped, {failed} failed, "
                            f"{dropped} dropped")
@@ -229,7 +229,7 @@ def producer_main(conn: Any, sock: str, device_index: int) -> None:
                         continue
                     clock_khz = getattr(torch.cuda.get_device_properties(dev), "clock_rate", 0) or 2_000_000
                     torch.cuda._sleep(int(clock_khz * 1000 * 0.5))
-                    for t, b in zip(rank.caches.values(), new):
+                    for t, b in zip(rank.caches.values(), new, strict=False):
                         _u8(t).copy_(b)
                     ids = list(range(plan.blocks))
                     t0 = time.perf_counter()

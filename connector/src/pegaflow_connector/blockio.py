@@ -32,7 +32,7 @@ def unique_refs(ids: list[int], hashes: list[bytes]) -> tuple[list[int], list[by
     seen_hashes: set[bytes] = set()
     out_ids: list[int] = []
     out_hashes: list[bytes] = []
-    for b, h in zip(ids, hashes):
+    for b, h in zip(ids, hashes, strict=False):
         if b in seen_ids or h in seen_hashes:
             continue
         seen_ids.add(b)
@@ -99,7 +99,7 @@ class BlockIO:
                     t.staging.copy_in(t.bases, bid, slot)
                 refs = [pb.BlockRef(block_id=slot, hash=h) for slot, h in enumerate(c_hashes)]
             else:
-                refs = [pb.BlockRef(block_id=b, hash=h) for b, h in zip(c_ids, c_hashes)]
+                refs = [pb.BlockRef(block_id=b, hash=h) for b, h in zip(c_ids, c_hashes, strict=False)]
             req = pb.SaveRequest(instance_id=t.instance_id, rank=t.rank, blocks=refs,
                                  transfer_id=tr.transfer_id, transfer_last=tr.last and final,
                                  ready_url=tr.ready_url, ready_token=tr.ready_token,
@@ -154,7 +154,7 @@ class BlockIO:
                 base = t.staging.slots // 2
                 refs = [pb.BlockRef(block_id=base + i, hash=h) for i, h in enumerate(hashes)]
             else:
-                refs = [pb.BlockRef(block_id=b, hash=h) for b, h in zip(ids, hashes)]
+                refs = [pb.BlockRef(block_id=b, hash=h) for b, h in zip(ids, hashes, strict=False)]
             req = pb.LoadRequest(instance_id=t.instance_id, rank=t.rank, blocks=refs,
                                  lease_id=lease if final else "", transfer_id=tid if final else "",
                                  wait_event=wait_event)
@@ -170,7 +170,7 @@ class BlockIO:
             self.metrics.inc("load_seconds", time.perf_counter() - t0)
             self.metrics.inc("load_calls")
             ok = pb.BlockStatus.BLOCK_STATUS_OK
-            for i, (bid, status) in enumerate(zip(ids, resp.status)):
+            for i, (bid, status) in enumerate(zip(ids, resp.status, strict=False)):
                 if status != ok:
                     failed.add(bid)
                 elif t.staging is not None:

@@ -20,9 +20,9 @@ from typing import Any
 
 import grpc
 
-from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
 from ._proto import engine_pb2_grpc as pb_grpc
+from .compat import LOGGER_NAME
 from .config import UnsafeSocketDir, check_socket_dir
 from .metrics import Metrics
 

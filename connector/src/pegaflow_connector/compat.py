@@ -522,7 +522,7 @@ def resumed_req_ids(cached: Any) -> set[str]:
     if r is not None:
         return set(r)
     flags: Iterable[bool] = getattr(cached, "resumed_from_preemption", None) or ()
-    return {rid for rid, f in zip(cached.req_ids, flags) if f}
+    return {rid for rid, f in zip(cached.req_ids, flags, strict=False) if f}
 
 
 def preempted_req_ids(scheduler_output: Any) -> Iterable[str] | None:

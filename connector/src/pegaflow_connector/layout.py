@@ -55,7 +55,7 @@ class TensorInfo:
         """Bytes from ptr to the end of the last element."""
         if any(s == 0 for s in self.shape):
             return 0
-        return sum((n - 1) * st for n, st in zip(self.shape, self.strides)) + self.itemsize
+        return sum((n - 1) * st for n, st in zip(self.shape, self.strides, strict=False)) + self.itemsize
 
 
 def tensor_info(t: Any) -> TensorInfo:
@@ -124,7 +124,7 @@ def _segments(info: TensorInfo, block_axis: int, name: str) -> tuple[Seg, ...]:
         raise LayoutError(f"layer {name}: {count} runs per block, engine accepts {MAX_SEGMENTS}")
     segs = []
     for idx in itertools.product(*(range(info.shape[a]) for a in outer)):
-        off = sum(i * info.strides[a] for i, a in zip(idx, outer))
+        off = sum(i * info.strides[a] for i, a in zip(idx, outer, strict=False))
         segs.append(Seg(off, bstride, length))
     return tuple(segs)
 

@@ -107,15 +107,15 @@ class StagingBuffer:
     def copy_in(self, bases: Sequence[int], block_id: int, slot: int) -> None:
         """Cache block `block_id` -> staging slot."""
         dst = self.addr + slot * self.slot_bytes
-        for base, layer, offs in zip(bases, self.layout.layers, self.slot_off):
-            for seg, o in zip(layer.segments, offs):
+        for base, layer, offs in zip(bases, self.layout.layers, self.slot_off, strict=False):
+            for seg, o in zip(layer.segments, offs, strict=False):
                 ctypes.memmove(dst + o, base + seg.offset + block_id * seg.stride, seg.length)
 
     def copy_out(self, bases: Sequence[int], slot: int, block_id: int) -> None:
         """Staging slot -> cache block `block_id`."""
         src = self.addr + slot * self.slot_bytes
-        for base, layer, offs in zip(bases, self.layout.layers, self.slot_off):
-            for seg, o in zip(layer.segments, offs):
+        for base, layer, offs in zip(bases, self.layout.layers, self.slot_off, strict=False):
+            for seg, o in zip(layer.segments, offs, strict=False):
                 ctypes.memmove(base + seg.offset + block_id * seg.stride, src + o, seg.length)
 
     def close(self) -> None:
@@ -213,7 +213,7 @@ def describe_cpu(req: pb.RegisterRequest, infos: Sequence[tuple[str, TensorInfo]
     mappings = [find_file_mapping(info.ptr, info.span, maps) for _, info in infos]
     if all(m is not None for m in mappings):
         paths: dict[str, int] = {}
-        for (name, _), m, layer in zip(infos, mappings, layout.layers):
+        for (name, _), m, layer in zip(infos, mappings, layout.layers, strict=False):
             assert m is not None
             if m.path not in paths:
                 paths[m.path] = len(req.regions)
@@ -230,11 +230,11 @@ def describe_cpu(req: pb.RegisterRequest, infos: Sequence[tuple[str, TensorInfo]
     try:
         req.num_blocks = 2 * slots
         req.regions.append(pb.MemoryRegion(shm_path=st.path, size=st.size))
-        for (name, _), layer, offs in zip(infos, layout.layers, st.slot_off):
+        for (name, _), layer, offs in zip(infos, layout.layers, st.slot_off, strict=False):
             req.layers.append(pb.LayerLayout(
                 name=name, region_index=0,
                 segments=[pb.Segment(offset=o, stride=st.slot_bytes, length=s.length)
-                          for s, o in zip(layer.segments, offs)]))
+                          for s, o in zip(layer.segments, offs, strict=False)]))
     except BaseException:
         st.close()  # nobody else holds it yet
         raise
@@ -248,7 +248,7 @@ def describe_cuda(req: pb.RegisterRequest, infos: Sequence[tuple[str, TensorInfo
     """CUDA caches: one region per caching-allocator block (IPC handle),
     layers addressed by offset, plus the rank's interprocess event."""
     allocs: dict[bytes, int] = {}
-    for (name, info), layer in zip(infos, layout.layers):
+    for (name, info), layer in zip(infos, layout.layers, strict=False):
         a: CudaAllocation = cuda_allocation(info.obj)
         if a.handle not in allocs:
             allocs[a.handle] = len(req.regions)

@@ -30,8 +30,8 @@ import tempfile
 import time
 from collections.abc import Iterable
 
-from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
+from .compat import LOGGER_NAME
 from .metadata import PegaHandshake
 
 log = logging.getLogger(LOGGER_NAME)

@@ -35,8 +35,8 @@ from .metadata import LoadSpec, PegaConnectorMetadata, SaveSpec
 from .metrics import Metrics
 from .query import QueryKey, QueryPool, QueryResult, accepts, future_result
 from .ready import FailureReporter
-from .reqstate import ReqState, legs
 from .rendezvous import NamespacePoller, disabled_reason
+from .reqstate import ReqState, legs
 
 log = logging.getLogger(LOGGER_NAME)
 

@@ -22,10 +22,10 @@ import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .compat import LOGGER_NAME
 from ._proto import engine_pb2 as pb
 from .client import EngineClient
 from .compat import (
+    LOGGER_NAME,
     CacheHitSource,
     KVConnectorBase_V1,
     SupportsHMA,
