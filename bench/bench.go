@@ -15,6 +15,14 @@
 // A request fails on a connection error, a non-200 status, an error event in
 // the stream, a stream that ends without [DONE], or its deadline; failed
 // requests are counted and reported, never folded into the latencies.
+//
+// Files: bench.go Config, its validation and Run (the send loop);
+// flags.go the flags (BindFlags); dataset.go the random prompts
+// (RandomDataset); arrival.go the send times (Arrivals); request.go one
+// streaming request and what it measured (Record); metrics.go the
+// summaries (Result, Stats, Percentile); report.go the table and JSON
+// output; plot.go the SVG of the latency distributions; progress.go the
+// progress bar.
 package bench
 
 import (

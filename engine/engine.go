@@ -17,6 +17,40 @@
 //
 // The API layer (engine/server) maps the error kinds in errors.go to status
 // codes; all methods are safe for concurrent use.
+//
+// The files, by concern:
+//   - the engine: engine.go (this file) New, Close and the housekeeping
+//     tick; config.go Config, its defaults and validation; types.go the
+//     engine's own Namespace and a validated registration; errors.go the
+//     error kinds;
+//   - clients and their memory: session.go sessions and instances
+//     (OpenSession, Register, Unregister); namespace.go namespaces
+//     (OpenNamespace) and their block shape; shm.go producers'
+//     shared-memory files, opened only as the caller's credentials allow
+//     (Peer); cudaorder.go a CUDA IPC region's device and the producer's
+//     event; placement.go a registration's host-level checks (local GPU,
+//     pool fit, one parallelism per model);
+//   - requests: store.go Save and Load; copy.go the plan, copy, commit
+//     steps they share; query.go Query (the sealed prefix and its wait);
+//     lease.go the leases a Query takes (Release); transfer.go transfers
+//     and their settling (AwaitTransfer, ReleaseTransfer); transferbound.go
+//     the bounds on transfer state (waiters, expiry); callback.go the
+//     /kv_ready POST and its allow list (--kv-ready-allow);
+//   - state: block.go blocks and their per-rank shares (pin, seal, free);
+//     pool.go the pools, one per NUMA node; alloc.go a pool's extent
+//     allocator; evict.go the per-pool S3-FIFO eviction;
+//   - checks: validate.go request validation; bounds.go the copy-op budget
+//     (MaxCopyOps); allowlist.go the host:port and URL rules both allow
+//     lists use;
+//   - peers: peer.go the side other engines read from (PeerHandshake,
+//     OpenPeerTransfer, ReleasePeerTransfer; PeerControl); peerread.go the
+//     validated read of an open transfer's shares (OpenPeerRead); fetch.go
+//     a Query's fetch of missing blocks from its source engine; peerlink.go
+//     the links to peers (and the UCX agent with rdma); peertransport.go
+//     tcp or rdma, and the check that rdma runs on RDMA transports only;
+//     peerallow.go the peers the engine may dial (--peer-allow);
+//   - observing: stats.go Health and Stats; metrics.go the Prometheus
+//     metrics.
 package engine
 
 import (

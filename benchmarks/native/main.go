@@ -16,6 +16,12 @@
 // line from stdin and GETs -iters batches of -batch-mib (after one
 // warm-up) in -extent-kib extents from advancing remote offsets, -window
 // outstanding, and prints the GB/s as JSON.
+//
+// Files: main.go the flags and the copier-vs-memcpy run; xfer.go the -xfer
+// run (XferPeer.Get vs ucp_get_nbx); ucxget.go the two bare-UCX processes
+// (-ucx-get-target, -ucx-get-initiator); xfer_noucx.go their stand-ins in
+// a build without UCX (tag noucx), which say so; cpus.go the CPU count the
+// tables print.
 package main
 
 import (

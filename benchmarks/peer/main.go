@@ -20,6 +20,12 @@
 //     and, as a second, cache-hot reference, `ucx_perftest -t ucp_get`
 //     when it is installed. Without UCX in the build it prints why and
 //     exits 0.
+//
+// Files: main.go the flags, the plan (-dry-run) and the run over sizes;
+// engines.go the two engines (start, health, metrics scrape); fetch.go one
+// size's timed fetches through the engines' sockets; baretcp.go and
+// bareucx.go the bare baselines above; perftest.go the ucx_perftest
+// reference; table.go the markdown table and its verdicts.
 package main
 
 import (

@@ -1,5 +1,11 @@
 // Command pegaflow is PegaFlow's single binary: the KV engine and P/D router
 // (`serve`), plus tools.
+//
+// Files: main.go the subcommands and their dispatch (and `version`);
+// serve.go `serve`: its flags, the engine with its socket API, the router
+// and the HTTP side (/topology among it), run until a signal; servepeer.go
+// serve's cross-host flags (--peer-*: token, advertised address, the peer
+// service and client); bench.go `bench`; sim.go `sim`; demo.go `demo`.
 package main
 
 import (

@@ -1,4 +1,10 @@
 // Package server serves the engine's gRPC API on a UNIX socket.
+//
+// Files: server.go the Server, its service (one method per RPC) and the
+// engine-error to gRPC-code mapping; socket.go the socket and the checks
+// on its directory (ErrUnsafeSocket); peercred.go each connection's peer
+// credentials (SO_PEERCRED), passed on to the engine; convert.go the
+// engine's types to and from the wire messages.
 package server
 
 import (
