@@ -24,12 +24,14 @@ import (
 //     op per share, the budget call of Save and Load, bounds.go) get fresh
 //     local extents for their shares and are entered unsealed, every rank
 //     "saving", pinned;
-//  3. copy (unlocked): UCX GETs, in chunks of whole blocks, each chunk at
-//     most MaxXferOps ops per Get;
+//  3. copy (unlocked): chunks of whole blocks read in parallel, each one
+//     validated read of the peer's stream (PeerControl.Read) or, with
+//     PeerTransportRDMA, UCX GETs of at most MaxXferOps ops each;
 //  4. commit (locked): the leading blocks whose every share arrived are
-//     sealed; the rest are freed. A Get returns only once no byte of it
-//     can land any more (native.XferPeer.Get), so freed extents are never
-//     written late, and nothing half-fetched is ever sealed.
+//     sealed; the rest are freed. A read returns only once no byte of it
+//     can land any more (the stream's bytes land in the reading goroutine;
+//     native.XferPeer.Get drains or force-closes first), so freed extents
+//     are never written late, and nothing half-fetched is ever sealed.
 //
 // Every failure (peer unreachable or refusing, epoch changed, blocks
 // evicted there, connection lost, deadline, local pool full, copy budget)
@@ -47,7 +49,8 @@ var (
 
 // fetchChunkBytes is about how many bytes one chunk of whole blocks reads:
 // small enough that a deadline leaves most of what arrived usable, large
-// enough to keep the peer's window (256 GETs, ~16 MiB) full.
+// enough that a stream read's fixed cost is small (and, with UCX, to keep
+// the peer's window of 256 GETs, ~16 MiB, full).
 const fetchChunkBytes = 8 << 20
 
 // fetchRange is what a fetch's plan step found missing.

@@ -73,7 +73,7 @@ func (r *rank) close() {
 
 // measureFetch saves rounds+1 batches of fresh blocks into A (producer)
 // and, after each save, queries B (consumer) naming A as the source: B
-// fetches the whole batch over UCX before it answers. The first round
+// fetches the whole batch (over --peer-transport) before it answers. The first round
 // warms up (connection, handshake, pool pages); the rest are timed. rep
 // keeps the hashes of repetitions apart.
 func measureFetch(ctx context.Context, a, b *engineProc, shareBytes, batchBytes, rounds, rep int) (fetchResult, error) {
