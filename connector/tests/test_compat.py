@@ -1,4 +1,4 @@
-"""vLLM-version shims (compat.py) and the namespace rendezvous, without an engine."""
+"""vLLM-version shims (the compat package) and the namespace rendezvous, without an engine."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from pegaflow_connector._proto import engine_pb2 as pb
 from pegaflow_connector.client import EngineError
 from pegaflow_connector.compat import KVConnectorRole, data_parallel_rank
 from pegaflow_connector.config import ConnectorConfig
+from pegaflow_connector.instance import instance_id_for
 from pegaflow_connector.metrics import Metrics
-from pegaflow_connector.vllm_connector import instance_id_for
 from pegaflow_connector.worker import WorkerCore
 
 

@@ -7,7 +7,7 @@ see the caches). Two channels carry it from the workers to the scheduler:
   `get_handshake_metadata`; vLLM hands all of them to the scheduler's
   `set_xfer_handshake_metadata`, which takes rank 0's namespace.
 - a rendezvous file, for vLLM releases without the handshake hooks (see
-  compat.py): rank 0 publishes its namespace after every registration in
+  compat/classes.py): rank 0 publishes its namespace after every registration in
   `$TMPDIR/pegaflow-ns-<uid>/<instance>.pb` (written atomically), and the
   scheduler polls that file, at most once a second, while it knows no
   namespace.

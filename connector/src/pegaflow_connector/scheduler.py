@@ -2,23 +2,23 @@
 
 vLLM-agnostic: it reads only plain attributes of vLLM's Request and
 SchedulerOutput objects (listed in the README) and never imports vLLM;
-attributes that differ between vLLM releases are read through compat.py.
+attributes that differ between vLLM releases are read through compat.
 Every method is called on vLLM's scheduler thread and must be cheap and
 never raise; engine trouble degrades to "no hit" / "nothing saved".
 
 A request's record is `ReqState` (reqstate.py: P leg, D leg, query memo,
-save cursor); engine calls that may wait run on `QueryPool` (query.py).
+save cursor); engine calls that may wait run on `QueryPool` (query.py);
+the namespace that queries name is `SchedulerNamespace` (namespace.py).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
 from ._proto import engine_pb2 as pb
-from .client import EngineClient, EngineError, EngineUnavailable
+from .client import EngineClient
 from .compat import (
     LOGGER_NAME,
     group_block_ids,
@@ -33,9 +33,10 @@ from .compat import (
 from .config import ConnectorConfig
 from .metadata import LoadSpec, PegaConnectorMetadata, SaveSpec
 from .metrics import Metrics
+from .namespace import SchedulerNamespace
 from .query import QueryKey, QueryPool, QueryResult, accepts, future_result
 from .ready import FailureReporter
-from .rendezvous import NamespacePoller, disabled_reason
+from .rendezvous import disabled_reason
 from .reqstate import ReqState, legs
 
 log = logging.getLogger(LOGGER_NAME)
@@ -66,13 +67,9 @@ class SchedulerCore:
         # Abandoned transfers to fail once the request's saves are done (a
         # Release that overtook an in-flight tagged save would be undone by it).
         self._release_after_send: dict[str, str] = {}
-        self._lock = threading.Lock()  # namespace state (set from other threads)
-        self._ns: pb.Namespace | None = None
-        self._ns_id: str | None = None
-        self._ns_gen = -1
-        self._ns_poller = NamespacePoller(instance_id)
-        self._ns_rejected = False
         self._pool = QueryPool(cfg, client, self.metrics)
+        self._namespace = SchedulerNamespace(cfg, client, self.metrics, instance_id,
+                                             submit=self._pool.submit, disable=self.disable)
         self._has_preempted_field: bool | None = None
         self.disabled = ""
         self._failure_reporter = FailureReporter(cfg.kv_ready_allow)
@@ -80,7 +77,7 @@ class SchedulerCore:
         # that failed has left its marker already (older vLLM: no handshake).
         if (reason := disabled_reason(instance_id)) is not None:
             self.disable(reason)
-        client.add_on_connect(self._on_connect)
+        client.add_on_connect(self._namespace.on_connect)
 
     def disable(self, reason: str) -> None:
         """A worker rank could not start: stop planning saves and loads
@@ -122,61 +119,16 @@ class SchedulerCore:
 
     def set_namespace(self, ns: pb.Namespace) -> None:
         """The namespace the workers registered in (from the handshake)."""
-        with self._lock:
-            if self._ns is not None and self._ns.SerializeToString(deterministic=True) == \
-                    ns.SerializeToString(deterministic=True):
-                return
-            self._ns, self._ns_id, self._ns_gen = ns, None, -1
-        if self.client.connected:
-            self._pool.submit(self._open_namespace)
-
-    def _on_connect(self, _client: EngineClient) -> None:
-        self._open_namespace()
-
-    def _open_namespace(self) -> None:
-        with self._lock:
-            ns = self._ns
-        if ns is None:
-            return
-        gen = self.client.generation
-        try:
-            ns_id = self.client.open_namespace(ns, self.cfg.rpc_timeout_ms / 1000)
-        except EngineUnavailable:
-            return
-        except EngineError as e:
-            self._report_namespace_error(e)
-            return
-        with self._lock:
-            if self._ns is ns:
-                self._ns_id, self._ns_gen, self._ns_rejected = ns_id, gen, False
-        log.info("pegaflow: scheduler uses namespace %s", ns_id)
-
-    def _report_namespace_error(self, e: EngineError) -> None:
-        import grpc
-
-        if e.code == grpc.StatusCode.FAILED_PRECONDITION:
-            self.metrics.inc("namespace_rejected")
-            self._ns_rejected = True
-            log.error("pegaflow: ENGINE REJECTED THIS INSTANCE'S NAMESPACE: %s. Block hashes "
-                      "of this instance cannot match the others sharing the namespace (check "
-                      "PYTHONHASHSEED, the hash algorithm and the block size on every P and D). "
-                      "Cache lookups are disabled until this is fixed.", e.details)
-        else:
-            log.error("pegaflow: open namespace failed: %s", e)
+        self._namespace.set(ns)
 
     def namespace_id(self) -> str | None:
         """The namespace to query, or None while unknown (queries skipped)."""
-        ns_id, gen = self._ns_id, self._ns_gen
-        if ns_id is not None and gen == self.client.generation and self.client.connected:
-            return ns_id
-        if self._ns is None:
-            # No handshake (older vLLM): rank 0's rendezvous file.
-            ns = self._ns_poller.poll()
-            if self._ns_poller.disabled:
-                self.disable(self._ns_poller.disabled)
-            if ns is not None:
-                self.set_namespace(ns)
-        return None
+        return self._namespace.id()
+
+    @property
+    def _ns_id(self) -> str | None:
+        """The namespace last opened, named in P/D answers and diagnostics."""
+        return self._namespace.opened_id
 
     # ------------------------------------------------------------ requests
 

@@ -18,33 +18,33 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ._proto import engine_pb2 as pb
 from .client import EngineClient
 from .compat import (
     LOGGER_NAME,
     CacheHitSource,
     KVConnectorBase_V1,
     SupportsHMA,
-    context_parallel_sizes,
     data_parallel_rank,
     init_connector_base,
     kv_cache_num_blocks,
-    kv_connector_extra_config,
     kv_engine_id,
-    kv_load_failure_policy,
     preemption_ids_arg,
-    prefix_caching_hash_algo,
     require_supported_vllm,
     role_is_scheduler,
-    tensor_parallel_rank,
 )
-from .config import ConnectorConfig, hash_seed_fingerprint, private_hash_seed_fingerprint
 from .disabled import DisabledWorker
 from .groups import GroupPlan, plan_groups
+from .instance import (
+    instance_id_for,
+    kv_role,
+    load_config,
+    namespace_template,
+    tensor_parallel_size,
+    tp_rank,
+)
 from .layout import LayoutError
 from .metadata import PegaConnectorMetadata, PegaHandshake
 from .metrics import Metrics
@@ -79,24 +79,6 @@ def _guard(default: Callable[..., Any]) -> Callable[[Callable[..., T]], Callable
         return inner
 
     return wrap
-
-
-def instance_id_for(configured: str, engine_id: Any, dp_rank: int | None) -> str:
-    """The engine instance id: configured, else from vLLM's engine_id, else
-    the host name; with data parallelism `-dp<rank>` is appended unless the
-    base already carries the rank (vLLM's `_dp<rank>` engine_id), so DP
-    ranks sharing one configured id never register under the same name."""
-    base = configured or (f"vllm-{engine_id}" if engine_id else f"vllm-{socket.gethostname()}")
-    if dp_rank is None or (not configured and engine_id and str(engine_id).endswith(f"_dp{dp_rank}")):
-        return base
-    return f"{base}-dp{dp_rank}"
-
-
-def _tp_rank(cfg: ConnectorConfig) -> int:
-    if cfg.tp_rank is not None:
-        return cfg.tp_rank
-    rank = tensor_parallel_rank()
-    return 0 if rank is None else rank  # not in a vLLM worker (tests, tools)
 
 
 class PegaFlowConnector(KVConnectorBase_V1, SupportsHMA):
@@ -140,60 +122,25 @@ class PegaFlowConnector(KVConnectorBase_V1, SupportsHMA):
     # ------------------------------------------------------------ setup
 
     def _setup(self, vc: Any) -> None:
+        """Reads vLLM's config (instance.py) and builds this process's core;
+        attributes are set as they are known, so that a failure part-way
+        still names the instance and rank it disables."""
         ktc = vc.kv_transfer_config
-        self.cfg = cfg = ConnectorConfig.load(kv_connector_extra_config(ktc))
-        for k in getattr(cfg, "unknown_keys", []):
-            log.warning("pegaflow: unknown kv_connector_extra_config key %r ignored", k)
-        role_name = str(getattr(ktc, "kv_role", "kv_both") or "kv_both")
-        if kv_load_failure_policy(ktc) == "fail" and self._is_scheduler:
-            log.warning("pegaflow: kv_load_failure_policy is 'fail' (vLLM's default): a block the "
-                        "engine cannot deliver (evicted, engine restarted) fails its request. Set "
-                        "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config to "
-                        "recompute such blocks instead.")
-        self._role_name = role_name
-        self._load_enabled = role_name in ("kv_both", "kv_consumer")
-        self._save_enabled = role_name in ("kv_both", "kv_producer")
+        self.cfg = cfg = load_config(ktc, is_scheduler=self._is_scheduler)
+        self._role_name, self._load_enabled, self._save_enabled = kv_role(ktc)
         mc, cc, pc = vc.model_config, vc.cache_config, vc.parallel_config
         self.block_size = int(cc.block_size)
-        if int(getattr(pc, "pipeline_parallel_size", 1) or 1) > 1:
-            raise ValueError("pipeline parallelism is not supported")
-        dcp, pcp = context_parallel_sizes(pc)
-        if dcp > 1 or pcp > 1:
-            raise ValueError(f"context parallelism is not supported (decode_context_parallel_size="
-                             f"{dcp}, prefill_context_parallel_size={pcp}): it splits each "
-                             "block's KV by token across ranks; run with DCP=PCP=1")
-        tp = int(getattr(pc, "tensor_parallel_size", 1) or 1)
+        tp = tensor_parallel_size(pc)
         engine_id = kv_engine_id(ktc)
         self.instance_id = instance_id_for(cfg.instance_id, engine_id,
                                            data_parallel_rank(pc, engine_id))
-        hash_algo = prefix_caching_hash_algo(cc)
-        extra = {"kv_cache_dtype": str(getattr(cc, "cache_dtype", "auto"))}
-        fp = hash_seed_fingerprint(hash_algo)
-        if not fp:
-            # vLLM seeds this instance's hashes randomly: no other process
-            # can match them, so sharing a namespace would only be a silent
-            # 0% hit rate (and, for xxhash, a known-seed collision risk).
-            fp = private_hash_seed_fingerprint(hash_algo, self.instance_id)
-            extra["hash_seed"] = f"random:{self.instance_id}"
-            if self._is_scheduler:
-                log.warning("pegaflow: vLLM seeds block hashes randomly per process (%s without "
-                            "PYTHONHASHSEED): this instance's blocks are kept private to it (no "
-                            "P/D, no sharing with other instances). Set the same PYTHONHASHSEED "
-                            "on every instance to share.", hash_algo)
         self._groups = groups = plan_groups(self._kv_cache_config, self.block_size)
-        if groups.hybrid:
-            # Only instances with this very group structure share blocks.
-            extra["kv_groups"] = groups.label
-            if self._is_scheduler:
-                self._log_groups(groups)
+        self._ns_template = namespace_template(cfg, vc, block_size=self.block_size, tp=tp,
+                                               instance_id=self.instance_id, groups=groups,
+                                               is_scheduler=self._is_scheduler)
         if groups.stored is None:
             self._load_enabled = self._save_enabled = False
-        extra.update(cfg.namespace_extra)
-        self._ns_template = pb.Namespace(
-            model=cfg.model_name or str(mc.model), model_revision=str(getattr(mc, "revision", "") or ""),
-            block_size=self.block_size, tp_size=tp, hash_algo=hash_algo,
-            hash_seed_fingerprint=fp, extra=extra)
-        self._rank = _tp_rank(cfg)
+        self._rank = tp_rank(cfg)
         role = "scheduler" if self._is_scheduler else f"worker rank {self._rank}"
         if self._client is None:
             self._client = EngineClient(
@@ -216,20 +163,7 @@ class PegaFlowConnector(KVConnectorBase_V1, SupportsHMA):
                                       metrics=self._metrics, layers=groups.layers)
         self._client.start()
         log.info("pegaflow: %s connector for %s (%s, instance %s, socket %s)", role, mc.model,
-                 role_name, self.instance_id, cfg.socket_path)
-
-    @staticmethod
-    def _log_groups(groups: GroupPlan) -> None:
-        if groups.stored is None:
-            log.warning("pegaflow: hybrid KV cache groups [%s]: %s, so nothing is saved or "
-                        "loaded", groups.label, groups.why)
-        elif not groups.hits_usable:
-            log.warning("pegaflow: hybrid KV cache groups [%s]: group %d (full attention) is "
-                        "saved, but a hit on it alone is not usable (%s): PegaFlow answers 0 "
-                        "matched tokens for this model", groups.label, groups.stored, groups.why)
-        else:
-            log.info("pegaflow: KV cache groups [%s]: group %d is saved and loaded",
-                     groups.label, groups.stored)
+                 self._role_name, self.instance_id, cfg.socket_path)
 
     @property
     def metrics(self) -> Metrics:
