@@ -221,6 +221,15 @@ func TestPeerFetchAcrossEngines(t *testing.T) {
 	require.EqualValues(t, 32, cons.query(t, ctx, aAddr, hashes, 10*time.Second))
 	require.EqualValues(t, 32, b.metric(t, "pegaflow_engine_peer_fetch_blocks_total"))
 	require.Eventually(t, func() bool { return a.metric(t, "pegaflow_engine_peer_transfers_open") == 0 }, 5*time.Second, 20*time.Millisecond)
+	// B keeps its stream connection to A across fetches (one 8 MiB chunk
+	// each): a client closed at start-up used to dial, and prove the
+	// token, for every chunk of every fetch.
+	for i := range 6 {
+		again := kvtest.Hashes(fmt.Sprintf("cross-host-%d", i), 32)
+		prod.save(t, ctx, again, 1)
+		require.EqualValues(t, 32, cons.query(t, ctx, aAddr, again, 10*time.Second))
+	}
+	require.EqualValues(t, 1, a.metric(t, "pegaflow_engine_peer_stream_connections_total"), "B's fetches share one kept connection")
 
 	// Without the token, or with another, A refuses; unknown transfers are NotFound.
 	for _, tok := range []string{"", "another-token-another-token-another-token"} {

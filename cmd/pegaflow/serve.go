@@ -185,7 +185,14 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 	defer cancel()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	eng, srv, err := startEngine(ctx, f, log, reg)
+	// The peer client outlives the engine (deferred first, closed last): a
+	// client closed early would leave every fetch to dial anew.
+	var peers engine.PeerControl
+	if pc := f.peer.control(); pc != nil {
+		defer pc.Close()
+		peers = pc
+	}
+	eng, srv, err := startEngine(ctx, f, peers, log, reg)
 	if err != nil {
 		return err
 	}
@@ -197,7 +204,7 @@ func serve(ctx context.Context, f *serveFlags, log *slog.Logger) error {
 
 // startEngine builds the engine and its socket API server, or nothing
 // with --engine=false (a router alone: no pool is allocated).
-func startEngine(ctx context.Context, f *serveFlags, log *slog.Logger, reg *prometheus.Registry) (*engine.Engine, *server.Server, error) {
+func startEngine(ctx context.Context, f *serveFlags, peers engine.PeerControl, log *slog.Logger, reg *prometheus.Registry) (*engine.Engine, *server.Server, error) {
 	if !f.engine {
 		return nil, nil, nil
 	}
@@ -210,11 +217,6 @@ func startEngine(ctx context.Context, f *serveFlags, log *slog.Logger, reg *prom
 	}
 	topoLog := log.With("component", "topology")
 	topo := topology.Discover(ctx, topology.NewNVML(topoLog), topoLog)
-	var peers engine.PeerControl
-	if pc := f.peer.control(); pc != nil {
-		defer pc.Close()
-		peers = pc
-	}
 	eng, err := engine.New(engine.Config{
 		Peers: peers, PeerTransport: f.peer.transport, PeerAddress: f.peer.advertise, PeerAllow: f.peer.allow,
 		PoolSize: uint64(f.poolSize), NUMANode: f.numaNode, Device: -1, PoolFlags: poolFlags,

@@ -8,6 +8,7 @@ import (
 
 // streamMetrics are the validated stream's counters (README's Metrics).
 type streamMetrics struct {
+	conns   prometheus.Counter // connections that passed the token exchange
 	refused prometheus.Counter // connections that failed the token exchange
 	invalid prometheus.Counter // requests refused as malformed or outside their transfer
 	bytes   prometheus.Counter // share bytes sent
@@ -15,6 +16,8 @@ type streamMetrics struct {
 
 func newStreamMetrics(reg prometheus.Registerer) (*streamMetrics, error) {
 	m := &streamMetrics{
+		conns: prometheus.NewCounter(prometheus.CounterOpts{Name: "pegaflow_engine_peer_stream_connections_total",
+			Help: "Peer stream connections accepted (token exchange passed); readers keep theirs open across reads."}),
 		refused: prometheus.NewCounter(prometheus.CounterOpts{Name: "pegaflow_engine_peer_stream_refused_total",
 			Help: "Peer stream connections refused by the token exchange."}),
 		invalid: prometheus.NewCounter(prometheus.CounterOpts{Name: "pegaflow_engine_peer_stream_invalid_total",
@@ -25,7 +28,7 @@ func newStreamMetrics(reg prometheus.Registerer) (*streamMetrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.refused, m.invalid, m.bytes} {
+	for _, c := range []prometheus.Collector{m.conns, m.refused, m.invalid, m.bytes} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("register peer stream metrics: %w", err)
 		}

@@ -39,6 +39,7 @@ func (s *streamServer) serve(c net.Conn) {
 		s.log.Debug("peer stream refused", "remote", c.RemoteAddr().String(), "err", err)
 		return
 	}
+	s.m.conns.Inc()
 	br := bufio.NewReaderSize(c, 4096)
 	for {
 		_ = c.SetReadDeadline(time.Now().Add(streamIdle))
