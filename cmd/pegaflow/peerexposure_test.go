@@ -30,11 +30,7 @@ import (
 // interface (over which any process could read or write the engine's
 // memory by address before this was fixed).
 func TestPeerEngineListensOnlyWhereConfigured(t *testing.T) {
-	skipUnlessPeerProcs(t, "starts an engine process")
-	dir := t.TempDir()
-	tok := filepath.Join(dir, "token")
-	require.NoError(t, os.WriteFile(tok, []byte(peerTestToken), 0o600))
-	p := startPeerEngine(t, testBinary(t), dir, freeAddr(t), tok, "loopback:1")
+	p := startLonePeerEngine(t)
 	got := listeningPorts(t, p.cmd.Process.Pid)
 	want := []int{portOf(t, p.http), portOf(t, p.peerAddr)}
 	sort.Ints(want)
@@ -56,6 +52,16 @@ func TestRDMATransportRefusesNonRDMATransports(t *testing.T) {
 			require.Contains(t, stderr.String(), "--peer-transport=tcp")
 		})
 	}
+}
+
+// startLonePeerEngine is one engine with a peer token, on loopback.
+func startLonePeerEngine(t *testing.T) *engineProc {
+	t.Helper()
+	skipUnlessPeerProcs(t, "starts an engine process")
+	dir := t.TempDir()
+	tok := filepath.Join(dir, "token")
+	require.NoError(t, os.WriteFile(tok, []byte(peerTestToken), 0o600))
+	return startPeerEngine(t, testBinary(t), dir, freeAddr(t), tok, "loopback:1")
 }
 
 func portOf(t *testing.T, addr string) int {
@@ -109,11 +115,7 @@ func listeningPorts(t *testing.T, pid int) []int {
 // refused from its length prefix: the engine's peak RSS stays within
 // 64 MiB of where it started, and every call is refused.
 func TestPeerPortFloodKeepsEngineMemoryBounded(t *testing.T) {
-	skipUnlessPeerProcs(t, "starts an engine process")
-	dir := t.TempDir()
-	tok := filepath.Join(dir, "token")
-	require.NoError(t, os.WriteFile(tok, []byte(peerTestToken), 0o600))
-	p := startPeerEngine(t, testBinary(t), dir, freeAddr(t), tok, "loopback:1")
+	p := startLonePeerEngine(t)
 	base := vmHWM(t, p.cmd.Process.Pid)
 
 	hashes := make([][]byte, 1<<20) // 1M hashes of 58 bytes: ~60 MiB on the wire

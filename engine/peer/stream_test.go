@@ -79,6 +79,16 @@ func (s *servedEngine) open(t *testing.T, c *Client, n int) *pb.PeerOpenTransfer
 	return resp
 }
 
+// serveOpened is serveEngine with a reader holding the token and an open
+// transfer of the first block.
+func serveOpened(t *testing.T) (*servedEngine, *Client, *pb.PeerOpenTransferResponse) {
+	t.Helper()
+	s := serveEngine(t)
+	good := NewClient(streamToken)
+	t.Cleanup(func() { good.Close() })
+	return s, good, s.open(t, good, 1)
+}
+
 func shareRead(x *pb.PeerExtent) engine.PeerShareRead {
 	return engine.PeerShareRead{Ext: engine.PeerExtent{Pool: x.Pool, Offset: x.Offset, Len: x.Length}, Dst: make([]byte, x.Length)}
 }
@@ -130,10 +140,7 @@ func TestStreamReadsOnlyOpenedShares(t *testing.T) {
 // token first, and refuses a reader that cannot prove it back. A reader
 // holding another token never sends its proof to that engine.
 func TestStreamRefusesWithoutTheToken(t *testing.T) {
-	s := serveEngine(t)
-	good := NewClient(streamToken)
-	defer good.Close()
-	tr := s.open(t, good, 1)
+	s, _, tr := serveOpened(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 
@@ -166,10 +173,7 @@ func TestStreamRefusesWithoutTheToken(t *testing.T) {
 // with at most an error answer: lengths are checked before anything is
 // allocated for them, and the engine keeps serving.
 func TestStreamMalformedRequests(t *testing.T) {
-	s := serveEngine(t)
-	good := NewClient(streamToken)
-	defer good.Close()
-	tr := s.open(t, good, 1)
+	s, good, tr := serveOpened(t)
 	le32 := func(v uint32) []byte { return binary.LittleEndian.AppendUint32(nil, v) }
 	for name, req := range map[string][]byte{
 		"a 2 GiB handle":         le32(1 << 31),
