@@ -48,6 +48,7 @@
 //     a Query's fetch of missing blocks from its source engine; peerlink.go
 //     the links to peers (and the UCX agent with rdma); peertransport.go
 //     tcp or rdma, and the check that rdma runs on RDMA transports only;
+//     rdmadev.go the RDMA device behind --peer-addr (UCX_NET_DEVICES);
 //     peerallow.go the peers the engine may dial (--peer-allow);
 //   - observing: stats.go Health and Stats; metrics.go the Prometheus
 //     metrics.

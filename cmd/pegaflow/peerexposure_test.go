@@ -64,6 +64,20 @@ func startLonePeerEngine(t *testing.T) *engineProc {
 	return startPeerEngine(t, testBinary(t), dir, freeAddr(t), tok, "loopback:1")
 }
 
+// With RDMA transports named but no UCX_NET_DEVICES, the engine binds UCX
+// to the NIC of --peer-addr; a --peer-addr whose interface has no RDMA
+// device (loopback here) is refused, naming the setting.
+func TestRDMATransportNeedsTheKVNIC(t *testing.T) {
+	t.Setenv("UCX_TLS", "rc,ud")
+	t.Setenv("UCX_NET_DEVICES", "")
+	var stderr bytes.Buffer
+	code := dispatch(context.Background(), []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-transport", "rdma"},
+		&bytes.Buffer{}, &stderr)
+	require.Equal(t, 2, code)
+	require.Contains(t, stderr.String(), "has no RDMA device")
+	require.Contains(t, stderr.String(), "UCX_NET_DEVICES")
+}
+
 func portOf(t *testing.T, addr string) int {
 	t.Helper()
 	i := strings.LastIndexByte(addr, ':')

@@ -56,6 +56,9 @@ func (f *peerFlags) check() error {
 	if err := f.checkAdvertise(); err != nil {
 		return err
 	}
+	if err := f.restrictUCX(); err != nil {
+		return err
+	}
 	if f.tokenFile != "" {
 		tok, err := peer.LoadToken(f.tokenFile)
 		if err != nil {
@@ -86,6 +89,30 @@ func (f *peerFlags) checkAdvertise() error {
 		return fmt.Errorf("--peer-advertise %q: want the HOST:PORT peer engines dial (not an unspecified address)", f.advertise)
 	}
 	return nil
+}
+
+// restrictUCX keeps --peer-transport=rdma's UCX on the NIC of --peer-addr
+// unless the operator named the devices: UCX_NET_DEVICES is set, for
+// the engine's UCX agent (which reads it at start and logs it), to the
+// RDMA device and port behind the interface holding that address.
+func (f *peerFlags) restrictUCX() error {
+	if f.transport != engine.PeerTransportRDMA || os.Getenv("UCX_NET_DEVICES") != "" {
+		return nil
+	}
+	host, _, _ := net.SplitHostPort(f.addr)
+	ip := net.ParseIP(host)
+	if ip == nil {
+		return fmt.Errorf("--peer-transport=rdma with --peer-addr %q (a name): set UCX_NET_DEVICES to the KV NIC's RDMA device (e.g. mlx5_0:1)", f.addr)
+	}
+	ifaces, err := net.Interfaces()
+	if err != nil {
+		return fmt.Errorf("--peer-transport=rdma: list interfaces: %w", err)
+	}
+	dev, err := engine.RDMADeviceFor(ip, ifaces, func(i net.Interface) ([]net.Addr, error) { return i.Addrs() }, os.DirFS("/sys"))
+	if err != nil {
+		return err
+	}
+	return os.Setenv("UCX_NET_DEVICES", dev)
 }
 
 func unspecifiedHost(host string) bool {
