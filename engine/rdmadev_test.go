@@ -20,12 +20,12 @@ func TestRDMADeviceFor(t *testing.T) {
 	dir := &fstest.MapFile{Mode: 0o755 | 1<<31}
 	sysfs := fstest.MapFS{
 		// eth1: a single-port HCA; eth2: a dual-port one, port 2 carrying eth2.
-		"class/net/eth1/device/infiniband/mlx5_0":          dir,
-		"class/infiniband/mlx5_0/ports/1":                  dir,
-		"class/net/eth2/device/infiniband/mlx5_1":          dir,
+		"class/net/eth1/device/infiniband/mlx5_0":           dir,
+		"class/infiniband/mlx5_0/ports/1":                   dir,
+		"class/net/eth2/device/infiniband/mlx5_1":           dir,
 		"class/infiniband/mlx5_1/ports/1/gid_attrs/ndevs/0": {Data: []byte("eth3\n")},
 		"class/infiniband/mlx5_1/ports/2/gid_attrs/ndevs/0": {Data: []byte("eth2\n")},
-		"class/net/eth0/device/vendor":                     {Data: []byte("0x8086\n")},
+		"class/net/eth0/device/vendor":                      {Data: []byte("0x8086\n")},
 	}
 	for _, tc := range []struct {
 		ip, want, err string
