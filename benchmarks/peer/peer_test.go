@@ -245,7 +245,7 @@ func TestRDMAScriptDryRun(t *testing.T) {
 		"--peer-transport rdma",
 		"ucx_perftest 127.0.0.1 -p 13337 -t ucp_get -s 262144",
 		"ucx_perftest 127.0.0.1 -p 13337 -t ucp_get -s 2097152",
-		"nativebench -ucx-get-target -region-mib 512 | nativebench -ucx-get-initiator -extent-kib 256 -batch-mib 32 -iters 8 -window 64",
+		"nativebench -ucx-get-target -region-mib 1024 | nativebench -ucx-get-initiator -extent-kib 256 -batch-mib 128 -iters 4 -window 64",
 		"fraction of 400 Gb/s line rate",
 	} {
 		require.Contains(t, s, want)
@@ -387,9 +387,9 @@ func TestDryRun(t *testing.T) {
 		"bench-peer dry run (--peer-transport=tcp)",
 		"engine A: /bin/false serve --socket DIR/A.sock",
 		"--peer-transport tcp --log-level warn",
-		"256 KiB: 5 x {save 128 blocks into A, query B (source_engine A) x 8 timed + 1 warm-up; " +
-			"peerbench -bare-tcp-writer -host 127.0.0.1 -pool-mib 512 | peerbench -bare-tcp-reader -share-bytes 262144 -blocks 128 -chunk-blocks 32 -batches 8 -pool-mib 512}",
-		"2 MiB: 5 x {save 16 blocks into A",
+		"256 KiB: 5 x {save 512 blocks into A, query B (source_engine A) x 4 timed + 1 warm-up; " +
+			"peerbench -bare-tcp-writer -host 127.0.0.1 -pool-mib 1024 | peerbench -bare-tcp-reader -share-bytes 262144 -blocks 512 -chunk-blocks 32 -batches 4 -pool-mib 1024}",
+		"2 MiB: 5 x {save 64 blocks into A",
 	} {
 		require.Contains(t, out, want)
 	}

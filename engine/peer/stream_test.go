@@ -1,6 +1,7 @@
 package peer
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -164,7 +165,7 @@ func TestStreamRefusesWithoutTheToken(t *testing.T) {
 	_, err = conn.Write(append(make([]byte, macLen), req...))
 	require.NoError(t, err)
 	rest, _ := io.ReadAll(conn)
-	require.Equal(t, []byte{1}, rest, "a refusal, then the engine closed: no answer, no bytes")
+	require.Equal(t, verdict(1), rest, "a refusal, then the engine closed: no answer, no bytes")
 	require.Eventually(t, func() bool { return testutil.ToFloat64(s.m.refused) >= 2 }, 5*time.Second, 10*time.Millisecond)
 	require.Equal(t, "ok", s.eng.Health().Status)
 }
@@ -184,7 +185,7 @@ func TestStreamMalformedRequests(t *testing.T) {
 		"a handle then silence.": append(le32(uint32(len(tr.Handle))), tr.Handle[:4]...),
 	} {
 		t.Run(name, func(t *testing.T) {
-			sc, err := (&streams{token: streamToken, idle: map[string][]*streamConn{}}).get(context.Background(), s.addr)
+			sc, err := (&streams{token: streamToken, idle: map[string][]*streamConn{}}).dial(context.Background(), s.addr)
 			require.NoError(t, err)
 			defer sc.c.Close()
 			require.NoError(t, sc.c.SetDeadline(time.Now().Add(30*time.Second)))
@@ -206,5 +207,64 @@ func TestStreamMalformedRequests(t *testing.T) {
 	defer cancel()
 	read := shareRead(tr.Blocks[0].Shares[0])
 	require.NoError(t, good.Read(ctx, s.addr, tr.Handle, []engine.PeerShareRead{read}))
+	require.True(t, bytes.Equal(s.cache.BlockBytes(0), read.Dst))
+}
+
+// Everything the engine sends before the shares is a multiple of
+// headAlign bytes (the kernel then copies the shares cache-line aligned),
+// and every head still decodes to its status and message.
+func TestStreamHeadsKeepTheSharesAligned(t *testing.T) {
+	require.Len(t, verdict(0), headAlign)
+	require.Equal(t, 64, nonceLen+macLen, "the engine's hello")
+	for _, tc := range []struct {
+		code uint32
+		msg  string
+		want error
+	}{
+		{statusOK, "", nil},
+		{statusInvalid, "x", engine.ErrInvalid},
+		{statusNotFound, string(make([]byte, 56)), engine.ErrNotFound},
+		{statusFailed, string(make([]byte, 57)), engine.ErrPeerUnavailable},
+		{statusInvalid, string(bytes.Repeat([]byte("m"), maxMessage+10)), engine.ErrInvalid},
+	} {
+		head := encodeStatus(tc.code, tc.msg)
+		require.Zero(t, len(head)%headAlign, "head of a %d-byte message", len(tc.msg))
+		r := bytes.NewReader(append(head, 0xAB))
+		answered, err := decodeStatus(r, "peer")
+		require.True(t, answered)
+		if tc.want == nil {
+			require.NoError(t, err)
+		} else {
+			require.ErrorIs(t, err, tc.want)
+		}
+		next, _ := r.ReadByte()
+		require.Equal(t, byte(0xAB), next, "the head was read to its end, padding included")
+	}
+}
+
+// A kept connection the peer closed while it sat idle (the peer engine
+// restarted, or dropped it) costs the next read nothing: no byte of it was
+// answered, so the read goes once more on a fresh connection.
+func TestStreamReadSurvivesAStaleKeptConnection(t *testing.T) {
+	s, _, tr := serveOpened(t)
+	gone, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	go func() {
+		c, err := gone.Accept()
+		if err == nil {
+			_ = c.Close() // the peer's side of an idle connection, closed
+		}
+	}()
+	stale, err := net.Dial("tcp", gone.Addr().String())
+	require.NoError(t, err)
+	defer gone.Close()
+	st := &streams{token: streamToken, idle: map[string][]*streamConn{}}
+	defer st.close()
+	st.put(s.addr, &streamConn{c: stale, br: bufio.NewReader(stale)})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	read := shareRead(tr.Blocks[0].Shares[0])
+	require.NoError(t, st.read(ctx, s.addr, tr.Handle, []engine.PeerShareRead{read}))
 	require.True(t, bytes.Equal(s.cache.BlockBytes(0), read.Dst))
 }

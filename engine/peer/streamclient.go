@@ -32,15 +32,23 @@ type streamConn struct {
 }
 
 // get returns an idle connection to addr or dials and authenticates one.
-func (s *streams) get(ctx context.Context, addr string) (*streamConn, error) {
+// get returns an idle connection to addr (kept is then true) or dials and
+// authenticates one.
+func (s *streams) get(ctx context.Context, addr string) (sc *streamConn, kept bool, err error) {
 	s.mu.Lock()
 	if l := s.idle[addr]; len(l) > 0 {
 		sc := l[len(l)-1]
 		s.idle[addr] = l[:len(l)-1]
 		s.mu.Unlock()
-		return sc, nil
+		return sc, true, nil
 	}
 	s.mu.Unlock()
+	sc, err = s.dial(ctx, addr)
+	return sc, false, err
+}
+
+// dial opens and authenticates a connection to addr.
+func (s *streams) dial(ctx context.Context, addr string) (*streamConn, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -82,11 +90,11 @@ func (sc *streamConn) handshake(token []byte) error {
 	if _, err := sc.c.Write(streamMAC(token, "client", rn, en)); err != nil {
 		return err
 	}
-	verdict, err := sc.br.ReadByte()
-	if err != nil {
+	v := make([]byte, headAlign)
+	if _, err := io.ReadFull(sc.br, v); err != nil {
 		return err
 	}
-	if verdict != 0 {
+	if v[0] != 0 {
 		return errRefused
 	}
 	return nil
@@ -122,12 +130,24 @@ func (s *streams) read(ctx context.Context, addr, handle string, reads []engine.
 	if len(reads) == 0 {
 		return nil
 	}
-	sc, err := s.get(ctx, addr)
+	sc, kept, err := s.get(ctx, addr)
 	if err != nil {
 		return err
 	}
 	stop := afterDeadline(ctx, sc.c)
-	whole, err := sc.exchange(addr, handle, reads)
+	whole, unanswered, err := sc.exchange(addr, handle, reads)
+	if kept && unanswered && stop() {
+		// A kept connection the peer closed while it was idle (it
+		// restarted, or dropped it): nothing of this read was answered,
+		// and a read changes nothing there, so it goes once more on a
+		// connection of its own.
+		_ = sc.c.Close()
+		if sc, err = s.dial(ctx, addr); err != nil {
+			return err
+		}
+		stop = afterDeadline(ctx, sc.c)
+		whole, _, err = sc.exchange(addr, handle, reads)
+	}
 	if !stop() {
 		whole, err = false, context.Cause(ctx)
 	}
@@ -145,22 +165,27 @@ func (s *streams) read(ctx context.Context, addr, handle string, reads []engine.
 	return fmt.Errorf("%w: peer %s: %w", engine.ErrPeerConnection, addr, err)
 }
 
-// exchange sends the request and reads the answer; whole is true when the
-// answer was read to its end, err then being the peer's refusal, if any.
-func (sc *streamConn) exchange(addr, handle string, reads []engine.PeerShareRead) (whole bool, err error) {
+// exchange sends the request and reads the answer. whole is true when the
+// answer was read to its end, err then being the peer's refusal, if any;
+// unanswered is true when the exchange failed before a byte of answer
+// arrived (no byte landed in any Dst).
+func (sc *streamConn) exchange(addr, handle string, reads []engine.PeerShareRead) (whole, unanswered bool, err error) {
 	if _, err := sc.c.Write(encodeRequest(make([]byte, 0, 8+len(handle)+extentLen*len(reads)), handle, reads)); err != nil {
-		return false, err
+		return false, true, err
+	}
+	if _, err := sc.br.Peek(1); err != nil {
+		return false, true, err
 	}
 	answered, err := decodeStatus(sc.br, addr)
 	if err != nil {
-		return answered, err
+		return answered, false, err
 	}
 	for _, dst := range coalesce(reads) {
 		if _, err := io.ReadFull(sc.br, dst); err != nil {
-			return false, noEOF(err)
+			return false, false, noEOF(err)
 		}
 	}
-	return true, nil
+	return true, false, nil
 }
 
 // coalesce joins the reads' Dst that follow each other in one backing

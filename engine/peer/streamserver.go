@@ -78,10 +78,10 @@ func (s *streamServer) authenticate(c net.Conn) error {
 		return err
 	}
 	if !hmac.Equal(mac, streamMAC(s.token, "client", rn, en)) {
-		_, _ = c.Write([]byte{1})
+		_, _ = c.Write(verdict(1))
 		return errRefused
 	}
-	_, err := c.Write([]byte{0})
+	_, err := c.Write(verdict(0))
 	return err
 }
 
