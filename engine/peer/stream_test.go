@@ -243,8 +243,8 @@ func TestStreamHeadsKeepTheSharesAligned(t *testing.T) {
 }
 
 // A kept connection the peer closed while it sat idle (the peer engine
-// restarted, or dropped it) costs the next read nothing: no byte of it was
-// answered, so the read goes once more on a fresh connection.
+// restarted, or dropped it) costs the next read nothing: it is found
+// closed before reuse and the read goes on a fresh connection.
 func TestStreamReadSurvivesAStaleKeptConnection(t *testing.T) {
 	s, _, tr := serveOpened(t)
 	gone, err := net.Listen("tcp", "127.0.0.1:0")
@@ -258,6 +258,11 @@ func TestStreamReadSurvivesAStaleKeptConnection(t *testing.T) {
 	stale, err := net.Dial("tcp", gone.Addr().String())
 	require.NoError(t, err)
 	defer gone.Close()
+	// The peer's FIN has arrived (as it has, long before, for an engine
+	// that restarted).
+	require.Eventually(t, func() bool {
+		return !idleAlive(&streamConn{c: stale, br: bufio.NewReader(stale)})
+	}, 5*time.Second, 5*time.Millisecond)
 	st := &streams{token: streamToken, idle: map[string][]*streamConn{}}
 	defer st.close()
 	st.put(s.addr, &streamConn{c: stale, br: bufio.NewReader(stale)})

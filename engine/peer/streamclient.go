@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/pegaflow/pegaflow/engine"
@@ -34,17 +35,57 @@ type streamConn struct {
 // get returns an idle connection to addr or dials and authenticates one.
 // get returns an idle connection to addr (kept is then true) or dials and
 // authenticates one.
-func (s *streams) get(ctx context.Context, addr string) (sc *streamConn, kept bool, err error) {
-	s.mu.Lock()
-	if l := s.idle[addr]; len(l) > 0 {
+// A kept connection is checked before it is reused (idleAlive): one
+// whose peer closed it while it sat idle (the peer engine restarted, or
+// dropped it) is closed, never sent a request.
+func (s *streams) get(ctx context.Context, addr string) (*streamConn, error) {
+	for {
+		s.mu.Lock()
+		l := s.idle[addr]
+		if len(l) == 0 {
+			s.mu.Unlock()
+			return s.dial(ctx, addr)
+		}
 		sc := l[len(l)-1]
 		s.idle[addr] = l[:len(l)-1]
 		s.mu.Unlock()
-		return sc, true, nil
+		if idleAlive(sc) {
+			return sc, nil
+		}
+		_ = sc.c.Close()
 	}
-	s.mu.Unlock()
-	sc, err = s.dial(ctx, addr)
-	return sc, false, err
+}
+
+// idleAlive reports whether an idle connection is still open with nothing
+// to read: one non-blocking MSG_PEEK (EOF, unasked bytes or an error: not
+// reusable).
+func idleAlive(sc *streamConn) bool {
+	if sc.br.Buffered() > 0 {
+		return false
+	}
+	sysc, ok := sc.c.(syscall.Conn)
+	if !ok {
+		return true
+	}
+	rc, err := sysc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	alive := false
+	var b [1]byte
+	if err := rc.Read(func(fd uintptr) bool {
+		for {
+			_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+			if err == syscall.EINTR {
+				continue
+			}
+			alive = err == syscall.EAGAIN
+			return true // never wait
+		}
+	}); err != nil {
+		return false
+	}
+	return alive
 }
 
 // dial opens and authenticates a connection to addr.
@@ -130,24 +171,12 @@ func (s *streams) read(ctx context.Context, addr, handle string, reads []engine.
 	if len(reads) == 0 {
 		return nil
 	}
-	sc, kept, err := s.get(ctx, addr)
+	sc, err := s.get(ctx, addr)
 	if err != nil {
 		return err
 	}
 	stop := afterDeadline(ctx, sc.c)
-	whole, unanswered, err := sc.exchange(addr, handle, reads)
-	if kept && unanswered && stop() {
-		// A kept connection the peer closed while it was idle (it
-		// restarted, or dropped it): nothing of this read was answered,
-		// and a read changes nothing there, so it goes once more on a
-		// connection of its own.
-		_ = sc.c.Close()
-		if sc, err = s.dial(ctx, addr); err != nil {
-			return err
-		}
-		stop = afterDeadline(ctx, sc.c)
-		whole, _, err = sc.exchange(addr, handle, reads)
-	}
+	whole, err := sc.exchange(addr, handle, reads)
 	if !stop() {
 		whole, err = false, context.Cause(ctx)
 	}
@@ -166,26 +195,21 @@ func (s *streams) read(ctx context.Context, addr, handle string, reads []engine.
 }
 
 // exchange sends the request and reads the answer. whole is true when the
-// answer was read to its end, err then being the peer's refusal, if any;
-// unanswered is true when the exchange failed before a byte of answer
-// arrived (no byte landed in any Dst).
-func (sc *streamConn) exchange(addr, handle string, reads []engine.PeerShareRead) (whole, unanswered bool, err error) {
+// answer was read to its end, err then being the peer's refusal, if any.
+func (sc *streamConn) exchange(addr, handle string, reads []engine.PeerShareRead) (whole bool, err error) {
 	if _, err := sc.c.Write(encodeRequest(make([]byte, 0, 8+len(handle)+extentLen*len(reads)), handle, reads)); err != nil {
-		return false, true, err
-	}
-	if _, err := sc.br.Peek(1); err != nil {
-		return false, true, err
+		return false, err
 	}
 	answered, err := decodeStatus(sc.br, addr)
 	if err != nil {
-		return answered, false, err
+		return answered, err
 	}
 	for _, dst := range coalesce(reads) {
 		if _, err := io.ReadFull(sc.br, dst); err != nil {
-			return false, false, noEOF(err)
+			return false, noEOF(err)
 		}
 	}
-	return true, false, nil
+	return true, nil
 }
 
 // coalesce joins the reads' Dst that follow each other in one backing
