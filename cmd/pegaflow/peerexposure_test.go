@@ -44,12 +44,9 @@ func TestRDMATransportRefusesNonRDMATransports(t *testing.T) {
 	for _, tls := range []string{"", "tcp", "rc,tcp", "all", "sm,rc", "^ud"} {
 		t.Run("UCX_TLS="+tls, func(t *testing.T) {
 			t.Setenv("UCX_TLS", tls)
-			var stderr bytes.Buffer
-			code := dispatch(context.Background(), []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-transport", "rdma"},
-				&bytes.Buffer{}, &stderr)
-			require.Equal(t, 2, code)
-			require.Contains(t, stderr.String(), "UCX_TLS")
-			require.Contains(t, stderr.String(), "--peer-transport=tcp")
+			msg := serveRDMARefused(t)
+			require.Contains(t, msg, "UCX_TLS")
+			require.Contains(t, msg, "--peer-transport=tcp")
 		})
 	}
 }
@@ -70,12 +67,20 @@ func startLonePeerEngine(t *testing.T) *engineProc {
 func TestRDMATransportNeedsTheKVNIC(t *testing.T) {
 	t.Setenv("UCX_TLS", "rc,ud")
 	t.Setenv("UCX_NET_DEVICES", "")
+	msg := serveRDMARefused(t)
+	require.Contains(t, msg, "has no RDMA device")
+	require.Contains(t, msg, "UCX_NET_DEVICES")
+}
+
+// serveRDMARefused runs `serve --peer-transport rdma` on loopback, requires
+// exit 2 and returns what it said.
+func serveRDMARefused(t *testing.T) string {
+	t.Helper()
 	var stderr bytes.Buffer
 	code := dispatch(context.Background(), []string{"serve", "--peer-addr", "127.0.0.1:7400", "--peer-insecure", "--peer-transport", "rdma"},
 		&bytes.Buffer{}, &stderr)
 	require.Equal(t, 2, code)
-	require.Contains(t, stderr.String(), "has no RDMA device")
-	require.Contains(t, stderr.String(), "UCX_NET_DEVICES")
+	return stderr.String()
 }
 
 func portOf(t *testing.T, addr string) int {
