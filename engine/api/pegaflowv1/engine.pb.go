@@ -219,7 +219,12 @@ type Namespace struct {
 	// configuration error instead of silently missing every lookup.
 	HashSeedFingerprint []byte `protobuf:"bytes,11,opt,name=hash_seed_fingerprint,json=hashSeedFingerprint,proto3" json:"hash_seed_fingerprint,omitempty"`
 	// Any further compatibility keys (LoRA-independent), sorted by the engine.
-	Extra         map[string]string `protobuf:"bytes,12,rep,name=extra,proto3" json:"extra,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Extra map[string]string `protobuf:"bytes,12,rep,name=extra,proto3" json:"extra,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The KV cache groups of a hybrid model (vLLM's hybrid allocator), in
+	// vLLM's group order; empty for a model with one group (every layer is
+	// then group 0, full attention, as before groups existed). Part of the
+	// namespace id when set, so namespaces without groups keep their ids.
+	Groups        []*KVGroup `protobuf:"bytes,13,rep,name=groups,proto3" json:"groups,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -338,6 +343,91 @@ func (x *Namespace) GetExtra() map[string]string {
 	return nil
 }
 
+func (x *Namespace) GetGroups() []*KVGroup {
+	if x != nil {
+		return x.Groups
+	}
+	return nil
+}
+
+// KVGroup is one KV cache group of a hybrid model. Its blocks are keyed by
+// (group, hash): group 0 by the hash alone (as a one-group namespace),
+// the others by hash and group. A group's layers are the registered
+// LayerLayouts whose group names it; its block holds those layers' bytes.
+type KVGroup struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// vLLM's group index (KVCacheConfig.kv_cache_groups); BlockRef.group and
+	// LayerLayout.group name it. Unique in the namespace, < 64.
+	Index uint32 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	// What a hit at boundary k (blocks) needs of this group:
+	//
+	//	"full":           every block before k;
+	//	"sliding_window": the last ceil((window_tokens - 1) / block_size)
+	//	                  blocks before k (vLLM nulls the rest);
+	//	"chunked_local":  the blocks from the start of k's chunk
+	//	                  (floor(k*block_size / window_tokens) chunks in) to k;
+	//	"state":          block k-1 alone (Mamba / linear-attention state in
+	//	                  vLLM's prefix-caching "align" mode: the state after
+	//	                  k blocks of tokens).
+	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	// sliding_window: the window in tokens; chunked_local: the chunk in
+	// tokens (a multiple of block_size); 0 for the other kinds.
+	WindowTokens  uint32 `protobuf:"varint,3,opt,name=window_tokens,json=windowTokens,proto3" json:"window_tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVGroup) Reset() {
+	*x = KVGroup{}
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVGroup) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVGroup) ProtoMessage() {}
+
+func (x *KVGroup) ProtoReflect() protoreflect.Message {
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVGroup.ProtoReflect.Descriptor instead.
+func (*KVGroup) Descriptor() ([]byte, []int) {
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *KVGroup) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *KVGroup) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *KVGroup) GetWindowTokens() uint32 {
+	if x != nil {
+		return x.WindowTokens
+	}
+	return 0
+}
+
 type OpenNamespaceRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SessionId     string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
@@ -348,7 +438,7 @@ type OpenNamespaceRequest struct {
 
 func (x *OpenNamespaceRequest) Reset() {
 	*x = OpenNamespaceRequest{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[3]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -360,7 +450,7 @@ func (x *OpenNamespaceRequest) String() string {
 func (*OpenNamespaceRequest) ProtoMessage() {}
 
 func (x *OpenNamespaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[3]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -373,7 +463,7 @@ func (x *OpenNamespaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenNamespaceRequest.ProtoReflect.Descriptor instead.
 func (*OpenNamespaceRequest) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{3}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *OpenNamespaceRequest) GetSessionId() string {
@@ -399,7 +489,7 @@ type OpenNamespaceResponse struct {
 
 func (x *OpenNamespaceResponse) Reset() {
 	*x = OpenNamespaceResponse{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[4]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -411,7 +501,7 @@ func (x *OpenNamespaceResponse) String() string {
 func (*OpenNamespaceResponse) ProtoMessage() {}
 
 func (x *OpenNamespaceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[4]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -424,7 +514,7 @@ func (x *OpenNamespaceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OpenNamespaceResponse.ProtoReflect.Descriptor instead.
 func (*OpenNamespaceResponse) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{4}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *OpenNamespaceResponse) GetNamespaceId() string {
@@ -450,7 +540,7 @@ type MemoryRegion struct {
 
 func (x *MemoryRegion) Reset() {
 	*x = MemoryRegion{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[5]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -462,7 +552,7 @@ func (x *MemoryRegion) String() string {
 func (*MemoryRegion) ProtoMessage() {}
 
 func (x *MemoryRegion) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[5]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -475,7 +565,7 @@ func (x *MemoryRegion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemoryRegion.ProtoReflect.Descriptor instead.
 func (*MemoryRegion) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{5}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *MemoryRegion) GetSource() isMemoryRegion_Source {
@@ -548,7 +638,7 @@ type Segment struct {
 
 func (x *Segment) Reset() {
 	*x = Segment{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[6]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -560,7 +650,7 @@ func (x *Segment) String() string {
 func (*Segment) ProtoMessage() {}
 
 func (x *Segment) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[6]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -573,7 +663,7 @@ func (x *Segment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Segment.ProtoReflect.Descriptor instead.
 func (*Segment) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{6}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Segment) GetOffset() uint64 {
@@ -598,17 +688,21 @@ func (x *Segment) GetLength() uint64 {
 }
 
 type LayerLayout struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	RegionIndex   uint32                 `protobuf:"varint,2,opt,name=region_index,json=regionIndex,proto3" json:"region_index,omitempty"` // index into RegisterRequest.regions
-	Segments      []*Segment             `protobuf:"bytes,3,rep,name=segments,proto3" json:"segments,omitempty"`                           // e.g. [K, V] for split K/V layouts
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Name        string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	RegionIndex uint32                 `protobuf:"varint,2,opt,name=region_index,json=regionIndex,proto3" json:"region_index,omitempty"` // index into RegisterRequest.regions
+	Segments    []*Segment             `protobuf:"bytes,3,rep,name=segments,proto3" json:"segments,omitempty"`                           // e.g. [K, V] for split K/V layouts
+	// The KV cache group (KVGroup.index) the layer belongs to; 0 in a
+	// namespace without groups. Layers of one group may differ in shape and
+	// dtype (the segments say where each layer's bytes are).
+	Group         uint32 `protobuf:"varint,4,opt,name=group,proto3" json:"group,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LayerLayout) Reset() {
 	*x = LayerLayout{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[7]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -620,7 +714,7 @@ func (x *LayerLayout) String() string {
 func (*LayerLayout) ProtoMessage() {}
 
 func (x *LayerLayout) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[7]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -633,7 +727,7 @@ func (x *LayerLayout) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LayerLayout.ProtoReflect.Descriptor instead.
 func (*LayerLayout) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{7}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *LayerLayout) GetName() string {
@@ -655,6 +749,13 @@ func (x *LayerLayout) GetSegments() []*Segment {
 		return x.Segments
 	}
 	return nil
+}
+
+func (x *LayerLayout) GetGroup() uint32 {
+	if x != nil {
+		return x.Group
+	}
+	return 0
 }
 
 type RegisterRequest struct {
@@ -680,7 +781,7 @@ type RegisterRequest struct {
 
 func (x *RegisterRequest) Reset() {
 	*x = RegisterRequest{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[8]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -692,7 +793,7 @@ func (x *RegisterRequest) String() string {
 func (*RegisterRequest) ProtoMessage() {}
 
 func (x *RegisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[8]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -705,7 +806,7 @@ func (x *RegisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterRequest.ProtoReflect.Descriptor instead.
 func (*RegisterRequest) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{8}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RegisterRequest) GetSessionId() string {
@@ -779,7 +880,7 @@ type RegisterResponse struct {
 
 func (x *RegisterResponse) Reset() {
 	*x = RegisterResponse{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[9]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -791,7 +892,7 @@ func (x *RegisterResponse) String() string {
 func (*RegisterResponse) ProtoMessage() {}
 
 func (x *RegisterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[9]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -804,7 +905,7 @@ func (x *RegisterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterResponse.ProtoReflect.Descriptor instead.
 func (*RegisterResponse) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{9}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RegisterResponse) GetNamespaceId() string {
@@ -839,7 +940,7 @@ type UnregisterRequest struct {
 
 func (x *UnregisterRequest) Reset() {
 	*x = UnregisterRequest{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[10]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -851,7 +952,7 @@ func (x *UnregisterRequest) String() string {
 func (*UnregisterRequest) ProtoMessage() {}
 
 func (x *UnregisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[10]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -864,7 +965,7 @@ func (x *UnregisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnregisterRequest.ProtoReflect.Descriptor instead.
 func (*UnregisterRequest) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{10}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *UnregisterRequest) GetSessionId() string {
@@ -896,7 +997,7 @@ type UnregisterResponse struct {
 
 func (x *UnregisterResponse) Reset() {
 	*x = UnregisterResponse{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[11]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -908,7 +1009,7 @@ func (x *UnregisterResponse) String() string {
 func (*UnregisterResponse) ProtoMessage() {}
 
 func (x *UnregisterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[11]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -921,20 +1022,23 @@ func (x *UnregisterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnregisterResponse.ProtoReflect.Descriptor instead.
 func (*UnregisterResponse) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{11}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{12}
 }
 
 type BlockRef struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	BlockId       uint32                 `protobuf:"varint,1,opt,name=block_id,json=blockId,proto3" json:"block_id,omitempty"` // index into the caller's KV cache
-	Hash          []byte                 `protobuf:"bytes,2,opt,name=hash,proto3" json:"hash,omitempty"`                       // vLLM block hash (8..64 bytes)
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	BlockId uint32                 `protobuf:"varint,1,opt,name=block_id,json=blockId,proto3" json:"block_id,omitempty"` // index into the caller's KV cache
+	Hash    []byte                 `protobuf:"bytes,2,opt,name=hash,proto3" json:"hash,omitempty"`                       // vLLM block hash (8..64 bytes)
+	// The KV cache group (KVGroup.index) of the block; block_id indexes that
+	// group's layers. 0 in a namespace without groups.
+	Group         uint32 `protobuf:"varint,3,opt,name=group,proto3" json:"group,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *BlockRef) Reset() {
 	*x = BlockRef{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[12]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -946,7 +1050,7 @@ func (x *BlockRef) String() string {
 func (*BlockRef) ProtoMessage() {}
 
 func (x *BlockRef) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[12]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -959,7 +1063,7 @@ func (x *BlockRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BlockRef.ProtoReflect.Descriptor instead.
 func (*BlockRef) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{12}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *BlockRef) GetBlockId() uint32 {
@@ -974,6 +1078,13 @@ func (x *BlockRef) GetHash() []byte {
 		return x.Hash
 	}
 	return nil
+}
+
+func (x *BlockRef) GetGroup() uint32 {
+	if x != nil {
+		return x.Group
+	}
+	return 0
 }
 
 type SaveRequest struct {
@@ -1003,7 +1114,7 @@ type SaveRequest struct {
 
 func (x *SaveRequest) Reset() {
 	*x = SaveRequest{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[13]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1015,7 +1126,7 @@ func (x *SaveRequest) String() string {
 func (*SaveRequest) ProtoMessage() {}
 
 func (x *SaveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[13]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1028,7 +1139,7 @@ func (x *SaveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SaveRequest.ProtoReflect.Descriptor instead.
 func (*SaveRequest) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{13}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SaveRequest) GetSessionId() string {
@@ -1105,7 +1216,7 @@ type SaveResponse struct {
 
 func (x *SaveResponse) Reset() {
 	*x = SaveResponse{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[14]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1117,7 +1228,7 @@ func (x *SaveResponse) String() string {
 func (*SaveResponse) ProtoMessage() {}
 
 func (x *SaveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[14]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1130,7 +1241,7 @@ func (x *SaveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SaveResponse.ProtoReflect.Descriptor instead.
 func (*SaveResponse) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{14}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SaveResponse) GetSaved() uint32 {
@@ -1177,7 +1288,7 @@ type LoadRequest struct {
 
 func (x *LoadRequest) Reset() {
 	*x = LoadRequest{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[15]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1189,7 +1300,7 @@ func (x *LoadRequest) String() string {
 func (*LoadRequest) ProtoMessage() {}
 
 func (x *LoadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[15]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1202,7 +1313,7 @@ func (x *LoadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadRequest.ProtoReflect.Descriptor instead.
 func (*LoadRequest) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{15}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *LoadRequest) GetSessionId() string {
@@ -1263,7 +1374,7 @@ type LoadResponse struct {
 
 func (x *LoadResponse) Reset() {
 	*x = LoadResponse{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[16]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1275,7 +1386,7 @@ func (x *LoadResponse) String() string {
 func (*LoadResponse) ProtoMessage() {}
 
 func (x *LoadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[16]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1288,7 +1399,7 @@ func (x *LoadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadResponse.ProtoReflect.Descriptor instead.
 func (*LoadResponse) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{16}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *LoadResponse) GetStatus() []BlockStatus {
@@ -1321,14 +1432,18 @@ type QueryRequest struct {
 	// first fetches the blocks it does not hold from that peer (within
 	// wait_ms), seals them, and then answers as usual. transfer_id then names
 	// the peer's transfer and is not waited for here. Empty: local only.
-	SourceEngine  string `protobuf:"bytes,10,opt,name=source_engine,json=sourceEngine,proto3" json:"source_engine,omitempty"`
+	SourceEngine string `protobuf:"bytes,10,opt,name=source_engine,json=sourceEngine,proto3" json:"source_engine,omitempty"`
+	// The request's block index of hashes[0] (the blocks before it are the
+	// caller's own prefix-cache hit). Only chunked_local groups depend on it:
+	// their chunks start at absolute block multiples.
+	FirstBlock    uint32 `protobuf:"varint,11,opt,name=first_block,json=firstBlock,proto3" json:"first_block,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *QueryRequest) Reset() {
 	*x = QueryRequest{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[17]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1340,7 +1455,7 @@ func (x *QueryRequest) String() string {
 func (*QueryRequest) ProtoMessage() {}
 
 func (x *QueryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[17]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1353,7 +1468,7 @@ func (x *QueryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryRequest.ProtoReflect.Descriptor instead.
 func (*QueryRequest) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{17}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *QueryRequest) GetSessionId() string {
@@ -1426,6 +1541,17 @@ func (x *QueryRequest) GetSourceEngine() string {
 	return ""
 }
 
+func (x *QueryRequest) GetFirstBlock() uint32 {
+	if x != nil {
+		return x.FirstBlock
+	}
+	return 0
+}
+
+// In a namespace with groups, num_hit is the hybrid boundary: the largest k
+// such that every group holds what a hit ending at hashes[k-1] needs of it
+// (KVGroup.kind), the lease pins exactly those blocks, and num_inflight is
+// how much further the boundary moves once the saves in flight seal.
 type QueryResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	NumHit        uint32                 `protobuf:"varint,1,opt,name=num_hit,json=numHit,proto3" json:"num_hit,omitempty"`                // length of the sealed prefix
@@ -1437,7 +1563,7 @@ type QueryResponse struct {
 
 func (x *QueryResponse) Reset() {
 	*x = QueryResponse{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[18]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1449,7 +1575,7 @@ func (x *QueryResponse) String() string {
 func (*QueryResponse) ProtoMessage() {}
 
 func (x *QueryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[18]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1462,7 +1588,7 @@ func (x *QueryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryResponse.ProtoReflect.Descriptor instead.
 func (*QueryResponse) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{18}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *QueryResponse) GetNumHit() uint32 {
@@ -1497,7 +1623,7 @@ type ReleaseRequest struct {
 
 func (x *ReleaseRequest) Reset() {
 	*x = ReleaseRequest{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[19]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1509,7 +1635,7 @@ func (x *ReleaseRequest) String() string {
 func (*ReleaseRequest) ProtoMessage() {}
 
 func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[19]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1522,7 +1648,7 @@ func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseRequest) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{19}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ReleaseRequest) GetSessionId() string {
@@ -1554,7 +1680,7 @@ type ReleaseResponse struct {
 
 func (x *ReleaseResponse) Reset() {
 	*x = ReleaseResponse{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[20]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1566,7 +1692,7 @@ func (x *ReleaseResponse) String() string {
 func (*ReleaseResponse) ProtoMessage() {}
 
 func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[20]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1579,7 +1705,7 @@ func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseResponse) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{20}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{21}
 }
 
 type HealthRequest struct {
@@ -1590,7 +1716,7 @@ type HealthRequest struct {
 
 func (x *HealthRequest) Reset() {
 	*x = HealthRequest{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[21]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1602,7 +1728,7 @@ func (x *HealthRequest) String() string {
 func (*HealthRequest) ProtoMessage() {}
 
 func (x *HealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[21]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1615,7 +1741,7 @@ func (x *HealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthRequest.ProtoReflect.Descriptor instead.
 func (*HealthRequest) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{21}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{22}
 }
 
 type HealthResponse struct {
@@ -1629,7 +1755,7 @@ type HealthResponse struct {
 
 func (x *HealthResponse) Reset() {
 	*x = HealthResponse{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[22]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1641,7 +1767,7 @@ func (x *HealthResponse) String() string {
 func (*HealthResponse) ProtoMessage() {}
 
 func (x *HealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[22]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1654,7 +1780,7 @@ func (x *HealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
 func (*HealthResponse) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{22}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *HealthResponse) GetStatus() string {
@@ -1686,7 +1812,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[23]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1698,7 +1824,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[23]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1711,7 +1837,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{23}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{24}
 }
 
 type StatsResponse struct {
@@ -1738,7 +1864,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[24]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1750,7 +1876,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[24]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1763,7 +1889,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{24}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *StatsResponse) GetPoolCapacityBytes() uint64 {
@@ -1891,7 +2017,7 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12%\n" +
 	"\x0eengine_version\x18\x02 \x01(\tR\rengineVersion\x12\x18\n" +
 	"\abackend\x18\x03 \x01(\tR\abackend\x12!\n" +
-	"\fpeer_address\x18\x04 \x01(\tR\vpeerAddress\"\xd5\x03\n" +
+	"\fpeer_address\x18\x04 \x01(\tR\vpeerAddress\"\x83\x04\n" +
 	"\tNamespace\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12%\n" +
 	"\x0emodel_revision\x18\x02 \x01(\tR\rmodelRevision\x12\x14\n" +
@@ -1908,11 +2034,16 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\thash_algo\x18\n" +
 	" \x01(\tR\bhashAlgo\x122\n" +
 	"\x15hash_seed_fingerprint\x18\v \x01(\fR\x13hashSeedFingerprint\x127\n" +
-	"\x05extra\x18\f \x03(\v2!.pegaflow.v1.Namespace.ExtraEntryR\x05extra\x1a8\n" +
+	"\x05extra\x18\f \x03(\v2!.pegaflow.v1.Namespace.ExtraEntryR\x05extra\x12,\n" +
+	"\x06groups\x18\r \x03(\v2\x14.pegaflow.v1.KVGroupR\x06groups\x1a8\n" +
 	"\n" +
 	"ExtraEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"k\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"X\n" +
+	"\aKVGroup\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12#\n" +
+	"\rwindow_tokens\x18\x03 \x01(\rR\fwindowTokens\"k\n" +
 	"\x14OpenNamespaceRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x124\n" +
@@ -1929,11 +2060,12 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\aSegment\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x16\n" +
 	"\x06stride\x18\x02 \x01(\x04R\x06stride\x12\x16\n" +
-	"\x06length\x18\x03 \x01(\x04R\x06length\"v\n" +
+	"\x06length\x18\x03 \x01(\x04R\x06length\"\x8c\x01\n" +
 	"\vLayerLayout\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fregion_index\x18\x02 \x01(\rR\vregionIndex\x120\n" +
-	"\bsegments\x18\x03 \x03(\v2\x14.pegaflow.v1.SegmentR\bsegments\"\xc7\x02\n" +
+	"\bsegments\x18\x03 \x03(\v2\x14.pegaflow.v1.SegmentR\bsegments\x12\x14\n" +
+	"\x05group\x18\x04 \x01(\rR\x05group\"\xc7\x02\n" +
 	"\x0fRegisterRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1f\n" +
@@ -1957,10 +2089,11 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\vinstance_id\x18\x02 \x01(\tR\n" +
 	"instanceId\x12\x12\n" +
 	"\x04rank\x18\x03 \x01(\rR\x04rank\"\x14\n" +
-	"\x12UnregisterResponse\"9\n" +
+	"\x12UnregisterResponse\"O\n" +
 	"\bBlockRef\x12\x19\n" +
 	"\bblock_id\x18\x01 \x01(\rR\ablockId\x12\x12\n" +
-	"\x04hash\x18\x02 \x01(\fR\x04hash\"\xb3\x02\n" +
+	"\x04hash\x18\x02 \x01(\fR\x04hash\x12\x14\n" +
+	"\x05group\x18\x03 \x01(\rR\x05group\"\xb3\x02\n" +
 	"\vSaveRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1f\n" +
@@ -1993,7 +2126,7 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\n" +
 	"wait_event\x18\a \x01(\bR\twaitEvent\"@\n" +
 	"\fLoadResponse\x120\n" +
-	"\x06status\x18\x01 \x03(\x0e2\x18.pegaflow.v1.BlockStatusR\x06status\"\xbf\x02\n" +
+	"\x06status\x18\x01 \x03(\x0e2\x18.pegaflow.v1.BlockStatusR\x06status\"\xe0\x02\n" +
 	"\fQueryRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12!\n" +
@@ -2008,7 +2141,9 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\rpacked_hashes\x18\b \x01(\fR\fpackedHashes\x12\x19\n" +
 	"\bhash_len\x18\t \x01(\rR\ahashLen\x12#\n" +
 	"\rsource_engine\x18\n" +
-	" \x01(\tR\fsourceEngine\"f\n" +
+	" \x01(\tR\fsourceEngine\x12\x1f\n" +
+	"\vfirst_block\x18\v \x01(\rR\n" +
+	"firstBlock\"f\n" +
 	"\rQueryResponse\x12\x17\n" +
 	"\anum_hit\x18\x01 \x01(\rR\x06numHit\x12\x19\n" +
 	"\blease_id\x18\x02 \x01(\tR\aleaseId\x12!\n" +
@@ -2078,71 +2213,73 @@ func file_pegaflow_v1_engine_proto_rawDescGZIP() []byte {
 }
 
 var file_pegaflow_v1_engine_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_pegaflow_v1_engine_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_pegaflow_v1_engine_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_pegaflow_v1_engine_proto_goTypes = []any{
 	(BlockStatus)(0),              // 0: pegaflow.v1.BlockStatus
 	(*AttachRequest)(nil),         // 1: pegaflow.v1.AttachRequest
 	(*SessionEvent)(nil),          // 2: pegaflow.v1.SessionEvent
 	(*Namespace)(nil),             // 3: pegaflow.v1.Namespace
-	(*OpenNamespaceRequest)(nil),  // 4: pegaflow.v1.OpenNamespaceRequest
-	(*OpenNamespaceResponse)(nil), // 5: pegaflow.v1.OpenNamespaceResponse
-	(*MemoryRegion)(nil),          // 6: pegaflow.v1.MemoryRegion
-	(*Segment)(nil),               // 7: pegaflow.v1.Segment
-	(*LayerLayout)(nil),           // 8: pegaflow.v1.LayerLayout
-	(*RegisterRequest)(nil),       // 9: pegaflow.v1.RegisterRequest
-	(*RegisterResponse)(nil),      // 10: pegaflow.v1.RegisterResponse
-	(*UnregisterRequest)(nil),     // 11: pegaflow.v1.UnregisterRequest
-	(*UnregisterResponse)(nil),    // 12: pegaflow.v1.UnregisterResponse
-	(*BlockRef)(nil),              // 13: pegaflow.v1.BlockRef
-	(*SaveRequest)(nil),           // 14: pegaflow.v1.SaveRequest
-	(*SaveResponse)(nil),          // 15: pegaflow.v1.SaveResponse
-	(*LoadRequest)(nil),           // 16: pegaflow.v1.LoadRequest
-	(*LoadResponse)(nil),          // 17: pegaflow.v1.LoadResponse
-	(*QueryRequest)(nil),          // 18: pegaflow.v1.QueryRequest
-	(*QueryResponse)(nil),         // 19: pegaflow.v1.QueryResponse
-	(*ReleaseRequest)(nil),        // 20: pegaflow.v1.ReleaseRequest
-	(*ReleaseResponse)(nil),       // 21: pegaflow.v1.ReleaseResponse
-	(*HealthRequest)(nil),         // 22: pegaflow.v1.HealthRequest
-	(*HealthResponse)(nil),        // 23: pegaflow.v1.HealthResponse
-	(*StatsRequest)(nil),          // 24: pegaflow.v1.StatsRequest
-	(*StatsResponse)(nil),         // 25: pegaflow.v1.StatsResponse
-	nil,                           // 26: pegaflow.v1.Namespace.ExtraEntry
+	(*KVGroup)(nil),               // 4: pegaflow.v1.KVGroup
+	(*OpenNamespaceRequest)(nil),  // 5: pegaflow.v1.OpenNamespaceRequest
+	(*OpenNamespaceResponse)(nil), // 6: pegaflow.v1.OpenNamespaceResponse
+	(*MemoryRegion)(nil),          // 7: pegaflow.v1.MemoryRegion
+	(*Segment)(nil),               // 8: pegaflow.v1.Segment
+	(*LayerLayout)(nil),           // 9: pegaflow.v1.LayerLayout
+	(*RegisterRequest)(nil),       // 10: pegaflow.v1.RegisterRequest
+	(*RegisterResponse)(nil),      // 11: pegaflow.v1.RegisterResponse
+	(*UnregisterRequest)(nil),     // 12: pegaflow.v1.UnregisterRequest
+	(*UnregisterResponse)(nil),    // 13: pegaflow.v1.UnregisterResponse
+	(*BlockRef)(nil),              // 14: pegaflow.v1.BlockRef
+	(*SaveRequest)(nil),           // 15: pegaflow.v1.SaveRequest
+	(*SaveResponse)(nil),          // 16: pegaflow.v1.SaveResponse
+	(*LoadRequest)(nil),           // 17: pegaflow.v1.LoadRequest
+	(*LoadResponse)(nil),          // 18: pegaflow.v1.LoadResponse
+	(*QueryRequest)(nil),          // 19: pegaflow.v1.QueryRequest
+	(*QueryResponse)(nil),         // 20: pegaflow.v1.QueryResponse
+	(*ReleaseRequest)(nil),        // 21: pegaflow.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),       // 22: pegaflow.v1.ReleaseResponse
+	(*HealthRequest)(nil),         // 23: pegaflow.v1.HealthRequest
+	(*HealthResponse)(nil),        // 24: pegaflow.v1.HealthResponse
+	(*StatsRequest)(nil),          // 25: pegaflow.v1.StatsRequest
+	(*StatsResponse)(nil),         // 26: pegaflow.v1.StatsResponse
+	nil,                           // 27: pegaflow.v1.Namespace.ExtraEntry
 }
 var file_pegaflow_v1_engine_proto_depIdxs = []int32{
-	26, // 0: pegaflow.v1.Namespace.extra:type_name -> pegaflow.v1.Namespace.ExtraEntry
-	3,  // 1: pegaflow.v1.OpenNamespaceRequest.namespace:type_name -> pegaflow.v1.Namespace
-	7,  // 2: pegaflow.v1.LayerLayout.segments:type_name -> pegaflow.v1.Segment
-	3,  // 3: pegaflow.v1.RegisterRequest.namespace:type_name -> pegaflow.v1.Namespace
-	6,  // 4: pegaflow.v1.RegisterRequest.regions:type_name -> pegaflow.v1.MemoryRegion
-	8,  // 5: pegaflow.v1.RegisterRequest.layers:type_name -> pegaflow.v1.LayerLayout
-	13, // 6: pegaflow.v1.SaveRequest.blocks:type_name -> pegaflow.v1.BlockRef
-	13, // 7: pegaflow.v1.LoadRequest.blocks:type_name -> pegaflow.v1.BlockRef
-	0,  // 8: pegaflow.v1.LoadResponse.status:type_name -> pegaflow.v1.BlockStatus
-	1,  // 9: pegaflow.v1.Engine.Attach:input_type -> pegaflow.v1.AttachRequest
-	4,  // 10: pegaflow.v1.Engine.OpenNamespace:input_type -> pegaflow.v1.OpenNamespaceRequest
-	9,  // 11: pegaflow.v1.Engine.Register:input_type -> pegaflow.v1.RegisterRequest
-	11, // 12: pegaflow.v1.Engine.Unregister:input_type -> pegaflow.v1.UnregisterRequest
-	14, // 13: pegaflow.v1.Engine.Save:input_type -> pegaflow.v1.SaveRequest
-	16, // 14: pegaflow.v1.Engine.Load:input_type -> pegaflow.v1.LoadRequest
-	18, // 15: pegaflow.v1.Engine.Query:input_type -> pegaflow.v1.QueryRequest
-	20, // 16: pegaflow.v1.Engine.Release:input_type -> pegaflow.v1.ReleaseRequest
-	22, // 17: pegaflow.v1.Engine.Health:input_type -> pegaflow.v1.HealthRequest
-	24, // 18: pegaflow.v1.Engine.Stats:input_type -> pegaflow.v1.StatsRequest
-	2,  // 19: pegaflow.v1.Engine.Attach:output_type -> pegaflow.v1.SessionEvent
-	5,  // 20: pegaflow.v1.Engine.OpenNamespace:output_type -> pegaflow.v1.OpenNamespaceResponse
-	10, // 21: pegaflow.v1.Engine.Register:output_type -> pegaflow.v1.RegisterResponse
-	12, // 22: pegaflow.v1.Engine.Unregister:output_type -> pegaflow.v1.UnregisterResponse
-	15, // 23: pegaflow.v1.Engine.Save:output_type -> pegaflow.v1.SaveResponse
-	17, // 24: pegaflow.v1.Engine.Load:output_type -> pegaflow.v1.LoadResponse
-	19, // 25: pegaflow.v1.Engine.Query:output_type -> pegaflow.v1.QueryResponse
-	21, // 26: pegaflow.v1.Engine.Release:output_type -> pegaflow.v1.ReleaseResponse
-	23, // 27: pegaflow.v1.Engine.Health:output_type -> pegaflow.v1.HealthResponse
-	25, // 28: pegaflow.v1.Engine.Stats:output_type -> pegaflow.v1.StatsResponse
-	19, // [19:29] is the sub-list for method output_type
-	9,  // [9:19] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	27, // 0: pegaflow.v1.Namespace.extra:type_name -> pegaflow.v1.Namespace.ExtraEntry
+	4,  // 1: pegaflow.v1.Namespace.groups:type_name -> pegaflow.v1.KVGroup
+	3,  // 2: pegaflow.v1.OpenNamespaceRequest.namespace:type_name -> pegaflow.v1.Namespace
+	8,  // 3: pegaflow.v1.LayerLayout.segments:type_name -> pegaflow.v1.Segment
+	3,  // 4: pegaflow.v1.RegisterRequest.namespace:type_name -> pegaflow.v1.Namespace
+	7,  // 5: pegaflow.v1.RegisterRequest.regions:type_name -> pegaflow.v1.MemoryRegion
+	9,  // 6: pegaflow.v1.RegisterRequest.layers:type_name -> pegaflow.v1.LayerLayout
+	14, // 7: pegaflow.v1.SaveRequest.blocks:type_name -> pegaflow.v1.BlockRef
+	14, // 8: pegaflow.v1.LoadRequest.blocks:type_name -> pegaflow.v1.BlockRef
+	0,  // 9: pegaflow.v1.LoadResponse.status:type_name -> pegaflow.v1.BlockStatus
+	1,  // 10: pegaflow.v1.Engine.Attach:input_type -> pegaflow.v1.AttachRequest
+	5,  // 11: pegaflow.v1.Engine.OpenNamespace:input_type -> pegaflow.v1.OpenNamespaceRequest
+	10, // 12: pegaflow.v1.Engine.Register:input_type -> pegaflow.v1.RegisterRequest
+	12, // 13: pegaflow.v1.Engine.Unregister:input_type -> pegaflow.v1.UnregisterRequest
+	15, // 14: pegaflow.v1.Engine.Save:input_type -> pegaflow.v1.SaveRequest
+	17, // 15: pegaflow.v1.Engine.Load:input_type -> pegaflow.v1.LoadRequest
+	19, // 16: pegaflow.v1.Engine.Query:input_type -> pegaflow.v1.QueryRequest
+	21, // 17: pegaflow.v1.Engine.Release:input_type -> pegaflow.v1.ReleaseRequest
+	23, // 18: pegaflow.v1.Engine.Health:input_type -> pegaflow.v1.HealthRequest
+	25, // 19: pegaflow.v1.Engine.Stats:input_type -> pegaflow.v1.StatsRequest
+	2,  // 20: pegaflow.v1.Engine.Attach:output_type -> pegaflow.v1.SessionEvent
+	6,  // 21: pegaflow.v1.Engine.OpenNamespace:output_type -> pegaflow.v1.OpenNamespaceResponse
+	11, // 22: pegaflow.v1.Engine.Register:output_type -> pegaflow.v1.RegisterResponse
+	13, // 23: pegaflow.v1.Engine.Unregister:output_type -> pegaflow.v1.UnregisterResponse
+	16, // 24: pegaflow.v1.Engine.Save:output_type -> pegaflow.v1.SaveResponse
+	18, // 25: pegaflow.v1.Engine.Load:output_type -> pegaflow.v1.LoadResponse
+	20, // 26: pegaflow.v1.Engine.Query:output_type -> pegaflow.v1.QueryResponse
+	22, // 27: pegaflow.v1.Engine.Release:output_type -> pegaflow.v1.ReleaseResponse
+	24, // 28: pegaflow.v1.Engine.Health:output_type -> pegaflow.v1.HealthResponse
+	26, // 29: pegaflow.v1.Engine.Stats:output_type -> pegaflow.v1.StatsResponse
+	20, // [20:30] is the sub-list for method output_type
+	10, // [10:20] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_pegaflow_v1_engine_proto_init() }
@@ -2150,7 +2287,7 @@ func file_pegaflow_v1_engine_proto_init() {
 	if File_pegaflow_v1_engine_proto != nil {
 		return
 	}
-	file_pegaflow_v1_engine_proto_msgTypes[5].OneofWrappers = []any{
+	file_pegaflow_v1_engine_proto_msgTypes[6].OneofWrappers = []any{
 		(*MemoryRegion_ShmPath)(nil),
 		(*MemoryRegion_CudaIpcHandle)(nil),
 	}
@@ -2160,7 +2297,7 @@ func file_pegaflow_v1_engine_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_pegaflow_v1_engine_proto_rawDesc), len(file_pegaflow_v1_engine_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   26,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -36,7 +36,7 @@ class SessionEvent(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., backend: _Optional[str] = ..., peer_address: _Optional[str] = ...) -> None: ...
 
 class Namespace(_message.Message):
-    __slots__ = ("model", "model_revision", "dtype", "kv_layout", "block_size", "tp_size", "num_layers", "num_kv_heads", "head_size", "hash_algo", "hash_seed_fingerprint", "extra")
+    __slots__ = ("model", "model_revision", "dtype", "kv_layout", "block_size", "tp_size", "num_layers", "num_kv_heads", "head_size", "hash_algo", "hash_seed_fingerprint", "extra", "groups")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class Namespace(_message.Message):
     HASH_ALGO_FIELD_NUMBER: _ClassVar[int]
     HASH_SEED_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_revision: str
     dtype: str
@@ -68,7 +69,18 @@ class Namespace(_message.Message):
     hash_algo: str
     hash_seed_fingerprint: bytes
     extra: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., model_revision: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_layout: _Optional[str] = ..., block_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_size: _Optional[int] = ..., hash_algo: _Optional[str] = ..., hash_seed_fingerprint: _Optional[bytes] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[KVGroup]
+    def __init__(self, model: _Optional[str] = ..., model_revision: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_layout: _Optional[str] = ..., block_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_size: _Optional[int] = ..., hash_algo: _Optional[str] = ..., hash_seed_fingerprint: _Optional[bytes] = ..., extra: _Optional[_Mapping[str, str]] = ..., groups: _Optional[_Iterable[_Union[KVGroup, _Mapping]]] = ...) -> None: ...
+
+class KVGroup(_message.Message):
+    __slots__ = ("index", "kind", "window_tokens")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    kind: str
+    window_tokens: int
+    def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., window_tokens: _Optional[int] = ...) -> None: ...
 
 class OpenNamespaceRequest(_message.Message):
     __slots__ = ("session_id", "namespace")
@@ -107,14 +119,16 @@ class Segment(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., stride: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class LayerLayout(_message.Message):
-    __slots__ = ("name", "region_index", "segments")
+    __slots__ = ("name", "region_index", "segments", "group")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_INDEX_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     name: str
     region_index: int
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
-    def __init__(self, name: _Optional[str] = ..., region_index: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+    group: int
+    def __init__(self, name: _Optional[str] = ..., region_index: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., group: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("session_id", "instance_id", "rank", "namespace", "num_blocks", "regions", "layers", "cuda_ipc_event")
@@ -161,12 +175,14 @@ class UnregisterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class BlockRef(_message.Message):
-    __slots__ = ("block_id", "hash")
+    __slots__ = ("block_id", "hash", "group")
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     block_id: int
     hash: bytes
-    def __init__(self, block_id: _Optional[int] = ..., hash: _Optional[bytes] = ...) -> None: ...
+    group: int
+    def __init__(self, block_id: _Optional[int] = ..., hash: _Optional[bytes] = ..., group: _Optional[int] = ...) -> None: ...
 
 class SaveRequest(_message.Message):
     __slots__ = ("session_id", "instance_id", "rank", "blocks", "transfer_id", "transfer_last", "ready_url", "ready_token", "wait_event")
@@ -225,7 +241,7 @@ class LoadResponse(_message.Message):
     def __init__(self, status: _Optional[_Iterable[_Union[BlockStatus, str]]] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("session_id", "namespace_id", "hashes", "wait_ms", "lease", "lease_ttl_ms", "transfer_id", "packed_hashes", "hash_len", "source_engine")
+    __slots__ = ("session_id", "namespace_id", "hashes", "wait_ms", "lease", "lease_ttl_ms", "transfer_id", "packed_hashes", "hash_len", "source_engine", "first_block")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +252,7 @@ class QueryRequest(_message.Message):
     PACKED_HASHES_FIELD_NUMBER: _ClassVar[int]
     HASH_LEN_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ENGINE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     namespace_id: str
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
@@ -246,7 +263,8 @@ class QueryRequest(_message.Message):
     packed_hashes: bytes
     hash_len: int
     source_engine: str
-    def __init__(self, session_id: _Optional[str] = ..., namespace_id: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., wait_ms: _Optional[int] = ..., lease: bool = ..., lease_ttl_ms: _Optional[int] = ..., transfer_id: _Optional[str] = ..., packed_hashes: _Optional[bytes] = ..., hash_len: _Optional[int] = ..., source_engine: _Optional[str] = ...) -> None: ...
+    first_block: int
+    def __init__(self, session_id: _Optional[str] = ..., namespace_id: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., wait_ms: _Optional[int] = ..., lease: bool = ..., lease_ttl_ms: _Optional[int] = ..., transfer_id: _Optional[str] = ..., packed_hashes: _Optional[bytes] = ..., hash_len: _Optional[int] = ..., source_engine: _Optional[str] = ..., first_block: _Optional[int] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
     __slots__ = ("num_hit", "lease_id", "num_inflight")
