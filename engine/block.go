@@ -2,7 +2,7 @@ package engine
 
 import "time"
 
-// share is one TP rank's part of a block: ns.rankBytes in one extent of
+// share is one TP rank's part of a block: its group's rankBytes in one extent of
 // the pool on the NUMA node of the GPU of the rank that saved it (the
 // default pool for ranks without one). ext.size == 0 until that rank's
 // save allocates it.
@@ -22,8 +22,10 @@ type share struct {
 // that saves it, so P's ranks on different NUMA nodes each copy into
 // their own node's pool. A sealed block has every share allocated.
 type block struct {
-	hash    string
-	ns      *namespace
+	hash string
+	ns   *namespace
+	// g is the block's KV cache group: the block holds its layers only.
+	g       *nsGroup
 	freed   bool
 	shares  []share // len ns.desc.TPSize, indexed by rank
 	created time.Time
@@ -40,8 +42,10 @@ type block struct {
 	queued bool
 }
 
-func newBlock(ns *namespace, hash string, now time.Time) *block {
-	b := &block{hash: hash, ns: ns, created: now, shares: make([]share, ns.desc.TPSize)}
+// newBlock makes a block of group g of ns; the caller enters it with
+// e.addBlockLocked.
+func newBlock(ns *namespace, g *nsGroup, hash string, now time.Time) *block {
+	b := &block{hash: hash, ns: ns, g: g, created: now, shares: make([]share, ns.desc.TPSize)}
 	for i := range b.shares {
 		b.shares[i].b = b
 	}
@@ -81,6 +85,14 @@ func (e *Engine) allocateLocked(p int, size uint64) (extent, bool) {
 	}
 }
 
+// addBlockLocked enters a new, unsealed block in its group's index.
+func (e *Engine) addBlockLocked(b *block) {
+	b.g.blocks[b.hash] = b
+	e.numBlocks++
+	e.stats.kinds[b.g.kind].resident++
+	e.partial[b] = struct{}{}
+}
+
 // releaseShareLocked returns a share's extent to its pool.
 func (e *Engine) releaseShareLocked(s *share) {
 	if s.ext.size == 0 {
@@ -93,9 +105,10 @@ func (e *Engine) releaseShareLocked(s *share) {
 // freeLocked drops a block from the index and returns its shares' extents.
 func (e *Engine) freeLocked(b *block) {
 	e.policy.withdraw(b)
-	delete(b.ns.blocks, b.hash)
+	delete(b.g.blocks, b.hash)
 	b.freed = true
 	e.numBlocks--
+	e.stats.kinds[b.g.kind].resident--
 	delete(e.partial, b)
 	for i := range b.shares {
 		e.releaseShareLocked(&b.shares[i])

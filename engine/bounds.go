@@ -98,10 +98,17 @@ func planWithBudget[P any](ctx context.Context, b *copyBudget, plan func(held *i
 	}
 }
 
+// opsPerBlock is the most copy ops one block of any group of l takes (one
+// per segment of the group's layers): the budget reserves it for every
+// block of a call.
 func opsPerBlock(l *rankLayout) int {
-	n := 0
-	for _, layer := range l.layers {
-		n += len(layer.segments)
+	most := 0
+	for _, layers := range l.groupLayers {
+		n := 0
+		for _, i := range layers {
+			n += len(l.layers[i].segments)
+		}
+		most = max(most, n)
 	}
-	return n
+	return most
 }

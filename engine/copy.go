@@ -28,7 +28,7 @@ func (e *Engine) copyInstanceLocked(sessionID, instanceID string, rank uint32, b
 	if err != nil {
 		return nil, err
 	}
-	if err := validateBlocks(blocks, inst.layout.numBlocks); err != nil {
+	if err := validateBlocks(inst.ns, blocks, inst.layout.numBlocks); err != nil {
 		return nil, err
 	}
 	return inst, nil
@@ -87,13 +87,15 @@ type copyPlan struct {
 }
 
 // planCopies appends the ops moving rank's share of block b (cache block
-// id) to per-(region, pool) plans. A Save's shares are all in the rank's
-// own pool, so it makes one batch per region; a Load's may come from
-// several pools (blocks saved by instances on other nodes).
+// id of b's group) to per-(region, pool) plans: the segments of the
+// layers of b's group only. A Save's shares are all in the rank's own
+// pool, so it makes one batch per region; a Load's may come from several
+// pools (blocks saved by instances on other nodes).
 func (e *Engine) planCopies(plans map[planKey]*copyPlan, inst *instance, b *block, id uint32, idx int) {
 	s := &b.shares[inst.key.rank]
 	base := s.ext.off
-	for l, layer := range inst.layout.layers {
+	for _, l := range inst.layout.groupLayers[b.g.index] {
+		layer := &inst.layout.layers[l]
 		key := planKey{layer.region, s.pool}
 		p := plans[key]
 		if p == nil {

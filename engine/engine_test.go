@@ -322,7 +322,7 @@ func TestTransferReadyAfterEveryRankAndCallback(t *testing.T) {
 	// Transfer blocks are pinned until the decode side loaded them on all ranks.
 	e.mu.Lock()
 	for _, h := range hashes {
-		require.Positive(t, e.namespaces[p0.nsID].blocks[string(h)].pins)
+		require.Positive(t, e.namespaces[p0.nsID].groups[0].blocks[string(h)].pins)
 	}
 	e.mu.Unlock()
 	d0 := newWorker(t, e, "D", 0, 2, smallSpec)
@@ -331,7 +331,7 @@ func TestTransferReadyAfterEveryRankAndCallback(t *testing.T) {
 	d1.load(t, seq(0, 3), hashes, "", "t-1")
 	e.mu.Lock()
 	for _, h := range hashes {
-		require.Zero(t, e.namespaces[p0.nsID].blocks[string(h)].pins)
+		require.Zero(t, e.namespaces[p0.nsID].groups[0].blocks[string(h)].pins)
 	}
 	e.mu.Unlock()
 }

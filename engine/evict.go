@@ -200,8 +200,9 @@ func (p *evictionPolicy) victim(pool int) *block {
 	return nil
 }
 
-// ghostKey identifies a block across namespaces for the ghost set.
+// ghostKey identifies a block across namespaces and groups for the ghost
+// set (fixed-size prefix, so no two blocks share a key).
 func (b *block) ghostKey() string {
 	n := b.ns.idx
-	return string([]byte{byte(n), byte(n >> 8), byte(n >> 16), byte(n >> 24)}) + b.hash
+	return string([]byte{byte(n), byte(n >> 8), byte(n >> 16), byte(n >> 24), byte(b.g.index)}) + b.hash
 }

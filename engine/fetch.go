@@ -37,6 +37,12 @@ import (
 // evicted there, connection lost, deadline, local pool full, copy budget)
 // ends the fetch with the prefix actually fetched; the Query then answers
 // as usual.
+//
+// In a namespace with groups the peer answers with its hybrid boundary's
+// blocks over all the query's hashes (OpenPeerTransfer): each names its
+// group and position. The blocks held here sealed are pinned instead of
+// read, those held in any other state are waited for as usual, and the
+// rest are read; the Query's own boundary then counts what arrived.
 
 var (
 	errPeerMissing  = errors.New("the peer holds fewer of the blocks than asked")
@@ -57,8 +63,9 @@ const fetchChunkBytes = 8 << 20
 type fetchRange struct {
 	ns     *namespace
 	hashes [][]byte
+	first  uint32   // QueryRequest.first_block of hashes[0] (groups only)
 	pools  []int    // local pool of each rank's share
-	local  []*block // the local sealed prefix, pinned during the fetch
+	local  []*block // the local blocks it relies on, pinned during the fetch
 }
 
 // fetchDeadline is how long a fetch may take within a Query's wait: the
@@ -78,7 +85,7 @@ func (e *Engine) fetchFromPeer(ctx context.Context, addr string, req *pb.QueryRe
 	if e.peers == nil {
 		return
 	}
-	f := e.planFetchRange(req.SessionId, req.NamespaceId, hashes)
+	f := e.planFetchRange(req.SessionId, req.NamespaceId, hashes, req.FirstBlock)
 	if f == nil {
 		return
 	}
@@ -88,18 +95,18 @@ func (e *Engine) fetchFromPeer(ctx context.Context, addr string, req *pb.QueryRe
 	stop := context.AfterFunc(e.stopped, cancel)
 	defer stop()
 	var n int
+	var bytes uint64
 	var err error
-	if f.ns.rankBytes == 0 {
+	if !f.ns.registered() {
 		err = fmt.Errorf("%w: no rank registered the namespace's layout here yet", errPeerMismatch)
 	} else {
-		n, err = e.fetch(ctx, addr, req.TransferId, f)
+		n, bytes, err = e.fetch(ctx, addr, req.TransferId, f)
 	}
 	e.mu.Lock()
 	for _, b := range f.local {
 		e.unpinLocked(b)
 	}
 	e.mu.Unlock()
-	bytes := uint64(n) * f.ns.rankBytes * uint64(len(f.pools))
 	reason := ""
 	if err != nil {
 		reason = failureReason(err)
@@ -109,9 +116,10 @@ func (e *Engine) fetchFromPeer(ctx context.Context, addr string, req *pb.QueryRe
 	e.m.observeFetch(n, bytes, time.Since(start), reason)
 }
 
-// planFetchRange finds the missing run; nil when nothing is missing or the
-// query is bad (Query reports that).
-func (e *Engine) planFetchRange(sessionID, nsID string, hashes [][]byte) *fetchRange {
+// planFetchRange finds the missing run (with groups: the hashes, when the
+// boundary here falls short of them even counting saves in flight); nil
+// when nothing is missing or the query is bad (Query reports that).
+func (e *Engine) planFetchRange(sessionID, nsID string, hashes [][]byte, first uint32) *fetchRange {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.checkOpen() != nil {
@@ -124,27 +132,35 @@ func (e *Engine) planFetchRange(sessionID, nsID string, hashes [][]byte) *fetchR
 	if ns == nil {
 		return nil
 	}
+	pools := make([]int, ns.desc.TPSize)
+	for r := range pools {
+		pools[r] = e.rankPoolLocked(ns, uint32(r))
+	}
+	if ns.hybrid {
+		if hit, inflight := e.boundaryLocked(ns, hashes, first); hit+inflight == len(hashes) {
+			return nil
+		}
+		return &fetchRange{ns: ns, hashes: hashes[:min(len(hashes), MaxPeerOpenHashes)], first: first, pools: pools}
+	}
+	blocks := ns.groups[0].blocks
 	lo := 0
 	for lo < len(hashes) {
-		b := ns.blocks[string(hashes[lo])]
+		b := blocks[string(hashes[lo])]
 		if b == nil || !b.sealed {
 			break
 		}
 		lo++
 	}
 	hi := lo
-	for hi < len(hashes) && hi-lo < MaxPeerOpenHashes && ns.blocks[string(hashes[hi])] == nil {
+	for hi < len(hashes) && hi-lo < MaxPeerOpenHashes && blocks[string(hashes[hi])] == nil {
 		hi++
 	}
 	if hi == lo {
 		return nil
 	}
-	f := &fetchRange{ns: ns, hashes: hashes[lo:hi], pools: make([]int, ns.desc.TPSize), local: make([]*block, 0, lo)}
-	for r := range f.pools {
-		f.pools[r] = e.rankPoolLocked(ns, uint32(r))
-	}
+	f := &fetchRange{ns: ns, hashes: hashes[lo:hi], pools: pools, local: make([]*block, 0, lo)}
 	for _, h := range hashes[:lo] {
-		b := ns.blocks[string(h)]
+		b := blocks[string(h)]
 		e.pinLocked(b)
 		f.local = append(f.local, b)
 	}
@@ -163,17 +179,17 @@ func (e *Engine) rankPoolLocked(ns *namespace, r uint32) int {
 }
 
 // fetch opens the transfer on the peer, reads it and seals what arrived;
-// it returns how many of f.hashes are now sealed here by it.
-func (e *Engine) fetch(ctx context.Context, addr, transferID string, f *fetchRange) (int, error) {
+// it returns how many blocks it sealed here and their bytes (all ranks).
+func (e *Engine) fetch(ctx context.Context, addr, transferID string, f *fetchRange) (int, uint64, error) {
 	x := e.peers
 	l, err := x.link(ctx, addr)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	ttl := uint32(time.Until(deadlineOf(ctx))/time.Millisecond) + 5000
 	open := func(l *peerLink) (*pb.PeerOpenTransferResponse, error) {
 		return x.ctl.OpenTransfer(ctx, addr, &pb.PeerOpenTransferRequest{Epoch: l.epoch, NamespaceId: f.ns.id,
-			TransferId: transferID, Hashes: f.hashes, TtlMs: ttl})
+			TransferId: transferID, Hashes: f.hashes, TtlMs: ttl, FirstBlock: f.first})
 	}
 	resp, err := open(l)
 	if errors.Is(err, ErrPeerEpoch) {
@@ -185,7 +201,7 @@ func (e *Engine) fetch(ctx context.Context, addr, transferID string, f *fetchRan
 		}
 	}
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	if resp.Handle != "" {
 		defer func() {
@@ -201,39 +217,43 @@ func (e *Engine) fetch(ctx context.Context, addr, transferID string, f *fetchRan
 	}
 	if resp.Epoch != l.epoch {
 		x.drop(l)
-		return 0, fmt.Errorf("%w: handshake at %q, transfer opened at %q", ErrPeerEpoch, l.epoch, resp.Epoch)
+		return 0, 0, fmt.Errorf("%w: handshake at %q, transfer opened at %q", ErrPeerEpoch, l.epoch, resp.Epoch)
 	}
 	pools := -1 // the validated stream: the peer checks the pool of every extent
 	if l.xp != nil {
 		pools = len(l.regions)
 	}
 	if err := checkPeerBlocks(resp, f, pools); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	p, held, err := planWithBudget(ctx, e.budget, func(held *int64) (*fetchPlan, int64, error) {
 		return e.planFetch(f, resp.Blocks, held)
 	})
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	defer e.budget.release(held)
 	if len(p.got) == 0 {
-		return 0, p.short
+		return 0, 0, p.short
 	}
 	n, err := e.readBlocks(ctx, l, resp.Handle, p.reads, len(f.pools))
 	if errors.Is(err, native.ErrPeer) {
 		x.drop(l)
 	}
 	e.commitFetch(f.ns, p.got, n)
+	var bytes uint64
+	for _, b := range p.got[:n] {
+		bytes += b.g.rankBytes * uint64(len(f.pools))
+	}
 	switch {
 	case err != nil:
-		return n, err
+		return n, bytes, err
 	case p.short != nil:
-		return n, p.short
-	case len(resp.Blocks) < len(f.hashes):
-		return n, fmt.Errorf("%w: %d of %d", errPeerMissing, len(resp.Blocks), len(f.hashes))
+		return n, bytes, p.short
+	case !f.ns.hybrid && len(resp.Blocks) < len(f.hashes):
+		return n, bytes, fmt.Errorf("%w: %d of %d", errPeerMissing, len(resp.Blocks), len(f.hashes))
 	}
-	return n, nil
+	return n, bytes, nil
 }
 
 func deadlineOf(ctx context.Context) time.Time {
@@ -247,23 +267,54 @@ func deadlineOf(ctx context.Context) time.Time {
 // peer's advertised pool sizes by the native layer before anything is
 // read; the validated stream's peer checks them against the transfer.
 func checkPeerBlocks(resp *pb.PeerOpenTransferResponse, f *fetchRange, pools int) error {
-	if len(resp.Blocks) > len(f.hashes) {
+	ns := f.ns
+	if !ns.hybrid && len(resp.Blocks) > len(f.hashes) {
 		return fmt.Errorf("%w: %d blocks for %d hashes", errPeerMismatch, len(resp.Blocks), len(f.hashes))
 	}
-	if len(resp.Blocks) > 0 && resp.RankBytes != f.ns.rankBytes {
-		return fmt.Errorf("%w: a rank's share is %d bytes there, %d here", errPeerMismatch, resp.RankBytes, f.ns.rankBytes)
+	if ns.hybrid && len(resp.Blocks) > len(f.hashes)*len(ns.groups) {
+		return fmt.Errorf("%w: %d blocks for %d hashes of %d groups", errPeerMismatch, len(resp.Blocks), len(f.hashes), len(ns.groups))
+	}
+	if !ns.hybrid && len(resp.Blocks) > 0 && resp.RankBytes != ns.groups[0].rankBytes {
+		return fmt.Errorf("%w: a rank's share is %d bytes there, %d here", errPeerMismatch, resp.RankBytes, ns.groups[0].rankBytes)
+	}
+	var seen map[[2]uint32]struct{}
+	if ns.hybrid {
+		seen = make(map[[2]uint32]struct{}, len(resp.Blocks))
 	}
 	for i, b := range resp.Blocks {
+		g, err := peerBlockGroup(ns, b, i, len(f.hashes), seen)
+		if err != nil {
+			return err
+		}
 		if len(b.Shares) != len(f.pools) {
 			return fmt.Errorf("%w: block %d has %d shares, TP size is %d", errPeerMismatch, i, len(b.Shares), len(f.pools))
 		}
 		for _, s := range b.Shares {
-			if (pools >= 0 && int(s.Pool) >= pools) || s.Length != f.ns.rankBytes {
-				return fmt.Errorf("%w: block %d: share in pool %d of %d, %d bytes", errPeerMismatch, i, s.Pool, pools, s.Length)
+			if s == nil || (pools >= 0 && int(s.Pool) >= pools) || s.Length != g.rankBytes {
+				return fmt.Errorf("%w: block %d: share in pool %d of %d, %d bytes", errPeerMismatch, i, s.GetPool(), pools, s.GetLength())
 			}
 		}
 	}
 	return nil
+}
+
+// peerBlockGroup is the local group of block i of a peer's answer: group
+// 0 without groups; with them the group it names, at a position inside
+// the hashes, each (group, position) once.
+func peerBlockGroup(ns *namespace, b *pb.PeerBlock, i, hashes int, seen map[[2]uint32]struct{}) (*nsGroup, error) {
+	if !ns.hybrid {
+		return ns.groups[0], nil
+	}
+	g := ns.group(b.Group)
+	if g == nil || int(b.Position) >= hashes {
+		return nil, fmt.Errorf("%w: block %d: group %d position %d (%d hashes)", errPeerMismatch, i, b.Group, b.Position, hashes)
+	}
+	k := [2]uint32{b.Group, b.Position}
+	if _, dup := seen[k]; dup {
+		return nil, fmt.Errorf("%w: block %d: group %d position %d twice", errPeerMismatch, i, b.Group, b.Position)
+	}
+	seen[k] = struct{}{}
+	return g, nil
 }
 
 // fetchRead is one share to read: from the peer's pool into a local one.
@@ -304,15 +355,26 @@ func (e *Engine) planFetch(f *fetchRange, remote []*pb.PeerBlock, held *int64) (
 	}
 	ns, now := f.ns, time.Now()
 	for i, rb := range remote {
-		h := string(f.hashes[i])
-		if ns.blocks[h] != nil {
+		g, h := ns.groups[0], string(f.hashes[i])
+		if ns.hybrid {
+			g, h = ns.group(rb.Group), string(f.hashes[rb.Position]) // checkPeerBlocks checked both
+		}
+		if have := g.blocks[h]; have != nil {
+			if ns.hybrid {
+				// Held here: relied on if sealed, else waited for as usual.
+				if have.sealed {
+					e.pinLocked(have)
+					f.local = append(f.local, have)
+				}
+				continue
+			}
 			p.short = nil // saved or fetched meanwhile: the answer counts it as usual
 			break
 		}
-		b := newBlock(ns, h, now)
+		b := newBlock(ns, g, h, now)
 		rs := make([]fetchRead, len(rb.Shares))
 		for r, s := range rb.Shares {
-			ext, ok := e.allocateLocked(f.pools[r], ns.rankBytes)
+			ext, ok := e.allocateLocked(f.pools[r], g.rankBytes)
 			if !ok {
 				for q := range r {
 					e.releaseShareLocked(&b.shares[q])
@@ -323,9 +385,7 @@ func (e *Engine) planFetch(f *fetchRange, remote []*pb.PeerBlock, held *int64) (
 			b.shares[r].pool, b.shares[r].ext = f.pools[r], ext
 			rs[r] = fetchRead{int(s.Pool), f.pools[r], native.XferOp{RemoteOffset: s.Offset, LocalOffset: ext.off, Len: s.Length}}
 		}
-		ns.blocks[h] = b
-		e.numBlocks++
-		e.partial[b] = struct{}{}
+		e.addBlockLocked(b)
 		b.saving = ns.allRanks
 		e.pinLocked(b)
 		p.got = append(p.got, b)
@@ -349,7 +409,11 @@ func (e *Engine) readingLocked(p *fetchPlan) *fetchPlan {
 // and returns how many leading blocks arrived whole and the error that
 // ended the first chunk that did not.
 func (e *Engine) readBlocks(ctx context.Context, l *peerLink, handle string, reads [][]fetchRead, tp int) (int, error) {
-	per := max(1, min(fetchChunkBytes/max(1, int(reads[0][0].op.Len)*tp), min(native.MaxXferOps, MaxPeerReadExtents)/tp))
+	var most uint64 // the largest share: groups' shares differ in size
+	for _, rs := range reads {
+		most = max(most, rs[0].op.Len)
+	}
+	per := max(1, min(fetchChunkBytes/max(1, int(most)*tp), min(native.MaxXferOps, MaxPeerReadExtents)/tp))
 	chunks := (len(reads) + per - 1) / per
 	errs := make([]error, chunks)
 	var wg sync.WaitGroup

@@ -48,14 +48,18 @@ func FuzzValidateRegister(f *testing.F) {
 	})
 }
 
-// FuzzValidateBlocks: accepted refs always index inside the instance.
+// FuzzValidateBlocks: accepted refs always index inside the instance and
+// name a group of its namespace.
 func FuzzValidateBlocks(f *testing.F) {
-	f.Add(uint32(3), []byte("0123456789abcdef"), uint32(16))
-	f.Add(uint32(16), []byte("x"), uint32(16))
-	f.Fuzz(func(t *testing.T, id uint32, hash []byte, numBlocks uint32) {
-		err := validateBlocks([]*pb.BlockRef{{BlockId: id, Hash: hash}}, numBlocks)
-		if err == nil && (id >= numBlocks || len(hash) < MinHashLen || len(hash) > MaxHashLen) {
-			t.Fatalf("accepted id %d of %d, hash len %d", id, numBlocks, len(hash))
+	f.Add(uint32(3), []byte("0123456789abcdef"), uint32(16), uint32(0))
+	f.Add(uint32(16), []byte("x"), uint32(16), uint32(3))
+	f.Add(uint32(1), []byte("0123456789abcdef"), uint32(16), uint32(64))
+	ns := &namespace{desc: &Namespace{BlockSize: 16, TPSize: 1, Groups: []KVGroup{{Index: 0, Kind: GroupFull}, {Index: 3, Kind: GroupState}}}}
+	ns.initGroups()
+	f.Fuzz(func(t *testing.T, id uint32, hash []byte, numBlocks, group uint32) {
+		err := validateBlocks(ns, []*pb.BlockRef{{BlockId: id, Hash: hash, Group: group}}, numBlocks)
+		if err == nil && (id >= numBlocks || len(hash) < MinHashLen || len(hash) > MaxHashLen || (group != 0 && group != 3)) {
+			t.Fatalf("accepted id %d of %d, hash len %d, group %d", id, numBlocks, len(hash), group)
 		}
 	})
 }

@@ -28,7 +28,7 @@ func TestReleaseOnlyByOwner(t *testing.T) {
 	pins := func() int32 {
 		e.mu.Lock()
 		defer e.mu.Unlock()
-		return e.namespaces[d.nsID].blocks[string(hashes[0])].pins
+		return e.namespaces[d.nsID].groups[0].blocks[string(hashes[0])].pins
 	}
 	require.EqualValues(t, 2, pins(), "pinned by the lease and by the transfer")
 

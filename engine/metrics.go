@@ -79,6 +79,7 @@ func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
 		gauge("gpus", "GPUs listed by NVML at start (0: CPU mode).", func() float64 { return float64(len(e.cfg.Topology.Devices)) }),
 		gauge("pool_numa_node", "NUMA node of the default pool (-1: none).", func() float64 { return float64(e.placement.Node) }),
 		newNodePoolCollector(e),
+		newKindCollector(e),
 		counter("hits_total", "Query hashes found sealed (prefix).", func() float64 { return float64(e.stats.hits) }),
 		counter("misses_total", "Query hashes not in the sealed prefix.", func() float64 { return float64(e.stats.misses) }),
 		counter("saves_total", "Block shares saved (one per rank).", func() float64 { return float64(e.stats.saves) }),
@@ -125,6 +126,47 @@ func (c *nodePoolCollector) Collect(ch chan<- prometheus.Metric) {
 		node := strconv.Itoa(p.node)
 		ch <- prometheus.MustNewConstMetric(c.capacity, prometheus.GaugeValue, float64(p.mem.Size()), node)
 		ch <- prometheus.MustNewConstMetric(c.used, prometheus.GaugeValue, float64(p.alloc.used), node)
+	}
+}
+
+// kindCollector exports the per-kind counts (stats.go kindCounters),
+// labelled by group kind: a namespace without groups counts as "full".
+// The unlabelled totals (resident_blocks, saves_total, ...) stay as they
+// were, all kinds together.
+type kindCollector struct {
+	e                                             *Engine
+	resident, saves, loads, savedBytes, loadBytes *prometheus.Desc
+}
+
+func newKindCollector(e *Engine) *kindCollector {
+	desc := func(name, help string) *prometheus.Desc {
+		return prometheus.NewDesc("pegaflow_engine_group_"+name, help, []string{"kind"}, nil)
+	}
+	return &kindCollector{e: e,
+		resident:   desc("resident_blocks", "Blocks in the pool, sealed or being saved, by KV cache group kind."),
+		saves:      desc("saves_total", "Block shares saved, by KV cache group kind."),
+		loads:      desc("loads_total", "Block shares loaded, by KV cache group kind."),
+		savedBytes: desc("saved_bytes_total", "Bytes copied into the pool, by KV cache group kind."),
+		loadBytes:  desc("loaded_bytes_total", "Bytes copied out of the pool, by KV cache group kind."),
+	}
+}
+
+func (c *kindCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.resident, c.saves, c.loads, c.savedBytes, c.loadBytes} {
+		ch <- d
+	}
+}
+
+func (c *kindCollector) Collect(ch chan<- prometheus.Metric) {
+	c.e.mu.Lock()
+	defer c.e.mu.Unlock()
+	for k, n := range c.e.stats.kinds {
+		kind := groupKind(k).String()
+		ch <- prometheus.MustNewConstMetric(c.resident, prometheus.GaugeValue, float64(n.resident), kind)
+		ch <- prometheus.MustNewConstMetric(c.saves, prometheus.CounterValue, float64(n.saves), kind)
+		ch <- prometheus.MustNewConstMetric(c.loads, prometheus.CounterValue, float64(n.loads), kind)
+		ch <- prometheus.MustNewConstMetric(c.savedBytes, prometheus.CounterValue, float64(n.bytesSaved), kind)
+		ch <- prometheus.MustNewConstMetric(c.loadBytes, prometheus.CounterValue, float64(n.bytesLoaded), kind)
 	}
 }
 

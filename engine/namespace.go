@@ -2,6 +2,7 @@ package engine
 
 import (
 	"bytes"
+	"cmp"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -23,14 +24,22 @@ type namespace struct {
 	// mask equals it.
 	allRanks    uint64
 	fingerprint []byte
-	// Fixed by the first registration; later ones must match.
-	shape     [][]uint64
-	rankBytes uint64
+	// Fixed by the first registration; later ones must match. shape and
+	// layerGroup are per layer (segment lengths, group index).
+	shape      [][]uint64
+	layerGroup []uint32
 	// segOffset[layer][segment] is the segment's offset inside a rank's
-	// share of a block slot.
+	// share of a block of the layer's group.
 	segOffset [][]uint64
-	// blocks is the exact index of this namespace, keyed by hash bytes.
-	blocks map[string]*block
+	// groups are the KV cache groups in the namespace's order (one, index
+	// 0, full, without Namespace.Groups); byIndex finds them by index.
+	// Each holds its own exact block index, so (group, hash) keys never
+	// collide and group 0's is keyed by the hash alone, as before groups.
+	groups  []*nsGroup
+	byIndex [MaxGroups]*nsGroup
+	// hybrid: the namespace lists groups; Query answers the hybrid
+	// boundary (hybrid.go) instead of the sealed prefix.
+	hybrid bool
 }
 
 // namespaceID derives the id from every compatibility field except the
@@ -81,6 +90,17 @@ func namespaceHash(ns *Namespace, parallelism bool) string {
 		str(k)
 		str(ns.Extra[k])
 	}
+	// Only when set, so namespaces without groups keep their ids.
+	if len(ns.Groups) > 0 {
+		str("groups")
+		groups := slices.Clone(ns.Groups)
+		slices.SortFunc(groups, func(a, b KVGroup) int { return cmp.Compare(a.Index, b.Index) })
+		for _, g := range groups {
+			num(g.Index)
+			str(g.Kind)
+			num(g.WindowTokens)
+		}
+	}
 	return hex.EncodeToString(h.Sum(nil)[:16])
 }
 
@@ -97,8 +117,8 @@ func (e *Engine) openNamespaceLocked(desc *Namespace) (*namespace, error) {
 			serving:     servingKey(desc),
 			allRanks:    rankMask(desc.TPSize),
 			fingerprint: bytes.Clone(desc.HashSeedFingerprint),
-			blocks:      map[string]*block{},
 		}
+		ns.initGroups()
 		e.namespaces[id] = ns
 		e.log.Info("namespace created", "namespace", id, "model", desc.Model, "tp", desc.TPSize, "block_size", desc.BlockSize)
 		return ns, nil
@@ -122,29 +142,40 @@ func rankMask(tp uint32) uint64 {
 	return 1<<tp - 1
 }
 
-// adoptShape fixes the namespace's block shape on first registration and
-// checks later registrations against it.
-func (ns *namespace) adoptShape(shape [][]uint64, rankBytes uint64) error {
+// adoptShape fixes the namespace's block shape (each layer's segment
+// lengths and group) on first registration, and so each group's share of
+// a block, and checks later registrations against it.
+func (ns *namespace) adoptShape(l *rankLayout) error {
+	shape := l.blockShape()
 	if ns.shape == nil {
 		ns.shape = shape
-		ns.rankBytes = rankBytes
+		ns.layerGroup = make([]uint32, len(l.layers))
 		ns.segOffset = make([][]uint64, len(shape))
-		var off uint64
-		for l, segs := range shape {
+		offs := map[uint32]uint64{}
+		for i, segs := range shape {
+			g := l.layers[i].group
+			ns.layerGroup[i] = g
 			for _, n := range segs {
-				ns.segOffset[l] = append(ns.segOffset[l], off)
-				off += n
+				ns.segOffset[i] = append(ns.segOffset[i], offs[g])
+				offs[g] += n
 			}
+		}
+		for _, g := range ns.groups {
+			g.rankBytes = offs[g.index]
 		}
 		return nil
 	}
 	if len(shape) != len(ns.shape) {
 		return fmt.Errorf("%w: layout mismatch in namespace %s: %d layers, namespace has %d", ErrPrecondition, ns.id, len(shape), len(ns.shape))
 	}
-	for l := range shape {
-		if !slices.Equal(shape[l], ns.shape[l]) {
+	for i := range shape {
+		if g := l.layers[i].group; g != ns.layerGroup[i] {
+			return fmt.Errorf("%w: layout mismatch in namespace %s: layer %d is in group %d, namespace has it in group %d",
+				ErrPrecondition, ns.id, i, g, ns.layerGroup[i])
+		}
+		if !slices.Equal(shape[i], ns.shape[i]) {
 			return fmt.Errorf("%w: layout mismatch in namespace %s: layer %d segments %v bytes, namespace has %v",
-				ErrPrecondition, ns.id, l, shape[l], ns.shape[l])
+				ErrPrecondition, ns.id, i, shape[i], ns.shape[i])
 		}
 	}
 	return nil

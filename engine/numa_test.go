@@ -55,7 +55,7 @@ func poolOf(t *testing.T, e *Engine, w *worker, hash []byte, rank int) int {
 	t.Helper()
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	b := e.namespaces[w.nsID].blocks[string(hash)]
+	b := e.namespaces[w.nsID].groups[0].blocks[string(hash)]
 	require.NotNil(t, b, "block not resident")
 	s := b.shares[rank]
 	require.NotZero(t, s.ext.size, "share %d not allocated", rank)
@@ -205,7 +205,7 @@ func TestMLAKeepsOneShare(t *testing.T) {
 	require.EqualValues(t, 4, p.save(t, seq(0, 4), hashes, "", false).Saved)
 	e.mu.Lock()
 	for _, h := range hashes {
-		require.Len(t, e.namespaces[p.nsID].blocks[string(h)].shares, 1, "one extent per MLA block")
+		require.Len(t, e.namespaces[p.nsID].groups[0].blocks[string(h)].shares, 1, "one extent per MLA block")
 	}
 	e.mu.Unlock()
 	require.Equal(t, 1, poolOf(t, e, p, hashes[0], 0))
@@ -373,7 +373,7 @@ func checkPools(t *testing.T, e *Engine) {
 	queued := make([]int, len(e.pools))
 	evictable := 0
 	for _, ns := range e.namespaces {
-		for _, b := range ns.blocks {
+		for _, b := range ns.groups[0].blocks {
 			require.Len(t, b.shares, int(ns.desc.TPSize))
 			for r, s := range b.shares {
 				require.Same(t, b, s.b)

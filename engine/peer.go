@@ -79,9 +79,8 @@ type peerOpen struct {
 	expires    time.Time
 	transferID string
 	// shares are the extents a validated read may name (peerread.go),
-	// each rankBytes long.
-	shares    map[shareKey]struct{}
-	rankBytes uint64
+	// each with its length (its group's share of a rank).
+	shares map[shareKey]uint64
 	// readers counts validated reads being sent; a transfer released or
 	// expired meanwhile (closed) is unpinned when the last one ends.
 	readers int
@@ -138,8 +137,11 @@ func (e *Engine) OpenPeerTransfer(ctx context.Context, req *pb.PeerOpenTransferR
 	if err != nil {
 		return nil, err
 	}
-	resp := &pb.PeerOpenTransferResponse{Epoch: e.epoch, RankBytes: ns.rankBytes}
-	hit, _ := e.prefixLocked(ns, req.Hashes)
+	resp := &pb.PeerOpenTransferResponse{Epoch: e.epoch}
+	if !ns.hybrid {
+		resp.RankBytes = ns.groups[0].rankBytes
+	}
+	hit, _ := e.hitLocked(ns, req.Hashes, req.FirstBlock)
 	if hit == 0 {
 		return resp, nil
 	}
@@ -151,19 +153,23 @@ func (e *Engine) OpenPeerTransfer(ctx context.Context, req *pb.PeerOpenTransferR
 		ttl = min(time.Duration(req.TtlMs)*time.Millisecond, 10*e.cfg.PeerOpenTTL)
 	}
 	o := &peerOpen{blocks: make([]*block, 0, hit), expires: time.Now().Add(ttl), transferID: req.TransferId,
-		shares: make(map[shareKey]struct{}, hit*int(ns.desc.TPSize)), rankBytes: ns.rankBytes}
-	resp.Blocks = make([]*pb.PeerBlock, hit)
-	for i, h := range req.Hashes[:hit] {
-		b := ns.blocks[string(h)]
+		shares: make(map[shareKey]uint64, hit*int(ns.desc.TPSize))}
+	resp.Blocks = make([]*pb.PeerBlock, 0, hit)
+	// Without groups: the sealed prefix, in order. With groups: every
+	// group's needed blocks of the hybrid boundary, named.
+	e.neededLocked(ns, req.Hashes, req.FirstBlock, hit, func(g *nsGroup, i int, b *block) {
 		e.pinLocked(b)
 		o.blocks = append(o.blocks, b)
 		pbb := &pb.PeerBlock{Shares: make([]*pb.PeerExtent, len(b.shares))}
-		for r, s := range b.shares {
-			pbb.Shares[r] = &pb.PeerExtent{Pool: uint32(s.pool), Offset: s.ext.off, Length: ns.rankBytes}
-			o.shares[shareKey{s.pool, s.ext.off}] = struct{}{}
+		if ns.hybrid {
+			pbb.Group, pbb.Position = g.index, uint32(i)
 		}
-		resp.Blocks[i] = pbb
-	}
+		for r, s := range b.shares {
+			pbb.Shares[r] = &pb.PeerExtent{Pool: uint32(s.pool), Offset: s.ext.off, Length: g.rankBytes}
+			o.shares[shareKey{s.pool, s.ext.off}] = g.rankBytes
+		}
+		resp.Blocks = append(resp.Blocks, pbb)
+	})
 	resp.Handle = ids.New("pt-")
 	e.peerOpens[resp.Handle] = o
 	return resp, nil

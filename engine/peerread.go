@@ -65,7 +65,7 @@ func (e *Engine) OpenPeerRead(handle string, exts []PeerExtent) (*PeerRead, erro
 	var total uint64
 	src := make([][]byte, len(exts))
 	for i, x := range exts {
-		if _, ok := o.shares[shareKey{int(x.Pool), x.Offset}]; !ok || x.Len != o.rankBytes {
+		if n, ok := o.shares[shareKey{int(x.Pool), x.Offset}]; !ok || x.Len != n {
 			return nil, invalid("extent %d (pool %d, offset %d, %d bytes) is not a share of transfer %q", i, x.Pool, x.Offset, x.Len, handle)
 		}
 		if total += x.Len; total > MaxPeerReadBytes {

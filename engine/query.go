@@ -10,9 +10,11 @@ import (
 	"github.com/pegaflow/pegaflow/internal/ids"
 )
 
-// Query returns the longest sealed prefix of req.Hashes. With WaitMs it
+// Query returns the longest sealed prefix of req.Hashes, or in a
+// namespace with groups the hybrid boundary (hybrid.go). With WaitMs it
 // waits (bounded by MaxQueryWait and ctx) for hashes whose save is in
-// flight and, with TransferId, for that transfer to settle.
+// flight and, with TransferId, for that transfer to settle. The answer
+// and its lease are taken under one hold of e.mu.
 func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResponse, error) {
 	hashes, err := queryHashes(req)
 	if err != nil {
@@ -71,7 +73,7 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 	}
 	var hit, inflight int
 	for {
-		hit, inflight = e.prefixLocked(ns, hashes)
+		hit, inflight = e.hitLocked(ns, hashes, req.FirstBlock)
 		if inflight == 0 || wait == 0 {
 			break
 		}
@@ -86,23 +88,26 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 			return nil, err
 		}
 		if ctx.Err() != nil {
-			hit, inflight = e.prefixLocked(ns, hashes)
+			hit, inflight = e.hitLocked(ns, hashes, req.FirstBlock)
 			break
 		}
 	}
 	e.stats.hits += uint64(hit)
 	e.stats.misses += uint64(len(hashes) - hit)
 	resp := &pb.QueryResponse{NumHit: uint32(hit), NumInflight: uint32(inflight)}
+	var needed []*block
+	if ns.hybrid || (req.Lease && hit > 0) {
+		// (Without groups prefixLocked touched them already.)
+		needed = e.leaseBlocksLocked(ns, hashes, req.FirstBlock, hit)
+	}
 	if req.Lease && hit > 0 {
 		ttl := e.cfg.LeaseTTL
 		if req.LeaseTtlMs > 0 {
 			ttl = min(time.Duration(req.LeaseTtlMs)*time.Millisecond, 10*e.cfg.LeaseTTL)
 		}
-		l := &lease{session: s, ranks: ns.allRanks, expires: time.Now().Add(ttl), blocks: make([]*block, 0, hit)}
-		for _, h := range hashes[:hit] {
-			b := ns.blocks[string(h)]
+		l := &lease{session: s, ranks: ns.allRanks, expires: time.Now().Add(ttl), blocks: needed}
+		for _, b := range needed {
 			e.pinLocked(b)
-			l.blocks = append(l.blocks, b)
 		}
 		id := ids.New("l-")
 		e.leases[id] = l
@@ -146,11 +151,11 @@ func (e *Engine) awakeLocked(s *session) error {
 	return nil
 }
 
-// prefixLocked counts the sealed prefix and, after it, the run of blocks
-// still being saved.
-func (e *Engine) prefixLocked(ns *namespace, hashes [][]byte) (hit, inflight int) {
+// prefixLocked counts the sealed prefix of group g's blocks and, after it,
+// the run of blocks still being saved.
+func (e *Engine) prefixLocked(g *nsGroup, hashes [][]byte) (hit, inflight int) {
 	for hit < len(hashes) {
-		b := ns.blocks[string(hashes[hit])]
+		b := g.blocks[string(hashes[hit])]
 		if b == nil || !b.sealed {
 			break
 		}
@@ -158,7 +163,7 @@ func (e *Engine) prefixLocked(ns *namespace, hashes [][]byte) (hit, inflight int
 		hit++
 	}
 	for i := hit; i < len(hashes); i++ {
-		b := ns.blocks[string(hashes[i])]
+		b := g.blocks[string(hashes[i])]
 		if b == nil || b.sealed || b.saving == 0 && b.saved == 0 {
 			break
 		}

@@ -44,7 +44,7 @@ func TestQueryWaitingAcrossSessionCloseTakesNoLease(t *testing.T) {
 	}
 	e.mu.Lock()
 	leases, pinned := len(e.leases), 0
-	for _, b := range e.namespaces[d.nsID].blocks {
+	for _, b := range e.namespaces[d.nsID].groups[0].blocks {
 		if b.pins > 0 {
 			pinned++
 		}

@@ -160,7 +160,7 @@ func (e *Engine) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 		err = e.checkOpen()
 	}
 	if err == nil {
-		err = ns.adoptShape(layout.blockShape(), layout.rankBytes)
+		err = ns.adoptShape(layout)
 	}
 	if err == nil {
 		err = e.checkRegistrationLocked(reg)
@@ -227,7 +227,7 @@ func (e *Engine) preflightRegister(reg *registration) (*namespace, error) {
 		return nil, err
 	}
 	if ns.shape != nil {
-		if err := ns.adoptShape(reg.layout.blockShape(), reg.layout.rankBytes); err != nil {
+		if err := ns.adoptShape(reg.layout); err != nil {
 			return nil, err
 		}
 	}

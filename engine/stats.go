@@ -35,6 +35,16 @@ type counters struct {
 	hits, misses, saves, loads, evictions, saveFailures uint64
 	bytesSaved, bytesLoaded                             uint64
 	transfersReady, transfersFailed                     uint64
+	// kinds are per group kind (metrics.go); a namespace without groups
+	// is all kindFull.
+	kinds [numKinds]kindCounters
+}
+
+// kindCounters are the counts kept per group kind: resident blocks (a
+// gauge), and block shares saved and loaded with their bytes.
+type kindCounters struct {
+	resident                              int
+	saves, loads, bytesSaved, bytesLoaded uint64
 }
 
 // Stats is a snapshot of the engine's gauges and counters.
@@ -43,12 +53,14 @@ func (e *Engine) Stats() Stats {
 	defer e.mu.Unlock()
 	var pinned, inflight uint64
 	for _, ns := range e.namespaces {
-		for _, b := range ns.blocks {
-			if b.pins > 0 {
-				pinned++
-			}
-			if b.saving != 0 || b.loading > 0 {
-				inflight++
+		for _, g := range ns.groups {
+			for _, b := range g.blocks {
+				if b.pins > 0 {
+					pinned++
+				}
+				if b.saving != 0 || b.loading > 0 {
+					inflight++
+				}
 			}
 		}
 	}

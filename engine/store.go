@@ -83,7 +83,8 @@ func (e *Engine) planSave(req *pb.SaveRequest, held *int64) (*savePlan, int64, e
 	}
 	now := time.Now()
 	for _, ref := range req.Blocks {
-		b := ns.blocks[string(ref.Hash)]
+		g := ns.group(ref.Group)
+		b := g.blocks[string(ref.Hash)]
 		if b != nil && (b.sealed || (b.saved|b.saving)&p.bit != 0) {
 			p.resp.Skipped++
 			if t != nil {
@@ -93,7 +94,7 @@ func (e *Engine) planSave(req *pb.SaveRequest, held *int64) (*savePlan, int64, e
 		}
 		// This rank's share goes to its own node's pool. Evicting for it
 		// cannot take b: b is not sealed, so not evictable.
-		ext, ok := e.allocateLocked(inst.pool, ns.rankBytes)
+		ext, ok := e.allocateLocked(inst.pool, g.rankBytes)
 		if !ok {
 			p.resp.Failed++
 			e.stats.saveFailures++
@@ -110,10 +111,8 @@ func (e *Engine) planSave(req *pb.SaveRequest, held *int64) (*savePlan, int64, e
 			continue
 		}
 		if b == nil {
-			b = newBlock(ns, string(ref.Hash), now)
-			ns.blocks[b.hash] = b
-			e.numBlocks++
-			e.partial[b] = struct{}{}
+			b = newBlock(ns, g, string(ref.Hash), now)
+			e.addBlockLocked(b)
 		}
 		b.shares[inst.key.rank].pool = inst.pool
 		b.shares[inst.key.rank].ext = ext
@@ -151,7 +150,9 @@ func (e *Engine) commitSave(p *savePlan, r *copyResult, last bool, start time.Ti
 		if r.ok[i] {
 			b.saved |= p.bit
 			resp.Saved++
-			bytes += ns.rankBytes
+			bytes += b.g.rankBytes
+			e.stats.kinds[b.g.kind].saves++
+			e.stats.kinds[b.g.kind].bytesSaved += b.g.rankBytes
 			if b.saved == ns.allRanks && !b.sealed {
 				e.sealLocked(b)
 			}
@@ -233,7 +234,7 @@ func (e *Engine) planLoad(req *pb.LoadRequest, held *int64) (*loadPlan, int64, e
 	}
 	p := &loadPlan{inst: inst, after: after, plans: map[planKey]*copyPlan{}, status: make([]pb.BlockStatus, len(req.Blocks))}
 	for i, ref := range req.Blocks {
-		b := inst.ns.blocks[string(ref.Hash)]
+		b := inst.ns.group(ref.Group).blocks[string(ref.Hash)]
 		if b == nil || !b.sealed {
 			p.status[i] = pb.BlockStatus_BLOCK_STATUS_MISSING
 			continue
@@ -268,7 +269,9 @@ func (e *Engine) commitLoad(p *loadPlan, r *copyResult, leaseID, transferID stri
 		}
 		if r.ok[j] {
 			p.status[p.index[j]] = pb.BlockStatus_BLOCK_STATUS_OK
-			bytes += ns.rankBytes
+			bytes += b.g.rankBytes
+			e.stats.kinds[b.g.kind].loads++
+			e.stats.kinds[b.g.kind].bytesLoaded += b.g.rankBytes
 		} else {
 			p.status[p.index[j]] = pb.BlockStatus_BLOCK_STATUS_FAILED
 		}

@@ -3,6 +3,7 @@ package engine
 import (
 	"bytes"
 	"maps"
+	"slices"
 
 	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
 )
@@ -26,12 +27,23 @@ type Namespace struct {
 	HashSeedFingerprint []byte
 	// Extra holds further compatibility keys; the id sorts them.
 	Extra map[string]string
+	// Groups are a hybrid model's KV cache groups (hybrid.go); empty for a
+	// model with one group, which is then group 0, full attention.
+	Groups []KVGroup
+}
+
+// KVGroup is one KV cache group of a hybrid namespace (pegaflow.v1.KVGroup).
+type KVGroup struct {
+	Index        uint32 // vLLM's group index, < MaxGroups
+	Kind         string // GroupFull, GroupSlidingWindow, GroupChunkedLocal or GroupState
+	WindowTokens uint32 // the window or chunk in tokens; 0 for full and state
 }
 
 func (ns *Namespace) clone() *Namespace {
 	c := *ns
 	c.HashSeedFingerprint = bytes.Clone(ns.HashSeedFingerprint)
 	c.Extra = maps.Clone(ns.Extra)
+	c.Groups = slices.Clone(ns.Groups)
 	return &c
 }
 
@@ -60,6 +72,14 @@ func namespaceFromPB(ns *pb.Namespace) *Namespace {
 		Model: ns.Model, ModelRevision: ns.ModelRevision, Dtype: ns.Dtype, KVLayout: ns.KvLayout,
 		BlockSize: ns.BlockSize, TPSize: ns.TpSize, NumLayers: ns.NumLayers, NumKVHeads: ns.NumKvHeads,
 		HeadSize: ns.HeadSize, HashAlgo: ns.HashAlgo, HashSeedFingerprint: ns.HashSeedFingerprint, Extra: ns.Extra,
+	}
+	for _, g := range ns.Groups {
+		if g == nil {
+			// validateNamespace refuses it: a kind no group has.
+			c.Groups = append(c.Groups, KVGroup{})
+			continue
+		}
+		c.Groups = append(c.Groups, KVGroup{Index: g.Index, Kind: g.Kind, WindowTokens: g.WindowTokens})
 	}
 	return c.clone()
 }

@@ -34,6 +34,7 @@ type segmentSpec struct {
 type layerSpec struct {
 	name     string
 	region   int
+	group    uint32 // KV cache group index (0 without groups)
 	segments []segmentSpec
 }
 
@@ -50,7 +51,13 @@ type rankLayout struct {
 	numBlocks uint32
 	regions   []regionSpec
 	layers    []layerSpec
-	rankBytes uint64
+	// rankBytes is the rank's bytes of a block of every group together;
+	// groupBytes those of one group's block.
+	rankBytes  uint64
+	groupBytes map[uint32]uint64
+	// groupLayers lists each group's layers (indices into layers): the
+	// ones a block of that group copies.
+	groupLayers map[uint32][]int
 	// device is the normalised UUID of the rank's GPU and gpuIndex its NVML
 	// index, set at registration in CUDA mode ("" when regions name none).
 	device   string
@@ -96,7 +103,7 @@ func validateNamespace(ns *Namespace) error {
 	case len(ns.HashSeedFingerprint) > MaxHashLen:
 		return invalid("namespace.hash_seed_fingerprint longer than %d bytes", MaxHashLen)
 	}
-	return nil
+	return validateGroups(ns)
 }
 
 // validateRegister checks a registration without touching any state and
@@ -124,7 +131,11 @@ func validateRegister(req *pb.RegisterRequest, poolSize uint64) (*registration, 
 	if ns.NumLayers != 0 && int(ns.NumLayers) != len(req.Layers) {
 		return nil, invalid("namespace.num_layers is %d but %d layers given", ns.NumLayers, len(req.Layers))
 	}
-	layout := &rankLayout{numBlocks: req.NumBlocks}
+	layout := &rankLayout{numBlocks: req.NumBlocks, groupBytes: map[uint32]uint64{}, groupLayers: map[uint32][]int{}}
+	listed := map[uint32]bool{0: len(ns.Groups) == 0}
+	for _, g := range ns.Groups {
+		listed[g.Index] = true
+	}
 	for i, r := range req.Regions {
 		spec := regionSpec{size: r.GetSize(), deviceUUID: r.GetDeviceUuid()}
 		switch src := r.GetSource().(type) {
@@ -155,8 +166,11 @@ func validateRegister(req *pb.RegisterRequest, poolSize uint64) (*registration, 
 		if n := len(l.Segments); n == 0 || n > MaxSegments {
 			return nil, invalid("layer %d (%s): %d segments, want 1..%d", li, l.Name, n, MaxSegments)
 		}
+		if !listed[l.Group] {
+			return nil, invalid("layer %d (%s): group %d is not a group of the namespace", li, l.Name, l.Group)
+		}
 		regionSize := layout.regions[l.RegionIndex].size
-		spec := layerSpec{name: l.Name, region: int(l.RegionIndex)}
+		spec := layerSpec{name: l.Name, region: int(l.RegionIndex), group: l.Group}
 		for si, s := range l.Segments {
 			if s.Length == 0 {
 				return nil, invalid("layer %d segment %d: length is 0", li, si)
@@ -177,8 +191,15 @@ func validateRegister(req *pb.RegisterRequest, poolSize uint64) (*registration, 
 				return nil, invalid("bytes per block per rank exceed %d", MaxRankBlockBytes)
 			}
 			spec.segments = append(spec.segments, segmentSpec{s.Offset, s.Stride, s.Length})
+			layout.groupBytes[l.Group] += s.Length
 		}
+		layout.groupLayers[l.Group] = append(layout.groupLayers[l.Group], len(layout.layers))
 		layout.layers = append(layout.layers, spec)
+	}
+	for _, g := range ns.Groups {
+		if len(layout.groupLayers[g.Index]) == 0 {
+			return nil, invalid("group %d (%s) has no layer", g.Index, g.Kind)
+		}
 	}
 	layout.rankBytes = total
 	if hi, blockBytes := bits.Mul64(total, uint64(ns.TPSize)); hi != 0 || blockBytes > poolSize {
@@ -189,12 +210,14 @@ func validateRegister(req *pb.RegisterRequest, poolSize uint64) (*registration, 
 }
 
 // validateBlocks checks a Save's or Load's block refs against the
-// instance's block count. A call names each hash and each block id at most
-// once: a repeated hash copies the same block again for nothing (a Load of
-// one hash 1,000 times was an out-of-memory), a repeated block id makes
-// two copies race on one cache block. So a call has at most numBlocks
-// refs (bounds.go).
-func validateBlocks(blocks []*pb.BlockRef, numBlocks uint32) error {
+// instance's block count and its namespace's groups. A call names each
+// (group, hash) and each block id at most once: a repeated hash copies
+// the same block again for nothing (a Load of one hash 1,000 times was an
+// out-of-memory), a repeated block id makes two copies race on one cache
+// block (vLLM's block ids are unique across groups, and the layers of
+// two groups may share memory, so ids are unique across the call). So a
+// call has at most numBlocks refs (bounds.go).
+func validateBlocks(ns *namespace, blocks []*pb.BlockRef, numBlocks uint32) error {
 	if len(blocks) > MaxBlocksPerReq {
 		return invalid("%d blocks in one request, max %d", len(blocks), MaxBlocksPerReq)
 	}
@@ -208,19 +231,27 @@ func validateBlocks(blocks []*pb.BlockRef, numBlocks uint32) error {
 		if err := validateHash(i, b.Hash); err != nil {
 			return err
 		}
+		if ns.group(b.Group) == nil {
+			return groupErr(ns, i, b.Group)
+		}
 	}
 	// Without repeats there are at most numBlocks refs: more has one.
 	if uint64(len(blocks)) > uint64(numBlocks) {
 		return invalid("%d blocks in one call, more than the instance's %d", len(blocks), numBlocks)
 	}
 	ids := make([]uint32, len(blocks))
-	hashes := make(map[string]struct{}, len(blocks))
+	type key struct {
+		group uint32
+		hash  string
+	}
+	hashes := make(map[key]struct{}, len(blocks))
 	for i, b := range blocks {
 		ids[i] = b.BlockId
-		if _, dup := hashes[string(b.Hash)]; dup {
-			return invalid("block %d: hash %x repeated in one call", i, b.Hash)
+		k := key{b.Group, string(b.Hash)}
+		if _, dup := hashes[k]; dup {
+			return invalid("block %d: hash %x of group %d repeated in one call", i, b.Hash, b.Group)
 		}
-		hashes[string(b.Hash)] = struct{}{}
+		hashes[k] = struct{}{}
 	}
 	slices.Sort(ids)
 	for i := 1; i < len(ids); i++ {

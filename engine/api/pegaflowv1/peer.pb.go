@@ -207,7 +207,12 @@ type PeerOpenTransferRequest struct {
 	// How long the blocks stay pinned without ReleaseTransfer (capped).
 	TtlMs uint32 `protobuf:"varint,5,opt,name=ttl_ms,json=ttlMs,proto3" json:"ttl_ms,omitempty"`
 	// With transfer_id: wait up to this long for the transfer to settle.
-	WaitMs        uint32 `protobuf:"varint,6,opt,name=wait_ms,json=waitMs,proto3" json:"wait_ms,omitempty"`
+	WaitMs uint32 `protobuf:"varint,6,opt,name=wait_ms,json=waitMs,proto3" json:"wait_ms,omitempty"`
+	// In a namespace with KV cache groups: the request's block index of
+	// hashes[0] (QueryRequest.first_block). The answer is then not a prefix
+	// but the blocks of the hybrid boundary over hashes (QueryResponse):
+	// every group's needed blocks, each naming its group and position.
+	FirstBlock    uint32 `protobuf:"varint,7,opt,name=first_block,json=firstBlock,proto3" json:"first_block,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -284,6 +289,13 @@ func (x *PeerOpenTransferRequest) GetWaitMs() uint32 {
 	return 0
 }
 
+func (x *PeerOpenTransferRequest) GetFirstBlock() uint32 {
+	if x != nil {
+		return x.FirstBlock
+	}
+	return 0
+}
+
 type PeerExtent struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Pool          uint32                 `protobuf:"varint,1,opt,name=pool,proto3" json:"pool,omitempty"`     // index into PeerHandshakeResponse.pools
@@ -345,8 +357,13 @@ func (x *PeerExtent) GetLength() uint64 {
 }
 
 type PeerBlock struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Shares        []*PeerExtent          `protobuf:"bytes,1,rep,name=shares,proto3" json:"shares,omitempty"` // one per TP rank, indexed by rank
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Shares []*PeerExtent          `protobuf:"bytes,1,rep,name=shares,proto3" json:"shares,omitempty"` // one per TP rank, indexed by rank
+	// In a namespace with groups only: the block's KV cache group
+	// (KVGroup.index) and its index in the request's hashes. Each share is
+	// then that group's bytes of one rank.
+	Group         uint32 `protobuf:"varint,2,opt,name=group,proto3" json:"group,omitempty"`
+	Position      uint32 `protobuf:"varint,3,opt,name=position,proto3" json:"position,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -388,12 +405,28 @@ func (x *PeerBlock) GetShares() []*PeerExtent {
 	return nil
 }
 
+func (x *PeerBlock) GetGroup() uint32 {
+	if x != nil {
+		return x.Group
+	}
+	return 0
+}
+
+func (x *PeerBlock) GetPosition() uint32 {
+	if x != nil {
+		return x.Position
+	}
+	return 0
+}
+
 type PeerOpenTransferResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Handle        string                 `protobuf:"bytes,1,opt,name=handle,proto3" json:"handle,omitempty"`                         // for ReleaseTransfer; empty when no block
-	Blocks        []*PeerBlock           `protobuf:"bytes,2,rep,name=blocks,proto3" json:"blocks,omitempty"`                         // blocks[i] is hashes[i]; a prefix
-	RankBytes     uint64                 `protobuf:"varint,3,opt,name=rank_bytes,json=rankBytes,proto3" json:"rank_bytes,omitempty"` // bytes of one rank's share
-	Epoch         string                 `protobuf:"bytes,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Handle string                 `protobuf:"bytes,1,opt,name=handle,proto3" json:"handle,omitempty"` // for ReleaseTransfer; empty when no block
+	// Without groups: blocks[i] is hashes[i], a prefix. With groups: the
+	// hybrid boundary's blocks, by group (PeerBlock.group, .position).
+	Blocks        []*PeerBlock `protobuf:"bytes,2,rep,name=blocks,proto3" json:"blocks,omitempty"`
+	RankBytes     uint64       `protobuf:"varint,3,opt,name=rank_bytes,json=rankBytes,proto3" json:"rank_bytes,omitempty"` // bytes of one rank's share (without groups)
+	Epoch         string       `protobuf:"bytes,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -550,7 +583,7 @@ const file_pegaflow_v1_peer_proto_rawDesc = "" +
 	"\x05epoch\x18\x01 \x01(\tR\x05epoch\x12%\n" +
 	"\x0eworker_address\x18\x02 \x01(\fR\rworkerAddress\x12+\n" +
 	"\x05pools\x18\x03 \x03(\v2\x15.pegaflow.v1.PeerPoolR\x05pools\x12%\n" +
-	"\x0eengine_version\x18\x04 \x01(\tR\rengineVersion\"\xbb\x01\n" +
+	"\x0eengine_version\x18\x04 \x01(\tR\rengineVersion\"\xdc\x01\n" +
 	"\x17PeerOpenTransferRequest\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\tR\x05epoch\x12!\n" +
 	"\fnamespace_id\x18\x02 \x01(\tR\vnamespaceId\x12\x1f\n" +
@@ -558,14 +591,18 @@ const file_pegaflow_v1_peer_proto_rawDesc = "" +
 	"transferId\x12\x16\n" +
 	"\x06hashes\x18\x04 \x03(\fR\x06hashes\x12\x15\n" +
 	"\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs\x12\x17\n" +
-	"\await_ms\x18\x06 \x01(\rR\x06waitMs\"P\n" +
+	"\await_ms\x18\x06 \x01(\rR\x06waitMs\x12\x1f\n" +
+	"\vfirst_block\x18\a \x01(\rR\n" +
+	"firstBlock\"P\n" +
 	"\n" +
 	"PeerExtent\x12\x12\n" +
 	"\x04pool\x18\x01 \x01(\rR\x04pool\x12\x16\n" +
 	"\x06offset\x18\x02 \x01(\x04R\x06offset\x12\x16\n" +
-	"\x06length\x18\x03 \x01(\x04R\x06length\"<\n" +
+	"\x06length\x18\x03 \x01(\x04R\x06length\"n\n" +
 	"\tPeerBlock\x12/\n" +
-	"\x06shares\x18\x01 \x03(\v2\x17.pegaflow.v1.PeerExtentR\x06shares\"\x97\x01\n" +
+	"\x06shares\x18\x01 \x03(\v2\x17.pegaflow.v1.PeerExtentR\x06shares\x12\x14\n" +
+	"\x05group\x18\x02 \x01(\rR\x05group\x12\x1a\n" +
+	"\bposition\x18\x03 \x01(\rR\bposition\"\x97\x01\n" +
 	"\x18PeerOpenTransferResponse\x12\x16\n" +
 	"\x06handle\x18\x01 \x01(\tR\x06handle\x12.\n" +
 	"\x06blocks\x18\x02 \x03(\v2\x16.pegaflow.v1.PeerBlockR\x06blocks\x12\x1d\n" +
