@@ -25,7 +25,9 @@
 //     error kinds;
 //   - clients and their memory: session.go sessions and instances
 //     (OpenSession, Register, Unregister); namespace.go namespaces
-//     (OpenNamespace) and their block shape; shm.go producers'
+//     (OpenNamespace) and their block shape; hybrid.go KV cache groups
+//     (hybrid namespaces: per-group blocks and shares, the hybrid
+//     boundary a Query answers); shm.go producers'
 //     shared-memory files, opened only as the caller's credentials allow
 //     (Peer); cudaorder.go a CUDA IPC region's device and the producer's
 //     event; placement.go a registration's host-level checks (local GPU,

@@ -355,10 +355,11 @@ func (e *Engine) planFetch(f *fetchRange, remote []*pb.PeerBlock, held *int64) (
 	}
 	ns, now := f.ns, time.Now()
 	for i, rb := range remote {
-		g, h := ns.groups[0], string(f.hashes[i])
+		g, pos := ns.groups[0], i
 		if ns.hybrid {
-			g, h = ns.group(rb.Group), string(f.hashes[rb.Position]) // checkPeerBlocks checked both
+			g, pos = ns.group(rb.Group), int(rb.Position) // checkPeerBlocks checked both
 		}
+		h := string(f.hashes[pos])
 		if have := g.blocks[h]; have != nil {
 			if ns.hybrid {
 				// Held here: relied on if sealed, else waited for as usual.

@@ -443,3 +443,71 @@ func TestHybridNamespaceID(t *testing.T) {
 	other := namespaceFromPB(hybridNS([]*pb.KVGroup{hybridGroups[0], {Index: 2, Kind: GroupSlidingWindow, WindowTokens: 7}, hybridGroups[2]}))
 	require.NotEqual(t, namespaceID(hy), namespaceID(other), "the window is part of the id")
 }
+
+// A D engine fetching from P's engine gets every group's blocks of P's
+// hybrid boundary (group and position in the peer messages), with their
+// own share sizes, and answers that boundary; the bytes arrive intact.
+func TestHybridFetchFromPeer(t *testing.T) {
+	ctl := &directPeers{peers: map[string]*Engine{}}
+	a, b := newPeerEngine(t, ctl, "a:1", 8<<20), newPeerEngine(t, ctl, "b:1", 8<<20)
+	p, d := newHybridWorker(t, a, "P"), newHybridWorker(t, b, "D")
+	hashes := kvtest.Hashes("xhost", 5)
+	var rs []gref
+	for i, h := range hashes {
+		p.cache.Fill(i, 3)
+		p.cache.Fill(5+i, 4)
+		rs = append(rs, gref{0, i, h}, gref{2, 5 + i, h})
+	}
+	p.cache.Fill(12, 5)
+	rs = append(rs, gref{5, 12, hashes[3]})
+	p.saveGroups(t, rs)
+	// D holds one needed block already: it relies on it instead of reading it.
+	d.cache.Fill(15, 4)
+	require.NoError(t, func() error {
+		_, err := b.Save(context.Background(), &pb.SaveRequest{SessionId: d.session, InstanceId: d.instance,
+			Blocks: grefs([]gref{{2, 15, hashes[3]}})})
+		return err
+	}())
+	resp := d.queryFrom(t, "a:1", hashes, 5*time.Second)
+	require.EqualValues(t, 4, resp.NumHit, "P's boundary: the state is at 3")
+	// Fetched: full 0..3, window 2 (3 was here), state 3; nothing else.
+	b.mu.Lock()
+	ns := b.namespaces[d.nsID]
+	require.Len(t, ns.group(0).blocks, 4)
+	require.Len(t, ns.group(2).blocks, 2)
+	require.Len(t, ns.group(5).blocks, 1)
+	b.mu.Unlock()
+	load := []gref{{0, 0, hashes[0]}, {0, 1, hashes[1]}, {0, 2, hashes[2]}, {0, 3, hashes[3]}, {2, 4, hashes[2]}, {5, 6, hashes[3]}}
+	src := []int{0, 1, 2, 3, 7, 12}
+	require.Equal(t, allOK(len(load)), d.loadGroups(t, load, ""))
+	for i, r := range load {
+		require.Equal(t, groupSegments(p.cache, r.group, src[i]), groupSegments(d.cache, r.group, r.id), "block %d group %d", i, r.group)
+	}
+	require.Eventually(t, func() bool { return a.Stats().PinnedBlocks == 0 }, 5*time.Second, 10*time.Millisecond)
+}
+
+// A peer's hybrid answer naming an unknown group, a position past the
+// hashes, one block twice or a share of another size is refused whole.
+func TestHybridPeerAnswerChecked(t *testing.T) {
+	ns := &namespace{desc: namespaceFromPB(hybridNS(hybridGroups))}
+	ns.initGroups()
+	for _, g := range ns.groups {
+		g.rankBytes = groupBytes(g.index)
+	}
+	f := &fetchRange{ns: ns, hashes: kvtest.Hashes("p", 2), pools: []int{0}}
+	blk := func(g, pos uint32, n uint64) *pb.PeerBlock {
+		return &pb.PeerBlock{Group: g, Position: pos, Shares: []*pb.PeerExtent{{Length: n}}}
+	}
+	good := blk(5, 1, groupBytes(5))
+	require.NoError(t, checkPeerBlocks(&pb.PeerOpenTransferResponse{Blocks: []*pb.PeerBlock{blk(0, 0, groupBytes(0)), good}}, f, -1))
+	for name, bad := range map[string][]*pb.PeerBlock{
+		"unknown group":   {blk(3, 0, groupBytes(0))},
+		"past the hashes": {blk(0, 2, groupBytes(0))},
+		"twice":           {good, good},
+		"other size":      {blk(2, 0, groupBytes(0))},
+		"nil share":       {{Group: 0, Shares: []*pb.PeerExtent{nil}}},
+		"too many":        {good, good, good, good, good, good, good},
+	} {
+		require.ErrorIs(t, checkPeerBlocks(&pb.PeerOpenTransferResponse{Blocks: bad}, f, -1), errPeerMismatch, name)
+	}
+}

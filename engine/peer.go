@@ -113,7 +113,9 @@ func (e *Engine) PeerHandshake() (*pb.PeerHandshakeResponse, error) {
 
 // OpenPeerTransfer pins the longest sealed prefix of req.Hashes (in
 // req.NamespaceId, or in the namespace of the transfer req.TransferId
-// names) and returns every rank's share extent of each of its blocks. With
+// names; in a namespace with groups, the blocks of the hybrid boundary,
+// each naming its group and position) and returns every rank's share
+// extent of each of its blocks. With
 // TransferId and WaitMs it first waits (bounded) for that transfer to
 // settle. No block: an empty answer without a handle.
 func (e *Engine) OpenPeerTransfer(ctx context.Context, req *pb.PeerOpenTransferRequest) (*pb.PeerOpenTransferResponse, error) {
