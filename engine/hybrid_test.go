@@ -511,3 +511,28 @@ func TestHybridPeerAnswerChecked(t *testing.T) {
 		require.ErrorIs(t, checkPeerBlocks(&pb.PeerOpenTransferResponse{Blocks: bad}, f, -1), errPeerMismatch, name)
 	}
 }
+
+// BenchmarkQueryBoundary: the hybrid boundary (full + window + state,
+// every block held) next to the one-group prefix, over 64Ki hashes.
+func BenchmarkQueryBoundary(b *testing.B) {
+	const n = 1 << 16
+	hashes := kvtest.Hashes("bench", n)
+	for _, groups := range [][]KVGroup{nil, {{Index: 0, Kind: GroupFull}, {Index: 1, Kind: GroupSlidingWindow, WindowTokens: 128},
+		{Index: 2, Kind: GroupState}}} {
+		ns := &namespace{desc: &Namespace{BlockSize: 16, TPSize: 1, Groups: groups}}
+		ns.initGroups()
+		for _, g := range ns.groups {
+			for _, h := range hashes {
+				g.blocks[string(h)] = &block{g: g, sealed: true}
+			}
+		}
+		e := &Engine{}
+		b.Run(fmt.Sprintf("groups=%d", len(ns.groups)), func(b *testing.B) {
+			for b.Loop() {
+				if hit, _ := e.hitLocked(ns, hashes, 0); hit != n {
+					b.Fatal(hit)
+				}
+			}
+		})
+	}
+}
