@@ -377,3 +377,20 @@ def test_state_layers_list_of_tensors_and_gdn_views() -> None:
     # Without the state hint the ssm tensor is not guessed as attention.
     with pytest.raises(LayoutError):
         detect([("m0#1", tensor_info(ssm))], 8, BS)
+
+
+def test_backend_hint_decides_the_block_axis_but_a_wrong_one_is_ignored() -> None:
+    """The attention backend's block axis (from vLLM) wins over the rank's
+    guess; a hint whose axis does not hold the blocks changes nothing."""
+    fa = np.zeros((2, 8, BS, 4, 32), dtype=np.float16)
+    same = detect([("l", tensor_info(fa))], 8, BS, {"l": LayerHint(backend="FLASH_ATTN",
+                                                                   block_axis=1)})
+    assert same.layers[0].kind == "flash_attn" and len(same.layers[0].segments) == 2
+    wrong = detect([("l", tensor_info(fa))], 8, BS, {"l": LayerHint(backend="X", block_axis=3)})
+    assert wrong.layers[0].kind == "flash_attn"
+    # (8, 8, ...): the rank guesses axis 1 (flash-attn order needs 2 there,
+    # so flashinfer, axis 0); the backend says axis 0 holds blocks too.
+    fi = np.zeros((8, 2, BS, 4, 32), dtype=np.float16)
+    got = detect([("l", tensor_info(fi))], 8, BS, {"l": LayerHint(backend="FLASHINFER",
+                                                                  block_axis=0)})
+    assert got.layers[0].kind == "flashinfer"

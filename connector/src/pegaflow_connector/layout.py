@@ -201,12 +201,26 @@ def detect_layer(name: str, info: TensorInfo, num_blocks: int | None = None,
             raise
         return _generic(name, info, hint.backend.lower() or "backend", hint.block_axis,
                         num_blocks, group)
-    if hint is not None and hint.block_axis is not None \
-            and layer.segments != _segments(info, hint.block_axis, name):
-        # The backend's own layout wins over a guess from the rank.
-        return _generic(name, info, hint.backend.lower() or "backend", hint.block_axis,
-                        num_blocks, group)
+    axis = hint.block_axis if hint is not None else None
+    if axis is not None and axis < len(shape) and shape[axis] == layer.num_blocks \
+            and axis != _block_axis_of(layer, info):
+        # The backend's own block axis wins over a guess from the rank (a
+        # hint whose axis does not hold the blocks is ignored).
+        try:
+            return _generic(name, info, hint.backend.lower() or "backend", axis, num_blocks,
+                            group)
+        except LayoutError:
+            pass
     return dataclasses.replace(layer, group=group)
+
+
+def _block_axis_of(layer: LayerLayout, info: TensorInfo) -> int:
+    """The axis whose stride is the detected segments' block stride."""
+    stride = layer.segments[0].stride if layer.segments else -1
+    for a, (n, st) in enumerate(zip(info.shape, info.strides, strict=False)):
+        if n == layer.num_blocks and st == stride:
+            return a
+    return -1
 
 
 def _detect_by_rank(name: str, info: TensorInfo, num_blocks: int | None,
