@@ -89,11 +89,17 @@ def test_detect_refuses(arr: np.ndarray, nb: int | None, bs: int | None, msg: st
         detect_layer("l", tensor_info(arr), nb, bs)
 
 
-def test_detect_refuses_mixed_layers() -> None:
+def test_detect_is_per_layer_and_refuses_different_block_counts() -> None:
+    """Layers may differ in layout and dtype (#22: hybrids, DeepSeek-V3.2);
+    a block id must still index every layer."""
     a = np.zeros((2, 6, 16, 4, 8), dtype=np.float16)
     b = np.zeros((6, 16, 8), dtype=np.float16)
-    with pytest.raises(LayoutError, match="hybrid"):
-        detect([("a", tensor_info(a)), ("b", tensor_info(b))])
+    layout = detect([("a", tensor_info(a)), ("b", tensor_info(b))])
+    assert [layer.kind for layer in layout.layers] == ["flash_attn", "mla"]
+    assert layout.label == "g0:flash_attn+mla" and not layout.is_mla
+    c = np.zeros((7, 16, 8), dtype=np.float16)
+    with pytest.raises(LayoutError, match="blocks"):
+        detect([("a", tensor_info(a)), ("c", tensor_info(c))])
 
 
 def test_find_file_mapping_of_shm_array(tmp_path: object) -> None:

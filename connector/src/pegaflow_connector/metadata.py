@@ -9,13 +9,19 @@ from .compat import KVConnectorHandshakeMetadata, KVConnectorMetadata
 
 @dataclasses.dataclass
 class LoadSpec:
-    """Copy `hashes[i]` from the engine into cache block `block_ids[i]`."""
+    """Copy `hashes[i]` from the engine into cache block `block_ids[i]`
+    (of KV cache group `groups[i]`; `groups` empty: every block is group 0,
+    a one-group model)."""
 
     req_id: str
     block_ids: list[int]
     hashes: list[bytes]
     lease_id: str = ""
     transfer_id: str = ""
+    groups: list[int] = dataclasses.field(default_factory=list)
+
+    def group(self, i: int) -> int:
+        return self.groups[i] if self.groups else 0
 
 
 @dataclasses.dataclass
@@ -34,6 +40,11 @@ class SaveSpec:
     transfer_last: bool = False
     ready_url: str = ""
     ready_token: str = ""
+    # KV cache group of each block (empty: group 0 for all, one group).
+    groups: list[int] = dataclasses.field(default_factory=list)
+
+    def group(self, i: int) -> int:
+        return self.groups[i] if self.groups else 0
 
 
 @dataclasses.dataclass
@@ -46,9 +57,13 @@ class PegaConnectorMetadata(KVConnectorMetadata):
     # Requests preempted this step: their blocks may be reused by this
     # very forward pass, so their in-flight saves must finish first.
     preempted: set[str] = dataclasses.field(default_factory=set)
+    # Requests with saves planned from blocks vLLM freed early (sliding
+    # window, chunked local, offered states) and hands out again this step:
+    # as for `preempted`, their in-flight saves finish before the forward.
+    fence: set[str] = dataclasses.field(default_factory=set)
 
     def empty(self) -> bool:
-        return not (self.loads or self.saves or self.delayed_free or self.preempted)
+        return not (self.loads or self.saves or self.delayed_free or self.preempted or self.fence)
 
 
 @dataclasses.dataclass

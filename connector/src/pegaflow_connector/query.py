@@ -37,8 +37,11 @@ class QueryPool:
     never raises from a call it runs (engine trouble is counted)."""
 
     def __init__(self, cfg: ConnectorConfig, client: EngineClient, metrics: Metrics,
-                 workers: int = 8) -> None:
+                 workers: int = 8, first_block: bool = False) -> None:
         self.cfg = cfg
+        # Hybrid namespaces: name the start block (QueryRequest.first_block,
+        # chunked-local groups depend on it); one-group queries stay as they were.
+        self.first_block = first_block
         self.client = client
         self.metrics = metrics
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pegaflow-sched")
@@ -61,6 +64,8 @@ class QueryPool:
         req = pb.QueryRequest(namespace_id=ns_id, wait_ms=wait_ms, lease=True,
                               lease_ttl_ms=self.cfg.lease_ttl_ms, transfer_id=transfer_id,
                               source_engine=source_engine)
+        if self.first_block:
+            req.first_block = start
         fill_hashes(req, hs)
         timeout = (wait_ms + self.cfg.query_timeout_ms) / 1000
         t0 = time.perf_counter()

@@ -104,17 +104,24 @@ class StagingBuffer:
         self._buf = (ctypes.c_char * self.size).from_buffer(self._mm)
         self.addr = ctypes.addressof(self._buf)
 
-    def copy_in(self, bases: Sequence[int], block_id: int, slot: int) -> None:
-        """Cache block `block_id` -> staging slot."""
+    def copy_in(self, bases: Sequence[int], block_id: int, slot: int,
+                group: int | None = None) -> None:
+        """Cache block `block_id` (of KV cache group `group`; None: every
+        layer) -> staging slot."""
         dst = self.addr + slot * self.slot_bytes
         for base, layer, offs in zip(bases, self.layout.layers, self.slot_off, strict=False):
+            if group is not None and layer.group != group:
+                continue
             for seg, o in zip(layer.segments, offs, strict=False):
                 ctypes.memmove(dst + o, base + seg.offset + block_id * seg.stride, seg.length)
 
-    def copy_out(self, bases: Sequence[int], slot: int, block_id: int) -> None:
-        """Staging slot -> cache block `block_id`."""
+    def copy_out(self, bases: Sequence[int], slot: int, block_id: int,
+                 group: int | None = None) -> None:
+        """Staging slot -> cache block `block_id` (of group `group`)."""
         src = self.addr + slot * self.slot_bytes
         for base, layer, offs in zip(bases, self.layout.layers, self.slot_off, strict=False):
+            if group is not None and layer.group != group:
+                continue
             for seg, o in zip(layer.segments, offs, strict=False):
                 ctypes.memmove(base + seg.offset + block_id * seg.stride, src + o, seg.length)
 
@@ -195,7 +202,12 @@ def describe_memory(req: pb.RegisterRequest, infos: Sequence[tuple[str, TensorIn
                     layout: ModelLayout, *, staging_blocks: int, staging_dir: str,
                     rank: int) -> Registration:
     """Fills req's regions and layers for the rank's caches: CUDA IPC
-    handles for CUDA tensors, else shared files or a staging buffer."""
+    handles for CUDA tensors, else shared files or a staging buffer (the
+    device decides, never the layout's label); caches on several devices
+    are refused."""
+    devices = {info.device.split(":")[0] for _, info in infos}
+    if len(devices) > 1:
+        raise LayoutError(f"KV cache layers on different devices ({sorted(devices)})")
     if infos[0][1].device.startswith("cuda"):
         return describe_cuda(req, infos, layout)
     return describe_cpu(req, infos, layout, staging_blocks=staging_blocks,
@@ -219,7 +231,7 @@ def describe_cpu(req: pb.RegisterRequest, infos: Sequence[tuple[str, TensorInfo]
                 paths[m.path] = len(req.regions)
                 req.regions.append(pb.MemoryRegion(shm_path=m.path, size=os.path.getsize(m.path)))
             req.layers.append(pb.LayerLayout(
-                name=name, region_index=paths[m.path],
+                name=name, region_index=paths[m.path], group=layer.group,
                 segments=[pb.Segment(offset=m.file_offset + s.offset, stride=s.stride,
                                      length=s.length) for s in layer.segments]))
         return Registration("shm")
@@ -232,7 +244,7 @@ def describe_cpu(req: pb.RegisterRequest, infos: Sequence[tuple[str, TensorInfo]
         req.regions.append(pb.MemoryRegion(shm_path=st.path, size=st.size))
         for (name, _), layer, offs in zip(infos, layout.layers, st.slot_off, strict=False):
             req.layers.append(pb.LayerLayout(
-                name=name, region_index=0,
+                name=name, region_index=0, group=layer.group,
                 segments=[pb.Segment(offset=o, stride=st.slot_bytes, length=s.length)
                           for s, o in zip(layer.segments, offs, strict=False)]))
     except BaseException:
@@ -258,7 +270,7 @@ def describe_cuda(req: pb.RegisterRequest, infos: Sequence[tuple[str, TensorInfo
             region = req.regions[allocs[a.handle]]
             region.size = max(region.size, a.size)
         req.layers.append(pb.LayerLayout(
-            name=name, region_index=allocs[a.handle],
+            name=name, region_index=allocs[a.handle], group=layer.group,
             segments=[pb.Segment(offset=a.offset + s.offset, stride=s.stride, length=s.length)
                       for s in layer.segments]))
     ipc_event, handle = interprocess_event(infos[0][1].obj)

@@ -115,12 +115,31 @@ class QueryMemo:
 
 @dataclasses.dataclass
 class SaveCursor:
-    """The request's blocks (of the stored group) and the save frontier."""
+    """The request's block tables (one per stored group) and how far each
+    was saved. A one-group model has only group 0."""
 
-    block_ids: list[int] = dataclasses.field(default_factory=list)
-    next_save: int = 0  # blocks below were planned for saving
+    # group -> the request's block ids in that group (0: vLLM's null block).
+    block_ids: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    # group -> blocks below were planned for saving (block-addressed kinds).
+    next_save: dict[int, int] = dataclasses.field(default_factory=dict)
     seen: bool = False  # scheduled at least once
     saved_any: bool = False  # a save was handed to workers (frees are delayed)
+    # State groups whose state at the P/D boundary was planned for saving.
+    state_ready: set[int] = dataclasses.field(default_factory=set)
+    # Block ids (any group) this request planned saves from: a step that
+    # hands one of them out again fences the request (scheduler.py).
+    planned: set[int] = dataclasses.field(default_factory=set)
+
+    def ids(self, group: int) -> list[int]:
+        return self.block_ids.setdefault(group, [])
+
+    def reset(self, restart: bool) -> None:
+        """Preempted: the block tables are gone; `restart`: plan every
+        block again on resume (the engine skips blocks it holds)."""
+        self.block_ids = {}
+        self.planned = set()
+        if restart:
+            self.next_save = {}
 
 
 @dataclasses.dataclass

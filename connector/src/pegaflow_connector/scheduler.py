@@ -21,6 +21,8 @@ from ._proto import engine_pb2 as pb
 from .client import EngineClient
 from .compat import (
     LOGGER_NAME,
+    all_group_block_ids,
+    boundary_state_offloads,
     group_block_ids,
     hash_bytes,
     kv_transfer_params,
@@ -31,6 +33,7 @@ from .compat import (
     resumed_req_ids,
 )
 from .config import ConnectorConfig
+from .groups import BLOCK_KINDS, STATE, GroupPlan
 from .metadata import LoadSpec, PegaConnectorMetadata, SaveSpec
 from .metrics import Metrics
 from .namespace import SchedulerNamespace
@@ -47,13 +50,22 @@ class SchedulerCore:
 
     def __init__(self, cfg: ConnectorConfig, client: EngineClient, *, block_size: int,
                  instance_id: str, load_enabled: bool, save_enabled: bool,
-                 metrics: Metrics | None = None, group: int = 0, hits_usable: bool = True):
+                 metrics: Metrics | None = None, plan: GroupPlan | None = None):
         self.cfg = cfg
-        # The KV cache group whose blocks are saved and loaded, and whether
-        # vLLM can use a hit on it alone (groups.py); with False every
-        # request is answered 0 matched tokens.
-        self.group = group
-        self.hits_usable = hits_usable
+        # The KV cache groups saved and loaded (groups.py); a refused model
+        # (plan.why) is answered 0 matched tokens.
+        self.plan = plan = plan or GroupPlan()
+        self.hits_usable = plan.hits_usable
+        self._hybrid = plan.hybrid
+        self._block_groups = plan.by_kind(*BLOCK_KINDS)
+        self._state_groups = plan.by_kind(STATE)
+        # Hybrid: block id -> the request whose save planned it (a step that
+        # hands the id out again fences that request, see _fence), and the
+        # planned ids of finished requests whose saves may still run.
+        self._owner: dict[int, str] = {}
+        self._finishing: dict[str, set[int]] = {}
+        # P/D transfers settled at request_finished (sent next step).
+        self._finals: list[SaveSpec] = []
         self.client = client
         self.bs = block_size
         self.instance_id = instance_id
@@ -67,7 +79,7 @@ class SchedulerCore:
         # Abandoned transfers to fail once the request's saves are done (a
         # Release that overtook an in-flight tagged save would be undone by it).
         self._release_after_send: dict[str, str] = {}
-        self._pool = QueryPool(cfg, client, self.metrics)
+        self._pool = QueryPool(cfg, client, self.metrics, first_block=plan.hybrid)
         self._namespace = SchedulerNamespace(cfg, client, self.metrics, instance_id,
                                              submit=self._pool.submit, disable=self.disable)
         self._has_preempted_field: bool | None = None
@@ -268,18 +280,41 @@ class SchedulerCore:
             if st.load is None and not st.loading:
                 self._drop_lease(st)
             return
-        ids = group_block_ids(blocks, self.group)
         computed = st.memo.last_num_computed
         start = computed // self.bs
         end = (computed + num_external_tokens) // self.bs
         hashes = request_block_hashes(request)
-        if end > len(ids) or end > len(hashes) or end <= start:
-            log.error("pegaflow: request %s: cannot map %d external tokens onto %d blocks",
-                      st.req_id, num_external_tokens, len(ids))
-            return
-        st.load = LoadSpec(st.req_id, ids[start:end], [hash_bytes(h) for h in hashes[start:end]],
-                           lease_id=st.memo.lease,
-                           transfer_id=st.decode.transfer_id if st.decode else "")
+        tid = st.decode.transfer_id if st.decode else ""
+        if not self._hybrid:
+            ids = group_block_ids(blocks, 0)
+            if end > len(ids) or end > len(hashes) or end <= start:
+                log.error("pegaflow: request %s: cannot map %d external tokens onto %d blocks",
+                          st.req_id, num_external_tokens, len(ids))
+                return
+            st.load = LoadSpec(st.req_id, ids[start:end],
+                               [hash_bytes(h) for h in hashes[start:end]],
+                               lease_id=st.memo.lease, transfer_id=tid)
+        else:
+            # Per group, the blocks vLLM allocated for the hit: the null
+            # block (0) where the group needs nothing (out of the window,
+            # states before the boundary) - exactly what the lease pins.
+            per_group = all_group_block_ids(blocks)
+            b_ids: list[int] = []
+            b_hashes: list[bytes] = []
+            b_groups: list[int] = []
+            for g in self.plan.indices:
+                ids = per_group[g] if g < len(per_group) else []
+                for i in range(start, min(end, len(ids), len(hashes))):
+                    if ids[i]:
+                        b_ids.append(ids[i])
+                        b_hashes.append(hash_bytes(hashes[i]))
+                        b_groups.append(g)
+            if end > len(hashes) or end <= start or not b_ids:
+                log.error("pegaflow: request %s: cannot map %d external tokens onto its "
+                          "blocks", st.req_id, num_external_tokens)
+                return
+            st.load = LoadSpec(st.req_id, b_ids, b_hashes, lease_id=st.memo.lease,
+                               transfer_id=tid, groups=b_groups)
         self.metrics.inc("external_hit_tokens", num_external_tokens)
         st.memo.lease = ""  # the load's, released by the engine once every rank loaded
         st.memo.key = None
@@ -296,24 +331,33 @@ class SchedulerCore:
                 meta.loads.append(queued.load)
                 queued.load, queued.loading = None, True
         self._to_load = []
+        if self._finals:
+            meta.saves.extend(self._finals)
+            self._finals = []
+        new_reqs = list(getattr(so, "scheduled_new_reqs", None) or ())
+        cached = getattr(so, "scheduled_cached_reqs", None)
+        resumed = resumed_req_ids(cached) if cached is not None else set()
+        if self._hybrid and self._owner:
+            self._fence(meta, new_reqs, cached, resumed)
+        offers = boundary_state_offloads(so) if self._state_groups else {}
         scheduled: set[str] = set()
         st: ReqState | None
-        for new in getattr(so, "scheduled_new_reqs", None) or ():
+        for new in new_reqs:
             st = self._reqs.get(new.req_id)
             if st is None:
                 continue
             scheduled.add(new.req_id)
             cur = st.saves
-            cur.block_ids = group_block_ids(new.block_ids, self.group)
+            self._set_block_ids(cur, new.block_ids, replace=True)
             if not cur.seen:
                 cur.seen = True
                 # P/D saves start at block 0 so that every prompt block,
                 # local prefix hits included, is tagged and pinned.
-                cur.next_save = 0 if st.prefill else new.num_computed_tokens // self.bs
-            self._plan_saves(meta, st, new.num_computed_tokens, so)
-        cached = getattr(so, "scheduled_cached_reqs", None)
+                first = 0 if st.prefill else new.num_computed_tokens // self.bs
+                cur.next_save = {g: first for g in self._block_groups}
+                self._offer_hit_state(st, new.num_computed_tokens, offers)
+            self._plan_saves(meta, st, new.num_computed_tokens, so, offers.pop(new.req_id, ()))
         if cached is not None:
-            resumed = resumed_req_ids(cached)
             for i, rid in enumerate(cached.req_ids):
                 st = self._reqs.get(rid)
                 if st is None:
@@ -321,10 +365,14 @@ class SchedulerCore:
                 scheduled.add(rid)
                 new_ids = cached.new_block_ids[i] if i < len(cached.new_block_ids) else None
                 if rid in resumed:
-                    st.saves.block_ids = group_block_ids(new_ids, self.group)
+                    self._set_block_ids(st.saves, new_ids, replace=True)
                 elif new_ids is not None:
-                    st.saves.block_ids.extend(group_block_ids(new_ids, self.group))
-                self._plan_saves(meta, st, cached.num_computed_tokens[i], so)
+                    self._set_block_ids(st.saves, new_ids, replace=False)
+                self._plan_saves(meta, st, cached.num_computed_tokens[i], so, offers.pop(rid, ()))
+        for rid, entries in offers.items():
+            # States offered for a request not scheduled this step.
+            if (st := self._reqs.get(rid)) is not None:
+                self._plan_saves(meta, st, None, so, entries)
         preempted = preempted_req_ids(so)
         if preempted is None:
             # Older vLLM does not list preemptions: treat every tracked
@@ -336,53 +384,174 @@ class SchedulerCore:
         for rid in preempted:
             st = self._reqs.get(rid)
             if st is not None:
-                st.saves.block_ids = []
+                self._disown(rid, st.saves.planned)
                 # Its recomputed blocks are saved again on resume: a save
                 # cut off by a timed-out preemption wait sealed nothing (the
                 # engine skips blocks it already holds).
-                if not st.prefill:
-                    st.saves.next_save = 0
+                st.saves.reset(restart=not st.prefill)
                 if st.saves.saved_any:
                     meta.preempted.add(rid)
         meta.delayed_free, self._delayed = self._delayed, set()
         return meta
 
-    def _plan_saves(self, meta: PegaConnectorMetadata, st: ReqState, num_computed: int,
-                    so: Any) -> None:
-        if not self.save_enabled or self.disabled:
+    def _set_block_ids(self, cur: Any, block_ids: Any, replace: bool) -> None:
+        """The request's block tables (stored groups) from vLLM's per-group
+        lists; `replace`: the whole table, else blocks appended this step."""
+        if not self._hybrid:
+            ids = group_block_ids(block_ids, 0)
+            if replace:
+                cur.block_ids = {0: ids}
+            else:
+                cur.ids(0).extend(ids)
             return
-        req, cur, p = st.request, st.saves, st.prefill
-        n_sched = so.num_scheduled_tokens.get(st.req_id, 0)
-        total = min(num_computed + n_sched, req.num_tokens)
+        per_group = all_group_block_ids(block_ids)
+        if replace:
+            cur.block_ids = {}
+        for g in self.plan.indices:
+            cur.ids(g).extend(per_group[g] if g < len(per_group) else [])
+
+    def _fence(self, meta: PegaConnectorMetadata, new_reqs: list[Any], cached: Any,
+               resumed: set[str]) -> None:
+        """Blocks vLLM hands out this step (fresh allocations of every
+        group, and the blocks of this step's loads) that a request planned
+        saves from: vLLM freed them early (out of the window, offered
+        states); the owner's in-flight saves must end before the forward
+        writes them (meta.fence). Run before this step's saves are planned."""
+        fresh: list[int] = []
+        for new in new_reqs:
+            first = new.num_computed_tokens // self.bs  # below: prefix-cache hits, shared
+            for ids in all_group_block_ids(new.block_ids):
+                fresh.extend(ids[first:])
+        if cached is not None:
+            for i, rid in enumerate(cached.req_ids):
+                new_ids = cached.new_block_ids[i] if i < len(cached.new_block_ids) else None
+                first = cached.num_computed_tokens[i] // self.bs if rid in resumed else 0
+                for ids in all_group_block_ids(new_ids):
+                    fresh.extend(ids[first:])
+        for load in meta.loads:
+            fresh.extend(load.block_ids)
+        for b in fresh:
+            owner = self._owner.pop(b, None) if b else None
+            if owner is None:
+                continue
+            meta.fence.add(owner)
+            self.metrics.inc("save_fences")
+            st = self._reqs.get(owner)
+            if st is not None:
+                st.saves.planned.discard(b)
+
+    def _disown(self, rid: str, planned: set[int]) -> None:
+        for b in planned:
+            if self._owner.get(b) == rid:
+                del self._owner[b]
+
+    def _offer_hit_state(self, st: ReqState, num_computed: int,
+                         offers: dict[str, list[tuple[int, int, int]]]) -> None:
+        """A local prefix hit's state block (the state after the hit,
+        vLLM never offers it again): saved like an offered one."""
+        k = num_computed // self.bs
+        if k <= 0:
+            return
+        for g in self._state_groups:
+            ids = st.saves.ids(g)
+            if k - 1 < len(ids) and ids[k - 1]:
+                offers.setdefault(st.req_id, []).append((g, ids[k - 1], k * self.bs))
+
+    def _save_cap(self, st: ReqState, total: int | None) -> int:
+        """Blocks of the request whose hashes may be saved (computed by the
+        end of this step when `total` tokens are)."""
+        req = st.request
         hashes = request_block_hashes(req)
-        limit = min(total // self.bs, len(hashes), len(cur.block_ids))
+        limit = len(hashes) if total is None else min(total // self.bs, len(hashes))
         publishable = num_publishable_block_hashes(req)
         if publishable is not None:
             limit = min(limit, publishable)
         if not self.cfg.save_decode_blocks:
             limit = min(limit, st.prompt_blocks)
-        lo = cur.next_save
+        return limit
+
+    def _plan_saves(self, meta: PegaConnectorMetadata, st: ReqState, num_computed: int | None,
+                    so: Any, offers: Any = ()) -> None:
+        """This step's saves of one request: the blocks of every
+        block-addressed group computed by the end of the forward (null
+        blocks skipped) and the states vLLM offers (`offers`, state groups;
+        hash index boundary/block_size - 1). `num_computed` None: the
+        request is not scheduled, only offers are planned."""
+        if not self.save_enabled or self.disabled:
+            return
+        req, cur, p = st.request, st.saves, st.prefill
+        hashes = request_block_hashes(req)
+        items: list[tuple[int, int, int]] = []  # (group, block id, hash index)
+        if num_computed is not None:
+            n_sched = so.num_scheduled_tokens.get(st.req_id, 0)
+            limit = self._save_cap(st, min(num_computed + n_sched, req.num_tokens))
+            for g in self._block_groups:
+                ids = cur.ids(g)
+                lo, hi = cur.next_save.get(g, 0), min(limit, len(ids))
+                # vLLM's null block (id 0, hybrid groups: out of the
+                # window, skipped states) holds nothing to save.
+                items.extend((g, ids[i], i) for i in range(lo, hi) if ids[i] or not self._hybrid)
+                cur.next_save[g] = max(lo, hi)
+        if offers:
+            cap = self._save_cap(st, None)
+            need = self._transfer_state_index(st)
+            for g, b, n in offers:
+                i = n // self.bs - 1
+                if g not in self._state_groups or not b or n % self.bs or not 0 <= i < cap:
+                    continue
+                items.append((g, b, i))
+                if i == need:
+                    cur.state_ready.add(g)
+        f = st.prompt_blocks
+        tagged: list[tuple[int, int, int]] = []
+        rest: list[tuple[int, int, int]] = []
+        for it in items:
+            (tagged if p is not None and not p.last_sent and it[2] < f else rest).append(it)
         if p is not None and not p.last_sent:
-            f = st.prompt_blocks
-            tag_hi = min(limit, f)
-            last = limit >= f
-            if tag_hi > lo or last:
-                meta.saves.append(SaveSpec(
-                    st.req_id, cur.block_ids[lo:tag_hi] if tag_hi > lo else [],
-                    [hash_bytes(h) for h in hashes[lo:tag_hi]] if tag_hi > lo else [],
-                    transfer_id=p.transfer_id, transfer_last=last,
-                    ready_url=p.ready_url, ready_token=p.ready_token))
+            last = self._transfer_complete(st)
+            if tagged or last:
+                meta.saves.append(self._spec(st.req_id, tagged, hashes, transfer_id=p.transfer_id,
+                                             transfer_last=last, ready_url=p.ready_url,
+                                             ready_token=p.ready_token))
                 cur.saved_any = True
                 p.last_sent = last
-            lo = max(lo, tag_hi)
-        if limit > lo:
-            meta.saves.append(SaveSpec(st.req_id, cur.block_ids[lo:limit],
-                                       [hash_bytes(h) for h in hashes[lo:limit]]))
+        if rest:
+            meta.saves.append(self._spec(st.req_id, rest, hashes))
             cur.saved_any = True
-        cur.next_save = max(cur.next_save, limit)
+        if self._hybrid:
+            for _, b, _ in items:
+                self._owner[b] = st.req_id
+                cur.planned.add(b)
+
+    def _spec(self, rid: str, items: list[tuple[int, int, int]], hashes: list[Any],
+              **kw: Any) -> SaveSpec:
+        return SaveSpec(rid, [b for _, b, _ in items], [hash_bytes(hashes[i]) for _, _, i in items],
+                        groups=[g for g, _, _ in items] if self._hybrid else [], **kw)
+
+    def _transfer_state_index(self, st: ReqState) -> int:
+        """The hash index of the state D needs for its hit (the prompt's
+        usable blocks, the last token is always recomputed); -1: none."""
+        usable = min(max(num_prompt_tokens(st.request) - 1, 0) // self.bs, st.prompt_blocks)
+        return usable - 1
+
+    def _blocks_complete(self, st: ReqState) -> bool:
+        f = st.prompt_blocks
+        return all(st.saves.next_save.get(g, 0) >= f for g in self._block_groups)
+
+    def _transfer_complete(self, st: ReqState) -> bool:
+        """Every group's blocks for D's boundary are planned: the transfer's
+        last save may go (the engine then settles it)."""
+        if not self._blocks_complete(st):
+            return False
+        if self._state_groups and self._transfer_state_index(st) >= 0:
+            return all(g in st.saves.state_ready for g in self._state_groups)
+        return True
 
     def update_connector_output(self, output: Any) -> None:
         self._sending.difference_update(getattr(output, "finished_sending", None) or ())
+        if self._finishing:
+            for rid in getattr(output, "finished_sending", None) or ():
+                self._disown(rid, self._finishing.pop(rid, set()))
         if self._release_after_send:
             for rid in getattr(output, "finished_sending", None) or ():
                 tid = self._release_after_send.pop(rid, None)
@@ -408,6 +577,16 @@ class SchedulerCore:
         params: dict[str, Any] | None = None
         saved_any = st.saves.saved_any
         p = st.prefill
+        if p is not None and not p.last_sent and self._state_groups and saved_any \
+                and self._blocks_complete(st):
+            # Every block was planned but vLLM never offered the state at
+            # D's boundary: settle the transfer with what was saved (the
+            # engine's boundary rule then gives D a smaller hit, or none).
+            self._finals.append(SaveSpec(st.req_id, [], [], transfer_id=p.transfer_id,
+                                         transfer_last=True, ready_url=p.ready_url,
+                                         ready_token=p.ready_token))
+            p.last_sent = True
+            self.metrics.inc("transfers_without_state")
         if p is not None:
             if p.last_sent:
                 params = p.answer(st.prompt_blocks, self._ns_id or "", self.client.peer_address)
@@ -432,6 +611,10 @@ class SchedulerCore:
         if delay:
             self._delayed.add(st.req_id)
             self._sending.add(st.req_id)
+            if st.saves.planned:
+                self._finishing[st.req_id] = st.saves.planned
+        else:
+            self._disown(st.req_id, st.saves.planned)
         return delay, params
 
     def shutdown(self) -> None:

@@ -26,7 +26,9 @@ from .compat import (
     LOGGER_NAME,
     CacheHitSource,
     KVConnectorBase_V1,
+    KVConnectorTransferResults,
     SupportsHMA,
+    backend_block_axes,
     data_parallel_rank,
     init_connector_base,
     kv_cache_num_blocks,
@@ -85,8 +87,8 @@ class PegaFlowConnector(KVConnectorBase_V1, SupportsHMA):
     """vLLM KV connector backed by a PegaFlow engine on the same host.
 
     SupportsHMA: vLLM keeps its hybrid KV cache allocator on; the connector
-    stores one full-attention group and claims hits only where vLLM can use
-    them (groups.py)."""
+    stores every transferable group and claims a hit only where every one
+    of them can be loaded (groups.py)."""
 
     # Hits come from the engine's pinned host memory (vLLM's metrics label).
     _cache_hit_source = CacheHitSource.HOST
@@ -106,6 +108,7 @@ class PegaFlowConnector(KVConnectorBase_V1, SupportsHMA):
         self._disabled = ""
         self._role_name = "kv_both"
         self._kv_cache_config = kv_cache_config
+        self._vllm_config = vllm_config
         self._groups = GroupPlan()
         self.instance_id = ""
         self._rank = 0
@@ -153,14 +156,13 @@ class PegaFlowConnector(KVConnectorBase_V1, SupportsHMA):
                                         instance_id=self.instance_id,
                                         load_enabled=self._load_enabled,
                                         save_enabled=self._save_enabled, metrics=self._metrics,
-                                        group=groups.stored or 0,
-                                        hits_usable=groups.hits_usable)
+                                        plan=groups)
         else:
             # A marker left by an earlier run of this instance is stale now.
             clear_disabled(self.instance_id, self._rank)
             self._worker = WorkerCore(cfg, self._client, rank=self._rank, tp_size=tp,
                                       instance_id=self.instance_id, namespace=self._ns_template,
-                                      metrics=self._metrics, layers=groups.layers)
+                                      metrics=self._metrics, plan=groups)
         self._client.start()
         log.info("pegaflow: %s connector for %s (%s, instance %s, socket %s)", role, mc.model,
                  self._role_name, self.instance_id, cfg.socket_path)
@@ -208,7 +210,8 @@ class PegaFlowConnector(KVConnectorBase_V1, SupportsHMA):
             return
         try:
             num_blocks = kv_cache_num_blocks(self._kv_cache_config)
-            worker.register_kv_caches(kv_caches, num_blocks, self.block_size)
+            worker.register_kv_caches(kv_caches, num_blocks, self.block_size,
+                                      backend_block_axes(self._vllm_config, list(kv_caches)))
         except Exception as e:  # noqa: BLE001 - vLLM must serve without us
             self._metrics.inc("register_failures")
             try:
@@ -256,6 +259,16 @@ class PegaFlowConnector(KVConnectorBase_V1, SupportsHMA):
         if self._worker is None:
             return None, None
         return self._worker.get_finished(finished_req_ids)
+
+    @_guard(lambda self, *a, **k: KVConnectorTransferResults())
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        """vLLM 0.32+: completions and failed loads together; a hybrid
+        model's failed loads are reported per request (failed_recving)."""
+        if not isinstance(self._worker, WorkerCore):
+            fs, fr = self.get_finished(finished_req_ids)
+            return KVConnectorTransferResults(set(fs or ()), set(fr or ()))
+        fs2, fr2, failed = self._worker.get_transfer_results(finished_req_ids)
+        return KVConnectorTransferResults(fs2, fr2, failed)
 
     @_guard(lambda self, *a, **k: set())
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -321,14 +334,14 @@ class PegaFlowConnector(KVConnectorBase_V1, SupportsHMA):
     def request_finished_all_groups(self, request: Any, block_ids: Any = None
                                     ) -> tuple[bool, dict[str, Any] | None]:
         """SupportsHMA's request_finished (one block-id list per group):
-        only the stored group's blocks were saved; delaying the free keeps
-        every group's blocks, which vLLM frees together."""
+        delaying the free keeps every group's blocks, which vLLM frees
+        together."""
         return self.request_finished(request, block_ids)
 
     def get_loaded_kv_cache_group_ids(self, request: Any) -> tuple[int, ...]:
-        """A load restores the stored group only (claimed only when it is
-        the model's one transferable group, groups.py)."""
-        return () if self._groups.stored is None else (self._groups.stored,)
+        """A load restores every stored group (a hit is claimed only when
+        every one of them holds the boundary's blocks, groups.py)."""
+        return self._groups.indices
 
     @_guard(lambda self, *a, **k: None)
     def set_xfer_handshake_metadata(self, metadata: dict[Any, Any]) -> None:

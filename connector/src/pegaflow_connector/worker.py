@@ -39,9 +39,10 @@ from . import rendezvous
 from ._proto import engine_pb2 as pb
 from .blockio import BlockIO, RankTarget, Transfer, unique_refs
 from .client import CallHandle, EngineClient, EngineError, EngineUnavailable
-from .compat import LOGGER_NAME
+from .compat import LOGGER_NAME, PER_REQUEST_LOAD_FAILURES
 from .config import ConnectorConfig
-from .layout import LayoutError, ModelLayout, detect, tensor_info
+from .groups import GroupPlan
+from .layout import LayerHint, LayoutError, ModelLayout, detect, expand, tensor_info
 from .metadata import LoadSpec, PegaConnectorMetadata, PegaHandshake, SaveSpec
 from .metrics import Metrics
 from .ready import FailureReporter
@@ -73,10 +74,13 @@ class WorkerCore:
 
     def __init__(self, cfg: ConnectorConfig, client: EngineClient, *, rank: int, tp_size: int,
                  instance_id: str, namespace: pb.Namespace, metrics: Metrics | None = None,
-                 layers: frozenset[str] | None = None):
+                 plan: GroupPlan | None = None):
         self.cfg = cfg
-        # The stored KV cache group's layers (groups.py); None: all of them.
-        self._layers = layers
+        # The stored KV cache groups (groups.py); one group: every layer.
+        self._plan = plan = plan or GroupPlan()
+        # vLLM 0.32 refuses block-id load errors for several groups (ids are
+        # per group): a failed load is then reported per request.
+        self._per_request = plan.hybrid and PER_REQUEST_LOAD_FAILURES
         self.client = client
         self.metrics = metrics or client.metrics
         self.rank = rank
@@ -112,6 +116,7 @@ class WorkerCore:
         self._loaded: dict[str, set[int]] = {}
         self._loads_inflight = 0
         self._errors: set[int] = set()
+        self._failed_reqs: set[str] = set()
         self._last_meta: PegaConnectorMetadata | None = None
         self._save_q: queue.Queue[_SaveJob | None] = queue.Queue()
         self._load_q: queue.Queue[tuple[LoadSpec, Any] | None] = queue.Queue()
@@ -121,32 +126,44 @@ class WorkerCore:
     # ------------------------------------------------------------ register
 
     def register_kv_caches(self, caches: dict[str, Any], num_blocks: int | None = None,
-                           block_size: int | None = None) -> None:
+                           block_size: int | None = None,
+                           backends: dict[str, tuple[str, int | None]] | None = None) -> None:
         """Detects the layout and registers this rank's memory (now if
         connected, and again after every reconnection). Raises LayoutError
         when the caches cannot be described; the adapter then disables the
-        connector instead of failing vLLM."""
-        if self._layers is not None:
-            # A hybrid model: only the stored group's layers are registered
-            # (their block ids are that group's, scheduler side).
-            caches = {name: t for name, t in caches.items() if name in self._layers}
+        connector instead of failing vLLM. `backends`: each layer's
+        attention backend and block axis, from vLLM (compat)."""
+        plan = self._plan
+        if plan.hybrid:
+            # Only the stored groups' layers are registered (their block
+            # ids are per group, scheduler side).
+            stored = plan.layers or frozenset()
+            caches = {name: t for name, t in caches.items() if name in stored}
             if not caches:
                 raise LayoutError("hybrid model: no KV cache group PegaFlow can store (see the "
                                   "scheduler's log)")
-        infos = [(name, tensor_info(t)) for name, t in caches.items()]
-        layout = detect(infos, num_blocks, block_size or self._ns_template.block_size)
+        hints: dict[str, LayerHint] = {}
+        for name in caches:
+            backend, axis = (backends or {}).get(name, ("", None))
+            if plan.hybrid or backend:
+                g = plan.group_of(name)
+                hints[name] = LayerHint(plan.kind_of(g), backend, axis, g)
+        entries = [e for name, t in caches.items() for e in expand(name, t)]
+        infos = [(name, tensor_info(t)) for name, t in entries]
+        layout = detect(infos, num_blocks, block_size or self._ns_template.block_size, hints)
         self.layout = layout
         self._keep = list(caches.values())
         ns = pb.Namespace()
         ns.CopyFrom(self._ns_template)
-        ns.dtype = layout.layers[0].dtype
+        ns.dtype = layout.dtype
         ns.kv_layout = layout.label
         ns.num_layers = len(layout.layers)
         ns.num_kv_heads = layout.layers[0].num_kv_heads
         ns.head_size = layout.layers[0].head_size
         if layout.is_mla:
-            # MLA's latent cache is identical on every TP rank: the namespace
-            # holds one copy. Rank 0 saves it; every rank loads it, each as
+            # MLA's latent cache (and DeepSeek-V3.2's indexer cache beside it)
+            # is identical on every TP rank: the namespace holds one copy,
+            # only when every stored layer is MLA. Rank 0 saves it; every rank loads it, each as
             # rank 0 of its own engine instance.
             ns.tp_size = 1
             self._eng_rank = 0
@@ -266,8 +283,11 @@ class WorkerCore:
             return
         self._last_meta = meta
         self._saves.delay_free(meta.delayed_free)
-        if meta.preempted:
-            self._saves.wait(meta.preempted, self.cfg.preemption_wait_ms / 1000)
+        # Fenced requests (their saves read blocks vLLM freed early and
+        # hands out again now) are waited for like preempted ones.
+        waits = meta.preempted | getattr(meta, "fence", set())
+        if waits:
+            self._saves.wait(waits, self.cfg.preemption_wait_ms / 1000)
         # Async scheduling: this step's loads may target blocks the previous
         # step's forward, still running on the GPU, writes (a block freed and
         # reused). The event recorded here orders the load after that work:
@@ -297,10 +317,25 @@ class WorkerCore:
         sending = self._saves.finished(finished_req_ids)
         with self._lock:
             recving = set(self._loaded)
-            for failed in self._loaded.values():
-                self._errors |= failed
+            for rid, failed in self._loaded.items():
+                if not failed:
+                    continue
+                if self._per_request:
+                    self._failed_reqs.add(rid)
+                else:
+                    self._errors |= failed
             self._loaded.clear()
         return (sending or None), (recving or None)
+
+    def get_transfer_results(self, finished_req_ids: Iterable[str]
+                             ) -> tuple[set[str], set[str], set[str]]:
+        """(finished sending, finished receiving, failed receiving): a
+        hybrid model's failed loads by request (vLLM recomputes the whole
+        request); each failed request is also in finished receiving."""
+        sending, recving = self.get_finished(finished_req_ids)
+        with self._lock:
+            failed, self._failed_reqs = self._failed_reqs, set()
+        return set(sending or ()), set(recving or ()), failed
 
     def load_errors(self) -> set[int]:
         with self._lock:
@@ -355,8 +390,10 @@ class WorkerCore:
                 continue
             groups.setdefault(s.transfer_id, []).append(s)
         for tid, specs in groups.items():
-            ids, hashes = unique_refs([b for s in specs for b in s.block_ids],
-                                      [h for s in specs for h in s.hashes])
+            ids, hashes, grps = unique_refs([b for s in specs for b in s.block_ids],
+                                            [h for s in specs for h in s.hashes],
+                                            [s.group(i) for s in specs
+                                             for i in range(len(s.block_ids))])
             last = any(s.transfer_last for s in specs)
             url = next((s.ready_url for s in specs if s.ready_url), "")
             token = next((s.ready_token for s in specs if s.ready_token), "")
@@ -364,7 +401,8 @@ class WorkerCore:
                 continue
             handle = CallHandle()
             with self._saves.track(handle, (s.req_id for s in specs), job.seq):
-                self._save_blocks(ids, hashes, Transfer(tid, last, url, token), gpu_wait, handle)
+                self._save_blocks(ids, hashes, Transfer(tid, last, url, token), gpu_wait, handle,
+                                  grps)
 
     def _report_failed(self, url: str, tid: str, token: str, message: str) -> None:
         # The engine cannot settle the transfer any more; tell the router so
@@ -377,7 +415,8 @@ class WorkerCore:
                           self._bases, self.bytes_per_block)
 
     def _save_blocks(self, ids: list[int], hashes: list[bytes], tr: Transfer,
-                     wait_event: bool = False, handle: CallHandle | None = None) -> None:
+                     wait_event: bool = False, handle: CallHandle | None = None,
+                     groups: list[int] | None = None) -> None:
         if not self.registered():
             self.metrics.inc("saves_dropped", max(len(ids), 1))
             self.client.warn_limited("pegaflow: engine unavailable, dropping saves (rank %d)",
@@ -385,7 +424,7 @@ class WorkerCore:
             self._report_failed(tr.ready_url, tr.transfer_id, tr.ready_token,
                                 "engine unavailable at P: saves dropped")
             return
-        self._io.save(self._target(), ids, hashes, tr, wait_event, handle)
+        self._io.save(self._target(), ids, hashes, tr, wait_event, handle, groups)
 
     # ------------------------------------------------------------ loads
 

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 from .classes import (
     HAVE_VLLM,
+    PER_REQUEST_LOAD_FAILURES,
     VLLM_IMPORT_ERROR,
     VLLM_INSTALLED,
     KVConnectorBase_V1,
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     SupportsHMA,
     init_connector_base,
     role_is_scheduler,
@@ -53,7 +55,16 @@ from .config import (
     resolved_hash_seed,
     tensor_parallel_rank,
 )
-from .kv_groups import first_group, group_block_ids, kv_cache_groups, kv_cache_num_blocks
+from .kv_groups import (
+    GroupInfo,
+    all_group_block_ids,
+    backend_block_axes,
+    boundary_state_offloads,
+    first_group,
+    group_block_ids,
+    kv_cache_groups,
+    kv_cache_num_blocks,
+)
 from .metrics import CacheHitSource, KVConnectorPromMetrics, KVConnectorStats, prom_counter_cls
 from .request import (
     hash_bytes,
@@ -83,9 +94,11 @@ from .version import (
 LOGGER_NAME = "vllm.pegaflow_connector"
 
 __all__ = [
-    "CacheHitSource", "DEFAULT_NONE_HASH_SEED", "HAVE_VLLM", "KVConnectorBase_V1",
+    "CacheHitSource", "DEFAULT_NONE_HASH_SEED", "GroupInfo", "all_group_block_ids", "backend_block_axes",
+    "boundary_state_offloads", "HAVE_VLLM", "KVConnectorBase_V1",
     "KVConnectorHandshakeMetadata", "KVConnectorMetadata", "KVConnectorPromMetrics",
-    "KVConnectorRole", "KVConnectorStats", "LOGGER_NAME", "MIN_VLLM", "MIN_VLLM_WHY",
+    "KVConnectorRole", "KVConnectorStats", "KVConnectorTransferResults",
+    "PER_REQUEST_LOAD_FAILURES", "LOGGER_NAME", "MIN_VLLM", "MIN_VLLM_WHY",
     "NEWEST_CHECKED_VLLM", "SupportsHMA", "UnsupportedVLLM", "VLLM_CHECK_ENV",
     "VLLM_IMPORT_ERROR", "VLLM_INSTALLED", "context_parallel_sizes", "data_parallel_rank",
     "first_group", "group_block_ids", "hash_bytes", "init_connector_base", "kv_cache_groups",

@@ -107,6 +107,32 @@ except Exception:  # noqa: BLE001
         """Stand-in for vLLM's handshake metadata base."""
 
 
+# KVConnectorTransferResults and get_transfer_results (base.py, vLLM 0.32):
+# receive failures reported per request (failed_recving). vLLM 0.32 raises
+# on block-id load-error reports for models with several KV cache groups
+# (block ids are per group), so hybrids must report this way; releases
+# without it take block ids only (PER_REQUEST_LOAD_FAILURES False). Without
+# vLLM (tests, tools) the stand-in behaves like 0.32.
+try:  # pragma: no cover
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore
+        KVConnectorTransferResults,
+    )
+
+    PER_REQUEST_LOAD_FAILURES = True
+except Exception:  # noqa: BLE001
+    import dataclasses as _dc
+
+    PER_REQUEST_LOAD_FAILURES = not VLLM_INSTALLED
+
+    @_dc.dataclass
+    class KVConnectorTransferResults:  # type: ignore[no-redef]
+        """Stand-in for vLLM 0.32's transfer results."""
+
+        finished_sending: set[str] = _dc.field(default_factory=set)
+        finished_recving: set[str] = _dc.field(default_factory=set)
+        failed_recving: set[str] = _dc.field(default_factory=set)
+
+
 def init_connector_base(base_init: Callable[..., None], vllm_config: Any, role: Any,
                         kv_cache_config: Any) -> None:
     """Calls KVConnectorBase_V1.__init__ (bound, as `super().__init__`).
