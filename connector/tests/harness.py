@@ -290,6 +290,8 @@ def group_layers(spec: CacheSpec, g: int) -> list[str]:
 
 def kv_cache_config(spec: CacheSpec) -> SimpleNamespace:
     """vLLM's KVCacheConfig: the block count, and the groups of a hybrid model."""
+    if hasattr(spec, "vllm_kv_cache_config"):  # hybrid_harness.HybridCache
+        return spec.vllm_kv_cache_config()
     if not spec.groups:
         return SimpleNamespace(num_blocks=spec.num_blocks)
     return SimpleNamespace(num_blocks=spec.num_blocks, kv_cache_groups=[
@@ -313,6 +315,8 @@ def per_group(spec: CacheSpec, ids: list[int]) -> tuple[list[int], ...]:
 def allocate_caches(spec: CacheSpec, tp: int, path: str | None) -> dict[str, np.ndarray]:
     """Per-layer views of vLLM's logical shapes; one allocation per rank (as
     vLLM allocates one raw buffer and views layers into it)."""
+    if hasattr(spec, "allocate"):  # hybrid_harness.HybridCache
+        return spec.allocate(tp, path)
     h, d, nb, bs = spec.heads_per_rank(tp), spec.head_size, spec.num_blocks, spec.block_size
     if spec.layout == "mla":
         phys, perm = (nb, bs, d), (0, 1, 2)
@@ -492,6 +496,8 @@ class SchedulerOutput:
     finished_req_ids: set[str]
     preempted_req_ids: set[str] | None
     kv_connector_metadata: Any = None
+    # vLLM 0.32's KVConnectorBlockState (align-mode boundary state offers).
+    kv_connector_block_state: Any = None
 
 
 @dataclasses.dataclass
@@ -571,6 +577,20 @@ def _inject_failure(step: str) -> None:
         client.EngineClient.add_on_connect = boom(RuntimeError("injected: client closed"))
     elif step == "register_rpc":
         client.EngineClient.register = boom(ValueError("injected: bad RegisterResponse"))
+    elif step.startswith("drop_load_group:"):
+        # Not a start-up failure: every load silently skips one KV cache
+        # group's blocks and reports success (a hit claimed without, say,
+        # the Mamba state). hybrid_harness's forward must catch it.
+        group, run_load = int(step.split(":")[1]), worker.WorkerCore._run_load
+
+        def drop(self: Any, spec: Any, wait_event: bool = False) -> set[int]:
+            keep = [i for i in range(len(spec.block_ids)) if spec.group(i) != group]
+            return run_load(self, dataclasses.replace(
+                spec, block_ids=[spec.block_ids[i] for i in keep],
+                hashes=[spec.hashes[i] for i in keep], groups=[spec.groups[i] for i in keep]),
+                wait_event) & set(spec.block_ids)
+
+        worker.WorkerCore._run_load = drop
     else:
         raise ValueError(f"unknown registration step {step!r}")
 
@@ -607,12 +627,25 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
                 conn_.handle_preemptions(set(preempted_ids) if spec.preempt_ids else meta)
                 conn_.bind_connector_metadata(meta)
                 conn_.start_load_kv(None)
+                hybrid = hasattr(spec.cache, "forward")  # hybrid_harness.HybridCache
+                read_errors: list[str] = []
                 for _rid, block_ids, start, end, tokens in fwd:
-                    write_tokens(spec.cache, caches, spec.rank, tokens, block_ids, start, end)
+                    if hybrid:
+                        read_errors += [f"{_rid}: {e}" for e in spec.cache.forward(  # type: ignore[attr-defined]
+                            caches, spec.rank, tokens, block_ids, start, end)]
+                    else:
+                        write_tokens(spec.cache, caches, spec.rank, tokens, block_ids, start, end)
                 for name, cache in caches.items():
                     conn_.wait_for_layer_load(name)
                     conn_.save_kv_layer(name, cache, None)
                 conn_.wait_for_save()
+                if hybrid:
+                    # vLLM 0.32: transfer results, failed loads per request.
+                    res = conn_.get_transfer_results(set(finished_ids))
+                    conn_.clear_connector_metadata()
+                    conn.send(("ok", (res.finished_sending, res.finished_recving,
+                                      res.failed_recving, read_errors)))
+                    continue
                 fs, fr = conn_.get_finished(set(finished_ids))
                 errs = conn_.get_block_ids_with_load_errors()
                 conn_.clear_connector_metadata()
@@ -627,6 +660,8 @@ def _worker_main(conn: Any, spec: WorkerSpec) -> None:
                 conn.send(("ok", bool(conn_.disabled or conn_.metrics.get("register_failures"))))
             elif op == "read":
                 conn.send(("ok", [read_block(spec.cache, caches, b) for b in msg[1]]))
+            elif op == "read_group" and hasattr(spec.cache, "read_group"):
+                conn.send(("ok", spec.cache.read_group(caches, msg[1], msg[2])))
             elif op == "read_group":
                 layers = group_layers(spec.cache, msg[1])
                 conn.send(("ok", [read_block(spec.cache, caches, b, layers) for b in msg[2]]))
@@ -897,7 +932,6 @@ class Instance:
         new_reqs: list[NewRequestData] = []
         cached = CachedRequestData([], set(), [], {}, [], [], [])
         num_sched: dict[str, int] = {}
-        fwd = []
         for req in list(self.running):
             if budget <= 0:
                 break
@@ -915,29 +949,18 @@ class Instance:
                 new = self._alloc(req.request_id, req.num_computed_tokens + n)
             if new is None:
                 continue
-            cached.req_ids.append(req.request_id)
-            cached.new_block_ids.append(self._groups(new))
-            cached.num_computed_tokens.append(req.num_computed_tokens)
-            cached.num_output_tokens.append(len(req.output_token_ids))
-            cached.new_token_ids.append([])
+            self._cached_entry(cached, req, self._groups(new), req.num_computed_tokens)
             num_sched[req.request_id] = n
             budget -= n
         for req in list(self.waiting):
             if budget <= 0:
                 break
             rid = req.request_id
-            if req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
-                if rid not in self.finished_recving:
-                    continue
-                self._update_waiting_for_remote_kv(req)
-                req.status = RequestStatus.WAITING
+            hit = self._external_hit(req)
+            if hit is None:
+                continue
+            ext, load_async = hit
             resumed = req.num_preemptions > 0
-            ext, load_async = 0, False
-            if req.num_computed_tokens == 0:
-                got, load_async = self.connector.get_num_new_matched_tokens(req, 0)
-                if got is None:
-                    continue  # connector needs more time: ask again next step
-                ext = got
             computed = req.num_computed_tokens + ext
             if load_async:
                 assert ext > 0 and ext % self.bs == 0, ext
@@ -957,12 +980,8 @@ class Instance:
             self.running.append(req)
             req.status = RequestStatus.RUNNING
             if resumed:
-                cached.req_ids.append(rid)
                 cached.resumed_req_ids.add(rid)
-                cached.new_block_ids.append(self._groups(list(self.blocks[rid])))
-                cached.num_computed_tokens.append(computed)
-                cached.num_output_tokens.append(len(req.output_token_ids))
-                cached.new_token_ids.append([])
+                self._cached_entry(cached, req, self._groups(list(self.blocks[rid])), computed)
                 cached.all_token_ids[rid] = req.all_token_ids
             else:
                 new_reqs.append(NewRequestData(rid, req.prompt_token_ids,
@@ -970,25 +989,51 @@ class Instance:
             req.num_computed_tokens = computed
             num_sched[rid] = n
             budget -= n
-        # Fix up num_computed for cached entries of resumed requests (set above).
         so = SchedulerOutput(new_reqs, cached, num_sched, sum(num_sched.values()),
                              self.finished_req_ids, set(self._preempted_now))
+        return self._dispatch(so, lambda ids: self._groups(ids) if self.cache.groups else ids)
+
+    def _dispatch(self, so: SchedulerOutput, table: Callable[[Any], Any]) -> Step:
+        """The connector's metadata for `so`, then vLLM's
+        _update_after_schedule: each scheduled request's forward (its block
+        table as `table` makes it) and its computed tokens advanced."""
         self.finished_req_ids = set()
         meta = self.connector.build_connector_meta(so)
         so.kv_connector_metadata = meta
-        # vLLM's _update_after_schedule.
-        sampled = []
-        for rid, n in num_sched.items():
+        fwd, sampled = [], []
+        for rid, n in so.num_scheduled_tokens.items():
             req = self.requests[rid]
             start = req.num_computed_tokens
-            ids = list(self.blocks[rid])
-            fwd.append((rid, self._groups(ids) if self.cache.groups else ids, start, start + n,
+            fwd.append((rid, table(list(self.blocks[rid])), start, start + n,
                         req.all_token_ids[:start + n]))
             req.num_computed_tokens += n
             if req.num_computed_tokens >= req.num_tokens:
                 sampled.append(rid)
         self.steps += 1
         return Step(so, meta, fwd, sampled)
+
+    @staticmethod
+    def _cached_entry(cached: CachedRequestData, req: Request, new_ids: Any, computed: int) -> None:
+        """A running (or resumed) request in SchedulerOutput.scheduled_cached_reqs."""
+        cached.req_ids.append(req.request_id)
+        cached.new_block_ids.append(new_ids)
+        cached.num_computed_tokens.append(computed)
+        cached.num_output_tokens.append(len(req.output_token_ids))
+        cached.new_token_ids.append([])
+
+    def _external_hit(self, req: Request) -> tuple[int, bool] | None:
+        """A waiting request's finished load taken in, then (nothing
+        computed yet) the connector asked; None: skip it this step (its
+        load runs, or the connector needs more time)."""
+        if req.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            if req.request_id not in self.finished_recving:
+                return None
+            self._update_waiting_for_remote_kv(req)
+            req.status = RequestStatus.WAITING
+        if req.num_computed_tokens == 0:
+            got, load_async = self.connector.get_num_new_matched_tokens(req, 0)
+            return None if got is None else (got, load_async)
+        return 0, False
 
     def _update_waiting_for_remote_kv(self, req: Request) -> None:
         """vLLM: after a finished async load, blocks that failed to load are

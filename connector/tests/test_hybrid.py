@@ -21,6 +21,7 @@ from harness import (
     SlidingWindowSpec,
     none_hash,
 )
+from hybrid_harness import AlignMambaSpec, ChunkedLocalAttentionSpec
 
 from pegaflow_connector._proto import engine_pb2 as pb
 from pegaflow_connector.config import ConnectorConfig
@@ -35,23 +36,8 @@ BS = 16
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkedLocalAttentionSpec:
-    block_size: int
-    attention_chunk_size: int = 64
-
-
-@dataclasses.dataclass(frozen=True)
 class CrossAttentionSpec:
     block_size: int
-
-
-@dataclasses.dataclass(frozen=True)
-class AlignMambaSpec:
-    block_size: int
-    mamba_cache_mode: str = "align"
-
-
-AlignMambaSpec.__name__ = "MambaSpec"  # vLLM's class name, align mode
 
 
 def config(*specs: Any, transfer: tuple[bool, ...] = ()) -> SimpleNamespace:
