@@ -16,6 +16,13 @@ Worker: a rank's KV caches in /dev/shm (FlashAttention layout, bf16-sized
 elements), steps' saves handed to the background thread and waited for,
 then loads into other blocks; GB/s next to a plain numpy copy of the same
 bytes in this process (the ratio is what the engine path costs).
+
+Hybrid (#22): a full + sliding-window + Mamba-state model (per group
+--hybrid-layers layers; attention pages as the dense layers', a state of
+conv + ssm tensors viewed into the same pages, vLLM's hybrid allocator),
+save/load GB/s of every group's blocks, and the scheduler thread's cost of
+one hit (get_num_new_matched_tokens + update_state_after_alloc +
+build_connector_meta) next to the same for the dense model, same run.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import sys
 import tempfile
 import time
 import uuid
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +79,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--pool", default="2GiB")
+    ap.add_argument("--hybrid-layers", type=int, default=12, help="layers per hybrid group")
     args = ap.parse_args()
     binary = os.environ.get("PEGAFLOW_BIN") or os.path.join(HERE, "..", "bin", "pegaflow")
 
@@ -237,6 +247,7 @@ def main() -> int:
             bench(core, tag + "nothing to ask (< 1 block)",
                   lambda i, mode=mode: Req(f"s{mode}{i}", tokens(bs - 1), bs, seed), 0, announce=announce)
         ssync.shutdown()
+        hybrid_bench(engine, args, seed, (sched, hit_prompt, n_hash), memcpy_gbps)
         times = []
         for _ in range(args.calls):
             t0 = time.perf_counter()
@@ -253,6 +264,139 @@ def main() -> int:
         return 0
     finally:
         engine.stop()
+        try:
+            os.unlink(shm)
+        except FileNotFoundError:
+            pass
+
+
+def _alloc_cost(core: SchedulerCore, r: Req, blocks: tuple[list[int], ...]) -> tuple[float, int]:
+    """Scheduler-thread seconds of one hit: every get_num_new_matched_tokens
+    call until it answers, update_state_after_alloc, build_connector_meta."""
+    spent, got = 0.0, None
+    while got is None:
+        t0 = time.perf_counter()
+        got = core.get_num_new_matched_tokens(r, 0)[0]
+        spent += time.perf_counter() - t0
+        if got is None:
+            time.sleep(0.0002)
+    so = SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=None, num_scheduled_tokens={},
+                         finished_req_ids=set(), preempted_req_ids=set())
+    t0 = time.perf_counter()
+    core.update_state_after_alloc(r, SimpleNamespace(get_block_ids=lambda: blocks), got)
+    meta = core.build_connector_meta(so)
+    spent += time.perf_counter() - t0
+    core.request_finished(r, [])
+    for load in meta.loads:  # never run here: give the lease back
+        core._pool.release(lease_id=load.lease_id)
+    return spent, got
+
+
+def hybrid_bench(engine: Engine, args: argparse.Namespace, seed: bytes,
+                 dense: tuple[SchedulerCore, list[int], int], memcpy_gbps: Any) -> None:
+    """Save/load GB/s and the scheduler's hit cost of a hybrid model."""
+    from hybrid_harness import HybridCache
+
+    from pegaflow_connector.groups import plan_groups
+
+    bs = args.block_size
+    cache = HybridCache(kinds=("full", "sliding_window", "state"), num_layers=args.hybrid_layers,
+                        num_blocks=args.blocks, block_size=bs, num_kv_heads=args.heads,
+                        head_size=args.head_size, window=128)
+    shm = f"/dev/shm/pegaflow-bench-h-{uuid.uuid4().hex[:8]}"
+    caches = cache.allocate(1, shm)
+    try:
+        plan = plan_groups(cache.vllm_kv_cache_config(), bs)
+        cfg = ConnectorConfig.load({"socket_path": engine.socket}, env={})
+        ns = pb.Namespace(model="bench-hybrid", block_size=bs, tp_size=1, hash_algo="sha256",
+                          hash_seed_fingerprint=hash_seed_fingerprint("sha256"), groups=plan.protos())
+        wclient = EngineClient(engine.socket, "bench-hworker")
+        worker = WorkerCore(cfg, wclient, rank=0, tp_size=1, instance_id="bench-h", namespace=ns,
+                            plan=plan)
+        worker.register_kv_caches(caches, args.blocks, bs)
+        wclient.start()
+        deadline = time.monotonic() + 10
+        while not worker.registered():
+            assert time.monotonic() < deadline, "hybrid worker did not register"
+            time.sleep(0.01)
+        raw = np.ndarray((args.blocks * cache.page_bytes(1) * cache.num_layers,), np.uint8,
+                         buffer=np.memmap(shm, dtype=np.uint8, mode="r+"))
+        raw[:] = np.random.default_rng(1).integers(0, 255, raw.size, dtype=np.uint8)
+        layout = worker.layout
+        assert layout is not None
+        per_group = {g: sum(lay.block_bytes for lay in layout.layers if lay.group == g)
+                     for g in range(3)}
+        print(f"\nhybrid: full + SWA(W=128) + state, {args.hybrid_layers} layers each; bytes per "
+              f"block: " + ", ".join(f"{k} {per_group[g] / 2**20:.2f} MiB"
+                                     for g, k in enumerate(cache.kinds)))
+        print(f"{'hybrid save/load (one rank)':34} {'blocks':>7} {'ms':>9} {'GB/s':>7} "
+              f"{'memcpy GB/s':>12} {'ratio':>6}")
+        step = 0
+        n_max = (args.blocks - 1) // 6
+        dense_block = args.layers * 2 * bs * args.heads * args.head_size * 2
+        for n in (16, n_max):
+            hashes = [uuid.uuid4().bytes * 2 for _ in range(n)]
+            groups = [g for g in range(3) for _ in range(n)]
+            total = n * sum(per_group.values())
+            mc = memcpy_gbps(max(total // dense_block, 1)) if total >= dense_block else float("nan")
+            for label, base in (("save", 1), ("load", 1 + 3 * n)):
+                step += 1
+                ids = list(range(base, base + 3 * n))
+                hs = hashes * 3
+                t0 = time.perf_counter()
+                if label == "save":
+                    meta = PegaConnectorMetadata(saves=[SaveSpec(f"hs{step}", ids, hs, groups=groups)])
+                    worker.start_step(meta)
+                    worker.end_step(meta)
+                    assert worker.flush(60)
+                else:
+                    rid = f"hl{step}"
+                    worker.start_step(PegaConnectorMetadata(
+                        loads=[LoadSpec(rid, ids, hs, groups=groups)]))
+                    while rid not in (worker.get_transfer_results(set())[1] or set()):
+                        time.sleep(0.0002)
+                dt = time.perf_counter() - t0
+                gbps = total / dt / 1e9
+                print(f"{label + ' (3 groups)':34} {n:>7} {dt * 1e3:>9.2f} {gbps:>7.2f} "
+                      f"{mc:>12.2f} {gbps / mc:>6.2f}")
+
+        # The hit prompt saved in every group, then the scheduler's cost.
+        dcore, dense_prompt, n_hash = dense
+        n = min(n_hash, n_max)
+        prompt = dense_prompt[:n * bs + 1]
+        hashes = [bytes(h) for h in block_hashes(prompt, bs, seed)]
+        meta = PegaConnectorMetadata(saves=[SaveSpec("hit", list(range(1, 3 * n + 1)), hashes * 3,
+                                                     groups=[g for g in range(3) for _ in range(n)])])
+        worker.start_step(meta)
+        worker.end_step(meta)
+        assert worker.flush(60)
+        sclient = EngineClient(engine.socket, "bench-hsched")
+        hcore = SchedulerCore(cfg, sclient, block_size=bs, instance_id="bench-h", load_enabled=True,
+                              save_enabled=True, plan=plan)
+        sclient.start()
+        assert worker.namespace is not None
+        hcore.set_namespace(worker.namespace)
+        while hcore.namespace_id() is None:
+            assert time.monotonic() < deadline + 10, "hybrid scheduler has no namespace"
+            time.sleep(0.01)
+        ids = list(range(1, n + 1))
+        w = -(-(cache.window - 1) // bs)
+        hblocks = (ids, [0] * (n - w) + ids[n - w:], [0] * (n - 1) + ids[-1:])
+        print(f"\n{'scheduler, one hit (async)':46} {'blocks':>7} {'us/req':>8} {'p50':>7} {'p99':>8}")
+        for label, core, blocks in (("dense: query + alloc + meta", dcore, (ids,)),
+                                    ("hybrid 3 groups: query + alloc + meta", hcore, hblocks)):
+            per = []
+            for i in range(args.calls):
+                spent, got = _alloc_cost(core, Req(f"{label[:5]}{i}", prompt, bs, seed), blocks)
+                assert got == n * bs, (label, got)
+                per.append(spent)
+            print(f"{label:46} {n:>7} {statistics.mean(per) * 1e6:>8.1f} {pct(per, 0.5) * 1e6:>7.1f} "
+                  f"{pct(per, 0.99) * 1e6:>8.1f}")
+        hcore.shutdown()
+        worker.shutdown()
+        sclient.close()
+        wclient.close()
+    finally:
         try:
             os.unlink(shm)
         except FileNotFoundError:
