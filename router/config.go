@@ -43,6 +43,8 @@ type LB string
 const (
 	LBRoundRobin    LB = "round-robin"
 	LBLeastInflight LB = "least-inflight" // power of two choices on in-flight count
+	// LBKV routes by where the prompt's KV already is (kvroute.go).
+	LBKV LB = "kv"
 )
 
 // maxBodyLimit caps --max-body-bytes: a body's member offsets are int32.
@@ -113,6 +115,24 @@ type Config struct {
 	// UpstreamClient is the legs' HTTP client: UpstreamPegaFlow
 	// (router/upstream) or UpstreamNetHTTP (net/http, the fallback).
 	UpstreamClient UpstreamClient
+
+	// The KV policy (--lb kv). KVEngines map backend hosts to engine peer
+	// addresses (BACKEND_HOST[:PORT]=ENGINE_HOST:PORT); otherwise a
+	// backend's engine is its host at KVEnginePort, or the in-process
+	// engine for a loopback backend when KVEnginePort is 0.
+	KVEngines         []string
+	KVEnginePort      int
+	KVLookupBudget    time.Duration // all of a request's engine lookups
+	KVTokenizeTimeout time.Duration // one POST /tokenize
+	// KVBlockSize, KVHashAlgo and KVHashSeed must be the backends' vLLM
+	// block_size, prefix_caching_hash_algo and PYTHONHASHSEED ("": unset).
+	KVBlockSize  int
+	KVHashAlgo   string
+	KVHashSeed   string
+	KVFallbackLB LB // requests the KV policy cannot route
+	// PDBypassRatio: a D whose host holds at least this share of the
+	// prompt gets the request alone, without P (0: never).
+	PDBypassRatio float64
 }
 
 // DefaultConfig returns the defaults documented in docs/router.md.
@@ -141,6 +161,11 @@ func DefaultConfig() Config {
 		MaxBufferedBytes:   256 << 20,
 		ResolveInterval:    5 * time.Second,
 		UpstreamClient:     UpstreamPegaFlow,
+		KVLookupBudget:     5 * time.Millisecond,
+		KVTokenizeTimeout:  250 * time.Millisecond,
+		KVBlockSize:        16,
+		KVHashAlgo:         "sha256",
+		KVFallbackLB:       LBLeastInflight,
 	}
 }
 
@@ -183,7 +208,16 @@ func BindFlags(fs *flag.FlagSet, c *Config) {
 	fs.StringVar((*string)(&c.Handoff), "handoff", string(c.Handoff), "callback (decode once the KV is ready) or sync (decode right after P answered; P's kv_transfer_params passed through)")
 	fs.DurationVar(&c.KVReadyTimeout, "kv-ready-timeout", c.KVReadyTimeout, "longest wait for a transfer's KV to be ready (callback handoff)")
 	fs.StringVar((*string)(&c.OnKVTimeout), "on-kv-timeout", string(c.OnKVTimeout), "when the KV is not ready in time or the transfer failed: decode-anyway (D recomputes what is missing) or fail (504)")
-	fs.StringVar((*string)(&c.LB), "lb", string(c.LB), "backend selection: round-robin or least-inflight (power of two choices)")
+	fs.StringVar((*string)(&c.LB), "lb", string(c.LB), "backend selection: round-robin, least-inflight (power of two choices) or kv (where the prompt's KV already is; docs/router.md)")
+	fs.Var((*cli.StringList)(&c.KVEngines), "kv-engine", "--lb kv: BACKEND_HOST[:PORT]=ENGINE_HOST:PORT, the engine (peer address) serving a backend; repeatable")
+	fs.IntVar(&c.KVEnginePort, "kv-engine-port", c.KVEnginePort, "--lb kv: the engines' peer port: a backend's engine is its host at this port (dns:// backends too); 0: loopback backends use the engine in this process")
+	fs.DurationVar(&c.KVLookupBudget, "kv-lookup-budget", c.KVLookupBudget, "--lb kv: longest wait for the engines' lookups (all in parallel); a slower engine counts as no hit")
+	fs.DurationVar(&c.KVTokenizeTimeout, "kv-tokenize-timeout", c.KVTokenizeTimeout, "--lb kv: longest wait for a backend's POST /tokenize (beyond: --kv-fallback-lb)")
+	fs.IntVar(&c.KVBlockSize, "kv-block-size", c.KVBlockSize, "--lb kv: the backends' vLLM --block-size")
+	fs.StringVar(&c.KVHashAlgo, "kv-hash-algo", c.KVHashAlgo, "--lb kv: the backends' vLLM --prefix-caching-hash-algo")
+	fs.StringVar(&c.KVHashSeed, "kv-hash-seed", c.KVHashSeed, "--lb kv: the backends' PYTHONHASHSEED (empty: unset, vLLM's fixed default)")
+	fs.StringVar((*string)(&c.KVFallbackLB), "kv-fallback-lb", string(c.KVFallbackLB), "--lb kv: round-robin or least-inflight for requests it cannot route by KV (multimodal, tokenize failed)")
+	fs.Float64Var(&c.PDBypassRatio, "pd-bypass-ratio", c.PDBypassRatio, "--lb kv, P/D: when a D's host holds at least this share of the prompt, send the request to that D alone, no P (0: never)")
 	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", c.ConnectTimeout, "backend dial timeout")
 	fs.DurationVar(&c.PrefillTimeout, "prefill-timeout", c.PrefillTimeout, "timeout of one whole prefill attempt")
 	fs.DurationVar(&c.FirstByteTimeout, "first-byte-timeout", c.FirstByteTimeout, "decode: timeout until D's first byte (first SSE event when streaming)")
@@ -268,9 +302,10 @@ func (c Config) Validate() error {
 	if c.OnKVTimeout != OnKVTimeoutDecodeAnyway && c.OnKVTimeout != OnKVTimeoutFail {
 		add("--on-kv-timeout %q: want %s or %s", c.OnKVTimeout, OnKVTimeoutDecodeAnyway, OnKVTimeoutFail)
 	}
-	if newSelector(c.LB) == nil {
-		add("--lb %q: want %s or %s", c.LB, LBRoundRobin, LBLeastInflight)
+	if newSelector(c.LB, c.KVFallbackLB) == nil {
+		add("--lb %q: want %s, %s or %s", c.LB, LBRoundRobin, LBLeastInflight, LBKV)
 	}
+	errs = append(errs, c.validateKV()...)
 	for _, d := range []struct {
 		flag string
 		v    time.Duration
@@ -337,4 +372,47 @@ func (c Config) readyURL() string {
 		host = "127.0.0.1"
 	}
 	return "http://" + net.JoinHostPort(host, port) + "/kv_ready"
+}
+
+// maxKVBlockSize bounds --kv-block-size (vLLM's largest is far below).
+const maxKVBlockSize = 1 << 16
+
+// validateKV checks the KV policy's flags (given only with --lb kv).
+func (c Config) validateKV() []error {
+	var errs []error
+	add := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	if c.PDBypassRatio < 0 || c.PDBypassRatio > 1 || c.PDBypassRatio != c.PDBypassRatio {
+		add("--pd-bypass-ratio must be between 0 (off) and 1 (got %v)", c.PDBypassRatio)
+	}
+	if c.LB != LBKV {
+		if c.PDBypassRatio > 0 || len(c.KVEngines) > 0 {
+			add("--pd-bypass-ratio and --kv-engine need --lb kv")
+		}
+		return errs
+	}
+	if c.Aggregated() && c.PDBypassRatio > 0 {
+		add("--pd-bypass-ratio is for P/D mode (--prefill/--decode), not --backend")
+	}
+	if c.KVFallbackLB != LBRoundRobin && c.KVFallbackLB != LBLeastInflight {
+		add("--kv-fallback-lb %q: want %s or %s", c.KVFallbackLB, LBRoundRobin, LBLeastInflight)
+	}
+	if c.KVLookupBudget <= 0 || c.KVLookupBudget > time.Second {
+		add("--kv-lookup-budget must be positive and at most 1s (got %s)", c.KVLookupBudget)
+	}
+	if c.KVTokenizeTimeout <= 0 {
+		add("--kv-tokenize-timeout must be positive (got %s)", c.KVTokenizeTimeout)
+	}
+	if c.KVBlockSize < 1 || c.KVBlockSize > maxKVBlockSize {
+		add("--kv-block-size must be between 1 and %d (got %d)", maxKVBlockSize, c.KVBlockSize)
+	}
+	if c.KVEnginePort < 0 || c.KVEnginePort > 65535 {
+		add("--kv-engine-port must be a port (1..65535) or 0 (got %d)", c.KVEnginePort)
+	}
+	if _, err := parseKVEngines(c.KVEngines, c.KVEnginePort); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := kvNoneHash(c.KVHashAlgo, c.KVHashSeed); err != nil {
+		add("--kv-hash-algo/--kv-hash-seed: %v", err)
+	}
+	return errs
 }

@@ -402,7 +402,7 @@ func TestDNSTargetsAndPoolUpdate(t *testing.T) {
 		require.NoError(t, c.Validate())
 	})
 	t.Run("pool update keeps state per address", func(t *testing.T) {
-		p := newPool(roleDecode, []string{"http://static:1", "dns://d:2"}, LBRoundRobin)
+		p := newPool(roleDecode, []string{"http://static:1", "dns://d:2"}, newSelector(LBRoundRobin, ""))
 		require.Len(t, p.targets, 1)
 		require.Equal(t, []string{"static"}, members(p))
 		joined, left, _ := p.update([]string{"http://static:1", "http://a:2", "http://b:2"})
@@ -425,7 +425,7 @@ func TestDNSTargetsAndPoolUpdate(t *testing.T) {
 		require.Zero(t, joined[0].inflight.Load())
 	})
 	t.Run("pool caps its members", func(t *testing.T) {
-		p := newPool(roleDecode, nil, LBRoundRobin)
+		p := newPool(roleDecode, nil, newSelector(LBRoundRobin, ""))
 		var bases []string
 		for i := 0; i < maxBackends+5; i++ {
 			bases = append(bases, fmt.Sprintf("http://10.0.%d.%d:1", i/256, i%256))

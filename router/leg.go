@@ -70,17 +70,17 @@ func (r *Router) send(ctx context.Context, b *backend, in *incoming, body []byte
 	return resp, nil
 }
 
-// runPrefill sends the prefill leg, each attempt on another P with its own
+// runPrefill sends the prefill leg (P picked for rt, nil: no route), each attempt on another P with its own
 // transfer, and returns the transfer of the attempt that succeeded, its P
 // and P's kv_transfer_params. A fresh transfer per attempt keeps a late save
 // of a failed attempt from passing for the retry's KV.
-func (r *Router) runPrefill(ctx context.Context, in *incoming) (*transfer, *backend, json.RawMessage, error) {
+func (r *Router) runPrefill(ctx context.Context, in *incoming, rt *route) (*transfer, *backend, json.RawMessage, error) {
 	var (
 		t      *transfer
 		p      *backend
 		params json.RawMessage
 	)
-	err := r.try(ctx, &r.prefillLeg, in.reqID, func(ctx context.Context, b *backend) error {
+	err := r.try(ctx, &r.prefillLeg, in.reqID, rt, func(ctx context.Context, b *backend) error {
 		t, p = r.transfers.register(ids.Hex(16), ids.Hex(16)), b
 		var err error
 		if params, err = r.prefillAttempt(ctx, b, in, t); err != nil {
@@ -150,10 +150,10 @@ type attemptResult struct {
 // runAnswer sends the answer leg (decode, or the whole aggregated
 // request), retrying on another backend until a byte reached the client,
 // and relays the answer.
-func (r *Router) runAnswer(c echo.Context, in *incoming, body []byte) (string, error) {
+func (r *Router) runAnswer(c echo.Context, in *incoming, body []byte, rt *route) (string, error) {
 	ctx := c.Request().Context()
 	var res attemptResult // the last attempt's
-	err := r.try(ctx, &r.answer.legPolicy, in.reqID, func(_ context.Context, b *backend) error {
+	err := r.try(ctx, &r.answer.legPolicy, in.reqID, rt, func(_ context.Context, b *backend) error {
 		res = r.answerAttempt(c, b, in, body)
 		switch {
 		case res.clientErr != nil:
@@ -288,7 +288,7 @@ func (r *Router) handleModels(c echo.Context) error {
 	ctx := c.Request().Context()
 	var data []byte
 	var ctype string
-	err := r.try(ctx, &r.models, c.Request().Header.Get("X-Request-Id"), func(_ context.Context, b *backend) error {
+	err := r.try(ctx, &r.models, c.Request().Header.Get("X-Request-Id"), nil, func(_ context.Context, b *backend) error {
 		var aerr *attemptError
 		if data, ctype, aerr = r.getModels(c, b); aerr != nil {
 			return aerr

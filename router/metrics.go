@@ -23,6 +23,15 @@ type metrics struct {
 	bufferedBytes  prometheus.Gauge
 	bufferRefusals prometheus.Counter
 
+	// The KV policy's (--lb kv; registered only then).
+	kvDecisions    *prometheus.CounterVec // leg, reason
+	kvFallbackVec  *prometheus.CounterVec // reason
+	kvHitTokens    *prometheus.CounterVec // leg: predicted hit tokens of the picks
+	kvPromptTokens prometheus.Counter
+	kvLookups      *prometheus.CounterVec // result
+	kvLookupTime   prometheus.Histogram
+	kvFallbacks    map[string]prometheus.Counter // by reason; read-only after New
+
 	// Series resolved once (New), so a request does no label lookup; a
 	// backend's own series are on the backend (backendSeries).
 	phases   [numPhases]prometheus.Observer // nil: the mode never observes it
@@ -42,10 +51,13 @@ const (
 	phaseITL
 	phaseTPOT
 	phaseE2E
+	phaseKVTokenize // --lb kv: the prompt's /tokenize
+	phaseKVRoute    // --lb kv: hashing and the engines' lookups
 	numPhases
 )
 
-var phaseNames = [numPhases]string{"routing", "prefill", "kv_ready_wait", "decode_first_byte", "ttft", "itl", "tpot", "e2e"}
+var phaseNames = [numPhases]string{"routing", "prefill", "kv_ready_wait", "decode_first_byte", "ttft", "itl", "tpot", "e2e",
+	"kv_tokenize", "kv_route"}
 
 // observe records d seconds in phase p.
 func (m *metrics) observe(p phase, seconds float64) { m.phases[p].Observe(seconds) }
@@ -92,7 +104,7 @@ func (m *metrics) detach(b *backend) {
 	}
 }
 
-func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, mode string, kv bool) (*metrics, error) {
 	const ns = "pegaflow_router"
 	if reg != nil {
 		reg = prometheus.WrapRegistererWith(prometheus.Labels{"mode": mode}, reg)
@@ -129,6 +141,9 @@ func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 			Help: "Answers refused because they would take the buffered bytes past --max-buffered-bytes (503 with Retry-After; 502 for an answer larger than the whole budget)."}),
 	}
 	for p := range numPhases {
+		if (p == phaseKVTokenize || p == phaseKVRoute) && !kv {
+			continue
+		}
 		if mode == modePD || (p != phasePrefill && p != phaseKVReadyWait && p != phaseDecodeFirstByte) {
 			m.phases[p] = m.phase.WithLabelValues(phaseNames[p])
 		}
@@ -141,13 +156,50 @@ func newMetrics(reg prometheus.Registerer, mode string) (*metrics, error) {
 	for _, src := range []string{sourceCallback, sourceEngine} {
 		m.readyBy[src] = m.kvReadyWhen.WithLabelValues(src)
 	}
+	collectors := []prometheus.Collector{m.phase, m.requests, m.retries, m.unanswered, m.kvTimeouts, m.kvRejected, m.inflight, m.healthy, m.ejections, m.kvReadyWhen, m.noKVParams, m.resolveErrors, m.bufferedBytes, m.bufferRefusals}
+	if kv {
+		collectors = append(collectors, m.kvPolicySeries(ns)...)
+	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.phase, m.requests, m.retries, m.unanswered, m.kvTimeouts, m.kvRejected, m.inflight, m.healthy, m.ejections, m.kvReadyWhen, m.noKVParams, m.resolveErrors, m.bufferedBytes, m.bufferRefusals} {
+	for _, c := range collectors {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
 	}
 	return m, nil
+}
+
+// kvPolicySeries makes the KV policy's series and returns them to register.
+func (m *metrics) kvPolicySeries(ns string) []prometheus.Collector {
+	m.kvDecisions = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "kv_decisions_total",
+		Help: "Backend picks of --lb kv by leg (prefill, decode, aggregated) and reason: prefix_hit (its engine holds part of the prompt), no_hit (chosen by load), colocated (a D on the chosen P's engine), bypass (a D alone, P skipped), fallback (no route: --kv-fallback-lb)."},
+		[]string{"leg", "reason"})
+	m.kvFallbackVec = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "kv_fallbacks_total",
+		Help: "Requests --lb kv could not route by KV, by reason: multimodal, unsupported, unknown_model, tokenize_error, tokenize_timeout, no_backend, hash_error."},
+		[]string{"reason"})
+	m.kvFallbacks = map[string]prometheus.Counter{}
+	for _, r := range []string{fallbackMultimodal, fallbackUnsupported, fallbackUnknownModel, fallbackTokenizeError,
+		fallbackTokenizeTimout, fallbackNoTokenizer, fallbackHashError} {
+		m.kvFallbacks[r] = m.kvFallbackVec.WithLabelValues(r)
+	}
+	m.kvHitTokens = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "kv_predicted_hit_tokens_total",
+		Help: "Prompt tokens the picked backend's host held (full prompt for a D colocated with its P), by leg: over kv_prompt_tokens_total, the predicted hit ratio."},
+		[]string{"leg"})
+	m.kvPromptTokens = prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "kv_prompt_tokens_total",
+		Help: "Prompt tokens of the requests --lb kv routed by KV."})
+	m.kvLookups = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "kv_lookups_total",
+		Help: "Engine lookups by result: ok, error, timeout (no answer within --kv-lookup-budget), bogus (an impossible block count); all but ok count as no hit."},
+		[]string{"result"})
+	m.kvLookupTime = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "kv_lookup_seconds",
+		Help:    "One engine lookup's latency (a timeout counts as the budget).",
+		Buckets: prometheus.ExponentialBuckets(10e-6, 2, 16)})
+	return []prometheus.Collector{m.kvDecisions, m.kvFallbackVec, m.kvHitTokens, m.kvPromptTokens, m.kvLookups, m.kvLookupTime}
+}
+
+// kvLookup records one engine lookup's result and latency.
+func (m *metrics) kvLookup(result string, seconds float64) {
+	m.kvLookups.WithLabelValues(result).Inc()
+	m.kvLookupTime.Observe(seconds)
 }

@@ -128,11 +128,11 @@ func TestPoolSelection(t *testing.T) {
 			if tc.p2c {
 				lb = LBLeastInflight
 			}
-			p := newPool(rolePrefill, []string{"http://a:1", "http://b:2/", "http://c:3"}, lb)
+			p := newPool(rolePrefill, []string{"http://a:1", "http://b:2/", "http://c:3"}, newSelector(lb, ""))
 			require.Equal(t, "http://b:2", p.backends()[1].base)
 			exclude := tc.setup(p)
 			for i := 0; i < tc.repeats; i++ {
-				got := p.pick(exclude)
+				got := p.pick(exclude, nil)
 				if len(tc.want) == 0 {
 					require.Nil(t, got)
 					continue
@@ -149,19 +149,19 @@ func TestPoolSelection(t *testing.T) {
 		})
 	}
 	t.Run("round-robin alternates", func(t *testing.T) {
-		p := newPool(roleDecode, []string{"http://a:1", "http://b:2"}, LBRoundRobin)
+		p := newPool(roleDecode, []string{"http://a:1", "http://b:2"}, newSelector(LBRoundRobin, ""))
 		var seq []string
 		for i := 0; i < 4; i++ {
-			seq = append(seq, p.pick(nil).base)
+			seq = append(seq, p.pick(nil, nil).base)
 		}
 		require.Equal(t, []string{"http://a:1", "http://b:2", "http://a:1", "http://b:2"}, seq)
 		require.Equal(t, 2, p.healthyCount())
 	})
 	t.Run("p2c with two candidates always takes the lesser", func(t *testing.T) {
-		p := newPool(roleDecode, []string{"http://a:1", "http://b:2"}, LBLeastInflight)
+		p := newPool(roleDecode, []string{"http://a:1", "http://b:2"}, newSelector(LBLeastInflight, ""))
 		p.backends()[0].inflight.Store(3)
 		for i := 0; i < 20; i++ {
-			require.Same(t, p.backends()[1], p.pick(nil))
+			require.Same(t, p.backends()[1], p.pick(nil, nil))
 		}
 	})
 }

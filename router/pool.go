@@ -31,6 +31,10 @@ type backend struct {
 	authLine  []byte
 	// m are its metric series, set by New before any request.
 	m backendSeries
+	// kvEngine is the address of the engine serving it (kvindex.go),
+	// kvKnown whether one is known; set before it is published.
+	kvEngine string
+	kvKnown  bool
 
 	mu           sync.Mutex
 	consecFails  int
@@ -107,10 +111,10 @@ type pool struct {
 }
 
 // newPool builds the pool of role from entries (http(s) base URLs and
-// dns://name:port targets) and lb, all validated by Config.Validate. The
+// dns://name:port targets, validated by Config.Validate) and its selector. The
 // static backends are members at once; a target's join when it resolves.
-func newPool(role string, entries []string, lb LB) *pool {
-	p := &pool{role: role, sel: newSelector(lb)}
+func newPool(role string, entries []string, sel selector) *pool {
+	p := &pool{role: role, sel: sel}
 	for _, e := range entries {
 		if isDNSTarget(e) {
 			t, _ := parseDNSTarget(e)
@@ -185,8 +189,9 @@ func (p *pool) update(bases []string) (joined, left []*backend, dropped int) {
 }
 
 // pick returns a healthy backend not in exclude, chosen by the pool's
-// selector, or nil when there is none.
-func (p *pool) pick(exclude []*backend) *backend {
+// selector for the request's route rt (nil: none), or nil when there is
+// none.
+func (p *pool) pick(exclude []*backend, rt *route) *backend {
 	members := p.backends()
 	if len(members) == 1 { // the common small case, without a candidate list
 		if b := members[0]; !contains(exclude, b) && b.healthy(time.Now()) {
@@ -209,7 +214,7 @@ func (p *pool) pick(exclude []*backend) *backend {
 	case 1:
 		return cands[0]
 	}
-	return p.sel.choose(cands)
+	return p.sel.choose(cands, rt)
 }
 
 // candPool holds pick's candidate lists: one on the stack would escape

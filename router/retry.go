@@ -32,7 +32,7 @@ func newLegPolicy(cfg Config, p *pool, attempts int) legPolicy {
 }
 
 // try runs op under l: each attempt on a selectable backend this call has
-// not tried yet, with l's attempt limit and backoff in between. op returns
+// not tried yet, picked for the request's route rt (nil: none), with l's attempt limit and backoff in between. op returns
 // nil on success, an *attemptError for a backend's failure (another
 // backend is tried when it is retryable), or retry.Permanent(err) for an
 // end no other backend can change (the client left, bytes reached it).
@@ -42,7 +42,7 @@ func newLegPolicy(cfg Config, p *pool, attempts int) legPolicy {
 // ended; else op's last error (the mark of Permanent removed). It owns
 // what every leg shares: retries_total, the backoff, passive health (an
 // attempt that ended with ctx counts for nobody) and the retry log line.
-func (r *Router) try(ctx context.Context, l *legPolicy, reqID string, op func(ctx context.Context, b *backend) error) error {
+func (r *Router) try(ctx context.Context, l *legPolicy, reqID string, rt *route, op func(ctx context.Context, b *backend) error) error {
 	var triedBuf [8]*backend
 	tried := triedBuf[:0]
 	var last error = errNoBackend
@@ -50,9 +50,12 @@ func (r *Router) try(ctx context.Context, l *legPolicy, reqID string, op func(ct
 		if attempt > 1 && !l.probe {
 			l.retries.Inc()
 		}
-		b := l.pool.pick(tried)
+		b := l.pool.pick(tried, rt)
 		if b == nil {
 			return retry.Permanent(last)
+		}
+		if !l.probe {
+			r.kvDecided(b, rt)
 		}
 		tried = append(tried, b)
 		err := op(ctx, b)

@@ -22,7 +22,14 @@
 //   - legbody.go: each leg's body and kv_transfer_params, and the
 //     aggregated body's scrub of router-only keys;
 //   - pool.go: backends and their pools; selector.go: backend selection
-//     (--lb: round-robin, power of two choices), one type per policy;
+//     (--lb: round-robin, power of two choices, kv), one type per policy;
+//   - kvroute.go: --lb kv's per-request route (tokens, hashes, the
+//     engines' lookups, the P/D bypass verdict); kvindex.go: KVIndex,
+//     the interface to the engines, which engine serves which backend
+//     (--kv-engine, --kv-engine-port) and the parallel bounded lookups;
+//     kvhash.go: the one seam to vLLM's block hashes; tokenize.go: the
+//     prompt's token ids (given, or a backend's POST /tokenize) and the
+//     fallback reasons;
 //   - discovery.go: dns://name:port backends, re-resolved every
 //     --resolve-interval (Resolver; each address a backend);
 //   - health.go: active GET /health polling and passive health;
@@ -77,6 +84,9 @@ type Deps struct {
 	Registerer prometheus.Registerer // nil: metrics are kept but not exported
 	KVReady    KVReadySource         // nil: only /kv_ready reports count
 	Resolver   Resolver              // dns:// backends; nil: net.DefaultResolver
+	// KVIndex answers the engines' lookups for --lb kv (nil: --lb kv is
+	// refused at New).
+	KVIndex KVIndex
 }
 
 // Router proxies OpenAI requests to P/D or aggregated backends. It is safe
@@ -85,6 +95,7 @@ type Router struct {
 	cfg     Config
 	log     *slog.Logger
 	kv      KVReadySource
+	kvs     *kvState // --lb kv, else nil
 	m       *metrics
 	prefill *pool // P/D mode, else nil
 	decode  *pool // P/D mode, else nil
@@ -120,7 +131,14 @@ func New(cfg Config, deps Deps) (*Router, error) {
 	if cfg.Aggregated() {
 		mode = modeAggregated
 	}
-	m, err := newMetrics(deps.Registerer, mode)
+	var kvs *kvState
+	if cfg.LB == LBKV {
+		var err error
+		if kvs, err = newKVState(cfg, deps.KVIndex); err != nil {
+			return nil, err
+		}
+	}
+	m, err := newMetrics(deps.Registerer, mode, kvs != nil)
 	if err != nil {
 		return nil, fmt.Errorf("router metrics: %w", err)
 	}
@@ -138,7 +156,7 @@ func New(cfg Config, deps Deps) (*Router, error) {
 		DisableCompression:  true, // relay bytes as they come
 	}
 	r := &Router{
-		cfg: cfg, log: log, kv: deps.KVReady, m: m,
+		cfg: cfg, log: log, kv: deps.KVReady, kvs: kvs, m: m,
 		transfers: newTransfers(),
 		budget:    newAnswerBudget(cfg.MaxBufferedBytes, m),
 		legs:      newLegClient(cfg),
@@ -151,11 +169,11 @@ func New(cfg Config, deps Deps) (*Router, error) {
 		errDecodeTimeout:    deadlineErrorf("answer not complete within %s (--decode-timeout)", cfg.DecodeTimeout),
 	}
 	if cfg.Aggregated() {
-		r.agg = newPool(roleAggregated, cfg.Backends, cfg.LB)
+		r.agg = newPool(roleAggregated, cfg.Backends, newSelector(cfg.LB, cfg.KVFallbackLB))
 		r.answer = answerLeg{legPolicy: newLegPolicy(cfg, r.agg, cfg.DecodeAttempts)}
 	} else {
-		r.prefill = newPool(rolePrefill, cfg.Prefill, cfg.LB)
-		r.decode = newPool(roleDecode, cfg.Decode, cfg.LB)
+		r.prefill = newPool(rolePrefill, cfg.Prefill, newSelector(cfg.LB, cfg.KVFallbackLB))
+		r.decode = newPool(roleDecode, cfg.Decode, newSelector(cfg.LB, cfg.KVFallbackLB))
 		r.prefillLeg = newLegPolicy(cfg, r.prefill, cfg.PrefillAttempts)
 		r.answer = answerLeg{legPolicy: newLegPolicy(cfg, r.decode, cfg.DecodeAttempts), firstBytePhase: true}
 	}
@@ -170,9 +188,9 @@ func New(cfg Config, deps Deps) (*Router, error) {
 		r.resolver = net.DefaultResolver
 	}
 	for _, p := range r.pools() {
-		p.attach, p.detach = m.attach, m.detach
+		p.attach, p.detach = r.attach, m.detach
 		for _, b := range p.backends() {
-			m.attach(b)
+			r.attach(b)
 		}
 		for _, t := range p.targets {
 			t.errors = m.resolveErrors.WithLabelValues(t.name)
@@ -187,6 +205,15 @@ func New(cfg Config, deps Deps) (*Router, error) {
 		},
 	}
 	return r, nil
+}
+
+// attach readies a backend that joined a pool, before it is published:
+// its metric series and the engine serving it.
+func (r *Router) attach(b *backend) {
+	r.m.attach(b)
+	if r.kvs != nil {
+		b.kvEngine, b.kvKnown = r.kvs.engines.engineFor(b.base)
+	}
 }
 
 // allBackends are the current members of every pool.
@@ -298,8 +325,9 @@ func (r *Router) handleCompletion(path string, chat bool) echo.HandlerFunc {
 		}
 		var outcome string
 		if r.agg != nil {
+			rt := r.kvRoute(c.Request().Context(), in, in.aggBody)
 			r.m.observe(phaseRouting, time.Since(in.start).Seconds())
-			outcome, err = r.runAnswer(c, in, in.aggBody)
+			outcome, err = r.runAnswer(c, in, in.aggBody, rt)
 		} else {
 			outcome, err = r.servePD(c, in)
 		}
@@ -313,12 +341,22 @@ func (r *Router) handleCompletion(path string, chat bool) echo.HandlerFunc {
 	}
 }
 
-// servePD runs the prefill leg, the KV-ready wait and the decode leg.
+// servePD runs the prefill leg, the KV-ready wait and the decode leg; or,
+// when --lb kv finds a D whose host holds enough of the prompt
+// (--pd-bypass-ratio), the decode leg alone, without kv_transfer_params:
+// D's connector loads the prefix from its own host and computes the rest.
 func (r *Router) servePD(c echo.Context, in *incoming) (string, error) {
 	ctx := c.Request().Context()
+	rt := r.kvRoute(ctx, in, in.parsed.body)
 	r.m.observe(phaseRouting, time.Since(in.start).Seconds())
+	if rt != nil && rt.bypass {
+		body := getBuf()
+		defer putBuf(body)
+		in.parsed.decodeBody(body, nil)
+		return r.runAnswer(c, in, body.Bytes(), rt)
+	}
 	t0 := time.Now()
-	t, p, fromP, err := r.runPrefill(ctx, in)
+	t, p, fromP, err := r.runPrefill(ctx, in, rt)
 	r.m.observe(phasePrefill, time.Since(t0).Seconds())
 	if err != nil {
 		if ctx.Err() != nil {
@@ -327,6 +365,9 @@ func (r *Router) servePD(c echo.Context, in *incoming) (string, error) {
 		return outcomeFailed, r.failLeg(c, rolePrefill, err)
 	}
 	defer r.dropTransfer(t)
+	if rt != nil {
+		rt.prefill = p
+	}
 
 	kvParams := fromP // sync: P's params pass through unchanged
 	if r.cfg.Handoff == HandoffCallback {
@@ -340,5 +381,5 @@ func (r *Router) servePD(c echo.Context, in *incoming) (string, error) {
 	body := getBuf() // upstream.Post has written it when it returns
 	defer putBuf(body)
 	in.parsed.decodeBody(body, kvParams)
-	return r.runAnswer(c, in, body.Bytes())
+	return r.runAnswer(c, in, body.Bytes(), rt)
 }
