@@ -58,6 +58,16 @@ type fakeVLLM struct {
 	// connection is closed without an answer (a backend that may have run
 	// them).
 	hangupReused atomic.Int32
+	// POST /tokenize: one token per byte of the prompt (or of the chat
+	// messages, "role:content\n" each, then "assistant:" when
+	// add_generation_prompt), unless tokenizeRaw (an answer sent as is,
+	// status tokenizeStatus or 200), tokenizeDelay (a wait first) or
+	// tokenizeFlood (an endless token list) say otherwise.
+	tokenizeRaw    string
+	tokenizeStatus int
+	tokenizeDelay  time.Duration
+	tokenizeFlood  bool
+	tokenizeCalls  atomic.Int32
 }
 
 func newFake(mutate func(*fakeVLLM)) *fakeVLLM { return newFakeOn(nil, mutate) }
@@ -94,6 +104,10 @@ func (f *fakeVLLM) requestHeaders() []http.Header {
 }
 
 func (f *fakeVLLM) serve(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/tokenize" {
+		f.tokenize(w, r)
+		return
+	}
 	onConn := 0 // completion requests on this connection, this one included
 	if r.Method == http.MethodPost && r.URL.Path != "/kv_ready" {
 		f.mu.Lock()
@@ -283,4 +297,65 @@ func sleepCtx(r *http.Request, d time.Duration) bool {
 	case <-r.Context().Done():
 		return false
 	}
+}
+
+// fakeTokens is the fake's tokenizer: one id per byte.
+func fakeTokens(text string) []uint32 {
+	ids := make([]uint32, len(text))
+	for i := range len(text) {
+		ids[i] = uint32(text[i])
+	}
+	return ids
+}
+
+// fakeChatText is the fake's chat template.
+func fakeChatText(messages []map[string]any, addGenerationPrompt bool) string {
+	var b strings.Builder
+	for _, m := range messages {
+		fmt.Fprintf(&b, "%v:%v\n", m["role"], m["content"])
+	}
+	if addGenerationPrompt {
+		b.WriteString("assistant:")
+	}
+	return b.String()
+}
+
+func (f *fakeVLLM) tokenize(w http.ResponseWriter, r *http.Request) {
+	f.tokenizeCalls.Add(1)
+	if !sleepCtx(r, f.tokenizeDelay) {
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	switch {
+	case f.tokenizeFlood:
+		fmt.Fprint(w, `{"tokens":[1`)
+		chunk := []byte(strings.Repeat(",12345", 10000))
+		for r.Context().Err() == nil {
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+		return
+	case f.tokenizeRaw != "" || f.tokenizeStatus != 0:
+		if f.tokenizeStatus != 0 {
+			w.WriteHeader(f.tokenizeStatus)
+		}
+		fmt.Fprint(w, f.tokenizeRaw)
+		return
+	}
+	var req struct {
+		Prompt              string           `json:"prompt"`
+		Messages            []map[string]any `json:"messages"`
+		AddGenerationPrompt bool             `json:"add_generation_prompt"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		w.WriteHeader(http.StatusBadRequest)
+		return
+	}
+	text := req.Prompt
+	if req.Messages != nil {
+		text = fakeChatText(req.Messages, req.AddGenerationPrompt)
+	}
+	ids := fakeTokens(text)
+	_ = json.NewEncoder(w).Encode(map[string]any{"tokens": ids, "count": len(ids), "max_model_len": 1 << 20})
 }
