@@ -101,9 +101,15 @@ func (r *Router) kvRoute(ctx context.Context, in *incoming, body []byte) *route 
 		r.m.kvFallbacks[reason].Inc()
 		return nil
 	}
+	return r.routeTokens(ctx, ids, p.salt)
+}
+
+// routeTokens is the route of a prompt of ids: its hashes, the engines'
+// lookups and the bypass verdict (the decision's cost past tokenizing).
+func (r *Router) routeTokens(ctx context.Context, ids []uint32, salt string) *route {
 	t0 := time.Now()
 	defer func() { r.m.observe(phaseKVRoute, time.Since(t0).Seconds()) }()
-	hashes, err := kvBlockHashes(r.cfg.KVHashAlgo, r.cfg.KVBlockSize, r.kvs.none, ids, p.salt)
+	hashes, err := kvBlockHashes(r.cfg.KVHashAlgo, r.cfg.KVBlockSize, r.kvs.none, ids, salt)
 	if err != nil { // Validate tried the algorithm: not expected
 		r.m.kvFallbacks[fallbackHashError].Inc()
 		return nil
