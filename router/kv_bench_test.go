@@ -24,8 +24,6 @@ func (x benchIndex) Lookup(_ context.Context, engine string, q KVQuery) (int, er
 // BenchmarkKVRoute is --lb kv's routing decision without tokenizing: the
 // prompt's block hashes, one lookup per engine (each backend's host its
 // own engine, P and D of a host sharing it), then the P and the D picks.
-// make bench-router reports it as ns/op (p50 is close: no tail sources
-// beyond the scheduler).
 func BenchmarkKVRoute(b *testing.B) {
 	for _, tokens := range []int{8 << 10, 32 << 10} {
 		for _, backends := range []int{8, 64} {
