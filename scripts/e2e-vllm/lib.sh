@@ -243,6 +243,7 @@ hybrid_phase() {  # FAMILY VARIANT [--corrupt]: one hybrid model's P/D pass (and
   ((PIPESTATUS[0] == 0)) || rc=1
   # What the connector said about the groups, and anything that went wrong.
   connector_messages | { grep -iE 'group|hybrid|fail|error|disabled|refus' || true; } | sed "s/^/[$E2E_TAG] connector said ($fam): /"
+  log "$fam: P/D pass done $((SECONDS - t)) s after the phase began"
   if [[ -n "$corrupt" ]]; then hybrid_corrupt "$fam" "$((variant + 50))" "${flags[@]}" || rc=1; fi
   log "phase $fam: $(tail -1 "$OUT/$fam-compare.txt") in $((SECONDS - t)) s, rc=$rc"
   return $rc

@@ -72,12 +72,12 @@ def value(snap: dict[str, Any], server: str, name: str, **labels: str) -> float:
 
 
 class Checker:
-    def __init__(self, phase: str) -> None:
-        self.phase = phase
+    def __init__(self, phase: str, tag: str | None = None) -> None:
+        self.tag = tag or f"pd:{phase}"
         self.failed = 0
 
     def line(self, msg: str) -> None:
-        print(f"[pd:{self.phase}] {msg}", flush=True)
+        print(f"[{self.tag}] {msg}", flush=True)
 
     def expect(self, ok: bool, msg: str) -> None:
         self.line(f"{'ok  ' if ok else 'FAIL'} {msg}")
@@ -237,7 +237,7 @@ def hybrid(args: argparse.Namespace) -> int:
     get_num_new_matched_tokens claimed and the scheduler accepted) at least
     --min-hit-pct of all prompt tokens, with no load failure."""
     before, after, results = (load_json(f) for f in (args.before, args.after, args.compare))
-    c = Checker(args.phase)
+    c = Checker(args.phase, tag=args.phase)
 
     def d(server: str, name: str, **labels: str) -> float:
         return value(after, server, name, **labels) - value(before, server, name, **labels)
@@ -261,6 +261,10 @@ def hybrid(args: argparse.Namespace) -> int:
     c.expect(pct >= args.min_hit_pct, f"D's external hit tokens {pct:.0f}% of the prompt tokens "
              f">= {args.min_hit_pct:g}%")
     c.expect(failed == 0, f"D: no block failed to load ({int(failed)})")
+    hit = d("d", "vllm:pegaflow_hit_tokens_total")
+    c.expect(hit == ext and (ext == 0 or loaded > 0),
+             f"the connector's own stats agree: D hit_tokens {int(hit)} == external {int(ext)}, "
+             f"blocks loaded {int(loaded)}")
     c.line(f"{'PASS' if c.failed == 0 else 'FAIL'} ({c.failed} failed checks)")
     return 0 if c.failed == 0 else 1
 
@@ -273,7 +277,7 @@ def corrupt(args: argparse.Namespace) -> int:
     external tokens means the corrupted group was never loaded (or was
     loaded and not used): a wrong-output bug in waiting."""
     before, after, results = (load_json(f) for f in (args.before, args.after, args.compare))
-    c = Checker(args.phase)
+    c = Checker(args.phase, tag=args.phase)
     ext = value(after, "d", "vllm:prompt_tokens_by_source_total", source="external_kv_transfer") - \
         value(before, "d", "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
     n = len(results)
