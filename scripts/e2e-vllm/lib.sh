@@ -280,6 +280,7 @@ hybrid_corrupt() {  # FAMILY VARIANT [vllm flags...]: a poisoner P, then the sam
   snap "$name-after"
   stop x
   "$PY" "$HERE/pd_eval.py" corrupt "$E2E_TAG:$fam" "$fam" --before "$OUT/$name-before.json" \
-    --after "$OUT/$name-after.json" --compare "$OUT/$name-compare.json" | tee "$OUT/$name-check.txt"
+    --after "$OUT/$name-after.json" --compare "$OUT/$name-compare.json" --min-hit-pct "$MIN_HIT_PCT" |
+    tee "$OUT/$name-check.txt"
   return "${PIPESTATUS[0]}"
 }

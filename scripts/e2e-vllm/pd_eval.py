@@ -288,6 +288,12 @@ def corrupt(args: argparse.Namespace) -> int:
     c.expect(answered == n, f"every case answered ({answered} of {n})")
     if ext == 0:
         c.line("ok   D refused the hit (no external tokens): nothing wrong was served")
+        # The engine cannot tell poisoned bytes from good ones (same hashes,
+        # every group present), so a connector that serves hybrids loads
+        # them: a refusal here means the load path was not exercised.
+        if args.min_hit_pct > 0:
+            c.expect(False, "the case exercised D's load path (external tokens > 0; only "
+                     "--min-hit-pct 0 accepts a refusal)")
     else:
         c.expect(same == 0, f"every output from the poisoned blocks differs ({n - same} of {n})")
     c.line(f"{'PASS' if c.failed == 0 else 'FAIL'} ({c.failed} failed checks)")
