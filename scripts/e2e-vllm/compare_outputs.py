@@ -9,7 +9,13 @@ tokens of the tiny model's tokenizer, approximately). Every request asks for
 `return_token_ids: true` (so token ids, not only text, are compared).
 
     python compare_outputs.py --ref http://127.0.0.1:8300 --cand http://127.0.0.1:8000 \
-        [--model /tmp/tiny-model] [--max-tokens 24] [--json out.json]
+        [--model /tmp/tiny-model] [--max-tokens 24] [--json out.json] \
+        [--lengths 200,450,900 --distinct] [--no-chat]
+
+--lengths replaces the prompt lengths (words); --distinct gives every case
+its own words, so that no case is a prefix-cache hit of an earlier one except
+the two shared-prefix cases (hybrid_check.sh counts external hits against
+every prompt token).
 
 Prints one line per case and a closing 'N passed, N failed' line; exit 0 only
 when every case matched. Standard library only.
@@ -51,15 +57,18 @@ def prompt(n_words: int, seed: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
-def cases(model: str, max_tokens: int, variant: int = 0) -> list[Case]:
+def cases(model: str, max_tokens: int, variant: int = 0, lengths: tuple[int, ...] = LENGTHS,
+          distinct: bool = False, chat: bool = True) -> list[Case]:
     """The fixed prompt set; another `variant` gives the same shapes with
     different words (prompts no earlier pass left in any prefix cache)."""
     out: list[Case] = []
     v = 10000 * variant
     common = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
-    for i, n in enumerate(LENGTHS):
+    for i, n in enumerate(lengths):
         p = prompt(n, v + 100 + i)
         for stream in (False, True):
+            if distinct:
+                p = prompt(n, v + 100 + i + 50 * stream + 5000)
             body = dict(common, prompt=p, stream=stream)
             if stream:
                 body["stream_options"] = {"include_usage": True}
@@ -68,7 +77,12 @@ def cases(model: str, max_tokens: int, variant: int = 0) -> list[Case]:
             {"role": "system", "content": prompt(8, v + 200 + i)},
             {"role": "user", "content": p},
         ]
-        for stream in (False, True):
+        for stream in (False, True) if chat else ():
+            if distinct:
+                msgs = [
+                    {"role": "system", "content": prompt(8, v + 200 + i + 50 * stream + 5000)},
+                    {"role": "user", "content": prompt(n, v + 300 + i + 50 * stream + 5000)},
+                ]
             body = dict(common, messages=msgs, stream=stream)
             if stream:
                 body["stream_options"] = {"include_usage": True}
@@ -137,11 +151,23 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
     ap.add_argument("--json", help="write per-case results here")
     ap.add_argument("--variant", type=int, default=0, help="prompt set variant (0: the default set)")
+    ap.add_argument("--lengths", help="prompt lengths in words, comma-separated (default "
+                    + ",".join(map(str, LENGTHS)) + ")")
+    ap.add_argument("--distinct", action="store_true", help="no case repeats another's prompt")
+    ap.add_argument("--no-chat", action="store_true",
+                    help="completions only (gpt-oss: vLLM renders its chats as Harmony, whose "
+                    "special tokens a tiny vocabulary lacks)")
     args = ap.parse_args(argv)
+    try:
+        lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else LENGTHS
+    except ValueError:
+        ap.error(f"--lengths: not a comma-separated list of integers: {args.lengths!r}")
+    if not lengths or min(lengths) < 1:
+        ap.error("--lengths: each length must be >= 1")
 
     passed = failed = 0
     results = []
-    for c in cases(args.model, args.max_tokens, args.variant):
+    for c in cases(args.model, args.max_tokens, args.variant, lengths, args.distinct, not args.no_chat):
         rec: dict[str, Any] = {"case": c.name}
         try:
             t0 = time.monotonic()

@@ -27,10 +27,12 @@
 #   4. D restarted with a registration that fails for real (its staging_dir
 #      is /dev/null, so no staging buffer can be made): D's connector disables itself, every case is still
 #      answered token-identically (recomputed), vLLM's /metrics says so;
-#   5. a hybrid model (the tiny model with a sliding-window second layer):
-#      vLLM keeps its hybrid allocator (two KV cache groups), P saves the
-#      full-attention group, D claims no hit and recomputes, and every case
-#      is token-identical to a plain vLLM on the same hybrid model.
+#   5. hybrid models (hybrid_check.sh's hybrid_phase): a tiny Gemma 3
+#      (sliding window, three KV cache groups) and a tiny Qwen3.5 (Gated
+#      DeltaNet state, four groups): every case token-identical to a plain
+#      vLLM on the same model, and D's external hit tokens >= 50% of the
+#      prompt tokens; Gemma 3 also with a poisoner P that stores one wrong
+#      group (D refuses the hit or its outputs differ).
 #
 # The connector is this tree's, installed (pip --target, the venv is left as
 # it is) with its vllm.general_plugins entry point on PYTHONPATH: P and D
@@ -43,81 +45,18 @@
 # E2E_MODEL_DIR [/tmp/tiny-model], PEGAFLOW_BIN [bin/pegaflow],
 # E2E_START_TIMEOUT [300] (s, per vLLM start), E2E_KV_READY_TIMEOUT [5]
 # (s, router), E2E_STOP_AFTER [8] (cases of phase 2 before the kill),
-# P_ROLE [kv_both].
+# P_ROLE [kv_both], E2E_HYBRID_MODELS [/tmp/tiny-hybrid] (phase 5's models,
+# built on first use), E2E_HYBRID_MIN_HIT_PCT [50].
 set -euo pipefail
 E2E_TAG=pd
 source "$(dirname "$0")/lib.sh"
 
 OUT="${1:-$ROOT/build/e2e-vllm/pd}"
-BIN="${PEGAFLOW_BIN:-$ROOT/bin/pegaflow}"
-KV_READY_TIMEOUT="${E2E_KV_READY_TIMEOUT:-5}"
 STOP_AFTER="${E2E_STOP_AFTER:-8}"
 P_ROLE="${P_ROLE:-kv_both}"
-PASS_TIMEOUT=900  # one compare pass (34 cases); a normal one takes ~1 min
 
-[[ -x "$BIN" ]] || { echo "no pegaflow binary at $BIN (make build)" >&2; exit 2; }
 e2e_begin "$OUT"
-# Sockets and staging buffers: short paths (UNIX socket limit), removed at exit.
-RUN="$(mktemp -d /tmp/pegaflow-e2e.XXXXXX)"
-REMOVE_AT_EXIT+=("$RUN")
-SHM="$(mktemp -d /dev/shm/pegaflow-e2e.XXXXXX)"
-REMOVE_AT_EXIT+=("$SHM")
-trap 'exit 130' INT TERM
-
-EP=$(free_port) RP=$(free_port) PP=$(free_port) DP=$(free_port) REF=$(free_port)
-ENGINE_URL="http://127.0.0.1:$EP" ROUTER_URL="http://127.0.0.1:$RP"
-SOCK="$RUN/engine.sock"
-# This tree's connector as an installed plugin (entry point metadata), first
-# on the path: ahead of any editable install the venv has.
-"$VENV/bin/pip" install -q --disable-pip-version-check --no-input --no-deps --no-build-isolation \
-  --target "$RUN/site" "$ROOT/connector" >"$OUT/pip.log" 2>&1 || { cat "$OUT/pip.log" >&2; exit 1; }
-export PYTHONPATH="$RUN/site${PYTHONPATH:+:$PYTHONPATH}"
-
-start_engine() {  # the engine the vLLMs use; nothing else listens there
-  # It POSTs transfer readiness to the router's /kv_ready (P's ready_url),
-  # which runs in another process: allow exactly that address.
-  setsid "$BIN" serve --socket "$SOCK" --http-addr "127.0.0.1:$EP" --pool-size 256MiB \
-    --kv-ready-allow "127.0.0.1:$RP" >>"$OUT/engine.log" 2>&1 &
-  PID[engine]=$!
-  ALL+=("$!")
-  local deadline=$((SECONDS + 30))
-  until curl -sf "$ENGINE_URL/health" >/dev/null; do
-    ((SECONDS < deadline)) || { echo "engine not healthy after 30 s" >&2; tail -20 "$OUT/engine.log" >&2; return 1; }
-    sleep 0.2
-  done
-}
-start_router() {
-  # A router alone (--engine=false: no engine, no pool, no socket). The
-  # transfers become ready through /kv_ready callbacks from the engine.
-  setsid "$BIN" serve --engine=false --http-addr "127.0.0.1:$RP" \
-    --prefill "http://127.0.0.1:$PP" --decode "http://127.0.0.1:$DP" \
-    --kv-ready-timeout "${KV_READY_TIMEOUT}s" --on-kv-timeout decode-anyway \
-    --health-interval 2s >"$OUT/router.log" 2>&1 &
-  PID[router]=$!
-  ALL+=("$!")
-}
-kvc() {  # ROLE INSTANCE [STAGING_DIR]: the plugin's name, no module path
-  printf '{"kv_connector":"PegaFlowConnector","kv_role":"%s","kv_load_failure_policy":"recompute","kv_connector_extra_config":{"socket_path":"%s","instance_id":"%s","staging_dir":"%s"}}' \
-    "$1" "$SOCK" "$2" "${3:-$SHM}"
-}
-start_trio() {  # INSTANCE_SUFFIX: the reference vLLM, P and D of $MODEL, each until healthy
-  start_vllm ref "$REF"
-  start_vllm p "$PP" --kv-transfer-config "$(kvc "$P_ROLE" "e2e-prefill$1")"
-  start_vllm d "$DP" --kv-transfer-config "$(kvc kv_consumer "e2e-decode$1")"
-  local n port
-  for n in ref p d; do
-    case $n in ref) port=$REF ;; p) port=$PP ;; d) port=$DP ;; esac
-    wait_healthy "$n" "http://127.0.0.1:$port"
-  done
-}
-snap() { "$PY" "$HERE/pd_eval.py" snap "$OUT/$1.json" engine="$ENGINE_URL" router="$ROUTER_URL" \
-  p="http://127.0.0.1:$PP" d="http://127.0.0.1:$DP"; }
-compare() {  # NAME VARIANT: a compare pass against the router, in the background
-  timeout "$PASS_TIMEOUT" "$PY" "$HERE/compare_outputs.py" --ref "http://127.0.0.1:$REF" \
-    --cand "$ROUTER_URL" --model "$MODEL" --variant "$2" --json "$OUT/$1-compare.json" \
-    >"$OUT/$1-compare.txt" 2>&1 &
-  CMP=$!
-}
+pd_begin
 evaluate() {  # NAME [--stopped]
   local name="$1"
   shift
@@ -125,26 +64,12 @@ evaluate() {  # NAME [--stopped]
     --after "$OUT/$name-after.json" --compare "$OUT/$name-compare.json" --model "$MODEL" \
     --kv-ready-timeout "$KV_READY_TIMEOUT" "$@" | tee "$OUT/$name-check.txt"
 }
-connector_messages() {  # what our connector logged (warnings and errors reach vLLM's stderr)
-  for n in p d; do
-    { grep -ho 'pegaflow: .*' "$OUT/$n.log" || true; } | sed -E 's/pid=[0-9]+/pid=N/; s/[0-9a-f]{16,}/X/g' |
-      sort | uniq -c | sed "s/^ */$n: /" | cut -c1-200
-  done
-}
 
 T0=$SECONDS
 rc=0
-log "bin $BIN ($("$BIN" version 2>/dev/null || echo '?')), vllm $("$PY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)"
 start_engine
 start_router
 start_trio ""
-wait_router() {  # until the router sees a healthy P and D (its /health is 200 then)
-  local deadline=$((SECONDS + 30))
-  until curl -sf "$ROUTER_URL/health" >/dev/null; do
-    ((SECONDS < deadline)) || { echo "router not healthy after 30 s" >&2; tail -20 "$OUT/router.log" >&2; exit 1; }
-    sleep 0.5
-  done
-}
 wait_router
 T_UP=$((SECONDS - T0))
 log "engine, router, P, D and reference up in ${T_UP} s"
@@ -237,41 +162,19 @@ grep -q 'CONNECTOR DISABLED on worker' "$OUT/d.log" || { log "FAIL phase 4: D di
 "$PY" "$HERE/pd_eval.py" disabled "http://127.0.0.1:$DP" || rc=1
 connector_messages | sed 's/^/[pd] connector said (phase 4): /'
 
-# ------------- 5. a hybrid model: full + sliding-window attention layers
-# The tiny model with its second layer made sliding-window (64 tokens):
-# vLLM runs it with two KV cache groups (the hybrid allocator, which our
-# SupportsHMA keeps on). P saves the full-attention group; D may claim no
-# hit (vLLM would need the window's KV too), so it recomputes: outputs
-# must still equal the reference's on the same hybrid model.
-t=$SECONDS
+# ------------------------- 5. hybrid models: one sliding-window, one state
+# The tiny Gemma 3 (sliding window + global: three KV cache groups) and
+# Qwen3.5 (full attention + Gated DeltaNet state, bf16: four groups) of
+# make_tiny_model.py --family, through the same engine and router with a
+# fresh reference, P and D each (hybrid_check.sh runs all the families):
+# outputs token-identical, D's external hit tokens >= 50% of the prompt
+# tokens. Gemma 3 also gets the corruption case: a poisoner P whose last
+# layer's KV differs (one group wrong) saves first; D must refuse the hit
+# or give different outputs.
 stop ref p d
 for n in ref p d; do mv "$OUT/$n.log" "$OUT/$n-phases1-4.log"; done
-HYBRID="$RUN/tiny-hybrid"
-cp -r "$MODEL" "$HYBRID"
-"$PY" - "$HYBRID/config.json" <<'EOF'
-import json
-import sys
-
-c = json.load(open(sys.argv[1], encoding="utf-8"))
-c["layer_types"] = ["full_attention"] + ["sliding_attention"] * (c["num_hidden_layers"] - 1)
-c["sliding_window"] = 64
-json.dump(c, open(sys.argv[1], "w", encoding="utf-8"), indent=2)
-EOF
-MODEL="$HYBRID"
-start_trio -hybrid
-wait_router
-compare hybrid 4
-wait "$CMP" || true
-log "phase 5 (hybrid: full + sliding-window layers): $(tail -1 "$OUT/hybrid-compare.txt") in $((SECONDS - t)) s"
-grep -q ' 0 failed$' "$OUT/hybrid-compare.txt" || { log "FAIL phase 5: not every case answered identically"; rc=1; }
-grep -q 'kv cache group sizes (32, 32)' "$OUT/p.log" ||
-  { log "FAIL phase 5: P did not run vLLM's hybrid allocator (two KV cache groups)"; rc=1; }
-grep -q 'hybrid KV cache groups' "$OUT/p.log" || { log "FAIL phase 5: P's connector did not see the groups"; rc=1; }
-"$PY" "$HERE/pd_eval.py" hybrid "http://127.0.0.1:$PP" "http://127.0.0.1:$DP" || rc=1
-connector_messages | sed 's/^/[pd] connector said (phase 5): /'
-stop "${!PID[@]}"
-left=""
-for g in "${ALL[@]}"; do kill -0 -- "-$g" 2>/dev/null && left+=" $g"; done
-[[ -z "$left" ]] || { log "FAIL process groups left:$left"; rc=1; }
+hybrid_phase gemma3 4 --corrupt || rc=1
+hybrid_phase qwen3.5 5 || rc=1
+pd_leftovers || rc=1
 log "total $((SECONDS - T0)) s (start ${T_UP} s), rc=$rc, logs in $OUT"
 exit $rc

@@ -72,12 +72,12 @@ def value(snap: dict[str, Any], server: str, name: str, **labels: str) -> float:
 
 
 class Checker:
-    def __init__(self, phase: str) -> None:
-        self.phase = phase
+    def __init__(self, phase: str, tag: str | None = None) -> None:
+        self.tag = tag or f"pd:{phase}"
         self.failed = 0
 
     def line(self, msg: str) -> None:
-        print(f"[pd:{self.phase}] {msg}", flush=True)
+        print(f"[{self.tag}] {msg}", flush=True)
 
     def expect(self, ok: bool, msg: str) -> None:
         self.line(f"{'ok  ' if ok else 'FAIL'} {msg}")
@@ -229,17 +229,75 @@ def disabled(url: str) -> int:
     return 0 if ok else 1
 
 
-def hybrid(p_url: str, d_url: str) -> int:
-    """Phase 5: a hybrid model (full + sliding-window attention) runs with the
-    connector; P saves its full-attention group, and D claims no hit (vLLM
-    would need the sliding-window group's KV too, which is not stored)."""
-    snap = {"p": scrape(p_url), "d": scrape(d_url)}
-    saved = value(snap, "p", "vllm:pegaflow_blocks_saved_total")
-    hit = value(snap, "d", "vllm:pegaflow_hit_tokens_total")
-    ok = saved > 0 and hit == 0
-    print(f"[pd]   P /metrics: pegaflow_blocks_saved_total={saved:.0f}; D /metrics: "
-          f"pegaflow_hit_tokens_total={hit:.0f} -> {'ok' if ok else 'FAIL'}")
-    return 0 if ok else 1
+def hybrid(args: argparse.Namespace) -> int:
+    """A hybrid model's P/D pass (hybrid_check.sh, pd_check.sh phase 5):
+    every case token-identical to the reference, and D's external hit tokens
+    (vLLM's own count: vllm:prompt_tokens_by_source_total with source
+    external_kv_transfer, set from the tokens the connector's
+    get_num_new_matched_tokens claimed and the scheduler accepted) at least
+    --min-hit-pct of all prompt tokens, with no load failure."""
+    before, after, results = (load_json(f) for f in (args.before, args.after, args.compare))
+    c = Checker(args.phase, tag=args.phase)
+
+    def d(server: str, name: str, **labels: str) -> float:
+        return value(after, server, name, **labels) - value(before, server, name, **labels)
+
+    n = len(results)
+    ok = sum(1 for r in results if r["ok"])
+    prompt = sum(int(r["usage"]["prompt_tokens"]) for r in results if r.get("usage"))
+    ext = d("d", "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
+    local = d("d", "vllm:prompt_tokens_by_source_total", source="local_cache_hit")
+    pct = 100.0 * ext / prompt if prompt else 0.0
+    print(f"[{args.phase}] model {args.label}: {ok}/{n} identical, D external hit tokens {int(ext)} "
+          f"of {prompt} prompt tokens ({pct:.0f}%)", flush=True)
+    saved = d("p", "vllm:pegaflow_blocks_saved_total")
+    loaded = d("d", "vllm:pegaflow_blocks_loaded_total")
+    failed = d("d", "vllm:pegaflow_load_failed_blocks_total")
+    req_ok = d("router", "pegaflow_router_requests_total", outcome="ok")
+    c.line(f"D local cache hit tokens {int(local)}; P blocks saved {int(saved)}, D blocks loaded "
+           f"{int(loaded)}, load failures {int(failed)}; router requests ok {int(req_ok)}")
+    c.expect(n > 0 and ok == n, f"outputs token-identical to the reference: {ok} of {n} cases")
+    c.expect(req_ok == n, f"router: {int(req_ok)} of {n} requests ok")
+    c.expect(pct >= args.min_hit_pct, f"D's external hit tokens {pct:.0f}% of the prompt tokens "
+             f">= {args.min_hit_pct:g}%")
+    c.expect(failed == 0, f"D: no block failed to load ({int(failed)})")
+    hit = d("d", "vllm:pegaflow_hit_tokens_total")
+    c.expect(hit == ext and (ext == 0 or loaded > 0),
+             f"the connector's own stats agree: D hit_tokens {int(hit)} == external {int(ext)}, "
+             f"blocks loaded {int(loaded)}")
+    c.line(f"{'PASS' if c.failed == 0 else 'FAIL'} ({c.failed} failed checks)")
+    return 0 if c.failed == 0 else 1
+
+
+def corrupt(args: argparse.Namespace) -> int:
+    """The corruption case: a poisoner P saved blocks that are wrong in one
+    KV cache group, then the same prompts went to D directly. Either D
+    refused the hit (no external tokens) or every output it gave from the
+    poisoned blocks differs from the reference; an identical output with
+    external tokens means the corrupted group was never loaded (or was
+    loaded and not used): a wrong-output bug in waiting."""
+    before, after, results = (load_json(f) for f in (args.before, args.after, args.compare))
+    c = Checker(args.phase, tag=args.phase)
+    ext = value(after, "d", "vllm:prompt_tokens_by_source_total", source="external_kv_transfer") - \
+        value(before, "d", "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
+    n = len(results)
+    same = sum(1 for r in results if r["ok"])
+    answered = sum(1 for r in results if r.get("usage"))
+    print(f"[{args.phase}] model {args.label} corruption (last layer's group poisoned): D external "
+          f"hit tokens {int(ext)}, {n - same} of {n} outputs differ from the reference", flush=True)
+    c.expect(answered == n, f"every case answered ({answered} of {n})")
+    if ext == 0:
+        c.line("ok   D refused the hit (no external tokens): nothing wrong was served")
+        # The engine cannot tell poisoned bytes from good ones (same hashes,
+        # every group present), so a connector that serves hybrids loads
+        # them: a refusal here means the load path was not exercised.
+        if args.min_hit_pct > 0:
+            c.expect(False, "the case exercised D's load path (external tokens > 0; only "
+                     "--min-hit-pct 0 accepts a refusal)")
+    else:
+        c.expect(same == 0, f"every output from the poisoned blocks differs ({n - same} of {n})")
+    c.line(f"{'PASS' if c.failed == 0 else 'FAIL'} ({c.failed} failed checks)")
+    return 0 if c.failed == 0 else 1
 
 
 def main(argv: list[str]) -> int:
@@ -259,14 +317,21 @@ def main(argv: list[str]) -> int:
     k.add_argument("--kv-ready-timeout", type=float, default=5.0, help="router's, seconds")
     x = sub.add_parser("disabled")
     x.add_argument("url")
-    h = sub.add_parser("hybrid")
-    h.add_argument("p_url")
-    h.add_argument("d_url")
+    for cmd in ("hybrid", "corrupt"):
+        h = sub.add_parser(cmd)
+        h.add_argument("phase")
+        h.add_argument("label", help="the model's name in the phase line")
+        h.add_argument("--before", required=True)
+        h.add_argument("--after", required=True)
+        h.add_argument("--compare", required=True)
+        h.add_argument("--min-hit-pct", type=float, default=50.0)
     args = ap.parse_args(argv)
     if args.cmd == "disabled":
         return disabled(args.url)
     if args.cmd == "hybrid":
-        return hybrid(args.p_url, args.d_url)
+        return hybrid(args)
+    if args.cmd == "corrupt":
+        return corrupt(args)
     if args.cmd == "snap":
         snap = {}
         for item in args.servers:
