@@ -5,16 +5,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
-)
 
-func hexes(hs [][]byte) []string {
-	out := make([]string, len(hs))
-	for i, h := range hs {
-		out[i] = hex.EncodeToString(h)
-	}
-	return out
-}
+	"github.com/pegaflow/pegaflow/internal/kvtest"
+	"github.com/pegaflow/pegaflow/internal/vllmhash"
+)
 
 func TestTokenizer(t *testing.T) {
 	tok, err := NewTokenizer(32000)
@@ -124,4 +120,37 @@ func TestBlockPool(t *testing.T) {
 	require.Nil(t, ch)
 	require.NotContains(t, a[1:], b[0])
 	require.Equal(t, 4, p.used())
+}
+
+// The sim names blocks and its namespace as a vLLM instance with the
+// connector does: the connector's seed fingerprint (so a router's
+// lookup, and a vLLM instance with the same seed, match it), vLLM 0.32's
+// tagged cache_salt key, and vLLM's default seed for an empty one.
+func TestHashesAndNamespaceAreVLLMs(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.ShmDir = kvtest.TempShmDir(t)
+	s, err := New(cfg, testLogger(t), prometheus.NewRegistry())
+	require.NoError(t, err)
+	defer s.kv.Close()
+	require.Equal(t, vllmhash.SeedFingerprint(vllmhash.AlgoSHA256CBOR, "0"), s.Namespace().HashSeedFingerprint)
+
+	toks := []uint32{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}
+	got := s.blockHashes(toks, "tenant-a")
+	require.Len(t, got, 1)
+	// vLLM 0.32 (vllmhash's vectors): sha256(cbor((NONE_HASH("0"), toks, (("cache_salt", "tenant-a"),))))
+	none, err := noneHash("0")
+	require.NoError(t, err)
+	want, err := vllmhash.BlockHashes(vllmhash.Params{Algo: vllmhash.AlgoSHA256CBOR, BlockSize: 16}, none, toks, "tenant-a")
+	require.NoError(t, err)
+	require.Equal(t, want, got)
+	require.Equal(t, "c71ed03162c14200", hex.EncodeToString(got[0][:8]))
+
+	def, err := noneHash("")
+	require.NoError(t, err)
+	vdef, err := vllmhash.NoneHash(vllmhash.AlgoSHA256CBOR, vllmhash.DefaultSeed)
+	require.NoError(t, err)
+	require.Equal(t, vdef, def, "an empty seed is vLLM's default, not the empty string")
+
+	_, err = New(Config{}, testLogger(t), prometheus.NewRegistry())
+	require.Error(t, err)
 }
