@@ -25,30 +25,35 @@ var token = []byte("0123456789abcdef0123456789abcdef")
 // newEngine is an engine holding the first n of hashes sealed, as a
 // connector would have saved them (kvtest's namespace: model "m").
 func newEngine(t *testing.T, hashes [][]byte, n int) *engine.Engine {
-	t.Helper()
-	e, err := engine.New(engine.Config{PoolSize: 4 << 20, NUMANode: -1, Device: -1, CopyThreads: 1}, nil, prometheus.NewRegistry())
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = e.Close() })
-	c, err := kvtest.New(kvtest.TempShmDir(t), "kv", spec)
-	require.NoError(t, err)
-	t.Cleanup(c.Close)
+	return engineOf(t, spec, hashes, n)
+}
+
+func engineOf(tb testing.TB, sp kvtest.Spec, hashes [][]byte, n int) *engine.Engine {
+	tb.Helper()
+	e, err := engine.New(engine.Config{PoolSize: uint64(sp.NumBlocks*sp.BlockBytes()) + 1<<20, NUMANode: -1, Device: -1, CopyThreads: 1},
+		nil, prometheus.NewRegistry())
+	require.NoError(tb, err)
+	tb.Cleanup(func() { _ = e.Close() })
+	c, err := kvtest.New(kvtest.TempShmDir(tb), "kv", sp)
+	require.NoError(tb, err)
+	tb.Cleanup(c.Close)
 	sid, err := e.OpenSession("P")
-	require.NoError(t, err)
-	reg := c.RegisterRequest("P", 0, spec.Namespace("m", 1))
+	require.NoError(tb, err)
+	reg := c.RegisterRequest("P", 0, sp.Namespace("m", 1))
 	reg.SessionId = sid
-	_, err = e.Register(t.Context(), reg)
-	require.NoError(t, err)
+	_, err = e.Register(tb.Context(), reg)
+	require.NoError(tb, err)
 	blocks := make([]*pb.BlockRef, n)
 	for i := range blocks {
 		blocks[i] = &pb.BlockRef{BlockId: uint32(i), Hash: hashes[i]}
 	}
-	_, err = e.Save(t.Context(), &pb.SaveRequest{SessionId: sid, InstanceId: "P", Blocks: blocks})
-	require.NoError(t, err)
+	_, err = e.Save(tb.Context(), &pb.SaveRequest{SessionId: sid, InstanceId: "P", Blocks: blocks})
+	require.NoError(tb, err)
 	return e
 }
 
 // serve runs eng's peer API on addr until the test ends or stop is called.
-func serve(t *testing.T, eng *engine.Engine, addr string) (bound string, stop func()) {
+func serve(t testing.TB, eng *engine.Engine, addr string) (bound string, stop func()) {
 	t.Helper()
 	srv, err := peer.New(peer.Config{Addr: addr, Token: token}, eng, nil)
 	require.NoError(t, err)
