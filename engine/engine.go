@@ -34,7 +34,9 @@
 //     pool fit, one parallelism per model);
 //   - requests: store.go Save and Load; copy.go the plan, copy, commit
 //     steps they share; query.go Query (the sealed prefix and its wait);
-//     lease.go the leases a Query takes (Release); transfer.go transfers
+//     lease.go the leases a Query takes (Release); lookup.go Lookup (a
+//     router's question, how much of a prompt is held: no session, lease,
+//     wait or S3-FIFO reference); transfer.go transfers
 //     and their settling (AwaitTransfer, ReleaseTransfer); transferbound.go
 //     the bounds on transfer state (waiters, expiry); callback.go the
 //     /kv_ready POST and its allow list (--kv-ready-allow);

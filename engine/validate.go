@@ -387,20 +387,26 @@ func queryHashes(req *pb.QueryRequest) ([][]byte, error) {
 	if len(req.Hashes) > 0 {
 		return nil, invalid("set hashes or packed_hashes, not both")
 	}
-	n := int(req.HashLen)
+	return unpackHashes(req.PackedHashes, req.HashLen, MaxQueryHashes, "query")
+}
+
+// unpackHashes slices packed hashes of hashLen bytes in place, at most
+// max of them (what names the call in the error).
+func unpackHashes(packed []byte, hashLen uint32, max int, what string) ([][]byte, error) {
+	n := int(hashLen)
 	if n < MinHashLen || n > MaxHashLen {
-		return nil, invalid("hash_len %d, want %d..%d", n, MinHashLen, MaxHashLen)
+		return nil, invalid("hash_len %d, want %d..%d", hashLen, MinHashLen, MaxHashLen)
 	}
-	if len(req.PackedHashes)%n != 0 {
-		return nil, invalid("packed_hashes has %d bytes, not a multiple of hash_len %d", len(req.PackedHashes), n)
+	if len(packed)%n != 0 {
+		return nil, invalid("packed_hashes has %d bytes, not a multiple of hash_len %d", len(packed), n)
 	}
-	count := len(req.PackedHashes) / n
-	if count > MaxQueryHashes {
-		return nil, invalid("%d hashes in one query, max %d", count, MaxQueryHashes)
+	count := len(packed) / n
+	if count > max {
+		return nil, invalid("%d hashes in one %s, max %d", count, what, max)
 	}
 	out := make([][]byte, count)
 	for i := range out {
-		out[i] = req.PackedHashes[i*n : (i+1)*n : (i+1)*n]
+		out[i] = packed[i*n : (i+1)*n : (i+1)*n]
 	}
 	return out, nil
 }

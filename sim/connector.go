@@ -21,7 +21,7 @@ const kvSourceEngine = "pegaflow_source_engine"
 // preparePrefill makes q save its prompt's full blocks when it finishes
 // and returns the kv_transfer_params for the decode leg.
 func (s *Sim) preparePrefill(q *seq, p *parsed) map[string]any {
-	hashes := BlockHashes(s.noneHash, p.prompt, s.cfg.Geometry.BlockSize, p.salt)
+	hashes := s.blockHashes(p.prompt, p.salt)
 	tid := str(p.params["pegaflow_transfer_id"])
 	save := &pb.SaveRequest{
 		Rank: 0, TransferId: tid, TransferLast: tid != "",
@@ -86,7 +86,7 @@ var errVerify = errors.New("loaded KV does not match the prompt")
 // does; wrong bytes fail the request. It returns the tokens loaded.
 func (s *Sim) loadRemote(ctx context.Context, q *seq, p *parsed) (int, error) {
 	bs := s.cfg.Geometry.BlockSize
-	hashes := BlockHashes(s.noneHash, p.prompt, bs, p.salt)
+	hashes := s.blockHashes(p.prompt, p.salt)
 	if len(hashes) == 0 {
 		return 0, nil
 	}

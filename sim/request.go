@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	"github.com/labstack/echo/v4"
+
+	"github.com/pegaflow/pegaflow/internal/vllmhash"
 )
 
 // maxBodyBytes bounds a request body.
@@ -88,6 +90,9 @@ func (s *Sim) parse(c echo.Context, chat bool) (*parsed, error) {
 	}
 	if r.N != nil && *r.N != 1 {
 		return nil, badRequest("n=%d is not supported (only n=1)", *r.N)
+	}
+	if len(r.CacheSalt) > vllmhash.MaxSaltBytes {
+		return nil, badRequest("cache_salt has %d bytes, max %d", len(r.CacheSalt), vllmhash.MaxSaltBytes)
 	}
 	p := &parsed{chat: chat, stream: r.Stream, salt: r.CacheSalt, params: r.KVTransferParams}
 	if r.Seed != nil {

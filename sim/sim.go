@@ -43,7 +43,7 @@
 //   - writer.go: the OpenAI answer, streamed or whole;
 //   - scheduler.go: the step loop and its CostModel; alloc.go: KV blocks;
 //   - kvcache.go: the shared-memory KV cache and its expected bytes;
-//     blockhash.go: vLLM's block hashes; tokenizer.go: tokens and sampling;
+//     blockhash.go: vLLM's block hashes (internal/vllmhash); tokenizer.go: tokens and sampling;
 //   - enginelink.go: the engine session (dial, register, re-dial on loss);
 //   - metrics.go: the vLLM-named metrics.
 package sim
@@ -67,6 +67,7 @@ import (
 	"github.com/pegaflow/pegaflow/internal/ids"
 	"github.com/pegaflow/pegaflow/internal/kvtest"
 	"github.com/pegaflow/pegaflow/internal/openai"
+	"github.com/pegaflow/pegaflow/internal/vllmhash"
 )
 
 // Config sets up a Sim. Start from DefaultConfig.
@@ -75,8 +76,10 @@ type Config struct {
 	Model string
 	// VocabSize of the tokenizer; instances sharing KV must agree.
 	VocabSize int
-	// HashSeed derives NONE_HASH (vLLM's PYTHONHASHSEED); instances sharing
-	// KV must agree.
+	// HashSeed derives NONE_HASH (vLLM's PYTHONHASHSEED; "" = unset, vLLM's
+	// fixed default); instances sharing KV must agree. The namespace
+	// records its fingerprint as the connector does, so a router's lookup
+	// with the same seed matches it.
 	HashSeed string
 	Geometry Geometry
 	// MaxModelLen caps prompt + output tokens of a request.
@@ -145,6 +148,9 @@ func (c *Config) Validate() error {
 	case c.EngineTimeout <= 0:
 		return fmt.Errorf("engine timeout %s: want a positive duration", c.EngineTimeout)
 	}
+	if _, err := noneHash(c.HashSeed); err != nil {
+		return fmt.Errorf("hash seed: %w", err)
+	}
 	return nil
 }
 
@@ -183,12 +189,16 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Sim, error) 
 	if dir == "" {
 		dir = kvtest.ShmDir()
 	}
+	none, err := noneHash(cfg.HashSeed)
+	if err != nil {
+		return nil, err
+	}
 	kv, err := newKVCache(dir, fmt.Sprintf("pegaflow-sim-%d-%s", os.Getpid(), ids.Hex(4)), cfg.Geometry)
 	if err != nil {
 		return nil, err
 	}
 	s := &Sim{
-		cfg: cfg, log: log, m: newMetrics(reg, cfg.Model), tok: tok, noneHash: NoneHash(cfg.HashSeed),
+		cfg: cfg, log: log, m: newMetrics(reg, cfg.Model), tok: tok, noneHash: none,
 		kv: kv, pool: newBlockPool(cfg.Geometry.NumBlocks), wake: make(chan struct{}, 1),
 	}
 	if g, ok := reg.(prometheus.Gatherer); ok {
@@ -208,7 +218,7 @@ func (s *Sim) Namespace() *pb.Namespace {
 	return &pb.Namespace{
 		Model: s.cfg.Model, Dtype: "bfloat16", KvLayout: "flash_attn", BlockSize: uint32(g.BlockSize),
 		TpSize: 1, NumLayers: uint32(g.NumLayers), NumKvHeads: uint32(g.NumKVHeads), HeadSize: uint32(g.HeadSize),
-		HashAlgo: HashAlgo, HashSeedFingerprint: s.noneHash,
+		HashAlgo: HashAlgo, HashSeedFingerprint: vllmhash.SeedFingerprint(HashAlgo, s.cfg.HashSeed),
 		Extra: map[string]string{"sim_vocab_size": fmt.Sprint(s.cfg.VocabSize)},
 	}
 }

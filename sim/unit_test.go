@@ -5,61 +5,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
+
+	"github.com/pegaflow/pegaflow/internal/kvtest"
+	"github.com/pegaflow/pegaflow/internal/vllmhash"
 )
-
-func hexes(hs [][]byte) []string {
-	out := make([]string, len(hs))
-	for i, h := range hs {
-		out[i] = hex.EncodeToString(h)
-	}
-	return out
-}
-
-// The vectors were computed with Python's cbor2 and hashlib, as vLLM does:
-//
-//	h = lambda x: hashlib.sha256(cbor2.dumps(x, canonical=True)).digest()
-//	none = h("pegaflow"); b0 = h((none, (0, 1, 23, 24), None)); ...
-//
-// The token ids cross every CBOR integer width (1, 2, 3, 5 and 9 bytes).
-func TestBlockHashesMatchVLLM(t *testing.T) {
-	none := NoneHash("pegaflow")
-	require.Equal(t, "671bf93b6981f262662df8ea18ee32966f15fd48acc1e29d9a88541ebd6f21e7", hex.EncodeToString(none))
-	require.Equal(t, "8d33f520a3c4cef80d2453aef81b612bfe1cb44c8b2025630ad38662763f13d3", hex.EncodeToString(NoneHash("")))
-	require.Equal(t, "4e1195df020de59e0d65a33a4279f1183e7ae4e5d980e309f8b55adff2e61c3e", hex.EncodeToString(NoneHash("0")))
-
-	toks := []uint32{0, 1, 23, 24, 255, 256, 65535, 65536, 4294967295, 7, 8, 9, 10} // 13: the last block is partial
-	require.Equal(t, []string{
-		"d6c481a4220f2ad13730a6bcbfe44beeeda5dfc13190499b9e99429c6a1b16af",
-		"f2b48cc620538ef98532907ff8cd0d25e1f0e1751df8ed14eb80ab5ee6f42cb2",
-		"fefe89b4a90d114741ac09713a06aed1b142641408a4a8a84f3da215365c1cef",
-	}, hexes(BlockHashes(none, toks, 4, "")))
-
-	// cache_salt goes into the first block's extra keys: ("tenant-a",).
-	require.Equal(t, []string{
-		"e787ace8bf4734f760ed65fb10a44f00c446abfe476b7ce42e53324bfd30f78e",
-		"2fda5b82922827af7857a5e75d24eb48ce98b9cdf04bca60aec424614d5b3711",
-	}, hexes(BlockHashes(none, toks[:8], 4, "tenant-a")))
-
-	// vLLM's 4-token example from the reference (seed "0", tokens 1..4).
-	require.Equal(t, "c9d58ba695280d69b243e1e0df813136ca9196b286fb1a021e0b2e028ef071cb",
-		hex.EncodeToString(BlockHashes(NoneHash("0"), []uint32{1, 2, 3, 4}, 4, "")[0]))
-	require.Empty(t, BlockHashes(none, toks[:3], 4, ""), "no full block, no hash")
-}
-
-func TestCBORHeads(t *testing.T) {
-	for _, tc := range []struct {
-		major byte
-		v     uint64
-		want  string
-	}{
-		{0, 0, "00"}, {0, 23, "17"}, {0, 24, "1818"}, {0, 255, "18ff"}, {0, 256, "190100"},
-		{0, 65535, "19ffff"}, {0, 65536, "1a00010000"}, {0, 1<<32 - 1, "1affffffff"}, {0, 1 << 32, "1b0000000100000000"},
-		{2, 32, "5820"}, {3, 1, "61"}, {4, 16, "90"},
-	} {
-		require.Equal(t, tc.want, hex.EncodeToString(cborHead(nil, tc.major, tc.v)), "%d/%d", tc.major, tc.v)
-	}
-}
 
 func TestTokenizer(t *testing.T) {
 	tok, err := NewTokenizer(32000)
@@ -106,7 +57,8 @@ func TestKVBytesAreAFunctionOfTheTokenPrefix(t *testing.T) {
 	kv, err := newKVCache(t.TempDir(), "kv", geo)
 	require.NoError(t, err)
 	defer kv.Close()
-	none := NoneHash("0")
+	none, err := noneHash("0")
+	require.NoError(t, err)
 	start := prefixStart(none)
 	toks := []uint32{10, 11, 12, 13, 14, 15, 16, 17, 18}
 	// Blocks 5 and 2 hold positions 0-3 and 4-7; written in two uneven
@@ -127,7 +79,9 @@ func TestKVBytesAreAFunctionOfTheTokenPrefix(t *testing.T) {
 	require.False(t, ok, "a different first token changes the bytes")
 	_, ok, _ = kv.verifyBlock(2, 1, other, h2)
 	require.False(t, ok, "... and every later block's")
-	_, ok, _ = kv.verifyBlock(5, 0, toks, prefixStart(NoneHash("1")))
+	none1, err := noneHash("1")
+	require.NoError(t, err)
+	_, ok, _ = kv.verifyBlock(5, 0, toks, prefixStart(none1))
 	require.False(t, ok, "another hash seed, other bytes")
 
 	kv.slot(1, 1, 2, 3)[5] ^= 1
@@ -166,4 +120,37 @@ func TestBlockPool(t *testing.T) {
 	require.Nil(t, ch)
 	require.NotContains(t, a[1:], b[0])
 	require.Equal(t, 4, p.used())
+}
+
+// The sim names blocks and its namespace as a vLLM instance with the
+// connector does: the connector's seed fingerprint (so a router's
+// lookup, and a vLLM instance with the same seed, match it), vLLM 0.32's
+// tagged cache_salt key, and vLLM's default seed for an empty one.
+func TestHashesAndNamespaceAreVLLMs(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.ShmDir = kvtest.TempShmDir(t)
+	s, err := New(cfg, testLogger(t), prometheus.NewRegistry())
+	require.NoError(t, err)
+	defer s.kv.Close()
+	require.Equal(t, vllmhash.SeedFingerprint(vllmhash.AlgoSHA256CBOR, "0"), s.Namespace().HashSeedFingerprint)
+
+	toks := []uint32{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}
+	got := s.blockHashes(toks, "tenant-a")
+	require.Len(t, got, 1)
+	// vLLM 0.32 (vllmhash's vectors): sha256(cbor((NONE_HASH("0"), toks, (("cache_salt", "tenant-a"),))))
+	none, err := noneHash("0")
+	require.NoError(t, err)
+	want, err := vllmhash.BlockHashes(vllmhash.Params{Algo: vllmhash.AlgoSHA256CBOR, BlockSize: 16}, none, toks, "tenant-a")
+	require.NoError(t, err)
+	require.Equal(t, want, got)
+	require.Equal(t, "c71ed03162c14200", hex.EncodeToString(got[0][:8]))
+
+	def, err := noneHash("")
+	require.NoError(t, err)
+	vdef, err := vllmhash.NoneHash(vllmhash.AlgoSHA256CBOR, vllmhash.DefaultSeed)
+	require.NoError(t, err)
+	require.Equal(t, vdef, def, "an empty seed is vLLM's default, not the empty string")
+
+	_, err = New(Config{}, testLogger(t), prometheus.NewRegistry())
+	require.Error(t, err)
 }

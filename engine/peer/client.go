@@ -157,6 +157,20 @@ func (c *Client) ReleaseTransfer(ctx context.Context, addr, handle string) error
 	return nil
 }
 
+// Lookup asks the engine at addr how much of a prompt it holds
+// (engine.Lookup). Errors map as the other calls' do.
+func (c *Client) Lookup(ctx context.Context, addr string, req *pb.PeerLookupRequest) (*pb.PeerLookupResponse, error) {
+	api, conn, err := c.api(addr)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := api.Lookup(c.outgoing(ctx), req)
+	if err != nil {
+		return nil, c.failed(addr, "lookup", conn, err)
+	}
+	return resp, nil
+}
+
 // Read implements engine.PeerControl over the peer's validated stream.
 func (c *Client) Read(ctx context.Context, addr, handle string, reads []engine.PeerShareRead) error {
 	return c.streams.read(ctx, addr, handle, reads)

@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pegaflow/pegaflow/engine"
@@ -60,15 +59,7 @@ func TestLoadTokenAndValidate(t *testing.T) {
 // handshakes again.
 func TestPeerServiceAuthAndErrors(t *testing.T) {
 	token := []byte("0123456789abcdef0123456789abcdef")
-	eng, err := engine.New(engine.Config{PoolSize: 4 << 20, NUMANode: -1, Device: -1, Peers: NewClient(token)}, nil, prometheus.NewRegistry())
-	require.NoError(t, err)
-	defer eng.Close()
-	srv, err := New(Config{Addr: "127.0.0.1:0", Token: token}, eng, nil)
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	defer func() { cancel(); require.NoError(t, <-done) }()
+	eng, srv := servePeer(t, engine.Config{PoolSize: 4 << 20, NUMANode: -1, Device: -1, Peers: NewClient(token)}, token)
 
 	cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer ccancel()

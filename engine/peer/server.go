@@ -2,7 +2,8 @@
 // TCP port (--peer-addr): a gRPC control plane over which a reader
 // handshakes (epoch; with --peer-transport=rdma also the UCX worker address
 // and pools' remote keys), opens a transfer (the extents of each rank's
-// share of a sealed prefix, pinned) and releases it; the validated stream
+// share of a sealed prefix, pinned) and releases it, and a router looks
+// up how much of a prompt the engine holds (Lookup); the validated stream
 // over which it reads whole shares of a transfer it opened; and the Client
 // a reading engine uses for both (it implements engine.PeerControl).
 //
@@ -55,7 +56,8 @@ type Config struct {
 }
 
 // maxRecvMsg bounds a request message: a bounded OpenTransfer
-// (engine.MaxPeerOpenHashes hashes of at most 64 bytes) and its framing.
+// (engine.MaxPeerOpenHashes hashes of at most 64 bytes) and its framing;
+// a bounded Lookup (engine.MaxLookupHashes, packed) is smaller.
 const maxRecvMsg = engine.MaxPeerOpenHashes*80 + 4096
 
 // maxStreamsPerConn bounds the concurrent calls of one connection (the
@@ -168,6 +170,14 @@ func (s *service) Handshake(context.Context, *pb.PeerHandshakeRequest) (*pb.Peer
 
 func (s *service) OpenTransfer(ctx context.Context, req *pb.PeerOpenTransferRequest) (*pb.PeerOpenTransferResponse, error) {
 	resp, err := s.eng.OpenPeerTransfer(ctx, req)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return resp, nil
+}
+
+func (s *service) Lookup(_ context.Context, req *pb.PeerLookupRequest) (*pb.PeerLookupResponse, error) {
+	resp, err := s.eng.PeerLookup(req)
 	if err != nil {
 		return nil, toStatus(err)
 	}

@@ -569,6 +569,160 @@ func (*PeerReleaseTransferResponse) Descriptor() ([]byte, []int) {
 	return file_pegaflow_v1_peer_proto_rawDescGZIP(), []int{8}
 }
 
+type PeerLookupRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The namespace's model; empty matches every model.
+	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	// The hash block size in tokens (Namespace.block_size).
+	BlockSize uint32 `protobuf:"varint,2,opt,name=block_size,json=blockSize,proto3" json:"block_size,omitempty"`
+	// vLLM's prefix-caching hash algorithm (Namespace.hash_algo).
+	HashAlgo string `protobuf:"bytes,3,opt,name=hash_algo,json=hashAlgo,proto3" json:"hash_algo,omitempty"`
+	// The connector's fingerprint of the hash seed
+	// (Namespace.hash_seed_fingerprint).
+	HashSeedFingerprint []byte `protobuf:"bytes,4,opt,name=hash_seed_fingerprint,json=hashSeedFingerprint,proto3" json:"hash_seed_fingerprint,omitempty"`
+	// The prompt's block hashes, hash_len bytes each, back to back.
+	PackedHashes  []byte `protobuf:"bytes,5,opt,name=packed_hashes,json=packedHashes,proto3" json:"packed_hashes,omitempty"`
+	HashLen       uint32 `protobuf:"varint,6,opt,name=hash_len,json=hashLen,proto3" json:"hash_len,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerLookupRequest) Reset() {
+	*x = PeerLookupRequest{}
+	mi := &file_pegaflow_v1_peer_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerLookupRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerLookupRequest) ProtoMessage() {}
+
+func (x *PeerLookupRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_pegaflow_v1_peer_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerLookupRequest.ProtoReflect.Descriptor instead.
+func (*PeerLookupRequest) Descriptor() ([]byte, []int) {
+	return file_pegaflow_v1_peer_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *PeerLookupRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *PeerLookupRequest) GetBlockSize() uint32 {
+	if x != nil {
+		return x.BlockSize
+	}
+	return 0
+}
+
+func (x *PeerLookupRequest) GetHashAlgo() string {
+	if x != nil {
+		return x.HashAlgo
+	}
+	return ""
+}
+
+func (x *PeerLookupRequest) GetHashSeedFingerprint() []byte {
+	if x != nil {
+		return x.HashSeedFingerprint
+	}
+	return nil
+}
+
+func (x *PeerLookupRequest) GetPackedHashes() []byte {
+	if x != nil {
+		return x.PackedHashes
+	}
+	return nil
+}
+
+func (x *PeerLookupRequest) GetHashLen() uint32 {
+	if x != nil {
+		return x.HashLen
+	}
+	return 0
+}
+
+type PeerLookupResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Leading blocks held sealed (a hybrid namespace: its hybrid boundary
+	// with first_block 0), the most over the matching namespaces.
+	NumHit uint32 `protobuf:"varint,1,opt,name=num_hit,json=numHit,proto3" json:"num_hit,omitempty"`
+	// The namespace of that answer; empty when num_hit is 0.
+	NamespaceId string `protobuf:"bytes,2,opt,name=namespace_id,json=namespaceId,proto3" json:"namespace_id,omitempty"`
+	// The engine's epoch (new on every start).
+	Epoch         string `protobuf:"bytes,3,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PeerLookupResponse) Reset() {
+	*x = PeerLookupResponse{}
+	mi := &file_pegaflow_v1_peer_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PeerLookupResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PeerLookupResponse) ProtoMessage() {}
+
+func (x *PeerLookupResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_pegaflow_v1_peer_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PeerLookupResponse.ProtoReflect.Descriptor instead.
+func (*PeerLookupResponse) Descriptor() ([]byte, []int) {
+	return file_pegaflow_v1_peer_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *PeerLookupResponse) GetNumHit() uint32 {
+	if x != nil {
+		return x.NumHit
+	}
+	return 0
+}
+
+func (x *PeerLookupResponse) GetNamespaceId() string {
+	if x != nil {
+		return x.NamespaceId
+	}
+	return ""
+}
+
+func (x *PeerLookupResponse) GetEpoch() string {
+	if x != nil {
+		return x.Epoch
+	}
+	return ""
+}
+
 var File_pegaflow_v1_peer_proto protoreflect.FileDescriptor
 
 const file_pegaflow_v1_peer_proto_rawDesc = "" +
@@ -611,11 +765,24 @@ const file_pegaflow_v1_peer_proto_rawDesc = "" +
 	"\x05epoch\x18\x04 \x01(\tR\x05epoch\"4\n" +
 	"\x1aPeerReleaseTransferRequest\x12\x16\n" +
 	"\x06handle\x18\x01 \x01(\tR\x06handle\"\x1d\n" +
-	"\x1bPeerReleaseTransferResponse2\x9d\x02\n" +
+	"\x1bPeerReleaseTransferResponse\"\xd9\x01\n" +
+	"\x11PeerLookupRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\x12\x1d\n" +
+	"\n" +
+	"block_size\x18\x02 \x01(\rR\tblockSize\x12\x1b\n" +
+	"\thash_algo\x18\x03 \x01(\tR\bhashAlgo\x122\n" +
+	"\x15hash_seed_fingerprint\x18\x04 \x01(\fR\x13hashSeedFingerprint\x12#\n" +
+	"\rpacked_hashes\x18\x05 \x01(\fR\fpackedHashes\x12\x19\n" +
+	"\bhash_len\x18\x06 \x01(\rR\ahashLen\"f\n" +
+	"\x12PeerLookupResponse\x12\x17\n" +
+	"\anum_hit\x18\x01 \x01(\rR\x06numHit\x12!\n" +
+	"\fnamespace_id\x18\x02 \x01(\tR\vnamespaceId\x12\x14\n" +
+	"\x05epoch\x18\x03 \x01(\tR\x05epoch2\xe8\x02\n" +
 	"\x04Peer\x12R\n" +
 	"\tHandshake\x12!.pegaflow.v1.PeerHandshakeRequest\x1a\".pegaflow.v1.PeerHandshakeResponse\x12[\n" +
 	"\fOpenTransfer\x12$.pegaflow.v1.PeerOpenTransferRequest\x1a%.pegaflow.v1.PeerOpenTransferResponse\x12d\n" +
-	"\x0fReleaseTransfer\x12'.pegaflow.v1.PeerReleaseTransferRequest\x1a(.pegaflow.v1.PeerReleaseTransferResponseB?Z=github.com/pegaflow/pegaflow/engine/api/pegaflowv1;pegaflowv1b\x06proto3"
+	"\x0fReleaseTransfer\x12'.pegaflow.v1.PeerReleaseTransferRequest\x1a(.pegaflow.v1.PeerReleaseTransferResponse\x12I\n" +
+	"\x06Lookup\x12\x1e.pegaflow.v1.PeerLookupRequest\x1a\x1f.pegaflow.v1.PeerLookupResponseB?Z=github.com/pegaflow/pegaflow/engine/api/pegaflowv1;pegaflowv1b\x06proto3"
 
 var (
 	file_pegaflow_v1_peer_proto_rawDescOnce sync.Once
@@ -629,7 +796,7 @@ func file_pegaflow_v1_peer_proto_rawDescGZIP() []byte {
 	return file_pegaflow_v1_peer_proto_rawDescData
 }
 
-var file_pegaflow_v1_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_pegaflow_v1_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_pegaflow_v1_peer_proto_goTypes = []any{
 	(*PeerHandshakeRequest)(nil),        // 0: pegaflow.v1.PeerHandshakeRequest
 	(*PeerPool)(nil),                    // 1: pegaflow.v1.PeerPool
@@ -640,22 +807,26 @@ var file_pegaflow_v1_peer_proto_goTypes = []any{
 	(*PeerOpenTransferResponse)(nil),    // 6: pegaflow.v1.PeerOpenTransferResponse
 	(*PeerReleaseTransferRequest)(nil),  // 7: pegaflow.v1.PeerReleaseTransferRequest
 	(*PeerReleaseTransferResponse)(nil), // 8: pegaflow.v1.PeerReleaseTransferResponse
+	(*PeerLookupRequest)(nil),           // 9: pegaflow.v1.PeerLookupRequest
+	(*PeerLookupResponse)(nil),          // 10: pegaflow.v1.PeerLookupResponse
 }
 var file_pegaflow_v1_peer_proto_depIdxs = []int32{
-	1, // 0: pegaflow.v1.PeerHandshakeResponse.pools:type_name -> pegaflow.v1.PeerPool
-	4, // 1: pegaflow.v1.PeerBlock.shares:type_name -> pegaflow.v1.PeerExtent
-	5, // 2: pegaflow.v1.PeerOpenTransferResponse.blocks:type_name -> pegaflow.v1.PeerBlock
-	0, // 3: pegaflow.v1.Peer.Handshake:input_type -> pegaflow.v1.PeerHandshakeRequest
-	3, // 4: pegaflow.v1.Peer.OpenTransfer:input_type -> pegaflow.v1.PeerOpenTransferRequest
-	7, // 5: pegaflow.v1.Peer.ReleaseTransfer:input_type -> pegaflow.v1.PeerReleaseTransferRequest
-	2, // 6: pegaflow.v1.Peer.Handshake:output_type -> pegaflow.v1.PeerHandshakeResponse
-	6, // 7: pegaflow.v1.Peer.OpenTransfer:output_type -> pegaflow.v1.PeerOpenTransferResponse
-	8, // 8: pegaflow.v1.Peer.ReleaseTransfer:output_type -> pegaflow.v1.PeerReleaseTransferResponse
-	6, // [6:9] is the sub-list for method output_type
-	3, // [3:6] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	1,  // 0: pegaflow.v1.PeerHandshakeResponse.pools:type_name -> pegaflow.v1.PeerPool
+	4,  // 1: pegaflow.v1.PeerBlock.shares:type_name -> pegaflow.v1.PeerExtent
+	5,  // 2: pegaflow.v1.PeerOpenTransferResponse.blocks:type_name -> pegaflow.v1.PeerBlock
+	0,  // 3: pegaflow.v1.Peer.Handshake:input_type -> pegaflow.v1.PeerHandshakeRequest
+	3,  // 4: pegaflow.v1.Peer.OpenTransfer:input_type -> pegaflow.v1.PeerOpenTransferRequest
+	7,  // 5: pegaflow.v1.Peer.ReleaseTransfer:input_type -> pegaflow.v1.PeerReleaseTransferRequest
+	9,  // 6: pegaflow.v1.Peer.Lookup:input_type -> pegaflow.v1.PeerLookupRequest
+	2,  // 7: pegaflow.v1.Peer.Handshake:output_type -> pegaflow.v1.PeerHandshakeResponse
+	6,  // 8: pegaflow.v1.Peer.OpenTransfer:output_type -> pegaflow.v1.PeerOpenTransferResponse
+	8,  // 9: pegaflow.v1.Peer.ReleaseTransfer:output_type -> pegaflow.v1.PeerReleaseTransferResponse
+	10, // 10: pegaflow.v1.Peer.Lookup:output_type -> pegaflow.v1.PeerLookupResponse
+	7,  // [7:11] is the sub-list for method output_type
+	3,  // [3:7] is the sub-list for method input_type
+	3,  // [3:3] is the sub-list for extension type_name
+	3,  // [3:3] is the sub-list for extension extendee
+	0,  // [0:3] is the sub-list for field type_name
 }
 
 func init() { file_pegaflow_v1_peer_proto_init() }
@@ -669,7 +840,7 @@ func file_pegaflow_v1_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_pegaflow_v1_peer_proto_rawDesc), len(file_pegaflow_v1_peer_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

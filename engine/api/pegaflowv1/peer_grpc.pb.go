@@ -31,6 +31,7 @@ const (
 	Peer_Handshake_FullMethodName       = "/pegaflow.v1.Peer/Handshake"
 	Peer_OpenTransfer_FullMethodName    = "/pegaflow.v1.Peer/OpenTransfer"
 	Peer_ReleaseTransfer_FullMethodName = "/pegaflow.v1.Peer/ReleaseTransfer"
+	Peer_Lookup_FullMethodName          = "/pegaflow.v1.Peer/Lookup"
 )
 
 // PeerClient is the client API for Peer service.
@@ -49,6 +50,12 @@ type PeerClient interface {
 	// transfer it was opened for (transfer_id), which the reader consumed.
 	// NotFound when unknown, released or expired.
 	ReleaseTransfer(ctx context.Context, in *PeerReleaseTransferRequest, opts ...grpc.CallOption) (*PeerReleaseTransferResponse, error)
+	// Lookup answers how many leading blocks of `hashes` this engine holds
+	// sealed, over its namespaces that match the request (a router asking
+	// where a prompt's KV is). Nothing is pinned, waited for or counted as
+	// a use. InvalidArgument for a malformed request (more than 65536
+	// hashes, a hash not 8..64 bytes, an empty fingerprint).
+	Lookup(ctx context.Context, in *PeerLookupRequest, opts ...grpc.CallOption) (*PeerLookupResponse, error)
 }
 
 type peerClient struct {
@@ -89,6 +96,16 @@ func (c *peerClient) ReleaseTransfer(ctx context.Context, in *PeerReleaseTransfe
 	return out, nil
 }
 
+func (c *peerClient) Lookup(ctx context.Context, in *PeerLookupRequest, opts ...grpc.CallOption) (*PeerLookupResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PeerLookupResponse)
+	err := c.cc.Invoke(ctx, Peer_Lookup_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PeerServer is the server API for Peer service.
 // All implementations must embed UnimplementedPeerServer
 // for forward compatibility.
@@ -105,6 +122,12 @@ type PeerServer interface {
 	// transfer it was opened for (transfer_id), which the reader consumed.
 	// NotFound when unknown, released or expired.
 	ReleaseTransfer(context.Context, *PeerReleaseTransferRequest) (*PeerReleaseTransferResponse, error)
+	// Lookup answers how many leading blocks of `hashes` this engine holds
+	// sealed, over its namespaces that match the request (a router asking
+	// where a prompt's KV is). Nothing is pinned, waited for or counted as
+	// a use. InvalidArgument for a malformed request (more than 65536
+	// hashes, a hash not 8..64 bytes, an empty fingerprint).
+	Lookup(context.Context, *PeerLookupRequest) (*PeerLookupResponse, error)
 	mustEmbedUnimplementedPeerServer()
 }
 
@@ -123,6 +146,9 @@ func (UnimplementedPeerServer) OpenTransfer(context.Context, *PeerOpenTransferRe
 }
 func (UnimplementedPeerServer) ReleaseTransfer(context.Context, *PeerReleaseTransferRequest) (*PeerReleaseTransferResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReleaseTransfer not implemented")
+}
+func (UnimplementedPeerServer) Lookup(context.Context, *PeerLookupRequest) (*PeerLookupResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Lookup not implemented")
 }
 func (UnimplementedPeerServer) mustEmbedUnimplementedPeerServer() {}
 func (UnimplementedPeerServer) testEmbeddedByValue()              {}
@@ -199,6 +225,24 @@ func _Peer_ReleaseTransfer_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Peer_Lookup_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PeerLookupRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PeerServer).Lookup(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Peer_Lookup_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PeerServer).Lookup(ctx, req.(*PeerLookupRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Peer_ServiceDesc is the grpc.ServiceDesc for Peer service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -217,6 +261,10 @@ var Peer_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReleaseTransfer",
 			Handler:    _Peer_ReleaseTransfer_Handler,
+		},
+		{
+			MethodName: "Lookup",
+			Handler:    _Peer_Lookup_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
