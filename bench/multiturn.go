@@ -119,8 +119,8 @@ func converse(ctx context.Context, cfg *Config, hc *http.Client, system string, 
 			}
 		}
 		msgs = append(msgs, ChatMessage{Role: "user", Content: text})
-		rec := Record{User: c.user, Turn: t + 1, Sent: time.Since(start)}
 		p := Prompt{Messages: append([]ChatMessage(nil), msgs...), InputLen: nominalLen(msgs), OutputLen: cfg.OutputLen}
+		rec := Record{User: c.user, Turn: t + 1, Sent: time.Since(start), Messages: p.Messages}
 		doRequest(ctx, hc, cfg, p, &rec)
 		if sem != nil {
 			<-sem

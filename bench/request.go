@@ -41,6 +41,8 @@ type Record struct {
 	// User and Turn (from 1) place a multi-turn request; 0 otherwise.
 	User int `json:"user,omitempty"`
 	Turn int `json:"turn,omitempty"`
+	// Messages are a multi-turn request's messages (not written to JSON).
+	Messages []ChatMessage `json:"-"`
 	// Err is empty on success; a failed request counts in Result.Failed.
 	Err string `json:"error,omitempty"`
 	// Text is the generated text (not written to JSON).

@@ -40,6 +40,8 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&simFlags, "sim-flags", simFlags, "flags passed to every `pegaflow sim` (cost model, geometry)")
 	var reportPath string
 	fs.StringVar(&reportPath, "json", "", "also write the report (both results and the engine figures) as JSON to this file")
+	var kv bool
+	fs.BoolVar(&kv, "kv", false, "compare routing policies (round-robin, least-inflight, --lb kv with and without P/D bypass, an oracle) on the two-host lab with a multi-turn chat workload (needs root; docs/router.md)")
 	var progress bool
 	fs.BoolVar(&progress, "progress", true, "show steps and benchmark progress on stderr")
 	err := cli.Parse(fs, args, nil)
@@ -59,7 +61,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		err = cfg.Validate()
 	}
-	if err == nil && cfg.Hosts == 2 {
+	if err == nil && (cfg.Hosts == 2 || kv) {
 		err = canRunTwoHosts()
 	}
 	if err != nil {
@@ -69,6 +71,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var prog io.Writer
 	if progress {
 		prog = stderr
+	}
+	if kv {
+		return runDemoKV(ctx, cfg, prog, reportPath, stdout, stderr)
 	}
 	rep, runErr := demo.Run(ctx, cfg, prog)
 	if rep != nil {
@@ -94,6 +99,35 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// runDemoKV is `pegaflow demo --kv`: the routing comparison, the
+// multi-turn workload seeded by --seed.
+func runDemoKV(ctx context.Context, cfg demo.Config, prog io.Writer, reportPath string, stdout, stderr io.Writer) int {
+	w := demo.KVWorkload()
+	w.Seed = cfg.Workload.Seed
+	rep, runErr := demo.RunKV(ctx, cfg, w, demo.KVPolicies(), prog)
+	if rep != nil {
+		if err := rep.WriteTable(stdout, w); err != nil {
+			fmt.Fprintf(stderr, "pegaflow demo: %v\n", err)
+			return 1
+		}
+		if reportPath != "" {
+			if err := writeJSON(reportPath, rep); err != nil {
+				fmt.Fprintf(stderr, "pegaflow demo: %v\n", err)
+				return 1
+			}
+		}
+	}
+	if runErr != nil {
+		fmt.Fprintf(stderr, "pegaflow demo: %v\n", runErr)
+		return 1
+	}
+	if rep.Failed() {
+		fmt.Fprintln(stderr, "pegaflow demo: a policy did not run or lost requests (see the table and the logs)")
+		return 1
+	}
+	return 0
+}
+
 // canRunTwoHosts says why --hosts 2 cannot run here: the lab needs root
 // and `ip`.
 func canRunTwoHosts() error {
@@ -103,7 +137,9 @@ func canRunTwoHosts() error {
 	return nil
 }
 
-func writeReport(path string, rep *demo.Report) error {
+func writeReport(path string, rep *demo.Report) error { return writeJSON(path, rep) }
+
+func writeJSON(path string, rep any) error {
 	data, err := json.MarshalIndent(rep, "", "  ")
 	if err != nil {
 		return err
