@@ -76,37 +76,20 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return runDemoKV(ctx, cfg, prog, reportPath, stdout, stderr)
 	}
 	rep, runErr := demo.Run(ctx, cfg, prog)
-	if rep != nil {
-		if err := rep.WriteTable(stdout, cfg.Workload); err != nil {
-			fmt.Fprintf(stderr, "pegaflow demo: %v\n", err)
-			return 1
-		}
-		if reportPath != "" {
-			if err := writeReport(reportPath, rep); err != nil {
-				fmt.Fprintf(stderr, "pegaflow demo: %v\n", err)
-				return 1
-			}
-		}
+	if rep == nil {
+		return finishDemo(nil, nil, reportPath, runErr, "", stdout, stderr)
 	}
-	if runErr != nil {
-		fmt.Fprintf(stderr, "pegaflow demo: %v\n", runErr)
-		return 1
-	}
-	if rep.Failed() {
-		fmt.Fprintln(stderr, "pegaflow demo: some requests failed (see the table and the logs)")
-		return 1
-	}
-	return 0
+	return finishDemo(rep, func(w io.Writer) error { return rep.WriteTable(w, cfg.Workload) }, reportPath, runErr,
+		"some requests failed (see the table and the logs)", stdout, stderr)
 }
 
-// runDemoKV is `pegaflow demo --kv`: the routing comparison, the
-// multi-turn workload seeded by --seed.
-func runDemoKV(ctx context.Context, cfg demo.Config, prog io.Writer, reportPath string, stdout, stderr io.Writer) int {
-	w := demo.KVWorkload()
-	w.Seed = cfg.Workload.Seed
-	rep, runErr := demo.RunKV(ctx, cfg, w, demo.KVPolicies(), prog)
+// finishDemo prints a run's table, writes its JSON report, and gives the
+// exit status: 1 when the run failed, could not be reported, or rep
+// reports a failure (failMsg then says so), else 0. rep nil: no run.
+func finishDemo(rep interface{ Failed() bool }, table func(io.Writer) error, reportPath string, runErr error,
+	failMsg string, stdout, stderr io.Writer) int {
 	if rep != nil {
-		if err := rep.WriteTable(stdout, w); err != nil {
+		if err := table(stdout); err != nil {
 			fmt.Fprintf(stderr, "pegaflow demo: %v\n", err)
 			return 1
 		}
@@ -121,11 +104,24 @@ func runDemoKV(ctx context.Context, cfg demo.Config, prog io.Writer, reportPath 
 		fmt.Fprintf(stderr, "pegaflow demo: %v\n", runErr)
 		return 1
 	}
-	if rep.Failed() {
-		fmt.Fprintln(stderr, "pegaflow demo: a policy did not run or lost requests (see the table and the logs)")
+	if rep == nil || rep.Failed() {
+		fmt.Fprintln(stderr, "pegaflow demo: "+failMsg)
 		return 1
 	}
 	return 0
+}
+
+// runDemoKV is `pegaflow demo --kv`: the routing comparison, the
+// multi-turn workload seeded by --seed.
+func runDemoKV(ctx context.Context, cfg demo.Config, prog io.Writer, reportPath string, stdout, stderr io.Writer) int {
+	w := demo.KVWorkload()
+	w.Seed = cfg.Workload.Seed
+	rep, runErr := demo.RunKV(ctx, cfg, w, demo.KVPolicies(), prog)
+	if rep == nil {
+		return finishDemo(nil, nil, reportPath, runErr, "", stdout, stderr)
+	}
+	return finishDemo(rep, func(out io.Writer) error { return rep.WriteTable(out, w) }, reportPath, runErr,
+		"a policy did not run or lost requests (see the table and the logs)", stdout, stderr)
 }
 
 // canRunTwoHosts says why --hosts 2 cannot run here: the lab needs root
@@ -136,8 +132,6 @@ func canRunTwoHosts() error {
 	}
 	return nil
 }
-
-func writeReport(path string, rep *demo.Report) error { return writeJSON(path, rep) }
 
 func writeJSON(path string, rep any) error {
 	data, err := json.MarshalIndent(rep, "", "  ")
