@@ -21,7 +21,9 @@
 // (RandomDataset); arrival.go the send times (Arrivals); request.go one
 // streaming request and what it measured (Record); metrics.go the
 // summaries (Result, Stats, Percentile); report.go the table and JSON
-// output; plot.go the SVG of the latency distributions; progress.go the
+// output; plot.go the SVG of the latency distributions; scrape.go
+// reading /metrics pages (Scrape, Sample); multiturn.go the multi-turn chat
+// workload (Users > 0); progress.go the
 // progress bar.
 package bench
 
@@ -37,6 +39,14 @@ import (
 	"strings"
 	"sync"
 	"time"
+)
+
+// Bounds of the multi-turn workload: enough for any lab, small enough
+// that a typo cannot plan gigabytes of text.
+const (
+	maxUsers = 100000
+	maxTurns = 1000
+	maxWords = 1 << 20
 )
 
 // Endpoints.
@@ -75,6 +85,13 @@ type Config struct {
 	Timeout time.Duration
 	// Percentiles to report besides mean and median, each in (0, 100].
 	Percentiles []float64
+	// Multi-turn chat (multiturn.go): Users > 0 runs Users conversations
+	// of Turns turns (user messages of InputLen words, answers of
+	// OutputLen tokens) sharing a system prompt of SystemPromptLen words,
+	// each turn sent ThinkTime (mean, exponential) after the previous
+	// answer; NumPrompts and Prompts are then unused.
+	Users, Turns, SystemPromptLen int
+	ThinkTime                     time.Duration
 	// Prompts, when non-nil, replaces the random dataset (NumPrompts is
 	// then len(Prompts)).
 	Prompts []Prompt
@@ -93,6 +110,7 @@ func DefaultConfig() Config {
 		Burstiness:  1,
 		InputLen:    1024,
 		OutputLen:   128,
+		Turns:       4,
 		IgnoreEOS:   true,
 		Timeout:     5 * time.Minute,
 		Percentiles: []float64{99},
@@ -122,6 +140,16 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("output length %d: want at least 1", c.OutputLen)
 	case math.IsNaN(c.RangeRatio) || c.RangeRatio < 0 || c.RangeRatio >= 1:
 		return fmt.Errorf("range ratio %v: want 0 <= ratio < 1", c.RangeRatio)
+	case c.Users < 0 || c.Users > maxUsers || (c.Users > 0 && (c.Turns < 1 || c.Turns > maxTurns)):
+		return fmt.Errorf("users %d x turns %d: want 1..%d users and 1..%d turns (or no users: one-turn prompts)", c.Users, c.Turns, maxUsers, maxTurns)
+	case c.Users > 0 && c.Endpoint != EndpointChat:
+		return fmt.Errorf("multi-turn (--users) sends chats: use --endpoint %s", EndpointChat)
+	case c.Users > 0 && c.Prompts != nil:
+		return errors.New("multi-turn (--users) draws its own messages: give no prompt list")
+	case c.SystemPromptLen < 0 || c.SystemPromptLen > maxWords:
+		return fmt.Errorf("system prompt length %d: want 0..%d", c.SystemPromptLen, maxWords)
+	case c.ThinkTime < 0 || c.ThinkTime > time.Hour:
+		return fmt.Errorf("think time %s: want 0..1h", c.ThinkTime)
 	case c.Timeout <= 0:
 		return fmt.Errorf("timeout %s: want a positive duration", c.Timeout)
 	}
@@ -169,6 +197,9 @@ func Run(ctx context.Context, cfg Config, progress io.Writer) (*Result, error) {
 			return nil, err
 		}
 		cfg.Model = m
+	}
+	if cfg.Users > 0 {
+		return runTurns(ctx, cfg, hc, progress)
 	}
 	prompts := cfg.Prompts
 	if prompts == nil {
@@ -248,6 +279,36 @@ loop:
 	res.Records = res.Records[:sent]
 	summarize(res)
 	return res, ctx.Err()
+}
+
+// runTurns is Run for the multi-turn workload.
+func runTurns(ctx context.Context, cfg Config, hc *http.Client, progress io.Writer) (*Result, error) {
+	total := cfg.Users * cfg.Turns
+	res := &Result{
+		Endpoint: cfg.Endpoint, BaseURL: cfg.BaseURL, Model: cfg.Model, NumPrompts: total,
+		RequestRate: cfg.rateString(), Burstiness: cfg.Burstiness, MaxConcurrency: cfg.MaxConcurrency,
+		Percentiles: cfg.Percentiles, Started: time.Now(),
+	}
+	prog := newProgress(progress, total)
+	runMultiTurn(ctx, &cfg, hc, res, prog)
+	prog.stop()
+	var last time.Time
+	for _, r := range res.Records {
+		last = maxTime(last, res.Started.Add(r.Sent+r.Latency))
+	}
+	if last.IsZero() {
+		last = time.Now()
+	}
+	res.Duration = last.Sub(res.Started)
+	summarize(res)
+	return res, ctx.Err()
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 // FirstModel returns the first model id listed by GET baseURL/v1/models.

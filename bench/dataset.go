@@ -15,6 +15,8 @@ type Prompt struct {
 	InputLen int `json:"input_len"`
 	// OutputLen is sent as max_tokens (and min_tokens with IgnoreEOS).
 	OutputLen int `json:"output_len"`
+	// Messages, when non-nil, are sent instead of Text (a chat's turn).
+	Messages []ChatMessage `json:"-"`
 }
 
 // words are short, common English words: most tokenizers (BPE with a

@@ -25,6 +25,10 @@ func BindFlags(fs *flag.FlagSet, cfg *Config) {
 	fs.IntVar(&cfg.PrefixLen, "random-prefix-len", cfg.PrefixLen, "tokens of a prefix shared by every prompt")
 	fs.Float64Var(&cfg.RangeRatio, "random-range-ratio", cfg.RangeRatio, "lengths vary uniformly within ±ratio of the given ones (0 <= ratio < 1)")
 	fs.BoolVar(&cfg.IgnoreEOS, "ignore-eos", cfg.IgnoreEOS, "send ignore_eos and min_tokens so every request generates its full output length (vLLM extensions)")
+	fs.IntVar(&cfg.Users, "users", cfg.Users, "multi-turn chat: conversations (0: one-turn prompts); needs --endpoint "+EndpointChat)
+	fs.IntVar(&cfg.Turns, "turns", cfg.Turns, "multi-turn chat: turns per conversation, each sending the conversation so far with the previous answer")
+	fs.IntVar(&cfg.SystemPromptLen, "system-prompt-len", cfg.SystemPromptLen, "multi-turn chat: words of the system prompt every conversation shares")
+	fs.DurationVar(&cfg.ThinkTime, "think-time", cfg.ThinkTime, "multi-turn chat: mean pause (exponential) between an answer and the next turn")
 	fs.DurationVar(&cfg.Timeout, "timeout", cfg.Timeout, "deadline of each request, from send to the end of its stream")
 	fs.Var((*floatList)(&cfg.Percentiles), "percentiles", "comma-separated percentiles to report besides mean and median, e.g. 50,90,99")
 }

@@ -59,6 +59,11 @@ type Result struct {
 	ITL  Stats `json:"itl_ms"`
 	E2EL Stats `json:"e2el_ms"`
 
+	// Turns and FollowUps: the multi-turn workload's TTFT and cached
+	// tokens per turn and over turns >= 2 (nil for other workloads).
+	Turns     []TurnStats `json:"turns,omitempty"`
+	FollowUps *TurnStats  `json:"follow_ups,omitempty"`
+
 	Records []Record `json:"requests"`
 }
 
@@ -112,6 +117,7 @@ func summarize(res *Result) {
 	res.TPOT = summary(tpot, res.Percentiles)
 	res.ITL = summary(itl, res.Percentiles)
 	res.E2EL = summary(e2el, res.Percentiles)
+	summarizeTurns(res)
 }
 
 func summary(v []float64, pcts []float64) Stats {

@@ -24,8 +24,12 @@ func (r Record) MarshalJSON() ([]byte, error) {
 		TTFTMs       float64   `json:"ttft_ms"`
 		LatencyMs    float64   `json:"e2el_ms"`
 		ITLMs        []float64 `json:"itl_ms"`
+		CachedTokens int       `json:"cached_tokens,omitempty"`
+		User         int       `json:"user,omitempty"`
+		Turn         int       `json:"turn,omitempty"`
 		Err          string    `json:"error,omitempty"`
-	}{r.Index, ms(r.Sent), r.PromptTokens, r.OutputTokens, r.UsageMissing, ms(r.TTFT), ms(r.Latency), itl, r.Err})
+	}{r.Index, ms(r.Sent), r.PromptTokens, r.OutputTokens, r.UsageMissing, ms(r.TTFT), ms(r.Latency), itl,
+		r.CachedTokens, r.User, r.Turn, r.Err})
 }
 
 // WriteJSON writes the result, per-request records included, as indented
@@ -108,6 +112,20 @@ func (r *Result) WriteTable(w io.Writer) error {
 	metric("Time per Output Token (excl. 1st token)", "TPOT", r.TPOT)
 	metric("Inter-token Latency", "ITL", r.ITL)
 	metric("End-to-end Latency", "E2EL", r.E2EL)
+	if r.FollowUps != nil {
+		head("Multi-turn", '-')
+		turn := func(label string, t TurnStats) {
+			fmt.Fprintf(&b, "%-12s %5d req  TTFT mean %8.2f ms", label, t.Requests, t.TTFT.Mean)
+			for _, p := range r.Percentiles {
+				fmt.Fprintf(&b, "  P%s %8.2f", pctKey(p), t.TTFT.Percentiles[pctKey(p)])
+			}
+			fmt.Fprintf(&b, "  cached %5.1f%%\n", 100*t.CachedRatio())
+		}
+		for _, t := range r.Turns {
+			turn(fmt.Sprintf("turn %d", t.Turn), t)
+		}
+		turn("turns >= 2", *r.FollowUps)
+	}
 	if len(r.Failures) > 0 {
 		head("Failures", '-')
 		for _, f := range r.Failures {

@@ -35,6 +35,14 @@ type Record struct {
 	// Latency ends at the last text-carrying chunk (vLLM's definition: the
 	// usage chunk and [DONE] that follow it do not count).
 	Latency time.Duration `json:"latency_ns"`
+	// CachedTokens is usage.prompt_tokens_details.cached_tokens: prompt
+	// tokens the answering instance did not compute.
+	CachedTokens int `json:"cached_tokens,omitempty"`
+	// User and Turn (from 1) place a multi-turn request; 0 otherwise.
+	User int `json:"user,omitempty"`
+	Turn int `json:"turn,omitempty"`
+	// Messages are a multi-turn request's messages (not written to JSON).
+	Messages []ChatMessage `json:"-"`
 	// Err is empty on success; a failed request counts in Result.Failed.
 	Err string `json:"error,omitempty"`
 	// Text is the generated text (not written to JSON).
@@ -53,8 +61,11 @@ type streamChunk struct {
 		} `json:"delta"`
 	} `json:"choices"`
 	Usage *struct {
-		PromptTokens     int `json:"prompt_tokens"`
-		CompletionTokens int `json:"completion_tokens"`
+		PromptTokens        int `json:"prompt_tokens"`
+		CompletionTokens    int `json:"completion_tokens"`
+		PromptTokensDetails *struct {
+			CachedTokens int `json:"cached_tokens"`
+		} `json:"prompt_tokens_details"`
 	} `json:"usage"`
 	Error json.RawMessage `json:"error"`
 }
@@ -84,7 +95,10 @@ func requestBody(cfg *Config, p Prompt) ([]byte, error) {
 		"stream_options": map[string]any{"include_usage": true},
 		"temperature":    0,
 	}
-	if cfg.Endpoint == EndpointChat {
+	if p.Messages != nil {
+		body["messages"] = p.Messages
+		body["max_completion_tokens"] = p.OutputLen
+	} else if cfg.Endpoint == EndpointChat {
 		body["messages"] = []map[string]string{{"role": "user", "content": p.Text}}
 		body["max_completion_tokens"] = p.OutputLen
 	} else {
@@ -207,6 +221,9 @@ func stream(ctx context.Context, hc *http.Client, cfg *Config, body []byte, rec 
 			rec.OutputTokens = c.Usage.CompletionTokens
 			if c.Usage.PromptTokens > 0 {
 				rec.PromptTokens = c.Usage.PromptTokens
+			}
+			if d := c.Usage.PromptTokensDetails; d != nil {
+				rec.CachedTokens = d.CachedTokens
 			}
 		}
 	}

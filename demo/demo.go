@@ -25,7 +25,7 @@
 //   - twohosts.go: P/D on one host against P/D across two namespaces;
 //   - procs.go: the process group (start, health waits, stop) and free
 //     ports;
-//   - metrics.go: scraping and diffing the processes' /metrics;
+//   - bench.Scrape (bench/scrape.go) reads and diffs the processes' /metrics;
 //   - report.go: the comparison table.
 //
 // It sits beside sim/ and bench/, not under internal/: it imports bench
@@ -157,7 +157,7 @@ type EngineStats struct {
 // engineStats reads a P/D run's counters: saver is the engine P saves to,
 // loader the one D queries and loads from (the same engine on one host),
 // d is D's sim.
-func engineStats(saver, loader, d sample) EngineStats {
+func engineStats(saver, loader, d bench.Sample) EngineStats {
 	return EngineStats{
 		QueriedBlocks:     loader["pegaflow_engine_hits_total"] + loader["pegaflow_engine_misses_total"],
 		HitBlocks:         loader["pegaflow_engine_hits_total"],
@@ -359,7 +359,7 @@ func slug(name string) string {
 
 // pdSamples is one reading of a P/D setup's /metrics pages: the engine P
 // saves to, the one D loads from (the same on one host), and D.
-type pdSamples struct{ saver, loader, d sample }
+type pdSamples struct{ saver, loader, d bench.Sample }
 
 // probe reads a P/D setup's pages; a run's figures are the difference of
 // a reading after it and one before.
@@ -368,11 +368,11 @@ type probe func(ctx context.Context) (pdSamples, error)
 // sameHostProbe reads the one engine (its /metrics at engineURL) and D.
 func sameHostProbe(hc *http.Client, engineURL, dURL string) probe {
 	return func(ctx context.Context) (pdSamples, error) {
-		e, err := scrape(ctx, hc, engineURL)
+		e, err := bench.Scrape(ctx, hc, engineURL)
 		if err != nil {
 			return pdSamples{}, err
 		}
-		d, err := scrape(ctx, hc, dURL)
+		d, err := bench.Scrape(ctx, hc, dURL)
 		if err != nil {
 			return pdSamples{}, err
 		}
@@ -395,7 +395,7 @@ func measurePD(ctx context.Context, cfg Config, progress io.Writer, name string,
 	after, serr := read(sctx)
 	var stats EngineStats
 	if serr == nil {
-		stats = engineStats(after.saver.delta(before.saver), after.loader.delta(before.loader), after.d.delta(before.d))
+		stats = engineStats(after.saver.Delta(before.saver), after.loader.Delta(before.loader), after.d.Delta(before.d))
 	}
 	if err != nil {
 		return res, stats, fmt.Errorf("%s benchmark: %w", name, err)

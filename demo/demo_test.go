@@ -28,7 +28,7 @@ sim_step_duration_seconds_count 4
 # TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{model_name="m"} 3
 `
-	s, err := parseMetrics(strings.NewReader(page))
+	s, err := bench.ParseMetrics(strings.NewReader(page))
 	require.NoError(t, err)
 	cases := []struct {
 		key  string
@@ -45,11 +45,11 @@ vllm:num_requests_running{model_name="m"} 3
 		require.Equal(t, tc.want, s[tc.key], tc.key)
 	}
 
-	before := sample{"a": 1, "b": 5}
-	after := sample{"a": 4, "b": 5, "c": 2}
-	require.Equal(t, sample{"a": 3, "b": 0, "c": 2}, after.delta(before))
+	before := bench.Sample{"a": 1, "b": 5}
+	after := bench.Sample{"a": 4, "b": 5, "c": 2}
+	require.Equal(t, bench.Sample{"a": 3, "b": 0, "c": 2}, after.Delta(before))
 
-	_, err = parseMetrics(strings.NewReader("not a metric page {"))
+	_, err = bench.ParseMetrics(strings.NewReader("not a metric page {"))
 	require.Error(t, err)
 }
 

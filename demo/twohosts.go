@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/pegaflow/pegaflow/bench"
 	"github.com/pegaflow/pegaflow/internal/ids"
 	"github.com/pegaflow/pegaflow/internal/netlab"
 )
@@ -107,13 +108,13 @@ func runCrossHostPD(ctx context.Context, cfg Config, progress io.Writer, logDir 
 	read := func(ctx context.Context) (pdSamples, error) {
 		var s pdSamples
 		var err error
-		if s.saver, err = scrape(ctx, hcA, "http://"+router); err != nil {
+		if s.saver, err = bench.Scrape(ctx, hcA, "http://"+router); err != nil {
 			return s, err
 		}
-		if s.loader, err = scrape(ctx, hcB, "http://"+engineB); err != nil {
+		if s.loader, err = bench.Scrape(ctx, hcB, "http://"+engineB); err != nil {
 			return s, err
 		}
-		s.d, err = scrape(ctx, hcB, "http://"+d)
+		s.d, err = bench.Scrape(ctx, hcB, "http://"+d)
 		return s, err
 	}
 	rep.TwoHosts.Result, rep.TwoHostsEngine, err = measurePD(ctx, cfg, progress, rep.TwoHosts.Name, hcA, "http://"+router, read)

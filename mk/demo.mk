@@ -12,3 +12,12 @@ demo: build
 .PHONY: demo-multihost
 demo-multihost: build
 	$(BIN_DIR)/pegaflow demo --hosts 2 --work-dir $(BUILD_DIR)/demo-multihost --json $(BUILD_DIR)/demo-multihost/report.json $(DEMO_FLAGS)
+
+# Routing policies compared on the two-host lab (2 P + 2 D kv_both sims,
+# a multi-turn chat workload, one run per policy with the same seed):
+# hit ratio, TTFT over turns >= 2, bypasses, cross-host bytes, and an
+# oracle's hit ratio (docs/router.md, "KV-aware routing: measured").
+# Needs root, as demo-multihost.
+.PHONY: demo-kv
+demo-kv: build
+	$(BIN_DIR)/pegaflow demo --kv --work-dir $(BUILD_DIR)/demo-kv --json $(BUILD_DIR)/demo-kv/report.json $(DEMO_FLAGS)

@@ -18,6 +18,37 @@ func str(v any) string { s, _ := v.(string); return s }
 // it as source_engine. Absent when P's engine serves no peers (same host).
 const kvSourceEngine = "pegaflow_source_engine"
 
+// The connector's kv_role values (Config.KVRole).
+const (
+	KVBoth     = "kv_both"
+	KVProducer = "kv_producer"
+	KVConsumer = "kv_consumer"
+)
+
+// loadsPrefix: every request loads the prefix its engine holds.
+func (s *Sim) loadsPrefix() bool {
+	return s.engine != nil && (s.cfg.KVRole == KVBoth || s.cfg.KVRole == KVConsumer)
+}
+
+// savesAll: every request saves the full blocks it computed.
+func (s *Sim) savesAll() bool {
+	return s.engine != nil && (s.cfg.KVRole == KVBoth || s.cfg.KVRole == KVProducer)
+}
+
+// saveSealed makes q save, when it finishes, every full block whose KV it
+// holds: the prompt's and the generated tokens' but the last, whose KV
+// is never computed (vLLM samples it and stops). A chat's next turn is
+// this prompt, this answer and a new message: it finds all of them.
+func (s *Sim) saveSealed(q *seq, p *parsed) {
+	bs := s.cfg.Geometry.BlockSize
+	q.onFinish = func(blocks []uint32) {
+		toks := make([]uint32, 0, len(p.prompt)+len(q.generated))
+		toks = append(append(toks, p.prompt...), q.generated[:len(q.generated)-1]...)
+		s.saves.Add(1)
+		go s.save(blocks, BlockHashes(s.noneHash, toks, bs, p.salt), &pb.SaveRequest{Rank: 0})
+	}
+}
+
 // preparePrefill makes q save its prompt's full blocks when it finishes
 // and returns the kv_transfer_params for the decode leg.
 func (s *Sim) preparePrefill(q *seq, p *parsed) map[string]any {
@@ -84,7 +115,11 @@ var errVerify = errors.New("loaded KV does not match the prompt")
 // engine, loads them into q's blocks and verifies them. Engine trouble
 // (unreachable, missing blocks) means recomputing, as vLLM's connector
 // does; wrong bytes fail the request. It returns the tokens loaded.
-func (s *Sim) loadRemote(ctx context.Context, q *seq, p *parsed) (int, error) {
+//
+// transfer: the decode leg of a P/D transfer (waits for it, fetches from
+// P's engine); else a lookup of the prefix this engine already holds (no
+// wait), counted in sim_kv_prefix_hit_tokens_total.
+func (s *Sim) loadRemote(ctx context.Context, q *seq, p *parsed, transfer bool) (int, error) {
 	bs := s.cfg.Geometry.BlockSize
 	hashes := s.blockHashes(p.prompt, p.salt)
 	if len(hashes) == 0 {
@@ -96,7 +131,10 @@ func (s *Sim) loadRemote(ctx context.Context, q *seq, p *parsed) (int, error) {
 		s.log.Warn("KV load skipped; recomputing", "err", err)
 		return 0, nil
 	}
-	tid := str(p.params["pegaflow_transfer_id"])
+	tid, source, wait := str(p.params["pegaflow_transfer_id"]), str(p.params[kvSourceEngine]), s.cfg.KVQueryWait
+	if !transfer {
+		tid, source, wait = "", "", 0
+	}
 	s.m.externalQueries.Add(float64(len(p.prompt)))
 	release := func(lease string) {
 		if lease == "" && tid == "" {
@@ -110,8 +148,8 @@ func (s *Sim) loadRemote(ctx context.Context, q *seq, p *parsed) (int, error) {
 	}
 	qctx, cancel := context.WithTimeout(ctx, s.cfg.KVQueryWait+s.cfg.EngineTimeout)
 	qr, err := c.Query(qctx, &pb.QueryRequest{
-		NamespaceId: nsID, Hashes: hashes, WaitMs: uint32(s.cfg.KVQueryWait / time.Millisecond),
-		Lease: true, TransferId: tid, SourceEngine: str(p.params[kvSourceEngine]),
+		NamespaceId: nsID, Hashes: hashes, WaitMs: uint32(wait / time.Millisecond),
+		Lease: true, TransferId: tid, SourceEngine: source,
 	})
 	cancel()
 	if err != nil {
@@ -180,5 +218,8 @@ func (s *Sim) loadRemote(ctx context.Context, q *seq, p *parsed) (int, error) {
 	}
 	q.kvHash = h
 	s.m.externalHits.Add(float64(ok * bs))
+	if !transfer {
+		s.m.prefixHits.Add(float64(q.computed))
+	}
 	return ok * bs, nil
 }

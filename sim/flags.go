@@ -27,6 +27,7 @@ func BindFlags(fs *flag.FlagSet, cfg *Config) {
 	fs.Var((*micros)(&cfg.Cost.DecodePerToken), "decode-us-per-token", "step time per decoding sequence (microseconds)")
 	fs.StringVar(&cfg.EngineSocket, "engine-socket", cfg.EngineSocket, "UNIX socket of `pegaflow serve`; empty runs without an engine (no P/D roles)")
 	fs.StringVar(&cfg.InstanceID, "instance-id", cfg.InstanceID, "instance name registered with the engine (default sim@<http-addr>)")
+	fs.StringVar(&cfg.KVRole, "kv-role", cfg.KVRole, "the connector's kv_role for requests beyond the P/D legs: kv_both (every request loads its engine's prefix and saves its blocks, decode blocks too), kv_producer (saves), kv_consumer (loads); empty: P saves and D loads only")
 	fs.DurationVar(&cfg.KVQueryWait, "kv-query-wait", cfg.KVQueryWait, "as D, longest wait for an in-flight transfer before recomputing")
 	fs.DurationVar(&cfg.EngineTimeout, "engine-timeout", cfg.EngineTimeout, "deadline of each engine save/load")
 	fs.StringVar(&cfg.ShmDir, "shm-dir", cfg.ShmDir, "directory of the KV cache files (default /dev/shm)")

@@ -40,12 +40,15 @@ func (s *Sim) serveGenerate(c echo.Context, chat bool) error {
 
 	var loadedTokens int
 	var respParams map[string]any
-	switch p.role {
-	case roleDecode:
-		if loadedTokens, err = s.loadRemote(ctx, q, p); err != nil {
+	if p.role != rolePrefill && s.savesAll() {
+		s.saveSealed(q, p) // P saves its prompt's blocks, its whole KV, below
+	}
+	if p.role == roleDecode || s.loadsPrefix() {
+		if loadedTokens, err = s.loadRemote(ctx, q, p, p.role == roleDecode); err != nil {
 			return s.fail(c, err)
 		}
-	case rolePrefill:
+	}
+	if p.role == rolePrefill {
 		respParams = s.preparePrefill(q, p)
 	}
 	if err := s.submit(ctx, q); err != nil {

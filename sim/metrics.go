@@ -17,6 +17,7 @@ type metrics struct {
 	iterationTokens, stepSeqs               prometheus.Histogram
 	prefillTokens                           prometheus.Counter
 	blocksLoaded, blocksSaved               prometheus.Counter
+	prefixHits                              prometheus.Counter
 	verifyFailures, loadFailures, saveFails prometheus.Counter
 	requestErrors                           *prometheus.CounterVec
 }
@@ -44,6 +45,7 @@ func newMetrics(reg prometheus.Registerer, model string) *metrics {
 			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128, 256, 512}}),
 		prefillTokens:  prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_prefill_tokens_computed_total", Help: "Prompt tokens computed (not loaded)."}),
 		blocksLoaded:   prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_blocks_loaded_total", Help: "KV blocks loaded from the engine and verified."}),
+		prefixHits:     prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_prefix_hit_tokens_total", Help: "Prompt tokens a request loaded from its own engine's prefix (--kv-role), not from a P/D transfer."}),
 		blocksSaved:    prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_blocks_saved_total", Help: "KV blocks the engine stored from this sim (saved or already present)."}),
 		verifyFailures: prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_verify_failures_total", Help: "Loads whose bytes differed from what the tokens imply (request failed)."}),
 		loadFailures:   prometheus.NewCounter(prometheus.CounterOpts{Name: "sim_kv_load_failures_total", Help: "Engine query/load errors; the blocks were recomputed."}),
@@ -52,6 +54,6 @@ func newMetrics(reg prometheus.Registerer, model string) *metrics {
 	}
 	reg.MustRegister(m.running, m.waiting, m.kvUsage, m.promptTokens, m.generationTokens, m.externalQueries,
 		m.externalHits, m.success, m.ttft, m.itl, m.e2e, m.steps, m.stepSeconds, m.iterationTokens, m.stepSeqs, m.prefillTokens, m.blocksLoaded,
-		m.blocksSaved, m.verifyFailures, m.loadFailures, m.saveFails, m.requestErrors)
+		m.blocksSaved, m.prefixHits, m.verifyFailures, m.loadFailures, m.saveFails, m.requestErrors)
 	return m
 }

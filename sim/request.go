@@ -31,6 +31,26 @@ type genRequest struct {
 	N                *int           `json:"n"`
 	CacheSalt        string         `json:"cache_salt"`
 	KVTransferParams map[string]any `json:"kv_transfer_params"`
+	chatOptions
+}
+
+// chatOptions are vLLM's chat-template switches, shared by chat
+// completions and /tokenize.
+type chatOptions struct {
+	AddGenerationPrompt  *bool `json:"add_generation_prompt"` // nil: true
+	ContinueFinalMessage bool  `json:"continue_final_message"`
+}
+
+// genPrompt is whether the template opens the reply, or the error vLLM
+// gives for both switches set.
+func (o chatOptions) genPrompt() (bool, error) {
+	gen := o.AddGenerationPrompt == nil || *o.AddGenerationPrompt
+	if o.ContinueFinalMessage && o.AddGenerationPrompt != nil && gen {
+		return false, badRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+	}
+	// The template closes no message, so continuing the last one is
+	// rendering without the generation prompt.
+	return gen && !o.ContinueFinalMessage, nil
 }
 
 type chatMessage struct {
@@ -71,7 +91,8 @@ type parsed struct {
 	params    map[string]any
 }
 
-func (s *Sim) parse(c echo.Context, chat bool) (*parsed, error) {
+// readBody reads a request body within maxBodyBytes.
+func readBody(c echo.Context) ([]byte, error) {
 	body, err := io.ReadAll(http.MaxBytesReader(c.Response(), c.Request().Body, maxBodyBytes))
 	if err != nil {
 		var mbe *http.MaxBytesError
@@ -80,13 +101,62 @@ func (s *Sim) parse(c echo.Context, chat bool) (*parsed, error) {
 		}
 		return nil, badRequest("reading body: %v", err)
 	}
+	return body, nil
+}
+
+// checkModel: a named model must be this sim's (404 otherwise, as vLLM).
+func (s *Sim) checkModel(model string) error {
+	if model != "" && model != s.cfg.Model {
+		return &httpError{http.StatusNotFound, fmt.Sprintf("The model `%s` does not exist.", model)}
+	}
+	return nil
+}
+
+// chatMessages reads the messages' roles and text contents.
+func chatMessages(raw []chatMessage) ([]Message, error) {
+	if len(raw) == 0 {
+		return nil, badRequest("messages is missing or empty")
+	}
+	msgs := make([]Message, len(raw))
+	for i, m := range raw {
+		text, err := contentText(m.Content)
+		if err != nil {
+			return nil, badRequest("messages[%d].content: %v", i, err)
+		}
+		msgs[i] = Message{Role: m.Role, Content: text}
+	}
+	return msgs, nil
+}
+
+// renderChat is the prompt of msgs under the chat template.
+func (s *Sim) renderChat(raw []chatMessage, o chatOptions) ([]Message, []uint32, bool, error) {
+	msgs, err := chatMessages(raw)
+	if err != nil {
+		return nil, nil, false, err
+	}
+	gen, err := o.genPrompt()
+	if err != nil {
+		return nil, nil, false, err
+	}
+	ids, err := s.tok.ApplyChatTemplate(msgs, gen)
+	if err != nil {
+		return nil, nil, false, badRequest("%v", err)
+	}
+	return msgs, ids, gen, nil
+}
+
+func (s *Sim) parse(c echo.Context, chat bool) (*parsed, error) {
+	body, err := readBody(c)
+	if err != nil {
+		return nil, err
+	}
 	var r genRequest
 	dec := json.NewDecoder(bytes.NewReader(body))
 	if err := dec.Decode(&r); err != nil {
 		return nil, badRequest("invalid JSON body: %v", err)
 	}
-	if r.Model != "" && r.Model != s.cfg.Model {
-		return nil, &httpError{http.StatusNotFound, fmt.Sprintf("The model `%s` does not exist.", r.Model)}
+	if err := s.checkModel(r.Model); err != nil {
+		return nil, err
 	}
 	if r.N != nil && *r.N != 1 {
 		return nil, badRequest("n=%d is not supported (only n=1)", *r.N)
@@ -100,19 +170,8 @@ func (s *Sim) parse(c echo.Context, chat bool) (*parsed, error) {
 	}
 	p.usage = r.StreamOptions != nil && r.StreamOptions.IncludeUsage
 	if chat {
-		if len(r.Messages) == 0 {
-			return nil, badRequest("messages is missing or empty")
-		}
-		msgs := make([]Message, len(r.Messages))
-		for i, m := range r.Messages {
-			text, err := contentText(m.Content)
-			if err != nil {
-				return nil, badRequest("messages[%d].content: %v", i, err)
-			}
-			msgs[i] = Message{Role: m.Role, Content: text}
-		}
-		if p.prompt, err = s.tok.ApplyChatTemplate(msgs); err != nil {
-			return nil, badRequest("%v", err)
+		if _, p.prompt, _, err = s.renderChat(r.Messages, r.chatOptions); err != nil {
+			return nil, err
 		}
 	} else {
 		if p.prompt, err = s.promptTokens(r.Prompt); err != nil {

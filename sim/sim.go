@@ -2,8 +2,8 @@
 // with PegaFlow's connector, for demos and end-to-end tests without GPUs.
 //
 // It serves the OpenAI API (/v1/completions, /v1/chat/completions, streaming
-// or not, /v1/models, /health, /metrics) and models one accelerator: a
-// scheduler loop batches decode tokens and prefill chunks per step and takes
+// or not, /v1/models, /health, /metrics) and vLLM's POST /tokenize, and
+// models one accelerator: a scheduler loop batches decode tokens and prefill chunks per step and takes
 // each step's time from a CostModel, so a long prefill stalls the decodes
 // that share its instance.
 //
@@ -27,6 +27,11 @@
 //     sim_kv_verify_failures_total), skip their prefill cost, and decode;
 //   - neither: serve alone (aggregated).
 //
+// With a KVRole (--kv-role), as vLLM with the connector in that role,
+// every request also loads the prefix its engine holds (kv_both,
+// kv_consumer: a P/D bypass or a chat's next turn) and saves every full
+// block it computed, generated tokens' included (kv_both, kv_producer).
+//
 // Output text depends only on the prompt tokens and the sampling seed, so
 // P/D and aggregated serving of a prompt give the same text.
 //
@@ -40,7 +45,8 @@
 //   - connector.go: what vLLM's connector does around it: P saves the
 //     prompt's full blocks through the engine, D queries, loads and
 //     verifies them;
-//   - writer.go: the OpenAI answer, streamed or whole;
+//   - writer.go: the OpenAI answer, streamed or whole; tokenize.go: POST
+//     /tokenize;
 //   - scheduler.go: the step loop and its CostModel; alloc.go: KV blocks;
 //   - kvcache.go: the shared-memory KV cache and its expected bytes;
 //     blockhash.go: vLLM's block hashes (internal/vllmhash); tokenizer.go: tokens and sampling;
@@ -102,6 +108,14 @@ type Config struct {
 	KVQueryWait time.Duration
 	// EngineTimeout bounds each engine call (save, load).
 	EngineTimeout time.Duration
+	// KVRole is the connector's kv_role beyond the P/D legs: "" (the
+	// legs alone: P saves, D loads, a request without kv_transfer_params
+	// touches no engine), KVBoth, KVProducer or KVConsumer, which behave
+	// as vLLM with PegaFlow's connector in that role: every request loads
+	// the prefix its engine holds (consumer, both) and saves every full
+	// block it computed, generated tokens' too (producer, both), so a P/D
+	// bypass loads locally and a chat's next turn finds the answer's KV.
+	KVRole string
 	// CorruptSavedKV is fault injection for tests: before each save the
 	// sim flips one byte of the first block in its own KV memory, so the
 	// engine stores bytes that do not match the tokens.
@@ -145,6 +159,8 @@ func (c *Config) Validate() error {
 		return errors.New("cost model times must not be negative")
 	case c.KVQueryWait < 0 || c.KVQueryWait > time.Minute:
 		return fmt.Errorf("KV query wait %s: want 0..1m", c.KVQueryWait)
+	case c.KVRole != "" && c.KVRole != KVBoth && c.KVRole != KVProducer && c.KVRole != KVConsumer:
+		return fmt.Errorf("kv role %q: want %s, %s or %s (or empty: the P/D legs alone)", c.KVRole, KVBoth, KVProducer, KVConsumer)
 	case c.EngineTimeout <= 0:
 		return fmt.Errorf("engine timeout %s: want a positive duration", c.EngineTimeout)
 	}
@@ -307,6 +323,7 @@ func (s *Sim) handler() http.Handler {
 	}
 	e.POST("/v1/completions", func(c echo.Context) error { return s.serveGenerate(c, false) })
 	e.POST("/v1/chat/completions", func(c echo.Context) error { return s.serveGenerate(c, true) })
+	e.POST("/tokenize", s.serveTokenize)
 	e.GET("/v1/models", s.serveModels)
 	e.GET("/health", func(c echo.Context) error {
 		if !s.engineReady() {

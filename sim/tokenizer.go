@@ -61,9 +61,12 @@ var roleTokens = map[string]uint32{
 	"system": tokSystem, "user": tokUser, "assistant": tokAssistant, "tool": tokTool, "developer": tokDeveloper,
 }
 
-// ApplyChatTemplate tokenizes messages as [role] content... followed by the
-// assistant marker that opens the reply (the generation prompt).
-func (t *Tokenizer) ApplyChatTemplate(msgs []Message) ([]uint32, error) {
+// ApplyChatTemplate tokenizes messages as [role] content..., followed by
+// the assistant marker that opens the reply when genPrompt (vLLM's
+// add_generation_prompt). The template has no end-of-message token, so a
+// reply's tokens followed by the next message render exactly as the reply
+// was generated: turn N+1's prompt extends turn N's prompt and answer.
+func (t *Tokenizer) ApplyChatTemplate(msgs []Message, genPrompt bool) ([]uint32, error) {
 	var out []uint32
 	for i, m := range msgs {
 		role, ok := roleTokens[m.Role]
@@ -73,7 +76,27 @@ func (t *Tokenizer) ApplyChatTemplate(msgs []Message) ([]uint32, error) {
 		out = append(out, role)
 		out = append(out, t.Encode(m.Content)...)
 	}
-	return append(out, tokAssistant), nil
+	if genPrompt {
+		out = append(out, tokAssistant)
+	}
+	return out, nil
+}
+
+// TokenStrings are the texts of chat-rendered or encoded tokens (vLLM's
+// token_strs): a word, or a role marker "<|role|>".
+func TokenStrings(msgs []Message, text string, genPrompt bool) []string {
+	if msgs == nil {
+		return strings.Fields(text)
+	}
+	var out []string
+	for _, m := range msgs {
+		out = append(out, "<|"+m.Role+"|>")
+		out = append(out, strings.Fields(m.Content)...)
+	}
+	if genPrompt {
+		out = append(out, "<|assistant|>")
+	}
+	return out
 }
 
 // Sampler produces the output text: token k of a reply is a function of the

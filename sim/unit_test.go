@@ -23,10 +23,10 @@ func TestTokenizer(t *testing.T) {
 	_, err = NewTokenizer(63)
 	require.Error(t, err)
 
-	chat, err := tok.ApplyChatTemplate([]Message{{"system", "be brief"}, {"user", "hello"}})
+	chat, err := tok.ApplyChatTemplate([]Message{{"system", "be brief"}, {"user", "hello"}}, true)
 	require.NoError(t, err)
 	require.Equal(t, []uint32{tokSystem, tok.Word("be"), tok.Word("brief"), tokUser, 24347, tokAssistant}, chat)
-	_, err = tok.ApplyChatTemplate([]Message{{"wizard", "x"}})
+	_, err = tok.ApplyChatTemplate([]Message{{"wizard", "x"}}, true)
 	require.ErrorContains(t, err, "unknown role")
 }
 

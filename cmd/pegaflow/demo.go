@@ -40,6 +40,8 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&simFlags, "sim-flags", simFlags, "flags passed to every `pegaflow sim` (cost model, geometry)")
 	var reportPath string
 	fs.StringVar(&reportPath, "json", "", "also write the report (both results and the engine figures) as JSON to this file")
+	var kv bool
+	fs.BoolVar(&kv, "kv", false, "compare routing policies (round-robin, least-inflight, --lb kv with and without P/D bypass, an oracle) on the two-host lab with a multi-turn chat workload (needs root; docs/router.md)")
 	var progress bool
 	fs.BoolVar(&progress, "progress", true, "show steps and benchmark progress on stderr")
 	err := cli.Parse(fs, args, nil)
@@ -59,7 +61,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		err = cfg.Validate()
 	}
-	if err == nil && cfg.Hosts == 2 {
+	if err == nil && (cfg.Hosts == 2 || kv) {
 		err = canRunTwoHosts()
 	}
 	if err != nil {
@@ -70,14 +72,29 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if progress {
 		prog = stderr
 	}
+	if kv {
+		return runDemoKV(ctx, cfg, prog, reportPath, stdout, stderr)
+	}
 	rep, runErr := demo.Run(ctx, cfg, prog)
+	if rep == nil {
+		return finishDemo(nil, nil, reportPath, runErr, "", stdout, stderr)
+	}
+	return finishDemo(rep, func(w io.Writer) error { return rep.WriteTable(w, cfg.Workload) }, reportPath, runErr,
+		"some requests failed (see the table and the logs)", stdout, stderr)
+}
+
+// finishDemo prints a run's table, writes its JSON report, and gives the
+// exit status: 1 when the run failed, could not be reported, or rep
+// reports a failure (failMsg then says so), else 0. rep nil: no run.
+func finishDemo(rep interface{ Failed() bool }, table func(io.Writer) error, reportPath string, runErr error,
+	failMsg string, stdout, stderr io.Writer) int {
 	if rep != nil {
-		if err := rep.WriteTable(stdout, cfg.Workload); err != nil {
+		if err := table(stdout); err != nil {
 			fmt.Fprintf(stderr, "pegaflow demo: %v\n", err)
 			return 1
 		}
 		if reportPath != "" {
-			if err := writeReport(reportPath, rep); err != nil {
+			if err := writeJSON(reportPath, rep); err != nil {
 				fmt.Fprintf(stderr, "pegaflow demo: %v\n", err)
 				return 1
 			}
@@ -87,11 +104,24 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "pegaflow demo: %v\n", runErr)
 		return 1
 	}
-	if rep.Failed() {
-		fmt.Fprintln(stderr, "pegaflow demo: some requests failed (see the table and the logs)")
+	if rep == nil || rep.Failed() {
+		fmt.Fprintln(stderr, "pegaflow demo: "+failMsg)
 		return 1
 	}
 	return 0
+}
+
+// runDemoKV is `pegaflow demo --kv`: the routing comparison, the
+// multi-turn workload seeded by --seed.
+func runDemoKV(ctx context.Context, cfg demo.Config, prog io.Writer, reportPath string, stdout, stderr io.Writer) int {
+	w := demo.KVWorkload()
+	w.Seed = cfg.Workload.Seed
+	rep, runErr := demo.RunKV(ctx, cfg, w, demo.KVPolicies(), prog)
+	if rep == nil {
+		return finishDemo(nil, nil, reportPath, runErr, "", stdout, stderr)
+	}
+	return finishDemo(rep, func(out io.Writer) error { return rep.WriteTable(out, w) }, reportPath, runErr,
+		"a policy did not run or lost requests (see the table and the logs)", stdout, stderr)
 }
 
 // canRunTwoHosts says why --hosts 2 cannot run here: the lab needs root
@@ -103,7 +133,7 @@ func canRunTwoHosts() error {
 	return nil
 }
 
-func writeReport(path string, rep *demo.Report) error {
+func writeJSON(path string, rep any) error {
 	data, err := json.MarshalIndent(rep, "", "  ")
 	if err != nil {
 		return err

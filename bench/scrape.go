@@ -1,4 +1,4 @@
-package demo
+package bench
 
 import (
 	"context"
@@ -13,19 +13,19 @@ import (
 	"github.com/prometheus/common/model"
 )
 
-// sample is one scrape of a /metrics page: every counter and gauge summed
+// Sample is one scrape of a /metrics page (a backend's, an engine's, a router's): every counter and gauge summed
 // per metric name ("name") and per series ("name{k=\"v\",...}", labels in
-// the exposition's order), and histogram sample counts as "<name>_count".
-type sample map[string]float64
+// the exposition's order), and histogram Sample counts as "<name>_count".
+type Sample map[string]float64
 
-// parseMetrics reads Prometheus text format.
-func parseMetrics(r io.Reader) (sample, error) {
+// ParseMetrics reads Prometheus text format.
+func ParseMetrics(r io.Reader) (Sample, error) {
 	parser := expfmt.NewTextParser(model.UTF8Validation)
 	families, err := parser.TextToMetricFamilies(r)
 	if err != nil {
 		return nil, fmt.Errorf("parse metrics: %w", err)
 	}
-	s := sample{}
+	s := Sample{}
 	for name, fam := range families {
 		for _, m := range fam.GetMetric() {
 			var v float64
@@ -61,8 +61,8 @@ func parseMetrics(r io.Reader) (sample, error) {
 	return s, nil
 }
 
-// scrape fetches and parses baseURL/metrics with hc.
-func scrape(ctx context.Context, hc *http.Client, baseURL string) (sample, error) {
+// Scrape fetches and parses baseURL/metrics with hc.
+func Scrape(ctx context.Context, hc *http.Client, baseURL string) (Sample, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, baseURL+"/metrics", nil)
@@ -77,12 +77,12 @@ func scrape(ctx context.Context, hc *http.Client, baseURL string) (sample, error
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("scrape %s: status %d", baseURL, resp.StatusCode)
 	}
-	return parseMetrics(resp.Body)
+	return ParseMetrics(resp.Body)
 }
 
-// delta is after - before per name (counters over one benchmark run).
-func (after sample) delta(before sample) sample {
-	d := sample{}
+// Delta is after - before per name (counters over one benchmark run).
+func (after Sample) Delta(before Sample) Sample {
+	d := Sample{}
 	for k, v := range after {
 		d[k] = v - before[k]
 	}
