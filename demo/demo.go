@@ -23,6 +23,10 @@
 //   - demo.go (this file): Config, the report types and the one-host run
 //     (P/D against DP2);
 //   - twohosts.go: P/D on one host against P/D across two namespaces;
+//   - kv.go: the KV-aware routing comparison on the two-host lab (--kv:
+//     one run per --lb policy on a multi-turn workload);
+//   - oracle.go: the oracle row of that comparison (the hit ratio a
+//     router knowing every host's content would reach);
 //   - procs.go: the process group (start, health waits, stop) and free
 //     ports;
 //   - bench.Scrape (bench/scrape.go) reads and diffs the processes' /metrics;

@@ -40,12 +40,11 @@ func (s *Sim) savesAll() bool {
 // is never computed (vLLM samples it and stops). A chat's next turn is
 // this prompt, this answer and a new message: it finds all of them.
 func (s *Sim) saveSealed(q *seq, p *parsed) {
-	bs := s.cfg.Geometry.BlockSize
 	q.onFinish = func(blocks []uint32) {
 		toks := make([]uint32, 0, len(p.prompt)+len(q.generated))
 		toks = append(append(toks, p.prompt...), q.generated[:len(q.generated)-1]...)
 		s.saves.Add(1)
-		go s.save(blocks, BlockHashes(s.noneHash, toks, bs, p.salt), &pb.SaveRequest{Rank: 0})
+		go s.save(blocks, s.blockHashes(toks, p.salt), &pb.SaveRequest{Rank: 0})
 	}
 }
 
