@@ -8,7 +8,8 @@
 #           reaches it through the /kv_ready callback URL that P's connector
 #           gets in kv_transfer_params
 #   P       vLLM + PegaKVConnector, kv_role $P_ROLE (kv_both)
-#   D       vLLM + PegaKVConnector, kv_role kv_consumer
+#   D       vLLM + PegaKVConnector, kv_role $D_ROLE (kv_both: it saves the
+#           blocks it decodes, which the next turn of a chat loads)
 #   ref     plain vLLM, the reference
 #
 # All vLLMs: same PYTHONHASHSEED, --block-size 32 --dtype float32
@@ -18,7 +19,9 @@
 # 6-1419 prompt tokens; greedy; token ids compared):
 #   1. normal: outputs identical; D computed only the prompt tails, the rest
 #      came from the engine (vLLM's and the engine's metrics); one transfer
-#      ready and one /kv_ready callback per decode leg;
+#      ready and one /kv_ready callback per decode leg; then a two-turn
+#      chat (multiturn_check.py): turn 2 (turn 1 + its answer + a new
+#      message) loads the answer's blocks, saved by D;
 #   2. engine killed (SIGKILL) after the first cases of a new prompt set:
 #      outputs still identical, every request answered, the later cases
 #      recomputed by D, each bounded by the router's KV-ready timeout;
@@ -43,7 +46,7 @@
 # E2E_MODEL_DIR [/tmp/tiny-model], PEGAFLOW_BIN [bin/pegaflow],
 # E2E_START_TIMEOUT [300] (s, per vLLM start), E2E_KV_READY_TIMEOUT [5]
 # (s, router), E2E_STOP_AFTER [8] (cases of phase 2 before the kill),
-# P_ROLE [kv_both].
+# P_ROLE [kv_both], D_ROLE [kv_both].
 set -euo pipefail
 E2E_TAG=pd
 source "$(dirname "$0")/lib.sh"
@@ -53,6 +56,7 @@ BIN="${PEGAFLOW_BIN:-$ROOT/bin/pegaflow}"
 KV_READY_TIMEOUT="${E2E_KV_READY_TIMEOUT:-5}"
 STOP_AFTER="${E2E_STOP_AFTER:-8}"
 P_ROLE="${P_ROLE:-kv_both}"
+D_ROLE="${D_ROLE:-kv_both}"  # kv_both: D saves its decode blocks (multiturn_check.py)
 PASS_TIMEOUT=900  # one compare pass (34 cases); a normal one takes ~1 min
 
 [[ -x "$BIN" ]] || { echo "no pegaflow binary at $BIN (make build)" >&2; exit 2; }
@@ -103,7 +107,7 @@ kvc() {  # ROLE INSTANCE [STAGING_DIR]: the plugin's name, no module path
 start_trio() {  # INSTANCE_SUFFIX: the reference vLLM, P and D of $MODEL, each until healthy
   start_vllm ref "$REF"
   start_vllm p "$PP" --kv-transfer-config "$(kvc "$P_ROLE" "e2e-prefill$1")"
-  start_vllm d "$DP" --kv-transfer-config "$(kvc kv_consumer "e2e-decode$1")"
+  start_vllm d "$DP" --kv-transfer-config "$(kvc "$D_ROLE" "e2e-decode$1")"
   local n port
   for n in ref p d; do
     case $n in ref) port=$REF ;; p) port=$PP ;; d) port=$DP ;; esac
@@ -163,6 +167,7 @@ wait "$CMP" || true
 snap normal-after
 log "phase 1 (normal): $(tail -1 "$OUT/normal-compare.txt") in $((SECONDS - t)) s"
 evaluate normal || rc=1
+"$PY" "$HERE/multiturn_check.py" --router "$ROUTER_URL" --ref "http://127.0.0.1:$REF" --p "http://127.0.0.1:$PP" --model "$MODEL" || rc=1
 
 # ------------------------------------------------ 2. engine killed mid-run
 t=$SECONDS
