@@ -1,6 +1,10 @@
 package engine
 
-import "time"
+import (
+	"time"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+)
 
 // share is one TP rank's part of a block: its group's rankBytes in one extent of
 // the pool on the NUMA node of the GPU of the rank that saved it (the
@@ -104,6 +108,9 @@ func (e *Engine) releaseShareLocked(s *share) {
 
 // freeLocked drops a block from the index and returns its shares' extents.
 func (e *Engine) freeLocked(b *block) {
+	if b.sealed {
+		b.ns.feed.add(pb.BlockEventKind_BLOCK_EVENT_KIND_REMOVED, b)
+	}
 	e.policy.withdraw(b)
 	delete(b.g.blocks, b.hash)
 	b.freed = true
@@ -128,6 +135,7 @@ func (e *Engine) failBlockLocked(b *block, why string) {
 
 func (e *Engine) sealLocked(b *block) {
 	b.sealed = true
+	b.ns.feed.add(pb.BlockEventKind_BLOCK_EVENT_KIND_STORED, b)
 	delete(e.partial, b)
 	waiting := b.transfers
 	b.transfers = nil

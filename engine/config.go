@@ -47,6 +47,9 @@ type Config struct {
 	// Load calls, and so the memory their plans take (bounds.go).
 	MaxCopyOps int64
 	Version    string
+	// BlockEventRing is how many block events each namespace's feed
+	// keeps for BlockEvents readers (default DefaultBlockEventRing).
+	BlockEventRing int
 	// Topology is the host's GPUs (topology.Discover); nil is CPU mode.
 	// Registrations are checked against it and it places the pools.
 	Topology *topology.Topology
@@ -108,6 +111,7 @@ func (c *Config) setDefaults() {
 	orDefault(&c.CopyTimeout, DefaultCopyTimeout)
 	orDefault(&c.MaxTransfers, DefaultMaxTransfers)
 	orDefault(&c.MaxCopyOps, DefaultMaxCopyOps)
+	orDefault(&c.BlockEventRing, DefaultBlockEventRing)
 	orDefault(&c.PeerOpenTTL, DefaultPeerOpenTTL)
 	orDefault(&c.PeerFetchTimeout, DefaultPeerFetchTimeout)
 	if c.ShmDir == "" {

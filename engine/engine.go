@@ -55,7 +55,9 @@
 //     rdmadev.go the RDMA device behind --peer-addr (UCX_NET_DEVICES);
 //     peerallow.go the peers the engine may dial (--peer-allow);
 //   - observing: stats.go Health and Stats; metrics.go the Prometheus
-//     metrics.
+//     metrics; events.go each namespace's feed of block events
+//     (BlockEvents: sealed, present, removed; a bounded ring with a
+//     cursor), which the connector publishes as vLLM KV events.
 package engine
 
 import (

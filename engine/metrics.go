@@ -87,6 +87,7 @@ func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
 		counter("saved_bytes_total", "Bytes copied into the pool.", func() float64 { return float64(e.stats.bytesSaved) }),
 		counter("loaded_bytes_total", "Bytes copied out of the pool.", func() float64 { return float64(e.stats.bytesLoaded) }),
 		counter("evictions_total", "Blocks evicted for space.", func() float64 { return float64(e.stats.evictions) }),
+		counter("block_event_gaps_total", "BlockEvents answers whose reader had missed events (the ring overran it).", func() float64 { return float64(e.stats.blockEventGaps) }),
 		counter("save_failures_total", "Block saves that could not be stored.", func() float64 { return float64(e.stats.saveFailures) }),
 	}
 	for _, c := range collectors {

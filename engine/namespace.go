@@ -40,6 +40,8 @@ type namespace struct {
 	// hybrid: the namespace lists groups; Query answers the hybrid
 	// boundary (hybrid.go) instead of the sealed prefix.
 	hybrid bool
+	// feed is the namespace's block events for BlockEvents (events.go).
+	feed blockFeed
 }
 
 // namespaceID derives the id from every compatibility field except the

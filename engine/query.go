@@ -40,16 +40,9 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if err := e.checkOpen(); err != nil {
-		return nil, err
-	}
-	s, err := e.sessionLocked(req.SessionId)
+	s, ns, err := e.sessionNamespaceLocked(req.SessionId, req.NamespaceId)
 	if err != nil {
 		return nil, err
-	}
-	ns, ok := e.namespaces[req.NamespaceId]
-	if !ok {
-		return nil, fmt.Errorf("%w: namespace %q", ErrNotFound, req.NamespaceId)
 	}
 	s.opened[ns] = struct{}{}
 	// With a source engine the transfer is the peer's: nothing here to

@@ -35,6 +35,9 @@ type counters struct {
 	hits, misses, saves, loads, evictions, saveFailures uint64
 	bytesSaved, bytesLoaded                             uint64
 	transfersReady, transfersFailed                     uint64
+	// blockEventGaps counts BlockEvents answers whose reader missed
+	// events (events.go).
+	blockEventGaps uint64
 	// kinds are per group kind (metrics.go); a namespace without groups
 	// is all kindFull.
 	kinds [numKinds]kindCounters

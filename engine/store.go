@@ -87,6 +87,9 @@ func (e *Engine) planSave(req *pb.SaveRequest, held *int64) (*savePlan, int64, e
 		b := g.blocks[string(ref.Hash)]
 		if b != nil && (b.sealed || (b.saved|b.saving)&p.bit != 0) {
 			p.resp.Skipped++
+			if b.sealed && inst.key.rank == 0 {
+				ns.feed.add(pb.BlockEventKind_BLOCK_EVENT_KIND_PRESENT, b)
+			}
 			if t != nil {
 				t.add(e, b)
 			}
@@ -238,6 +241,9 @@ func (e *Engine) planLoad(req *pb.LoadRequest, held *int64) (*loadPlan, int64, e
 		if b == nil || !b.sealed {
 			p.status[i] = pb.BlockStatus_BLOCK_STATUS_MISSING
 			continue
+		}
+		if inst.key.rank == 0 {
+			inst.ns.feed.add(pb.BlockEventKind_BLOCK_EVENT_KIND_PRESENT, b)
 		}
 		e.pinLocked(b)
 		b.loading++

@@ -126,9 +126,12 @@ type Config struct {
 	KVTokenizeTimeout time.Duration // one POST /tokenize
 	// KVBlockSize, KVHashAlgo and KVHashSeed must be the backends' vLLM
 	// block_size, prefix_caching_hash_algo and PYTHONHASHSEED ("": unset).
-	KVBlockSize  int
-	KVHashAlgo   string
-	KVHashSeed   string
+	KVBlockSize int
+	KVHashAlgo  string
+	KVHashSeed  string
+	// KVHashMemo bounds the memory remembering recent prompts' block
+	// hashes (kvmemo.go); 0: every prompt hashed in full.
+	KVHashMemo   cli.ByteSize
 	KVFallbackLB LB // requests the KV policy cannot route
 	// PDBypassRatio: a D whose host holds at least this share of the
 	// prompt gets the request alone, without P (0: never).
@@ -165,6 +168,7 @@ func DefaultConfig() Config {
 		KVTokenizeTimeout:  250 * time.Millisecond,
 		KVBlockSize:        16,
 		KVHashAlgo:         "sha256",
+		KVHashMemo:         64 << 20,
 		KVFallbackLB:       LBLeastInflight,
 	}
 }
@@ -216,6 +220,7 @@ func BindFlags(fs *flag.FlagSet, c *Config) {
 	fs.IntVar(&c.KVBlockSize, "kv-block-size", c.KVBlockSize, "--lb kv: the backends' vLLM --block-size")
 	fs.StringVar(&c.KVHashAlgo, "kv-hash-algo", c.KVHashAlgo, "--lb kv: the backends' vLLM --prefix-caching-hash-algo")
 	fs.StringVar(&c.KVHashSeed, "kv-hash-seed", c.KVHashSeed, "--lb kv: the backends' PYTHONHASHSEED (empty: unset, vLLM's fixed default)")
+	fs.Var(&c.KVHashMemo, "kv-hash-memo", "--lb kv: memory remembering recent prompts' block hashes, so a shared prefix (multi-turn, system prompt) is not hashed again (0: off)")
 	fs.StringVar((*string)(&c.KVFallbackLB), "kv-fallback-lb", string(c.KVFallbackLB), "--lb kv: round-robin or least-inflight for requests it cannot route by KV (multimodal, tokenize failed)")
 	fs.Float64Var(&c.PDBypassRatio, "pd-bypass-ratio", c.PDBypassRatio, "--lb kv, P/D: when a D's host holds at least this share of the prompt, send the request to that D alone, no P (0: never)")
 	fs.DurationVar(&c.ConnectTimeout, "connect-timeout", c.ConnectTimeout, "backend dial timeout")
@@ -377,6 +382,9 @@ func (c Config) readyURL() string {
 // maxKVBlockSize bounds --kv-block-size (vLLM's largest is far below).
 const maxKVBlockSize = 1 << 16
 
+// maxKVHashMemo bounds --kv-hash-memo (it is allocated at start).
+const maxKVHashMemo = 16 << 30
+
 // validateKV checks the KV policy's flags (given only with --lb kv).
 func (c Config) validateKV() []error {
 	var errs []error
@@ -411,7 +419,10 @@ func (c Config) validateKV() []error {
 	if _, err := parseKVEngines(c.KVEngines, c.KVEnginePort); err != nil {
 		errs = append(errs, err)
 	}
-	if _, err := kvNoneHash(c.KVHashAlgo, c.KVHashSeed); err != nil {
+	if c.KVHashMemo > maxKVHashMemo {
+		add("--kv-hash-memo %s: at most %s", c.KVHashMemo.String(), cli.FormatBytes(maxKVHashMemo))
+	}
+	if _, err := newKVHasher(c.KVHashAlgo, c.KVHashSeed, max(c.KVBlockSize, 1), 0); err != nil {
 		add("--kv-hash-algo/--kv-hash-seed: %v", err)
 	}
 	return errs

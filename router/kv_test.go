@@ -13,6 +13,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
+
+	"github.com/pegaflow/pegaflow/internal/vllmhash"
 )
 
 // fakeIndex behaves like the engines behind KVIndex: each engine holds
@@ -84,9 +86,9 @@ const testBlockSize = 4
 
 func testHashes(t testing.TB, tokens []uint32, salt string) [][]byte {
 	t.Helper()
-	none, err := kvNoneHash("sha256_cbor", "")
+	none, err := vllmhash.NoneHash("sha256_cbor", "")
 	require.NoError(t, err)
-	h, err := kvBlockHashes("sha256_cbor", testBlockSize, none, tokens, salt)
+	h, err := vllmhash.BlockHashes(vllmhash.Params{Algo: "sha256_cbor", BlockSize: testBlockSize}, none, tokens, salt)
 	require.NoError(t, err)
 	return h
 }

@@ -1,109 +1,93 @@
 package router
 
 import (
-	"crypto/sha256"
-	"errors"
 	"fmt"
+
+	"github.com/pegaflow/pegaflow/internal/vllmhash"
 )
 
-// The router's one seam to vLLM's block hashes. Everything else in the
-// router calls these three functions; when internal/vllmhash lands they
-// forward to it (NoneHash, BlockHashes, SeedFingerprint) and the interim
-// sha256_cbor code below goes away.
-
-// vLLM's NONE_HASH seed when PYTHONHASHSEED is unset and the algorithm is
-// cryptographic (vllm/v1/core/kv_cache_utils.py, DEFAULT_NONE_HASH_SEED).
-const vllmDefaultNoneHashSeed = "vllm-none-hash"
-
-// errHashAlgo: an algorithm this build cannot compute.
-var errHashAlgo = errors.New("hash algorithm not supported by this build")
-
-// kvResolvedSeed is the seed vLLM roots the chain in: seed, or vLLM's
-// fixed default when seed is "" (PYTHONHASHSEED unset). xxhash without a
-// seed is random per vLLM process: nothing the router could match.
-func kvResolvedSeed(algo, seed string) (string, error) {
-	if seed != "" {
-		return seed, nil
-	}
-	switch algo {
-	case "sha256", "sha256_cbor":
-		return vllmDefaultNoneHashSeed, nil
-	}
-	return "", fmt.Errorf("%s without a seed is random per vLLM process: set --kv-hash-seed to the backends' PYTHONHASHSEED", algo)
+// kvHasher is the router's one seam to vLLM's block hashes: the
+// backends' algorithm, block size and seed (--kv-hash-algo,
+// --kv-block-size, --kv-hash-seed), hashed by internal/vllmhash, the
+// hashes of recently seen prefixes remembered in a memo (kvmemo.go) so
+// that a multi-turn follow-up or a shared system prompt skips SHA-256 for
+// the part already hashed. Safe for concurrent use.
+type kvHasher struct {
+	p    vllmhash.Params
+	none []byte    // NONE_HASH: the parent of every prompt's first block
+	fp   []byte    // the seed fingerprint engine namespaces record
+	memo *hashMemo // nil: off (--kv-hash-memo 0)
 }
 
-// kvNoneHash is NONE_HASH, the parent of every prompt's first block.
-func kvNoneHash(algo, seed string) ([]byte, error) {
-	s, err := kvResolvedSeed(algo, seed)
+// newKVHasher checks the hashing flags; memoBytes bounds the memo.
+func newKVHasher(algo, seed string, blockSize int, memoBytes uint64) (*kvHasher, error) {
+	if _, ok := vllmhash.ResolveSeed(algo, seed); !ok {
+		return nil, fmt.Errorf("%w: %s without PYTHONHASHSEED is seeded randomly per vLLM process, so nothing outside it matches", vllmhash.ErrUnsupported, algo)
+	}
+	none, err := vllmhash.NoneHash(algo, seed)
 	if err != nil {
 		return nil, err
 	}
-	if algo != "sha256_cbor" {
-		return nil, fmt.Errorf("--kv-hash-algo %s: %w", algo, errHashAlgo)
+	p := vllmhash.Params{Algo: algo, BlockSize: blockSize, Seed: seed}
+	if err := p.Check(); err != nil {
+		return nil, err
 	}
-	var b []byte
-	b = cborHead(b, 3, uint64(len(s)))
-	sum := sha256.Sum256(append(b, s...))
-	return sum[:], nil
+	return &kvHasher{p: p, none: none, fp: vllmhash.SeedFingerprint(algo, seed), memo: newHashMemo(blockSize, memoBytes)}, nil
 }
 
-// kvBlockHashes are vLLM's chained hashes of tokens' full blocks, salt in
-// the first block's extra keys.
-func kvBlockHashes(algo string, blockSize int, none []byte, tokens []uint32, salt string) ([][]byte, error) {
-	if algo != "sha256_cbor" {
-		return nil, fmt.Errorf("--kv-hash-algo %s: %w", algo, errHashAlgo)
+// blockHashes are vLLM's chained hashes of the full blocks of tokens,
+// salt in the first block's extra keys. The memo answers the leading
+// blocks it holds; the rest are computed and remembered. A salted first
+// block is always computed (the memo holds only blocks whose extra keys
+// are None, so an entry's parent and tokens determine its hash); its
+// successors are remembered as usual, their parent carrying the salt.
+func (h *kvHasher) blockHashes(tokens []uint32, salt string) ([][]byte, error) {
+	bs := h.p.BlockSize
+	n := len(tokens) / bs
+	if h.memo == nil || n == 0 {
+		return vllmhash.BlockHashes(h.p, h.none, tokens[:n*bs], salt)
 	}
-	n := len(tokens) / blockSize
 	out := make([][]byte, n)
-	sums := make([]byte, n*sha256.Size) // one allocation for every digest
-	parent := none
-	buf := make([]byte, 0, 64+9*blockSize+len(salt))
-	for i := range n {
-		buf = append(buf[:0], 0x83) // (parent, tokens, extra_keys)
-		buf = cborHead(buf, 2, uint64(len(parent)))
-		buf = append(buf, parent...)
-		buf = cborHead(buf, 4, uint64(blockSize))
-		for _, t := range tokens[i*blockSize : (i+1)*blockSize] {
-			buf = cborHead(buf, 0, uint64(t))
+	sums := make([]byte, n*vllmhash.HashLen) // one allocation for every hash
+	for i := range out {
+		out[i] = sums[i*vllmhash.HashLen : (i+1)*vllmhash.HashLen : (i+1)*vllmhash.HashLen]
+	}
+	start, parent := 0, h.none
+	if salt != "" {
+		first, err := vllmhash.BlockHashes(h.p, h.none, tokens[:bs], salt)
+		if err != nil {
+			return nil, err
 		}
-		if i == 0 && salt != "" {
-			buf = append(buf, 0x81)
-			buf = cborHead(buf, 3, uint64(len(salt)))
-			buf = append(buf, salt...)
-		} else {
-			buf = append(buf, 0xf6) // None
+		copy(out[0], first[0])
+		start, parent = 1, out[0]
+	}
+	hit, stale := h.memo.walk(parent, tokens[start*bs:n*bs], out[start:])
+	miss := start + hit
+	if miss < n {
+		from := parent
+		if hit > 0 {
+			from = out[miss-1]
 		}
-		sum := sha256.Sum256(buf)
-		out[i] = sums[i*sha256.Size : (i+1)*sha256.Size : (i+1)*sha256.Size]
-		copy(out[i], sum[:])
-		parent = out[i]
+		tail, err := vllmhash.BlockHashes(h.p, from, tokens[miss*bs:n*bs], "")
+		if err != nil {
+			return nil, err
+		}
+		for i, t := range tail {
+			copy(out[miss+i], t)
+		}
+	}
+	// Remember the new blocks; an ageing prefix is remembered anew,
+	// whole, so a hot one is never evicted by the FIFO and stays
+	// contiguous with its continuation.
+	switch {
+	case stale:
+		h.memo.insert(parent, tokens[start*bs:n*bs], out[start:])
+	case miss < n:
+		from := parent
+		if hit > 0 {
+			from = out[miss-1]
+		}
+		h.memo.insert(from, tokens[miss*bs:n*bs], out[miss:])
 	}
 	return out, nil
-}
-
-// kvSeedFingerprint equals the connector's hash_seed_fingerprint: which
-// engine namespaces the router's hashes can match.
-func kvSeedFingerprint(algo, seed string) ([]byte, error) {
-	s, err := kvResolvedSeed(algo, seed)
-	if err != nil {
-		return nil, err
-	}
-	sum := sha256.Sum256([]byte("pegaflow-hash-seed/v1\x00" + algo + "\x00" + s))
-	return sum[:16], nil
-}
-
-// cborHead appends a canonical (shortest) CBOR head.
-func cborHead(b []byte, major byte, v uint64) []byte {
-	m := major << 5
-	switch {
-	case v < 24:
-		return append(b, m|byte(v))
-	case v <= 0xff:
-		return append(b, m|24, byte(v))
-	case v <= 0xffff:
-		return append(b, m|25, byte(v>>8), byte(v))
-	case v <= 0xffffffff:
-		return append(b, m|26, byte(v>>24), byte(v>>16), byte(v>>8), byte(v))
-	}
-	return append(b, m|27, byte(v>>56), byte(v>>48), byte(v>>40), byte(v>>32), byte(v>>24), byte(v>>16), byte(v>>8), byte(v))
 }

@@ -7,7 +7,8 @@ import (
 )
 
 // The KV policy's per-request work (--lb kv): the prompt's token ids
-// (tokenize.go), its vLLM block hashes (kvhash.go), how many leading
+// (tokenize.go), its vLLM block hashes (kvhash.go, remembered by
+// kvmemo.go), how many leading
 // blocks each engine behind the candidates holds (kvindex.go, in parallel
 // within --kv-lookup-budget), and the P/D bypass verdict. The selectors
 // (selector.go) then pick from the route.
@@ -59,9 +60,9 @@ func (rt *route) colocated(b *backend) bool {
 
 // kvState is the router's KV policy: nil unless --lb kv.
 type kvState struct {
-	idx      KVIndex
-	engines  kvEngineMap
-	none, fp []byte // NONE_HASH and the seed fingerprint
+	idx     KVIndex
+	engines kvEngineMap
+	hasher  *kvHasher
 }
 
 // newKVState checks the KV policy's configuration against idx (a nil
@@ -74,15 +75,11 @@ func newKVState(cfg Config, idx KVIndex) (*kvState, error) {
 	if err != nil {
 		return nil, err
 	}
-	none, err := kvNoneHash(cfg.KVHashAlgo, cfg.KVHashSeed)
+	hasher, err := newKVHasher(cfg.KVHashAlgo, cfg.KVHashSeed, cfg.KVBlockSize, uint64(cfg.KVHashMemo))
 	if err != nil {
 		return nil, err
 	}
-	fp, err := kvSeedFingerprint(cfg.KVHashAlgo, cfg.KVHashSeed)
-	if err != nil {
-		return nil, err
-	}
-	return &kvState{idx: idx, engines: engines, none: none, fp: fp}, nil
+	return &kvState{idx: idx, engines: engines, hasher: hasher}, nil
 }
 
 // kvRoute is the request's route under --lb kv: nil when the policy is
@@ -109,7 +106,7 @@ func (r *Router) kvRoute(ctx context.Context, in *incoming, body []byte) *route 
 func (r *Router) routeTokens(ctx context.Context, ids []uint32, salt string) *route {
 	t0 := time.Now()
 	defer func() { r.m.observe(phaseKVRoute, time.Since(t0).Seconds()) }()
-	hashes, err := kvBlockHashes(r.cfg.KVHashAlgo, r.cfg.KVBlockSize, r.kvs.none, ids, salt)
+	hashes, err := r.kvs.hasher.blockHashes(ids, salt)
 	if err != nil { // Validate tried the algorithm: not expected
 		r.m.kvFallbacks[fallbackHashError].Inc()
 		return nil
@@ -119,7 +116,7 @@ func (r *Router) routeTokens(ctx context.Context, ids []uint32, salt string) *ro
 	if len(hashes) == 0 {
 		return rt // shorter than a block: nothing any engine can hold
 	}
-	q := KVQuery{BlockSize: r.cfg.KVBlockSize, HashAlgo: r.cfg.KVHashAlgo, SeedFingerprint: r.kvs.fp, Hashes: hashes}
+	q := KVQuery{BlockSize: r.cfg.KVBlockSize, HashAlgo: r.cfg.KVHashAlgo, SeedFingerprint: r.kvs.hasher.fp, Hashes: hashes}
 	rt.hits = lookupAll(ctx, r.kvs.idx, r.kvEngines(), q, r.cfg.KVLookupBudget, r.m.kvLookup)
 	if r.decode != nil && r.cfg.PDBypassRatio > 0 {
 		best, now := 0, time.Now()

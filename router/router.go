@@ -27,9 +27,10 @@
 //     engines' lookups, the P/D bypass verdict); kvindex.go: KVIndex,
 //     the interface to the engines, which engine serves which backend
 //     (--kv-engine, --kv-engine-port) and the parallel bounded lookups;
-//     kvhash.go: the one seam to vLLM's block hashes; tokenize.go: the
-//     prompt's token ids (given, or a backend's POST /tokenize) and the
-//     fallback reasons;
+//     kvhash.go: the one seam to vLLM's block hashes (internal/vllmhash);
+//     kvmemo.go: the bounded memo of recent prompts' block hashes;
+//     tokenize.go: the prompt's token ids (given, or a backend's POST
+//     /tokenize) and the fallback reasons;
 //   - discovery.go: dns://name:port backends, re-resolved every
 //     --resolve-interval (Resolver; each address a backend);
 //   - health.go: active GET /health polling and passive health;

@@ -5,7 +5,8 @@
 // serve.go `serve`: its flags, the engine with its socket API, the router
 // and the HTTP side (/topology among it), run until a signal; servepeer.go
 // serve's cross-host flags (--peer-*: token, advertised address, the peer
-// service and client); bench.go `bench`; sim.go `sim`; demo.go `demo`.
+// service and client); servekv.go the router's --lb kv index over
+// engine/kvlookup (and its flag checks); bench.go `bench`; sim.go `sim`; demo.go `demo`.
 package main
 
 import (

@@ -58,9 +58,15 @@ func (x nsHost) start(t *testing.T, bin string, args ...string) *proc {
 // startEnv is start with env added to the process's environment.
 func (x nsHost) startEnv(t *testing.T, env []string, bin string, args ...string) *proc {
 	t.Helper()
-	p := &proc{logs: &lockedBuffer{}, done: make(chan struct{})}
-	p.cmd = x.Command(bin, args...)
-	p.cmd.Env = append(os.Environ(), env...)
+	cmd := x.Command(bin, args...)
+	cmd.Env = append(os.Environ(), env...)
+	return startCmd(t, cmd)
+}
+
+// startCmd starts cmd, its stderr kept, killed when the test ends.
+func startCmd(t *testing.T, cmd *exec.Cmd) *proc {
+	t.Helper()
+	p := &proc{cmd: cmd, logs: &lockedBuffer{}, done: make(chan struct{})}
 	p.cmd.Stderr = p.logs
 	require.NoError(t, p.cmd.Start())
 	go func() { _ = p.cmd.Wait(); close(p.done) }()

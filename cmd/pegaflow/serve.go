@@ -126,6 +126,9 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	if err := f.peer.check(); err != nil {
 		return nil, err
 	}
+	if err := f.checkKV(); err != nil {
+		return nil, err
+	}
 	return f, nil
 }
 
@@ -250,8 +253,13 @@ func serveHTTP(ctx context.Context, cancel context.CancelFunc, f *serveFlags, lo
 	e.HideBanner, e.HidePort = true, true
 	var rt *router.Router
 	if f.router.Enabled() {
+		deps := router.Deps{Logger: log.With("component", "router"), Registerer: reg, KVReady: kv}
+		if x := newKVIndex(f, eng, log); x != nil {
+			defer x.Close()
+			deps.KVIndex = kvIndex{x}
+		}
 		var err error
-		rt, err = router.New(f.router, router.Deps{Logger: log.With("component", "router"), Registerer: reg, KVReady: kv})
+		rt, err = router.New(f.router, deps)
 		if err != nil {
 			return err
 		}

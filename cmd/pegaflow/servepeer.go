@@ -30,7 +30,8 @@ func bindPeerFlags(fs *flag.FlagSet, f *peerFlags) {
 		"also starts UCX and lets queries fetch from peers (source_engine). Empty: no peers, no UCX")
 	fs.StringVar(&f.transport, "peer-transport", engine.PeerTransportTCP, "how fetched KV bytes move between engines: \"tcp\" (a stream on --peer-addr "+
 		"that sends only whole shares of a transfer the reader opened) or \"rdma\" (UCX one-sided reads; needs UCX_TLS naming RDMA transports only, e.g. rc,ud)")
-	fs.StringVar(&f.tokenFile, "peer-token-file", "", "file holding the shared peer token (mode 0600, >= 32 bytes) that every engine of the deployment sends and expects")
+	fs.StringVar(&f.tokenFile, "peer-token-file", "", "file holding the shared peer token (mode 0600, >= 32 bytes) that every engine of the deployment sends and expects; "+
+		"a router with --lb kv shows it to the remote engines it looks up (also with --engine=false)")
 	fs.BoolVar(&f.insecure, "peer-insecure", false, "serve the peer API without a token: only on a loopback --peer-addr (tests, one-host trials)")
 	fs.StringVar(&f.advertise, "peer-advertise", "", "HOST:PORT other engines reach --peer-addr at, reported to clients (Attach) and in /kv_ready "+
 		"as the source engine (default --peer-addr; required when it binds every address, e.g. 0.0.0.0:7400)")
@@ -47,6 +48,15 @@ func (f *peerFlags) check() error {
 	if err := engine.CheckPeerTransport(f.transport, os.Getenv); err != nil {
 		return err
 	}
+	if f.tokenFile != "" {
+		// Read even without --peer-addr: a router's --lb kv shows it to
+		// the engines it looks up (servekv.go).
+		tok, err := peer.LoadToken(f.tokenFile)
+		if err != nil {
+			return err
+		}
+		f.token = tok
+	}
 	if f.addr == "" {
 		if f.advertise != "" || len(f.allow) > 0 {
 			return errors.New("--peer-advertise and --peer-allow need --peer-addr (an engine without it never fetches from peers)")
@@ -58,13 +68,6 @@ func (f *peerFlags) check() error {
 	}
 	if err := f.restrictUCX(); err != nil {
 		return err
-	}
-	if f.tokenFile != "" {
-		tok, err := peer.LoadToken(f.tokenFile)
-		if err != nil {
-			return err
-		}
-		f.token = tok
 	}
 	return f.config(nil).Validate()
 }

@@ -1,24 +1,24 @@
 // Package kvlookup answers the router's question (its KVIndex): how many
-// leading blocks of a prompt does the engine serving a backend hold? It
-// asks the engines' own indexes, exact and restart-safe, instead of
-// keeping a shadow index: in process for the engine beside the router
-// (engine.Lookup), over the peer API's Lookup RPC for engines on other
-// hosts. Nothing is cached, so an engine that restarted (a new epoch, an
-// empty index) is never answered for by its predecessor.
+// leading blocks of a prompt does an engine hold? It asks the engines'
+// own indexes, exact and restart-safe, instead of keeping a shadow index:
+// in process for the engine beside the router (engine.Lookup), over the
+// peer API's Lookup RPC for engines on other hosts. Nothing is cached, so
+// an engine that restarted (a new epoch, an empty index) is never
+// answered for by its predecessor.
 //
-// Which engine serves a backend (EngineFor): an explicit Config.Engines
-// entry for the backend's host:port or host; else the backend's host at
-// Config.EnginePort (so dns:// backends work: the resolved address is
-// the host); the in-process engine serves the backends whose engine
-// address is its own advertised peer address, and loopback backends.
+// The caller names the engine by its peer address: which engine serves
+// which backend is the router's concern (its --kv-engine and
+// --kv-engine-port flags), not this package's. "" (router.LocalEngine)
+// or Config.LocalAddr is the in-process engine; any other address is
+// dialled.
 //
 // Failure is "no hit", fast: every remote call is bounded by the
 // caller's ctx and Config.Timeout, at most Config.MaxInFlight run at
 // once, and an engine that was unreachable (or kept missing deadlines)
 // is skipped without a call for a backoff (health.go).
 //
-// Files: kvlookup.go (this file) Config, Index and Lookup; resolve.go
-// which engine serves a backend; health.go the per-engine backoff.
+// Files: kvlookup.go (this file) Config, Index and Lookup; health.go the
+// per-engine backoff.
 package kvlookup
 
 import (
@@ -57,15 +57,9 @@ type Config struct {
 	// Local is the engine in this process; nil: none.
 	Local *engine.Engine
 	// LocalAddr is Local's advertised peer address (--peer-advertise),
-	// "" when it serves no peers.
+	// "" when it serves no peers: a lookup naming it is answered in
+	// process, not over the network to itself.
 	LocalAddr string
-	// Engines maps a backend's host:port, or its host, to the peer
-	// address (host:port) of the engine serving it.
-	Engines map[string]string
-	// EnginePort is the engines' peer port, for backends without an
-	// Engines entry; "" : such backends are served by Local when they
-	// are loopback, else have no engine.
-	EnginePort string
 	// Token is the peer token sent to remote engines (nil: insecure
 	// loopback peers).
 	Token []byte
@@ -82,8 +76,8 @@ type Config struct {
 
 // Errors of Lookup besides the engine's and the peer client's kinds.
 var (
-	// ErrNoEngine: no engine is configured for the backend.
-	ErrNoEngine = errors.New("kvlookup: no engine for backend")
+	// ErrNoEngine: the in-process engine was asked for, and there is none.
+	ErrNoEngine = errors.New("kvlookup: no engine in this process")
 	// ErrEngineDown: the engine failed recently and is skipped.
 	ErrEngineDown = errors.New("kvlookup: engine skipped after recent failures")
 )
@@ -97,12 +91,8 @@ type Index struct {
 	health health
 }
 
-// New checks cfg (every Engines value and EnginePort must be dialable)
-// and applies the defaults.
-func New(cfg Config) (*Index, error) {
-	if err := cfg.check(); err != nil {
-		return nil, err
-	}
+// New applies cfg's defaults.
+func New(cfg Config) *Index {
 	if cfg.MaxInFlight <= 0 {
 		cfg.MaxInFlight = DefaultMaxInFlight
 	}
@@ -116,24 +106,27 @@ func New(cfg Config) (*Index, error) {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	return &Index{cfg: cfg, client: peer.NewClient(cfg.Token), slots: make(chan struct{}, cfg.MaxInFlight),
-		health: health{base: cfg.Backoff, log: cfg.Log, down: map[string]*engineHealth{}}}, nil
+		health: health{base: cfg.Backoff, log: cfg.Log, down: map[string]*engineHealth{}}}
 }
 
 // Close closes the connections to remote engines.
 func (x *Index) Close() error { return x.client.Close() }
 
-// Lookup returns how many leading blocks of q.Hashes the engine serving
-// backend (host:port, or a URL) holds sealed, in a namespace matching q
-// (engine.Lookup). A prompt of more than engine.MaxLookupHashes blocks is
-// asked about its first ones. ctx bounds the call; any error means the
-// caller knows nothing (count it as no hit).
-func (x *Index) Lookup(ctx context.Context, backend string, q Query) (int, error) {
+// Lookup returns how many leading blocks of q.Hashes the engine at
+// engineAddr (its peer host:port; "" or Config.LocalAddr: the engine in
+// this process) holds sealed, in a namespace matching q (engine.Lookup).
+// A prompt of more than engine.MaxLookupHashes blocks is asked about its
+// first ones. ctx bounds the call; any error means the caller knows
+// nothing (count it as no hit). The per-engine health state is keyed by
+// engineAddr, so callers pass the few configured addresses, not
+// arbitrary ones.
+func (x *Index) Lookup(ctx context.Context, engineAddr string, q Query) (int, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
-	addr, local, err := x.EngineFor(backend)
-	if err != nil {
-		return 0, err
+	local := engineAddr == "" || (x.cfg.Local != nil && engineAddr == x.cfg.LocalAddr)
+	if local && x.cfg.Local == nil {
+		return 0, ErrNoEngine
 	}
 	if q.BlockSize <= 0 || q.BlockSize > math.MaxUint32 {
 		return 0, fmt.Errorf("%w: block size %d", engine.ErrInvalid, q.BlockSize)
@@ -148,7 +141,7 @@ func (x *Index) Lookup(ctx context.Context, backend string, q Query) (int, error
 	if err != nil {
 		return 0, err
 	}
-	return x.remote(ctx, addr, req)
+	return x.remote(ctx, engineAddr, req)
 }
 
 func (x *Index) remote(ctx context.Context, addr string, req *pb.PeerLookupRequest) (int, error) {

@@ -72,66 +72,37 @@ func query(hashes [][]byte) Query {
 
 func newIndex(t *testing.T, cfg Config) *Index {
 	t.Helper()
-	x, err := New(cfg)
-	require.NoError(t, err)
+	x := New(cfg)
 	t.Cleanup(func() { _ = x.Close() })
 	return x
 }
 
-func TestEngineFor(t *testing.T) {
-	local := &engine.Engine{}
+// The caller names engines by address: "" and the local engine's own
+// advertised address are answered in process (never dialled, even where
+// nothing listens), any other address over the peer API.
+func TestLookupAddressing(t *testing.T) {
+	hashes := kvtest.Hashes("prompt", 6)
+	local := newEngine(t, hashes, 2)
+	remote := newEngine(t, hashes, 5)
+	remoteAddr, _ := serve(t, remote, "127.0.0.1:0")
+	self := freePort(t)
+	x := newIndex(t, Config{Local: local, LocalAddr: self, Token: token})
 	for _, tc := range []struct {
-		name    string
-		cfg     Config
-		backend string
-		addr    string
-		local   bool
-		err     error
+		name, addr string
+		want       int
+		err        error
 	}{
-		{"explicit host:port", Config{Engines: map[string]string{"10.0.0.2:8000": "10.1.0.2:7400"}}, "10.0.0.2:8000", "10.1.0.2:7400", false, nil},
-		{"explicit host", Config{Engines: map[string]string{"10.0.0.2": "10.1.0.2:7400"}}, "http://10.0.0.2:8001/v1", "10.1.0.2:7400", false, nil},
-		{"explicit beats loopback", Config{Local: local, Engines: map[string]string{"127.0.0.1": "10.1.0.9:7400"}}, "127.0.0.1:8000", "10.1.0.9:7400", false, nil},
-		{"explicit naming the local engine", Config{Local: local, LocalAddr: "10.1.0.1:7400", Engines: map[string]string{"a": "10.1.0.1:7400"}}, "a:8000", "10.1.0.1:7400", true, nil},
-		{"engine port", Config{EnginePort: "7400"}, "10.0.0.3:8000", "10.0.0.3:7400", false, nil},
-		{"engine port, IPv6", Config{EnginePort: "7400"}, "[fd00::3]:8000", "[fd00::3]:7400", false, nil},
-		{"engine port is the local engine", Config{Local: local, LocalAddr: "10.0.0.1:7400", EnginePort: "7400"}, "10.0.0.1:8000", "10.0.0.1:7400", true, nil},
-		{"loopback is the local engine", Config{Local: local}, "localhost:8000", "", true, nil},
-		{"loopback without a local engine", Config{}, "127.0.0.1:8000", "", false, ErrNoEngine},
-		{"no mapping", Config{Local: local}, "10.0.0.3:8000", "", false, ErrNoEngine},
-		{"bad URL", Config{EnginePort: "7400"}, "http://[::1", "", false, ErrNoEngine},
+		{"in process", "", 2, nil},
+		{"own advertised address", self, 2, nil},
+		{"another engine", remoteAddr, 5, nil},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			x := newIndex(t, tc.cfg)
-			addr, isLocal, err := x.EngineFor(tc.backend)
-			if tc.err != nil {
-				require.ErrorIs(t, err, tc.err)
-				return
-			}
-			require.NoError(t, err)
-			require.Equal(t, tc.addr, addr)
-			require.Equal(t, tc.local, isLocal)
-		})
+		t.Run(tc.name, func(t *testing.T) { requireHit(t, x, tc.addr, hashes, tc.want) })
 	}
-	for _, bad := range []Config{{Engines: map[string]string{"a": "no-port"}}, {EnginePort: "0"}, {EnginePort: "x"}} {
-		_, err := New(bad)
-		require.Error(t, err, "%+v", bad)
-	}
-	for _, tc := range []struct {
-		in, backend, addr string
-		ok                bool
-	}{
-		{"10.0.0.2=10.1.0.2:7400", "10.0.0.2", "10.1.0.2:7400", true},
-		{"p0.svc:8000=10.1.0.2:7400", "p0.svc:8000", "10.1.0.2:7400", true},
-		{"10.0.0.2", "", "", false},
-		{"=10.1.0.2:7400", "", "", false},
-		{"10.0.0.2=10.1.0.2", "", "", false},
-		{"h:99999=10.1.0.2:1", "", "", false},
-	} {
-		b, a, err := ParseEngine(tc.in)
-		require.Equal(t, tc.ok, err == nil, "%s: %v", tc.in, err)
-		require.Equal(t, tc.backend, b)
-		require.Equal(t, tc.addr, a)
-	}
+	none := newIndex(t, Config{Token: token})
+	_, err := none.Lookup(t.Context(), "", query(hashes))
+	require.ErrorIs(t, err, ErrNoEngine)
+	_, err = none.Lookup(t.Context(), self, query(hashes))
+	require.ErrorIs(t, err, engine.ErrPeerUnavailable, "without a local engine, its address is dialled")
 }
 
 // One index answers for the engine in process and a remote one, each
@@ -142,7 +113,7 @@ func TestLookupLocalAndRemote(t *testing.T) {
 	local := newEngine(t, hashes, 2)
 	remote := newEngine(t, hashes, 5)
 	addr, _ := serve(t, remote, "127.0.0.1:0")
-	x := newIndex(t, Config{Local: local, Token: token, Engines: map[string]string{"10.0.0.2": addr}})
+	x := newIndex(t, Config{Local: local, Token: token})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for _, tc := range []struct {
@@ -150,11 +121,11 @@ func TestLookupLocalAndRemote(t *testing.T) {
 		q             Query
 		want          int
 	}{
-		{"local", "http://127.0.0.1:8000", query(hashes), 2},
-		{"remote", "10.0.0.2:8000", query(hashes), 5},
-		{"remote, any model", "10.0.0.2:8000", Query{BlockSize: 4, HashAlgo: "sha256_cbor", SeedFingerprint: []byte("seed-0"), Hashes: hashes}, 5},
-		{"remote, other seed", "10.0.0.2:8000", Query{Model: "m", BlockSize: 4, HashAlgo: "sha256_cbor", SeedFingerprint: []byte("seed-1"), Hashes: hashes}, 0},
-		{"remote, no hashes", "10.0.0.2:8000", query(nil), 0},
+		{"local", "", query(hashes), 2},
+		{"remote", addr, query(hashes), 5},
+		{"remote, any model", addr, Query{BlockSize: 4, HashAlgo: "sha256_cbor", SeedFingerprint: []byte("seed-0"), Hashes: hashes}, 5},
+		{"remote, other seed", addr, Query{Model: "m", BlockSize: 4, HashAlgo: "sha256_cbor", SeedFingerprint: []byte("seed-1"), Hashes: hashes}, 0},
+		{"remote, no hashes", addr, query(nil), 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n, err := x.Lookup(ctx, tc.backend, tc.q)
@@ -170,11 +141,11 @@ func TestLookupLocalAndRemote(t *testing.T) {
 		{"short hashes", query([][]byte{[]byte("1234567")})},
 		{"block size 0", Query{Model: "m", HashAlgo: "sha256_cbor", SeedFingerprint: []byte("seed-0"), Hashes: hashes}},
 	} {
-		_, err := x.Lookup(ctx, "10.0.0.2:8000", tc.q)
+		_, err := x.Lookup(ctx, addr, tc.q)
 		require.ErrorIs(t, err, engine.ErrInvalid, tc.name)
 	}
-	wrong := newIndex(t, Config{Token: []byte("0123456789abcdef0123456789abcdeX"), Engines: map[string]string{"10.0.0.2": addr}})
-	_, err := wrong.Lookup(ctx, "10.0.0.2:8000", query(hashes))
+	wrong := newIndex(t, Config{Token: []byte("0123456789abcdef0123456789abcdeX")})
+	_, err := wrong.Lookup(ctx, addr, query(hashes))
 	require.ErrorIs(t, err, engine.ErrPermission)
 }
 
@@ -235,36 +206,35 @@ func TestDeadAndSlowEnginesFailFast(t *testing.T) {
 	hashes := kvtest.Hashes("prompt", 4)
 	live := newEngine(t, hashes, 4)
 	liveAddr, _ := serve(t, live, "127.0.0.1:0")
-	black := blackhole(t)
-	x := newIndex(t, Config{Token: token, Backoff: time.Hour,
-		Engines: map[string]string{"dead": freePort(t), "slow": black, "live": liveAddr}})
+	dead, slow := freePort(t), blackhole(t)
+	x := newIndex(t, Config{Token: token, Backoff: time.Hour})
 
 	budget := func() (context.Context, context.CancelFunc) {
 		return context.WithTimeout(context.Background(), 50*time.Millisecond)
 	}
 	ctx, cancel := budget()
-	_, err := x.Lookup(ctx, "dead:8000", query(hashes))
+	_, err := x.Lookup(ctx, dead, query(hashes))
 	cancel()
 	require.ErrorIs(t, err, engine.ErrPeerUnavailable)
 	ctx, cancel = budget()
-	_, err = x.Lookup(ctx, "dead:8000", query(hashes))
+	_, err = x.Lookup(ctx, dead, query(hashes))
 	cancel()
 	require.ErrorIs(t, err, ErrEngineDown, "skipped, not dialled again")
 
 	for i := range missesToSkip {
 		ctx, cancel := budget()
 		start := time.Now()
-		_, err := x.Lookup(ctx, "slow:8000", query(hashes))
+		_, err := x.Lookup(ctx, slow, query(hashes))
 		cancel()
 		require.ErrorIs(t, err, context.DeadlineExceeded, "miss %d", i)
 		require.Less(t, time.Since(start), 5*time.Second, "bounded by the budget")
 	}
 	ctx, cancel = budget()
-	_, err = x.Lookup(ctx, "slow:8000", query(hashes))
+	_, err = x.Lookup(ctx, slow, query(hashes))
 	cancel()
 	require.ErrorIs(t, err, ErrEngineDown)
 
-	requireHit(t, x, "live:8000", hashes, 4)
+	requireHit(t, x, liveAddr, hashes, 4)
 }
 
 // MaxInFlight bounds the remote lookups at once: with the one slot held
@@ -274,19 +244,19 @@ func TestConcurrencyBound(t *testing.T) {
 	hashes := kvtest.Hashes("prompt", 4)
 	live := newEngine(t, hashes, 4)
 	liveAddr, _ := serve(t, live, "127.0.0.1:0")
-	x := newIndex(t, Config{Token: token, MaxInFlight: 1, Timeout: time.Minute,
-		Engines: map[string]string{"slow": blackhole(t), "live": liveAddr}})
+	slow := blackhole(t)
+	x := newIndex(t, Config{Token: token, MaxInFlight: 1, Timeout: time.Minute})
 	slowCtx, slowCancel := context.WithCancel(context.Background())
 	slowDone := make(chan error, 1)
-	go func() { _, err := x.Lookup(slowCtx, "slow:1", query(hashes)); slowDone <- err }()
+	go func() { _, err := x.Lookup(slowCtx, slow, query(hashes)); slowDone <- err }()
 	require.Eventually(t, func() bool { return len(x.slots) == 1 }, 10*time.Second, time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
-	_, err := x.Lookup(ctx, "live:1", query(hashes))
+	_, err := x.Lookup(ctx, liveAddr, query(hashes))
 	cancel()
 	require.ErrorContains(t, err, "lookup slot")
 	slowCancel()
 	require.ErrorIs(t, <-slowDone, context.Canceled)
-	requireHit(t, x, "live:1", hashes, 4)
+	requireHit(t, x, liveAddr, hashes, 4)
 }
 
 // An engine restarted on the same address (a new epoch, an empty index)
@@ -296,10 +266,10 @@ func TestRestartedEngineNoStaleAnswers(t *testing.T) {
 	hashes := kvtest.Hashes("prompt", 4)
 	old := newEngine(t, hashes, 4)
 	addr, stop := serve(t, old, "127.0.0.1:0")
-	x := newIndex(t, Config{Token: token, Backoff: 10 * time.Millisecond, Engines: map[string]string{"h": addr}})
+	x := newIndex(t, Config{Token: token, Backoff: 10 * time.Millisecond})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	n, err := x.Lookup(ctx, "h:8000", query(hashes))
+	n, err := x.Lookup(ctx, addr, query(hashes))
 	require.NoError(t, err)
 	require.Equal(t, 4, n)
 
@@ -308,7 +278,7 @@ func TestRestartedEngineNoStaleAnswers(t *testing.T) {
 	fresh := newEngine(t, hashes, 1)
 	serve(t, fresh, addr)
 	for {
-		n, err := x.Lookup(ctx, "h:8000", query(hashes))
+		n, err := x.Lookup(ctx, addr, query(hashes))
 		if err == nil {
 			require.Equal(t, 1, n, "the restarted engine's own answer")
 			break
@@ -338,15 +308,15 @@ func TestNoGoroutineLeak(t *testing.T) {
 	hashes := kvtest.Hashes("prompt", 4)
 	eng := newEngine(t, hashes, 4)
 	addr, _ := serve(t, eng, "127.0.0.1:0")
-	x, err := New(Config{Token: token, Engines: map[string]string{"h": addr, "dead": freePort(t)}})
-	require.NoError(t, err)
+	dead := freePort(t)
+	x := New(Config{Token: token})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var wg sync.WaitGroup
 	for range 32 {
 		wg.Go(func() {
-			_, _ = x.Lookup(ctx, "h:1", query(hashes))
-			_, _ = x.Lookup(ctx, "dead:1", query(hashes))
+			_, _ = x.Lookup(ctx, addr, query(hashes))
+			_, _ = x.Lookup(ctx, dead, query(hashes))
 		})
 	}
 	wg.Wait()

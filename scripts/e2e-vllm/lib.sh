@@ -145,7 +145,7 @@ start_trio() {  # SUFFIX [vllm flags...]: the reference vLLM, P and D of $MODEL,
   shift
   start_vllm ref "$REF" "$@"
   start_vllm p "$PP" "$@" --kv-transfer-config "$(kvc "$P_ROLE" "e2e-prefill$suffix")"
-  start_vllm d "$DP" "$@" --kv-transfer-config "$(kvc kv_consumer "e2e-decode$suffix")"
+  start_vllm d "$DP" "$@" --kv-transfer-config "$(kvc "${D_ROLE:-kv_consumer}" "e2e-decode$suffix")"
   for n in ref p d; do
     case $n in ref) port=$REF ;; p) port=$PP ;; d) port=$DP ;; esac
     wait_healthy "$n" "http://127.0.0.1:$port"

@@ -8,7 +8,8 @@
 #           reaches it through the /kv_ready callback URL that P's connector
 #           gets in kv_transfer_params
 #   P       vLLM + PegaKVConnector, kv_role $P_ROLE (kv_both)
-#   D       vLLM + PegaKVConnector, kv_role kv_consumer
+#   D       vLLM + PegaKVConnector, kv_role $D_ROLE (kv_both: it saves the
+#           blocks it decodes, which the next turn of a chat loads)
 #   ref     plain vLLM, the reference
 #
 # All vLLMs: same PYTHONHASHSEED, --block-size 32 --dtype float32
@@ -18,7 +19,9 @@
 # 6-1419 prompt tokens; greedy; token ids compared):
 #   1. normal: outputs identical; D computed only the prompt tails, the rest
 #      came from the engine (vLLM's and the engine's metrics); one transfer
-#      ready and one /kv_ready callback per decode leg;
+#      ready and one /kv_ready callback per decode leg; then a two-turn
+#      chat (multiturn_check.py): turn 2 (turn 1 + its answer + a new
+#      message) loads the answer's blocks, saved by D;
 #   2. engine killed (SIGKILL) after the first cases of a new prompt set:
 #      outputs still identical, every request answered, the later cases
 #      recomputed by D, each bounded by the router's KV-ready timeout;
@@ -45,8 +48,9 @@
 # E2E_MODEL_DIR [/tmp/tiny-model], PEGAFLOW_BIN [bin/pegaflow],
 # E2E_START_TIMEOUT [300] (s, per vLLM start), E2E_KV_READY_TIMEOUT [5]
 # (s, router), E2E_STOP_AFTER [8] (cases of phase 2 before the kill),
-# P_ROLE [kv_both], E2E_HYBRID_MODELS [/tmp/tiny-hybrid] (phase 5's models,
-# built on first use), E2E_HYBRID_MIN_HIT_PCT [50].
+# P_ROLE [kv_both], D_ROLE [kv_both] (phases 1-4; phase 5's D is kv_consumer),
+# E2E_HYBRID_MODELS [/tmp/tiny-hybrid] (phase 5's models, built on first
+# use), E2E_HYBRID_MIN_HIT_PCT [50].
 set -euo pipefail
 E2E_TAG=pd
 source "$(dirname "$0")/lib.sh"
@@ -54,6 +58,7 @@ source "$(dirname "$0")/lib.sh"
 OUT="${1:-$ROOT/build/e2e-vllm/pd}"
 STOP_AFTER="${E2E_STOP_AFTER:-8}"
 P_ROLE="${P_ROLE:-kv_both}"
+D_ROLE="${D_ROLE:-kv_both}"  # kv_both: D saves its decode blocks (multiturn_check.py)
 
 e2e_begin "$OUT"
 pd_begin
@@ -88,6 +93,7 @@ wait "$CMP" || true
 snap normal-after
 log "phase 1 (normal): $(tail -1 "$OUT/normal-compare.txt") in $((SECONDS - t)) s"
 evaluate normal || rc=1
+"$PY" "$HERE/multiturn_check.py" --router "$ROUTER_URL" --ref "http://127.0.0.1:$REF" --p "http://127.0.0.1:$PP" --model "$MODEL" || rc=1
 
 # ------------------------------------------------ 2. engine killed mid-run
 t=$SECONDS
@@ -173,6 +179,7 @@ connector_messages | sed 's/^/[pd] connector said (phase 4): /'
 # or give different outputs.
 stop ref p d
 for n in ref p d; do mv "$OUT/$n.log" "$OUT/$n-phases1-4.log"; done
+D_ROLE=kv_consumer  # as hybrid_check.sh: D loads, P alone saves
 hybrid_phase gemma3 4 --corrupt || rc=1
 hybrid_phase qwen3.5 5 || rc=1
 pd_leftovers || rc=1

@@ -364,6 +364,9 @@ class EngineClient:
     def release(self, lease_id: str = "", transfer_id: str = "", timeout_s: float = 2.0) -> None:
         self._call("Release", pb.ReleaseRequest(lease_id=lease_id, transfer_id=transfer_id), timeout_s)
 
+    def block_events(self, req: pb.BlockEventsRequest, timeout_s: float) -> pb.BlockEventsResponse:
+        return self._call("BlockEvents", req, timeout_s)
+
     def health(self, timeout_s: float = 2.0) -> pb.HealthResponse:
         return self._call("Health", pb.HealthRequest(), timeout_s)
 

@@ -34,6 +34,7 @@ from .compat import (
 )
 from .config import ConnectorConfig
 from .groups import BLOCK_KINDS, STATE, GroupPlan
+from .kv_events import Event, KVEventsTracker
 from .metadata import LoadSpec, PegaConnectorMetadata, SaveSpec
 from .metrics import Metrics
 from .namespace import SchedulerNamespace
@@ -90,6 +91,36 @@ class SchedulerCore:
         if (reason := disabled_reason(instance_id)) is not None:
             self.disable(reason)
         client.add_on_connect(self._namespace.on_connect)
+        # KV events (kv_events.py), when vLLM publishes them: the groups
+        # advertised are the full-attention ones (vLLM's consumers index
+        # prefix blocks; a window's blocks are not a prefix).
+        self.events: KVEventsTracker | None = None
+        self._event_groups = frozenset(plan.by_kind("full"))
+
+    def enable_kv_events(self) -> None:
+        """Publish the CPU tier as vLLM KV events (take_events)."""
+        self.events = KVEventsTracker(self.client, self.metrics, block_size=self.bs,
+                                      submit=self._pool.submit, namespace_id=self.namespace_id)
+
+    def take_events(self) -> list[Event]:
+        """This step's KV events (vLLM's scheduler publishes them)."""
+        if self.events is None:
+            return []
+        if self.disabled:
+            self.events.stop(f"the connector stopped using the engine ({self.disabled})")
+        return self.events.take()
+
+    def _note(self, request: Any, items: Any, hashes: list[Any]) -> None:
+        """Tell the events tracker the tokens of the blocks about to be
+        saved or loaded: (group, hash index) items."""
+        ev = self.events
+        if ev is None:
+            return
+        tokens = getattr(request, "all_token_ids", None) or ()
+        for g, i in items:
+            if g in self._event_groups:
+                ev.note(g, hash_bytes(hashes[i]), hash_bytes(hashes[i - 1]) if i > 0 else None,
+                        tokens[i * self.bs:(i + 1) * self.bs])
 
     def disable(self, reason: str) -> None:
         """A worker rank could not start: stop planning saves and loads
@@ -294,6 +325,7 @@ class SchedulerCore:
             st.load = LoadSpec(st.req_id, ids[start:end],
                                [hash_bytes(h) for h in hashes[start:end]],
                                lease_id=st.memo.lease, transfer_id=tid)
+            self._note(request, ((0, i) for i in range(start, end)), hashes)
         else:
             # Per group, the blocks vLLM allocated for the hit: the null
             # block (0) where the group needs nothing (out of the window,
@@ -315,6 +347,8 @@ class SchedulerCore:
                 return
             st.load = LoadSpec(st.req_id, b_ids, b_hashes, lease_id=st.memo.lease,
                                transfer_id=tid, groups=b_groups)
+            self._note(request, ((g, i) for g in self.plan.indices
+                                 for i in range(start, min(end, len(hashes)))), hashes)
         self.metrics.inc("external_hit_tokens", num_external_tokens)
         st.memo.lease = ""  # the load's, released by the engine once every rank loaded
         st.memo.key = None
@@ -502,6 +536,7 @@ class SchedulerCore:
                 items.append((g, b, i))
                 if i == need:
                     cur.state_ready.add(g)
+        self._note(req, ((g, i) for g, _, i in items), hashes)
         f = st.prompt_blocks
         tagged: list[tuple[int, int, int]] = []
         rest: list[tuple[int, int, int]] = []

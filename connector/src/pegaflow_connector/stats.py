@@ -36,6 +36,12 @@ EXPORTED: dict[str, tuple[str, str]] = {
                                   "Preempted requests whose save was cancelled (wait timed out)"),
     "queries_failed": ("query_failures", "Query RPCs that failed"),
     "connector_disabled": ("disabled", "Processes whose connector could not start"),
+    "kv_events_stored_blocks": ("kv_events_stored_blocks",
+                                "Blocks published as BlockStored (medium CPU, KV events)"),
+    "kv_events_removed_blocks": ("kv_events_removed_blocks",
+                                 "Blocks published as BlockRemoved (medium CPU, KV events)"),
+    "kv_events_resyncs": ("kv_events_resyncs",
+                          "KV event resyncs: the engine restarted or its feed overran the reader"),
 }
 
 

@@ -33,9 +33,11 @@ from .compat import (
     init_connector_base,
     kv_cache_num_blocks,
     kv_engine_id,
+    kv_events_enabled,
     preemption_ids_arg,
     require_supported_vllm,
     role_is_scheduler,
+    vllm_kv_events,
 )
 from .disabled import DisabledWorker
 from .groups import GroupPlan, plan_groups
@@ -157,6 +159,8 @@ class PegaFlowConnector(KVConnectorBase_V1, SupportsHMA):
                                         load_enabled=self._load_enabled,
                                         save_enabled=self._save_enabled, metrics=self._metrics,
                                         plan=groups)
+            if kv_events_enabled(vc):
+                self._sched.enable_kv_events()
         else:
             # A marker left by an earlier run of this instance is stale now.
             clear_disabled(self.instance_id, self._rank)
@@ -416,8 +420,13 @@ class PegaFlowConnector(KVConnectorBase_V1, SupportsHMA):
                            per_engine_labelvalues: dict[int, list[object]]) -> PegaFlowPromMetrics:
         return PegaFlowPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
-    def take_events(self) -> tuple[()]:
-        return ()
+    @_guard(lambda self, *a, **k: [])
+    def take_events(self) -> list[Any]:
+        """The CPU tier's KV events since the last step (kv_events.py), as
+        vLLM's classes; vLLM's scheduler publishes them with its own."""
+        if self._sched is None or self._sched.events is None:
+            return []
+        return vllm_kv_events(self._sched.take_events(), self.block_size)
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:

@@ -80,6 +80,64 @@ func (BlockStatus) EnumDescriptor() ([]byte, []int) {
 	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{0}
 }
 
+type BlockEventKind int32
+
+const (
+	BlockEventKind_BLOCK_EVENT_KIND_UNSPECIFIED BlockEventKind = 0
+	// The block sealed (every rank saved it, or a peer fetch completed):
+	// it is in the pool from now on.
+	BlockEventKind_BLOCK_EVENT_KIND_STORED BlockEventKind = 1
+	// A rank-0 save found the block already sealed, or a rank-0 load read
+	// it: it is in the pool now (lets a reader that learned the block's
+	// tokens after it sealed advertise it).
+	BlockEventKind_BLOCK_EVENT_KIND_PRESENT BlockEventKind = 2
+	// The block left the pool (evicted, or dropped).
+	BlockEventKind_BLOCK_EVENT_KIND_REMOVED BlockEventKind = 3
+)
+
+// Enum value maps for BlockEventKind.
+var (
+	BlockEventKind_name = map[int32]string{
+		0: "BLOCK_EVENT_KIND_UNSPECIFIED",
+		1: "BLOCK_EVENT_KIND_STORED",
+		2: "BLOCK_EVENT_KIND_PRESENT",
+		3: "BLOCK_EVENT_KIND_REMOVED",
+	}
+	BlockEventKind_value = map[string]int32{
+		"BLOCK_EVENT_KIND_UNSPECIFIED": 0,
+		"BLOCK_EVENT_KIND_STORED":      1,
+		"BLOCK_EVENT_KIND_PRESENT":     2,
+		"BLOCK_EVENT_KIND_REMOVED":     3,
+	}
+)
+
+func (x BlockEventKind) Enum() *BlockEventKind {
+	p := new(BlockEventKind)
+	*p = x
+	return p
+}
+
+func (x BlockEventKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (BlockEventKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_pegaflow_v1_engine_proto_enumTypes[1].Descriptor()
+}
+
+func (BlockEventKind) Type() protoreflect.EnumType {
+	return &file_pegaflow_v1_engine_proto_enumTypes[1]
+}
+
+func (x BlockEventKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use BlockEventKind.Descriptor instead.
+func (BlockEventKind) EnumDescriptor() ([]byte, []int) {
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{1}
+}
+
 type AttachRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Free-form client description for logs, e.g. "vllm-worker pid=123 rank=0".
@@ -1708,6 +1766,237 @@ func (*ReleaseResponse) Descriptor() ([]byte, []int) {
 	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{21}
 }
 
+type BlockEvent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Seq           uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"` // the feed's position, from 1, gapless
+	Kind          BlockEventKind         `protobuf:"varint,2,opt,name=kind,proto3,enum=pegaflow.v1.BlockEventKind" json:"kind,omitempty"`
+	Group         uint32                 `protobuf:"varint,3,opt,name=group,proto3" json:"group,omitempty"` // KVGroup.index (0 without groups)
+	Hash          []byte                 `protobuf:"bytes,4,opt,name=hash,proto3" json:"hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlockEvent) Reset() {
+	*x = BlockEvent{}
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlockEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlockEvent) ProtoMessage() {}
+
+func (x *BlockEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlockEvent.ProtoReflect.Descriptor instead.
+func (*BlockEvent) Descriptor() ([]byte, []int) {
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *BlockEvent) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *BlockEvent) GetKind() BlockEventKind {
+	if x != nil {
+		return x.Kind
+	}
+	return BlockEventKind_BLOCK_EVENT_KIND_UNSPECIFIED
+}
+
+func (x *BlockEvent) GetGroup() uint32 {
+	if x != nil {
+		return x.Group
+	}
+	return 0
+}
+
+func (x *BlockEvent) GetHash() []byte {
+	if x != nil {
+		return x.Hash
+	}
+	return nil
+}
+
+type BlockEventsRequest struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	SessionId   string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	NamespaceId string                 `protobuf:"bytes,2,opt,name=namespace_id,json=namespaceId,proto3" json:"namespace_id,omitempty"`
+	// The last seq the caller read (the `next` of its previous answer).
+	After uint64 `protobuf:"varint,3,opt,name=after,proto3" json:"after,omitempty"`
+	// At most this many events (0 or more than the engine's cap: the cap).
+	MaxEvents uint32 `protobuf:"varint,4,opt,name=max_events,json=maxEvents,proto3" json:"max_events,omitempty"`
+	// The epoch of the engine the cursor came from (its previous answer's).
+	// "": the first call, which starts now (no past events, `after`
+	// ignored). Another epoch (the engine restarted) voids the cursor: the
+	// answer starts now, with restarted = true.
+	Epoch         string `protobuf:"bytes,5,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlockEventsRequest) Reset() {
+	*x = BlockEventsRequest{}
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlockEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlockEventsRequest) ProtoMessage() {}
+
+func (x *BlockEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlockEventsRequest.ProtoReflect.Descriptor instead.
+func (*BlockEventsRequest) Descriptor() ([]byte, []int) {
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *BlockEventsRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+func (x *BlockEventsRequest) GetNamespaceId() string {
+	if x != nil {
+		return x.NamespaceId
+	}
+	return ""
+}
+
+func (x *BlockEventsRequest) GetAfter() uint64 {
+	if x != nil {
+		return x.After
+	}
+	return 0
+}
+
+func (x *BlockEventsRequest) GetMaxEvents() uint32 {
+	if x != nil {
+		return x.MaxEvents
+	}
+	return 0
+}
+
+func (x *BlockEventsRequest) GetEpoch() string {
+	if x != nil {
+		return x.Epoch
+	}
+	return ""
+}
+
+type BlockEventsResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Events []*BlockEvent          `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"` // in seq order
+	// The cursor to send as `after` next time.
+	Next uint64 `protobuf:"varint,2,opt,name=next,proto3" json:"next,omitempty"`
+	// Events after the caller's cursor were overwritten before it read
+	// them (the feed is a bounded ring): the caller must resync.
+	Gap   bool   `protobuf:"varint,3,opt,name=gap,proto3" json:"gap,omitempty"`
+	Epoch string `protobuf:"bytes,4,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// The request named another epoch: everything learned from the old
+	// engine is void.
+	Restarted     bool `protobuf:"varint,5,opt,name=restarted,proto3" json:"restarted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlockEventsResponse) Reset() {
+	*x = BlockEventsResponse{}
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlockEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlockEventsResponse) ProtoMessage() {}
+
+func (x *BlockEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlockEventsResponse.ProtoReflect.Descriptor instead.
+func (*BlockEventsResponse) Descriptor() ([]byte, []int) {
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *BlockEventsResponse) GetEvents() []*BlockEvent {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *BlockEventsResponse) GetNext() uint64 {
+	if x != nil {
+		return x.Next
+	}
+	return 0
+}
+
+func (x *BlockEventsResponse) GetGap() bool {
+	if x != nil {
+		return x.Gap
+	}
+	return false
+}
+
+func (x *BlockEventsResponse) GetEpoch() string {
+	if x != nil {
+		return x.Epoch
+	}
+	return ""
+}
+
+func (x *BlockEventsResponse) GetRestarted() bool {
+	if x != nil {
+		return x.Restarted
+	}
+	return false
+}
+
 type HealthRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1716,7 +2005,7 @@ type HealthRequest struct {
 
 func (x *HealthRequest) Reset() {
 	*x = HealthRequest{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[22]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1728,7 +2017,7 @@ func (x *HealthRequest) String() string {
 func (*HealthRequest) ProtoMessage() {}
 
 func (x *HealthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[22]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1741,7 +2030,7 @@ func (x *HealthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthRequest.ProtoReflect.Descriptor instead.
 func (*HealthRequest) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{22}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{25}
 }
 
 type HealthResponse struct {
@@ -1755,7 +2044,7 @@ type HealthResponse struct {
 
 func (x *HealthResponse) Reset() {
 	*x = HealthResponse{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[23]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1767,7 +2056,7 @@ func (x *HealthResponse) String() string {
 func (*HealthResponse) ProtoMessage() {}
 
 func (x *HealthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[23]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1780,7 +2069,7 @@ func (x *HealthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthResponse.ProtoReflect.Descriptor instead.
 func (*HealthResponse) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{23}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *HealthResponse) GetStatus() string {
@@ -1812,7 +2101,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[24]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1824,7 +2113,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[24]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1837,7 +2126,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{24}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{27}
 }
 
 type StatsResponse struct {
@@ -1864,7 +2153,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[25]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1876,7 +2165,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_pegaflow_v1_engine_proto_msgTypes[25]
+	mi := &file_pegaflow_v1_engine_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1889,7 +2178,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{25}
+	return file_pegaflow_v1_engine_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StatsResponse) GetPoolCapacityBytes() uint64 {
@@ -2154,7 +2443,27 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\blease_id\x18\x02 \x01(\tR\aleaseId\x12\x1f\n" +
 	"\vtransfer_id\x18\x03 \x01(\tR\n" +
 	"transferId\"\x11\n" +
-	"\x0fReleaseResponse\"\x0f\n" +
+	"\x0fReleaseResponse\"y\n" +
+	"\n" +
+	"BlockEvent\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12/\n" +
+	"\x04kind\x18\x02 \x01(\x0e2\x1b.pegaflow.v1.BlockEventKindR\x04kind\x12\x14\n" +
+	"\x05group\x18\x03 \x01(\rR\x05group\x12\x12\n" +
+	"\x04hash\x18\x04 \x01(\fR\x04hash\"\xa1\x01\n" +
+	"\x12BlockEventsRequest\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x01 \x01(\tR\tsessionId\x12!\n" +
+	"\fnamespace_id\x18\x02 \x01(\tR\vnamespaceId\x12\x14\n" +
+	"\x05after\x18\x03 \x01(\x04R\x05after\x12\x1d\n" +
+	"\n" +
+	"max_events\x18\x04 \x01(\rR\tmaxEvents\x12\x14\n" +
+	"\x05epoch\x18\x05 \x01(\tR\x05epoch\"\xa0\x01\n" +
+	"\x13BlockEventsResponse\x12/\n" +
+	"\x06events\x18\x01 \x03(\v2\x17.pegaflow.v1.BlockEventR\x06events\x12\x12\n" +
+	"\x04next\x18\x02 \x01(\x04R\x04next\x12\x10\n" +
+	"\x03gap\x18\x03 \x01(\bR\x03gap\x12\x14\n" +
+	"\x05epoch\x18\x04 \x01(\tR\x05epoch\x12\x1c\n" +
+	"\trestarted\x18\x05 \x01(\bR\trestarted\"\x0f\n" +
 	"\rHealthRequest\"\\\n" +
 	"\x0eHealthResponse\x12\x16\n" +
 	"\x06status\x18\x01 \x01(\tR\x06status\x12\x18\n" +
@@ -2186,7 +2495,12 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\x18BLOCK_STATUS_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fBLOCK_STATUS_OK\x10\x01\x12\x18\n" +
 	"\x14BLOCK_STATUS_MISSING\x10\x02\x12\x17\n" +
-	"\x13BLOCK_STATUS_FAILED\x10\x032\xbe\x05\n" +
+	"\x13BLOCK_STATUS_FAILED\x10\x03*\x8b\x01\n" +
+	"\x0eBlockEventKind\x12 \n" +
+	"\x1cBLOCK_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17BLOCK_EVENT_KIND_STORED\x10\x01\x12\x1c\n" +
+	"\x18BLOCK_EVENT_KIND_PRESENT\x10\x02\x12\x1c\n" +
+	"\x18BLOCK_EVENT_KIND_REMOVED\x10\x032\x90\x06\n" +
 	"\x06Engine\x12A\n" +
 	"\x06Attach\x12\x1a.pegaflow.v1.AttachRequest\x1a\x19.pegaflow.v1.SessionEvent0\x01\x12V\n" +
 	"\rOpenNamespace\x12!.pegaflow.v1.OpenNamespaceRequest\x1a\".pegaflow.v1.OpenNamespaceResponse\x12G\n" +
@@ -2196,7 +2510,8 @@ const file_pegaflow_v1_engine_proto_rawDesc = "" +
 	"\x04Save\x12\x18.pegaflow.v1.SaveRequest\x1a\x19.pegaflow.v1.SaveResponse\x12;\n" +
 	"\x04Load\x12\x18.pegaflow.v1.LoadRequest\x1a\x19.pegaflow.v1.LoadResponse\x12>\n" +
 	"\x05Query\x12\x19.pegaflow.v1.QueryRequest\x1a\x1a.pegaflow.v1.QueryResponse\x12D\n" +
-	"\aRelease\x12\x1b.pegaflow.v1.ReleaseRequest\x1a\x1c.pegaflow.v1.ReleaseResponse\x12A\n" +
+	"\aRelease\x12\x1b.pegaflow.v1.ReleaseRequest\x1a\x1c.pegaflow.v1.ReleaseResponse\x12P\n" +
+	"\vBlockEvents\x12\x1f.pegaflow.v1.BlockEventsRequest\x1a .pegaflow.v1.BlockEventsResponse\x12A\n" +
 	"\x06Health\x12\x1a.pegaflow.v1.HealthRequest\x1a\x1b.pegaflow.v1.HealthResponse\x12>\n" +
 	"\x05Stats\x12\x19.pegaflow.v1.StatsRequest\x1a\x1a.pegaflow.v1.StatsResponseB?Z=github.com/pegaflow/pegaflow/engine/api/pegaflowv1;pegaflowv1b\x06proto3"
 
@@ -2212,74 +2527,82 @@ func file_pegaflow_v1_engine_proto_rawDescGZIP() []byte {
 	return file_pegaflow_v1_engine_proto_rawDescData
 }
 
-var file_pegaflow_v1_engine_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_pegaflow_v1_engine_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_pegaflow_v1_engine_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_pegaflow_v1_engine_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_pegaflow_v1_engine_proto_goTypes = []any{
 	(BlockStatus)(0),              // 0: pegaflow.v1.BlockStatus
-	(*AttachRequest)(nil),         // 1: pegaflow.v1.AttachRequest
-	(*SessionEvent)(nil),          // 2: pegaflow.v1.SessionEvent
-	(*Namespace)(nil),             // 3: pegaflow.v1.Namespace
-	(*KVGroup)(nil),               // 4: pegaflow.v1.KVGroup
-	(*OpenNamespaceRequest)(nil),  // 5: pegaflow.v1.OpenNamespaceRequest
-	(*OpenNamespaceResponse)(nil), // 6: pegaflow.v1.OpenNamespaceResponse
-	(*MemoryRegion)(nil),          // 7: pegaflow.v1.MemoryRegion
-	(*Segment)(nil),               // 8: pegaflow.v1.Segment
-	(*LayerLayout)(nil),           // 9: pegaflow.v1.LayerLayout
-	(*RegisterRequest)(nil),       // 10: pegaflow.v1.RegisterRequest
-	(*RegisterResponse)(nil),      // 11: pegaflow.v1.RegisterResponse
-	(*UnregisterRequest)(nil),     // 12: pegaflow.v1.UnregisterRequest
-	(*UnregisterResponse)(nil),    // 13: pegaflow.v1.UnregisterResponse
-	(*BlockRef)(nil),              // 14: pegaflow.v1.BlockRef
-	(*SaveRequest)(nil),           // 15: pegaflow.v1.SaveRequest
-	(*SaveResponse)(nil),          // 16: pegaflow.v1.SaveResponse
-	(*LoadRequest)(nil),           // 17: pegaflow.v1.LoadRequest
-	(*LoadResponse)(nil),          // 18: pegaflow.v1.LoadResponse
-	(*QueryRequest)(nil),          // 19: pegaflow.v1.QueryRequest
-	(*QueryResponse)(nil),         // 20: pegaflow.v1.QueryResponse
-	(*ReleaseRequest)(nil),        // 21: pegaflow.v1.ReleaseRequest
-	(*ReleaseResponse)(nil),       // 22: pegaflow.v1.ReleaseResponse
-	(*HealthRequest)(nil),         // 23: pegaflow.v1.HealthRequest
-	(*HealthResponse)(nil),        // 24: pegaflow.v1.HealthResponse
-	(*StatsRequest)(nil),          // 25: pegaflow.v1.StatsRequest
-	(*StatsResponse)(nil),         // 26: pegaflow.v1.StatsResponse
-	nil,                           // 27: pegaflow.v1.Namespace.ExtraEntry
+	(BlockEventKind)(0),           // 1: pegaflow.v1.BlockEventKind
+	(*AttachRequest)(nil),         // 2: pegaflow.v1.AttachRequest
+	(*SessionEvent)(nil),          // 3: pegaflow.v1.SessionEvent
+	(*Namespace)(nil),             // 4: pegaflow.v1.Namespace
+	(*KVGroup)(nil),               // 5: pegaflow.v1.KVGroup
+	(*OpenNamespaceRequest)(nil),  // 6: pegaflow.v1.OpenNamespaceRequest
+	(*OpenNamespaceResponse)(nil), // 7: pegaflow.v1.OpenNamespaceResponse
+	(*MemoryRegion)(nil),          // 8: pegaflow.v1.MemoryRegion
+	(*Segment)(nil),               // 9: pegaflow.v1.Segment
+	(*LayerLayout)(nil),           // 10: pegaflow.v1.LayerLayout
+	(*RegisterRequest)(nil),       // 11: pegaflow.v1.RegisterRequest
+	(*RegisterResponse)(nil),      // 12: pegaflow.v1.RegisterResponse
+	(*UnregisterRequest)(nil),     // 13: pegaflow.v1.UnregisterRequest
+	(*UnregisterResponse)(nil),    // 14: pegaflow.v1.UnregisterResponse
+	(*BlockRef)(nil),              // 15: pegaflow.v1.BlockRef
+	(*SaveRequest)(nil),           // 16: pegaflow.v1.SaveRequest
+	(*SaveResponse)(nil),          // 17: pegaflow.v1.SaveResponse
+	(*LoadRequest)(nil),           // 18: pegaflow.v1.LoadRequest
+	(*LoadResponse)(nil),          // 19: pegaflow.v1.LoadResponse
+	(*QueryRequest)(nil),          // 20: pegaflow.v1.QueryRequest
+	(*QueryResponse)(nil),         // 21: pegaflow.v1.QueryResponse
+	(*ReleaseRequest)(nil),        // 22: pegaflow.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),       // 23: pegaflow.v1.ReleaseResponse
+	(*BlockEvent)(nil),            // 24: pegaflow.v1.BlockEvent
+	(*BlockEventsRequest)(nil),    // 25: pegaflow.v1.BlockEventsRequest
+	(*BlockEventsResponse)(nil),   // 26: pegaflow.v1.BlockEventsResponse
+	(*HealthRequest)(nil),         // 27: pegaflow.v1.HealthRequest
+	(*HealthResponse)(nil),        // 28: pegaflow.v1.HealthResponse
+	(*StatsRequest)(nil),          // 29: pegaflow.v1.StatsRequest
+	(*StatsResponse)(nil),         // 30: pegaflow.v1.StatsResponse
+	nil,                           // 31: pegaflow.v1.Namespace.ExtraEntry
 }
 var file_pegaflow_v1_engine_proto_depIdxs = []int32{
-	27, // 0: pegaflow.v1.Namespace.extra:type_name -> pegaflow.v1.Namespace.ExtraEntry
-	4,  // 1: pegaflow.v1.Namespace.groups:type_name -> pegaflow.v1.KVGroup
-	3,  // 2: pegaflow.v1.OpenNamespaceRequest.namespace:type_name -> pegaflow.v1.Namespace
-	8,  // 3: pegaflow.v1.LayerLayout.segments:type_name -> pegaflow.v1.Segment
-	3,  // 4: pegaflow.v1.RegisterRequest.namespace:type_name -> pegaflow.v1.Namespace
-	7,  // 5: pegaflow.v1.RegisterRequest.regions:type_name -> pegaflow.v1.MemoryRegion
-	9,  // 6: pegaflow.v1.RegisterRequest.layers:type_name -> pegaflow.v1.LayerLayout
-	14, // 7: pegaflow.v1.SaveRequest.blocks:type_name -> pegaflow.v1.BlockRef
-	14, // 8: pegaflow.v1.LoadRequest.blocks:type_name -> pegaflow.v1.BlockRef
+	31, // 0: pegaflow.v1.Namespace.extra:type_name -> pegaflow.v1.Namespace.ExtraEntry
+	5,  // 1: pegaflow.v1.Namespace.groups:type_name -> pegaflow.v1.KVGroup
+	4,  // 2: pegaflow.v1.OpenNamespaceRequest.namespace:type_name -> pegaflow.v1.Namespace
+	9,  // 3: pegaflow.v1.LayerLayout.segments:type_name -> pegaflow.v1.Segment
+	4,  // 4: pegaflow.v1.RegisterRequest.namespace:type_name -> pegaflow.v1.Namespace
+	8,  // 5: pegaflow.v1.RegisterRequest.regions:type_name -> pegaflow.v1.MemoryRegion
+	10, // 6: pegaflow.v1.RegisterRequest.layers:type_name -> pegaflow.v1.LayerLayout
+	15, // 7: pegaflow.v1.SaveRequest.blocks:type_name -> pegaflow.v1.BlockRef
+	15, // 8: pegaflow.v1.LoadRequest.blocks:type_name -> pegaflow.v1.BlockRef
 	0,  // 9: pegaflow.v1.LoadResponse.status:type_name -> pegaflow.v1.BlockStatus
-	1,  // 10: pegaflow.v1.Engine.Attach:input_type -> pegaflow.v1.AttachRequest
-	5,  // 11: pegaflow.v1.Engine.OpenNamespace:input_type -> pegaflow.v1.OpenNamespaceRequest
-	10, // 12: pegaflow.v1.Engine.Register:input_type -> pegaflow.v1.RegisterRequest
-	12, // 13: pegaflow.v1.Engine.Unregister:input_type -> pegaflow.v1.UnregisterRequest
-	15, // 14: pegaflow.v1.Engine.Save:input_type -> pegaflow.v1.SaveRequest
-	17, // 15: pegaflow.v1.Engine.Load:input_type -> pegaflow.v1.LoadRequest
-	19, // 16: pegaflow.v1.Engine.Query:input_type -> pegaflow.v1.QueryRequest
-	21, // 17: pegaflow.v1.Engine.Release:input_type -> pegaflow.v1.ReleaseRequest
-	23, // 18: pegaflow.v1.Engine.Health:input_type -> pegaflow.v1.HealthRequest
-	25, // 19: pegaflow.v1.Engine.Stats:input_type -> pegaflow.v1.StatsRequest
-	2,  // 20: pegaflow.v1.Engine.Attach:output_type -> pegaflow.v1.SessionEvent
-	6,  // 21: pegaflow.v1.Engine.OpenNamespace:output_type -> pegaflow.v1.OpenNamespaceResponse
-	11, // 22: pegaflow.v1.Engine.Register:output_type -> pegaflow.v1.RegisterResponse
-	13, // 23: pegaflow.v1.Engine.Unregister:output_type -> pegaflow.v1.UnregisterResponse
-	16, // 24: pegaflow.v1.Engine.Save:output_type -> pegaflow.v1.SaveResponse
-	18, // 25: pegaflow.v1.Engine.Load:output_type -> pegaflow.v1.LoadResponse
-	20, // 26: pegaflow.v1.Engine.Query:output_type -> pegaflow.v1.QueryResponse
-	22, // 27: pegaflow.v1.Engine.Release:output_type -> pegaflow.v1.ReleaseResponse
-	24, // 28: pegaflow.v1.Engine.Health:output_type -> pegaflow.v1.HealthResponse
-	26, // 29: pegaflow.v1.Engine.Stats:output_type -> pegaflow.v1.StatsResponse
-	20, // [20:30] is the sub-list for method output_type
-	10, // [10:20] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	1,  // 10: pegaflow.v1.BlockEvent.kind:type_name -> pegaflow.v1.BlockEventKind
+	24, // 11: pegaflow.v1.BlockEventsResponse.events:type_name -> pegaflow.v1.BlockEvent
+	2,  // 12: pegaflow.v1.Engine.Attach:input_type -> pegaflow.v1.AttachRequest
+	6,  // 13: pegaflow.v1.Engine.OpenNamespace:input_type -> pegaflow.v1.OpenNamespaceRequest
+	11, // 14: pegaflow.v1.Engine.Register:input_type -> pegaflow.v1.RegisterRequest
+	13, // 15: pegaflow.v1.Engine.Unregister:input_type -> pegaflow.v1.UnregisterRequest
+	16, // 16: pegaflow.v1.Engine.Save:input_type -> pegaflow.v1.SaveRequest
+	18, // 17: pegaflow.v1.Engine.Load:input_type -> pegaflow.v1.LoadRequest
+	20, // 18: pegaflow.v1.Engine.Query:input_type -> pegaflow.v1.QueryRequest
+	22, // 19: pegaflow.v1.Engine.Release:input_type -> pegaflow.v1.ReleaseRequest
+	25, // 20: pegaflow.v1.Engine.BlockEvents:input_type -> pegaflow.v1.BlockEventsRequest
+	27, // 21: pegaflow.v1.Engine.Health:input_type -> pegaflow.v1.HealthRequest
+	29, // 22: pegaflow.v1.Engine.Stats:input_type -> pegaflow.v1.StatsRequest
+	3,  // 23: pegaflow.v1.Engine.Attach:output_type -> pegaflow.v1.SessionEvent
+	7,  // 24: pegaflow.v1.Engine.OpenNamespace:output_type -> pegaflow.v1.OpenNamespaceResponse
+	12, // 25: pegaflow.v1.Engine.Register:output_type -> pegaflow.v1.RegisterResponse
+	14, // 26: pegaflow.v1.Engine.Unregister:output_type -> pegaflow.v1.UnregisterResponse
+	17, // 27: pegaflow.v1.Engine.Save:output_type -> pegaflow.v1.SaveResponse
+	19, // 28: pegaflow.v1.Engine.Load:output_type -> pegaflow.v1.LoadResponse
+	21, // 29: pegaflow.v1.Engine.Query:output_type -> pegaflow.v1.QueryResponse
+	23, // 30: pegaflow.v1.Engine.Release:output_type -> pegaflow.v1.ReleaseResponse
+	26, // 31: pegaflow.v1.Engine.BlockEvents:output_type -> pegaflow.v1.BlockEventsResponse
+	28, // 32: pegaflow.v1.Engine.Health:output_type -> pegaflow.v1.HealthResponse
+	30, // 33: pegaflow.v1.Engine.Stats:output_type -> pegaflow.v1.StatsResponse
+	23, // [23:34] is the sub-list for method output_type
+	12, // [12:23] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_pegaflow_v1_engine_proto_init() }
@@ -2296,8 +2619,8 @@ func file_pegaflow_v1_engine_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_pegaflow_v1_engine_proto_rawDesc), len(file_pegaflow_v1_engine_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   27,
+			NumEnums:      2,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -34,6 +34,7 @@ const (
 	Engine_Load_FullMethodName          = "/pegaflow.v1.Engine/Load"
 	Engine_Query_FullMethodName         = "/pegaflow.v1.Engine/Query"
 	Engine_Release_FullMethodName       = "/pegaflow.v1.Engine/Release"
+	Engine_BlockEvents_FullMethodName   = "/pegaflow.v1.Engine/BlockEvents"
 	Engine_Health_FullMethodName        = "/pegaflow.v1.Engine/Health"
 	Engine_Stats_FullMethodName         = "/pegaflow.v1.Engine/Stats"
 )
@@ -65,6 +66,11 @@ type EngineClient interface {
 	Query(ctx context.Context, in *QueryRequest, opts ...grpc.CallOption) (*QueryResponse, error)
 	// Release drops a lease or a transfer pin.
 	Release(ctx context.Context, in *ReleaseRequest, opts ...grpc.CallOption) (*ReleaseResponse, error)
+	// BlockEvents reads a namespace's feed of block events (sealed, still
+	// present, removed) after a cursor: what a scheduler publishes as vLLM KV
+	// events (medium CPU). Polled; bounded per call; only a session that uses
+	// the namespace (opened, queried or registered in it) may read it.
+	BlockEvents(ctx context.Context, in *BlockEventsRequest, opts ...grpc.CallOption) (*BlockEventsResponse, error)
 	Health(ctx context.Context, in *HealthRequest, opts ...grpc.CallOption) (*HealthResponse, error)
 	Stats(ctx context.Context, in *StatsRequest, opts ...grpc.CallOption) (*StatsResponse, error)
 }
@@ -166,6 +172,16 @@ func (c *engineClient) Release(ctx context.Context, in *ReleaseRequest, opts ...
 	return out, nil
 }
 
+func (c *engineClient) BlockEvents(ctx context.Context, in *BlockEventsRequest, opts ...grpc.CallOption) (*BlockEventsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BlockEventsResponse)
+	err := c.cc.Invoke(ctx, Engine_BlockEvents_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *engineClient) Health(ctx context.Context, in *HealthRequest, opts ...grpc.CallOption) (*HealthResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(HealthResponse)
@@ -213,6 +229,11 @@ type EngineServer interface {
 	Query(context.Context, *QueryRequest) (*QueryResponse, error)
 	// Release drops a lease or a transfer pin.
 	Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error)
+	// BlockEvents reads a namespace's feed of block events (sealed, still
+	// present, removed) after a cursor: what a scheduler publishes as vLLM KV
+	// events (medium CPU). Polled; bounded per call; only a session that uses
+	// the namespace (opened, queried or registered in it) may read it.
+	BlockEvents(context.Context, *BlockEventsRequest) (*BlockEventsResponse, error)
 	Health(context.Context, *HealthRequest) (*HealthResponse, error)
 	Stats(context.Context, *StatsRequest) (*StatsResponse, error)
 	mustEmbedUnimplementedEngineServer()
@@ -248,6 +269,9 @@ func (UnimplementedEngineServer) Query(context.Context, *QueryRequest) (*QueryRe
 }
 func (UnimplementedEngineServer) Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Release not implemented")
+}
+func (UnimplementedEngineServer) BlockEvents(context.Context, *BlockEventsRequest) (*BlockEventsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method BlockEvents not implemented")
 }
 func (UnimplementedEngineServer) Health(context.Context, *HealthRequest) (*HealthResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Health not implemented")
@@ -413,6 +437,24 @@ func _Engine_Release_Handler(srv interface{}, ctx context.Context, dec func(inte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Engine_BlockEvents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BlockEventsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(EngineServer).BlockEvents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Engine_BlockEvents_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(EngineServer).BlockEvents(ctx, req.(*BlockEventsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Engine_Health_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(HealthRequest)
 	if err := dec(in); err != nil {
@@ -483,6 +525,10 @@ var Engine_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Release",
 			Handler:    _Engine_Release_Handler,
+		},
+		{
+			MethodName: "BlockEvents",
+			Handler:    _Engine_BlockEvents_Handler,
 		},
 		{
 			MethodName: "Health",

@@ -12,10 +12,21 @@ class BlockStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BLOCK_STATUS_OK: _ClassVar[BlockStatus]
     BLOCK_STATUS_MISSING: _ClassVar[BlockStatus]
     BLOCK_STATUS_FAILED: _ClassVar[BlockStatus]
+
+class BlockEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BLOCK_EVENT_KIND_UNSPECIFIED: _ClassVar[BlockEventKind]
+    BLOCK_EVENT_KIND_STORED: _ClassVar[BlockEventKind]
+    BLOCK_EVENT_KIND_PRESENT: _ClassVar[BlockEventKind]
+    BLOCK_EVENT_KIND_REMOVED: _ClassVar[BlockEventKind]
 BLOCK_STATUS_UNSPECIFIED: BlockStatus
 BLOCK_STATUS_OK: BlockStatus
 BLOCK_STATUS_MISSING: BlockStatus
 BLOCK_STATUS_FAILED: BlockStatus
+BLOCK_EVENT_KIND_UNSPECIFIED: BlockEventKind
+BLOCK_EVENT_KIND_STORED: BlockEventKind
+BLOCK_EVENT_KIND_PRESENT: BlockEventKind
+BLOCK_EVENT_KIND_REMOVED: BlockEventKind
 
 class AttachRequest(_message.Message):
     __slots__ = ("client_name",)
@@ -289,6 +300,46 @@ class ReleaseRequest(_message.Message):
 class ReleaseResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class BlockEvent(_message.Message):
+    __slots__ = ("seq", "kind", "group", "hash")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    kind: BlockEventKind
+    group: int
+    hash: bytes
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[BlockEventKind, str]] = ..., group: _Optional[int] = ..., hash: _Optional[bytes] = ...) -> None: ...
+
+class BlockEventsRequest(_message.Message):
+    __slots__ = ("session_id", "namespace_id", "after", "max_events", "epoch")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    namespace_id: str
+    after: int
+    max_events: int
+    epoch: str
+    def __init__(self, session_id: _Optional[str] = ..., namespace_id: _Optional[str] = ..., after: _Optional[int] = ..., max_events: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...
+
+class BlockEventsResponse(_message.Message):
+    __slots__ = ("events", "next", "gap", "epoch", "restarted")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
+    GAP_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RESTARTED_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[BlockEvent]
+    next: int
+    gap: bool
+    epoch: str
+    restarted: bool
+    def __init__(self, events: _Optional[_Iterable[_Union[BlockEvent, _Mapping]]] = ..., next: _Optional[int] = ..., gap: bool = ..., epoch: _Optional[str] = ..., restarted: bool = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

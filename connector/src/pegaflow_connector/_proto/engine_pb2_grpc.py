@@ -74,6 +74,11 @@ class EngineStub(object):
                 request_serializer=pegaflow_dot_v1_dot_engine__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=pegaflow_dot_v1_dot_engine__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.BlockEvents = channel.unary_unary(
+                '/pegaflow.v1.Engine/BlockEvents',
+                request_serializer=pegaflow_dot_v1_dot_engine__pb2.BlockEventsRequest.SerializeToString,
+                response_deserializer=pegaflow_dot_v1_dot_engine__pb2.BlockEventsResponse.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/pegaflow.v1.Engine/Health',
                 request_serializer=pegaflow_dot_v1_dot_engine__pb2.HealthRequest.SerializeToString,
@@ -152,6 +157,16 @@ class EngineServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BlockEvents(self, request, context):
+        """BlockEvents reads a namespace's feed of block events (sealed, still
+        present, removed) after a cursor: what a scheduler publishes as vLLM KV
+        events (medium CPU). Polled; bounded per call; only a session that uses
+        the namespace (opened, queried or registered in it) may read it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -206,6 +221,11 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=pegaflow_dot_v1_dot_engine__pb2.ReleaseRequest.FromString,
                     response_serializer=pegaflow_dot_v1_dot_engine__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'BlockEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockEvents,
+                    request_deserializer=pegaflow_dot_v1_dot_engine__pb2.BlockEventsRequest.FromString,
+                    response_serializer=pegaflow_dot_v1_dot_engine__pb2.BlockEventsResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -434,6 +454,33 @@ class Engine(object):
             '/pegaflow.v1.Engine/Release',
             pegaflow_dot_v1_dot_engine__pb2.ReleaseRequest.SerializeToString,
             pegaflow_dot_v1_dot_engine__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pegaflow.v1.Engine/BlockEvents',
+            pegaflow_dot_v1_dot_engine__pb2.BlockEventsRequest.SerializeToString,
+            pegaflow_dot_v1_dot_engine__pb2.BlockEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,6 +26,7 @@ One module per concern:
     kv_groups.py  KV cache groups (hybrid allocator) and per-group block ids
     request.py    Request and SchedulerOutput: block hashes, P/D parameters, preemptions
     metrics.py    the stats and Prometheus base classes, the cache-hit source label
+    kv_events.py  vLLM's KV event classes and its event hash conversion
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from .config import (
     resolved_hash_seed,
     tensor_parallel_rank,
 )
+from .kv_events import kv_events_enabled, vllm_kv_events
 from .kv_groups import (
     GroupInfo,
     all_group_block_ids,
@@ -107,4 +109,5 @@ __all__ = [
     "preemption_ids_arg", "prefix_caching_hash_algo", "prom_counter_cls", "release_tuple",
     "request_block_hashes", "require_supported_vllm", "resolved_hash_seed", "resumed_req_ids",
     "role_is_scheduler", "tensor_parallel_rank", "unsupported_vllm_reason", "vllm_version",
+    "kv_events_enabled", "vllm_kv_events",
 ]

@@ -1,0 +1,163 @@
+package router
+
+import (
+	"bytes"
+	"encoding/binary"
+	"hash/maphash"
+	"sync"
+
+	"github.com/pegaflow/pegaflow/internal/vllmhash"
+)
+
+// hashMemo remembers vLLM block hashes: (parent hash, block tokens) ->
+// hash, for blocks whose extra keys are None (every block but a salted
+// first one). With the router's algorithm fixed (one memo per kvHasher),
+// those two determine the hash, the seed entering through NONE_HASH, the
+// first block's parent.
+//
+// Never a wrong hash: an entry is used only when its stored parent (all
+// 32 bytes) and tokens (all of them) equal the block's; the 64-bit
+// maphash key only finds candidates, so a collision costs a recompute,
+// never a wrong answer.
+//
+// Layout: a ring of fixed-size slots, written in batches (one prompt's
+// new blocks, in chain order, in consecutive slots), the oldest slot
+// overwritten first (FIFO). Only a batch's first entry is indexed by
+// key; a walk down a prompt tries the slot after the previous hit first,
+// which is where that block's successor was written, so a remembered
+// prefix costs a comparison per block and sequential memory reads, not
+// a hash and a map probe. A prefix that reaches the oldest half of the
+// ring is written anew when hit (kvHasher.blockHashes), so a hot one
+// survives.
+//
+// Memory: fixed at creation (the slots; the index holds at most one key
+// per slot). Concurrency: walks share a read lock, inserts take the
+// write lock; one of each per request.
+type hashMemo struct {
+	bs   int // tokens a block
+	size int // slots
+	seed maphash.Seed
+
+	mu      sync.RWMutex
+	parents []byte   // slot i: parents[i*HashLen:]
+	hashes  []byte   // slot i: hashes[i*HashLen:]
+	tokens  []uint32 // slot i: tokens[i*bs:]
+	seq     []uint64 // slot i's insertion number; 0: empty
+	key     []uint64 // slot i's index key, when head[i]
+	head    []bool   // slot i is indexed (the first of its batch)
+	index   map[uint64]int
+	written uint64 // insertions so far; the next goes to slot written % size
+}
+
+// memoSlotOverhead is a slot's bytes besides its hashes and tokens: seq,
+// key, head and, at worst, an index entry.
+const memoSlotOverhead = 8 + 8 + 1 + 32
+
+// newHashMemo is a memo of at most maxBytes for blocks of bs tokens, nil
+// when that holds too few slots to be of use.
+func newHashMemo(bs int, maxBytes uint64) *hashMemo {
+	slot := uint64(2*vllmhash.HashLen + 4*bs + memoSlotOverhead)
+	size := maxBytes / slot
+	if size < 64 {
+		return nil
+	}
+	n := int(size)
+	return &hashMemo{bs: bs, size: n, seed: maphash.MakeSeed(),
+		parents: make([]byte, n*vllmhash.HashLen), hashes: make([]byte, n*vllmhash.HashLen),
+		tokens: make([]uint32, n*bs), seq: make([]uint64, n), key: make([]uint64, n), head: make([]bool, n),
+		index: map[uint64]int{}}
+}
+
+// keyOf finds a block's candidate slot in the index.
+func (m *hashMemo) keyOf(parent []byte, block []uint32) uint64 {
+	var h maphash.Hash
+	h.SetSeed(m.seed)
+	_, _ = h.Write(parent)
+	var b [4]byte
+	for _, t := range block {
+		binary.LittleEndian.PutUint32(b[:], t)
+		_, _ = h.Write(b[:])
+	}
+	return h.Sum64()
+}
+
+// holds: slot s is the block (parent, block).
+func (m *hashMemo) holds(s int, parent []byte, block []uint32) bool {
+	if m.seq[s] == 0 || !bytes.Equal(m.parents[s*vllmhash.HashLen:(s+1)*vllmhash.HashLen], parent) {
+		return false
+	}
+	return m.holdsTokens(s, block)
+}
+
+func (m *hashMemo) holdsTokens(s int, block []uint32) bool {
+	stored := m.tokens[s*m.bs : (s+1)*m.bs]
+	stored = stored[:len(block)]
+	for i, t := range block {
+		if stored[i] != t {
+			return false
+		}
+	}
+	return true
+}
+
+// walk copies into out the hashes of the leading blocks of tokens (full
+// blocks, chained from parent) that the memo holds, and returns how many;
+// stale: one of them is in the ring's oldest half.
+func (m *hashMemo) walk(parent []byte, tokens []uint32, out [][]byte) (hits int, stale bool) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	prev := -1
+	for i := range len(tokens) / m.bs {
+		block := tokens[i*m.bs : (i+1)*m.bs]
+		s := -1
+		if prev >= 0 {
+			next := prev + 1
+			if next == m.size {
+				next = 0
+			}
+			if m.holds(next, parent, block) {
+				s = next
+			}
+		}
+		if s < 0 {
+			c, ok := m.index[m.keyOf(parent, block)]
+			if !ok || !m.holds(c, parent, block) {
+				return i, stale
+			}
+			s = c
+		}
+		copy(out[i], m.hashes[s*vllmhash.HashLen:(s+1)*vllmhash.HashLen])
+		parent, prev = out[i], s
+		stale = stale || m.written-m.seq[s] >= uint64(m.size/2)
+	}
+	return len(tokens) / m.bs, stale
+}
+
+// insert writes the blocks of tokens, chained from parent, with their
+// hashes, as one batch in consecutive slots: at most half the ring, the
+// leading blocks (the prefix others share) kept.
+func (m *hashMemo) insert(parent []byte, tokens []uint32, hashes [][]byte) {
+	n := min(len(hashes), m.size/2)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for i := range n {
+		s := int(m.written % uint64(m.size))
+		if m.head[s] {
+			if m.index[m.key[s]] == s {
+				delete(m.index, m.key[s])
+			}
+			m.head[s] = false
+		}
+		block := tokens[i*m.bs : (i+1)*m.bs]
+		copy(m.parents[s*vllmhash.HashLen:], parent)
+		copy(m.hashes[s*vllmhash.HashLen:], hashes[i])
+		copy(m.tokens[s*m.bs:], block)
+		m.written++
+		m.seq[s] = m.written
+		if i == 0 {
+			k := m.keyOf(parent, block)
+			m.index[k], m.key[s], m.head[s] = s, k, true
+		}
+		parent = hashes[i]
+	}
+}
