@@ -4,7 +4,8 @@
 // engine-error to gRPC-code mapping; socket.go the socket and the checks
 // on its directory (ErrUnsafeSocket); peercred.go each connection's peer
 // credentials (SO_PEERCRED), passed on to the engine; convert.go the
-// engine's types to and from the wire messages.
+// engine's types to and from the wire messages; events.go the BlockEvents
+// RPC (a namespace's block feed, for the connector's KV events).
 package server
 
 import (
