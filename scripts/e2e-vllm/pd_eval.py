@@ -272,10 +272,12 @@ def hybrid(args: argparse.Namespace) -> int:
 def corrupt(args: argparse.Namespace) -> int:
     """The corruption case: a poisoner P saved blocks that are wrong in one
     KV cache group, then the same prompts went to D directly. Either D
-    refused the hit (no external tokens) or every output it gave from the
-    poisoned blocks differs from the reference; an identical output with
-    external tokens means the corrupted group was never loaded (or was
-    loaded and not used): a wrong-output bug in waiting."""
+    refused the hit (no external tokens) or the outputs it gave from the
+    poisoned blocks differ from the reference: all of them but at most one
+    in eight (a greedy sequence of a few dozen tokens may survive a
+    perturbed state, as a real model's would). Mostly identical outputs
+    with external tokens mean the corrupted group was never loaded (or
+    was loaded and not used): a wrong-output bug in waiting."""
     before, after, results = (load_json(f) for f in (args.before, args.after, args.compare))
     c = Checker(args.phase, tag=args.phase)
     ext = value(after, "d", "vllm:prompt_tokens_by_source_total", source="external_kv_transfer") - \
@@ -295,7 +297,8 @@ def corrupt(args: argparse.Namespace) -> int:
             c.expect(False, "the case exercised D's load path (external tokens > 0; only "
                      "--min-hit-pct 0 accepts a refusal)")
     else:
-        c.expect(same == 0, f"every output from the poisoned blocks differs ({n - same} of {n})")
+        c.expect(same * 8 <= n, f"the outputs from the poisoned blocks differ: {n - same} of {n} "
+                 f"(at most one in eight may survive)")
     c.line(f"{'PASS' if c.failed == 0 else 'FAIL'} ({c.failed} failed checks)")
     return 0 if c.failed == 0 else 1
 
