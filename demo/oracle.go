@@ -10,24 +10,35 @@ import (
 )
 
 // oracleHitRatio is the hit ratio of a router that knows every host's
-// content and may send each request anywhere: each request loads the
-// longest prefix of full blocks that any request finished before it was
-// sent left behind (its prompt and answer, as a kv_both sim saves them),
-// at most the blocks before its last token (vLLM recomputes that one).
-// No eviction, no load: an upper bound no policy can beat on the run's
-// requests. Tokens are the sim's (vocabSize, blockSize: the demo's sims).
+// content and may send each request anywhere, ignoring load: each request
+// loads the longest prefix of full blocks that some earlier request had
+// left behind by the time it was sent. What a request leaves, and when,
+// is what the demo's kv_both sims save: its prompt's blocks by its first
+// token (a P/D prefill saves before the router lets D start), its prompt
+// and answer (but the answer's last token) when it finishes. A hit counts
+// as the sims count it: the loaded blocks' tokens, at most all but the
+// prompt's last token (vLLM recomputes that one). Chained blocks start
+// at the first, so the best single host holds the longest prefix of the
+// union: one host can serve it. No eviction, no load. A policy can beat
+// it by a hair only when a save lands between a prefill's end and the
+// first token, and another request is sent in that window and shares
+// the prompt. Tokens are the sim's (vocabSize, blockSize: the demo's
+// sims).
 func oracleHitRatio(res *bench.Result, vocabSize, blockSize int) float64 {
 	tok, err := sim.NewTokenizer(vocabSize)
 	if err != nil || res == nil {
 		return 0
 	}
 	type req struct {
-		sent, done time.Duration
-		tokens     []uint32 // prompt, then answer
-		prompt     int      // prompt tokens
-		sealed     int      // tokens whose KV is saved: the prompt and the answer but its last
+		sent   time.Duration
+		prompt []uint32
+	}
+	type save struct {
+		at     time.Duration
+		tokens []uint32
 	}
 	var reqs []req
+	var saves []save
 	for _, r := range res.Records {
 		if !r.OK() || r.Messages == nil {
 			continue
@@ -41,29 +52,30 @@ func oracleHitRatio(res *bench.Result, vocabSize, blockSize int) float64 {
 			continue
 		}
 		answer := tok.Encode(r.Text)
-		reqs = append(reqs, req{sent: r.Sent, done: r.Sent + r.Latency, tokens: append(p, answer...),
-			prompt: len(p), sealed: len(p) + max(len(answer)-1, 0)})
+		sealed := append(append([]uint32(nil), p...), answer[:max(len(answer)-1, 0)]...)
+		reqs = append(reqs, req{sent: r.Sent, prompt: p})
+		saves = append(saves, save{r.Sent + r.TTFT, p}, save{r.Sent + r.Latency, sealed})
 	}
 	sort.Slice(reqs, func(i, j int) bool { return reqs[i].sent < reqs[j].sent })
-	byDone := append([]req(nil), reqs...)
-	sort.Slice(byDone, func(i, j int) bool { return byDone[i].done < byDone[j].done })
+	sort.Slice(saves, func(i, j int) bool { return saves[i].at < saves[j].at })
 	held := map[uint64]bool{}
 	next := 0
 	var hits, prompts int
 	for _, r := range reqs {
-		for ; next < len(byDone) && byDone[next].done <= r.sent; next++ {
-			d := byDone[next]
-			for _, k := range blockKeys(d.tokens[:d.sealed], blockSize) {
+		for ; next < len(saves) && saves[next].at <= r.sent; next++ {
+			for _, k := range blockKeys(saves[next].tokens, blockSize) {
 				held[k] = true
 			}
 		}
-		prompts += r.prompt
-		for _, k := range blockKeys(r.tokens[:max(r.prompt-1, 0)], blockSize) {
+		prompts += len(r.prompt)
+		n := 0
+		for _, k := range blockKeys(r.prompt, blockSize) {
 			if !held[k] {
 				break
 			}
-			hits += blockSize
+			n++
 		}
+		hits += min(n*blockSize, max(len(r.prompt)-1, 0))
 	}
 	if prompts == 0 {
 		return 0
