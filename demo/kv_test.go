@@ -13,8 +13,8 @@ import (
 )
 
 // The oracle loads, for each request, the longest prefix of full blocks
-// saved before it was sent: a request's prompt blocks from its first
-// token, its prompt and answer (but its last token) from its end; at most
+// held when it was sent: the prompts of the requests sent before it, the
+// prompts and answers (but their last token) of those finished; at most
 // all but the prompt's last token.
 func TestOracleHitRatio(t *testing.T) {
 	tok, err := sim.NewTokenizer(32000)
@@ -34,34 +34,35 @@ func TestOracleHitRatio(t *testing.T) {
 	p1, err := tok.ApplyChatTemplate([]sim.Message{{Role: "system", Content: sys.Content}, {Role: "user", Content: u1.Content}}, true)
 	require.NoError(t, err)
 	require.Len(t, p1, 13)
-	records := func(nextSent time.Duration) *bench.Result {
-		return &bench.Result{Records: []bench.Record{
-			{Sent: 0, TTFT: 100 * time.Millisecond, Latency: time.Second, Messages: first, Text: " " + answer},
-			{Sent: nextSent, TTFT: 100 * time.Millisecond, Latency: time.Second, Messages: next, Text: " x"},
-			{Sent: 0, TTFT: time.Millisecond, Latency: time.Millisecond, Messages: first, Text: " " + answer, Err: "failed: ignored"},
-		}}
-	}
 	cases := []struct {
 		name     string
 		nextSent time.Duration
-		hits     int
+		hits     int // the first's and the next's, of 13+22 prompt tokens
 	}{
-		// The first request leaves 13+5 = 18 tokens sealed, 4 blocks of
-		// 4, when it ends: the next (22 tokens) loads them all.
-		{"after the first ended", 2 * time.Second, 16},
-		// After its first token: its prompt's 3 full blocks.
-		{"after the first's first token", time.Second / 2, 12},
-		{"before the first's first token", time.Second / 20, 0},
+		// The first request (sent at 1 s) leaves 13+5 = 18 tokens
+		// sealed, 4 blocks of 4, when it ends at 2 s: the next (22
+		// tokens) loads them all.
+		{"after the first ended", 3 * time.Second, 16},
+		// Sent while the first runs: the first's prompt, 3 full blocks.
+		{"while the first runs", 1500 * time.Millisecond, 12},
+		// Sent before it: the first loads the next's first 3 blocks
+		// (the same tokens as its own), all but its last token.
+		{"before the first", time.Second / 2, 12},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			require.InDelta(t, float64(tc.hits)/(13+22), oracleHitRatio(records(tc.nextSent), 32000, 4), 1e-9)
+			res := &bench.Result{Records: []bench.Record{
+				{Sent: time.Second, Latency: time.Second, Messages: first, Text: " " + answer},
+				{Sent: tc.nextSent, Latency: time.Second, Messages: next, Text: " x"},
+				{Sent: 0, Latency: time.Millisecond, Messages: first, Text: " " + answer, Err: "failed: ignored"},
+			}}
+			require.InDelta(t, float64(tc.hits)/(13+22), oracleHitRatio(res, 32000, 4), 1e-9)
 		})
 	}
 	// A prompt all held loads all but its last token, as the sims count.
 	again := &bench.Result{Records: []bench.Record{
-		{Sent: 0, TTFT: time.Millisecond, Latency: time.Second, Messages: first, Text: " " + answer},
-		{Sent: 2 * time.Second, TTFT: time.Millisecond, Latency: time.Second, Messages: first, Text: " " + answer},
+		{Sent: 0, Latency: time.Second, Messages: first, Text: " " + answer},
+		{Sent: 2 * time.Second, Latency: time.Second, Messages: first, Text: " " + answer},
 	}}
 	require.InDelta(t, 12.0/(13+13), oracleHitRatio(again, 32000, 13), 1e-9)
 }

@@ -10,20 +10,21 @@ import (
 )
 
 // oracleHitRatio is the hit ratio of a router that knows every host's
-// content and may send each request anywhere, ignoring load: each request
-// loads the longest prefix of full blocks that some earlier request had
-// left behind by the time it was sent. What a request leaves, and when,
-// is what the demo's kv_both sims save: its prompt's blocks by its first
-// token (a P/D prefill saves before the router lets D start), its prompt
-// and answer (but the answer's last token) when it finishes. A hit counts
-// as the sims count it: the loaded blocks' tokens, at most all but the
-// prompt's last token (vLLM recomputes that one). Chained blocks start
-// at the first, so the best single host holds the longest prefix of the
-// union: one host can serve it. No eviction, no load. A policy can beat
-// it by a hair only when a save lands between a prefill's end and the
-// first token, and another request is sent in that window and shares
-// the prompt. Tokens are the sim's (vocabSize, blockSize: the demo's
-// sims).
+// content and may send each request anywhere, ignoring load, on a
+// prefill that takes no time: each request loads the longest prefix of
+// full blocks that the requests sent before it computed (their prompts,
+// from their send) and that the requests finished before it was sent
+// left behind (their prompts and answers but the answer's last token, as
+// a kv_both sim saves them when it finishes). A hit counts as the sims
+// count it: the loaded blocks' tokens, at most all but the prompt's last
+// token (vLLM recomputes that one). Chained blocks start at the first,
+// so the best single host holds the longest prefix of the union: one
+// host can serve it. No eviction, no load, no prefill time: of requests
+// sharing a prefix, only the first sent computes it. A real request
+// loads later than its send (after tokenizing, routing, queueing), so a
+// policy can still meet, by a hair, a prefix the oracle counts for a
+// later request instead; the pair's total is the same. Tokens are the
+// sim's (vocabSize, blockSize: the demo's sims).
 func oracleHitRatio(res *bench.Result, vocabSize, blockSize int) float64 {
 	tok, err := sim.NewTokenizer(vocabSize)
 	if err != nil || res == nil {
@@ -38,7 +39,7 @@ func oracleHitRatio(res *bench.Result, vocabSize, blockSize int) float64 {
 		tokens []uint32
 	}
 	var reqs []req
-	var saves []save
+	var saves []save // answers, when their requests finish
 	for _, r := range res.Records {
 		if !r.OK() || r.Messages == nil {
 			continue
@@ -54,18 +55,21 @@ func oracleHitRatio(res *bench.Result, vocabSize, blockSize int) float64 {
 		answer := tok.Encode(r.Text)
 		sealed := append(append([]uint32(nil), p...), answer[:max(len(answer)-1, 0)]...)
 		reqs = append(reqs, req{sent: r.Sent, prompt: p})
-		saves = append(saves, save{r.Sent + r.TTFT, p}, save{r.Sent + r.Latency, sealed})
+		saves = append(saves, save{r.Sent + r.Latency, sealed})
 	}
-	sort.Slice(reqs, func(i, j int) bool { return reqs[i].sent < reqs[j].sent })
-	sort.Slice(saves, func(i, j int) bool { return saves[i].at < saves[j].at })
+	sort.SliceStable(reqs, func(i, j int) bool { return reqs[i].sent < reqs[j].sent })
+	sort.SliceStable(saves, func(i, j int) bool { return saves[i].at < saves[j].at })
 	held := map[uint64]bool{}
+	hold := func(tokens []uint32) {
+		for _, k := range blockKeys(tokens, blockSize) {
+			held[k] = true
+		}
+	}
 	next := 0
 	var hits, prompts int
 	for _, r := range reqs {
 		for ; next < len(saves) && saves[next].at <= r.sent; next++ {
-			for _, k := range blockKeys(saves[next].tokens, blockSize) {
-				held[k] = true
-			}
+			hold(saves[next].tokens)
 		}
 		prompts += len(r.prompt)
 		n := 0
@@ -76,6 +80,7 @@ func oracleHitRatio(res *bench.Result, vocabSize, blockSize int) float64 {
 			n++
 		}
 		hits += min(n*blockSize, max(len(r.prompt)-1, 0))
+		hold(r.prompt)
 	}
 	if prompts == 0 {
 		return 0
