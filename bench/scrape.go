@@ -15,7 +15,8 @@ import (
 
 // Sample is one scrape of a /metrics page (a backend's, an engine's, a router's): every counter and gauge summed
 // per metric name ("name") and per series ("name{k=\"v\",...}", labels in
-// the exposition's order), and histogram Sample counts as "<name>_count".
+// the exposition's order), and histograms' sample counts and sums as
+// "<name>_count" and "<name>_sum".
 type Sample map[string]float64
 
 // ParseMetrics reads Prometheus text format.
@@ -43,22 +44,31 @@ func ParseMetrics(r io.Reader) (Sample, error) {
 			default:
 				continue
 			}
-			s[key] += v
-			if labels := m.GetLabel(); len(labels) > 0 {
-				var b strings.Builder
-				b.WriteString(key + "{")
-				for i, l := range labels {
-					if i > 0 {
-						b.WriteByte(',')
-					}
-					fmt.Fprintf(&b, "%s=%q", l.GetName(), l.GetValue())
-				}
-				b.WriteByte('}')
-				s[b.String()] += v
+			s.add(key, m.GetLabel(), v)
+			if fam.GetType() == dto.MetricType_HISTOGRAM {
+				s.add(name+"_sum", m.GetLabel(), m.GetHistogram().GetSampleSum())
 			}
 		}
 	}
 	return s, nil
+}
+
+// add adds v to key and to key's series of labels.
+func (s Sample) add(key string, labels []*dto.LabelPair, v float64) {
+	s[key] += v
+	if len(labels) == 0 {
+		return
+	}
+	var b strings.Builder
+	b.WriteString(key + "{")
+	for i, l := range labels {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		fmt.Fprintf(&b, "%s=%q", l.GetName(), l.GetValue())
+	}
+	b.WriteByte('}')
+	s[b.String()] += v
 }
 
 // Scrape fetches and parses baseURL/metrics with hc.

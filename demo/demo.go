@@ -25,8 +25,9 @@
 //   - twohosts.go: P/D on one host against P/D across two namespaces;
 //   - kv.go: the KV-aware routing comparison on the two-host lab (--kv:
 //     one run per --lb policy on a multi-turn workload);
-//   - oracle.go: the oracle row of that comparison (the hit ratio a
-//     router knowing every host's content would reach);
+//   - oracle.go: the oracle column of that comparison (the hit ratio a
+//     router knowing every host's content would reach on a run's
+//     requests);
 //   - procs.go: the process group (start, health waits, stop) and free
 //     ports;
 //   - bench.Scrape (bench/scrape.go) reads and diffs the processes' /metrics;

@@ -39,6 +39,7 @@ vllm:num_requests_running{model_name="m"} 3
 		{`pegaflow_engine_transfers_total{status="ready"}`, 5},
 		{`pegaflow_engine_transfers_total{status="failed"}`, 2},
 		{"sim_step_duration_seconds_count", 4},
+		{"sim_step_duration_seconds_sum", 0.5},
 		{"vllm:num_requests_running", 3},
 	}
 	for _, tc := range cases {

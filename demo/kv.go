@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -85,6 +86,13 @@ type KVRow struct {
 	Bypasses float64 `json:"bypasses"`
 	// CrossHostBytes: what the engines fetched from each other.
 	CrossHostBytes float64 `json:"cross_host_bytes"`
+	// KVFailures: the sims' failed KV saves, loads and verifications (a
+	// broken lab: each costs hits, a refused save the router's
+	// --kv-ready-timeout).
+	KVFailures float64 `json:"kv_failures"`
+	// OracleRatio: the oracle's hit ratio (oracle.go) on this run's
+	// requests, as they were timed in it.
+	OracleRatio float64 `json:"oracle_hit_ratio"`
 }
 
 // HitRatio is HitTokens / PromptTokens (NaN without prompts).
@@ -95,17 +103,17 @@ func (r KVRow) HitRatio() float64 {
 	return r.HitTokens / r.PromptTokens
 }
 
-// KVReport is the comparison: a row per policy and the oracle's hit
-// ratio (oracle.go) on the first completed run's requests.
+// KVReport is the comparison: a row per policy.
 type KVReport struct {
-	Rows        []KVRow `json:"rows"`
-	OracleRatio float64 `json:"oracle_hit_ratio"`
+	Rows []KVRow `json:"rows"`
 }
 
-// Failed reports whether any policy did not run or lost a request.
+// Failed reports whether any policy did not run, lost a request or saw
+// a KV save, load or verification fail.
 func (r *KVReport) Failed() bool {
 	for _, row := range r.Rows {
-		if row.Err != "" || row.Result == nil || row.Result.Failed > 0 || row.Result.NotSent > 0 {
+		if row.Err != "" || row.Result == nil || row.Result.FollowUps == nil || row.Result.Failed > 0 || row.Result.NotSent > 0 ||
+			row.KVFailures > 0 {
 			return true
 		}
 	}
@@ -139,11 +147,7 @@ func RunKV(ctx context.Context, cfg Config, w bench.Config, policies []KVPolicy,
 		if ctx.Err() != nil {
 			break
 		}
-		row := runKVPolicy(ctx, cfg, w, p, lab, token, progress, filepath.Join(logDir, slugPolicy(p.Name)))
-		if rep.OracleRatio == 0 && row.Result != nil && row.Result.Failed == 0 {
-			rep.OracleRatio = oracleHitRatio(row.Result, sim.DefaultConfig().VocabSize, kvBlockSize)
-		}
-		rep.Rows = append(rep.Rows, row)
+		rep.Rows = append(rep.Rows, runKVPolicy(ctx, cfg, w, p, lab, token, progress, filepath.Join(logDir, slugPolicy(p.Name))))
 	}
 	return rep, ctx.Err()
 }
@@ -152,20 +156,16 @@ func slugPolicy(name string) string {
 	return strings.NewReplacer(" ", "", "+", "-", ".", "").Replace(name)
 }
 
-// runKVPolicy starts one policy's processes, runs the workload, reads the
-// counters and stops them.
-func runKVPolicy(ctx context.Context, cfg Config, w bench.Config, pol KVPolicy, lab *netlab.Lab, token string,
-	progress io.Writer, logDir string) KVRow {
-	row := KVRow{Policy: pol.Name}
-	if err := os.MkdirAll(logDir, 0o755); err != nil {
-		row.Err = err.Error()
-		return row
-	}
-	g := newGroup(logDir)
-	defer g.stop(cfg.StopGrace)
+func kvSockets(cfg Config) (a, b string) {
+	return filepath.Join(cfg.WorkDir, "kv-engine-a.sock"), filepath.Join(cfg.WorkDir, "kv-engine-b.sock")
+}
+
+// kvSpecs are one policy's processes, the router first: on A engine A
+// with the router (pol's flags), on B engine B; on each host a P and a D
+// sim (kv_both) on its engine. The engines' peer APIs allow each other.
+func kvSpecs(cfg Config, lab *netlab.Lab, token string, pol KVPolicy) []spec {
 	a, b := &lab.A, &lab.B
-	sockA, sockB := filepath.Join(cfg.WorkDir, "kv-engine-a.sock"), filepath.Join(cfg.WorkDir, "kv-engine-b.sock")
-	_, _ = os.Remove(sockA), os.Remove(sockB)
+	sockA, sockB := kvSockets(cfg)
 	router, engineB := a.Addr(labRouterPort), b.Addr(labEnginePort)
 	pA, dA, pB, dB := a.Addr(labSimPort), a.Addr(labSimPort+1), b.Addr(labSimPort), b.Addr(labSimPort+1)
 	peer := func(h *netlab.Host, other *netlab.Host) []string {
@@ -176,11 +176,15 @@ func runKVPolicy(ctx context.Context, cfg Config, w bench.Config, pol KVPolicy, 
 	routerArgs = append(routerArgs, "--prefill", "http://"+pA, "--prefill", "http://"+pB, "--decode", "http://"+dA, "--decode", "http://"+dB,
 		"--health-interval", routerHealthInterval, "--log-level", "warn")
 	routerArgs = append(routerArgs, pol.RouterFlags...)
-	engineArgs := append([]string{"serve", "--socket", sockB, "--http-addr", engineB, "--pool-size", cfg.PoolSize}, peer(b, a)...)
+	// P on B saves with the router's ready_url, on A: engine B must be
+	// allowed to post there (its default allows loopback only, and a
+	// refused save leaves the router waiting out --kv-ready-timeout).
+	engineArgs := append([]string{"serve", "--socket", sockB, "--http-addr", engineB, "--pool-size", cfg.PoolSize,
+		"--kv-ready-allow", router}, peer(b, a)...)
 	kvSim := func(addr, sock, id string) []string {
 		return simArgs(cfg, addr, "--engine-socket", sock, "--instance-id", id, "--kv-role", sim.KVBoth)
 	}
-	specs := []spec{
+	return []spec{
 		{name: "engine+router-a", addr: router, router: true, host: a, args: routerArgs},
 		{name: "engine-b", addr: engineB, host: b, args: append(engineArgs, "--log-level", "warn")},
 		{name: "sim-p-a", addr: pA, host: a, args: kvSim(pA, sockA, "p-a")},
@@ -188,15 +192,42 @@ func runKVPolicy(ctx context.Context, cfg Config, w bench.Config, pol KVPolicy, 
 		{name: "sim-p-b", addr: pB, host: b, args: kvSim(pB, sockB, "p-b")},
 		{name: "sim-d-b", addr: dB, host: b, args: kvSim(dB, sockB, "d-b")},
 	}
+}
+
+// runKVPolicy starts one policy's processes, runs the workload, reads the
+// counters and stops them.
+func runKVPolicy(ctx context.Context, cfg Config, w bench.Config, pol KVPolicy, lab *netlab.Lab, token string,
+	progress io.Writer, logDir string) (row KVRow) {
+	row.Policy = pol.Name
+	if err := os.MkdirAll(logDir, 0o755); err != nil {
+		row.Err = err.Error()
+		return row
+	}
+	g := newGroup(logDir)
+	defer func() {
+		if err := g.stop(cfg.StopGrace); err != nil {
+			row.Err = strings.TrimPrefix(row.Err+"; "+err.Error(), "; ")
+		}
+	}()
+	sockA, sockB := kvSockets(cfg)
+	_, _ = os.Remove(sockA), os.Remove(sockB)
+	specs := kvSpecs(cfg, lab, token, pol)
 	if err := startAll(ctx, g, cfg, specs, progress, logDir); err != nil {
 		row.Err = err.Error()
 		return row
 	}
-	hcA, hcB := a.HTTPClient(0), b.HTTPClient(0)
-	pages := []struct {
+	// Every process's /metrics, reached from its own host, in specs'
+	// order (the router's first).
+	clients := map[*netlab.Host]*http.Client{&lab.A: lab.A.HTTPClient(0), &lab.B: lab.B.HTTPClient(0)}
+	type page struct {
 		hc  *http.Client
 		url string
-	}{{hcA, router}, {hcB, engineB}, {hcA, pA}, {hcA, dA}, {hcB, pB}, {hcB, dB}}
+	}
+	pages := make([]page, len(specs))
+	pageNames := make([]string, len(specs))
+	for i, sp := range specs {
+		pages[i], pageNames[i] = page{clients[sp.host], sp.addr}, sp.name
+	}
 	read := func(ctx context.Context) ([]bench.Sample, error) {
 		out := make([]bench.Sample, len(pages))
 		for i, p := range pages {
@@ -212,7 +243,7 @@ func runKVPolicy(ctx context.Context, cfg Config, w bench.Config, pol KVPolicy, 
 		row.Err = err.Error()
 		return row
 	}
-	w.BaseURL, w.HTTPClient = "http://"+router, hcA
+	w.BaseURL, w.HTTPClient = "http://"+specs[0].addr, pages[0].hc
 	fmt.Fprintf(progress, "demo: --kv: %s: %d users x %d turns\n", pol.Name, w.Users, w.Turns)
 	res, err := bench.Run(ctx, w, progress)
 	row.Result = res
@@ -223,19 +254,18 @@ func runKVPolicy(ctx context.Context, cfg Config, w bench.Config, pol KVPolicy, 
 				row.PromptTokens += float64(r.PromptTokens)
 			}
 		}
+		row.OracleRatio = oracleHitRatio(res, sim.DefaultConfig().VocabSize, kvBlockSize)
 	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	after, serr := read(sctx)
 	if serr == nil {
+		deltas := make([]bench.Sample, len(pages))
 		for i := range pages {
-			d := after[i].Delta(before[i])
-			row.HitTokens += d["sim_kv_prefix_hit_tokens_total"]
-			row.CrossHostBytes += d["pegaflow_engine_peer_fetch_bytes_total"]
-			if i == 0 {
-				row.Bypasses = d[`pegaflow_router_kv_decisions_total{leg="decode",reason="bypass"}`]
-			}
+			deltas[i] = after[i].Delta(before[i])
 		}
+		row.addCounters(deltas)
+		serr = writeDeltas(filepath.Join(logDir, "metrics-delta.txt"), pageNames, deltas)
 	}
 	if err = errors.Join(err, serr); err != nil {
 		row.Err = err.Error()
@@ -243,29 +273,81 @@ func runKVPolicy(ctx context.Context, cfg Config, w bench.Config, pol KVPolicy, 
 	return row
 }
 
-// WriteTable prints the comparison: per policy, the hit ratio, TTFT over
-// turns >= 2, bypasses and cross-host bytes; then the oracle's hit ratio.
+// addCounters adds one run's counter deltas, one Sample per page, to
+// the row.
+func (r *KVRow) addCounters(deltas []bench.Sample) {
+	for _, d := range deltas {
+		r.HitTokens += d["sim_kv_prefix_hit_tokens_total"]
+		r.CrossHostBytes += d["pegaflow_engine_peer_fetch_bytes_total"]
+		r.KVFailures += d["sim_kv_save_failures_total"] + d["sim_kv_load_failures_total"] + d["sim_kv_verify_failures_total"]
+		for k, v := range d {
+			// Matched by label, not by the whole series: the router adds
+			// labels of its own (mode).
+			if strings.HasPrefix(k, "pegaflow_router_kv_decisions_total{") &&
+				strings.Contains(k, `leg="decode"`) && strings.Contains(k, `reason="bypass"`) {
+				r.Bypasses += v
+			}
+		}
+	}
+}
+
+// writeDeltas keeps a run's non-zero counter deltas, page by page, for
+// explaining its row (docs/router.md reads them).
+func writeDeltas(path string, names []string, deltas []bench.Sample) error {
+	var b strings.Builder
+	for i, d := range deltas {
+		keys := make([]string, 0, len(d))
+		for k, v := range d {
+			if v != 0 {
+				keys = append(keys, k)
+			}
+		}
+		sort.Strings(keys)
+		fmt.Fprintf(&b, "# %s\n", names[i])
+		for _, k := range keys {
+			fmt.Fprintf(&b, "%s %g\n", k, d[k])
+		}
+	}
+	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
+		return fmt.Errorf("metrics deltas: %w", err)
+	}
+	return nil
+}
+
+// WriteTable prints the comparison: per policy, the hit ratio and the
+// oracle's on the same run's requests, TTFT over turns >= 2, bypasses and
+// cross-host bytes.
 func (r *KVReport) WriteTable(out io.Writer, w bench.Config) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "PegaFlow KV routing demo: 2 hosts, 2 P + 2 D sims (kv_both), %d users x %d turns, system prompt %d words, "+
 		"messages %d words, answers %d tokens, %s users/s, think %s, seed %d\n\n",
 		w.Users, w.Turns, w.SystemPromptLen, w.InputLen, w.OutputLen, rateString(w.RequestRate), w.ThinkTime, w.Seed)
-	fmt.Fprintf(&b, "| %-16s | %9s | %14s | %13s | %8s | %15s | %6s |\n", "policy", "hit ratio", "TTFT mean t>=2", "TTFT p99 t>=2", "bypasses", "cross-host MiB", "failed")
-	fmt.Fprintf(&b, "|%s|%s:|%s:|%s:|%s:|%s:|%s:|\n", dashes(18), dashes(10), dashes(15), dashes(14), dashes(9), dashes(16), dashes(7))
+	fmt.Fprintf(&b, "| %-16s | %9s | %6s | %14s | %13s | %8s | %14s | %6s |\n", "policy", "hit ratio", "oracle",
+		"TTFT mean t>=2", "TTFT p99 t>=2", "bypasses", "cross-host MiB", "failed")
+	fmt.Fprintf(&b, "|%s|%s:|%s:|%s:|%s:|%s:|%s:|%s:|\n", dashes(18), dashes(10), dashes(7), dashes(15), dashes(14),
+		dashes(9), dashes(15), dashes(7))
 	for _, row := range r.Rows {
 		if row.Result == nil || row.Result.FollowUps == nil {
-			fmt.Fprintf(&b, "| %-16s | not run: %s\n", row.Policy, truncateErr(row.Err))
+			why := row.Err
+			if why == "" {
+				why = "no follow-up turn completed"
+			}
+			fmt.Fprintf(&b, "| %-16s | not run: %s\n", row.Policy, truncateErr(why))
 			continue
 		}
 		fu := row.Result.FollowUps
-		fmt.Fprintf(&b, "| %-16s | %9s | %14s | %13s | %8.0f | %15.1f | %6d |\n", row.Policy, percent(row.HitRatio()),
-			msCell(fu.TTFT.Mean, fu.TTFT.Count), msCell(p99(fu.TTFT), fu.TTFT.Count), row.Bypasses,
+		fmt.Fprintf(&b, "| %-16s | %9s | %6s | %14s | %13s | %8.0f | %14.1f | %6d |\n", row.Policy, percent(row.HitRatio()),
+			percent(row.OracleRatio), msCell(fu.TTFT.Mean, fu.TTFT.Count), msCell(p99(fu.TTFT), fu.TTFT.Count), row.Bypasses,
 			row.CrossHostBytes/(1<<20), row.Result.Failed+row.Result.NotSent)
 		if row.Err != "" {
 			fmt.Fprintf(&b, "|   (%s)\n", truncateErr(row.Err))
 		}
+		if row.KVFailures > 0 {
+			fmt.Fprintf(&b, "|   (%.0f failed KV saves, loads or verifications: see the sims' logs)\n", row.KVFailures)
+		}
 	}
-	fmt.Fprintf(&b, "| %-16s | %9s | (every host's content known, no eviction: the bound)\n", "oracle", percent(r.OracleRatio))
+	b.WriteString("\noracle: the hit ratio of a router knowing every host's content and ignoring load, on the same run's requests " +
+		"(no eviction; a request loads what earlier ones had saved when it was sent)\n")
 	_, err := io.WriteString(out, b.String())
 	return err
 }

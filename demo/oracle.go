@@ -10,24 +10,36 @@ import (
 )
 
 // oracleHitRatio is the hit ratio of a router that knows every host's
-// content and may send each request anywhere: each request loads the
-// longest prefix of full blocks that any request finished before it was
-// sent left behind (its prompt and answer, as a kv_both sim saves them),
-// at most the blocks before its last token (vLLM recomputes that one).
-// No eviction, no load: an upper bound no policy can beat on the run's
-// requests. Tokens are the sim's (vocabSize, blockSize: the demo's sims).
+// content and may send each request anywhere, ignoring load, on a
+// prefill that takes no time: each request loads the longest prefix of
+// full blocks that the requests sent before it computed (their prompts,
+// from their send) and that the requests finished before it was sent
+// left behind (their prompts and answers but the answer's last token, as
+// a kv_both sim saves them when it finishes). A hit counts as the sims
+// count it: the loaded blocks' tokens, at most all but the prompt's last
+// token (vLLM recomputes that one). Chained blocks start at the first,
+// so the best single host holds the longest prefix of the union: one
+// host can serve it. No eviction, no load, no prefill time: of requests
+// sharing a prefix, only the first sent computes it. A real request
+// loads later than its send (after tokenizing, routing, queueing), so a
+// policy can still meet, by a hair, a prefix the oracle counts for a
+// later request instead; the pair's total is the same. Tokens are the
+// sim's (vocabSize, blockSize: the demo's sims).
 func oracleHitRatio(res *bench.Result, vocabSize, blockSize int) float64 {
 	tok, err := sim.NewTokenizer(vocabSize)
 	if err != nil || res == nil {
 		return 0
 	}
 	type req struct {
-		sent, done time.Duration
-		tokens     []uint32 // prompt, then answer
-		prompt     int      // prompt tokens
-		sealed     int      // tokens whose KV is saved: the prompt and the answer but its last
+		sent   time.Duration
+		prompt []uint32
+	}
+	type save struct {
+		at     time.Duration
+		tokens []uint32
 	}
 	var reqs []req
+	var saves []save // answers, when their requests finish
 	for _, r := range res.Records {
 		if !r.OK() || r.Messages == nil {
 			continue
@@ -41,29 +53,34 @@ func oracleHitRatio(res *bench.Result, vocabSize, blockSize int) float64 {
 			continue
 		}
 		answer := tok.Encode(r.Text)
-		reqs = append(reqs, req{sent: r.Sent, done: r.Sent + r.Latency, tokens: append(p, answer...),
-			prompt: len(p), sealed: len(p) + max(len(answer)-1, 0)})
+		sealed := append(append([]uint32(nil), p...), answer[:max(len(answer)-1, 0)]...)
+		reqs = append(reqs, req{sent: r.Sent, prompt: p})
+		saves = append(saves, save{r.Sent + r.Latency, sealed})
 	}
-	sort.Slice(reqs, func(i, j int) bool { return reqs[i].sent < reqs[j].sent })
-	byDone := append([]req(nil), reqs...)
-	sort.Slice(byDone, func(i, j int) bool { return byDone[i].done < byDone[j].done })
+	sort.SliceStable(reqs, func(i, j int) bool { return reqs[i].sent < reqs[j].sent })
+	sort.SliceStable(saves, func(i, j int) bool { return saves[i].at < saves[j].at })
 	held := map[uint64]bool{}
+	hold := func(tokens []uint32) {
+		for _, k := range blockKeys(tokens, blockSize) {
+			held[k] = true
+		}
+	}
 	next := 0
 	var hits, prompts int
 	for _, r := range reqs {
-		for ; next < len(byDone) && byDone[next].done <= r.sent; next++ {
-			d := byDone[next]
-			for _, k := range blockKeys(d.tokens[:d.sealed], blockSize) {
-				held[k] = true
-			}
+		for ; next < len(saves) && saves[next].at <= r.sent; next++ {
+			hold(saves[next].tokens)
 		}
-		prompts += r.prompt
-		for _, k := range blockKeys(r.tokens[:max(r.prompt-1, 0)], blockSize) {
+		prompts += len(r.prompt)
+		n := 0
+		for _, k := range blockKeys(r.prompt, blockSize) {
 			if !held[k] {
 				break
 			}
-			hits += blockSize
+			n++
 		}
+		hits += min(n*blockSize, max(len(r.prompt)-1, 0))
+		hold(r.prompt)
 	}
 	if prompts == 0 {
 		return 0

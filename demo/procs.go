@@ -82,13 +82,16 @@ func (g *group) startCmd(name string, cmd *exec.Cmd, hc *http.Client) (*process,
 }
 
 // stop ends every started process, newest first (routers before the
-// backends they call), and waits at most grace for each group before
-// killing it. It is safe to call more than once.
-func (g *group) stop(grace time.Duration) {
+// backends they call): SIGTERM to its process group, SIGKILL after
+// grace, and at most grace more for it to be reaped. A process still not
+// gone then (stuck in the kernel) is left behind and named in the error
+// rather than hanging the demo. It is safe to call more than once.
+func (g *group) stop(grace time.Duration) error {
 	g.mu.Lock()
 	procs := g.procs
 	g.procs = nil
 	g.mu.Unlock()
+	var errs []error
 	for i := len(procs) - 1; i >= 0; i-- {
 		p := procs[i]
 		if done, _ := p.exited(); done {
@@ -97,11 +100,17 @@ func (g *group) stop(grace time.Duration) {
 		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
 		select {
 		case <-p.done:
+			continue
 		case <-time.After(grace):
-			_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-			<-p.done
+		}
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		select {
+		case <-p.done:
+		case <-time.After(grace):
+			errs = append(errs, fmt.Errorf("%s (pid %d) still running %s after SIGKILL; see %s", p.name, p.cmd.Process.Pid, grace, p.logPath))
 		}
 	}
+	return errors.Join(errs...)
 }
 
 // pollHealth GETs url (with p's client, 1 s a try) every 50 ms until

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync/atomic"
 	"syscall"
@@ -62,6 +63,30 @@ func TestStopKillsStubbornProcessGroups(t *testing.T) {
 		return syscall.Kill(grandchild, 0) == syscall.ESRCH
 	}, 5*time.Second, 10*time.Millisecond, "the grandchild survived")
 	g.stop(time.Second) // idempotent
+}
+
+// A process that is not reaped after SIGKILL (stuck in the kernel) does
+// not hang stop: it is named in the error after the grace period.
+func TestStopGivesUpOnUnreapedProcess(t *testing.T) {
+	dir := t.TempDir()
+	cmd := exec.Command("/bin/sleep", "30")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	require.NoError(t, cmd.Start())
+	reaped := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(reaped) }()
+	// done is never closed: as if Wait never returned.
+	g := newGroup(dir)
+	g.procs = []*process{{name: "stuck", cmd: cmd, logPath: filepath.Join(dir, "stuck.log"), done: make(chan struct{})}}
+	errc := make(chan error, 1)
+	go func() { errc <- g.stop(100 * time.Millisecond) }()
+	select {
+	case err := <-errc:
+		require.ErrorContains(t, err, "stuck (pid")
+		require.ErrorContains(t, err, "after SIGKILL")
+	case <-time.After(10 * time.Second):
+		t.Fatal("stop waited on a process that was never reaped")
+	}
+	<-reaped // the SIGKILL did land
 }
 
 func TestAllHealthy(t *testing.T) {

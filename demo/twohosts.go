@@ -77,7 +77,7 @@ func runCrossHostPD(ctx context.Context, cfg Config, progress io.Writer, logDir 
 	fmt.Fprintf(progress, "demo: two hosts: namespaces %s (%s) and %s (%s), veth %s-%s\n",
 		lab.A.NS, lab.A.IP, lab.B.NS, lab.B.IP, lab.A.Veth, lab.B.Veth)
 	g := newGroup(logDir)
-	defer g.stop(cfg.StopGrace) // runs before lab.Close
+	defer func() { err = errors.Join(err, g.stop(cfg.StopGrace)) }() // runs before lab.Close
 
 	token := filepath.Join(cfg.WorkDir, "peer-token")
 	if err := os.WriteFile(token, []byte(ids.Hex(32)+"\n"), 0o600); err != nil {

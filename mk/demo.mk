@@ -2,9 +2,12 @@
 # aggregated simulators behind the router, round-robin) on one workload.
 # DEMO_FLAGS passes `pegaflow demo` flags, e.g. DEMO_FLAGS='--num-prompts 100'.
 DEMO_FLAGS ?=
+# The KV routing comparison needs root, so it is its own target, named at
+# the end.
 .PHONY: demo
 demo: build
 	$(BIN_DIR)/pegaflow demo --work-dir $(BUILD_DIR)/demo --json $(BUILD_DIR)/demo/report.json $(DEMO_FLAGS)
+	@echo "Next: KV-aware routing against round robin, least in-flight and an oracle on two hosts: sudo make demo-kv (docs/router.md)"
 
 # P/D on one host against P/D across two "hosts" (two network namespaces
 # joined by a veth pair, D's engine fetching P's KV over UCX tcp). Needs
@@ -17,7 +20,8 @@ demo-multihost: build
 # a multi-turn chat workload, one run per policy with the same seed):
 # hit ratio, TTFT over turns >= 2, bypasses, cross-host bytes, and an
 # oracle's hit ratio (docs/router.md, "KV-aware routing: measured").
-# Needs root, as demo-multihost.
+# Needs root, as demo-multihost; ~4 min. DEMO_FLAGS: --seed, --users,
+# --turns.
 .PHONY: demo-kv
 demo-kv: build
 	$(BIN_DIR)/pegaflow demo --kv --work-dir $(BUILD_DIR)/demo-kv --json $(BUILD_DIR)/demo-kv/report.json $(DEMO_FLAGS)

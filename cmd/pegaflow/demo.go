@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/pegaflow/pegaflow/bench"
 	"github.com/pegaflow/pegaflow/demo"
 	"github.com/pegaflow/pegaflow/internal/cli"
 	"github.com/pegaflow/pegaflow/internal/netlab"
@@ -42,6 +43,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&reportPath, "json", "", "also write the report (both results and the engine figures) as JSON to this file")
 	var kv bool
 	fs.BoolVar(&kv, "kv", false, "compare routing policies (round-robin, least-inflight, --lb kv with and without P/D bypass, an oracle) on the two-host lab with a multi-turn chat workload (needs root; docs/router.md)")
+	kvw := demo.KVWorkload()
+	fs.IntVar(&kvw.Users, "users", kvw.Users, "--kv: conversations of the multi-turn workload")
+	fs.IntVar(&kvw.Turns, "turns", kvw.Turns, "--kv: turns per conversation")
 	var progress bool
 	fs.BoolVar(&progress, "progress", true, "show steps and benchmark progress on stderr")
 	err := cli.Parse(fs, args, nil)
@@ -61,6 +65,17 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		err = cfg.Validate()
 	}
+	if err == nil && kv {
+		kvw.Seed = cfg.Workload.Seed
+		err = validateKVWorkload(kvw)
+	}
+	if err == nil && !kv {
+		fs.Visit(func(f *flag.Flag) {
+			if f.Name == "users" || f.Name == "turns" {
+				err = fmt.Errorf("--%s applies to --kv only", f.Name)
+			}
+		})
+	}
 	if err == nil && (cfg.Hosts == 2 || kv) {
 		err = canRunTwoHosts()
 	}
@@ -73,7 +88,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		prog = stderr
 	}
 	if kv {
-		return runDemoKV(ctx, cfg, prog, reportPath, stdout, stderr)
+		return runDemoKV(ctx, cfg, kvw, prog, reportPath, stdout, stderr)
 	}
 	rep, runErr := demo.Run(ctx, cfg, prog)
 	if rep == nil {
@@ -111,11 +126,24 @@ func finishDemo(rep interface{ Failed() bool }, table func(io.Writer) error, rep
 	return 0
 }
 
-// runDemoKV is `pegaflow demo --kv`: the routing comparison, the
-// multi-turn workload seeded by --seed.
-func runDemoKV(ctx context.Context, cfg demo.Config, prog io.Writer, reportPath string, stdout, stderr io.Writer) int {
-	w := demo.KVWorkload()
-	w.Seed = cfg.Workload.Seed
+// validateKVWorkload checks --kv's workload (its URL is the lab's,
+// set per run).
+func validateKVWorkload(w bench.Config) error {
+	w.BaseURL = "http://127.0.0.1:1"
+	if w.Users < 1 || w.Turns < 2 {
+		// The comparison is over follow-up turns: one-turn prompts
+		// (bench's --users 0) would leave every row empty.
+		return fmt.Errorf("--kv: --users %d --turns %d: want at least 1 user and 2 turns", w.Users, w.Turns)
+	}
+	if err := w.Validate(); err != nil {
+		return fmt.Errorf("--kv: %w", err)
+	}
+	return nil
+}
+
+// runDemoKV is `pegaflow demo --kv`: the routing comparison on the
+// multi-turn workload w (--seed, --users, --turns).
+func runDemoKV(ctx context.Context, cfg demo.Config, w bench.Config, prog io.Writer, reportPath string, stdout, stderr io.Writer) int {
 	rep, runErr := demo.RunKV(ctx, cfg, w, demo.KVPolicies(), prog)
 	if rep == nil {
 		return finishDemo(nil, nil, reportPath, runErr, "", stdout, stderr)

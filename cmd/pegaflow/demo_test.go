@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -59,28 +60,13 @@ func TestDemoProcess(t *testing.T) {
 // block from P's engine and D verifies it, and neither a process nor a
 // namespace outlives the demo.
 func TestDemoTwoHosts(t *testing.T) {
-	skipUnlessPeerProcs(t, "builds the binary, runs two hosts in network namespaces")
-	if err := netlab.Check(); err != nil {
-		t.Skipf("demo --hosts 2: %v; run as root to include it", err)
-	}
-	probe, err := netlab.New(context.Background(), "pft")
-	if err != nil {
-		t.Skipf("demo --hosts 2: network namespaces unavailable: %v", err)
-	}
-	require.NoError(t, probe.Close())
-	bin := testBinary(t)
-	dir := t.TempDir()
-	reportPath := filepath.Join(dir, "report.json")
-	nsBefore := demoNamespaces(t)
-
-	out := runDemoProcess(t, bin, "demo", "--hosts", "2", "--num-prompts", "6", "--work-dir", dir, "--json", reportPath, "--progress=false")
+	skipUnlessLab(t, "demo --hosts 2", "builds the binary, runs two hosts in network namespaces")
+	out, raw := runLabDemo(t, "--hosts", "2", "--num-prompts", "6")
 	require.Contains(t, out, "| P/D 1P+1D ")
 	require.Contains(t, out, "| P/D 2 hosts       |")
 	require.Contains(t, out, "| 2 hosts / 1 host ")
 	require.Regexp(t, `D: [1-9][0-9]* blocks fetched from the peer engine`, out)
 
-	raw, err := os.ReadFile(reportPath)
-	require.NoError(t, err)
 	var rep demo.Report
 	require.NoError(t, json.Unmarshal(raw, &rep))
 	for _, s := range []demo.Setup{rep.PD, rep.TwoHosts} {
@@ -95,10 +81,70 @@ func TestDemoTwoHosts(t *testing.T) {
 	require.Zero(t, x.DVerifyFailures, "nothing corrupt across hosts")
 	require.Zero(t, rep.Engine.DVerifyFailures, "nothing corrupt on one host")
 	require.Positive(t, rep.Engine.DBlocksLoaded)
+}
 
+// TestDemoKV runs `pegaflow demo --kv` as `make demo-kv` does, on 4
+// conversations of 2 turns: every policy serves every request with no KV
+// save, load or verification failing (engine B's saves reach the router's
+// /kv_ready on A), the KV policy keeps each conversation on one host (no
+// cross-host fetch), the bypass skips P, and neither a process nor a
+// namespace outlives the demo.
+func TestDemoKV(t *testing.T) {
+	skipUnlessLab(t, "demo --kv", "builds the binary, runs two hosts in network namespaces, four times")
+	out, raw := runLabDemo(t, "--kv", "--users", "4", "--turns", "2")
+	var rep demo.KVReport
+	require.NoError(t, json.Unmarshal(raw, &rep))
+	require.Len(t, rep.Rows, len(demo.KVPolicies()))
+	for _, row := range rep.Rows {
+		require.Contains(t, out, fmt.Sprintf("| %-16s |", row.Policy))
+		require.Empty(t, row.Err, row.Policy)
+		require.NotNil(t, row.Result, row.Policy)
+		require.Equal(t, 8, row.Result.Completed, row.Policy)
+		require.Zero(t, row.Result.Failed+row.Result.NotSent, row.Policy)
+		require.Zero(t, row.KVFailures, row.Policy)
+		require.Positive(t, row.HitTokens, "%s: the shared system prompt is loaded", row.Policy)
+		require.Positive(t, row.OracleRatio, row.Policy)
+		if strings.HasPrefix(row.Policy, "kv") {
+			require.Zero(t, row.CrossHostBytes, "%s: each conversation stays on one host", row.Policy)
+		}
+	}
+	require.Zero(t, rep.Rows[2].Bypasses, rep.Rows[2].Policy)
+	require.GreaterOrEqual(t, rep.Rows[3].Bypasses, 4.0, "%s: every follow-up skips P", rep.Rows[3].Policy)
+}
+
+// skipUnlessLab skips what (a demo needing the two-host lab) unless this
+// machine can build one now: root, `ip`, and the kernel's namespaces.
+func skipUnlessLab(t *testing.T, what, why string) {
+	t.Helper()
+	skipUnlessPeerProcs(t, why)
+	if err := netlab.Check(); err != nil {
+		t.Skipf("%s: %v; run as root to include it", what, err)
+	}
+	probe, err := netlab.New(context.Background(), "pft")
+	if err != nil {
+		t.Skipf("%s: network namespaces unavailable: %v", what, err)
+	}
+	require.NoError(t, probe.Close())
+}
+
+// runLabDemo runs `pegaflow demo args...` on the two-host lab, quietly,
+// in a work directory of its own, requires that it succeeded and left
+// neither a process nor a namespace behind, and returns its stdout and
+// JSON report.
+func runLabDemo(t *testing.T, args ...string) (stdout string, report []byte) {
+	t.Helper()
+	bin := testBinary(t)
+	dir := t.TempDir()
+	reportPath := filepath.Join(dir, "report.json")
+	nsBefore := demoNamespaces(t)
+	out := runDemoProcess(t, bin, append(append([]string{"demo"}, args...),
+		"--work-dir", dir, "--json", reportPath, "--progress=false")...)
 	require.Equal(t, nsBefore, demoNamespaces(t), "the demo's namespaces are deleted")
 	ps, _ := exec.Command("pgrep", "-f", dir).Output()
 	require.Empty(t, strings.TrimSpace(string(ps)), "processes of the demo are still running")
+	raw, err := os.ReadFile(reportPath)
+	require.NoError(t, err)
+	return out, raw
 }
 
 // runDemoProcess runs bin with args, requires exit status 0 within 2

@@ -98,6 +98,10 @@ func TestBadInvocationsExit2(t *testing.T) {
 		{"demo: bad rate", []string{"demo", "--request-rate", "-2"}, "rate"},
 		{"demo: stray argument", []string{"demo", "now"}, "unexpected arguments"},
 		{"demo: bad hosts", []string{"demo", "--hosts", "3"}, "hosts 3: want 1 or 2"},
+		{"demo --kv: no users", []string{"demo", "--kv", "--users", "0"}, "want at least 1 user and 2 turns"},
+		{"demo --kv: one turn", []string{"demo", "--kv", "--turns", "1"}, "want at least 1 user and 2 turns"},
+		{"demo --kv: too many turns", []string{"demo", "--kv", "--turns", "5000"}, "1..1000 turns"},
+		{"demo: --users without --kv", []string{"demo", "--users", "3"}, "--users applies to --kv only"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -21,6 +21,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/pegaflow/pegaflow/internal/ids"
 )
@@ -129,10 +130,13 @@ func checkPrefix(p string) error {
 	return nil
 }
 
+// closeTimeout bounds each `ip netns del` of Close.
+const closeTimeout = 30 * time.Second
+
 // Close deletes both namespaces (and with them the veth pair). It needs
-// no context so that it runs after the caller's was cancelled; only the
-// first call acts, later ones return its result. A namespace already gone
-// is not an error.
+// no context so that it runs after the caller's was cancelled; each
+// deletion has its own deadline (closeTimeout). Only the first call acts,
+// later ones return its result. A namespace already gone is not an error.
 func (l *Lab) Close() error {
 	l.closeOnce.Do(func() {
 		var errs []error
@@ -140,7 +144,10 @@ func (l *Lab) Close() error {
 			if _, err := os.Stat(nsPath(ns)); errors.Is(err, os.ErrNotExist) {
 				continue
 			}
-			if err := run(context.Background(), "ip", "netns", "del", ns); err != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+			err := run(ctx, "ip", "netns", "del", ns)
+			cancel()
+			if err != nil {
 				errs = append(errs, err)
 			}
 		}
