@@ -201,24 +201,31 @@ func neededField(line []byte) bool {
 // did not fit the read buffer; line is its start and the rest is unread
 // (skipRest). limit is what the header may still spend.
 func (cn *conn) readLine(limit *int) (line []byte, long bool, err error) {
+	line, long, _, err = cn.readLineEnd(limit)
+	return line, long, err
+}
+
+// readLineEnd is readLine that also says whether the line ended in CRLF
+// (a chunk-size line must: net/http refuses a bare LF there).
+func (cn *conn) readLineEnd(limit *int) (line []byte, long, crlf bool, err error) {
 	line, err = cn.br.ReadSlice('\n')
 	if len(line) > 0 {
 		cn.gotBytes = true
 	}
 	if *limit -= len(line); *limit < 0 {
-		return nil, false, errHeaderTooLarge
+		return nil, false, false, errHeaderTooLarge
 	}
 	switch {
 	case err == bufio.ErrBufferFull:
-		return line, true, nil
+		return line, true, false, nil
 	case err != nil:
-		return nil, false, err
+		return nil, false, false, err
 	}
 	line = line[:len(line)-1]
 	if n := len(line); n > 0 && line[n-1] == '\r' {
-		line = line[:n-1]
+		line, crlf = line[:n-1], true
 	}
-	return line, false, nil
+	return line, false, crlf, nil
 }
 
 func (cn *conn) skipRest(limit *int) error {

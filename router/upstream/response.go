@@ -215,18 +215,19 @@ func (r *Response) readChunked(p []byte) (int, error) {
 	return n, nil
 }
 
+// expectCRLF reads the CRLF after a chunk's data: exactly those two
+// bytes, as net/http requires.
 func expectCRLF(br *bufio.Reader) error {
-	b, err := br.ReadByte()
-	if err == nil && b == '\r' {
-		b, err = br.ReadByte()
-	}
-	switch {
-	case err == io.EOF:
-		return io.ErrUnexpectedEOF
-	case err != nil:
-		return err
-	case b != '\n':
-		return errors.New("chunked body: no line end after a chunk")
+	for _, want := range []byte("\r\n") {
+		b, err := br.ReadByte()
+		switch {
+		case err == io.EOF:
+			return io.ErrUnexpectedEOF
+		case err != nil:
+			return err
+		case b != want:
+			return errors.New("chunked body: no line end (CRLF) after a chunk")
+		}
 	}
 	return nil
 }
@@ -242,7 +243,7 @@ const maxChunkSize = 1 << 60
 
 func (r *Response) readChunkSize() (int64, error) {
 	limit := 4 << 10
-	line, long, err := r.cn.readLine(&limit)
+	line, long, crlf, err := r.cn.readLineEnd(&limit)
 	if err != nil {
 		if err == io.EOF {
 			err = io.ErrUnexpectedEOF
@@ -251,6 +252,11 @@ func (r *Response) readChunkSize() (int64, error) {
 	}
 	if long {
 		return 0, errors.New("chunked body: chunk size line too long")
+	}
+	if !crlf {
+		// As net/http: a bare LF could end the line for us and not for
+		// a proxy in front of us (request smuggling's classic split).
+		return 0, errors.New("chunked body: chunk size line ends with a bare LF")
 	}
 	if i := bytes.IndexByte(line, ';'); i >= 0 {
 		line = line[:i] // chunk extensions, ignored
