@@ -220,15 +220,9 @@ func (r *Report) Failed() bool { return r.PD.failed() || r.compared().failed() }
 // The report is returned even when a benchmark failed part-way, as long as
 // it ran.
 func Run(ctx context.Context, cfg Config, progress io.Writer) (*Report, error) {
-	if err := cfg.Validate(); err != nil {
+	progress, logDir, err := cfg.prepare(progress)
+	if err != nil {
 		return nil, err
-	}
-	if progress == nil {
-		progress = io.Discard
-	}
-	logDir := filepath.Join(cfg.WorkDir, "logs")
-	if err := os.MkdirAll(logDir, 0o755); err != nil {
-		return nil, fmt.Errorf("work dir: %w", err)
 	}
 	if cfg.Hosts == 2 {
 		return runTwoHosts(ctx, cfg, progress, logDir)
@@ -413,4 +407,20 @@ func rateString(r float64) string {
 		return "inf"
 	}
 	return fmt.Sprintf("%g", r)
+}
+
+// prepare is what every demo run does first: validate cfg, default the
+// progress writer, and make the work directory's logs folder.
+func (cfg Config) prepare(progress io.Writer) (io.Writer, string, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, "", err
+	}
+	if progress == nil {
+		progress = io.Discard
+	}
+	logDir := filepath.Join(cfg.WorkDir, "logs")
+	if err := os.MkdirAll(logDir, 0o755); err != nil {
+		return nil, "", fmt.Errorf("work dir: %w", err)
+	}
+	return progress, logDir, nil
 }

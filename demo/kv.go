@@ -123,15 +123,9 @@ func (r *KVReport) Failed() bool {
 // RunKV builds the lab once and runs every policy on it in turn; a
 // policy that cannot run is reported in its row and the next one runs.
 func RunKV(ctx context.Context, cfg Config, w bench.Config, policies []KVPolicy, progress io.Writer) (rep *KVReport, err error) {
-	if err := cfg.Validate(); err != nil {
+	progress, logDir, err := cfg.prepare(progress)
+	if err != nil {
 		return nil, err
-	}
-	if progress == nil {
-		progress = io.Discard
-	}
-	logDir := filepath.Join(cfg.WorkDir, "logs")
-	if err := os.MkdirAll(logDir, 0o755); err != nil {
-		return nil, fmt.Errorf("work dir: %w", err)
 	}
 	lab, err := netlab.New(ctx, NetlabPrefix)
 	if err != nil {

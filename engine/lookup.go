@@ -82,7 +82,7 @@ func (e *Engine) Lookup(q LookupQuery) (LookupResult, error) {
 }
 
 // peekPrefix counts g's sealed prefix of hashes without touching a block
-// (prefixLocked's count, minus its use).
+// (a Lookup is not a use; prefixLocked touches what it counts).
 func peekPrefix(g *nsGroup, hashes [][]byte) int {
 	n := 0
 	for n < len(hashes) {

@@ -147,13 +147,9 @@ func (e *Engine) awakeLocked(s *session) error {
 // prefixLocked counts the sealed prefix of group g's blocks and, after it,
 // the run of blocks still being saved.
 func (e *Engine) prefixLocked(g *nsGroup, hashes [][]byte) (hit, inflight int) {
-	for hit < len(hashes) {
-		b := g.blocks[string(hashes[hit])]
-		if b == nil || !b.sealed {
-			break
-		}
-		e.policy.touch(b)
-		hit++
+	hit = peekPrefix(g, hashes)
+	for _, h := range hashes[:hit] {
+		e.policy.touch(g.blocks[string(h)])
 	}
 	for i := hit; i < len(hashes); i++ {
 		b := g.blocks[string(hashes[i])]
