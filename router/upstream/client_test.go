@@ -247,6 +247,7 @@ var framingCases = []framingCase{
 	// net/http refuses both (a bare LF may end a line for us and not for a
 	// proxy in front: the classic smuggling split); so do we.
 	{name: "chunk size line with bare LF", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\n\r\n", status: 200, err: "bare LF"},
+	{name: "empty trailer with bare LF", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\n", status: 200, err: "trailer ends with a bare LF"},
 	{name: "bare LF after chunk data", answer: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nz\n0\r\n\r\n", status: 200, err: "no line end"},
 	{name: "truncated body", answer: "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", status: 200, err: "unexpected EOF"},
 	{name: "truncated head", answer: "HTTP/1.1 200 OK\r\nContent-Le", err: "unexpected EOF"},

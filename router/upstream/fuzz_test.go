@@ -83,6 +83,7 @@ var deliberate = []struct{ msg, why string }{
 	{"holds a space", "a space in a field name (RFC 9112 5.1: before the colon it hides a field from one reader and not another): net/http ignores the field"},
 	{"in an HTTP/1.0 answer", "Transfer-Encoding in HTTP/1.0: RFC 9112 6.1 calls the framing faulty; net/http ignores the field and reads to the close"},
 	{"chunk size over 15 hex digits", "a chunk's size is bounded to 15 hex digits (net/http: 16)"},
+	{"trailer ends with a bare LF", "an empty trailer ended by a bare LF: net/http takes it only when more bytes follow (at the stream's end it refuses); every bare LF of the chunked framing is refused"},
 }
 
 // stricter says why upstream may refuse what net/http accepts, "" when

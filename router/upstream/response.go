@@ -190,6 +190,12 @@ func (r *Response) readChunked(p []byte) (int, error) {
 				return n, err
 			}
 			if size == 0 {
+				if b, err := br.Peek(1); err == nil && b[0] == '\n' {
+					// net/http takes this only when more bytes follow it
+					// (at the stream's end it refuses): refuse it always,
+					// as every other bare LF of the chunked framing.
+					return n, errors.New("chunked body: trailer ends with a bare LF")
+				}
 				limit := r.cn.client.cfg.MaxHeaderBytes
 				if err := r.readFields(&limit, nil); err != nil { // the trailer, ignored
 					return n, err
