@@ -44,6 +44,8 @@ extern "C" {
 #define PF_ENODEV (-8)   /* no CUDA device with that UUID is visible */
 #define PF_EPEER (-9)    /* xfer: the peer failed or its connection was closed */
 #define PF_ECANCELED (-10) /* xfer: the batch was cancelled */
+#define PF_ESHORT (-11)  /* ssd: the file ended before a read did (truncated file) */
+#define PF_ENOSPC (-12)  /* ssd: the file system is full */
 
 /* Copy directions. */
 #define PF_DIR_REGION_TO_POOL 0 /* save */

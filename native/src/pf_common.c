@@ -29,6 +29,8 @@ const char *pf_strerror(int code) {
     case PF_ENODEV: return "no visible CUDA device with that UUID";
     case PF_EPEER: return "peer failed or connection closed";
     case PF_ECANCELED: return "cancelled";
+    case PF_ESHORT: return "short read: the file ended first";
+    case PF_ENOSPC: return "no space left on the file system";
     default: return "unknown error";
   }
 }
