@@ -189,6 +189,9 @@ func readCheckpoint(dir string) (*checkpoint, error) {
 	for range n {
 		c := ckptClass{maxPayload: r.u64(), slots: r.u64(), scanFrom: r.u64(), entries: map[int]*Header{}}
 		entries := r.u64()
+		if r.err == nil && (c.slots == 0 || c.scanFrom >= c.slots) {
+			return nil, fmt.Errorf("checkpoint: class %d: scan from slot %d of %d", len(cp.classes), c.scanFrom, c.slots)
+		}
 		for e := uint64(0); e < entries && r.err == nil; e++ {
 			slot := int(r.u32())
 			h := &Header{Seq: r.u64()}

@@ -284,6 +284,7 @@ func (s *Store) dropLocked(sl *slot) {
 }
 
 // Lookup returns the header of a live key (to size the read buffer).
+// Headers are shared and immutable: callers must not modify them.
 func (s *Store) Lookup(key Key) (*Header, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

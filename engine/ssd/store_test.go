@@ -389,3 +389,16 @@ func FuzzDecodeHeader(f *testing.F) {
 		}
 	})
 }
+
+// A checkpoint whose checksum holds but whose ring position is out of
+// range is refused (a full scan follows), never a panic.
+func TestOutOfRangeCheckpointIsRefused(t *testing.T) {
+	cfg := Config{Dir: t.TempDir(), Classes: []Class{{MaxPayload: 1000, Slots: 8}}}
+	s := open(t, cfg)
+	bs := smallBlocks(8, 6)
+	put(t, s, bs)
+	require.NoError(t, writeCheckpoint(cfg.Dir, &checkpoint{seq: 1, classes: []ckptClass{{maxPayload: 1000, slots: 8, scanFrom: 1 << 63}}}))
+	s2 := open(t, cfg)
+	require.Zero(t, s2.Stats().RecoveredFromCkpt)
+	requireBack(t, s2, bs)
+}
