@@ -104,6 +104,8 @@ var (
 	ErrNotFound = errors.New("ssd: not found")
 	ErrFull     = errors.New("ssd: no slot free")
 	ErrClosed   = errors.New("ssd: store closed")
+	ErrExists   = errors.New("ssd: key present")
+	ErrTooLarge = errors.New("ssd: payload larger than every class")
 )
 
 // encodeHeader writes h into buf (HeaderSize bytes), zeroing the rest.

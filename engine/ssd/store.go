@@ -180,49 +180,81 @@ func (s *Store) Contains(key Key) bool {
 }
 
 // Put writes payload (the block's shares, concatenated in rank order,
-// shares[i] bytes each) under key. A key already present is left as it
-// is (blocks are content-addressed: same key, same bytes). It never
-// blocks on other writes: with the class's ring slot at the cursor busy
-// (pinned by a read, or Window writes in flight) it returns ErrFull.
+// shares[i] bytes each) under key: Reserve, the payload written through
+// the class's File, Commit. A key already present is left as it is
+// (blocks are content-addressed: same key, same bytes).
 func (s *Store) Put(ctx context.Context, key Key, shares []uint64, payload []byte) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("ssd put: %w", err)
 	}
-	if err := key.validate(); err != nil {
+	r, err := s.Reserve(key, shares)
+	if errors.Is(err, ErrExists) {
+		return nil
+	}
+	if err != nil {
 		return err
 	}
+	if uint64(len(payload)) != r.hdr.PayloadLen {
+		s.Commit(r, 0, fmt.Errorf("%w: shares sum to %d, payload is %d bytes", ErrInvalid, r.hdr.PayloadLen, len(payload)))
+		return fmt.Errorf("%w: shares sum to %d, payload is %d bytes", ErrInvalid, r.hdr.PayloadLen, len(payload))
+	}
+	var werr error
+	if len(payload) > 0 {
+		_, werr = s.classes[r.Class].file.WriteAt(payload, r.PayloadOffset)
+	}
+	return s.Commit(r, Checksum(payload), werr)
+}
+
+// Reservation is a slot taken by Reserve for one write: the caller writes
+// the payload (PayloadLen bytes) at PayloadOffset of class Class's file
+// (Files), then calls Commit exactly once.
+type Reservation struct {
+	Class         int
+	PayloadOffset int64
+	PayloadLen    uint64
+	slot          int
+	hdr           *Header
+}
+
+// Reserve takes the slot at its class's ring cursor for key, evicting
+// the block in it (FIFO). It never blocks on other writes: with the
+// cursor slot busy (pinned by a read, or Window writes in flight) it
+// returns ErrFull; with key present, ErrExists. Until Commit the key is
+// in the index as being written: Contains says true, Acquire not found.
+func (s *Store) Reserve(key Key, shares []uint64) (*Reservation, error) {
+	if err := key.validate(); err != nil {
+		return nil, err
+	}
 	if len(shares) == 0 || len(shares) > MaxShares {
-		return fmt.Errorf("%w: %d shares, want 1..%d", ErrInvalid, len(shares), MaxShares)
+		return nil, fmt.Errorf("%w: %d shares, want 1..%d", ErrInvalid, len(shares), MaxShares)
 	}
 	var sum uint64
 	for _, n := range shares {
+		if n > 1<<40 {
+			return nil, fmt.Errorf("%w: share of %d bytes", ErrInvalid, n)
+		}
 		sum += n
 	}
-	if sum != uint64(len(payload)) {
-		return fmt.Errorf("%w: shares sum to %d, payload is %d bytes", ErrInvalid, sum, len(payload))
-	}
-	ci := s.classFor(uint64(len(payload)))
+	ci := s.classFor(sum)
 	if ci < 0 {
-		return fmt.Errorf("%w: payload of %d bytes exceeds the largest class", ErrInvalid, len(payload))
+		return nil, fmt.Errorf("%w (%w): payload of %d bytes", ErrInvalid, ErrTooLarge, sum)
 	}
-	h := &Header{Key: key, Shares: append([]uint64(nil), shares...), PayloadLen: uint64(len(payload)), PayloadCRC: Checksum(payload)}
+	h := &Header{Key: key, Shares: append([]uint64(nil), shares...), PayloadLen: sum}
 	c := s.classes[ci]
 
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.closed {
-		s.mu.Unlock()
-		return ErrClosed
+		return nil, ErrClosed
 	}
 	if _, ok := s.index[key]; ok {
-		s.mu.Unlock()
-		return nil
+		return nil, ErrExists
 	}
 	i := c.cursor
 	sl := &c.slots[i]
 	if sl.state == slotWriting || sl.pins > 0 || c.inflight >= s.cfg.Window {
 		s.stats.Refused++
-		s.mu.Unlock()
-		return fmt.Errorf("%w: class %d bytes, slot %d busy", ErrFull, c.MaxPayload, i)
+		return nil, fmt.Errorf("%w: class %d bytes, slot %d busy", ErrFull, c.MaxPayload, i)
 	}
 	if sl.state == slotLive {
 		s.dropLocked(sl)
@@ -234,37 +266,38 @@ func (s *Store) Put(ctx context.Context, key Key, shares []uint64, payload []byt
 	s.index[key] = loc{ci, i}
 	c.cursor = (i + 1) % len(c.slots)
 	c.inflight++
-	s.mu.Unlock()
+	return &Reservation{Class: ci, PayloadOffset: c.offset(i) + HeaderSize, PayloadLen: sum, slot: i, hdr: h}, nil
+}
 
-	err := writeSlot(c.file, c.offset(i), h, payload)
-
+// Commit ends a Reservation. With ioErr nil the payload is in place and
+// crc is its checksum: the header is written after it (a crash between
+// leaves the slot's old header over new bytes, which its payload
+// checksum rejects) and the block is live. With ioErr set, or when the
+// header write fails, the slot is freed and the error counted.
+func (s *Store) Commit(r *Reservation, crc uint32, ioErr error) error {
+	c := s.classes[r.Class]
+	err := ioErr
+	if err == nil {
+		r.hdr.PayloadCRC = crc
+		buf := make([]byte, HeaderSize)
+		encodeHeader(buf, r.hdr)
+		_, err = c.file.WriteAt(buf, c.offset(r.slot))
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c.inflight--
+	sl := &c.slots[r.slot]
 	if err != nil {
-		delete(s.index, key)
+		delete(s.index, r.hdr.Key)
 		sl.state, sl.hdr = slotFree, nil
-		s.stats.IOErrors++
-		return fmt.Errorf("ssd write %s slot %d: %w", c.fileName(), i, err)
+		if !errors.Is(err, ErrInvalid) {
+			s.stats.IOErrors++
+		}
+		return fmt.Errorf("ssd write %s slot %d: %w", c.fileName(), r.slot, err)
 	}
 	sl.state = slotLive
-	s.stats.UsedBytes += h.PayloadLen
+	s.stats.UsedBytes += r.hdr.PayloadLen
 	return nil
-}
-
-// writeSlot writes the payload, then the header: a crash between them
-// leaves the slot's old header over new bytes, which its payload checksum
-// rejects.
-func writeSlot(f File, off int64, h *Header, payload []byte) error {
-	if len(payload) > 0 {
-		if _, err := f.WriteAt(payload, off+HeaderSize); err != nil {
-			return err
-		}
-	}
-	buf := make([]byte, HeaderSize)
-	encodeHeader(buf, h)
-	_, err := f.WriteAt(buf, off)
-	return err
 }
 
 func (s *Store) classFor(n uint64) int {
@@ -300,58 +333,107 @@ func (s *Store) Lookup(key Key) (*Header, bool) {
 }
 
 // Get reads key's payload into dst (at least its PayloadLen bytes) and
-// returns its header. Header and payload are verified against their
-// checksums on every read; a slot that fails is dropped from the index
-// (ErrCorrupt), never served.
+// returns its header: Acquire, the payload read through the class's
+// File, Finish. The payload is verified against its checksum on every
+// read; a slot that fails is dropped from the index (ErrCorrupt), never
+// served.
 func (s *Store) Get(ctx context.Context, key Key, dst []byte) (*Header, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("ssd get: %w", err)
 	}
+	r, err := s.Acquire(key)
+	if err != nil {
+		return nil, err
+	}
+	if uint64(len(dst)) < r.Header.PayloadLen {
+		s.Finish(r, r.Header.PayloadCRC, nil)
+		return nil, fmt.Errorf("%w: buffer of %d bytes for a payload of %d", ErrInvalid, len(dst), r.Header.PayloadLen)
+	}
+	p := dst[:r.Header.PayloadLen]
+	var rerr error
+	if len(p) > 0 {
+		_, rerr = s.classes[r.Class].file.ReadAt(p, r.PayloadOffset)
+	}
+	if err := s.Finish(r, Checksum(p), rerr); err != nil {
+		return nil, err
+	}
+	return r.Header, nil
+}
+
+// Read is a live slot pinned by Acquire for one read: the caller reads
+// Header.PayloadLen bytes at PayloadOffset of class Class's file, then
+// calls Finish exactly once. Header is shared and immutable.
+type Read struct {
+	Class         int
+	PayloadOffset int64
+	Header        *Header
+	slot          int
+}
+
+// Acquire pins key's live slot for a read (the ring will not reuse it
+// until Finish); ErrNotFound when key is absent or still being written.
+func (s *Store) Acquire(key Key) (*Read, error) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.closed {
-		s.mu.Unlock()
 		return nil, ErrClosed
 	}
 	l, ok := s.index[key]
-	var sl *slot
-	if ok {
-		sl = &s.classes[l.class].slots[l.slot]
-	}
-	if !ok || sl.state != slotLive {
-		s.mu.Unlock()
+	if !ok {
 		return nil, ErrNotFound
 	}
-	want := sl.hdr
-	if uint64(len(dst)) < want.PayloadLen {
-		s.mu.Unlock()
-		return nil, fmt.Errorf("%w: buffer of %d bytes for a payload of %d", ErrInvalid, len(dst), want.PayloadLen)
+	c := s.classes[l.class]
+	sl := &c.slots[l.slot]
+	if sl.state != slotLive {
+		return nil, ErrNotFound
 	}
 	sl.pins++
-	c := s.classes[l.class]
-	s.mu.Unlock()
+	return &Read{Class: l.class, PayloadOffset: c.offset(l.slot) + HeaderSize, Header: sl.hdr, slot: l.slot}, nil
+}
 
-	h, err := readSlot(c, l.slot, dst)
-	if err == nil && (h.Key != key || h.Seq != want.Seq) {
-		err = fmt.Errorf("%w: slot %d holds %v seq %d, index says %v seq %d", ErrCorrupt, l.slot, h.Key, h.Seq, key, want.Seq)
+// Finish ends a Read: crc is the checksum of the payload bytes read (or
+// ioErr the read's failure). A mismatch is ErrCorrupt; either failure
+// drops the slot from the index, so it is never served again.
+func (s *Store) Finish(r *Read, crc uint32, ioErr error) error {
+	err := ioErr
+	if err == nil && crc != r.Header.PayloadCRC {
+		err = fmt.Errorf("%w: payload checksum %08x, want %08x", ErrCorrupt, crc, r.Header.PayloadCRC)
 	}
-
+	c := s.classes[r.Class]
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	sl := &c.slots[r.slot]
 	sl.pins--
-	if err != nil {
-		if errors.Is(err, ErrCorrupt) {
-			s.stats.Corrupt++
-		} else {
-			s.stats.IOErrors++
-		}
-		// Drop the slot unless a writer took it meanwhile (it cannot
-		// while pinned, but the index may have dropped it on an error).
-		if sl.state == slotLive && sl.hdr == want {
-			s.dropLocked(sl)
-		}
-		return nil, fmt.Errorf("ssd read %s slot %d: %w", c.fileName(), l.slot, err)
+	if err == nil {
+		return nil
 	}
-	return h, nil
+	if errors.Is(err, ErrCorrupt) {
+		s.stats.Corrupt++
+	} else {
+		s.stats.IOErrors++
+	}
+	// Pinned, the slot cannot have been reused, but an error of another
+	// read of it may have dropped it already.
+	if sl.state == slotLive && sl.hdr == r.Header {
+		s.dropLocked(sl)
+	}
+	return fmt.Errorf("ssd read %s slot %d: %w", c.fileName(), r.slot, err)
+}
+
+// Files lists the class files, by class index, with their sizes: what
+// a native I/O layer opens to move payloads (Reservation, Read).
+func (s *Store) Files() []FileInfo {
+	out := make([]FileInfo, len(s.classes))
+	for i, c := range s.classes {
+		out[i] = FileInfo{Path: filepath.Join(s.cfg.Dir, c.fileName()), Size: c.slotSize * uint64(len(c.slots)), MaxPayload: c.MaxPayload}
+	}
+	return out
+}
+
+// FileInfo is one class file.
+type FileInfo struct {
+	Path             string
+	Size, MaxPayload uint64
 }
 
 // readSlot reads and verifies slot i of c: header into a page of its
