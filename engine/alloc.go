@@ -4,8 +4,13 @@ import (
 	"slices"
 )
 
-// allocAlign keeps every extent aligned for DMA-friendly copies.
-const allocAlign = 256
+// allocAlign keeps every extent aligned for DMA-friendly copies;
+// ssdAlign (the SSD tier's O_DIRECT unit) is the alignment of pools whose
+// extents are read from and written to SSD in place.
+const (
+	allocAlign = 256
+	ssdAlign   = 4096
+)
 
 type extent struct {
 	off, size uint64
@@ -17,6 +22,7 @@ type extent struct {
 // miss (mixed sizes) are the free lists coalesced, which is O(n log n) and
 // rare. Not safe for concurrent use: the engine's lock guards it.
 type allocator struct {
+	align    uint64 // a power of two
 	capacity uint64
 	bump     uint64 // everything at or above bump is free
 	free     map[uint64][]uint64
@@ -24,11 +30,17 @@ type allocator struct {
 	used     uint64
 }
 
-func newAllocator(capacity uint64) *allocator {
-	return &allocator{capacity: capacity, free: map[uint64][]uint64{}}
+func newAllocator(capacity uint64) *allocator { return newAlignedAllocator(capacity, allocAlign) }
+
+// newAlignedAllocator hands out extents whose offsets and sizes are
+// multiples of align (a power of two).
+func newAlignedAllocator(capacity, align uint64) *allocator {
+	return &allocator{align: align, capacity: capacity, free: map[uint64][]uint64{}}
 }
 
-func alignUp(n uint64) uint64 { return (n + allocAlign - 1) &^ (allocAlign - 1) }
+func alignUp(n uint64) uint64 { return alignTo(n, allocAlign) }
+
+func alignTo(n, align uint64) uint64 { return (n + align - 1) &^ (align - 1) }
 
 // alloc returns an extent of at least size bytes, or false when no
 // contiguous space exists.
@@ -36,7 +48,7 @@ func (a *allocator) alloc(size uint64) (extent, bool) {
 	if size == 0 || size > a.capacity {
 		return extent{}, false
 	}
-	size = alignUp(size)
+	size = alignTo(size, a.align)
 	if offs := a.free[size]; len(offs) > 0 {
 		off := offs[len(offs)-1]
 		a.setFree(size, offs[:len(offs)-1])

@@ -44,6 +44,10 @@ type block struct {
 	transfers []*transfer
 	// queued: the shares are in the eviction queues (evict.go).
 	queued bool
+	// promo is the SSD promotion filling the block (promote.go), nil
+	// otherwise; origin is where its bytes came from, until its first hit.
+	promo  *promotion
+	origin uint8
 }
 
 // newBlock makes a block of group g of ns; the caller enters it with
@@ -74,15 +78,19 @@ func (e *Engine) unpinLocked(b *block) {
 
 // allocateLocked finds space for a share in pool p, evicting unpinned
 // sealed blocks with a share there, in that pool's policy order, as
-// needed. It fails when nothing evictable is left in p.
+// needed; with an SSD tier, a victim from the main queue is spilled
+// (spill.go). It fails when nothing evictable is left in p.
 func (e *Engine) allocateLocked(p int, size uint64) (extent, bool) {
 	for {
 		if ext, ok := e.pools[p].alloc.alloc(size); ok {
 			return ext, true
 		}
-		victim := e.policy.victim(p)
+		victim, proven := e.policy.victim(p)
 		if victim == nil {
 			return extent{}, false
+		}
+		if proven && e.tier != nil {
+			e.stageLocked(victim)
 		}
 		e.freeLocked(victim)
 		e.stats.evictions++

@@ -82,6 +82,33 @@ type Config struct {
 	// host:port, a subnet, or PeerAllowLoopback. Empty: none; a Query
 	// naming another source fails ErrInvalid before anything is dialled.
 	PeerAllow []string
+	// SSD is the SSD tier (ssdtier.go); no Dirs: none.
+	SSD SSDConfig
+}
+
+// SSDConfig configures the SSD tier: blocks the pool evicts from its
+// main queue are spilled to files in Dirs and promoted back on a Query
+// (docs/ssd.md).
+type SSDConfig struct {
+	// Dirs are one directory per device, created 0700; a directory that
+	// is unusable at start (not ours, open to others, I/O errors) is left
+	// out and logged, never fatal.
+	Dirs []string
+	// Size is the space the tier takes in each directory.
+	Size uint64
+	// StagingBytes bounds the spill queue: evicted blocks are copied to
+	// a staging pool of this size and written from there (default 64 MiB).
+	StagingBytes uint64
+	// PromoteWait is the budget of SSD reads for a Query that waits less
+	// (default 100 ms): what is not back by then is a shorter hit.
+	PromoteWait time.Duration
+	// CheckpointEvery is how often each directory's index is
+	// checkpointed (default 30 s), besides a clean stop.
+	CheckpointEvery time.Duration
+	// Backend and Depth are the native I/O engine's (native.SSDAuto: io_uring
+	// when built and allowed, else Depth threads; default depth 32).
+	Backend native.SSDBackend
+	Depth   int
 }
 
 // Defaults for Config.
@@ -114,6 +141,14 @@ func (c *Config) setDefaults() {
 	orDefault(&c.BlockEventRing, DefaultBlockEventRing)
 	orDefault(&c.PeerOpenTTL, DefaultPeerOpenTTL)
 	orDefault(&c.PeerFetchTimeout, DefaultPeerFetchTimeout)
+	if len(c.SSD.Dirs) > 0 {
+		if c.SSD.StagingBytes == 0 {
+			c.SSD.StagingBytes = 64 << 20
+		}
+		orDefault(&c.SSD.PromoteWait, 100*time.Millisecond)
+		orDefault(&c.SSD.CheckpointEvery, 30*time.Second)
+		orDefault(&c.SSD.Depth, 32)
+	}
 	if c.ShmDir == "" {
 		c.ShmDir = DefaultShmDir
 	}
@@ -143,6 +178,17 @@ func (c *Config) validate() (readyAllow, peerAllow *allowlist, err error) {
 	}
 	if peerAllow, err = parsePeerAllow(c.PeerAllow); err != nil {
 		return nil, nil, err
+	}
+	if len(c.SSD.Dirs) > 0 {
+		if len(c.SSD.Dirs) > MaxSSDDirs {
+			return nil, nil, fmt.Errorf("%w: %d SSD directories, max %d", ErrInvalid, len(c.SSD.Dirs), MaxSSDDirs)
+		}
+		if c.SSD.Size < MinSSDSize {
+			return nil, nil, fmt.Errorf("%w: SSD size %d below %d", ErrInvalid, c.SSD.Size, MinSSDSize)
+		}
+		if c.SSD.StagingBytes < ssdAlign || c.SSD.StagingBytes > 1<<40 {
+			return nil, nil, fmt.Errorf("%w: SSD staging of %d bytes", ErrInvalid, c.SSD.StagingBytes)
+		}
 	}
 	if c.PeerAddress != "" {
 		if err := validatePeerAddr("peer address", c.PeerAddress); err != nil {

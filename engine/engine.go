@@ -97,6 +97,8 @@ type Engine struct {
 	epoch string
 	// peers is the cross-host side, nil without Config.Peers (peerlink.go).
 	peers *peerState
+	// tier is the SSD tier, nil without Config.SSD.Dirs (ssdtier.go).
+	tier *ssdTier
 
 	mu         sync.Mutex
 	closed     bool
@@ -150,7 +152,11 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		return nil, err
 	}
 	placement := cfg.Topology.PoolPlacement(cfg.NUMANode, cfg.PoolSize)
-	pools, def, err := openPools(placement, cfg.Device, cfg.PoolFlags)
+	align := uint64(allocAlign)
+	if len(cfg.SSD.Dirs) > 0 {
+		align = ssdAlign // promotes read slots straight into extents, O_DIRECT
+	}
+	pools, def, err := openPools(placement, cfg.Device, cfg.PoolFlags, align)
 	if err != nil {
 		return nil, err
 	}
@@ -170,9 +176,21 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		_ = closePools(pools)
 		return nil, fmt.Errorf("eviction policy: %w", err)
 	}
+	var tier *ssdTier
+	if len(cfg.SSD.Dirs) > 0 {
+		if tier, err = openSSDTier(cfg.SSD, pools, cfg.PoolFlags, log.With("component", "ssd")); err != nil {
+			policy.close()
+			_ = copier.Close()
+			_ = closePools(pools)
+			return nil, err
+		}
+	}
 	var peers *peerState
 	if cfg.Peers != nil {
 		if peers, err = startPeers(pools, &cfg, log.With("component", "peer")); err != nil {
+			if tier != nil {
+				_ = tier.close()
+			}
 			policy.close()
 			_ = copier.Close()
 			_ = closePools(pools)
@@ -183,6 +201,7 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 	e := &Engine{
 		epoch:       ids.New("ep-"),
 		peers:       peers,
+		tier:        tier,
 		peerOpens:   map[string]*peerOpen{},
 		stopped:     stopped,
 		stop:        stop,
@@ -310,8 +329,15 @@ func (e *Engine) Close() error {
 // freeMemory stops the copier and frees the pools, once no copy runs.
 func (e *Engine) freeMemory() error {
 	defer close(e.freed)
+	var err error
+	if e.tier != nil {
+		// Checkpoints, and stops its I/O engines, which hold the pools.
+		err = e.tier.close()
+	}
 	// The copier waits for in-flight batches before the pools go away.
-	err := e.copier.Close()
+	if cerr := e.copier.Close(); err == nil {
+		err = cerr
+	}
 	if e.peers != nil {
 		// The pools cannot be freed while registered with UCX.
 		if xerr := e.peers.close(); err == nil {

@@ -169,7 +169,8 @@ func (p *evictionPolicy) touch(b *block) {
 
 // victim picks the next block to evict for space in pool and withdraws
 // it, or returns nil when nothing with a share in that pool is evictable.
-func (p *evictionPolicy) victim(pool int) *block {
+// proven says it left the main queue (it proved reuse: worth spilling).
+func (p *evictionPolicy) victim(pool int) (b *block, proven bool) {
 	q := &p.pools[pool]
 	for q.probation.len+q.main.len > 0 {
 		if q.probation.len > 0 && (q.probation.bytes > q.probationLimit || q.main.len == 0) {
@@ -184,7 +185,7 @@ func (p *evictionPolicy) victim(pool int) *block {
 			s.queue = queueNone
 			p.ghost.Set(s.b.ghostKey(), struct{}{}, 1)
 			p.withdraw(s.b)
-			return s.b
+			return s.b, false
 		}
 		s := q.main.tail
 		q.main.remove(s)
@@ -195,9 +196,9 @@ func (p *evictionPolicy) victim(pool int) *block {
 		}
 		s.queue = queueNone
 		p.withdraw(s.b)
-		return s.b
+		return s.b, true
 	}
-	return nil
+	return nil, false
 }
 
 // ghostKey identifies a block across namespaces and groups for the ghost

@@ -472,6 +472,7 @@ func (e *Engine) commitFetch(ns *namespace, got []*block, n int) {
 		b.saving = 0
 		if i < n {
 			b.saved = ns.allRanks
+			b.origin = originPeer
 			e.sealLocked(b)
 			e.unpinLocked(b)
 			continue

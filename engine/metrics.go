@@ -80,6 +80,7 @@ func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
 		gauge("pool_numa_node", "NUMA node of the default pool (-1: none).", func() float64 { return float64(e.placement.Node) }),
 		newNodePoolCollector(e),
 		newKindCollector(e),
+		newTierCollector(e),
 		counter("hits_total", "Query hashes found sealed (prefix).", func() float64 { return float64(e.stats.hits) }),
 		counter("misses_total", "Query hashes not in the sealed prefix.", func() float64 { return float64(e.stats.misses) }),
 		counter("saves_total", "Block shares saved (one per rank).", func() float64 { return float64(e.stats.saves) }),
@@ -89,6 +90,9 @@ func newMetrics(e *Engine, reg prometheus.Registerer) (*metrics, error) {
 		counter("evictions_total", "Blocks evicted for space.", func() float64 { return float64(e.stats.evictions) }),
 		counter("block_event_gaps_total", "BlockEvents answers whose reader had missed events (the ring overran it).", func() float64 { return float64(e.stats.blockEventGaps) }),
 		counter("save_failures_total", "Block saves that could not be stored.", func() float64 { return float64(e.stats.saveFailures) }),
+	}
+	if e.tier != nil {
+		collectors = append(collectors, e.tier.spillSeconds, e.tier.promoteSeconds)
 	}
 	for _, c := range collectors {
 		if err := reg.Register(c); err != nil {

@@ -19,9 +19,10 @@ type pool struct {
 	alloc *allocator // guarded by e.mu
 }
 
-// openPools allocates the placement's pools. On error the ones already
+// openPools allocates the placement's pools, their extents aligned to
+// align. On error the ones already
 // allocated are freed.
-func openPools(placement topology.Placement, device int, flags native.PoolFlags) ([]*pool, int, error) {
+func openPools(placement topology.Placement, device int, flags native.PoolFlags, align uint64) ([]*pool, int, error) {
 	pools := make([]*pool, 0, len(placement.Pools))
 	def := -1
 	for i, ps := range placement.Pools {
@@ -30,7 +31,7 @@ func openPools(placement topology.Placement, device int, flags native.PoolFlags)
 			closePools(pools)
 			return nil, -1, fmt.Errorf("allocate pool of %d bytes on NUMA node %d: %w", ps.Size, ps.Node, err)
 		}
-		pools = append(pools, &pool{idx: i, node: ps.Node, gpus: ps.GPUs, mem: mem, alloc: newAllocator(mem.Size())})
+		pools = append(pools, &pool{idx: i, node: ps.Node, gpus: ps.GPUs, mem: mem, alloc: newAlignedAllocator(mem.Size(), align)})
 		if ps.Node == placement.Node {
 			def = i
 		}

@@ -35,6 +35,7 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 		// Within the wait; same-host queries never get here.
 		e.fetchFromPeer(ctx, source, req, hashes, wait)
 	}
+	parent := ctx
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 
@@ -64,6 +65,18 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 			return nil, err
 		}
 	}
+	if e.tier != nil {
+		if ps := e.promoteLocked(ns, hashes, req.FirstBlock); len(ps) > 0 {
+			// SSD reads get at least PromoteWait, even in a Query that
+			// waits for nothing else.
+			e.mu.Unlock()
+			awaitPromotions(parent, ps, deadline.Add(max(0, e.cfg.SSD.PromoteWait-wait)))
+			e.mu.Lock()
+			if err := e.awakeLocked(s); err != nil {
+				return nil, err
+			}
+		}
+	}
 	var hit, inflight int
 	for {
 		hit, inflight = e.hitLocked(ns, hashes, req.FirstBlock)
@@ -87,6 +100,7 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 	}
 	e.stats.hits += uint64(hit)
 	e.stats.misses += uint64(len(hashes) - hit)
+	e.attributeLocked(ns, hashes, hit)
 	resp := &pb.QueryResponse{NumHit: uint32(hit), NumInflight: uint32(inflight)}
 	var needed []*block
 	if ns.hybrid || (req.Lease && hit > 0) {
@@ -159,4 +173,28 @@ func (e *Engine) prefixLocked(g *nsGroup, hashes [][]byte) (hit, inflight int) {
 		inflight++
 	}
 	return hit, inflight
+}
+
+// attributeLocked counts a query's hit blocks by where their bytes came
+// from (tier attribution): a block promoted from SSD or fetched from a
+// peer counts so on its first hit, as DRAM after. Positions are counted
+// in the namespace's first full-attention group (its first group when it
+// has none).
+func (e *Engine) attributeLocked(ns *namespace, hashes [][]byte, hit int) {
+	g := ns.groups[0]
+	for _, c := range ns.groups {
+		if c.kind == kindFull {
+			g = c
+			break
+		}
+	}
+	for _, h := range hashes[:hit] {
+		b := g.blocks[string(h)]
+		if b == nil {
+			e.stats.tierHits[originDRAM]++
+			continue
+		}
+		e.stats.tierHits[b.origin]++
+		b.origin = originDRAM
+	}
 }

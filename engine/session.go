@@ -184,6 +184,11 @@ func (e *Engine) Register(ctx context.Context, req *pb.RegisterRequest) (*pb.Reg
 	inst := &instance{key: key, session: s, ns: ns, layout: layout, regions: regions, event: ev, pool: e.poolFor(layout)}
 	e.instances[key] = inst
 	s.instances[key] = inst
+	if e.tier != nil {
+		for _, g := range ns.groups {
+			e.tier.learn(slotShare(g) * uint64(ns.desc.TPSize))
+		}
+	}
 	e.log.Info("instance registered", "instance", reg.instanceID, "rank", reg.rank, "namespace", ns.id,
 		"blocks", layout.numBlocks, "layers", len(layout.layers), "rank_block_bytes", layout.rankBytes, "device", layout.device,
 		"pool_numa_node", e.pools[inst.pool].node)

@@ -41,6 +41,9 @@ type counters struct {
 	// kinds are per group kind (metrics.go); a namespace without groups
 	// is all kindFull.
 	kinds [numKinds]kindCounters
+	// tierHits are Query hits by where the block's bytes came from
+	// (originDRAM, originSSD, originPeer; promote.go).
+	tierHits [3]uint64
 }
 
 // kindCounters are the counts kept per group kind: resident blocks (a

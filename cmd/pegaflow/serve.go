@@ -54,6 +54,7 @@ type serveFlags struct {
 	maxCopyOps                              int64
 	router                                  router.Config
 	peer                                    peerFlags
+	ssd                                     ssdFlags
 }
 
 func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
@@ -83,6 +84,7 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.Int64Var(&f.maxCopyOps, "max-copy-ops", engine.DefaultMaxCopyOps, "most copy operations in flight across all saves and loads (a block is layers x segments ops)")
 	router.BindFlags(fs, &f.router)
 	bindPeerFlags(fs, &f.peer)
+	bindSSDFlags(fs, &f.ssd)
 	if err := cli.Parse(fs, args, nil); err != nil {
 		return nil, err
 	}
@@ -124,6 +126,9 @@ func parseServeFlags(args []string, stderr io.Writer) (*serveFlags, error) {
 		return nil, err
 	}
 	if err := f.peer.check(); err != nil {
+		return nil, err
+	}
+	if err := f.ssd.check(); err != nil {
 		return nil, err
 	}
 	if err := f.checkKV(); err != nil {
@@ -222,6 +227,7 @@ func startEngine(ctx context.Context, f *serveFlags, peers engine.PeerControl, l
 	topo := topology.Discover(ctx, topology.NewNVML(topoLog), topoLog)
 	eng, err := engine.New(engine.Config{
 		Peers: peers, PeerTransport: f.peer.transport, PeerAddress: f.peer.advertise, PeerAllow: f.peer.allow,
+		SSD:      f.ssd.config(),
 		PoolSize: uint64(f.poolSize), NUMANode: f.numaNode, Device: -1, PoolFlags: poolFlags,
 		CopyThreads: f.copyThreads, LeaseTTL: f.leaseTTL, TransferTTL: f.transferTTL,
 		PartialTTL: f.partialTTL, MaxQueryWait: f.maxQueryWait, ShmDir: f.shmDir, CopyTimeout: f.copyTimeout, Version: version, Topology: topo,

@@ -68,6 +68,10 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 // Checksum is the payload checksum written in the header (CRC-32C).
 func Checksum(p []byte) uint32 { return crc32.Checksum(p, castagnoli) }
 
+// ChecksumUpdate extends crc (a Checksum of earlier bytes, 0 for none)
+// with p: a payload read in pieces checks as it would whole.
+func ChecksumUpdate(crc uint32, p []byte) uint32 { return crc32.Update(crc, castagnoli, p) }
+
 // Key names a block across restarts: the namespace's persistent key
 // (the engine's namespace id, derived from the model's compatibility
 // fields), the KV cache group and the block hash.

@@ -1,0 +1,346 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/require"
+
+	pb "github.com/pegaflow/pegaflow/engine/api/pegaflowv1"
+	"github.com/pegaflow/pegaflow/engine/ssd"
+	"github.com/pegaflow/pegaflow/internal/kvtest"
+	"github.com/pegaflow/pegaflow/native"
+)
+
+// ssdSpec's blocks are 4 KiB per rank (2 layers x K,V x 4 tokens x 2
+// heads x 64 x 2 bytes): one O_DIRECT unit, so the pool holds exactly
+// poolBlocks of them.
+var ssdSpec = kvtest.Spec{Layout: kvtest.FlashAttn, Layers: 2, NumBlocks: 64, BlockSize: 4, Heads: 2, HeadSize: 64, ElemSize: 2}
+
+const poolBlocks = 12
+
+
+func newSSDEngine(t *testing.T, dir string, tweak func(*Config)) (*Engine, *prometheus.Registry) {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	cfg := Config{PoolSize: poolBlocks * uint64(ssdSpec.BlockBytes()), NUMANode: -1, Device: -1, CopyThreads: 2, PartialTTL: time.Hour,
+		SSD: SSDConfig{Dirs: []string{dir}, Size: MinSSDSize, PromoteWait: 5 * time.Second, Backend: native.SSDThreads}}
+	if tweak != nil {
+		tweak(&cfg)
+	}
+	e, err := New(cfg, nil, reg)
+	require.NoError(t, err)
+	return e, reg
+}
+
+// waitClasses waits until the directory has a class for the registered
+// namespace (learned in the background at Register).
+func waitClasses(t *testing.T, e *Engine) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		for _, d := range e.tier.dirs {
+			d.ioMu.RLock()
+			ok := d.store != nil
+			d.ioMu.RUnlock()
+			if !ok {
+				return false
+			}
+		}
+		return true
+	}, 10*time.Second, 5*time.Millisecond)
+}
+
+func tierStatsOf(e *Engine) tierStats {
+	s, _, _, _ := e.tier.counters()
+	return s
+}
+
+// proveReuse saves prompt's blocks and queries them twice, so they are
+// referenced and move to the main queue when probation evicts them.
+func proveReuse(t *testing.T, w *worker, ids []int, hashes [][]byte) {
+	t.Helper()
+	w.save(t, ids, hashes, "", false)
+	for range 2 {
+		require.EqualValues(t, len(hashes), w.query(t, hashes, 0, false).NumHit)
+	}
+}
+
+// churn saves and reuses n prompts of 4 blocks after the first: enough
+// to push the first out of the pool's main queue.
+func churn(t *testing.T, w *worker, name string, n int) {
+	t.Helper()
+	for i := range n {
+		proveReuse(t, w, seq(4+i%12*4, 4), kvtest.Hashes(fmt.Sprintf("%s-%d", name, i), 4))
+	}
+}
+
+func waitSpilled(t *testing.T, e *Engine, min uint64) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		s, _, jobs, _ := e.tier.counters()
+		return s.spillBlocks >= min && jobs == 0
+	}, 10*time.Second, 5*time.Millisecond)
+}
+
+func tierHits(t *testing.T, reg *prometheus.Registry, tier string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	require.NoError(t, err)
+	for _, mf := range mfs {
+		if mf.GetName() != "pegaflow_engine_query_blocks_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if m.GetLabel()[0].GetValue() == tier {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	return 0
+}
+
+func TestSSDSpillThenPromoteByteExact(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ssd")
+	e, reg := newSSDEngine(t, dir, nil)
+	defer func() { require.NoError(t, e.Close()) }()
+	p := newWorker(t, e, "P", 0, 1, ssdSpec)
+	d := newWorker(t, e, "D", 0, 1, ssdSpec)
+	waitClasses(t, e)
+	hot := kvtest.Hashes("hot", 4)
+	for b := range 4 {
+		p.cache.Fill(b, uint64(100+b))
+	}
+	proveReuse(t, p, seq(0, 4), hot)
+	churn(t, p, "other", 8)
+	waitSpilled(t, e, 4)
+	require.EqualValues(t, 4, d.query(t, hot, 0, false).NumHit, "promoted from SSD within the query")
+	// It was not in the pool: the hit came from the SSD, byte-exact.
+	require.EqualValues(t, 4, tierHits(t, reg, "ssd"))
+	st := tierStatsOf(e)
+	require.EqualValues(t, 4, st.promoteBlocks)
+	dst := []int{40, 41, 42, 43}
+	require.Equal(t, allOK(4), d.load(t, dst, hot, "", ""))
+	for i := range 4 {
+		require.True(t, p.cache.Equal(i, d.cache, dst[i]), "block %d", i)
+	}
+	// A second query is a DRAM hit.
+	require.EqualValues(t, 4, d.query(t, hot, 0, false).NumHit)
+	require.EqualValues(t, 4, tierHits(t, reg, "ssd"))
+	require.Positive(t, testutil.CollectAndCount(reg, "pegaflow_engine_ssd_used_bytes"))
+	fi, err := os.Stat(dir)
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o700), fi.Mode().Perm())
+	entries, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	for _, en := range entries {
+		info, err := en.Info()
+		require.NoError(t, err)
+		require.Equal(t, os.FileMode(0o600), info.Mode().Perm(), en.Name())
+	}
+}
+
+func TestSSDScanDoesNotFlushTheTier(t *testing.T) {
+	e, _ := newSSDEngine(t, filepath.Join(t.TempDir(), "ssd"), nil)
+	defer func() { require.NoError(t, e.Close()) }()
+	p := newWorker(t, e, "P", 0, 1, ssdSpec)
+	waitClasses(t, e)
+	hot := kvtest.Hashes("hot", 4)
+	proveReuse(t, p, seq(0, 4), hot)
+	churn(t, p, "other", 8)
+	waitSpilled(t, e, 4)
+	// A scan: ten pools of one-off blocks, each saved once, never reused.
+	var scan [][]byte
+	for i := range 30 {
+		h := kvtest.Hashes(fmt.Sprintf("scan-%d", i), 4)
+		scan = append(scan, h...)
+		p.save(t, seq(4+i%12*4, 4), h, "", false)
+	}
+	waitSpilled(t, e, 4)
+	for _, h := range scan {
+		require.Nil(t, e.tier.holder(ssd.Key{Namespace: p.nsID, Hash: string(h)}), "one-hit wonders are never spilled")
+	}
+	require.Zero(t, tierStatsOf(e).skipped["ring_busy"])
+	require.EqualValues(t, 4, p.query(t, hot, 0, false).NumHit, "the hot prefix is still on SSD")
+}
+
+func TestSSDFailingDeviceNeverFailsSaveOrQuery(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		op   string
+	}{
+		{"enospc on write", native.ErrNoSpace, "write"},
+		{"eio on write", fmt.Errorf("%w: injected", native.ErrCopy), "write"},
+		{"eio on read", fmt.Errorf("%w: injected", native.ErrCopy), "read"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, _ := newSSDEngine(t, filepath.Join(t.TempDir(), "ssd"), nil)
+			defer func() { require.NoError(t, e.Close()) }()
+			var mu sync.Mutex
+			failing := true
+			e.tier.setFault(func(op string) error {
+				mu.Lock()
+				defer mu.Unlock()
+				if failing && op == tc.op {
+					return tc.err
+				}
+				return nil
+			})
+			p := newWorker(t, e, "P", 0, 1, ssdSpec)
+			waitClasses(t, e)
+			hot := kvtest.Hashes("hot", 4)
+			proveReuse(t, p, seq(0, 4), hot)
+			churn(t, p, "other", 8) // every save succeeds (the helpers require it)
+			require.Eventually(t, func() bool {
+				s, _, jobs, _ := e.tier.counters()
+				return jobs == 0 && s.spillBlocks+s.skipped["no_space"]+s.skipped["io_error"] >= 4
+			}, 10*time.Second, 5*time.Millisecond)
+			st := tierStatsOf(e)
+			if tc.op == "write" {
+				require.Zero(t, st.spillBlocks)
+				require.Positive(t, st.ioErrors["write"])
+				require.Zero(t, p.query(t, hot, 0, false).NumHit, "nothing spilled: a miss, not an error")
+				return
+			}
+			// Reads fail: a shorter hit (none), the slots dropped.
+			require.Zero(t, p.query(t, hot, 0, false).NumHit)
+			require.Positive(t, tierStatsOf(e).ioErrors["read"])
+			mu.Lock()
+			failing = false
+			mu.Unlock()
+			require.Zero(t, p.query(t, hot, 0, false).NumHit, "a slot that failed a read is dropped")
+		})
+	}
+}
+
+func TestSSDFlippedByteIsNeverServed(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ssd")
+	e, _ := newSSDEngine(t, dir, nil)
+	defer func() { require.NoError(t, e.Close()) }()
+	p := newWorker(t, e, "P", 0, 1, ssdSpec)
+	waitClasses(t, e)
+	hot := kvtest.Hashes("hot", 4)
+	for b := range 4 {
+		p.cache.Fill(b, uint64(7+b))
+	}
+	proveReuse(t, p, seq(0, 4), hot)
+	churn(t, p, "other", 8)
+	waitSpilled(t, e, 4)
+	// Flip one payload byte of every slot in use: whichever holds the
+	// hot blocks, their payload no longer matches its checksum.
+	flipPayloads(t, dir)
+	require.Zero(t, p.query(t, hot, 0, false).NumHit)
+	require.Positive(t, tierStatsOf(e).corrupt)
+}
+
+func flipPayloads(t *testing.T, dir string) {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(dir, "slots-*.pgf"))
+	require.NoError(t, err)
+	require.NotEmpty(t, files)
+	for _, path := range files {
+		var payload uint64
+		_, err := fmt.Sscanf(strings.TrimPrefix(filepath.Base(path), "slots-"), "%d.pgf", &payload)
+		require.NoError(t, err)
+		slot := int64(4096 + payload)
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		require.NoError(t, err)
+		fi, err := f.Stat()
+		require.NoError(t, err)
+		b := make([]byte, 1)
+		for off := int64(0); off+slot <= fi.Size() && off < 64*slot; off += slot {
+			_, err := f.ReadAt(b, off+4096+10)
+			require.NoError(t, err)
+			b[0] ^= 0x40
+			_, err = f.WriteAt(b, off+4096+10)
+			require.NoError(t, err)
+		}
+		require.NoError(t, f.Close())
+	}
+}
+
+func TestSSDRestartServesSpilledBlocks(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ssd")
+	e, _ := newSSDEngine(t, dir, nil)
+	p := newWorker(t, e, "P", 0, 1, ssdSpec)
+	waitClasses(t, e)
+	hot := kvtest.Hashes("hot", 4)
+	for b := range 4 {
+		p.cache.Fill(b, uint64(31+b))
+	}
+	proveReuse(t, p, seq(0, 4), hot)
+	churn(t, p, "other", 8)
+	waitSpilled(t, e, 4)
+	require.NoError(t, e.Close())
+
+	e2, reg := newSSDEngine(t, dir, nil)
+	defer func() { require.NoError(t, e2.Close()) }()
+	// The classes came back from the directory: no registration needed
+	// for the store to be open.
+	require.NotNil(t, e2.tier.dirs[0].store)
+	require.Positive(t, e2.tier.dirs[0].recovered)
+	d := newWorker(t, e2, "D", 0, 1, ssdSpec)
+	require.EqualValues(t, 4, d.query(t, hot, 0, false).NumHit)
+	require.EqualValues(t, 4, tierHits(t, reg, "ssd"))
+	dst := []int{50, 51, 52, 53}
+	require.Equal(t, allOK(4), d.load(t, dst, hot, "", ""))
+	for i := range 4 {
+		require.True(t, p.cache.Equal(i, d.cache, dst[i]), "block %d", i)
+	}
+}
+
+func TestSSDConcurrentPromotesReadOnce(t *testing.T) {
+	e, _ := newSSDEngine(t, filepath.Join(t.TempDir(), "ssd"), nil)
+	defer func() { require.NoError(t, e.Close()) }()
+	p := newWorker(t, e, "P", 0, 1, ssdSpec)
+	waitClasses(t, e)
+	hot := kvtest.Hashes("hot", 4)
+	proveReuse(t, p, seq(0, 4), hot)
+	churn(t, p, "other", 8)
+	waitSpilled(t, e, 4)
+	// Hold the reads until every query is in, then let them go.
+	release := make(chan struct{})
+	var reads int
+	var mu sync.Mutex
+	e.tier.setFault(func(op string) error {
+		if op == "read" {
+			mu.Lock()
+			reads++
+			mu.Unlock()
+			<-release
+		}
+		return nil
+	})
+	const n = 8
+	hits := make([]uint32, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			resp, err := e.Query(context.Background(), &pb.QueryRequest{SessionId: p.session, NamespaceId: p.nsID, Hashes: hot, WaitMs: 5000})
+			if err == nil {
+				hits[i] = resp.NumHit
+			}
+		})
+	}
+	require.Eventually(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return reads > 0
+	}, 5*time.Second, time.Millisecond)
+	time.Sleep(50 * time.Millisecond) // the other queries join the promotion
+	close(release)
+	wg.Wait()
+	for i := range n {
+		require.EqualValues(t, 4, hits[i], "query %d", i)
+	}
+	require.Equal(t, 1, reads, "one batch read the blocks for every query")
+	require.EqualValues(t, 4, tierStatsOf(e).promoteBlocks)
+}
