@@ -76,7 +76,7 @@ type ssdTier struct {
 	queue      []spillJob
 	queued     uint64 // staged bytes queued or being written
 	learned    map[uint64]bool
-	promoting  int    // blocks being read
+	promoting  int // blocks being read
 	stats      tierStats
 	kick       chan struct{}
 	// fault, when set (this package's tests only, setFault), fails I/O

@@ -27,7 +27,6 @@ var ssdSpec = kvtest.Spec{Layout: kvtest.FlashAttn, Layers: 2, NumBlocks: 64, Bl
 
 const poolBlocks = 12
 
-
 func newSSDEngine(t *testing.T, dir string, tweak func(*Config)) (*Engine, *prometheus.Registry) {
 	t.Helper()
 	reg := prometheus.NewRegistry()
