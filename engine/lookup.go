@@ -41,7 +41,8 @@ type LookupResult struct {
 // namespace the hybrid boundary with first_block 0 (what a Query from
 // the request's start would hit). It takes no session, lease or wait:
 // the blocks may be evicted a moment later, so the answer is a
-// prediction, not a promise.
+// prediction, not a promise. With an SSD tier, a non-hybrid namespace's
+// prefix continues on SSD (a Query promotes those blocks).
 //
 // A lookup is not a use: it leaves the blocks' S3-FIFO reference bits
 // alone (Query sets them), so a router that looks up every request on
@@ -72,6 +73,7 @@ func (e *Engine) Lookup(q LookupQuery) (LookupResult, error) {
 			hit, _ = e.boundaryLocked(ns, q.Hashes, 0)
 		} else {
 			hit = peekPrefix(ns.groups[0], q.Hashes)
+			hit += e.ssdRunLocked(ns, ns.groups[0], q.Hashes[hit:])
 		}
 		// Ties go to the smaller id, so equal engines answer alike.
 		if hit > res.Blocks || (hit == res.Blocks && hit > 0 && ns.id < res.NamespaceID) {

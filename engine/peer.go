@@ -143,6 +143,18 @@ func (e *Engine) OpenPeerTransfer(ctx context.Context, req *pb.PeerOpenTransferR
 	if !ns.hybrid {
 		resp.RankBytes = ns.groups[0].rankBytes
 	}
+	if e.tier != nil {
+		// Blocks on this engine's SSD are served to peers too, once back
+		// in the pool (within the tier's promote budget).
+		if ps := e.promoteLocked(ns, req.Hashes, req.FirstBlock); len(ps) > 0 {
+			e.mu.Unlock()
+			awaitPromotions(ctx, ps, time.Now().Add(e.cfg.SSD.PromoteWait))
+			e.mu.Lock()
+			if err := e.checkOpen(); err != nil {
+				return nil, err
+			}
+		}
+	}
 	hit, _ := e.hitLocked(ns, req.Hashes, req.FirstBlock)
 	if hit == 0 {
 		return resp, nil

@@ -287,3 +287,18 @@ func awaitPromotions(ctx context.Context, ps []*promotion, deadline time.Time) {
 		}
 	}
 }
+
+// ssdRunLocked counts the leading hashes of g that the SSD tier holds
+// and the pool does not (0 without a tier): how far a Query's promotion
+// would extend a prefix.
+func (e *Engine) ssdRunLocked(ns *namespace, g *nsGroup, hashes [][]byte) int {
+	if e.tier == nil {
+		return 0
+	}
+	n := 0
+	for n < len(hashes) && g.blocks[string(hashes[n])] == nil &&
+		e.tier.holder(ssd.Key{Namespace: ns.id, Group: g.index, Hash: string(hashes[n])}) != nil {
+		n++
+	}
+	return n
+}

@@ -343,3 +343,40 @@ func TestSSDConcurrentPromotesReadOnce(t *testing.T) {
 	require.Equal(t, 1, reads, "one batch read the blocks for every query")
 	require.EqualValues(t, 4, tierStatsOf(e).promoteBlocks)
 }
+
+// A peer fetching blocks this engine holds on SSD gets them (promoted for
+// its open), byte-exact, and a router's Lookup counts them.
+func TestSSDBlocksServeLookupAndPeers(t *testing.T) {
+	ctl := &directPeers{peers: map[string]*Engine{}}
+	a, _ := newSSDEngine(t, filepath.Join(t.TempDir(), "ssd"), func(c *Config) {
+		c.Peers, c.PeerAddress, c.PeerAllow = ctl, "a:1", []string{"b:1"}
+	})
+	defer func() { require.NoError(t, a.Close()) }()
+	ctl.mu.Lock()
+	ctl.peers["a:1"] = a
+	ctl.mu.Unlock()
+	b := newPeerEngine(t, ctl, "b:1", 8<<20)
+	p := newWorker(t, a, "P", 0, 1, ssdSpec)
+	d := newWorker(t, b, "D", 0, 1, ssdSpec)
+	waitClasses(t, a)
+	hot := kvtest.Hashes("hot", 4)
+	for i := range 4 {
+		p.cache.Fill(i, uint64(70+i))
+	}
+	proveReuse(t, p, seq(0, 4), hot)
+	churn(t, p, "other", 8)
+	waitSpilled(t, a, 4)
+	a.mu.Lock()
+	ns := a.namespaces[p.nsID]
+	require.Nil(t, ns.groups[0].blocks[string(hot[0])], "the block left the pool")
+	a.mu.Unlock()
+	res, err := a.Lookup(LookupQuery{BlockSize: ns.desc.BlockSize, HashAlgo: ns.desc.HashAlgo, SeedFingerprint: ns.fingerprint, Hashes: hot})
+	require.NoError(t, err)
+	require.Equal(t, 4, res.Blocks, "a lookup counts the SSD's blocks")
+	require.EqualValues(t, 4, d.queryFrom(t, "a:1", hot, 5*time.Second).NumHit)
+	dst := []int{20, 21, 22, 23}
+	require.Equal(t, allOK(4), d.load(t, dst, hot, "", ""))
+	for i := range 4 {
+		require.True(t, p.cache.Equal(i, d.cache, dst[i]), "block %d", i)
+	}
+}
