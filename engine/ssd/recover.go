@@ -2,8 +2,10 @@ package ssd
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
+	"sync"
 )
 
 // recover rebuilds the index at Open. With a checkpoint whose classes
@@ -45,6 +47,15 @@ func (s *Store) recover(ctx context.Context) error {
 			stale  int
 			newest []int // scanned slots newer than the checkpoint
 		)
+		header := func(i int) (*Header, bool, error) { return readHeader(c, i, hdr) }
+		if cc == nil {
+			// Every slot: read the headers in parallel first.
+			hdrs, dropped, err := readHeaders(ctx, c)
+			if err != nil {
+				return err
+			}
+			header = func(i int) (*Header, bool, error) { return hdrs[i], dropped[i], nil }
+		}
 		for n := 0; n < limit; n++ {
 			if n%4096 == 0 {
 				if err := ctx.Err(); err != nil {
@@ -59,12 +70,12 @@ func (s *Store) recover(ctx context.Context) error {
 				s.stats.RecoveredFromCkpt--
 			}
 			c.slots[i] = slot{}
-			if _, err := c.file.ReadAt(hdr, c.offset(i)); err != nil {
-				return fmt.Errorf("ssd recovery: read %s slot %d: %w", c.fileName(), i, err)
-			}
-			h, err := decodeHeader(hdr, c.MaxPayload)
+			h, dropped, err := header(i)
 			if err != nil {
-				if !isBlank(hdr) {
+				return err
+			}
+			if h == nil {
+				if dropped {
 					s.stats.RecoveryDroppedSlot++
 				}
 				stale++
@@ -145,4 +156,52 @@ func isBlank(p []byte) bool {
 		}
 	}
 	return true
+}
+
+// readHeader reads and decodes slot i's header into buf: nil when the
+// slot holds none, dropped when what it holds is not blank (torn or
+// corrupt).
+func readHeader(c *class, i int, buf []byte) (h *Header, dropped bool, err error) {
+	if _, err := c.file.ReadAt(buf, c.offset(i)); err != nil {
+		return nil, false, fmt.Errorf("ssd recovery: read %s slot %d: %w", c.fileName(), i, err)
+	}
+	h, err = decodeHeader(buf, c.MaxPayload)
+	if err != nil {
+		return nil, !isBlank(buf), nil
+	}
+	return h, false, nil
+}
+
+// scanReaders is how many header reads a full scan keeps in flight: a
+// cold device serves many small reads at once, and one at a time a
+// million slots take most of a minute.
+const scanReaders = 16
+
+// readHeaders reads every slot header of c with scanReaders readers.
+func readHeaders(ctx context.Context, c *class) ([]*Header, []bool, error) {
+	n := len(c.slots)
+	hdrs, dropped := make([]*Header, n), make([]bool, n)
+	errs := make([]error, scanReaders)
+	chunk := (n + scanReaders - 1) / scanReaders
+	var wg sync.WaitGroup
+	for w := range scanReaders {
+		lo, hi := w*chunk, min(n, (w+1)*chunk)
+		wg.Go(func() {
+			buf := make([]byte, HeaderSize)
+			for i := lo; i < hi; i++ {
+				if (i-lo)%4096 == 0 && ctx.Err() != nil {
+					errs[w] = fmt.Errorf("ssd recovery: %w", ctx.Err())
+					return
+				}
+				h, d, err := readHeader(c, i, buf)
+				if err != nil {
+					errs[w] = err
+					return
+				}
+				hdrs[i], dropped[i] = h, d
+			}
+		})
+	}
+	wg.Wait()
+	return hdrs, dropped, errors.Join(errs...)
 }
