@@ -380,3 +380,44 @@ func TestSSDBlocksServeLookupAndPeers(t *testing.T) {
 		require.True(t, p.cache.Equal(i, d.cache, dst[i]), "block %d", i)
 	}
 }
+
+// A directory the engine cannot trust (open to others, a symlink) is left
+// out with a log line: the engine starts and serves from DRAM.
+func TestSSDUnusableDirectoryIsLeftOut(t *testing.T) {
+	base := t.TempDir()
+	open := filepath.Join(base, "open")
+	require.NoError(t, os.Mkdir(open, 0o755))
+	require.NoError(t, os.Chmod(open, 0o755))
+	target := filepath.Join(base, "target")
+	require.NoError(t, os.Mkdir(target, 0o700))
+	link := filepath.Join(base, "link")
+	require.NoError(t, os.Symlink(target, link))
+	for _, dir := range []string{open, link} {
+		t.Run(filepath.Base(dir), func(t *testing.T) {
+			e, reg := newSSDEngine(t, dir, nil)
+			defer func() { require.NoError(t, e.Close()) }()
+			require.False(t, e.tier.dirs[0].usable)
+			p := newWorker(t, e, "P", 0, 1, ssdSpec)
+			proveReuse(t, p, seq(0, 4), kvtest.Hashes("hot", 4))
+			churn(t, p, "other", 8)
+			require.Zero(t, tierStatsOf(e).spillBlocks)
+			require.Zero(t, gaugeValue(t, reg, "pegaflow_engine_ssd_capacity_bytes"))
+			entries, err := os.ReadDir(dir)
+			require.NoError(t, err)
+			require.Empty(t, entries, "nothing written there")
+		})
+	}
+}
+
+func gaugeValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	require.NoError(t, err)
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("no %s", name)
+	return 0
+}

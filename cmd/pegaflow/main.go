@@ -6,7 +6,8 @@
 // and the HTTP side (/topology among it), run until a signal; servepeer.go
 // serve's cross-host flags (--peer-*: token, advertised address, the peer
 // service and client); servekv.go the router's --lb kv index over
-// engine/kvlookup (and its flag checks); bench.go `bench`; sim.go `sim`; demo.go `demo`.
+// engine/kvlookup (and its flag checks); servessd.go serve's SSD tier
+// flags (--ssd-*); bench.go `bench`; sim.go `sim`; demo.go `demo`.
 package main
 
 import (
