@@ -85,8 +85,10 @@ wait_health() { # name addr
 }
 
 # The engine first: the P/D sims register with it. Its /health is 503 until
-# the router has a healthy P and D, so wait for its socket instead.
+# the router has a healthy P and D, so wait for its socket instead. It has
+# an SSD tier in the work dir, so the dashboard's SSD row has data.
 start engine+router-pd serve --socket "$work/engine.sock" --http-addr "$pd" --pool-size 1GiB \
+  --ssd-dir "$work/ssd" --ssd-size 256MiB \
   --prefill "http://$p" --decode "http://$d" "${router_flags[@]}"
 for _ in $(seq 1 300); do [ -S "$work/engine.sock" ] && break; sleep 0.1; done
 start sim-p sim --http-addr "$p" --engine-socket "$work/engine.sock" --instance-id p0 "${sim_flags[@]}"
