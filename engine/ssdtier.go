@@ -332,6 +332,14 @@ func (t *ssdTier) learn(payload uint64) {
 }
 
 func (t *ssdTier) addClass(d *ssdDir, payload uint64) {
+	// Shared first: a class the directory has (a restart reopened it) must
+	// not take the lock that promotes only try.
+	d.ioMu.RLock()
+	have := slices.Contains(d.classes, payload)
+	d.ioMu.RUnlock()
+	if have {
+		return
+	}
 	d.ioMu.Lock()
 	defer d.ioMu.Unlock()
 	if t.ctx.Err() != nil || slices.Contains(d.classes, payload) {
