@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -420,4 +421,32 @@ func gaugeValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	}
 	t.Fatalf("no %s", name)
 	return 0
+}
+
+// A device too small for --ssd-size (a real tmpfs of 16 MiB under a 64 MiB
+// tier): the slot file cannot be preallocated, the directory is left
+// out when the first namespace's class is added, and saves and queries
+// go on from DRAM. Needs root (mount); skipped otherwise.
+func TestSSDFullDeviceAtOpenIsLeftOut(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount a tmpfs")
+	}
+	mnt := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", mnt).CombinedOutput(); err != nil {
+		t.Skipf("mount tmpfs: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", "-l", mnt).Run() })
+	e, _ := newSSDEngine(t, mnt, nil)
+	defer func() { require.NoError(t, e.Close()) }()
+	p := newWorker(t, e, "P", 0, 1, ssdSpec)
+	require.Eventually(t, func() bool {
+		e.tier.mu.Lock()
+		defer e.tier.mu.Unlock()
+		return !e.tier.dirs[0].usable
+	}, 10*time.Second, 5*time.Millisecond, "preallocating 64 MiB on a 16 MiB device fails: the directory is left out")
+	hot := kvtest.Hashes("hot", 4)
+	proveReuse(t, p, seq(0, 4), hot)
+	churn(t, p, "other", 8) // every save succeeds
+	require.Zero(t, tierStatsOf(e).spillBlocks)
+	require.Zero(t, p.query(t, hot, 0, false).NumHit, "evicted and not spilled: a miss, not an error")
 }
