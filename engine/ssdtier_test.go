@@ -450,3 +450,56 @@ func TestSSDFullDeviceAtOpenIsLeftOut(t *testing.T) {
 	require.Zero(t, tierStatsOf(e).spillBlocks)
 	require.Zero(t, p.query(t, hot, 0, false).NumHit, "evicted and not spilled: a miss, not an error")
 }
+
+// A hybrid namespace (full, sliding-window and state groups): the blocks
+// a hit needs of every group come back from SSD, each group's bytes
+// exact.
+func TestSSDHybridPromotesEveryGroupsNeed(t *testing.T) {
+	e, _ := newSSDEngine(t, filepath.Join(t.TempDir(), "ssd"), func(c *Config) { c.PoolSize = 24 * ssdAlign })
+	defer func() { require.NoError(t, e.Close()) }()
+	p := newHybridWorker(t, e, "P")
+	d := newHybridWorker(t, e, "D")
+	waitClasses(t, e)
+	// Block ids: full 0-5, sliding window 6-11, state 12.
+	prompt := func(name string) ([][]byte, []gref) {
+		h := kvtest.Hashes(name, 6)
+		var rs []gref
+		for i := range 6 {
+			rs = append(rs, gref{0, i, h[i]}, gref{2, 6 + i, h[i]})
+		}
+		return h, append(rs, gref{5, 12, h[5]})
+	}
+	use := func(w *worker, h [][]byte, rs []gref) {
+		w.saveGroups(t, rs)
+		for range 2 {
+			require.EqualValues(t, 6, w.query(t, h, 0, false).NumHit)
+		}
+	}
+	for b := range 13 {
+		p.cache.Fill(b, uint64(90+b))
+	}
+	hot, hotRefs := prompt("hot")
+	use(p, hot, hotRefs)
+	for i := range 6 {
+		h, rs := prompt(fmt.Sprintf("other-%d", i))
+		use(p, h, rs)
+	}
+	waitSpilled(t, e, 9)
+	require.Nil(t, blockOf(e, p, 0, hot[0]), "the hot prompt left the pool")
+	require.EqualValues(t, 6, d.query(t, hot, 0, false).NumHit, "every group's need promoted")
+	// What a hit of 6 needs: full 0-5, the window's last two, the state at 5.
+	var need []gref
+	for _, r := range hotRefs {
+		if r.group != 2 || r.id >= 10 {
+			need = append(need, r)
+		}
+	}
+	load := make([]gref, len(need))
+	for i, r := range need {
+		load[i] = gref{r.group, i, r.hash}
+	}
+	require.Equal(t, allOK(len(load)), d.loadGroups(t, load, ""))
+	for i, r := range need {
+		require.Equal(t, groupSegments(p.cache, r.group, r.id), groupSegments(d.cache, r.group, i), "group %d block %d", r.group, r.id)
+	}
+}
