@@ -82,6 +82,22 @@ func churn(t *testing.T, w *worker, name string, n int) {
 	}
 }
 
+// evictHot saves 4 "hot" blocks (filled from seed), proves their reuse
+// and churns them out of the pool; wait: until they are on SSD.
+func evictHot(t *testing.T, e *Engine, p *worker, seed uint64, wait bool) [][]byte {
+	t.Helper()
+	hot := kvtest.Hashes("hot", 4)
+	for b := range 4 {
+		p.cache.Fill(b, seed+uint64(b))
+	}
+	proveReuse(t, p, seq(0, 4), hot)
+	churn(t, p, "other", 8) // every save succeeds (the helpers require it)
+	if wait {
+		waitSpilled(t, e, 4)
+	}
+	return hot
+}
+
 func waitSpilled(t *testing.T, e *Engine, min uint64) {
 	t.Helper()
 	require.Eventually(t, func() bool {
@@ -114,13 +130,7 @@ func TestSSDSpillThenPromoteByteExact(t *testing.T) {
 	p := newWorker(t, e, "P", 0, 1, ssdSpec)
 	d := newWorker(t, e, "D", 0, 1, ssdSpec)
 	waitClasses(t, e)
-	hot := kvtest.Hashes("hot", 4)
-	for b := range 4 {
-		p.cache.Fill(b, uint64(100+b))
-	}
-	proveReuse(t, p, seq(0, 4), hot)
-	churn(t, p, "other", 8)
-	waitSpilled(t, e, 4)
+	hot := evictHot(t, e, p, 100, true)
 	require.EqualValues(t, 4, d.query(t, hot, 0, false).NumHit, "promoted from SSD within the query")
 	// It was not in the pool: the hit came from the SSD, byte-exact.
 	require.EqualValues(t, 4, tierHits(t, reg, "ssd"))
@@ -152,10 +162,7 @@ func TestSSDScanDoesNotFlushTheTier(t *testing.T) {
 	defer func() { require.NoError(t, e.Close()) }()
 	p := newWorker(t, e, "P", 0, 1, ssdSpec)
 	waitClasses(t, e)
-	hot := kvtest.Hashes("hot", 4)
-	proveReuse(t, p, seq(0, 4), hot)
-	churn(t, p, "other", 8)
-	waitSpilled(t, e, 4)
+	hot := evictHot(t, e, p, 0, true)
 	// A scan: ten pools of one-off blocks, each saved once, never reused.
 	var scan [][]byte
 	for i := range 30 {
@@ -196,9 +203,7 @@ func TestSSDFailingDeviceNeverFailsSaveOrQuery(t *testing.T) {
 			})
 			p := newWorker(t, e, "P", 0, 1, ssdSpec)
 			waitClasses(t, e)
-			hot := kvtest.Hashes("hot", 4)
-			proveReuse(t, p, seq(0, 4), hot)
-			churn(t, p, "other", 8) // every save succeeds (the helpers require it)
+			hot := evictHot(t, e, p, 0, false)
 			require.Eventually(t, func() bool {
 				s, _, jobs, _ := e.tier.counters()
 				return jobs == 0 && s.spillBlocks+s.skipped["no_space"]+s.skipped["io_error"] >= 4
@@ -227,13 +232,7 @@ func TestSSDFlippedByteIsNeverServed(t *testing.T) {
 	defer func() { require.NoError(t, e.Close()) }()
 	p := newWorker(t, e, "P", 0, 1, ssdSpec)
 	waitClasses(t, e)
-	hot := kvtest.Hashes("hot", 4)
-	for b := range 4 {
-		p.cache.Fill(b, uint64(7+b))
-	}
-	proveReuse(t, p, seq(0, 4), hot)
-	churn(t, p, "other", 8)
-	waitSpilled(t, e, 4)
+	hot := evictHot(t, e, p, 7, true)
 	// Flip one payload byte of every slot in use: whichever holds the
 	// hot blocks, their payload no longer matches its checksum.
 	flipPayloads(t, dir)
@@ -272,13 +271,7 @@ func TestSSDRestartServesSpilledBlocks(t *testing.T) {
 	e, _ := newSSDEngine(t, dir, nil)
 	p := newWorker(t, e, "P", 0, 1, ssdSpec)
 	waitClasses(t, e)
-	hot := kvtest.Hashes("hot", 4)
-	for b := range 4 {
-		p.cache.Fill(b, uint64(31+b))
-	}
-	proveReuse(t, p, seq(0, 4), hot)
-	churn(t, p, "other", 8)
-	waitSpilled(t, e, 4)
+	hot := evictHot(t, e, p, 31, true)
 	require.NoError(t, e.Close())
 
 	e2, reg := newSSDEngine(t, dir, nil)
@@ -302,10 +295,7 @@ func TestSSDConcurrentPromotesReadOnce(t *testing.T) {
 	defer func() { require.NoError(t, e.Close()) }()
 	p := newWorker(t, e, "P", 0, 1, ssdSpec)
 	waitClasses(t, e)
-	hot := kvtest.Hashes("hot", 4)
-	proveReuse(t, p, seq(0, 4), hot)
-	churn(t, p, "other", 8)
-	waitSpilled(t, e, 4)
+	hot := evictHot(t, e, p, 0, true)
 	// Hold the reads until every query is in, then let them go.
 	release := make(chan struct{})
 	var reads int
@@ -360,13 +350,7 @@ func TestSSDBlocksServeLookupAndPeers(t *testing.T) {
 	p := newWorker(t, a, "P", 0, 1, ssdSpec)
 	d := newWorker(t, b, "D", 0, 1, ssdSpec)
 	waitClasses(t, a)
-	hot := kvtest.Hashes("hot", 4)
-	for i := range 4 {
-		p.cache.Fill(i, uint64(70+i))
-	}
-	proveReuse(t, p, seq(0, 4), hot)
-	churn(t, p, "other", 8)
-	waitSpilled(t, a, 4)
+	hot := evictHot(t, a, p, 70, true)
 	a.mu.Lock()
 	ns := a.namespaces[p.nsID]
 	require.Nil(t, ns.groups[0].blocks[string(hot[0])], "the block left the pool")
@@ -444,9 +428,7 @@ func TestSSDFullDeviceAtOpenIsLeftOut(t *testing.T) {
 		defer e.tier.mu.Unlock()
 		return !e.tier.dirs[0].usable
 	}, 10*time.Second, 5*time.Millisecond, "preallocating 64 MiB on a 16 MiB device fails: the directory is left out")
-	hot := kvtest.Hashes("hot", 4)
-	proveReuse(t, p, seq(0, 4), hot)
-	churn(t, p, "other", 8) // every save succeeds
+	hot := evictHot(t, e, p, 0, false)
 	require.Zero(t, tierStatsOf(e).spillBlocks)
 	require.Zero(t, p.query(t, hot, 0, false).NumHit, "evicted and not spilled: a miss, not an error")
 }
