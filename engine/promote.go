@@ -185,23 +185,16 @@ func (e *Engine) runPromotion(p *promotion) {
 		for r := range pb.b.shares {
 			s := &pb.b.shares[r]
 			k := key{pb.dir, pb.rd.Class, s.pool}
-			batches[k] = append(batches[k], native.SSDOp{FileOffset: off + uint64(r)*share, PoolOffset: s.ext.off, Len: share})
+			batches[k] = appendSSDOps(batches[k], off+uint64(r)*share, s.ext.off, share)
 		}
+	}
+	ios := map[key]*ssdIO{}
+	for k, ops := range batches {
+		ios[k] = t.submit(t.engines[k.pool], k.d.files[k.cls], false, ops)
 	}
 	failed := map[key]error{}
-	pending := map[key]*native.Pending{}
-	for k, ops := range batches {
-		err := t.injected("read")
-		if err == nil {
-			pending[k], err = t.engines[k.pool].Submit(k.d.files[k.cls], false, ops)
-		}
-		if err != nil {
-			failed[k] = err
-		}
-	}
-	for k, pd := range pending {
-		<-pd.Done()
-		if err := pd.Err(); err != nil {
+	for k, io := range ios {
+		if err := io.wait(); err != nil {
 			failed[k] = err
 		}
 	}

@@ -169,32 +169,17 @@ func (t *ssdTier) writeBatch(jobs []spillJob) {
 				b = &batch{}
 				perClass[r.Class] = b
 			}
-			b.ops = append(b.ops, native.SSDOp{FileOffset: uint64(r.PayloadOffset), PoolOffset: w.job.ext.off, Len: r.PayloadLen})
+			b.ops = appendSSDOps(b.ops, uint64(r.PayloadOffset), w.job.ext.off, r.PayloadLen)
 			b.ws = append(b.ws, w)
 		}
-		type inflight struct {
-			p  *native.Pending
-			ws []*spillWrite
-		}
-		var started []inflight
+		ios := map[*batch]*ssdIO{}
 		for ci, b := range perClass {
-			err := t.injected("write")
-			var p *native.Pending
-			if err == nil {
-				p, err = t.stageEng.Submit(d.files[ci], true, b.ops)
-			}
-			if err != nil {
-				for _, w := range b.ws {
-					w.err = err
-				}
-				continue
-			}
-			started = append(started, inflight{p, b.ws})
+			ios[b] = t.submit(t.stageEng, d.files[ci], true, b.ops)
 		}
-		for _, f := range started {
-			<-f.p.Done()
-			for _, w := range f.ws {
-				w.err = f.p.Err()
+		for b, io := range ios {
+			err := io.wait()
+			for _, w := range b.ws {
+				w.err = err
 			}
 		}
 		for _, w := range ws {

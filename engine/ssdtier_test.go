@@ -485,3 +485,18 @@ func TestSSDHybridPromotesEveryGroupsNeed(t *testing.T) {
 		require.Equal(t, groupSegments(p.cache, r.group, r.id), groupSegments(d.cache, r.group, i), "group %d block %d", r.group, r.id)
 	}
 }
+
+func TestAppendSSDOpsCutsAtTheLargestOp(t *testing.T) {
+	const most = uint64(native.MaxSSDOpLen)
+	for _, tc := range []struct {
+		n    uint64
+		want []native.SSDOp
+	}{
+		{0, nil},
+		{4096, []native.SSDOp{{FileOffset: 8192, PoolOffset: 4096, Len: 4096}}},
+		{most, []native.SSDOp{{FileOffset: 8192, PoolOffset: 4096, Len: most}}},
+		{most + 4096, []native.SSDOp{{FileOffset: 8192, PoolOffset: 4096, Len: most}, {FileOffset: 8192 + most, PoolOffset: 4096 + most, Len: 4096}}},
+	} {
+		require.Equal(t, tc.want, appendSSDOps(nil, 8192, 4096, tc.n), "%d bytes", tc.n)
+	}
+}
