@@ -65,19 +65,22 @@ type SSDSettings struct {
 // workload's KV.
 const SSDPoolSize = "6MiB"
 
-// DefaultSSDSettings: 6 conversations of 20 turns (a 200-word system
-// prompt, 60-word messages, 100-token answers, no think time): about
-// 2,000 blocks (60 MiB) of KV, 10x the default pool, ~25 s a run.
+// DefaultSSDSettings: 6 conversations of 30 turns (a 200-word system
+// prompt, 60-word messages, 30-token answers, no think time): about
+// 1,100 blocks (35 MiB) of KV, 6x the default pool, ~15 s a run. A
+// turn's new blocks fit the pool's probation queue (10%) until the next
+// turn, so a conversation's history reaches the main queue, whose
+// evictions are what the SSD tier keeps.
 func DefaultSSDSettings() SSDSettings {
 	w := bench.DefaultConfig()
 	w.Endpoint = bench.EndpointChat
-	w.Users, w.Turns, w.SystemPromptLen = 6, 20, 200
-	w.InputLen, w.OutputLen = 60, 100
+	w.Users, w.Turns, w.SystemPromptLen = 6, 30, 200
+	w.InputLen, w.OutputLen = 60, 30
 	w.RequestRate, w.ThinkTime = 2, 0
 	w.Seed = 1
 	w.Timeout = time.Minute
 	w.Percentiles = []float64{50, 90}
-	return SSDSettings{Workload: w, SSDSize: "256MiB", KillAfter: 10 * time.Second, Window: 2 * time.Second}
+	return SSDSettings{Workload: w, SSDSize: "256MiB", KillAfter: 6 * time.Second, Window: 2 * time.Second}
 }
 
 // Validate checks the settings.

@@ -30,7 +30,7 @@ demo-kv: build
 # several times smaller than its KV, without and with --ssd-dir (a
 # directory under the work dir), then the engine killed with SIGKILL and
 # restarted mid-run: hit ratios and TTFT side by side, recovery, the hit
-# ratio per 2 s window. No root; ~70 s. DEMO_FLAGS: --users, --turns,
+# ratio per 2 s window. No root; ~1 min. DEMO_FLAGS: --users, --turns,
 # --seed, --pool-size, --kill-after.
 .PHONY: demo-ssd
 demo-ssd: build
