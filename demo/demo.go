@@ -25,6 +25,9 @@
 //   - twohosts.go: P/D on one host against P/D across two namespaces;
 //   - kv.go: the KV-aware routing comparison on the two-host lab (--kv:
 //     one run per --lb policy on a multi-turn workload);
+//   - ssd.go: the SSD tier demo (--ssd: a pool smaller than a multi-turn
+//     workload's KV, without and with --ssd-dir, then the engine killed
+//     with SIGKILL and restarted mid-run);
 //   - oracle.go: the oracle column of that comparison (the hit ratio a
 //     router knowing every host's content would reach on a run's
 //     requests);

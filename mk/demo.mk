@@ -25,3 +25,13 @@ demo-multihost: build
 .PHONY: demo-kv
 demo-kv: build
 	$(BIN_DIR)/pegaflow demo --kv --work-dir $(BUILD_DIR)/demo-kv --json $(BUILD_DIR)/demo-kv/report.json $(DEMO_FLAGS)
+
+# The SSD tier (docs/ssd.md): a multi-turn workload on an engine pool
+# several times smaller than its KV, without and with --ssd-dir (a
+# directory under the work dir), then the engine killed with SIGKILL and
+# restarted mid-run: hit ratios and TTFT side by side, recovery, the hit
+# ratio per 2 s window. No root; ~1 min. DEMO_FLAGS: --users, --turns,
+# --seed, --pool-size, --kill-after.
+.PHONY: demo-ssd
+demo-ssd: build
+	$(BIN_DIR)/pegaflow demo --ssd --work-dir $(BUILD_DIR)/demo-ssd --json $(BUILD_DIR)/demo-ssd/report.json $(DEMO_FLAGS)

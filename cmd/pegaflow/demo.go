@@ -46,6 +46,10 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	kvw := demo.KVWorkload()
 	fs.IntVar(&kvw.Users, "users", kvw.Users, "--kv: conversations of the multi-turn workload")
 	fs.IntVar(&kvw.Turns, "turns", kvw.Turns, "--kv: turns per conversation")
+	var ssd bool
+	fs.BoolVar(&ssd, "ssd", false, "the SSD tier: a multi-turn workload on an engine pool smaller than its KV, without and with --ssd-dir, then with the engine killed (-9) and restarted mid-run (pool --pool-size, default "+demo.SSDPoolSize+")")
+	ssdS := demo.DefaultSSDSettings()
+	fs.DurationVar(&ssdS.KillAfter, "kill-after", ssdS.KillAfter, "--ssd: kill the engine this long into the third run")
 	var progress bool
 	fs.BoolVar(&progress, "progress", true, "show steps and benchmark progress on stderr")
 	err := cli.Parse(fs, args, nil)
@@ -69,10 +73,23 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		kvw.Seed = cfg.Workload.Seed
 		err = validateKVWorkload(kvw)
 	}
-	if err == nil && !kv {
+	if err == nil && kv && ssd {
+		err = errors.New("--kv and --ssd are separate demos: give one")
+	}
+	if err == nil && ssd {
+		err = ssdSettings(fs, &cfg, &ssdS, kvw)
+	}
+	if err == nil && !kv && !ssd {
 		fs.Visit(func(f *flag.Flag) {
 			if f.Name == "users" || f.Name == "turns" {
-				err = fmt.Errorf("--%s applies to --kv only", f.Name)
+				err = fmt.Errorf("--%s applies to --kv and --ssd only", f.Name)
+			}
+		})
+	}
+	if err == nil && !ssd {
+		fs.Visit(func(f *flag.Flag) {
+			if f.Name == "kill-after" {
+				err = errors.New("--kill-after applies to --ssd only")
 			}
 		})
 	}
@@ -86,6 +103,14 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var prog io.Writer
 	if progress {
 		prog = stderr
+	}
+	if ssd {
+		rep, runErr := demo.RunSSD(ctx, cfg, ssdS, prog)
+		if rep == nil {
+			return finishDemo(nil, nil, reportPath, runErr, "", stdout, stderr)
+		}
+		return finishDemo(rep, func(out io.Writer) error { return rep.WriteTable(out, ssdS, cfg.PoolSize) }, reportPath, runErr,
+			"a run did not complete, lost requests, saw a KV verification fail, or the restart did not come back (see the table and the logs)", stdout, stderr)
 	}
 	if kv {
 		return runDemoKV(ctx, cfg, kvw, prog, reportPath, stdout, stderr)
@@ -150,6 +175,31 @@ func runDemoKV(ctx context.Context, cfg demo.Config, w bench.Config, prog io.Wri
 	}
 	return finishDemo(rep, func(out io.Writer) error { return rep.WriteTable(out, w) }, reportPath, runErr,
 		"a policy did not run or lost requests (see the table and the logs)", stdout, stderr)
+}
+
+// ssdSettings applies the flags --ssd shares with the other demos: the
+// pool (its own default unless --pool-size is given), --users, --turns
+// and --seed (taken from kvw, where the flags wrote them when given).
+func ssdSettings(fs *flag.FlagSet, cfg *demo.Config, s *demo.SSDSettings, kvw bench.Config) error {
+	pool := false
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "pool-size":
+			pool = true
+		case "users":
+			s.Workload.Users = kvw.Users
+		case "turns":
+			s.Workload.Turns = kvw.Turns
+		}
+	})
+	if cfg.Hosts != 1 {
+		return errors.New("--ssd runs on one host: drop --hosts")
+	}
+	if !pool {
+		cfg.PoolSize = demo.SSDPoolSize
+	}
+	s.Workload.Seed = cfg.Workload.Seed
+	return s.Validate()
 }
 
 // canRunTwoHosts says why --hosts 2 cannot run here: the lab needs root

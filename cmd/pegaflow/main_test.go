@@ -107,7 +107,12 @@ func TestBadInvocationsExit2(t *testing.T) {
 		{"demo --kv: no users", []string{"demo", "--kv", "--users", "0"}, "want at least 1 user and 2 turns"},
 		{"demo --kv: one turn", []string{"demo", "--kv", "--turns", "1"}, "want at least 1 user and 2 turns"},
 		{"demo --kv: too many turns", []string{"demo", "--kv", "--turns", "5000"}, "1..1000 turns"},
-		{"demo: --users without --kv", []string{"demo", "--users", "3"}, "--users applies to --kv only"},
+		{"demo --ssd: one turn", []string{"demo", "--ssd", "--turns", "1"}, "want at least 1 user and 2 turns"},
+		{"demo --ssd with --kv", []string{"demo", "--ssd", "--kv"}, "separate demos"},
+		{"demo --ssd: two hosts", []string{"demo", "--ssd", "--hosts", "2"}, "--ssd runs on one host"},
+		{"demo --kill-after without --ssd", []string{"demo", "--kill-after", "3s"}, "--kill-after applies to --ssd only"},
+		{"demo --ssd: bad kill time", []string{"demo", "--ssd", "--kill-after", "0s"}, "must be positive"},
+		{"demo: --users without --kv", []string{"demo", "--users", "3"}, "--users applies to --kv and --ssd only"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
