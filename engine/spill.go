@@ -18,13 +18,10 @@ import (
 // (counted queue_full), exactly as a full or failing device only costs
 // the spill.
 
-// maxSpillBatch bounds the blocks one writer batch takes; ssdWindow, the
-// store's bound on writes in flight per class, is larger, so a batch
-// never finds its own class's ring busy.
-const (
-	maxSpillBatch = 128
-	ssdWindow     = 256
-)
+// maxSpillBatch bounds the blocks one writer batch takes: within the
+// store's bound on writes in flight per class (ssd.DefaultWindow), so a
+// batch never finds its own class's ring busy.
+const maxSpillBatch = ssd.DefaultWindow / 2
 
 // spillJob is one block waiting in the staging pool.
 type spillJob struct {

@@ -257,7 +257,7 @@ func (t *ssdTier) openStore(d *ssdDir, classes []uint64) error {
 		return fmt.Errorf("%d bytes hold no slot of %d bytes", per, classes[0])
 	}
 	start := time.Now()
-	st, err := ssd.Open(t.ctx, ssd.Config{Dir: d.path, Classes: cs, Window: ssdWindow, Logger: t.log})
+	st, err := ssd.Open(t.ctx, ssd.Config{Dir: d.path, Classes: cs, Logger: t.log})
 	if err != nil {
 		return err
 	}

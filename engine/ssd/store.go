@@ -17,6 +17,9 @@ type Class struct {
 	Slots      int
 }
 
+// DefaultWindow is Config.Window's default.
+const DefaultWindow = 256
+
 // Config configures a Store on one directory (one device).
 type Config struct {
 	// Dir is created 0700 if absent; the slot files and the checkpoint
@@ -26,7 +29,8 @@ type Config struct {
 	// class that holds it. Changing them is a cold start for the changed
 	// class files (their checkpoint is ignored, their slots rescanned).
 	Classes []Class
-	// Window bounds the writes in flight per class (default 64): Put
+	// Window bounds the writes in flight per class (default
+	// DefaultWindow): Put
 	// refuses past it, and recovery after a checkpoint scans on until it
 	// has seen Window slots in a row that are older than the checkpoint.
 	Window int
@@ -102,7 +106,7 @@ type Store struct {
 // every slot header when there is no usable checkpoint.
 func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if cfg.Window <= 0 {
-		cfg.Window = 64
+		cfg.Window = DefaultWindow
 	}
 	if cfg.Open == nil {
 		cfg.Open = OpenOSFile
