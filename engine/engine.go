@@ -55,7 +55,7 @@
 //     rdmadev.go the RDMA device behind --peer-addr (UCX_NET_DEVICES);
 //     peerallow.go the peers the engine may dial (--peer-allow);
 //   - the SSD tier (docs/ssd.md): ssdtier.go its directories (checks, size
-//     classes, checkpoints, Close); spill.go main-queue evictions staged
+//     classes, checkpoints, Close); spill.go blocks entering the main queue staged
 //     and written; promote.go a Query's (or a peer open's) promotion of
 //     SSD blocks into the pool; ssdmetrics.go tier attribution and the
 //     tier's metrics; the format and index are engine/ssd;
@@ -230,6 +230,9 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		waits:       map[string]*transferWait{},
 		changed:     make(chan struct{}),
 		freed:       make(chan struct{}),
+	}
+	if tier != nil {
+		policy.toMain = e.stageLocked
 	}
 	if reg != nil {
 		m, err := newMetrics(e, reg)

@@ -87,6 +87,10 @@ type evictionPolicy struct {
 	pools     []poolQueues
 	evictable int // queued blocks
 	ghost     *ristretto.Cache[string, struct{}]
+	// toMain, when set, is told of a block whose share entered a main
+	// queue (it proved reuse): the SSD tier writes it then, ahead of its
+	// eviction (spill.go).
+	toMain func(*block)
 }
 
 // probationShare is S3-FIFO's small-queue share of the capacity.
@@ -123,6 +127,7 @@ func (p *evictionPolicy) admit(b *block) {
 	b.queued = true
 	p.evictable++
 	_, seen := p.ghost.Get(b.ghostKey())
+	main := false
 	for i := range b.shares {
 		s := &b.shares[i]
 		q := &p.pools[s.pool]
@@ -132,10 +137,14 @@ func (p *evictionPolicy) admit(b *block) {
 		if s.promoted {
 			s.queue = queueMain
 			q.main.pushFront(s)
+			main = true
 			continue
 		}
 		s.queue = queueProbation
 		q.probation.pushFront(s)
+	}
+	if main && p.toMain != nil {
+		p.toMain(b)
 	}
 }
 
@@ -180,6 +189,9 @@ func (p *evictionPolicy) victim(pool int) (b *block, proven bool) {
 				s.referenced, s.promoted = false, true
 				s.queue = queueMain
 				q.main.pushFront(s)
+				if p.toMain != nil {
+					p.toMain(s.b)
+				}
 				continue
 			}
 			s.queue = queueNone

@@ -8,15 +8,22 @@ import (
 	"github.com/pegaflow/pegaflow/native"
 )
 
-// The spill path (DRAM -> SSD). A block the pool evicts from its main
-// queue (it proved reuse; probation's one-hit wonders are never spilled,
-// so a scan cannot flush the SSD) is copied, under e.mu and before its
-// extents are reused, into the staging pool, and queued; the spill writer
-// writes the queue in batches, O_DIRECT from the staging pool, and frees
-// the staging space. The copy is a memcpy bounded by the block; a save
-// never waits for the SSD: with staging full, the block is not spilled
-// (counted queue_full), exactly as a full or failing device only costs
-// the spill.
+// The spill path (DRAM -> SSD). A block that proves reuse (a share of it
+// enters a main queue of the S3-FIFO policy; probation's one-hit wonders
+// are never spilled, so a scan cannot flush the SSD) is copied, under
+// e.mu, into the staging pool and queued; the spill writer writes the
+// queue in batches, O_DIRECT from the staging pool, and frees the staging
+// space. Writing at main admission rather than at eviction puts the hot
+// set on SSD while it is still served from DRAM, so a restart, even
+// after a kill -9, finds it, and an eviction finds its block written
+// already. A main-queue victim not on SSD (staging was full, or the SSD
+// ring dropped it since) is staged on its way out, and a hot block
+// re-admitted to main is rewritten once its SSD copy aged out.
+//
+// The copy is a memcpy bounded by the block; a save never waits for the
+// SSD: with staging full, the block is not spilled (counted queue_full),
+// exactly as a full or failing device only costs the spill. A key staged
+// or already on SSD is not staged again (t.pending, holder).
 
 // maxSpillBatch bounds the blocks one writer batch takes: within the
 // store's bound on writes in flight per class (ssd.DefaultWindow), so a
@@ -32,8 +39,9 @@ type spillJob struct {
 	queued time.Time
 }
 
-// stageLocked copies an evicted main-queue block into staging and queues
-// it; caller holds e.mu, the block is sealed, unpinned and not yet freed.
+// stageLocked copies a block that entered the main queue, or is evicted
+// from it, into staging and queues it; caller holds e.mu, the block is
+// sealed and, when evicted, not yet freed.
 func (e *Engine) stageLocked(b *block) {
 	t := e.tier
 	key := ssdKey(b)
@@ -49,7 +57,11 @@ func (e *Engine) stageLocked(b *block) {
 	}
 	size := share * uint64(len(b.shares))
 	t.mu.Lock()
+	_, pending := t.pending[key]
 	switch {
+	case pending:
+		t.mu.Unlock()
+		return
 	case !d.usable:
 		t.mu.Unlock()
 		return
@@ -65,6 +77,7 @@ func (e *Engine) stageLocked(b *block) {
 		return
 	}
 	t.queued += ext.size
+	t.pending[key] = struct{}{}
 	t.mu.Unlock()
 
 	staging := t.staging.Bytes()
@@ -118,6 +131,7 @@ func (t *ssdTier) release(jobs []spillJob) {
 	for _, j := range jobs {
 		t.stageAlloc.release(j.ext)
 		t.queued -= j.ext.size
+		delete(t.pending, j.key)
 	}
 }
 

@@ -23,7 +23,7 @@ func newTierCollector(e *Engine) *tierCollector {
 		queryBlocks: d("query_blocks_total", "Query hashes by the tier that served them: dram, ssd (promoted for it), peer (fetched for it) or miss.", "tier"),
 		spillBlocks: d("ssd_spill_blocks_total", "Blocks written to the SSD tier."),
 		spillBytes:  d("ssd_spill_bytes_total", "Payload bytes written to the SSD tier."),
-		skipped: d("ssd_spill_skipped_total", "Main-queue evictions not spilled, by reason (queue_full: staging full; ring_busy: "+
+		skipped: d("ssd_spill_skipped_total", "Blocks that proved reuse but were not spilled, by reason (queue_full: staging full; ring_busy: "+
 			"the slot ring's next slot in use; io_error, no_space: the write failed; device_failed: the directory is backing off; no_class: no size class yet).", "reason"),
 		promoteBlocks: d("ssd_promote_blocks_total", "Blocks read back from the SSD tier and sealed in the pool."),
 		promoteBytes:  d("ssd_promote_bytes_total", "Payload bytes read back from the SSD tier."),

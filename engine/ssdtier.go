@@ -76,6 +76,8 @@ type ssdTier struct {
 	queue      []spillJob
 	queued     uint64 // staged bytes queued or being written
 	learned    map[uint64]bool
+	// pending are the keys staged and not yet written or dropped.
+	pending map[ssd.Key]struct{}
 	promoting  int // blocks being read
 	stats      tierStats
 	kick       chan struct{}
@@ -124,7 +126,7 @@ type ssdDir struct {
 // openSSDTier opens the directories (their stores when they have
 // classes already: a warm restart) and the native engines.
 func openSSDTier(cfg SSDConfig, pools []*pool, poolFlags native.PoolFlags, log *slog.Logger) (*ssdTier, error) {
-	t := &ssdTier{cfg: cfg, log: log, seed: maphash.MakeSeed(), kick: make(chan struct{}, 1), learned: map[uint64]bool{},
+	t := &ssdTier{cfg: cfg, log: log, seed: maphash.MakeSeed(), kick: make(chan struct{}, 1), learned: map[uint64]bool{}, pending: map[ssd.Key]struct{}{},
 		stats: tierStats{skipped: map[string]uint64{}, ioErrors: map[string]uint64{}}}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.spillSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "pegaflow_engine", Name: "ssd_spill_seconds",

@@ -530,3 +530,66 @@ func TestSSDSpillBacklogIsWrittenWhole(t *testing.T) {
 	require.Zero(t, st.skipped["ring_busy"])
 	require.Positive(t, st.spillBlocks)
 }
+
+// A block is written to SSD when it enters the main queue, ahead of its
+// eviction: the hot set is on SSD while it is still served from DRAM, so
+// a restart (even after a kill -9, which flushes nothing) finds it.
+func TestSSDHotSetIsWrittenBeforeEviction(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ssd")
+	e, _ := newSSDEngine(t, dir, nil)
+	p := newWorker(t, e, "P", 0, 1, ssdSpec)
+	waitClasses(t, e)
+	hot := kvtest.Hashes("hot", 4)
+	for b := range 4 {
+		p.cache.Fill(b, uint64(50+b))
+	}
+	proveReuse(t, p, seq(0, 4), hot)
+	// One-off blocks overflow probation: hot, referenced, moves to main
+	// (and is written), the one-offs are evicted.
+	for i := range 4 {
+		p.save(t, seq(4+i*4, 4), kvtest.Hashes(fmt.Sprintf("once-%d", i), 4), "", false)
+	}
+	waitSpilled(t, e, 4)
+	e.mu.Lock()
+	for i, h := range hot {
+		require.NotNil(t, e.namespaces[p.nsID].groups[0].blocks[string(h)], "hot block %d still in DRAM", i)
+	}
+	e.mu.Unlock()
+	for i, h := range hot {
+		require.NotNil(t, e.tier.holder(ssd.Key{Namespace: p.nsID, Hash: string(h)}), "hot block %d on SSD", i)
+	}
+	// kill -9: the tier's files are left as they are (no checkpoint, no
+	// flush); the pool and the engine are simply abandoned.
+	abandon(t, e)
+	e2, reg := newSSDEngine(t, dir, nil)
+	defer func() { require.NoError(t, e2.Close()) }()
+	d := newWorker(t, e2, "D", 0, 1, ssdSpec)
+	require.EqualValues(t, 4, d.query(t, hot, 0, false).NumHit)
+	require.EqualValues(t, 4, tierHits(t, reg, "ssd"))
+	require.Equal(t, allOK(4), d.load(t, []int{30, 31, 32, 33}, hot, "", ""))
+	for i := range 4 {
+		require.True(t, p.cache.Equal(i, d.cache, 30+i), "block %d", i)
+	}
+}
+
+// abandon stops e's SSD tier as a kill -9 would leave it: no checkpoint,
+// nothing queued written, the files closed; the engine is closed after
+// (its Close then finds the tier gone).
+func abandon(t *testing.T, e *Engine) {
+	t.Helper()
+	tier := e.tier
+	tier.cancel()
+	tier.wg.Wait()
+	for _, d := range tier.dirs {
+		d.ioMu.Lock()
+		if d.store != nil {
+			d.store.Abandon()
+		}
+		for _, f := range d.files {
+			require.NoError(t, f.Close())
+		}
+		d.store, d.files = nil, nil
+		d.ioMu.Unlock()
+	}
+	require.NoError(t, e.Close())
+}

@@ -25,7 +25,7 @@ type ssdFlags struct {
 func bindSSDFlags(fs *flag.FlagSet, f *ssdFlags) {
 	f.staging = 64 << 20
 	fs.Var(&f.dirs, "ssd-dir", "a directory on a local SSD for the SSD tier (repeatable, one per device; created 0700, must be this user's and closed to others): "+
-		"blocks evicted from the pool after proving reuse are spilled there and promoted back on a hit; they survive a restart")
+		"blocks that prove reuse are written there, promoted back when the pool lost them and a query needs them, and survive a restart")
 	fs.Var(&f.size, "ssd-size", "space the SSD tier takes in each --ssd-dir (e.g. 200GiB; at least 64MiB)")
 	fs.Var(&f.staging, "ssd-staging", "memory holding evicted blocks until they are written (bounds the spill queue; a full one skips spills, never saves)")
 	fs.DurationVar(&f.promoteWait, "ssd-promote-wait", 100*time.Millisecond, "SSD read budget of a query that waits less: what is not read by then is a shorter hit")

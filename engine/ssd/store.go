@@ -147,6 +147,16 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 
 func (c *class) fileName() string { return fmt.Sprintf("slots-%d.pgf", c.MaxPayload) }
 
+// Abandon closes the files with no checkpoint and no sync: what a crash
+// (kill -9) leaves behind, for tests of warm restart. The store is
+// unusable after.
+func (s *Store) Abandon() {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	s.closeFiles()
+}
+
 func (s *Store) closeFiles() {
 	for _, c := range s.classes {
 		_ = c.file.Close()
