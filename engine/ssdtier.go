@@ -77,10 +77,10 @@ type ssdTier struct {
 	queued     uint64 // staged bytes queued or being written
 	learned    map[uint64]bool
 	// pending are the keys staged and not yet written or dropped.
-	pending map[ssd.Key]struct{}
-	promoting  int // blocks being read
-	stats      tierStats
-	kick       chan struct{}
+	pending   map[ssd.Key]struct{}
+	promoting int // blocks being read
+	stats     tierStats
+	kick      chan struct{}
 	// fault, when set (this package's tests only, setFault), fails I/O
 	// as a device would: "write" and "read" before each batch is
 	// submitted.
