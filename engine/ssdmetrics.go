@@ -13,6 +13,7 @@ type tierCollector struct {
 	promoteBlocks, promoteBytes, promoteLate               *prometheus.Desc
 	corrupt, ioErrors, queueDepth, queueBytes              *prometheus.Desc
 	used, capacity, blocks, recovery, recovered, evictions *prometheus.Desc
+	usable, dropped                                        *prometheus.Desc
 }
 
 func newTierCollector(e *Engine) *tierCollector {
@@ -38,12 +39,14 @@ func newTierCollector(e *Engine) *tierCollector {
 		evictions:     d("ssd_evictions_total", "SSD blocks overwritten by newer ones (FIFO per size class), by directory.", "dir"),
 		recovery:      d("ssd_recovery_seconds", "How long the directory's last open (checkpoint load and scan) took.", "dir"),
 		recovered:     d("ssd_recovered_blocks", "Blocks the directory's last open found (a warm restart's blocks).", "dir"),
+		dropped:       d("ssd_recovery_dropped_slots", "Slots the directory's last open dropped as torn or corrupt.", "dir"),
+		usable:        d("ssd_dir_usable", "1 while the directory is in use, 0 once it was left out (ownership, mode, space; the log says why).", "dir"),
 	}
 }
 
 func (c *tierCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.queryBlocks, c.spillBlocks, c.spillBytes, c.skipped, c.promoteBlocks, c.promoteBytes,
-		c.promoteLate, c.corrupt, c.ioErrors, c.queueDepth, c.queueBytes, c.used, c.capacity, c.blocks, c.evictions, c.recovery, c.recovered} {
+		c.promoteLate, c.corrupt, c.ioErrors, c.queueDepth, c.queueBytes, c.used, c.capacity, c.blocks, c.evictions, c.recovery, c.recovered, c.usable, c.dropped} {
 		ch <- d
 	}
 }
@@ -89,5 +92,11 @@ func (c *tierCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.evictions, d.evicted, d.path)
 		gauge(c.recovery, d.recovery.Seconds(), d.path)
 		gauge(c.recovered, float64(d.recovered), d.path)
+		gauge(c.dropped, float64(d.dropped), d.path)
+		usable := 0.0
+		if d.usable {
+			usable = 1
+		}
+		gauge(c.usable, usable, d.path)
 	}
 }

@@ -476,7 +476,8 @@ type ssdDirStats struct {
 	blocks               int
 	recovery             time.Duration
 	recovered            int
-	evicted, corruptRecv uint64
+	evicted, dropped     uint64
+	usable               bool
 }
 
 func (t *ssdTier) dirStats() []ssdDirStats {
@@ -487,10 +488,13 @@ func (t *ssdTier) dirStats() []ssdDirStats {
 		if d.store != nil {
 			s := d.store.Stats()
 			ds.used, ds.capacity, ds.blocks, ds.evicted = s.UsedBytes, s.CapacityBytes, s.Live, s.Evicted
-			ds.corruptRecv = uint64(s.RecoveryDroppedSlot)
+			ds.dropped = uint64(s.RecoveryDroppedSlot)
 		}
 		ds.recovery, ds.recovered = d.recovery, d.recovered
 		d.ioMu.RUnlock()
+		t.mu.Lock()
+		ds.usable = d.usable
+		t.mu.Unlock()
 		out = append(out, ds)
 	}
 	return out

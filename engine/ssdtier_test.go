@@ -387,6 +387,7 @@ func TestSSDUnusableDirectoryIsLeftOut(t *testing.T) {
 			churn(t, p, "other", 8)
 			require.Zero(t, tierStatsOf(e).spillBlocks)
 			require.Zero(t, gaugeValue(t, reg, "pegaflow_engine_ssd_capacity_bytes"))
+			require.Zero(t, gaugeValue(t, reg, "pegaflow_engine_ssd_dir_usable"))
 			entries, err := os.ReadDir(dir)
 			require.NoError(t, err)
 			require.Empty(t, entries, "nothing written there")
