@@ -471,13 +471,13 @@ func (t *ssdTier) contains(d *ssdDir, k ssd.Key) bool {
 
 // ssdDirStats is one directory's accounting for /metrics.
 type ssdDirStats struct {
-	path                 string
-	used, capacity       uint64
-	blocks               int
-	recovery             time.Duration
-	recovered            int
-	evicted, dropped     uint64
-	usable               bool
+	path             string
+	used, capacity   uint64
+	blocks           int
+	recovery         time.Duration
+	recovered        int
+	evicted, dropped uint64
+	usable           bool
 }
 
 func (t *ssdTier) dirStats() []ssdDirStats {
