@@ -57,12 +57,19 @@ func (e *Engine) stageLocked(b *block) {
 	}
 	size := share * uint64(len(b.shares))
 	t.mu.Lock()
+	usable := d.usable
+	t.mu.Unlock()
+	if !usable {
+		return
+	}
+	if !t.fits(d, size) {
+		t.skip("no_class", 1)
+		return
+	}
+	t.mu.Lock()
 	_, pending := t.pending[key]
 	switch {
 	case pending:
-		t.mu.Unlock()
-		return
-	case !d.usable:
 		t.mu.Unlock()
 		return
 	case time.Now().Before(d.failedUntil):

@@ -461,6 +461,16 @@ func (t *ssdTier) holder(k ssd.Key) *ssdDir {
 	return nil
 }
 
+// fits says whether d has a class for a payload of n bytes (false while
+// it is being reopened: the block is not staged for nothing).
+func (t *ssdTier) fits(d *ssdDir, n uint64) bool {
+	if !d.ioMu.TryRLock() {
+		return false
+	}
+	defer d.ioMu.RUnlock()
+	return d.store != nil && d.store.Fits(n)
+}
+
 func (t *ssdTier) contains(d *ssdDir, k ssd.Key) bool {
 	if !d.ioMu.TryRLock() {
 		return false

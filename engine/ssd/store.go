@@ -314,6 +314,9 @@ func (s *Store) Commit(r *Reservation, crc uint32, ioErr error) error {
 	return nil
 }
 
+// Fits says whether a payload of n bytes has a class.
+func (s *Store) Fits(n uint64) bool { return s.classFor(n) >= 0 }
+
 func (s *Store) classFor(n uint64) int {
 	for i, c := range s.classes {
 		if n <= c.MaxPayload {
