@@ -48,6 +48,8 @@ type block struct {
 	// otherwise; origin is where its bytes came from, until its first hit.
 	promo  *promotion
 	origin uint8
+	// staged: the SSD tier has the block, or has it queued (spill.go).
+	staged bool
 }
 
 // newBlock makes a block of group g of ns; the caller enters it with
@@ -90,7 +92,7 @@ func (e *Engine) allocateLocked(p int, size uint64) (extent, bool) {
 			return extent{}, false
 		}
 		if proven && e.tier != nil {
-			e.stageLocked(victim)
+			e.stageLocked(victim) // staging full: not spilled, counted
 		}
 		e.freeLocked(victim)
 		e.stats.evictions++

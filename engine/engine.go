@@ -232,7 +232,8 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Engine, erro
 		freed:       make(chan struct{}),
 	}
 	if tier != nil {
-		policy.toMain = e.stageLocked
+		policy.proven = e.provenLocked
+		tier.drain = e.drainProven
 	}
 	if reg != nil {
 		m, err := newMetrics(e, reg)

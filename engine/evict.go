@@ -87,10 +87,10 @@ type evictionPolicy struct {
 	pools     []poolQueues
 	evictable int // queued blocks
 	ghost     *ristretto.Cache[string, struct{}]
-	// toMain, when set, is told of a block whose share entered a main
-	// queue (it proved reuse): the SSD tier writes it then, ahead of its
-	// eviction (spill.go).
-	toMain func(*block)
+	// proven, when set, is told of a block whose share entered a main
+	// queue (it proved reuse). The SSD tier writes it then, ahead of any
+	// eviction (spill.go); a prefix query's hit tells it too (query.go).
+	proven func(*block)
 }
 
 // probationShare is S3-FIFO's small-queue share of the capacity.
@@ -143,8 +143,8 @@ func (p *evictionPolicy) admit(b *block) {
 		s.queue = queueProbation
 		q.probation.pushFront(s)
 	}
-	if main && p.toMain != nil {
-		p.toMain(b)
+	if main && p.proven != nil {
+		p.proven(b)
 	}
 }
 
@@ -189,8 +189,8 @@ func (p *evictionPolicy) victim(pool int) (b *block, proven bool) {
 				s.referenced, s.promoted = false, true
 				s.queue = queueMain
 				q.main.pushFront(s)
-				if p.toMain != nil {
-					p.toMain(s.b)
+				if p.proven != nil {
+					p.proven(s.b)
 				}
 				continue
 			}

@@ -243,7 +243,7 @@ func (e *Engine) runPromotion(p *promotion) {
 		}
 		sealed++
 		b.saved = p.ns.allRanks
-		b.origin = originSSD
+		b.origin, b.staged = originSSD, true
 		for r := range b.shares {
 			// It was in the main queue when it left: it proved reuse.
 			b.shares[r].promoted = true

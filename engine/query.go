@@ -101,6 +101,11 @@ func (e *Engine) Query(ctx context.Context, req *pb.QueryRequest) (*pb.QueryResp
 	e.stats.hits += uint64(hit)
 	e.stats.misses += uint64(len(hashes) - hit)
 	e.attributeLocked(ns, hashes, hit)
+	if e.tier != nil && req.TransferId == "" {
+		// A prefix hit (not the load of one's own P/D transfer) proves
+		// reuse: the SSD tier writes these blocks in the background.
+		e.provenHitLocked(ns, hashes, req.FirstBlock, hit)
+	}
 	resp := &pb.QueryResponse{NumHit: uint32(hit), NumInflight: uint32(inflight)}
 	var needed []*block
 	if ns.hybrid || (req.Lease && hit > 0) {

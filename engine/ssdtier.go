@@ -43,6 +43,9 @@ const (
 	// spill for ssdFailBackoff (promotes still try it).
 	ssdFailAfter   = 8
 	ssdFailBackoff = 30 * time.Second
+	// ssdFlushTimeout bounds how long a clean stop waits for the writer
+	// to put what proved reuse on SSD.
+	ssdFlushTimeout = 10 * time.Second
 	// classesFile lists a directory's size classes (payload bytes, one
 	// per line): a restart opens the same classes and finds its blocks.
 	classesFile = "classes"
@@ -77,7 +80,11 @@ type ssdTier struct {
 	queued     uint64 // staged bytes queued or being written
 	learned    map[uint64]bool
 	// pending are the keys staged and not yet written or dropped.
-	pending   map[ssd.Key]struct{}
+	pending map[ssd.Key]struct{}
+	// proven are blocks that proved reuse, waiting for the spill writer
+	// to copy them into staging (drain); writing: a batch is in hand.
+	proven    []*block
+	writing   bool
 	promoting int // blocks being read
 	stats     tierStats
 	kick      chan struct{}
@@ -85,6 +92,9 @@ type ssdTier struct {
 	// as a device would: "write" and "read" before each batch is
 	// submitted.
 	fault func(op string) error
+	// drain is the engine's drainProven (set once at New, before any
+	// block can prove reuse).
+	drain func() bool
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -408,6 +418,7 @@ func (t *ssdTier) checkpointLoop() {
 // and closes the stores, and stops the native engines. The engine calls
 // it once no promotion runs and before the pools are freed.
 func (t *ssdTier) close() error {
+	t.flush(ssdFlushTimeout)
 	t.cancel()
 	t.wg.Wait()
 	var err error

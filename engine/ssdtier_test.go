@@ -532,41 +532,89 @@ func TestSSDSpillBacklogIsWrittenWhole(t *testing.T) {
 	require.Positive(t, st.spillBlocks)
 }
 
-// A block is written to SSD when it enters the main queue, ahead of its
-// eviction: the hot set is on SSD while it is still served from DRAM, so
-// a restart (even after a kill -9, which flushes nothing) finds it.
+// A block is written to SSD once it proves reuse (a prefix query hit it),
+// with no eviction pressure at all: the hot set is on SSD while DRAM
+// serves it, so a restart, even after a kill -9, finds it. A P/D
+// transfer's own load is not reuse, and a scan is never written.
 func TestSSDHotSetIsWrittenBeforeEviction(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "ssd")
 	e, _ := newSSDEngine(t, dir, nil)
 	p := newWorker(t, e, "P", 0, 1, ssdSpec)
+	d := newWorker(t, e, "D", 0, 1, ssdSpec)
 	waitClasses(t, e)
 	hot := kvtest.Hashes("hot", 4)
 	for b := range 4 {
 		p.cache.Fill(b, uint64(50+b))
 	}
 	proveReuse(t, p, seq(0, 4), hot)
-	// One-off blocks overflow probation: hot, referenced, moves to main
-	// (and is written), the one-offs are evicted.
-	for i := range 4 {
-		p.save(t, seq(4+i*4, 4), kvtest.Hashes(fmt.Sprintf("once-%d", i), 4), "", false)
-	}
+	// A P/D transfer: P saves, D queries for it and loads it.
+	moved := kvtest.Hashes("transfer", 2)
+	p.save(t, seq(4, 2), moved, "t-1", true)
+	resp, err := e.Query(context.Background(), &pb.QueryRequest{SessionId: d.session, NamespaceId: d.nsID, Hashes: moved,
+		WaitMs: 1000, TransferId: "t-1"})
+	require.NoError(t, err)
+	require.EqualValues(t, 2, resp.NumHit)
+	require.Equal(t, allOK(2), d.load(t, []int{4, 5}, moved, "", "t-1"))
+	// A scan: saved once, never hit.
+	once := kvtest.Hashes("once", 2)
+	p.save(t, seq(6, 2), once, "", false)
 	waitSpilled(t, e, 4)
+	require.EqualValues(t, 4, tierStatsOf(e).spillBlocks, "only the hot blocks")
 	e.mu.Lock()
 	for i, h := range hot {
 		require.NotNil(t, e.namespaces[p.nsID].groups[0].blocks[string(h)], "hot block %d still in DRAM", i)
 	}
 	e.mu.Unlock()
+	onSSD := func(h []byte) bool { return e.tier.holder(ssd.Key{Namespace: p.nsID, Hash: string(h)}) != nil }
 	for i, h := range hot {
-		require.NotNil(t, e.tier.holder(ssd.Key{Namespace: p.nsID, Hash: string(h)}), "hot block %d on SSD", i)
+		require.True(t, onSSD(h), "hot block %d on SSD", i)
+	}
+	for _, h := range append(moved, once...) {
+		require.False(t, onSSD(h), "a transfer's load or a scan is not reuse")
 	}
 	// kill -9: the tier's files are left as they are (no checkpoint, no
 	// flush); the pool and the engine are simply abandoned.
 	abandon(t, e)
 	e2, reg := newSSDEngine(t, dir, nil)
 	defer func() { require.NoError(t, e2.Close()) }()
+	d2 := newWorker(t, e2, "D", 0, 1, ssdSpec)
+	require.EqualValues(t, 4, d2.query(t, hot, 0, false).NumHit)
+	require.EqualValues(t, 4, tierHits(t, reg, "ssd"))
+	require.Equal(t, allOK(4), d2.load(t, []int{30, 31, 32, 33}, hot, "", ""))
+	for i := range 4 {
+		require.True(t, p.cache.Equal(i, d2.cache, 30+i), "block %d", i)
+	}
+}
+
+// A clean stop writes what proved reuse and is still queued: the writer
+// was held up when Close began.
+func TestSSDCleanStopFlushesTheQueue(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ssd")
+	e, _ := newSSDEngine(t, dir, nil)
+	p := newWorker(t, e, "P", 0, 1, ssdSpec)
+	waitClasses(t, e)
+	release := make(chan struct{})
+	var once sync.Once
+	e.tier.setFault(func(op string) error {
+		if op == "write" {
+			once.Do(func() { <-release })
+		}
+		return nil
+	})
+	hot := kvtest.Hashes("hot", 4)
+	for b := range 4 {
+		p.cache.Fill(b, uint64(60+b))
+	}
+	proveReuse(t, p, seq(0, 4), hot)
+	go func() {
+		time.Sleep(100 * time.Millisecond)
+		close(release)
+	}()
+	require.NoError(t, e.Close())
+	e2, _ := newSSDEngine(t, dir, nil)
+	defer func() { require.NoError(t, e2.Close()) }()
 	d := newWorker(t, e2, "D", 0, 1, ssdSpec)
 	require.EqualValues(t, 4, d.query(t, hot, 0, false).NumHit)
-	require.EqualValues(t, 4, tierHits(t, reg, "ssd"))
 	require.Equal(t, allOK(4), d.load(t, []int{30, 31, 32, 33}, hot, "", ""))
 	for i := range 4 {
 		require.True(t, p.cache.Equal(i, d.cache, 30+i), "block %d", i)
