@@ -110,8 +110,11 @@ pd_begin() {  # after e2e_begin: sockets, staging, ports, this tree's connector 
 
 start_engine() {  # the engine the vLLMs use; nothing else listens there
   # It POSTs transfer readiness to the router's /kv_ready (P's ready_url),
-  # which runs in another process: allow exactly that address.
+  # which runs in another process: allow exactly that address. Its SSD tier
+  # lives in $RUN/ssd, kept across restarts (pd_check's phase 3 checks the
+  # blocks it recovers after phase 2's kill -9).
   setsid "$BIN" serve --socket "$SOCK" --http-addr "127.0.0.1:$EP" --pool-size 256MiB \
+    --ssd-dir "$RUN/ssd" --ssd-size 64MiB \
     --kv-ready-allow "127.0.0.1:$RP" >>"$OUT/engine.log" 2>&1 &
   PID[engine]=$!
   ALL+=("$!")
@@ -158,6 +161,10 @@ wait_router() {  # until the router sees a healthy P and D (its /health is 200 t
     ((SECONDS < deadline)) || { echo "router not healthy after 30 s" >&2; tail -20 "$OUT/router.log" >&2; exit 1; }
     sleep 0.5
   done
+}
+
+engine_metric() {  # NAME: the sum of the engine's series of NAME (0 when none)
+  curl -sf "$ENGINE_URL/metrics" | awk -v n="$1" '$1 == n || index($1, n "{") == 1 { s += $NF } END { printf "%d\n", s }'
 }
 
 snap() {  # NAME: every server's /metrics into $OUT/NAME.json

@@ -26,7 +26,10 @@
 #      outputs still identical, every request answered, the later cases
 #      recomputed by D, each bounded by the router's KV-ready timeout;
 #   3. engine restarted on the same socket: connectors reconnect and D loads
-#      from the engine again (a third prompt set);
+#      from the engine again (a third prompt set); the engine's SSD tier
+#      (--ssd-dir, kept across the restart) had written the blocks that
+#      proved reuse before the kill -9, and the restarted engine recovered
+#      them; no SSD I/O error or corrupt slot;
 #   4. D restarted with a registration that fails for real (its staging_dir
 #      is /dev/null, so no staging buffer can be made): D's connector disables itself, every case is still
 #      answered token-identically (recomputed), vLLM's /metrics says so;
@@ -105,6 +108,7 @@ until (($(grep -c '^ok\|^FAIL' "$OUT/stop-compare.txt" || true) >= STOP_AFTER));
   ((SECONDS < deadline)) || break
   sleep 0.2
 done
+SSD_SPILLED=$(engine_metric pegaflow_engine_ssd_spill_blocks_total)
 kill -KILL -- "-${PID[engine]}" 2>/dev/null || true
 wait "${PID[engine]}" 2>/dev/null || true  # reaped here: no job notice in the log
 unset "PID[engine]"
@@ -144,12 +148,24 @@ do
 done
 sleep 1  # a scheduler re-opens its namespace right after its session is up
 log "engine restarted; connectors re-registered after $((SECONDS - t)) s"
+# The SSD tier: what proved reuse (prefix hits) before the kill -9 was
+# written, and the restarted engine recovered it from the directory.
+SSD_RECOVERED=$(engine_metric pegaflow_engine_ssd_recovered_blocks)
+if ((SSD_SPILLED > 0 && SSD_RECOVERED > 0)); then
+  log "ok   SSD tier: $SSD_SPILLED blocks written before the kill -9, $SSD_RECOVERED recovered by the restarted engine"
+else
+  log "FAIL SSD tier: $SSD_SPILLED blocks written before the kill -9, $SSD_RECOVERED recovered"; rc=1
+fi
 snap restart-before
 compare restart 2
 wait "$CMP" || true
 snap restart-after
 log "phase 3 (engine restarted): $(tail -1 "$OUT/restart-compare.txt") in $((SECONDS - t)) s"
 evaluate restart || rc=1
+for m in pegaflow_engine_ssd_io_errors_total pegaflow_engine_ssd_corrupt_total; do
+  n=$(engine_metric "$m")
+  ((n == 0)) || { log "FAIL SSD tier: $m is $n"; rc=1; }
+done
 
 # ------------------------------------ 4. D's connector cannot register
 t=$SECONDS
