@@ -31,8 +31,8 @@ import (
 // workload runs three times, fresh processes each time:
 //
 //   - without --ssd-dir: what the pool evicts is gone;
-//   - with --ssd-dir: what the pool's main queue evicts is spilled and
-//     promoted back on a hit;
+//   - with --ssd-dir: blocks that prove reuse are written to SSD, and
+//     what the pool evicts of them is promoted back on a hit;
 //   - with --ssd-dir, the engine killed with SIGKILL mid-run and restarted
 //     on the same directory and socket while the workload goes on: the
 //     sims re-register, the restarted engine (empty DRAM) serves what it
@@ -67,10 +67,10 @@ const SSDPoolSize = "6MiB"
 
 // DefaultSSDSettings: 6 conversations of 30 turns (a 200-word system
 // prompt, 60-word messages, 30-token answers, no think time): about
-// 1,100 blocks (35 MiB) of KV, 6x the default pool, ~15 s a run. A
-// turn's new blocks fit the pool's probation queue (10%) until the next
-// turn, so a conversation's history reaches the main queue, whose
-// evictions are what the SSD tier keeps.
+// 1,100 blocks (35 MiB) of KV, 6x the default pool, ~15 s a run. Each
+// turn's query hits its conversation's history, which so proves reuse
+// and is written to SSD; what the pool evicts of it comes back from
+// there.
 func DefaultSSDSettings() SSDSettings {
 	w := bench.DefaultConfig()
 	w.Endpoint = bench.EndpointChat
