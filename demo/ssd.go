@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"math"
 	"net"
 	"net/http"
@@ -292,7 +293,7 @@ func (r ssdRun) run(ctx context.Context, name string, ssd, kill bool) (out SSDRu
 			return fail(err)
 		}
 	}
-	proxy, err := startRoundRobin(sims)
+	proxy, err := startRoundRobin(sims, filepath.Join(r.logDir, "proxy.log"))
 	if err != nil {
 		return fail(err)
 	}
@@ -540,9 +541,10 @@ func (k *killer) killAndRestart(ctx context.Context) error {
 type roundRobin struct {
 	URL string
 	srv *http.Server
+	log *os.File // the proxy's error log, nil when it could not be created
 }
 
-func startRoundRobin(backends []string) (*roundRobin, error) {
+func startRoundRobin(backends []string, logPath string) (*roundRobin, error) {
 	targets := make([]*url.URL, len(backends))
 	for i, b := range backends {
 		targets[i] = &url.URL{Scheme: "http", Host: b}
@@ -554,16 +556,30 @@ func startRoundRobin(backends []string) (*roundRobin, error) {
 		},
 		FlushInterval: -1,
 	}
+	// What the proxy saw go wrong with a backend (a cut stream) goes to
+	// the run's logs, not the demo's output.
+	lf, err := os.Create(logPath)
+	if err == nil {
+		rp.ErrorLog = log.New(lf, "proxy: ", log.LstdFlags|log.Lmicroseconds)
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
+		if lf != nil {
+			_ = lf.Close()
+		}
 		return nil, fmt.Errorf("round-robin proxy: %w", err)
 	}
 	srv := &http.Server{Handler: rp, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
-	return &roundRobin{URL: "http://" + ln.Addr().String(), srv: srv}, nil
+	return &roundRobin{URL: "http://" + ln.Addr().String(), srv: srv, log: lf}, nil
 }
 
-func (p *roundRobin) Close() { _ = p.srv.Close() }
+func (p *roundRobin) Close() {
+	_ = p.srv.Close()
+	if p.log != nil {
+		_ = p.log.Close()
+	}
+}
 
 // WriteTable prints the runs side by side, then the restart's figures and
 // its windows.
