@@ -1,6 +1,7 @@
 package demo
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -555,6 +556,7 @@ func startRoundRobin(backends []string, logPath string) (*roundRobin, error) {
 			pr.SetURL(targets[(next.Add(1)-1)%uint64(len(targets))])
 		},
 		FlushInterval: -1,
+		Transport:     http.DefaultTransport.(*http.Transport).Clone(),
 	}
 	// What the proxy saw go wrong with a backend (a cut stream) goes to
 	// the run's logs, not the demo's output.
@@ -569,7 +571,22 @@ func startRoundRobin(backends []string, logPath string) (*roundRobin, error) {
 		}
 		return nil, fmt.Errorf("round-robin proxy: %w", err)
 	}
-	srv := &http.Server{Handler: rp, ReadHeaderTimeout: 10 * time.Second}
+	// The request body is read whole before it is forwarded: streamed, the
+	// transport's last read of it (for EOF) could come after the proxy had
+	// flushed the sim's response headers to the client, which closes the
+	// inbound body; the transport then closed the upstream connection
+	// mid-stream ("use of closed network connection", the client's stream
+	// cut) in about one kill run in three on a loaded machine.
+	whole := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<20))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		r.Body, r.ContentLength = io.NopCloser(bytes.NewReader(body)), int64(len(body))
+		rp.ServeHTTP(w, r)
+	})
+	srv := &http.Server{Handler: whole, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	return &roundRobin{URL: "http://" + ln.Addr().String(), srv: srv, log: lf}, nil
 }

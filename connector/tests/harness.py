@@ -773,6 +773,14 @@ class Instance:
                       "rpc_timeout_ms": 10000, **(extra or {})}
         env = {"PYTHONHASHSEED": seed} if seed is not None else {}
         self._prev_seed = os.environ.get("PYTHONHASHSEED")
+        # Workers first: spawning forks this process, and a fork while this
+        # instance's scheduler client creates its gRPC channel on its own
+        # thread once crashed grpcio's core (a segfault in the parent).
+        shm = f"{SHM_PREFIX}-{name}-{uuid.uuid4().hex[:8]}"
+        self.workers = [WorkerProc(WorkerSpec(r, tp, cache, model, kv_role, self.engine_id,
+                                              self.extra, shm, {**env, **(worker_env or {})},
+                                              preempt_ids, (fail_at or {}).get(r, ""), dp))
+                        for r in range(tp)]
         saved = dict(os.environ)
         try:
             if seed is None:
@@ -782,14 +790,13 @@ class Instance:
             vc = vllm_config(model=model, block_size=self.bs, tp=tp, kv_role=kv_role,
                              engine_id=self.engine_id, extra=self.extra, dp=dp)
             self.connector = PegaKVConnector(vc, KVConnectorRole.SCHEDULER, kv_cache_config(cache))
+        except BaseException:
+            for w in self.workers:
+                w.close()
+            raise
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        shm = f"{SHM_PREFIX}-{name}-{uuid.uuid4().hex[:8]}"
-        self.workers = [WorkerProc(WorkerSpec(r, tp, cache, model, kv_role, self.engine_id,
-                                              self.extra, shm, {**env, **(worker_env or {})},
-                                              preempt_ids, (fail_at or {}).get(r, ""), dp))
-                        for r in range(tp)]
         # Scheduler state (vLLM's Scheduler, reduced to what the connector sees).
         self.free: collections.deque[int] = collections.deque(range(cache.num_blocks))
         self.blocks: dict[str, list[int]] = {}
