@@ -511,14 +511,7 @@ func TestSSDSpillBacklogIsWrittenWhole(t *testing.T) {
 	defer func() { require.NoError(t, e.Close()) }()
 	p := newWorker(t, e, "P", 0, 1, ssdSpec)
 	waitClasses(t, e)
-	release := make(chan struct{})
-	var once sync.Once
-	e.tier.setFault(func(op string) error {
-		if op == "write" {
-			once.Do(func() { <-release })
-		}
-		return nil
-	})
+	release := holdFirstWrite(e)
 	churn(t, p, "backlog", 60)
 	_, _, queued, _ := e.tier.counters()
 	require.Greater(t, queued, maxSpillBatch/2, "a backlog formed behind the held writer")
@@ -593,14 +586,7 @@ func TestSSDCleanStopFlushesTheQueue(t *testing.T) {
 	e, _ := newSSDEngine(t, dir, nil)
 	p := newWorker(t, e, "P", 0, 1, ssdSpec)
 	waitClasses(t, e)
-	release := make(chan struct{})
-	var once sync.Once
-	e.tier.setFault(func(op string) error {
-		if op == "write" {
-			once.Do(func() { <-release })
-		}
-		return nil
-	})
+	release := holdFirstWrite(e)
 	hot := kvtest.Hashes("hot", 4)
 	for b := range 4 {
 		p.cache.Fill(b, uint64(60+b))
@@ -641,4 +627,18 @@ func abandon(t *testing.T, e *Engine) {
 		d.ioMu.Unlock()
 	}
 	require.NoError(t, e.Close())
+}
+
+// holdFirstWrite holds the spill writer's first batch until the returned
+// channel is closed.
+func holdFirstWrite(e *Engine) chan struct{} {
+	release := make(chan struct{})
+	var once sync.Once
+	e.tier.setFault(func(op string) error {
+		if op == "write" {
+			once.Do(func() { <-release })
+		}
+		return nil
+	})
+	return release
 }
