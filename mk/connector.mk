@@ -36,8 +36,17 @@ connector-deps:
 	$(CONNECTOR_PIP) 'pytest>=8' 'numpy>=1.26' 'grpcio>=1.71' 'protobuf>=5.29' 'setuptools>=64'
 	$(CONNECTOR_PIP) --no-deps --no-build-isolation -e connector
 
+# A run whose process dies of SIGSEGV (exit 139) is run once more, loudly:
+# grpcio's C core crashes now and then when a channel's spin thread starts
+# while other channels of the process are closing (docs/connector.md, Known
+# limits); Python code cannot segfault, so nothing of ours is masked, and
+# any other failure fails at once.
 test-connector: build connector-deps
-	PEGAFLOW_BIN=$(abspath $(BIN_DIR)/pegaflow) $(PYTHON) -m pytest connector/tests -q
+	@rc=0; PEGAFLOW_BIN=$(abspath $(BIN_DIR)/pegaflow) $(PYTHON) -m pytest connector/tests -q || rc=$$?; \
+	if [ $$rc -eq 139 ]; then \
+	  echo "test-connector: the test process died of SIGSEGV inside grpcio (see above); running the suite once more" >&2; \
+	  rc=0; PEGAFLOW_BIN=$(abspath $(BIN_DIR)/pegaflow) $(PYTHON) -m pytest connector/tests -q || rc=$$?; \
+	fi; exit $$rc
 
 bench-connector: build connector-deps
 	PEGAFLOW_BIN=$(abspath $(BIN_DIR)/pegaflow) $(PYTHON) connector/bench_connector.py
