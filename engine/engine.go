@@ -54,9 +54,11 @@
 //     tcp or rdma, and the check that rdma runs on RDMA transports only;
 //     rdmadev.go the RDMA device behind --peer-addr (UCX_NET_DEVICES);
 //     peerallow.go the peers the engine may dial (--peer-allow);
-//   - the SSD tier (docs/ssd.md): ssdtier.go its directories (checks, size
-//     classes, checkpoints, Close); spill.go blocks entering the main queue staged
-//     and written; promote.go a Query's (or a peer open's) promotion of
+//   - the SSD tier (docs/ssd.md): ssdtier.go the tier (open, lookups,
+//     checkpoints, Close, accounting); ssddir.go a directory (checks, size
+//     classes, its store's open and reopen); ssdio.go native batches and
+//     fault injection; spill.go blocks that proved reuse staged and
+//     written; promote.go a Query's (or a peer open's) promotion of
 //     SSD blocks into the pool; ssdmetrics.go tier attribution and the
 //     tier's metrics; the format and index are engine/ssd;
 //   - observing: stats.go Health and Stats; metrics.go the Prometheus

@@ -49,7 +49,6 @@ type spillJob struct {
 	shares []uint64 // per rank, each slotShare bytes
 	ext    extent   // in the staging pool
 	dir    *ssdDir
-	queued time.Time
 }
 
 // provenLocked queues a block that proved reuse for the spill writer,
@@ -181,7 +180,7 @@ func (e *Engine) stageLocked(b *block) bool {
 	}
 
 	t.mu.Lock()
-	t.queue = append(t.queue, spillJob{key: key, shares: shares, ext: ext, dir: d, queued: time.Now()})
+	t.queue = append(t.queue, spillJob{key: key, shares: shares, ext: ext, dir: d})
 	t.mu.Unlock()
 	t.wake()
 	return true
@@ -356,21 +355,5 @@ func (t *ssdTier) writeBatch(jobs []spillJob) {
 func (t *ssdTier) skip(reason string, n int) {
 	t.mu.Lock()
 	t.stats.skipped[reason] += uint64(n)
-	t.mu.Unlock()
-}
-
-func (t *ssdTier) injected(op string) error {
-	t.mu.Lock()
-	f := t.fault
-	t.mu.Unlock()
-	if f == nil {
-		return nil
-	}
-	return f(op)
-}
-
-func (t *ssdTier) setFault(f func(op string) error) {
-	t.mu.Lock()
-	t.fault = f
 	t.mu.Unlock()
 }
