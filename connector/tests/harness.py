@@ -505,6 +505,7 @@ class KVConnectorOutput:
     finished_sending: set[str] | None = None
     finished_recving: set[str] | None = None
     invalid_block_ids: set[int] = dataclasses.field(default_factory=set)
+    failed_recving: set[str] = dataclasses.field(default_factory=set)
 
 
 def vllm_config(*, model: str, block_size: int, tp: int, kv_role: str, engine_id: str,
@@ -1077,7 +1078,8 @@ class Instance:
                 if self.recving_counts[rid] == self.tp:
                     done_recv.add(rid)
             invalid |= set(errs or ())
-        out = KVConnectorOutput(done_send or None, done_recv or None, invalid)
+        out = KVConnectorOutput(done_send or None, done_recv or None, invalid,
+                                self._failed_recving(done_recv))
         self.invalid |= invalid
         for rid in step.sampled:
             req = self.requests[rid]
@@ -1105,6 +1107,11 @@ class Instance:
             self._free_blocks(rid)
         return out
 
+    def _failed_recving(self, done_recv: set[str]) -> set[str]:
+        """The finished loads reported failed by request (vLLM sends them
+        with finished_recving); a one-group model reports blocks instead."""
+        return set()
+
     def step(self, preempt: Iterable[str] = ()) -> KVConnectorOutput:
         s = self.schedule(preempt)
         return self.update(s, self.execute(s))
@@ -1121,7 +1128,7 @@ class Instance:
         while not until():
             if n >= max_steps or time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: not done after {n} steps: waiting="
-                                   f"{[r.request_id for r in self.waiting]} running="
+                                   f"{[(r.request_id, r.status) for r in self.waiting]} running="
                                    f"{[r.request_id for r in self.running]} delayed={self.delayed}")
             out = self.step()
             n += 1

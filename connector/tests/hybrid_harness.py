@@ -427,6 +427,9 @@ class HybridInstance(Instance):
             self.read_errors.extend(("step", e) for e in out[3])
         return [(fs, fr, failed) for fs, fr, failed, _ in outs]
 
+    def _failed_recving(self, done_recv: set[str]) -> set[str]:
+        return done_recv & self.failed_reqs
+
     def update(self, step: Step, outputs: list[Any]) -> KVConnectorOutput:
         for _, _, failed in outputs:
             self.failed_reqs |= set(failed or ())

@@ -9,6 +9,7 @@ that a prefill's transfer will never come.
 from __future__ import annotations
 
 import random
+import time
 import uuid
 
 import pytest
@@ -47,6 +48,14 @@ def test_registration_failure_never_stalls_vllm(engine: Engine, ready_server: Re
     b = Instance(engine, name="b", tp=2, cache=cache, fail_at={rank: step})
     try:
         b.handshake(expect_disabled=True)
+        if step not in DISABLING:
+            # The scheduler claims the hit (the other rank registered the
+            # namespace), so the unregistered rank fails its load.
+            sched = b.connector.scheduler_core
+            deadline = time.monotonic() + 10
+            while sched.namespace_id() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sched.namespace_id() is not None, "the namespace never opened"
         tid = uuid.uuid4().hex
         reqs = [
             b.add_request("hit", shared, max_tokens=3),  # the engine has its blocks
@@ -69,6 +78,11 @@ def test_registration_failure_never_stalls_vllm(engine: Engine, ready_server: Re
             assert "disabled" in report["message"]
             modes = [m["_mode"] for m in b.worker_metrics()]
             assert modes[rank] == "disabled" and modes[1 - rank] != "disabled", modes
+        else:
+            # vLLM asks again from 0 computed tokens after the failed load;
+            # claiming the hit again would fail the same way, for ever.
+            assert reqs[0].load_done_computed == 0, reqs[0].load_done_computed
+            assert b.connector.metrics.get("loads_failed_recomputed") == 1
     finally:
         b.close()
 

@@ -274,6 +274,30 @@ def test_one_group_query_and_load_are_unchanged() -> None:
     assert load.block_ids == [7, 8, 9] and load.groups == []
 
 
+@pytest.mark.parametrize("outputs, retried", [
+    # One group: a rank's invalid block ids come in a step before the
+    # request's last rank reports it finished.
+    ([SimpleNamespace(invalid_block_ids={8}), SimpleNamespace(finished_recving={"d"})], False),
+    ([SimpleNamespace(finished_recving={"d"}, failed_recving={"d"})], False),
+    ([SimpleNamespace(invalid_block_ids={99}, finished_recving={"d"})], True),
+    ([SimpleNamespace(finished_recving={"d"})], True),  # then preempted: its hit again
+])
+def test_a_failed_load_is_not_offered_again(outputs: list[Any], retried: bool) -> None:
+    """vLLM asks again from 0 computed tokens after a load whose first
+    block failed; offering the same hit looped for ever while one rank
+    stayed unregistered. Fails without ReqState.load_failed."""
+    client = FakeClient(num_hit=3)
+    c = core(SimpleNamespace(num_blocks=64), client)
+    r = request("d", 100)
+    assert c.get_num_new_matched_tokens(r, 0) == (48, True)
+    c.update_state_after_alloc(r, KVCacheBlocks([7, 8, 9]), 48)
+    c.build_connector_meta(sched_out())
+    for out in outputs:
+        c.update_connector_output(out)
+    assert c.get_num_new_matched_tokens(r, 0) == ((48, True) if retried else (0, False))
+    assert c.metrics.get("loads_failed_recomputed") == (0 if retried else 1)
+
+
 def test_failed_load_is_reported_per_request_for_hybrids() -> None:
     """vLLM 0.32 raises on block-id load errors with several groups: a
     hybrid's failed load goes to failed_recving (the request recomputes),

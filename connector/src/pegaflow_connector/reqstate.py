@@ -154,6 +154,13 @@ class ReqState:
     # Load handed to workers (at most one per request) and whether it runs.
     load: LoadSpec | None = None
     loading: bool = False
+    # The block ids of the load that runs (for vLLM's invalid_block_ids),
+    # and whether a load of this request failed: vLLM then asks again from
+    # 0 computed tokens, and a hit claimed again would fail the same way
+    # for as long as its cause lasts (a rank that never registered), a
+    # loop with no end. A failed request recomputes instead.
+    load_ids: frozenset[int] = frozenset()
+    load_failed: bool = False
 
 
 def legs(params: dict[str, Any]) -> tuple[PrefillLeg | None, DecodeLeg | None]:

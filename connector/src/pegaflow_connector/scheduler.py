@@ -214,13 +214,18 @@ class SchedulerCore:
         not answered yet starts its query on the pool and answers None, which
         vLLM takes as "ask again next step"; the result is memoised with its
         lease. async_query=false answers from a synchronous RPC (up to
-        query_timeout_ms, or query_wait_ms for a P/D wait) on this thread."""
+        query_timeout_ms, or query_wait_ms for a P/D wait) on this thread.
+        A request whose load failed is answered 0 from then on (see
+        ReqState.load_failed)."""
         st = self._state(request)
         memo = st.memo
         memo.last_num_computed = num_computed_tokens
         if memo.pending is not None and not memo.pending.done():
             return None, False  # the cheapest answer: vLLM polls while the query runs
         if not self.load_enabled or self.disabled or not self.hits_usable:
+            return 0, False
+        if st.load_failed:
+            self._forget_query(st)
             return 0, False
         hashes = request_block_hashes(request)
         # vLLM recomputes the last token itself: never claim it.
@@ -363,6 +368,7 @@ class SchedulerCore:
         for queued in self._to_load:
             if queued.load is not None:
                 meta.loads.append(queued.load)
+                queued.load_ids = frozenset(queued.load.block_ids)
                 queued.load, queued.loading = None, True
         self._to_load = []
         if self._finals:
@@ -592,10 +598,26 @@ class SchedulerCore:
                 tid = self._release_after_send.pop(rid, None)
                 if tid:
                     self._pool.release(transfer_id=tid)
+        invalid = getattr(output, "invalid_block_ids", None)
+        failed = getattr(output, "failed_recving", None)
+        if invalid or failed:
+            self._note_failed_loads(invalid or set(), failed or set())
         for rid in getattr(output, "finished_recving", None) or ():
             st = self._reqs.get(rid)
             if st is not None:
-                st.loading = False
+                st.loading, st.load_ids = False, frozenset()
+
+    def _note_failed_loads(self, invalid: set[int], failed: set[str]) -> None:
+        """Marks the loading requests whose load failed: by request
+        (failed_recving, a hybrid's) or by block (invalid_block_ids, which
+        vLLM sends in the step a rank reports them, possibly before the
+        request's last rank finished). Runs only in a step with failures."""
+        for st in self._reqs.values():
+            if not st.loading or st.load_failed:
+                continue
+            if st.req_id in failed or not st.load_ids.isdisjoint(invalid):
+                st.load_failed = True
+                self.metrics.inc("loads_failed_recomputed")
 
     def request_finished(self, request: Any, block_ids: Any = None) -> tuple[bool, dict[str, Any] | None]:
         st = self._reqs.pop(request.request_id, None)
