@@ -63,12 +63,7 @@ func (r *Report) WriteTable(w io.Writer, workload bench.Config) error {
 			x.PeerFetchedBlocks, mib(x.PeerFetchedBytes), x.PeerFetches, x.PeerFetchFailures, x.DBlocksLoaded, x.DPrefillTokens, x.DVerifyFailures)
 	}
 	for _, s := range []Setup{r.PD, other} {
-		if s.Result == nil {
-			continue
-		}
-		for _, f := range s.Result.Failures {
-			fmt.Fprintf(&b, "%s failure: %d x %s\n", s.Name, f.Count, f.Reason)
-		}
+		writeFailures(&b, s.Name, s.Result)
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
@@ -111,6 +106,17 @@ func percent(v float64) string {
 		return "-"
 	}
 	return fmt.Sprintf("%.1f%%", 100*v)
+}
+
+// writeFailures lists a load run's failed requests by reason, one line
+// each; a run that never ran (nil) lists none.
+func writeFailures(b *strings.Builder, name string, res *bench.Result) {
+	if res == nil {
+		return
+	}
+	for _, f := range res.Failures {
+		fmt.Fprintf(b, "%s failure: %d x %s\n", name, f.Count, f.Reason)
+	}
 }
 
 func mib(bytes float64) string { return fmt.Sprintf("%.1f MiB", bytes/(1<<20)) }

@@ -649,12 +649,7 @@ func (r *SSDReport) WriteTable(out io.Writer, s SSDSettings, poolSize string) er
 		}
 	}
 	for _, run := range r.Runs {
-		if run.Result == nil {
-			continue
-		}
-		for _, f := range run.Result.Failures {
-			fmt.Fprintf(&b, "%s failure: %d x %s\n", run.Name, f.Count, f.Reason)
-		}
+		writeFailures(&b, run.Name, run.Result)
 	}
 	_, err := io.WriteString(out, b.String())
 	return err
